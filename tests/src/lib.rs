@@ -1,0 +1,20 @@
+//! Test harness for unidler's integration tests (and the xtask demo): namespaces joined by
+//! veth pairs, a frame builder, a reference model of the datapath, and a wrapper that runs
+//! the real agent binary.
+
+pub mod agent;
+pub mod frames;
+pub mod netns;
+pub mod oracle;
+
+/// Panics unless the process runs as root: these tests load BPF programs and create network
+/// namespaces, and CI runs them as root, so they fail loudly rather than skip.
+#[track_caller]
+pub fn require_root() {
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(
+        euid, 0,
+        "this test needs root (BPF, XDP, network namespaces): run `sudo -E cargo xtask test`"
+    );
+}

@@ -1,0 +1,221 @@
+//! Network namespaces joined by a veth pair, made for one test and removed on drop.
+//!
+//! ```text
+//!   netns <tag>-c                          netns <tag>-s
+//!   <tag>c  10.77.0.1/24  fd77::1/64  <==>  <tag>s  10.77.0.2/24  fd77::2/64
+//! ```
+//! Every name carries a tag unique to the process and the call, so tests run in parallel.
+
+use std::{
+    fs::File,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    os::fd::AsRawFd,
+    process::Command,
+    sync::atomic::{AtomicU32, Ordering},
+};
+
+/// Client side address (IPv4).
+pub const CLIENT_V4: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 1);
+/// Server side address (IPv4).
+pub const SERVER_V4: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 2);
+/// Client side address (IPv6).
+pub const CLIENT_V6: Ipv6Addr = Ipv6Addr::new(0xfd77, 0, 0, 0, 0, 0, 0, 1);
+/// Server side address (IPv6).
+pub const SERVER_V6: Ipv6Addr = Ipv6Addr::new(0xfd77, 0, 0, 0, 0, 0, 0, 2);
+/// MAC of the client's veth end.
+pub const CLIENT_MAC: [u8; 6] = [0x02, 0x77, 0, 0, 0, 0x01];
+/// MAC of the server's veth end.
+pub const SERVER_MAC: [u8; 6] = [0x02, 0x77, 0, 0, 0, 0x02];
+
+/// Runs a command and panics with its output if it fails.
+#[track_caller]
+pub fn sh(args: &[&str]) -> String {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {args:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{args:?} failed ({}): {}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A tag no other call in any process uses now: short, as interface names have 15 bytes.
+pub fn unique_tag(prefix: &str) -> String {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    format!("{prefix}{}x{n}", std::process::id() % 100_000)
+}
+
+/// Two namespaces, a client and a server, joined by a veth pair with fixed addresses.
+pub struct Topology {
+    /// Client namespace name.
+    pub client_ns: String,
+    /// Server namespace name (where the program is attached).
+    pub server_ns: String,
+    /// Client veth end.
+    pub client_if: String,
+    /// Server veth end.
+    pub server_if: String,
+}
+
+impl Topology {
+    /// Creates the namespaces and the veth pair, sets addresses and brings links up.
+    #[track_caller]
+    pub fn new(prefix: &str) -> Self {
+        let tag = unique_tag(prefix);
+        let topo = Topology {
+            client_ns: format!("{tag}-c"),
+            server_ns: format!("{tag}-s"),
+            client_if: format!("{tag}c"),
+            server_if: format!("{tag}s"),
+        };
+        // From here on, Drop cleans up whatever was made, even if a step below fails.
+        sh(&["ip", "netns", "add", &topo.client_ns]);
+        sh(&["ip", "netns", "add", &topo.server_ns]);
+        sh(&[
+            "ip",
+            "link",
+            "add",
+            &topo.client_if,
+            "netns",
+            &topo.client_ns,
+            "address",
+            &mac(CLIENT_MAC),
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &topo.server_if,
+            "netns",
+            &topo.server_ns,
+            "address",
+            &mac(SERVER_MAC),
+        ]);
+        for (ns, ifname, v4, v6) in [
+            (&topo.client_ns, &topo.client_if, CLIENT_V4, CLIENT_V6),
+            (&topo.server_ns, &topo.server_if, SERVER_V4, SERVER_V6),
+        ] {
+            let ip = |args: &[&str]| {
+                let mut full = vec!["ip", "-n", ns.as_str()];
+                full.extend_from_slice(args);
+                sh(&full);
+            };
+            ip(&["addr", "add", &format!("{v4}/24"), "dev", ifname]);
+            ip(&["addr", "add", &format!("{v6}/64"), "dev", ifname, "nodad"]);
+            ip(&["link", "set", "lo", "up"]);
+            ip(&["link", "set", ifname, "up"]);
+        }
+        // Static neighbours: no ARP/ND round trip before the first packet.
+        sh(&[
+            "ip", "-n", &topo.client_ns, "neigh", "replace", &SERVER_V4.to_string(), "lladdr",
+            &mac(SERVER_MAC), "dev", &topo.client_if,
+        ]);
+        sh(&[
+            "ip", "-n", &topo.client_ns, "neigh", "replace", &SERVER_V6.to_string(), "lladdr",
+            &mac(SERVER_MAC), "dev", &topo.client_if,
+        ]);
+        topo
+    }
+
+    /// Runs `f` on a thread that has entered the client namespace.
+    pub fn in_client<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
+        in_netns(&self.client_ns, f)
+    }
+
+    /// Runs `f` on a thread that has entered the server namespace.
+    pub fn in_server<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
+        in_netns(&self.server_ns, f)
+    }
+
+    /// The XDP program attached to the server's veth end, as `ip link` shows it, if any.
+    pub fn server_xdp(&self) -> Option<String> {
+        let out = sh(&["ip", "-n", &self.server_ns, "-d", "link", "show", &self.server_if]);
+        out.lines()
+            .find(|l| l.trim_start().starts_with("prog/xdp"))
+            .map(|l| l.trim().to_owned())
+    }
+}
+
+impl Drop for Topology {
+    fn drop(&mut self) {
+        // Deleting a namespace deletes the veth pair with it.
+        for ns in [&self.client_ns, &self.server_ns] {
+            let _ = Command::new("ip").args(["netns", "delete", ns]).output();
+        }
+    }
+}
+
+/// Runs `f` on a scoped thread inside network namespace `name`; sockets it creates stay
+/// in that namespace.
+pub fn in_netns<T: Send>(name: &str, f: impl FnOnce() -> T + Send) -> T {
+    let path = format!("/run/netns/{name}");
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let ns = File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
+            // SAFETY: setns on a valid fd; affects only this thread.
+            let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns({path}): {}", std::io::Error::last_os_error());
+            f()
+        })
+        .join()
+        .unwrap_or_else(|p| std::panic::resume_unwind(p))
+    })
+}
+
+/// `aa:bb:..` spelling of a MAC.
+pub fn mac(m: [u8; 6]) -> String {
+    m.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// Sends raw Ethernet frames out of `ifname` (in the calling thread's namespace) through an
+/// AF_PACKET socket. Returns how many were sent.
+pub fn send_frames(ifname: &str, frames: impl IntoIterator<Item = Vec<u8>>) -> usize {
+    let ifindex = {
+        let c = std::ffi::CString::new(ifname).unwrap();
+        // SAFETY: valid C string.
+        unsafe { libc::if_nametoindex(c.as_ptr()) }
+    };
+    assert_ne!(ifindex, 0, "no interface {ifname}");
+    // SAFETY: plain socket(2) call.
+    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0) };
+    assert!(fd >= 0, "AF_PACKET socket: {}", std::io::Error::last_os_error());
+    // SAFETY: zeroed sockaddr_ll is valid; fields set below.
+    let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    addr.sll_family = libc::AF_PACKET as u16;
+    addr.sll_ifindex = ifindex as i32;
+    addr.sll_halen = 6;
+    let mut sent = 0;
+    for frame in frames {
+        addr.sll_addr[..6].copy_from_slice(&frame[..6]);
+        // SAFETY: frame and addr are valid for the lengths given.
+        let rc = unsafe {
+            libc::sendto(
+                fd,
+                frame.as_ptr().cast(),
+                frame.len(),
+                0,
+                (&addr as *const libc::sockaddr_ll).cast(),
+                std::mem::size_of::<libc::sockaddr_ll>() as u32,
+            )
+        };
+        if rc >= 0 {
+            sent += 1;
+        }
+    }
+    // SAFETY: fd is ours.
+    unsafe { libc::close(fd) };
+    sent
+}
+
+/// The IPv4 and IPv6 server addresses.
+pub fn server_addrs() -> [IpAddr; 2] {
+    [IpAddr::V4(SERVER_V4), IpAddr::V6(SERVER_V6)]
+}

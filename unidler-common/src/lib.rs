@@ -1,0 +1,246 @@
+//! Types shared by the XDP program (`unidler-ebpf`) and the agent (`unidler`).
+//!
+//! Every struct here crosses the kernel/user boundary byte for byte, so each is `#[repr(C)]`
+//! with explicit padding fields (always zero) and a size checked at compile time. Multi-byte
+//! fields that come straight from a packet keep network byte order and say so in their name
+//! (`_be`); everything else is in host byte order.
+#![no_std]
+
+/// IANA protocol number of TCP.
+pub const IPPROTO_TCP: u8 = 6;
+/// IANA protocol number of UDP.
+pub const IPPROTO_UDP: u8 = 17;
+/// IANA protocol number of SCTP.
+pub const IPPROTO_SCTP: u8 = 132;
+
+/// Capacity of the VIP map: OVN clusters with tens of thousands of services fit with room.
+pub const VIP_MAP_CAPACITY: u32 = 131_072;
+
+/// Size in bytes of the event ring buffer (a power of two, a multiple of the page size).
+/// 256 KiB holds 4,096 events, far more than the rate limits let through between two reads.
+pub const EVENT_RING_BYTES: u32 = 256 * 1024;
+
+/// Name of the XDP program inside the object file.
+pub const PROGRAM_NAME: &str = "unidler";
+
+/// Key of the VIP map: one load-balancer VIP, `address:port/protocol`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct VipKey {
+    /// Destination address. IPv4 is stored IPv4-mapped (`::ffff:a.b.c.d`).
+    pub addr: [u8; 16],
+    /// Destination L4 port in network byte order, as it appears in the packet.
+    pub port_be: u16,
+    /// IP protocol number: [`IPPROTO_TCP`], [`IPPROTO_UDP`] or [`IPPROTO_SCTP`].
+    pub proto: u8,
+    /// Padding; always zero so that keys hash the same on both sides.
+    pub _pad: u8,
+}
+
+/// Per-VIP flag: when the VIP has no backends, let the opening packet pass (`XDP_PASS`)
+/// instead of dropping it. The event is reported either way.
+pub const VIP_FLAG_PASS_WHEN_IDLE: u32 = 1 << 0;
+
+/// Value of the VIP map.
+///
+/// The agent writes `backends`, `vip_id` and `flags`. The kernel writes only
+/// `event_tat_ns`, the state of the VIP's event rate limiter; the agent writes it as zero
+/// (a fresh bucket) whenever it rewrites the entry.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VipState {
+    /// Number of backends behind the VIP; zero means the service is idle.
+    pub backends: u32,
+    /// Identifier the agent assigned to this VIP; events carry it so that the agent can
+    /// resolve the load balancer without parsing the key again.
+    pub vip_id: u32,
+    /// `VIP_FLAG_*` bits.
+    pub flags: u32,
+    /// Padding; always zero.
+    pub _pad: u32,
+    /// Rate limiter state: the GCRA "theoretical arrival time" of the next event, in
+    /// `CLOCK_MONOTONIC` nanoseconds. Zero is a full bucket.
+    pub event_tat_ns: u64,
+}
+
+/// Rate limits for events, written by the agent into the `CONFIG` array before attaching.
+///
+/// Both limits are GCRA token buckets: at most `burst` events back to back, then one event
+/// per `interval_ns`. A `tolerance_ns` of `(burst - 1) * interval_ns` gives a burst of `burst`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RateLimitConfig {
+    /// Per VIP: nanoseconds between events once the burst is spent.
+    pub vip_interval_ns: u64,
+    /// Per VIP: burst tolerance in nanoseconds (`(burst - 1) * interval`).
+    pub vip_tolerance_ns: u64,
+    /// All VIPs together: nanoseconds between events once the burst is spent.
+    pub global_interval_ns: u64,
+    /// All VIPs together: burst tolerance in nanoseconds.
+    pub global_tolerance_ns: u64,
+}
+
+impl RateLimitConfig {
+    /// Builds the kernel's configuration from events per second and burst sizes.
+    /// A rate of zero is treated as one event per second; a burst of zero as one.
+    pub const fn new(vip_rate: u32, vip_burst: u32, global_rate: u32, global_burst: u32) -> Self {
+        let (vip_interval_ns, vip_tolerance_ns) = gcra(vip_rate, vip_burst);
+        let (global_interval_ns, global_tolerance_ns) = gcra(global_rate, global_burst);
+        Self {
+            vip_interval_ns,
+            vip_tolerance_ns,
+            global_interval_ns,
+            global_tolerance_ns,
+        }
+    }
+}
+
+const fn gcra(rate_per_sec: u32, burst: u32) -> (u64, u64) {
+    let rate = if rate_per_sec == 0 { 1 } else { rate_per_sec } as u64;
+    let burst = if burst == 0 { 1 } else { burst } as u64;
+    let interval = 1_000_000_000 / rate;
+    (interval, (burst - 1) * interval)
+}
+
+/// What the XDP program did with the packet that raised an event.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EventAction {
+    /// The packet was dropped (`XDP_DROP`), as OVN does for a VIP without backends.
+    Dropped = 1,
+    /// The packet was passed on (`XDP_PASS`) because the VIP has [`VIP_FLAG_PASS_WHEN_IDLE`].
+    Passed = 2,
+}
+
+/// One entry in the event ring buffer: a connection-opening packet reached an idle VIP.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IdleHitEvent {
+    /// When the packet was seen, `CLOCK_MONOTONIC` nanoseconds (`bpf_ktime_get_ns`).
+    pub timestamp_ns: u64,
+    /// The VIP the packet was sent to.
+    pub vip: VipKey,
+    /// The VIP's `vip_id` from the VIP map.
+    pub vip_id: u32,
+    /// Source address of the packet, IPv4-mapped for IPv4.
+    pub src_addr: [u8; 16],
+    /// Source L4 port in network byte order.
+    pub src_port_be: u16,
+    /// Padding; always zero.
+    pub _pad: u16,
+    /// Interface index the packet arrived on (`xdp_md.ingress_ifindex`).
+    pub ifindex: u32,
+    /// An [`EventAction`] value.
+    pub action: u32,
+    /// Padding; always zero.
+    pub _pad2: u32,
+}
+
+/// Indexes of the per-CPU `COUNTERS` array. The agent sums each over all CPUs.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Counter {
+    /// Every packet the program ran on.
+    Packets = 0,
+    /// Connection-opening packets (TCP SYN, UDP, SCTP INIT) whose destination is a VIP.
+    VipHits,
+    /// Connection-opening packets to a VIP with zero backends.
+    IdleHits,
+    /// Events written to the ring buffer.
+    EventsWritten,
+    /// Events not written because the VIP's rate limit was exhausted.
+    RateLimitedVip,
+    /// Events not written because the global rate limit was exhausted.
+    RateLimitedGlobal,
+    /// Events not written because the ring buffer was full.
+    RingFull,
+    /// Idle hits whose packet was dropped.
+    IdleDropped,
+    /// Idle hits whose packet was passed because of [`VIP_FLAG_PASS_WHEN_IDLE`].
+    IdlePassed,
+    /// Non-first IP fragments: no L4 header, so never matched against VIPs.
+    Fragments,
+    /// Parse failure: frame shorter than an Ethernet header.
+    TruncatedEthernet,
+    /// Parse failure: VLAN tag cut short.
+    TruncatedVlan,
+    /// Parse failure: more than two VLAN tags.
+    TooManyVlanTags,
+    /// Parse failure: IPv4 header cut short, or IHL below 5, or version not 4.
+    BadIpv4Header,
+    /// Parse failure: IPv6 header or extension header cut short, or version not 6.
+    BadIpv6Header,
+    /// Parse failure: more IPv6 extension headers than the program walks.
+    TooManyIpv6Extensions,
+    /// Parse failure: TCP, UDP or SCTP header cut short.
+    TruncatedL4,
+}
+
+impl Counter {
+    /// Number of counters, the size of the `COUNTERS` array.
+    pub const COUNT: u32 = Counter::TruncatedL4 as u32 + 1;
+
+    /// Every counter, in index order.
+    pub const ALL: [Counter; Counter::COUNT as usize] = [
+        Counter::Packets,
+        Counter::VipHits,
+        Counter::IdleHits,
+        Counter::EventsWritten,
+        Counter::RateLimitedVip,
+        Counter::RateLimitedGlobal,
+        Counter::RingFull,
+        Counter::IdleDropped,
+        Counter::IdlePassed,
+        Counter::Fragments,
+        Counter::TruncatedEthernet,
+        Counter::TruncatedVlan,
+        Counter::TooManyVlanTags,
+        Counter::BadIpv4Header,
+        Counter::BadIpv6Header,
+        Counter::TooManyIpv6Extensions,
+        Counter::TruncatedL4,
+    ];
+
+    /// Stable snake_case name, used in logs and metrics.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Counter::Packets => "packets",
+            Counter::VipHits => "vip_hits",
+            Counter::IdleHits => "idle_hits",
+            Counter::EventsWritten => "events_written",
+            Counter::RateLimitedVip => "rate_limited_vip",
+            Counter::RateLimitedGlobal => "rate_limited_global",
+            Counter::RingFull => "ring_full",
+            Counter::IdleDropped => "idle_dropped",
+            Counter::IdlePassed => "idle_passed",
+            Counter::Fragments => "fragments",
+            Counter::TruncatedEthernet => "truncated_ethernet",
+            Counter::TruncatedVlan => "truncated_vlan",
+            Counter::TooManyVlanTags => "too_many_vlan_tags",
+            Counter::BadIpv4Header => "bad_ipv4_header",
+            Counter::BadIpv6Header => "bad_ipv6_header",
+            Counter::TooManyIpv6Extensions => "too_many_ipv6_extensions",
+            Counter::TruncatedL4 => "truncated_l4",
+        }
+    }
+
+    /// Whether this counter counts a parse failure (a frame passed because it could not be parsed).
+    pub const fn is_parse_failure(self) -> bool {
+        (self as u32) >= (Counter::TruncatedEthernet as u32)
+    }
+}
+
+const _: () = assert!(core::mem::size_of::<VipKey>() == 20);
+const _: () = assert!(core::mem::size_of::<VipState>() == 24);
+const _: () = assert!(core::mem::size_of::<RateLimitConfig>() == 32);
+const _: () = assert!(core::mem::size_of::<IdleHitEvent>() == 64);
+
+#[cfg(feature = "user")]
+mod user {
+    use super::*;
+    // SAFETY: plain-old-data `#[repr(C)]` structs with explicit padding and no invalid bit patterns.
+    unsafe impl aya::Pod for VipKey {}
+    unsafe impl aya::Pod for VipState {}
+    unsafe impl aya::Pod for RateLimitConfig {}
+    unsafe impl aya::Pod for IdleHitEvent {}
+}

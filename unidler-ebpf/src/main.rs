@@ -1,0 +1,355 @@
+//! The unidler XDP program.
+//!
+//! For every frame: parse Ethernet, up to two VLAN tags, IPv4 or IPv6 (with extension
+//! headers), then TCP, UDP or SCTP. A connection-opening packet (TCP SYN without ACK, any UDP
+//! datagram, SCTP INIT) whose destination is a VIP with zero backends raises an event in the
+//! `EVENTS` ring buffer, rate-limited per VIP and globally, and is dropped (or passed, if the
+//! VIP says so). Every other frame returns `XDP_PASS`. Anything the parser cannot read is
+//! passed untouched and counted. All loops and offsets are bounded.
+#![no_std]
+#![no_main]
+// Compare-and-swap for the rate limiters: the BPF target exposes no stable RMW atomics.
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
+
+use core::intrinsics::{AtomicOrdering, atomic_cxchg};
+
+use aya_ebpf::{
+    bindings::xdp_action,
+    helpers::bpf_ktime_get_ns,
+    macros::{map, xdp},
+    maps::{Array, HashMap, PerCpuArray, RingBuf},
+    programs::XdpContext,
+};
+use aya_log_ebpf::debug;
+use unidler_common::{
+    Counter, EVENT_RING_BYTES, EventAction, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, IdleHitEvent,
+    RateLimitConfig, VIP_FLAG_PASS_WHEN_IDLE, VIP_MAP_CAPACITY, VipKey, VipState,
+};
+
+/// VIP → backend count, id and flags. Written by the agent; the kernel only updates the
+/// rate limiter state inside a value.
+#[map]
+static VIPS: HashMap<VipKey, VipState> = HashMap::with_max_entries(VIP_MAP_CAPACITY, 0);
+
+/// Events for the agent: one [`IdleHitEvent`] per reported idle hit.
+#[map]
+static EVENTS: RingBuf = RingBuf::with_byte_size(EVENT_RING_BYTES, 0);
+
+/// Per-CPU counters indexed by [`Counter`].
+#[map]
+static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::COUNT, 0);
+
+/// Rate limits, one entry, written by the agent before it attaches the program.
+#[map]
+static CONFIG: Array<RateLimitConfig> = Array::with_max_entries(1, 0);
+
+/// State of the global event rate limiter (GCRA theoretical arrival time), one entry.
+#[map]
+static GLOBAL_LIMITER: Array<u64> = Array::with_max_entries(1, 0);
+
+const ETH_HLEN: usize = 14;
+const VLAN_HLEN: usize = 4;
+const ETH_P_IPV4: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+const ETH_P_8021Q: u16 = 0x8100;
+const ETH_P_8021AD: u16 = 0x88a8;
+const IPV4_MIN_HLEN: usize = 20;
+const IPV6_HLEN: usize = 40;
+const TCP_MIN_HLEN: usize = 20;
+const UDP_HLEN: usize = 8;
+/// SCTP common header (12 bytes) plus the type byte of the first chunk.
+const SCTP_MIN_LEN: usize = 13;
+const SCTP_CHUNK_INIT: u8 = 1;
+const TCP_FLAG_FIN: u8 = 0x01;
+const TCP_FLAG_SYN: u8 = 0x02;
+const TCP_FLAG_RST: u8 = 0x04;
+const TCP_FLAG_ACK: u8 = 0x10;
+const IPV6_EXT_HOP_BY_HOP: u8 = 0;
+const IPV6_EXT_ROUTING: u8 = 43;
+const IPV6_EXT_FRAGMENT: u8 = 44;
+const IPV6_EXT_DEST_OPTS: u8 = 60;
+/// Most IPv6 extension headers walked before giving up.
+const MAX_IPV6_EXTENSIONS: usize = 6;
+/// Furthest offset at which an L4 header may start; keeps every packet offset bounded.
+const MAX_L4_OFFSET: usize = 512;
+
+#[xdp]
+pub fn unidler(ctx: XdpContext) -> u32 {
+    count(Counter::Packets);
+    match classify(&ctx) {
+        Ok(Some(target)) => on_opening_packet(&ctx, &target),
+        Ok(None) => xdp_action::XDP_PASS,
+        Err(reason) => {
+            count(reason);
+            xdp_action::XDP_PASS
+        }
+    }
+}
+
+/// A connection-opening packet, reduced to what a VIP lookup and an event need.
+struct OpeningPacket {
+    vip: VipKey,
+    src_addr: [u8; 16],
+    src_port_be: u16,
+}
+
+/// Parses the frame. `Ok(Some)` for a connection-opening packet, `Ok(None)` for anything
+/// that is not one (and needs nothing more), `Err(counter)` for a frame it cannot parse.
+#[inline(always)]
+fn classify(ctx: &XdpContext) -> Result<Option<OpeningPacket>, Counter> {
+    let mut ether_type = read_be16(ctx, 12).ok_or(Counter::TruncatedEthernet)?;
+    let mut l3 = ETH_HLEN;
+    if is_vlan(ether_type) {
+        ether_type = read_be16(ctx, l3 + 2).ok_or(Counter::TruncatedVlan)?;
+        l3 += VLAN_HLEN;
+        if is_vlan(ether_type) {
+            ether_type = read_be16(ctx, l3 + 2).ok_or(Counter::TruncatedVlan)?;
+            l3 += VLAN_HLEN;
+            if is_vlan(ether_type) {
+                return Err(Counter::TooManyVlanTags);
+            }
+        }
+    }
+
+    let mut vip = VipKey::default();
+    let mut src_addr = [0u8; 16];
+    let (proto, l4) = match ether_type {
+        ETH_P_IPV4 => {
+            let header: &[u8; IPV4_MIN_HLEN] = slice_at(ctx, l3).ok_or(Counter::BadIpv4Header)?;
+            let ihl = ((header[0] & 0x0f) as usize) * 4;
+            if header[0] >> 4 != 4 || ihl < IPV4_MIN_HLEN {
+                return Err(Counter::BadIpv4Header);
+            }
+            // Fragment offset in 8-byte units; only the first fragment carries the L4 header.
+            if u16::from_be_bytes([header[6], header[7]]) & 0x1fff != 0 {
+                return Err(Counter::Fragments);
+            }
+            vip.addr[10] = 0xff;
+            vip.addr[11] = 0xff;
+            vip.addr[12..].copy_from_slice(&header[16..20]);
+            src_addr[10] = 0xff;
+            src_addr[11] = 0xff;
+            src_addr[12..].copy_from_slice(&header[12..16]);
+            (header[9], l3 + ihl)
+        }
+        ETH_P_IPV6 => {
+            let header: &[u8; IPV6_HLEN] = slice_at(ctx, l3).ok_or(Counter::BadIpv6Header)?;
+            if header[0] >> 4 != 6 {
+                return Err(Counter::BadIpv6Header);
+            }
+            src_addr.copy_from_slice(&header[8..24]);
+            vip.addr.copy_from_slice(&header[24..40]);
+            skip_ipv6_extensions(ctx, header[6], l3 + IPV6_HLEN)?
+        }
+        _ => return Ok(None),
+    };
+    if l4 > MAX_L4_OFFSET {
+        return Err(Counter::TooManyIpv6Extensions);
+    }
+
+    let opening = match proto {
+        IPPROTO_TCP => {
+            let tcp: &[u8; TCP_MIN_HLEN] = slice_at(ctx, l4).ok_or(Counter::TruncatedL4)?;
+            let flags = tcp[13];
+            flags & (TCP_FLAG_SYN | TCP_FLAG_ACK | TCP_FLAG_RST | TCP_FLAG_FIN) == TCP_FLAG_SYN
+        }
+        IPPROTO_UDP => {
+            let _udp: &[u8; UDP_HLEN] = slice_at(ctx, l4).ok_or(Counter::TruncatedL4)?;
+            true
+        }
+        IPPROTO_SCTP => {
+            let sctp: &[u8; SCTP_MIN_LEN] = slice_at(ctx, l4).ok_or(Counter::TruncatedL4)?;
+            sctp[12] == SCTP_CHUNK_INIT
+        }
+        _ => false,
+    };
+    if !opening {
+        return Ok(None);
+    }
+    // Ports sit at the same place in TCP, UDP and SCTP headers, and were bounds-checked above.
+    let ports: &[u8; 4] = slice_at(ctx, l4).ok_or(Counter::TruncatedL4)?;
+    vip.port_be = u16::from_ne_bytes([ports[2], ports[3]]);
+    vip.proto = proto;
+    Ok(Some(OpeningPacket {
+        vip,
+        src_addr,
+        src_port_be: u16::from_ne_bytes([ports[0], ports[1]]),
+    }))
+}
+
+/// Walks IPv6 extension headers from `next_header` at `offset`; returns the upper-layer
+/// protocol and its offset. A non-first fragment is reported as [`Counter::Fragments`].
+#[inline(always)]
+fn skip_ipv6_extensions(
+    ctx: &XdpContext,
+    mut next_header: u8,
+    mut offset: usize,
+) -> Result<(u8, usize), Counter> {
+    for _ in 0..MAX_IPV6_EXTENSIONS {
+        match next_header {
+            IPV6_EXT_HOP_BY_HOP | IPV6_EXT_ROUTING | IPV6_EXT_DEST_OPTS => {
+                let ext: &[u8; 2] = slice_at(ctx, offset).ok_or(Counter::BadIpv6Header)?;
+                next_header = ext[0];
+                offset += (ext[1] as usize + 1) * 8;
+            }
+            IPV6_EXT_FRAGMENT => {
+                let frag: &[u8; 8] = slice_at(ctx, offset).ok_or(Counter::BadIpv6Header)?;
+                if u16::from_be_bytes([frag[2], frag[3]]) >> 3 != 0 {
+                    return Err(Counter::Fragments);
+                }
+                next_header = frag[0];
+                offset += 8;
+            }
+            _ => return Ok((next_header, offset)),
+        }
+        if offset > MAX_L4_OFFSET {
+            return Err(Counter::TooManyIpv6Extensions);
+        }
+    }
+    match next_header {
+        IPV6_EXT_HOP_BY_HOP | IPV6_EXT_ROUTING | IPV6_EXT_DEST_OPTS | IPV6_EXT_FRAGMENT => {
+            Err(Counter::TooManyIpv6Extensions)
+        }
+        _ => Ok((next_header, offset)),
+    }
+}
+
+/// The slow path: an opening packet. Looks the destination up and acts if the VIP is idle.
+#[inline(always)]
+fn on_opening_packet(ctx: &XdpContext, packet: &OpeningPacket) -> u32 {
+    let Some(state) = VIPS.get_ptr_mut(&packet.vip) else {
+        return xdp_action::XDP_PASS;
+    };
+    count(Counter::VipHits);
+    // SAFETY: a map value pointer stays valid for the whole program run.
+    let state = unsafe { &mut *state };
+    if state.backends != 0 {
+        return xdp_action::XDP_PASS;
+    }
+    count(Counter::IdleHits);
+    let (verdict, action) = if state.flags & VIP_FLAG_PASS_WHEN_IDLE != 0 {
+        count(Counter::IdlePassed);
+        (xdp_action::XDP_PASS, EventAction::Passed)
+    } else {
+        count(Counter::IdleDropped);
+        (xdp_action::XDP_DROP, EventAction::Dropped)
+    };
+    report(ctx, packet, state, action);
+    verdict
+}
+
+/// Writes an event for an idle hit if both rate limiters allow it.
+#[inline(always)]
+fn report(ctx: &XdpContext, packet: &OpeningPacket, state: &mut VipState, action: EventAction) {
+    let Some(config) = CONFIG.get(0) else {
+        return;
+    };
+    let now = unsafe { bpf_ktime_get_ns() };
+    if !gcra_allow(
+        &mut state.event_tat_ns,
+        now,
+        config.vip_interval_ns,
+        config.vip_tolerance_ns,
+    ) {
+        count(Counter::RateLimitedVip);
+        return;
+    }
+    let Some(global) = GLOBAL_LIMITER.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: a map value pointer stays valid for the whole program run.
+    if !gcra_allow(
+        unsafe { &mut *global },
+        now,
+        config.global_interval_ns,
+        config.global_tolerance_ns,
+    ) {
+        count(Counter::RateLimitedGlobal);
+        return;
+    }
+    let Some(mut entry) = EVENTS.reserve::<IdleHitEvent>(0) else {
+        count(Counter::RingFull);
+        return;
+    };
+    // SAFETY: `ingress_ifindex` is a plain field of the context the kernel hands us.
+    let ifindex = unsafe { (*ctx.ctx).ingress_ifindex };
+    entry.write(IdleHitEvent {
+        timestamp_ns: now,
+        vip: packet.vip,
+        vip_id: state.vip_id,
+        src_addr: packet.src_addr,
+        src_port_be: packet.src_port_be,
+        _pad: 0,
+        ifindex,
+        action: action as u32,
+        _pad2: 0,
+    });
+    entry.submit(0);
+    count(Counter::EventsWritten);
+    debug!(ctx, "idle hit: vip_id {} ifindex {}", state.vip_id, ifindex);
+}
+
+/// GCRA token bucket: allows the event if the theoretical arrival time `tat` is no more than
+/// `tolerance` ahead of `now`, and advances it by `interval`. The update is a compare-and-swap,
+/// so two CPUs cannot both spend the same token; the loser is counted as rate-limited.
+#[inline(always)]
+fn gcra_allow(tat: &mut u64, now: u64, interval: u64, tolerance: u64) -> bool {
+    let tat: *mut u64 = tat;
+    // SAFETY: `tat` points into a map value, 8-byte aligned, valid for the whole run.
+    let current = unsafe { core::ptr::read_volatile(tat) };
+    let start = if current > now { current } else { now };
+    if start - now > tolerance {
+        return false;
+    }
+    // SAFETY: as above; BPF_CMPXCHG (ISA v3) on a map value.
+    let (_, swapped) = unsafe {
+        atomic_cxchg::<u64, { AtomicOrdering::Relaxed }, { AtomicOrdering::Relaxed }>(
+            tat,
+            current,
+            start + interval,
+        )
+    };
+    swapped
+}
+
+#[inline(always)]
+fn count(counter: Counter) {
+    if let Some(value) = COUNTERS.get_ptr_mut(counter as u32) {
+        // SAFETY: per-CPU slot, only this CPU writes it while the program runs.
+        unsafe { *value += 1 };
+    }
+}
+
+#[inline(always)]
+fn is_vlan(ether_type: u16) -> bool {
+    ether_type == ETH_P_8021Q || ether_type == ETH_P_8021AD
+}
+
+/// A reference to `N` bytes of the packet at `offset`, or `None` if the packet is shorter.
+#[inline(always)]
+fn slice_at<const N: usize>(ctx: &XdpContext, offset: usize) -> Option<&[u8; N]> {
+    let start = ctx.data() + offset;
+    if start + N > ctx.data_end() {
+        return None;
+    }
+    // SAFETY: bounds checked against data_end just above; u8 arrays need no alignment.
+    Some(unsafe { &*(start as *const [u8; N]) })
+}
+
+#[inline(always)]
+fn read_be16(ctx: &XdpContext, offset: usize) -> Option<u16> {
+    slice_at::<2>(ctx, offset).map(|b| u16::from_be_bytes(*b))
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+/// The program calls only helpers open to any license; GPL is declared so that aya-log's
+/// helpers load everywhere.
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -1,0 +1,29 @@
+//! Builds the XDP program from `unidler-ebpf` with aya-build and leaves the object in
+//! `OUT_DIR`, where `src/datapath.rs` embeds it, so the agent is one self-contained binary.
+//!
+//! `cargo xtask setup` builds a bpf-linker that matches the nightly's LLVM into
+//! `.tools/bin`; that folder is put first on PATH here so plain `cargo build` finds it.
+use std::{env, path::PathBuf};
+
+fn main() {
+    let manifest_dir = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets it"));
+    let tools_bin = manifest_dir.join("../.tools/bin");
+    println!("cargo:rerun-if-changed={}", tools_bin.display());
+    if tools_bin.join("bpf-linker").exists() {
+        let path = env::var_os("PATH").unwrap_or_default();
+        let mut paths = vec![tools_bin];
+        paths.extend(env::split_paths(&path));
+        let joined = env::join_paths(paths).expect("PATH entries are valid");
+        // SAFETY: build scripts are single-threaded; nothing else reads the environment now.
+        unsafe { env::set_var("PATH", joined) };
+    }
+    let ebpf_dir = manifest_dir.join("../unidler-ebpf");
+    let package = aya_build::Package {
+        name: "unidler-ebpf",
+        root_dir: ebpf_dir.to_str().expect("UTF-8 path"),
+        ..Default::default()
+    };
+    if let Err(err) = aya_build::build_ebpf([package], aya_build::Toolchain::default()) {
+        panic!("building the XDP program failed: {err:#}\nhint: run `cargo xtask setup` first");
+    }
+}

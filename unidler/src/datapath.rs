@@ -1,0 +1,411 @@
+//! The kernel side, seen from the agent: loads the embedded XDP program, attaches it to
+//! interfaces, and owns its maps (VIPs, counters, rate limits, event ring).
+//!
+//! Dropping a [`Datapath`] detaches the program everywhere. Attachments are BPF links owned
+//! by this process, so a crash detaches them too and the next run starts clean.
+
+use std::{io, os::fd::AsRawFd};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
+    programs::{ProgramError, TestRun, TestRunOptions, Xdp, XdpMode, xdp::XdpLinkId},
+};
+use aya_log::EbpfLogger;
+use thiserror::Error;
+use unidler_common::{Counter, IdleHitEvent, PROGRAM_NAME, RateLimitConfig, VipKey, VipState};
+
+use crate::caps;
+
+/// The XDP object built by `build.rs` from `unidler-ebpf`, embedded in the binary.
+static PROGRAM_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/unidler"));
+
+/// How the program is attached to an interface.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum AttachMode {
+    /// Let the kernel choose: native where the driver supports it, else generic.
+    #[default]
+    Auto,
+    /// In the driver (fastest); fails if the driver has no XDP support.
+    Native,
+    /// In the generic network stack (works on every interface, slower).
+    Generic,
+}
+
+impl AttachMode {
+    fn xdp_mode(self) -> XdpMode {
+        match self {
+            AttachMode::Auto => XdpMode::Default,
+            AttachMode::Native => XdpMode::Driver,
+            AttachMode::Generic => XdpMode::Skb,
+        }
+    }
+}
+
+/// Settings fixed when the program is loaded.
+#[derive(Clone, Copy, Debug)]
+pub struct LoadOptions {
+    /// Event rate limits enforced in the kernel.
+    pub rate_limits: RateLimitConfig,
+    /// Most verbose aya-log level the kernel emits (1 error … 5 trace).
+    pub kernel_log_level: u8,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            rate_limits: RateLimitConfig::new(1, 5, 1000, 1000),
+            kernel_log_level: 3,
+        }
+    }
+}
+
+/// What can go wrong with the datapath, each said so that an operator knows what to do.
+#[derive(Debug, Error)]
+pub enum DatapathError {
+    /// The process lacks capabilities the kernel requires.
+    #[error("{0}")]
+    Privileges(String),
+    /// The kernel refused to load the program.
+    #[error("the kernel refused the XDP program: {0}")]
+    Load(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// The object lacks something the agent expects: a build problem.
+    #[error("the embedded XDP object has no {0}; rebuild with `cargo xtask build`")]
+    Missing(&'static str),
+    /// No such interface.
+    #[error("no network interface named {0:?} (see `ip link show`)")]
+    UnknownInterface(String),
+    /// Attaching to an interface failed.
+    #[error("could not attach XDP ({mode:?} mode) to {iface}: {reason}")]
+    Attach {
+        /// The interface.
+        iface: String,
+        /// The mode that was asked for.
+        mode: AttachMode,
+        /// Why, with a hint.
+        reason: String,
+    },
+    /// A map operation failed.
+    #[error("BPF map {map}: {source}")]
+    Map {
+        /// Which map.
+        map: &'static str,
+        /// The error.
+        #[source]
+        source: aya::maps::MapError,
+    },
+    /// A test run of the program failed.
+    #[error("BPF_PROG_TEST_RUN failed: {0}")]
+    TestRun(#[source] ProgramError),
+}
+
+/// The loaded XDP program and its maps.
+pub struct Datapath {
+    ebpf: Ebpf,
+    vips: HashMap<MapData, VipKey, VipState>,
+    counters: PerCpuArray<MapData, u64>,
+    events: Option<RingBuf<MapData>>,
+    logger: Option<EbpfLogger<&'static dyn log::Log>>,
+    attached: Vec<(String, u32, XdpLinkId)>,
+}
+
+impl Datapath {
+    /// Loads the program into the kernel (without attaching it) and writes its configuration.
+    pub fn load(options: &LoadOptions) -> Result<Self, DatapathError> {
+        let mut ebpf = EbpfLoader::new()
+            .override_global("AYA_LOG_LEVEL", &options.kernel_log_level, false)
+            .load(PROGRAM_OBJECT)
+            .map_err(|err| match privileges_error(&err) {
+                Some(msg) => DatapathError::Privileges(msg),
+                None => DatapathError::Load(Box::new(err)),
+            })?;
+        let logger = match EbpfLogger::init(&mut ebpf) {
+            Ok(logger) => Some(logger),
+            // No log statements compiled in (e.g. stripped); not fatal.
+            Err(err) => {
+                tracing::debug!("kernel-side logging unavailable: {err}");
+                None
+            }
+        };
+        let program: &mut Xdp = ebpf
+            .program_mut(PROGRAM_NAME)
+            .ok_or(DatapathError::Missing("XDP program"))?
+            .try_into()
+            .map_err(|e: ProgramError| DatapathError::Load(Box::new(e)))?;
+        program.load().map_err(|err| {
+            if let Some(msg) = privileges_error(&err) {
+                DatapathError::Privileges(msg)
+            } else {
+                DatapathError::Load(Box::new(err))
+            }
+        })?;
+
+        let mut config: Array<_, RateLimitConfig> = take_map(&mut ebpf, "CONFIG")?;
+        config
+            .set(0, options.rate_limits, 0)
+            .map_err(|source| DatapathError::Map {
+                map: "CONFIG",
+                source,
+            })?;
+        let vips = take_map(&mut ebpf, "VIPS")?;
+        let counters = take_map(&mut ebpf, "COUNTERS")?;
+        let events = Some(take_map(&mut ebpf, "EVENTS")?);
+        Ok(Self {
+            ebpf,
+            vips,
+            counters,
+            events,
+            logger,
+            attached: Vec::new(),
+        })
+    }
+
+    /// Attaches the program to `iface`. Returns the interface index.
+    pub fn attach(&mut self, iface: &str, mode: AttachMode) -> Result<u32, DatapathError> {
+        let ifindex = ifindex_of(iface)?;
+        let program = self.program_mut()?;
+        let link = program
+            .attach_to_if_index(ifindex, mode.xdp_mode())
+            .map_err(|err| DatapathError::Attach {
+                iface: iface.to_owned(),
+                mode,
+                reason: attach_hint(&err, mode),
+            })?;
+        self.attached.push((iface.to_owned(), ifindex, link));
+        Ok(ifindex)
+    }
+
+    /// Detaches the program from every interface it is attached to.
+    pub fn detach_all(&mut self) {
+        let attached = std::mem::take(&mut self.attached);
+        if let Ok(program) = self.program_mut() {
+            for (iface, _, link) in attached {
+                if let Err(err) = program.detach(link) {
+                    tracing::warn!(iface, "detaching XDP failed: {err}");
+                }
+            }
+        }
+    }
+
+    /// Interfaces the program is attached to, as (name, ifindex).
+    pub fn attached(&self) -> impl Iterator<Item = (&str, u32)> {
+        self.attached.iter().map(|(n, i, _)| (n.as_str(), *i))
+    }
+
+    /// Inserts or replaces a VIP. The entry's rate limiter starts full.
+    pub fn upsert_vip(&mut self, key: VipKey, state: VipState) -> Result<(), DatapathError> {
+        self.vips
+            .insert(key, state, 0)
+            .map_err(|source| DatapathError::Map {
+                map: "VIPS",
+                source,
+            })
+    }
+
+    /// Removes a VIP; removing one that is not there is not an error.
+    pub fn remove_vip(&mut self, key: &VipKey) -> Result<(), DatapathError> {
+        match self.vips.remove(key) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(source) => Err(DatapathError::Map {
+                map: "VIPS",
+                source,
+            }),
+        }
+    }
+
+    /// The VIP entry for `key`, if present.
+    pub fn vip(&self, key: &VipKey) -> Option<VipState> {
+        self.vips.get(key, 0).ok()
+    }
+
+    /// Sums the per-CPU counters.
+    pub fn counters(&self) -> Result<Counters, DatapathError> {
+        let mut values = [0u64; Counter::COUNT as usize];
+        for (i, value) in values.iter_mut().enumerate() {
+            let per_cpu =
+                self.counters
+                    .get(&(i as u32), 0)
+                    .map_err(|source| DatapathError::Map {
+                        map: "COUNTERS",
+                        source,
+                    })?;
+            *value = per_cpu.iter().sum();
+        }
+        Ok(Counters(values))
+    }
+
+    /// Hands out the event ring buffer; only once.
+    pub fn take_events(&mut self) -> Option<EventRing> {
+        self.events.take().map(|ring| EventRing { ring })
+    }
+
+    /// Hands out the kernel logger (forwarding aya-log records to `log`); only once.
+    pub fn take_logger(&mut self) -> Option<EbpfLogger<&'static dyn log::Log>> {
+        self.logger.take()
+    }
+
+    /// Runs the program once on `frame` through `BPF_PROG_TEST_RUN`, as if it had arrived on
+    /// interface `ifindex` (which must exist; 1 is loopback). Returns the XDP verdict.
+    pub fn test_run(&self, frame: &[u8], ifindex: u32) -> Result<u32, DatapathError> {
+        self.test_run_repeat(frame, ifindex, 1).map(|(verdict, _)| verdict)
+    }
+
+    /// Like [`Datapath::test_run`], `repeat` times in the kernel; also returns the mean time
+    /// per run that the kernel measured, in nanoseconds.
+    pub fn test_run_repeat(
+        &self,
+        frame: &[u8],
+        ifindex: u32,
+        repeat: u32,
+    ) -> Result<(u32, u64), DatapathError> {
+        let program = self.program()?;
+        // struct xdp_md { data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex }
+        let mut ctx = [0u8; 24];
+        ctx[4..8].copy_from_slice(&(frame.len() as u32).to_ne_bytes());
+        ctx[12..16].copy_from_slice(&ifindex.to_ne_bytes());
+        let result = program
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                ctx_in: Some(&ctx),
+                repeat,
+                ..TestRunOptions::default()
+            })
+            .map_err(DatapathError::TestRun)?;
+        Ok((result.return_value, result.duration.as_nanos() as u64))
+    }
+
+    fn program(&self) -> Result<&Xdp, DatapathError> {
+        self.ebpf
+            .program(PROGRAM_NAME)
+            .and_then(|p| <&Xdp>::try_from(p).ok())
+            .ok_or(DatapathError::Missing("XDP program"))
+    }
+
+    fn program_mut(&mut self) -> Result<&mut Xdp, DatapathError> {
+        self.ebpf
+            .program_mut(PROGRAM_NAME)
+            .and_then(|p| <&mut Xdp>::try_from(p).ok())
+            .ok_or(DatapathError::Missing("XDP program"))
+    }
+}
+
+impl Drop for Datapath {
+    fn drop(&mut self) {
+        self.detach_all();
+    }
+}
+
+/// Sums of the kernel's per-CPU counters, indexed by [`Counter`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counters(pub [u64; Counter::COUNT as usize]);
+
+impl Counters {
+    /// The value of one counter.
+    pub fn get(&self, counter: Counter) -> u64 {
+        self.0[counter as usize]
+    }
+
+    /// All parse failures together.
+    pub fn parse_failures(&self) -> u64 {
+        Counter::ALL
+            .iter()
+            .filter(|c| c.is_parse_failure())
+            .map(|c| self.get(*c))
+            .sum()
+    }
+
+    /// Each counter minus its value in `earlier`.
+    pub fn since(&self, earlier: &Counters) -> Counters {
+        let mut out = *self;
+        for (o, e) in out.0.iter_mut().zip(earlier.0) {
+            *o = o.wrapping_sub(e);
+        }
+        out
+    }
+}
+
+/// The ring buffer of [`IdleHitEvent`]s written by the kernel.
+pub struct EventRing {
+    ring: RingBuf<MapData>,
+}
+
+impl EventRing {
+    /// Takes every event now in the ring, oldest first.
+    pub fn drain(&mut self, mut each: impl FnMut(IdleHitEvent)) -> usize {
+        let mut n = 0;
+        while let Some(item) = self.ring.next() {
+            if item.len() >= size_of::<IdleHitEvent>() {
+                // SAFETY: the kernel wrote a whole IdleHitEvent; read_unaligned copes with any
+                // alignment of the ring's data.
+                each(unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<IdleHitEvent>()) });
+                n += 1;
+            }
+        }
+        n
+    }
+}
+
+impl AsRawFd for EventRing {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.ring.as_raw_fd()
+    }
+}
+
+fn take_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, DatapathError>
+where
+    T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
+{
+    let map = ebpf.take_map(name).ok_or(DatapathError::Missing(name))?;
+    T::try_from(map).map_err(|source| DatapathError::Map { map: name, source })
+}
+
+/// The index of `iface`, or a clear error.
+pub fn ifindex_of(iface: &str) -> Result<u32, DatapathError> {
+    let name = std::ffi::CString::new(iface)
+        .map_err(|_| DatapathError::UnknownInterface(iface.to_owned()))?;
+    // SAFETY: `name` is a valid NUL-terminated string.
+    match unsafe { libc::if_nametoindex(name.as_ptr()) } {
+        0 => Err(DatapathError::UnknownInterface(iface.to_owned())),
+        index => Ok(index),
+    }
+}
+
+/// If `err` is EPERM/EACCES, says which capabilities are missing.
+fn privileges_error(err: &(dyn std::error::Error + 'static)) -> Option<String> {
+    let mut source = Some(err);
+    while let Some(e) = source {
+        if let Some(io) = e.downcast_ref::<io::Error>()
+            && matches!(io.raw_os_error(), Some(libc::EPERM | libc::EACCES))
+        {
+            return Some(caps::explain_missing().unwrap_or_else(|| {
+                format!("the kernel denied a BPF operation ({io}) although the process seems to have the capabilities; is BPF restricted (kernel.unprivileged_bpf_disabled, a LSM, a seccomp profile)?")
+            }));
+        }
+        if let Some(ProgramError::LoadError { io_error, .. }) = e.downcast_ref::<ProgramError>()
+            && matches!(io_error.raw_os_error(), Some(libc::EPERM | libc::EACCES))
+        {
+            return caps::explain_missing();
+        }
+        source = e.source();
+    }
+    None
+}
+
+fn attach_hint(err: &ProgramError, mode: AttachMode) -> String {
+    let errno = match err {
+        ProgramError::SyscallError(e) => e.io_error.raw_os_error(),
+        _ => None,
+    };
+    match errno {
+        Some(libc::EBUSY) | Some(libc::EEXIST) => format!(
+            "{err}: the interface already has an XDP program (another unidler, or something else: `ip link show` says which)"
+        ),
+        Some(libc::EOPNOTSUPP) | Some(libc::EINVAL) if mode == AttachMode::Native => format!(
+            "{err}: the driver does not support native XDP; use --xdp-mode generic or auto"
+        ),
+        Some(libc::EPERM) | Some(libc::EACCES) => {
+            caps::explain_missing().unwrap_or_else(|| err.to_string())
+        }
+        _ => err.to_string(),
+    }
+}

@@ -1,0 +1,81 @@
+//! Events as the agent reports them: a kernel [`IdleHitEvent`] resolved against the
+//! [`VipRegistry`] into the VIP, its load balancer and the interface name.
+
+use std::net::SocketAddr;
+
+use serde::Serialize;
+use unidler_common::{EventAction, IdleHitEvent};
+
+use crate::{
+    registry::VipRegistry,
+    vip::{Protocol, Vip, ip_from_bytes},
+};
+
+/// One idle hit, ready to print or to turn into a `Controller_Event` row.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct IdleHit {
+    /// The VIP in OVN's spelling: `IP:PORT`, or `[IP]:PORT` for IPv6.
+    pub vip: String,
+    /// `tcp`, `udp` or `sctp`.
+    pub protocol: Protocol,
+    /// The client that tried to connect: `IP:PORT` (`[IP]:PORT` for IPv6).
+    pub src: String,
+    /// Interface the packet arrived on.
+    pub iface: String,
+    /// Its index.
+    pub ifindex: u32,
+    /// UUID of the Northbound Load_Balancer, when known.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub load_balancer: Option<String>,
+    /// `dropped` or `passed`: what the datapath did with the packet.
+    pub action: &'static str,
+    /// When the kernel saw the packet, `CLOCK_MONOTONIC` nanoseconds.
+    pub timestamp_ns: u64,
+}
+
+impl IdleHit {
+    /// Resolves a kernel event. `iface_name` maps an ifindex to a name.
+    pub fn resolve(
+        event: &IdleHitEvent,
+        registry: &VipRegistry,
+        iface_name: impl Fn(u32) -> String,
+    ) -> Option<Self> {
+        let vip = Vip::from_key(&event.vip)?;
+        let load_balancer = registry
+            .by_id(event.vip_id)
+            .filter(|entry| entry.vip == vip)
+            .and_then(|entry| entry.load_balancer.clone());
+        let src = SocketAddr::new(
+            ip_from_bytes(event.src_addr),
+            u16::from_be(event.src_port_be),
+        );
+        Some(Self {
+            vip: vip.endpoint(),
+            protocol: vip.protocol,
+            src: src.to_string(),
+            iface: iface_name(event.ifindex),
+            ifindex: event.ifindex,
+            load_balancer,
+            action: if event.action == EventAction::Passed as u32 {
+                "passed"
+            } else {
+                "dropped"
+            },
+            timestamp_ns: event.timestamp_ns,
+        })
+    }
+}
+
+/// The name of interface `ifindex`, or `if<N>` if it has none (any more).
+pub fn iface_name(ifindex: u32) -> String {
+    let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
+    // SAFETY: buf has IF_NAMESIZE bytes, as if_indextoname requires.
+    let ptr = unsafe { libc::if_indextoname(ifindex, buf.as_mut_ptr()) };
+    if ptr.is_null() {
+        return format!("if{ifindex}");
+    }
+    // SAFETY: on success the buffer holds a NUL-terminated name.
+    unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) }
+        .to_string_lossy()
+        .into_owned()
+}

@@ -1,0 +1,289 @@
+//! `unidler`: notices the first packet sent to an idle service and reports it.
+
+use std::{
+    collections::HashMap,
+    io::{self, Write as _},
+    process::ExitCode,
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result, bail};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use tokio::{
+    io::unix::AsyncFd,
+    signal::unix::{SignalKind, signal},
+};
+use tracing::{debug, info, warn};
+use tracing_subscriber::{EnvFilter, filter::LevelFilter};
+use unidler::{
+    datapath::{AttachMode, Counters, Datapath, LoadOptions},
+    event::{IdleHit, iface_name},
+    registry::VipRegistry,
+    vip::VipSpec,
+};
+use unidler_common::{Counter, RateLimitConfig, VIP_FLAG_PASS_WHEN_IDLE};
+
+#[derive(Parser)]
+#[command(
+    name = "unidler",
+    version,
+    about = "Wakes idled services: an XDP datapath notices the first packet sent to a \
+             load-balancer VIP with no backends and reports it.",
+    long_about = None
+)]
+struct Cli {
+    #[command(flatten)]
+    logging: LoggingArgs,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Load the XDP program, attach it to interfaces, and report idle hits.
+    ///
+    /// Each event is written to standard output as one JSON object per line; logs go to
+    /// standard error. SIGINT or SIGTERM detaches the program and exits.
+    Run(RunArgs),
+}
+
+#[derive(Args)]
+struct LoggingArgs {
+    /// Log filter: a level (error, warn, info, debug, trace) or tracing directives.
+    #[arg(long, global = true, env = "UNIDLER_LOG_LEVEL", default_value = "info")]
+    log_level: String,
+    /// Log format.
+    #[arg(long, global = true, env = "UNIDLER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// Interface to attach to; repeat for several.
+    #[arg(long = "iface", required = true, env = "UNIDLER_IFACE", value_delimiter = ',')]
+    ifaces: Vec<String>,
+    /// XDP attach mode.
+    #[arg(long, value_enum, env = "UNIDLER_XDP_MODE", default_value_t = AttachMode::Auto)]
+    xdp_mode: AttachMode,
+    /// A VIP, `IP:PORT/PROTO[=BACKENDS]` (IPv6 as `[IP]:PORT/PROTO`); no `=BACKENDS` means
+    /// zero backends, an idle service. Repeat for several.
+    #[arg(long = "vip", env = "UNIDLER_VIP", value_delimiter = ',')]
+    vips: Vec<VipSpec>,
+    /// What to do with the opening packet to an idle VIP: drop it (as OVN does) or pass it on.
+    #[arg(long, value_enum, env = "UNIDLER_IDLE_ACTION", default_value_t = IdleAction::Drop)]
+    idle_action: IdleAction,
+    /// Events per second per VIP, once the burst is spent (enforced in the kernel).
+    #[arg(long, env = "UNIDLER_VIP_EVENT_RATE", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    vip_event_rate: u32,
+    /// Events a VIP may raise back to back.
+    #[arg(long, env = "UNIDLER_VIP_EVENT_BURST", default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
+    vip_event_burst: u32,
+    /// Events per second over all VIPs, once the burst is spent (enforced in the kernel).
+    #[arg(long, env = "UNIDLER_EVENT_RATE", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
+    event_rate: u32,
+    /// Events all VIPs together may raise back to back.
+    #[arg(long, env = "UNIDLER_EVENT_BURST", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
+    event_burst: u32,
+    /// How often to log a summary of the kernel counters (0 turns it off).
+    #[arg(long, env = "UNIDLER_SUMMARY_INTERVAL", default_value = "60s", value_parser = humantime_duration)]
+    summary_interval: Duration,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum IdleAction {
+    /// Drop the packet (`XDP_DROP`).
+    Drop,
+    /// Pass the packet on (`XDP_PASS`).
+    Pass,
+}
+
+fn humantime_duration(s: &str) -> Result<Duration, String> {
+    let (num, unit) = s
+        .find(|c: char| !c.is_ascii_digit())
+        .map_or((s, "s"), |i| s.split_at(i));
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("bad duration {s:?} (e.g. 30s, 5m, 500ms)"))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "s" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(n * 60)),
+        _ => Err(format!("bad duration unit in {s:?} (ms, s or m)")),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Err(err) = init_logging(&cli.logging) {
+        eprintln!("error: {err:#}");
+        return ExitCode::from(2);
+    }
+    let result = match cli.command {
+        Command::Run(args) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("starting the async runtime")
+            .and_then(|rt| rt.block_on(run(args))),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            tracing::error!("{err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(args: &LoggingArgs) -> Result<()> {
+    let filter = EnvFilter::builder()
+        .with_default_directive(LevelFilter::INFO.into())
+        .parse(&args.log_level)
+        .with_context(|| format!("bad --log-level {:?}", args.log_level))?;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(io::stderr)
+        .with_ansi(io::IsTerminal::is_terminal(&io::stderr()));
+    match args.log_format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    }
+    .map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+async fn run(args: RunArgs) -> Result<()> {
+    if args.vips.is_empty() {
+        warn!("no --vip given: the program will pass every packet and report nothing");
+    }
+    // Fail on a typo before touching the kernel.
+    for iface in &args.ifaces {
+        unidler::datapath::ifindex_of(iface)?;
+    }
+    let kernel_log_level = match LevelFilter::current() {
+        l if l >= LevelFilter::DEBUG => 4,
+        _ => 3,
+    };
+    let mut datapath = Datapath::load(&LoadOptions {
+        rate_limits: RateLimitConfig::new(
+            args.vip_event_rate,
+            args.vip_event_burst,
+            args.event_rate,
+            args.event_burst,
+        ),
+        kernel_log_level,
+    })?;
+
+    let flags = match args.idle_action {
+        IdleAction::Drop => 0,
+        IdleAction::Pass => VIP_FLAG_PASS_WHEN_IDLE,
+    };
+    let mut registry = VipRegistry::new();
+    for spec in &args.vips {
+        let entry = registry.upsert(spec.vip, spec.backends, flags, None);
+        let (key, state) = entry.to_kernel();
+        datapath.upsert_vip(key, state)?;
+        debug!(vip = %spec.vip, backends = spec.backends, vip_id = entry.vip_id, "VIP added");
+    }
+    for iface in &args.ifaces {
+        let ifindex = datapath.attach(iface, args.xdp_mode)?;
+        info!(iface, ifindex, mode = ?args.xdp_mode, "XDP program attached");
+    }
+    let names: HashMap<u32, String> = datapath
+        .attached()
+        .map(|(name, index)| (index, name.to_owned()))
+        .collect();
+    let idle = args.vips.iter().filter(|s| s.backends == 0).count();
+    info!(
+        vips = registry.len(),
+        idle,
+        "watching for connection attempts to idle VIPs"
+    );
+
+    let mut events = readable(datapath.take_events().context("event ring already taken")?)
+        .context("registering the event ring with epoll")?;
+    let mut logger = match datapath.take_logger() {
+        Some(logger) => Some(readable(logger).context("registering the kernel log ring")?),
+        None => None,
+    };
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut summary = (!args.summary_interval.is_zero())
+        .then(|| tokio::time::interval_at(tokio::time::Instant::now() + args.summary_interval, args.summary_interval));
+    let mut last_summary = datapath.counters()?;
+    let mut stdout = io::stdout().lock();
+
+    loop {
+        tokio::select! {
+            guard = events.readable_mut() => {
+                let mut guard = guard?;
+                let ring = guard.get_inner_mut();
+                let mut write_err = None;
+                ring.drain(|event| {
+                    let Some(hit) = IdleHit::resolve(&event, &registry, |i| {
+                        names.get(&i).cloned().unwrap_or_else(|| iface_name(i))
+                    }) else {
+                        warn!(vip_id = event.vip_id, proto = event.vip.proto, "event for an unknown VIP");
+                        return;
+                    };
+                    debug!(vip = %hit.vip, protocol = %hit.protocol, src = %hit.src, iface = %hit.iface, "idle hit");
+                    if write_err.is_none()
+                        && let Err(e) = serde_json::to_writer(&mut stdout, &hit)
+                            .map_err(io::Error::from)
+                            .and_then(|()| stdout.write_all(b"\n"))
+                    {
+                        write_err = Some(e);
+                    }
+                });
+                guard.clear_ready();
+                if let Some(e) = write_err.or_else(|| stdout.flush().err()) {
+                    bail!("writing events to standard output: {e}");
+                }
+            }
+            guard = async { logger.as_mut().expect("guarded by if").readable_mut().await }, if logger.is_some() => {
+                let mut guard = guard?;
+                guard.get_inner_mut().flush();
+                guard.clear_ready();
+            }
+            _ = async { summary.as_mut().expect("guarded by if").tick().await }, if summary.is_some() => {
+                let now = datapath.counters()?;
+                log_summary("last interval", &now.since(&last_summary));
+                last_summary = now;
+            }
+            _ = sigint.recv() => { info!("SIGINT: detaching"); break; }
+            _ = sigterm.recv() => { info!("SIGTERM: detaching"); break; }
+        }
+    }
+    let totals = datapath.counters()?;
+    datapath.detach_all();
+    log_summary("totals", &totals);
+    Ok(())
+}
+
+/// Registers a ring buffer with the runtime's epoll for readability.
+fn readable<T: std::os::fd::AsRawFd>(ring: T) -> Result<AsyncFd<T>> {
+    // SAFETY: `ring` owns its file descriptor and keeps it open until it is dropped, which
+    // happens only when the AsyncFd is dropped.
+    unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
+        .map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+fn log_summary(what: &str, c: &Counters) {
+    info!(
+        packets = c.get(Counter::Packets),
+        vip_hits = c.get(Counter::VipHits),
+        idle_hits = c.get(Counter::IdleHits),
+        events = c.get(Counter::EventsWritten),
+        rate_limited = c.get(Counter::RateLimitedVip) + c.get(Counter::RateLimitedGlobal),
+        ring_full = c.get(Counter::RingFull),
+        fragments = c.get(Counter::Fragments),
+        parse_failures = c.parse_failures(),
+        "kernel counters ({what})"
+    );
+}

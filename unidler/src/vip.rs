@@ -1,0 +1,231 @@
+//! Service VIPs as people write them (`10.96.0.10:53/udp`, `[fd00::1]:80/tcp=3`) and as the
+//! kernel keys them ([`VipKey`]).
+
+use std::{
+    fmt,
+    net::{IpAddr, Ipv6Addr, SocketAddr},
+    str::FromStr,
+};
+
+use serde::Serialize;
+use unidler_common::{IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, VipKey};
+
+/// The L4 protocols a VIP can have, as OVN names them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    /// TCP: a SYN without ACK opens a connection.
+    Tcp,
+    /// UDP: every datagram counts as opening.
+    Udp,
+    /// SCTP: an INIT chunk opens an association.
+    Sctp,
+}
+
+impl Protocol {
+    /// The IP protocol number.
+    pub const fn number(self) -> u8 {
+        match self {
+            Protocol::Tcp => IPPROTO_TCP,
+            Protocol::Udp => IPPROTO_UDP,
+            Protocol::Sctp => IPPROTO_SCTP,
+        }
+    }
+
+    /// The protocol with this IP protocol number, if it is one of ours.
+    pub const fn from_number(number: u8) -> Option<Self> {
+        match number {
+            IPPROTO_TCP => Some(Protocol::Tcp),
+            IPPROTO_UDP => Some(Protocol::Udp),
+            IPPROTO_SCTP => Some(Protocol::Sctp),
+            _ => None,
+        }
+    }
+
+    /// OVN's spelling: `tcp`, `udp` or `sctp`.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+            Protocol::Sctp => "sctp",
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Protocol {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.to_ascii_lowercase().as_str() {
+            "tcp" => Ok(Protocol::Tcp),
+            "udp" => Ok(Protocol::Udp),
+            "sctp" => Ok(Protocol::Sctp),
+            _ => Err(format!("unknown protocol {s:?} (expected tcp, udp or sctp)")),
+        }
+    }
+}
+
+/// A load-balancer VIP: address, port and protocol.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Vip {
+    /// Address and port. IPv4-mapped IPv6 addresses are normalised to IPv4.
+    pub addr: SocketAddr,
+    /// L4 protocol.
+    pub protocol: Protocol,
+}
+
+impl Vip {
+    /// A VIP; an IPv4-mapped IPv6 address becomes the IPv4 address it maps.
+    pub fn new(addr: SocketAddr, protocol: Protocol) -> Self {
+        let ip = canonical_ip(addr.ip());
+        Self {
+            addr: SocketAddr::new(ip, addr.port()),
+            protocol,
+        }
+    }
+
+    /// The key of this VIP in the kernel's VIP map.
+    pub fn key(&self) -> VipKey {
+        VipKey {
+            addr: ip_to_bytes(self.addr.ip()),
+            port_be: self.addr.port().to_be(),
+            proto: self.protocol.number(),
+            _pad: 0,
+        }
+    }
+
+    /// The VIP a kernel key stands for, if its protocol is one of ours.
+    pub fn from_key(key: &VipKey) -> Option<Self> {
+        Some(Self::new(
+            SocketAddr::new(ip_from_bytes(key.addr), u16::from_be(key.port_be)),
+            Protocol::from_number(key.proto)?,
+        ))
+    }
+
+    /// OVN's spelling of the address part: `IP:PORT`, or `[IP]:PORT` for IPv6.
+    pub fn endpoint(&self) -> String {
+        self.addr.to_string()
+    }
+}
+
+impl fmt::Display for Vip {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.protocol)
+    }
+}
+
+/// A VIP given on the command line: `IP:PORT/PROTO[=BACKENDS]`, IPv6 as `[IP]:PORT/PROTO`.
+/// `=BACKENDS` omitted means zero backends, an idle service.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VipSpec {
+    /// The VIP.
+    pub vip: Vip,
+    /// How many backends it has.
+    pub backends: u32,
+}
+
+impl FromStr for VipSpec {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let hint = "expected IP:PORT/PROTO[=BACKENDS], e.g. 10.96.0.10:80/tcp or [fd00::10]:53/udp=2";
+        let (vip, backends) = match s.split_once('=') {
+            Some((vip, n)) => (
+                vip,
+                n.parse::<u32>()
+                    .map_err(|e| format!("bad backend count {n:?} in {s:?}: {e}; {hint}"))?,
+            ),
+            None => (s, 0),
+        };
+        let (addr, proto) = vip
+            .rsplit_once('/')
+            .ok_or_else(|| format!("no protocol in {s:?}; {hint}"))?;
+        let protocol: Protocol = proto.parse().map_err(|e| format!("{e} in {s:?}"))?;
+        let addr: SocketAddr = addr
+            .parse()
+            .map_err(|e| format!("bad address {addr:?} in {s:?}: {e}; {hint}"))?;
+        if addr.port() == 0 {
+            return Err(format!("port 0 in {s:?} is not a service port; {hint}"));
+        }
+        Ok(Self {
+            vip: Vip::new(addr, protocol),
+            backends,
+        })
+    }
+}
+
+/// An address as the kernel stores it: 16 bytes, IPv4-mapped for IPv4.
+pub fn ip_to_bytes(ip: IpAddr) -> [u8; 16] {
+    match ip {
+        IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+        IpAddr::V6(v6) => v6.octets(),
+    }
+}
+
+/// The inverse of [`ip_to_bytes`]: IPv4-mapped addresses come back as IPv4.
+pub fn ip_from_bytes(bytes: [u8; 16]) -> IpAddr {
+    canonical_ip(IpAddr::V6(Ipv6Addr::from(bytes)))
+}
+
+fn canonical_ip(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6
+            .to_ipv4_mapped()
+            .map(IpAddr::V4)
+            .unwrap_or(IpAddr::V6(v6)),
+        v4 => v4,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_ipv4_idle_by_default() {
+        let spec: VipSpec = "10.96.0.10:80/tcp".parse().unwrap();
+        assert_eq!(spec.backends, 0);
+        assert_eq!(spec.vip.endpoint(), "10.96.0.10:80");
+        assert_eq!(spec.vip.protocol, Protocol::Tcp);
+    }
+
+    #[test]
+    fn parses_ipv6_with_backends() {
+        let spec: VipSpec = "[fd00::10]:53/UDP=3".parse().unwrap();
+        assert_eq!(spec.backends, 3);
+        assert_eq!(spec.vip.endpoint(), "[fd00::10]:53");
+        assert_eq!(spec.vip.protocol, Protocol::Udp);
+    }
+
+    #[test]
+    fn rejects_malformed() {
+        for bad in [
+            "10.0.0.1:80",
+            "10.0.0.1/tcp",
+            "10.0.0.1:80/icmp",
+            "fd00::1:80/tcp",
+            "10.0.0.1:0/tcp",
+            "10.0.0.1:80/tcp=-1",
+            "10.0.0.1:99999/tcp",
+        ] {
+            let err = bad.parse::<VipSpec>().unwrap_err();
+            assert!(err.contains(bad) || err.contains("icmp"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn key_round_trips_and_maps_ipv4() {
+        let vip: Vip = "192.168.1.100:80/sctp".parse::<VipSpec>().unwrap().vip;
+        let key = vip.key();
+        assert_eq!(&key.addr[..12], &[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff]);
+        assert_eq!(key.port_be, 80u16.to_be());
+        assert_eq!(key.proto, IPPROTO_SCTP);
+        assert_eq!(Vip::from_key(&key), Some(vip));
+        let mapped: VipSpec = "[::ffff:192.168.1.100]:80/sctp".parse().unwrap();
+        assert_eq!(mapped.vip, vip);
+    }
+}

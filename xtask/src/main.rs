@@ -1,0 +1,208 @@
+//! `cargo xtask`: bootstrap, build, run, test, lint and demo unidler.
+
+mod demo;
+mod setup;
+
+use std::{
+    env,
+    ffi::OsString,
+    path::{Path, PathBuf},
+    process::{Command, ExitCode},
+};
+
+use anyhow::{Context as _, Result, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "Developer tasks for unidler", bin_name = "cargo xtask")]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what building and testing need: rust-src, bpf-linker, Debian packages.
+    Setup,
+    /// Build the agent (with the XDP program embedded).
+    Build {
+        /// Build with optimizations.
+        #[arg(long)]
+        release: bool,
+    },
+    /// Build the agent and run it as root: `cargo xtask run -- run --iface eth0 ...`.
+    Run {
+        /// Build with optimizations.
+        #[arg(long)]
+        release: bool,
+        /// Arguments for the agent.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<OsString>,
+    },
+    /// Run the whole test suite (needs root: namespaces, XDP, BPF).
+    Test {
+        /// Extra arguments for `cargo test`, e.g. a test name filter.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<OsString>,
+    },
+    /// Check formatting and run clippy with warnings denied, the eBPF crate included.
+    Lint,
+    /// Show the datapath catching the first packet to an idle service, in namespaces of its own.
+    Demo,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match dispatch(cli.command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn dispatch(task: Task) -> Result<()> {
+    match task {
+        Task::Setup => setup::ensure_all().map(drop),
+        Task::Build { release } => build(release).map(drop),
+        Task::Run { release, args } => {
+            let agent = build(release)?;
+            run(as_root(&agent).args(args))
+        }
+        Task::Test { args } => test(args),
+        Task::Lint => lint(),
+        Task::Demo => {
+            setup::ensure_all()?;
+            let agent = build(false)?;
+            demo::run(&agent)
+        }
+    }
+}
+
+/// Builds the agent; returns the path of its binary.
+fn build(release: bool) -> Result<PathBuf> {
+    let tools = setup::ensure_build_tools()?;
+    let mut cmd = cargo(&tools);
+    cmd.args(["build", "--package", "unidler", "--bins"]);
+    if release {
+        cmd.arg("--release");
+    }
+    run(&mut cmd)?;
+    Ok(target_dir().join(if release { "release" } else { "debug" }).join("unidler"))
+}
+
+fn test(args: Vec<OsString>) -> Result<()> {
+    let tools = setup::ensure_all()?;
+    if !is_root() {
+        bail!(
+            "the tests load XDP programs and create network namespaces: run them as root \
+             (sudo -E cargo xtask test)"
+        );
+    }
+    let agent = build(false)?;
+    let mut cmd = cargo(&tools);
+    cmd.args(["test", "--workspace"])
+        .args(args)
+        .env("UNIDLER_BIN", &agent);
+    run(&mut cmd)
+}
+
+fn lint() -> Result<()> {
+    let tools = setup::ensure_build_tools()?;
+    run(cargo(&tools).args(["fmt", "--all", "--check"]))?;
+    run(cargo(&tools).args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    // The eBPF crate builds only for the BPF target, with the nightly and build-std.
+    run(cargo(&tools)
+        .args([
+            "+nightly",
+            "clippy",
+            "--package",
+            "unidler-ebpf",
+            "--target",
+            "bpfel-unknown-none",
+            "-Z",
+            "build-std=core",
+            "--release",
+            "--",
+            "-D",
+            "warnings",
+        ])
+        .env("CARGO_TARGET_DIR", target_dir().join("ebpf-clippy")))
+}
+
+/// A `cargo` command with the bootstrapped tools first on PATH.
+fn cargo(tools_bin: &Path) -> Command {
+    let mut cmd = Command::new(env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    // `cargo +nightly` needs the rustup proxy, not the toolchain's cargo binary.
+    cmd.current_dir(workspace_root()).env("PATH", path_with(tools_bin));
+    cmd
+}
+
+fn path_with(dir: &Path) -> OsString {
+    let mut paths = vec![dir.to_path_buf()];
+    paths.extend(env::split_paths(&env::var_os("PATH").unwrap_or_default()));
+    env::join_paths(paths).expect("PATH entries are valid")
+}
+
+/// `program` run as root: directly when we are root, else through sudo.
+fn as_root(program: &Path) -> Command {
+    if is_root() {
+        Command::new(program)
+    } else {
+        let mut cmd = Command::new("sudo");
+        cmd.arg("-E").arg(program);
+        cmd
+    }
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}
+
+fn target_dir() -> PathBuf {
+    env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target"))
+}
+
+/// Runs a command, inheriting stdio; fails with the command line if it does not succeed.
+fn run(cmd: &mut Command) -> Result<()> {
+    let status = cmd
+        .status()
+        .with_context(|| format!("could not start {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+/// Runs a command and returns its standard output.
+fn output_of(cmd: &mut Command) -> Result<String> {
+    let out = cmd
+        .output()
+        .with_context(|| format!("could not start {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed: {}: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8(out.stdout)?)
+}

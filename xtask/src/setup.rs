@@ -1,0 +1,228 @@
+//! Toolchain bootstrap: everything a fresh machine lacks, installed idempotently.
+//!
+//! 1. the nightly toolchain's `rust-src` component (the eBPF crate builds `core` itself);
+//! 2. a `bpf-linker` built from crates.io against the nightly's own libLLVM, cached in
+//!    `.tools/<libLLVM name>/` and linked as `.tools/bin/bpf-linker`;
+//! 3. the Debian packages the tests use.
+//!
+//! Each step says what it checks and what it does, and a failure says what to do about it.
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, Result, bail};
+
+use crate::{output_of, run, workspace_root};
+
+/// The bpf-linker release we build; its `llvm-N` feature must match the nightly's LLVM.
+const BPF_LINKER_VERSION: &str = "0.13.0";
+/// The toolchain the eBPF crate is built with (aya-build's default).
+const NIGHTLY: &str = "nightly";
+/// Debian packages the tests need: `ip` for namespaces and veths; OVN and OVS for the
+/// database tests (`ovsdb-server`, `ovsdb-tool`, `ovn-sbctl`, the OVN schemas).
+const DEBIAN_PACKAGES: &[&str] = &[
+    "iproute2",
+    "ovn-central",
+    "ovn-host",
+    "openvswitch-common",
+];
+
+/// Runs every bootstrap step; returns the folder to put first on PATH (holds bpf-linker).
+pub fn ensure_all() -> Result<PathBuf> {
+    ensure_rust_src()?;
+    let bin = ensure_bpf_linker()?;
+    ensure_debian_packages()?;
+    Ok(bin)
+}
+
+/// Only what building needs (no Debian packages).
+pub fn ensure_build_tools() -> Result<PathBuf> {
+    ensure_rust_src()?;
+    ensure_bpf_linker()
+}
+
+fn step(what: &str) {
+    eprintln!("[setup] {what}");
+}
+
+fn ensure_rust_src() -> Result<()> {
+    let installed = output_of(Command::new("rustup").args([
+        "component",
+        "list",
+        "--installed",
+        "--toolchain",
+        NIGHTLY,
+    ]))
+    .context(
+        "could not ask rustup about the nightly toolchain; install it with \
+         `rustup toolchain install nightly`",
+    )?;
+    if installed.lines().any(|l| l.starts_with("rust-src")) {
+        step("nightly has rust-src");
+        return Ok(());
+    }
+    step("adding rust-src to the nightly toolchain");
+    run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", NIGHTLY]))
+        .context("`rustup component add rust-src --toolchain nightly` failed")
+}
+
+/// What the nightly's LLVM is: its major version and the name of its shared library.
+struct NightlyLlvm {
+    major: u32,
+    /// e.g. `LLVM-22-rust-1.97.0-nightly` (the file is `lib<name>.so`).
+    lib_name: String,
+    lib_dir: PathBuf,
+}
+
+fn nightly_llvm() -> Result<NightlyLlvm> {
+    let version = output_of(Command::new("rustc").args([&format!("+{NIGHTLY}"), "-vV"]))
+        .context("`rustc +nightly -vV` failed; is the nightly toolchain installed?")?;
+    let llvm = version
+        .lines()
+        .find_map(|l| l.strip_prefix("LLVM version: "))
+        .context("`rustc +nightly -vV` printed no LLVM version")?;
+    let major: u32 = llvm
+        .split('.')
+        .next()
+        .and_then(|m| m.parse().ok())
+        .with_context(|| format!("unexpected LLVM version {llvm:?}"))?;
+    let sysroot = output_of(Command::new("rustc").args([
+        &format!("+{NIGHTLY}"),
+        "--print",
+        "sysroot",
+    ]))?;
+    let lib_dir = PathBuf::from(sysroot.trim()).join("lib");
+    let prefix = format!("libLLVM-{major}");
+    let lib_name = fs::read_dir(&lib_dir)
+        .with_context(|| format!("reading {}", lib_dir.display()))?
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .find_map(|f| {
+            f.starts_with(&prefix)
+                .then(|| f.strip_suffix(".so").map(|s| s["lib".len()..].to_owned()))
+                .flatten()
+        })
+        .with_context(|| {
+            format!(
+                "no {prefix}*.so in {}: the nightly toolchain ships no shared libLLVM",
+                lib_dir.display()
+            )
+        })?;
+    Ok(NightlyLlvm {
+        major,
+        lib_name,
+        lib_dir,
+    })
+}
+
+fn ensure_bpf_linker() -> Result<PathBuf> {
+    let tools = workspace_root().join(".tools");
+    let bin_dir = tools.join("bin");
+    let llvm = nightly_llvm()?;
+    let root = tools.join(&llvm.lib_name);
+    let linker = root.join("bin").join("bpf-linker");
+    if !linker_works(&linker) {
+        step(&format!(
+            "building bpf-linker {BPF_LINKER_VERSION} against {} (LLVM {}); about a minute",
+            llvm.lib_name, llvm.major
+        ));
+        let lib_dir = llvm.lib_dir.display();
+        let rustflags = format!(
+            "-L native={lib_dir} -l dylib={} -C link-arg=-Wl,-rpath,{lib_dir}",
+            llvm.lib_name
+        );
+        let host = host_triple()?;
+        run(Command::new("cargo")
+            .args([
+                "install",
+                &format!("bpf-linker@{BPF_LINKER_VERSION}"),
+                "--locked",
+                "--no-default-features",
+                "--features",
+                &format!("llvm-{},no-llvm-linking", llvm.major),
+                "--target",
+                &host,
+                "--root",
+            ])
+            .arg(&root)
+            .env("RUSTFLAGS", rustflags)
+            .env_remove("CARGO_TARGET_DIR")
+            .env_remove("RUSTC_WRAPPER"))
+        .context(
+            "building bpf-linker failed; see cargo's output above. It needs crates.io and \
+             the nightly's libLLVM (rustup component list --toolchain nightly)",
+        )?;
+        if !linker_works(&linker) {
+            bail!("{} was built but does not run", linker.display());
+        }
+    } else {
+        step(&format!("bpf-linker for {} is built", llvm.lib_name));
+    }
+    fs::create_dir_all(&bin_dir)?;
+    let link = bin_dir.join("bpf-linker");
+    let target = Path::new("..").join(&llvm.lib_name).join("bin/bpf-linker");
+    if fs::read_link(&link).ok().as_deref() != Some(target.as_path()) {
+        let _ = fs::remove_file(&link);
+        std::os::unix::fs::symlink(&target, &link)
+            .with_context(|| format!("linking {}", link.display()))?;
+    }
+    Ok(bin_dir)
+}
+
+fn linker_works(linker: &Path) -> bool {
+    linker.exists()
+        && Command::new(linker)
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success())
+}
+
+fn host_triple() -> Result<String> {
+    let version = output_of(Command::new("rustc").arg("-vV"))?;
+    version
+        .lines()
+        .find_map(|l| l.strip_prefix("host: "))
+        .map(str::to_owned)
+        .context("`rustc -vV` printed no host triple")
+}
+
+fn ensure_debian_packages() -> Result<()> {
+    let missing: Vec<&str> = DEBIAN_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| {
+            !Command::new("dpkg-query")
+                .args(["-W", "-f=${Status}", p])
+                .output()
+                .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+        })
+        .collect();
+    if missing.is_empty() {
+        step("Debian packages are installed");
+        return Ok(());
+    }
+    step(&format!("installing Debian packages: {}", missing.join(" ")));
+    let sudo = !crate::is_root();
+    let apt = |args: &[&str]| {
+        let mut cmd = if sudo {
+            let mut c = Command::new("sudo");
+            c.arg("apt-get");
+            c
+        } else {
+            Command::new("apt-get")
+        };
+        cmd.args(args).env("DEBIAN_FRONTEND", "noninteractive");
+        cmd
+    };
+    run(&mut apt(&["update", "-q"])).context("`apt-get update` failed")?;
+    let mut install = apt(&["install", "-y", "-q", "--no-install-recommends"]);
+    install.args(&missing);
+    run(&mut install).with_context(|| {
+        format!(
+            "`apt-get install {}` failed; install them by hand and run this again",
+            missing.join(" ")
+        )
+    })
+}

@@ -55,19 +55,29 @@ impl Agent {
     /// and watching. Panics with its logs if it exits or takes longer than 20 s.
     #[track_caller]
     pub fn start(netns: &str, args: &[&str]) -> Self {
-        let mut agent = Self::spawn(netns, args);
+        Self::start_binary(&agent_binary(), netns, args)
+    }
+
+    /// [`Agent::start`] with an explicit binary.
+    #[track_caller]
+    pub fn start_binary(bin: &std::path::Path, netns: &str, args: &[&str]) -> Self {
+        let mut agent = Self::spawn_binary(bin, netns, args);
         agent.wait_for_log("watching for connection attempts", Duration::from_secs(20));
         agent
     }
 
     /// Starts `unidler <args>` in `netns` (or the current namespace if empty) without waiting.
     pub fn spawn(netns: &str, args: &[&str]) -> Self {
-        let bin = agent_binary();
+        Self::spawn_binary(&agent_binary(), netns, args)
+    }
+
+    /// [`Agent::spawn`] with an explicit binary.
+    pub fn spawn_binary(bin: &std::path::Path, netns: &str, args: &[&str]) -> Self {
         let mut cmd = if netns.is_empty() {
-            Command::new(&bin)
+            Command::new(bin)
         } else {
             let mut c = Command::new("ip");
-            c.args(["netns", "exec", netns]).arg(&bin);
+            c.args(["netns", "exec", netns]).arg(bin);
             c
         };
         cmd.args(args)

@@ -112,12 +112,28 @@ impl Topology {
         }
         // Static neighbours: no ARP/ND round trip before the first packet.
         sh(&[
-            "ip", "-n", &topo.client_ns, "neigh", "replace", &SERVER_V4.to_string(), "lladdr",
-            &mac(SERVER_MAC), "dev", &topo.client_if,
+            "ip",
+            "-n",
+            &topo.client_ns,
+            "neigh",
+            "replace",
+            &SERVER_V4.to_string(),
+            "lladdr",
+            &mac(SERVER_MAC),
+            "dev",
+            &topo.client_if,
         ]);
         sh(&[
-            "ip", "-n", &topo.client_ns, "neigh", "replace", &SERVER_V6.to_string(), "lladdr",
-            &mac(SERVER_MAC), "dev", &topo.client_if,
+            "ip",
+            "-n",
+            &topo.client_ns,
+            "neigh",
+            "replace",
+            &SERVER_V6.to_string(),
+            "lladdr",
+            &mac(SERVER_MAC),
+            "dev",
+            &topo.client_if,
         ]);
         topo
     }
@@ -134,7 +150,15 @@ impl Topology {
 
     /// The XDP program attached to the server's veth end, as `ip link` shows it, if any.
     pub fn server_xdp(&self) -> Option<String> {
-        let out = sh(&["ip", "-n", &self.server_ns, "-d", "link", "show", &self.server_if]);
+        let out = sh(&[
+            "ip",
+            "-n",
+            &self.server_ns,
+            "-d",
+            "link",
+            "show",
+            &self.server_if,
+        ]);
         out.lines()
             .find(|l| l.trim_start().starts_with("prog/xdp"))
             .map(|l| l.trim().to_owned())
@@ -186,7 +210,11 @@ pub fn send_frames(ifname: &str, frames: impl IntoIterator<Item = Vec<u8>>) -> u
     assert_ne!(ifindex, 0, "no interface {ifname}");
     // SAFETY: plain socket(2) call.
     let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0) };
-    assert!(fd >= 0, "AF_PACKET socket: {}", std::io::Error::last_os_error());
+    assert!(
+        fd >= 0,
+        "AF_PACKET socket: {}",
+        std::io::Error::last_os_error()
+    );
     // SAFETY: zeroed sockaddr_ll is valid; fields set below.
     let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
     addr.sll_family = libc::AF_PACKET as u16;

@@ -10,7 +10,9 @@ use unidler_common::{
     Counter, EventAction, IdleHitEvent, RateLimitConfig, VIP_FLAG_PASS_WHEN_IDLE, VipState,
 };
 use unidler_tests::{
-    frames::{Frame, Ipv6Ext, L4, SCTP_DATA, SCTP_INIT, TCP_ACK, TCP_FIN, TCP_PSH, TCP_RST, TCP_SYN},
+    frames::{
+        Frame, Ipv6Ext, L4, SCTP_DATA, SCTP_INIT, TCP_ACK, TCP_FIN, TCP_PSH, TCP_RST, TCP_SYN,
+    },
     oracle::{self, VipModel, XDP_DROP, XDP_PASS},
     require_root,
 };
@@ -42,7 +44,9 @@ impl Harness {
     /// Rate limits high enough never to interfere.
     #[track_caller]
     fn new() -> Self {
-        Self::with_limits(RateLimitConfig::new(1_000_000, 1_000_000, 1_000_000, 1_000_000))
+        Self::with_limits(RateLimitConfig::new(
+            1_000_000, 1_000_000, 1_000_000, 1_000_000,
+        ))
     }
 
     #[track_caller]
@@ -84,10 +88,8 @@ impl Harness {
                 },
             )
             .unwrap();
-        self.model.insert(
-            key,
-            (spec.backends, flags & VIP_FLAG_PASS_WHEN_IDLE != 0),
-        );
+        self.model
+            .insert(key, (spec.backends, flags & VIP_FLAG_PASS_WHEN_IDLE != 0));
         self.next_id
     }
 
@@ -246,8 +248,18 @@ fn udp_datagrams_and_sctp_init_open_connections() {
             },
         )
     };
-    assert_eq!(h.check_against_model(&udp(CLIENT4, VIP4).build()).events.len(), 1);
-    assert_eq!(h.check_against_model(&udp(CLIENT6, VIP6).build()).events.len(), 1);
+    assert_eq!(
+        h.check_against_model(&udp(CLIENT4, VIP4).build())
+            .events
+            .len(),
+        1
+    );
+    assert_eq!(
+        h.check_against_model(&udp(CLIENT6, VIP6).build())
+            .events
+            .len(),
+        1
+    );
     let init = h.check_against_model(&sctp(SCTP_INIT).build());
     assert_eq!((init.verdict, init.events.len()), (XDP_DROP, 1));
     assert_eq!(init.events[0].vip.proto, 132);
@@ -268,11 +280,11 @@ fn vip_with_backends_and_non_vip_traffic_pass_untouched() {
 
     let other = IpAddr::V4(Ipv4Addr::new(10, 96, 0, 11));
     for frame in [
-        syn(CLIENT4, VIP4, 81),   // other port
-        syn(CLIENT4, other, 8080), // other address
+        syn(CLIENT4, VIP4, 81),                                   // other port
+        syn(CLIENT4, other, 8080),                                // other address
         Frame::new(CLIENT4, VIP4, L4::Udp { src: 1, dst: 8080 }), // other protocol
-        Frame::new(CLIENT4, VIP4, L4::Other { proto: 1 }), // ICMP
-        syn(CLIENT6, VIP6, 8080), // other family
+        Frame::new(CLIENT4, VIP4, L4::Other { proto: 1 }),        // ICMP
+        syn(CLIENT6, VIP6, 8080),                                 // other family
     ] {
         let run = h.check_against_model(&frame.build());
         assert_eq!(run.verdict, XDP_PASS, "{frame:?}");
@@ -329,7 +341,11 @@ fn ipv4_options_are_skipped() {
         frame.ipv4_options = vec![1; len];
         frame.ipv4_options[len - 1] = 0;
         let run = h.check_against_model(&frame.build());
-        assert_eq!((run.verdict, run.events.len()), (XDP_DROP, 1), "{len} option bytes");
+        assert_eq!(
+            (run.verdict, run.events.len()),
+            (XDP_DROP, 1),
+            "{len} option bytes"
+        );
         assert_eq!(u16::from_be(run.events[0].vip.port_be), 80);
     }
     // IHL below 5 is malformed.
@@ -406,7 +422,10 @@ fn ipv6_extension_headers_are_walked_and_bounded() {
     let run = h.check_against_model(&too_many.build());
     assert_eq!(run.counters.get(Counter::TooManyIpv6Extensions), 1);
     let mut too_long = syn(CLIENT6, VIP6, 443);
-    too_long.ipv6_ext = vec![Ipv6Ext::DestOpts { len8: 40 }, Ipv6Ext::DestOpts { len8: 40 }];
+    too_long.ipv6_ext = vec![
+        Ipv6Ext::DestOpts { len8: 40 },
+        Ipv6Ext::DestOpts { len8: 40 },
+    ];
     let run = h.check_against_model(&too_long.build());
     assert_eq!(run.counters.get(Counter::TooManyIpv6Extensions), 1);
     assert_eq!(run.verdict, XDP_PASS);
@@ -477,7 +496,10 @@ fn per_vip_rate_limit_turns_a_burst_into_a_trickle() {
             flags: TCP_SYN,
         };
         let run = h.run(&frame.build());
-        assert_eq!(run.verdict, XDP_DROP, "rate limiting never changes the verdict");
+        assert_eq!(
+            run.verdict, XDP_DROP,
+            "rate limiting never changes the verdict"
+        );
         events += run.events.len();
         limited += run.counters.get(Counter::RateLimitedVip);
     }
@@ -515,7 +537,10 @@ fn a_full_ring_is_counted_not_fatal() {
     }
     let c = h.datapath.counters().unwrap().since(&before);
     assert!(c.get(Counter::RingFull) > 0, "{c:?}");
-    assert_eq!(c.get(Counter::RingFull) + c.get(Counter::EventsWritten), 5000);
+    assert_eq!(
+        c.get(Counter::RingFull) + c.get(Counter::EventsWritten),
+        5000
+    );
     let mut drained = 0;
     h.events.drain(|_| drained += 1);
     assert_eq!(drained as u64, c.get(Counter::EventsWritten));
@@ -547,10 +572,13 @@ fn randomized_frames_are_never_misclassified() {
     h.vip("[fd00:96::10]:443/tcp");
     h.vip("[fd00:96::10]:53/udp");
     let mut v6_ext = syn(CLIENT6, VIP6, 443);
-    v6_ext.ipv6_ext = vec![Ipv6Ext::HopByHop { len8: 0 }, Ipv6Ext::Fragment {
-        offset: 0,
-        more: true,
-    }];
+    v6_ext.ipv6_ext = vec![
+        Ipv6Ext::HopByHop { len8: 0 },
+        Ipv6Ext::Fragment {
+            offset: 0,
+            more: true,
+        },
+    ];
     let mut vlan = Frame::new(CLIENT6, VIP6, L4::Udp { src: 9, dst: 53 });
     vlan.vlans = vec![(0x8100, 7)];
     let mut opts = syn(CLIENT4, VIP4, 80);
@@ -588,7 +616,10 @@ fn randomized_frames_are_never_misclassified() {
                 0 => rng.next() as u8,
                 1 => frame[at] ^ (1 << rng.below(8)),
                 // Values the parser branches on.
-                2 => [0x81, 0x00, 0x88, 0xa8, 0x86, 0xdd, 0x08, 0x45, 0x60, 6, 17, 132, 0, 43, 44, 60, 0x02, 0x12][rng.below(18)],
+                2 => [
+                    0x81, 0x00, 0x88, 0xa8, 0x86, 0xdd, 0x08, 0x45, 0x60, 6, 17, 132, 0, 43, 44,
+                    60, 0x02, 0x12,
+                ][rng.below(18)],
                 _ => 0,
             };
         }

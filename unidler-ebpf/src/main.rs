@@ -218,7 +218,7 @@ fn skip_ipv6_extensions(
 /// The slow path: an opening packet. Looks the destination up and acts if the VIP is idle.
 #[inline(always)]
 fn on_opening_packet(ctx: &XdpContext, packet: &OpeningPacket) -> u32 {
-    let Some(state) = VIPS.get_ptr_mut(&packet.vip) else {
+    let Some(state) = VIPS.get_ptr_mut(packet.vip) else {
         return xdp_action::XDP_PASS;
     };
     count(Counter::VipHits);

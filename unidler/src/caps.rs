@@ -46,7 +46,10 @@ pub fn missing() -> Vec<&'static str> {
     let has = |bit: u32| eff & (1u64 << bit) != 0;
     NEEDED
         .iter()
-        .filter(|n| !has(n.bit) && !(n.bit != CAP_NET_ADMIN && has(CAP_SYS_ADMIN)))
+        .filter(|n| {
+            let covered_by_sys_admin = n.bit != CAP_NET_ADMIN && has(CAP_SYS_ADMIN);
+            !has(n.bit) && !covered_by_sys_admin
+        })
         .map(|n| n.name)
         .collect()
 }

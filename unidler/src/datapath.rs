@@ -247,7 +247,8 @@ impl Datapath {
     /// Runs the program once on `frame` through `BPF_PROG_TEST_RUN`, as if it had arrived on
     /// interface `ifindex` (which must exist; 1 is loopback). Returns the XDP verdict.
     pub fn test_run(&self, frame: &[u8], ifindex: u32) -> Result<u32, DatapathError> {
-        self.test_run_repeat(frame, ifindex, 1).map(|(verdict, _)| verdict)
+        self.test_run_repeat(frame, ifindex, 1)
+            .map(|(verdict, _)| verdict)
     }
 
     /// Like [`Datapath::test_run`], `repeat` times in the kernel; also returns the mean time
@@ -400,9 +401,9 @@ fn attach_hint(err: &ProgramError, mode: AttachMode) -> String {
         Some(libc::EBUSY) | Some(libc::EEXIST) => format!(
             "{err}: the interface already has an XDP program (another unidler, or something else: `ip link show` says which)"
         ),
-        Some(libc::EOPNOTSUPP) | Some(libc::EINVAL) if mode == AttachMode::Native => format!(
-            "{err}: the driver does not support native XDP; use --xdp-mode generic or auto"
-        ),
+        Some(libc::EOPNOTSUPP) | Some(libc::EINVAL) if mode == AttachMode::Native => {
+            format!("{err}: the driver does not support native XDP; use --xdp-mode generic or auto")
+        }
         Some(libc::EPERM) | Some(libc::EACCES) => {
             caps::explain_missing().unwrap_or_else(|| err.to_string())
         }

@@ -68,7 +68,12 @@ enum LogFormat {
 #[derive(Args)]
 struct RunArgs {
     /// Interface to attach to; repeat for several.
-    #[arg(long = "iface", required = true, env = "UNIDLER_IFACE", value_delimiter = ',')]
+    #[arg(
+        long = "iface",
+        required = true,
+        env = "UNIDLER_IFACE",
+        value_delimiter = ','
+    )]
     ifaces: Vec<String>,
     /// XDP attach mode.
     #[arg(long, value_enum, env = "UNIDLER_XDP_MODE", default_value_t = AttachMode::Auto)]
@@ -202,8 +207,7 @@ async fn run(args: RunArgs) -> Result<()> {
     let idle = args.vips.iter().filter(|s| s.backends == 0).count();
     info!(
         vips = registry.len(),
-        idle,
-        "watching for connection attempts to idle VIPs"
+        idle, "watching for connection attempts to idle VIPs"
     );
 
     let mut events = readable(datapath.take_events().context("event ring already taken")?)
@@ -214,8 +218,12 @@ async fn run(args: RunArgs) -> Result<()> {
     };
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
-    let mut summary = (!args.summary_interval.is_zero())
-        .then(|| tokio::time::interval_at(tokio::time::Instant::now() + args.summary_interval, args.summary_interval));
+    let mut summary = (!args.summary_interval.is_zero()).then(|| {
+        tokio::time::interval_at(
+            tokio::time::Instant::now() + args.summary_interval,
+            args.summary_interval,
+        )
+    });
     let mut last_summary = datapath.counters()?;
     let mut stdout = io::stdout().lock();
 

@@ -65,7 +65,9 @@ impl FromStr for Protocol {
             "tcp" => Ok(Protocol::Tcp),
             "udp" => Ok(Protocol::Udp),
             "sctp" => Ok(Protocol::Sctp),
-            _ => Err(format!("unknown protocol {s:?} (expected tcp, udp or sctp)")),
+            _ => Err(format!(
+                "unknown protocol {s:?} (expected tcp, udp or sctp)"
+            )),
         }
     }
 }
@@ -132,7 +134,8 @@ pub struct VipSpec {
 impl FromStr for VipSpec {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let hint = "expected IP:PORT/PROTO[=BACKENDS], e.g. 10.96.0.10:80/tcp or [fd00::10]:53/udp=2";
+        let hint =
+            "expected IP:PORT/PROTO[=BACKENDS], e.g. 10.96.0.10:80/tcp or [fd00::10]:53/udp=2";
         let (vip, backends) = match s.split_once('=') {
             Some((vip, n)) => (
                 vip,

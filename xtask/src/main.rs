@@ -65,31 +65,31 @@ fn main() -> ExitCode {
 fn dispatch(task: Task) -> Result<()> {
     match task {
         Task::Setup => setup::ensure_all().map(drop),
-        Task::Build { release } => build(release).map(drop),
+        Task::Build { release } => build(&setup::ensure_build_tools()?, release).map(drop),
         Task::Run { release, args } => {
-            let agent = build(release)?;
+            let agent = build(&setup::ensure_build_tools()?, release)?;
             run(as_root(&agent).args(args))
         }
         Task::Test { args } => test(args),
         Task::Lint => lint(),
         Task::Demo => {
-            setup::ensure_all()?;
-            let agent = build(false)?;
+            let agent = build(&setup::ensure_all()?, false)?;
             demo::run(&agent)
         }
     }
 }
 
-/// Builds the agent; returns the path of its binary.
-fn build(release: bool) -> Result<PathBuf> {
-    let tools = setup::ensure_build_tools()?;
-    let mut cmd = cargo(&tools);
+/// Builds the agent with the bootstrapped tools; returns the path of its binary.
+fn build(tools: &Path, release: bool) -> Result<PathBuf> {
+    let mut cmd = cargo(tools);
     cmd.args(["build", "--package", "unidler", "--bins"]);
     if release {
         cmd.arg("--release");
     }
     run(&mut cmd)?;
-    Ok(target_dir().join(if release { "release" } else { "debug" }).join("unidler"))
+    Ok(target_dir()
+        .join(if release { "release" } else { "debug" })
+        .join("unidler"))
 }
 
 fn test(args: Vec<OsString>) -> Result<()> {
@@ -100,7 +100,7 @@ fn test(args: Vec<OsString>) -> Result<()> {
              (sudo -E cargo xtask test)"
         );
     }
-    let agent = build(false)?;
+    let agent = build(&tools, false)?;
     let mut cmd = cargo(&tools);
     cmd.args(["test", "--workspace"])
         .args(args)
@@ -114,6 +114,8 @@ fn lint() -> Result<()> {
     run(cargo(&tools).args([
         "clippy",
         "--workspace",
+        "--exclude",
+        "unidler-ebpf",
         "--all-targets",
         "--",
         "-D",
@@ -140,9 +142,10 @@ fn lint() -> Result<()> {
 
 /// A `cargo` command with the bootstrapped tools first on PATH.
 fn cargo(tools_bin: &Path) -> Command {
-    let mut cmd = Command::new(env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
-    // `cargo +nightly` needs the rustup proxy, not the toolchain's cargo binary.
-    cmd.current_dir(workspace_root()).env("PATH", path_with(tools_bin));
+    // The rustup proxy, not $CARGO (the toolchain's own binary), so that `+nightly` works.
+    let mut cmd = Command::new("cargo");
+    cmd.current_dir(workspace_root())
+        .env("PATH", path_with(tools_bin));
     cmd
 }
 

@@ -23,12 +23,7 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 const NIGHTLY: &str = "nightly";
 /// Debian packages the tests need: `ip` for namespaces and veths; OVN and OVS for the
 /// database tests (`ovsdb-server`, `ovsdb-tool`, `ovn-sbctl`, the OVN schemas).
-const DEBIAN_PACKAGES: &[&str] = &[
-    "iproute2",
-    "ovn-central",
-    "ovn-host",
-    "openvswitch-common",
-];
+const DEBIAN_PACKAGES: &[&str] = &["iproute2", "ovn-central", "ovn-host", "openvswitch-common"];
 
 /// Runs every bootstrap step; returns the folder to put first on PATH (holds bpf-linker).
 pub fn ensure_all() -> Result<PathBuf> {
@@ -89,11 +84,8 @@ fn nightly_llvm() -> Result<NightlyLlvm> {
         .next()
         .and_then(|m| m.parse().ok())
         .with_context(|| format!("unexpected LLVM version {llvm:?}"))?;
-    let sysroot = output_of(Command::new("rustc").args([
-        &format!("+{NIGHTLY}"),
-        "--print",
-        "sysroot",
-    ]))?;
+    let sysroot =
+        output_of(Command::new("rustc").args([&format!("+{NIGHTLY}"), "--print", "sysroot"]))?;
     let lib_dir = PathBuf::from(sysroot.trim()).join("lib");
     let prefix = format!("libLLVM-{major}");
     let lib_name = fs::read_dir(&lib_dir)
@@ -203,7 +195,10 @@ fn ensure_debian_packages() -> Result<()> {
         step("Debian packages are installed");
         return Ok(());
     }
-    step(&format!("installing Debian packages: {}", missing.join(" ")));
+    step(&format!(
+        "installing Debian packages: {}",
+        missing.join(" ")
+    ));
     let sudo = !crate::is_root();
     let apt = |args: &[&str]| {
         let mut cmd = if sudo {

@@ -1,0 +1,490 @@
+//! A long-lived client of one database: picks a usable server among several remotes (the
+//! leader, for a clustered database), keeps monitors and a replica current, follows leader
+//! changes, and reconnects with exponential backoff.
+
+use std::{
+    sync::{
+        Arc, RwLock, RwLockReadGuard,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use serde_json::{Value as Json, json};
+use tokio::sync::{broadcast, mpsc, watch};
+
+use crate::{
+    error::{Error, ErrorKind},
+    op::{Condition, OpResult, Operation, parse_results},
+    remote::{self, Remote, Tls, TlsFiles},
+    replica::{ChangeSet, Replica},
+    rpc::{Connection, Notification, RpcOptions},
+};
+
+/// A table to monitor.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MonitorRequest {
+    /// Table name.
+    pub table: String,
+    /// Columns to replicate; `None` for all.
+    pub columns: Option<Vec<String>>,
+    /// Only rows matching all of these (conditional monitoring); empty for all rows.
+    pub conditions: Vec<Condition>,
+}
+
+impl MonitorRequest {
+    /// All rows and columns of `table`.
+    pub fn table(table: &str) -> Self {
+        Self {
+            table: table.to_owned(),
+            columns: None,
+            conditions: Vec::new(),
+        }
+    }
+
+    /// Only these columns.
+    pub fn columns(mut self, columns: &[&str]) -> Self {
+        self.columns = Some(columns.iter().map(|c| (*c).to_owned()).collect());
+        self
+    }
+
+    /// Only rows matching `condition` (repeatable: all must hold).
+    pub fn matching(mut self, condition: Condition) -> Self {
+        self.conditions.push(condition);
+        self
+    }
+
+    fn to_json(&self) -> Json {
+        let mut req = json!({});
+        if let Some(columns) = &self.columns {
+            req["columns"] = json!(columns);
+        }
+        if !self.conditions.is_empty() {
+            req["where"] = Json::Array(self.conditions.iter().map(Condition::to_json).collect());
+        }
+        json!([req])
+    }
+}
+
+/// How to reach the database.
+#[derive(Clone, Debug)]
+pub struct ClientOptions {
+    /// Servers to try, in order (rotating).
+    pub remotes: Vec<Remote>,
+    /// Database name, e.g. `OVN_Southbound`.
+    pub database: String,
+    /// For a clustered database, only use the leader (as ovn-controller and ovn-northd do
+    /// for writes), and move on when it stops being the leader.
+    pub leader_only: bool,
+    /// Key, certificate and CA for `ssl:` remotes.
+    pub tls: Option<TlsFiles>,
+    /// Session settings (probe, message limit).
+    pub rpc: RpcOptions,
+    /// First delay between connection rounds after failures; doubles up to `backoff_max`.
+    pub backoff_min: Duration,
+    /// Longest delay between connection rounds.
+    pub backoff_max: Duration,
+    /// Tables to monitor into the replica.
+    pub monitors: Vec<MonitorRequest>,
+}
+
+impl ClientOptions {
+    /// Defaults for `database` at `remotes`: leader-only, 5 s probe, 100 ms to 8 s backoff.
+    pub fn new(remotes: Vec<Remote>, database: &str) -> Self {
+        Self {
+            remotes,
+            database: database.to_owned(),
+            leader_only: true,
+            tls: None,
+            rpc: RpcOptions::default(),
+            backoff_min: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(8),
+            monitors: Vec::new(),
+        }
+    }
+}
+
+/// Connection state, as [`Client::status`] reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Status {
+    /// Not connected (yet, or any more); the reason of the last failure, if any.
+    Disconnected(Option<String>),
+    /// Connected to this remote, monitors in place and the replica current.
+    Connected(Remote),
+}
+
+/// Counters about the connection's history.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Sessions established (the first one included).
+    pub connects: AtomicU64,
+    /// Sessions that ended (lost connection, leader change, probe timeout).
+    pub disconnects: AtomicU64,
+    /// Times a session ended because the server stopped being the cluster leader, or a
+    /// server refused us because it was not the leader.
+    pub leader_changes: AtomicU64,
+}
+
+struct Shared {
+    options: ClientOptions,
+    replica: RwLock<Replica>,
+    conn: watch::Sender<Option<Connection>>,
+    status: watch::Sender<Status>,
+    changes: broadcast::Sender<Arc<ChangeSet>>,
+    stats: Stats,
+}
+
+/// A client. Cloning shares the session; the session stops when the last clone is dropped.
+#[derive(Clone)]
+pub struct Client {
+    shared: Arc<Shared>,
+    _stop: Arc<mpsc::Sender<()>>,
+}
+
+impl Client {
+    /// Starts connecting in the background; fails only for unusable options (bad TLS files,
+    /// no remotes). Must be called within a tokio runtime.
+    pub fn start(options: ClientOptions) -> Result<Self, Error> {
+        if options.remotes.is_empty() {
+            return Err(Error::BadRemote(String::new()));
+        }
+        let tls = options.tls.as_ref().map(Tls::load).transpose()?;
+        let (changes, _) = broadcast::channel(1024);
+        let shared = Arc::new(Shared {
+            options,
+            replica: RwLock::new(Replica::default()),
+            conn: watch::channel(None).0,
+            status: watch::channel(Status::Disconnected(None)).0,
+            changes,
+            stats: Stats::default(),
+        });
+        let (stop_tx, stop_rx) = mpsc::channel(1);
+        tokio::spawn(session_loop(shared.clone(), tls, stop_rx));
+        Ok(Self {
+            shared,
+            _stop: Arc::new(stop_tx),
+        })
+    }
+
+    /// Runs a transaction on the current server.
+    ///
+    /// Fails with [`Error::NotConnected`] when there is none; with [`Error::Disconnected`]
+    /// (see [`Error::outcome_unknown`]) when the connection drops before the reply.
+    pub async fn transact(&self, ops: &[Operation]) -> Result<Vec<OpResult>, Error> {
+        let conn = self.connection()?;
+        let mut params = vec![json!(self.shared.options.database)];
+        params.extend(ops.iter().map(Operation::to_json));
+        let reply = conn.call("transact", Json::Array(params)).await?;
+        parse_results(&reply, ops.len())
+    }
+
+    /// Any request on the current server (`list_dbs`, `get_schema`, ...).
+    pub async fn call(&self, method: &str, params: Json) -> Result<Json, Error> {
+        self.connection()?.call(method, params).await
+    }
+
+    /// The database names the current server has.
+    pub async fn list_dbs(&self) -> Result<Vec<String>, Error> {
+        let reply = self.call("list_dbs", json!([])).await?;
+        serde_json::from_value(reply).map_err(|e| Error::Protocol(format!("list_dbs reply: {e}")))
+    }
+
+    /// The schema of `database`, as JSON.
+    pub async fn get_schema(&self, database: &str) -> Result<Json, Error> {
+        self.call("get_schema", json!([database])).await
+    }
+
+    /// The replica of the monitored tables.
+    pub fn replica(&self) -> RwLockReadGuard<'_, Replica> {
+        self.shared.replica.read().expect("replica lock poisoned")
+    }
+
+    /// Every change applied to the replica from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<ChangeSet>> {
+        self.shared.changes.subscribe()
+    }
+
+    /// The connection state, as a watch.
+    pub fn status(&self) -> watch::Receiver<Status> {
+        self.shared.status.subscribe()
+    }
+
+    /// Whether a session is up (monitors in place, replica current).
+    pub fn is_connected(&self) -> bool {
+        matches!(*self.shared.status.borrow(), Status::Connected(_))
+    }
+
+    /// Waits until connected, at most `timeout`.
+    pub async fn wait_connected(&self, timeout: Duration) -> Result<(), Error> {
+        let mut status = self.status();
+        let wait = status.wait_for(|s| matches!(s, Status::Connected(_)));
+        match tokio::time::timeout(timeout, wait).await {
+            Ok(Ok(_)) => Ok(()),
+            _ => Err(Error::NotConnected),
+        }
+    }
+
+    /// Connection history counters.
+    pub fn stats(&self) -> &Stats {
+        &self.shared.stats
+    }
+
+    fn connection(&self) -> Result<Connection, Error> {
+        self.shared
+            .conn
+            .borrow()
+            .clone()
+            .filter(|c| !c.is_closed())
+            .ok_or(Error::NotConnected)
+    }
+}
+
+/// Why a session could not be set up or ended.
+enum SessionEnd {
+    /// The server is a follower (or not connected to its cluster).
+    NotLeader,
+    /// Anything else, said.
+    Failed(String),
+    /// The client was dropped.
+    Stopped,
+}
+
+async fn session_loop(shared: Arc<Shared>, tls: Option<Tls>, mut stop: mpsc::Receiver<()>) {
+    let remotes = shared.options.remotes.clone();
+    let mut backoff = shared.options.backoff_min;
+    let mut next = 0usize;
+    let mut failures_this_round = 0usize;
+    // monitor_cond_since lets a reconnect fetch only what changed since this transaction.
+    let mut last_txn_id: Option<String> = None;
+    loop {
+        let remote = &remotes[next % remotes.len()];
+        next += 1;
+        let end = tokio::select! {
+            end = session(&shared, remote, tls.as_ref(), &mut last_txn_id) => end,
+            _ = stop.recv() => SessionEnd::Stopped,
+        };
+        shared.conn.send_replace(None);
+        let reason = match &end {
+            SessionEnd::Stopped => return,
+            SessionEnd::NotLeader => {
+                shared.stats.leader_changes.fetch_add(1, Ordering::Relaxed);
+                format!("{remote} is not the cluster leader")
+            }
+            SessionEnd::Failed(e) => format!("{remote}: {e}"),
+        };
+        let was_connected = matches!(*shared.status.borrow(), Status::Connected(_));
+        shared
+            .status
+            .send_replace(Status::Disconnected(Some(reason.clone())));
+        if was_connected {
+            shared.stats.disconnects.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!("OVSDB connection lost: {reason}");
+            // A session that worked: try the others right away, no backoff.
+            backoff = shared.options.backoff_min;
+            failures_this_round = 0;
+            continue;
+        }
+        tracing::debug!("OVSDB connection attempt failed: {reason}");
+        failures_this_round += 1;
+        if failures_this_round >= remotes.len() {
+            failures_this_round = 0;
+            tokio::select! {
+                _ = tokio::time::sleep(backoff) => {}
+                _ = stop.recv() => return,
+            }
+            backoff = (backoff * 2).min(shared.options.backoff_max);
+        }
+    }
+}
+
+const DATA_MONITOR: &str = "data";
+const SERVER_MONITOR: &str = "server";
+
+/// One session: connect, check leadership, set up monitors, then follow updates until the
+/// connection ends or the server stops being the leader.
+async fn session(
+    shared: &Shared,
+    remote: &Remote,
+    tls: Option<&Tls>,
+    last_txn_id: &mut Option<String>,
+) -> SessionEnd {
+    let opts = &shared.options;
+    let stream = match remote::connect(remote, tls).await {
+        Ok(s) => s,
+        Err(e) => return SessionEnd::Failed(e.to_string()),
+    };
+    let (conn, mut notifications) = Connection::start(stream, opts.rpc);
+    let fail = |e: Error| SessionEnd::Failed(e.to_string());
+
+    // Leadership, from the server's own _Server database.
+    if opts.leader_only {
+        match watch_leadership(&conn, &opts.database).await {
+            Ok(true) => {}
+            Ok(false) => return SessionEnd::NotLeader,
+            Err(e) => return fail(e),
+        }
+    }
+
+    // Data monitors: monitor_cond_since where the server has it, else monitor_cond.
+    let requests = Json::Object(
+        opts.monitors
+            .iter()
+            .map(|m| (m.table.clone(), m.to_json()))
+            .collect(),
+    );
+    let zero = "00000000-0000-0000-0000-000000000000".to_owned();
+    let since = last_txn_id.clone().unwrap_or(zero);
+    let (found, updates) = if opts.monitors.is_empty() {
+        (false, json!({}))
+    } else {
+        match conn
+            .call(
+                "monitor_cond_since",
+                json!([opts.database, DATA_MONITOR, requests, since]),
+            )
+            .await
+        {
+            Ok(reply) => match reply.as_array().map(Vec::as_slice) {
+                Some([found, txn, updates]) => {
+                    *last_txn_id = txn.as_str().map(str::to_owned);
+                    (found.as_bool() == Some(true), updates.clone())
+                }
+                _ => return fail(Error::Protocol(format!("monitor_cond_since reply {reply}"))),
+            },
+            Err(Error::Rpc {
+                kind: ErrorKind::UnknownMethod,
+                ..
+            }) => match conn
+                .call("monitor_cond", json!([opts.database, DATA_MONITOR, requests]))
+                .await
+            {
+                Ok(updates) => (false, updates),
+                Err(e) => return fail(e),
+            },
+            Err(e) => return fail(e),
+        }
+    };
+    {
+        let mut replica = shared.replica.write().expect("replica lock poisoned");
+        if !found {
+            replica.clear();
+        }
+        match replica.apply_update2(&updates) {
+            Ok(changes) => {
+                let _ = shared.changes.send(Arc::new(ChangeSet {
+                    resync: !found,
+                    changes,
+                }));
+            }
+            Err(e) => return fail(e),
+        }
+    }
+    shared.conn.send_replace(Some(conn.clone()));
+    shared.stats.connects.fetch_add(1, Ordering::Relaxed);
+    shared.status.send_replace(Status::Connected(remote.clone()));
+    tracing::info!(%remote, incremental = found, "connected to {}", opts.database);
+
+    loop {
+        tokio::select! {
+            n = notifications.recv() => {
+                let Some(n) = n else { return fail(Error::Disconnected) };
+                match handle_notification(shared, &opts.database, n, last_txn_id) {
+                    Ok(true) => {}
+                    Ok(false) => return SessionEnd::NotLeader,
+                    Err(e) => return fail(e),
+                }
+            }
+            reason = conn.closed() => return SessionEnd::Failed(reason.to_string()),
+        }
+    }
+}
+
+/// Asks `_Server` whether this server can serve `database` as leader, and monitors the
+/// answer. Returns false for a follower (or a member cut off from its cluster).
+async fn watch_leadership(conn: &Connection, database: &str) -> Result<bool, Error> {
+    let reply = conn
+        .call(
+            "monitor_cond",
+            json!(["_Server", SERVER_MONITOR, {"Database": [{
+                "columns": ["name", "model", "leader", "connected"],
+                "where": [["name", "==", database]],
+            }]}]),
+        )
+        .await;
+    let reply = match reply {
+        Ok(r) => r,
+        // Servers without _Server (very old) have no clusters either.
+        Err(Error::Rpc {
+            kind: ErrorKind::UnknownDatabase,
+            ..
+        }) => return Ok(true),
+        Err(e) => return Err(e),
+    };
+    let rows = reply
+        .get("Database")
+        .and_then(Json::as_object)
+        .ok_or_else(|| Error::Protocol(format!("server has no database {database:?}")))?;
+    let Some(row) = rows
+        .values()
+        .filter_map(|u| u.get("initial"))
+        .find(|r| r.get("name").and_then(Json::as_str) == Some(database))
+    else {
+        return Err(Error::Rpc {
+            kind: ErrorKind::UnknownDatabase,
+            details: Some(database.to_owned()),
+        });
+    };
+    Ok(is_usable(row))
+}
+
+fn is_usable(row: &Json) -> bool {
+    let clustered = row.get("model").and_then(Json::as_str) == Some("clustered");
+    let flag = |c: &str| row.get(c).and_then(Json::as_bool).unwrap_or(true);
+    !clustered || (flag("leader") && flag("connected"))
+}
+
+/// Applies one notification. Ok(false) means the server is no longer the leader.
+fn handle_notification(
+    shared: &Shared,
+    database: &str,
+    n: Notification,
+    last_txn_id: &mut Option<String>,
+) -> Result<bool, Error> {
+    let params = n.params.as_array().map(Vec::as_slice).unwrap_or_default();
+    let (monitor, updates) = match (n.method.as_str(), params) {
+        ("update2", [id, updates]) => (id, updates),
+        ("update3", [id, txn, updates]) => {
+            *last_txn_id = txn.as_str().map(str::to_owned);
+            (id, updates)
+        }
+        ("update2" | "update3", _) => {
+            return Err(Error::Protocol(format!("bad {} params {}", n.method, n.params)));
+        }
+        _ => return Ok(true),
+    };
+    if monitor.as_str() == Some(SERVER_MONITOR) {
+        let still_leader = updates
+            .get("Database")
+            .and_then(Json::as_object)
+            .map(|rows| {
+                rows.values().all(|u| match u.get("modify").or(u.get("initial")).or(u.get("insert")) {
+                    // A modify carries only changed columns: absent ones keep their value.
+                    Some(row) if row.get("name").is_none_or(|n| n.as_str() == Some(database)) => {
+                        row.get("leader").and_then(Json::as_bool) != Some(false)
+                            && row.get("connected").and_then(Json::as_bool) != Some(false)
+                    }
+                    _ => u.get("delete").is_none(),
+                })
+            })
+            .unwrap_or(true);
+        return Ok(still_leader);
+    }
+    let mut replica = shared.replica.write().expect("replica lock poisoned");
+    let changes = replica.apply_update2(updates)?;
+    drop(replica);
+    let _ = shared.changes.send(Arc::new(ChangeSet {
+        resync: false,
+        changes,
+    }));
+    Ok(true)
+}

@@ -1,0 +1,26 @@
+//! An OVSDB client (RFC 7047), with nothing OVN-specific in it.
+//!
+//! - [`Remote`]: `unix:PATH`, `tcp:IP:PORT`, `ssl:IP:PORT` (TLS with PEM key, certificate and
+//!   CA certificate, as OVS PKI makes them), several comma-separated;
+//! - [`rpc::Connection`]: one JSON-RPC session with request/reply matching, notifications,
+//!   echo answered and an inactivity probe, and a size limit on server messages;
+//! - [`Client`]: a long-lived client of one database that connects to the cluster leader
+//!   (watching `_Server` to follow it), keeps `monitor_cond_since`/`monitor_cond` monitors and
+//!   a [`Replica`] current, reconnects with exponential backoff, and runs transactions
+//!   built from [`Operation`]s on typed [`Value`]s;
+//! - [`Error`]: typed errors, RFC 7047's error strings included.
+
+pub mod client;
+pub mod error;
+pub mod op;
+pub mod remote;
+pub mod replica;
+pub mod rpc;
+pub mod value;
+
+pub use client::{Client, ClientOptions, MonitorRequest, Status};
+pub use error::{Error, ErrorKind};
+pub use op::{Condition, Mutation, OpResult, Operation};
+pub use remote::{Remote, TlsFiles};
+pub use replica::{ChangeSet, Replica, RowChange};
+pub use value::{Atom, Row, Uuid, Value};

@@ -1,0 +1,155 @@
+//! A local copy of the monitored rows, kept current from `update2`/`update3` notifications.
+
+use std::collections::HashMap;
+
+use serde_json::Value as Json;
+
+use crate::{
+    error::Error,
+    value::{Row, Uuid, row_from_json},
+};
+
+/// What happened to one row.
+#[derive(Clone, Debug, PartialEq)]
+pub enum RowChange {
+    /// A new row (or one present when the monitor started).
+    Insert(Row),
+    /// A row changed: old and new contents.
+    Modify {
+        /// Before.
+        old: Row,
+        /// After.
+        new: Row,
+    },
+    /// A row went away: its last contents.
+    Delete(Row),
+}
+
+/// One batch of changes, as one notification (or one monitor reply) brought them.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ChangeSet {
+    /// True when the replica was rebuilt from scratch (first connection, or a reconnect the
+    /// server could not serve incrementally): readers should reconcile against it whole.
+    pub resync: bool,
+    /// (table, row UUID, change), in the order the server sent them.
+    pub changes: Vec<(String, Uuid, RowChange)>,
+}
+
+/// Monitored tables: table name → row UUID → row.
+#[derive(Clone, Debug, Default)]
+pub struct Replica {
+    tables: HashMap<String, HashMap<Uuid, Row>>,
+}
+
+impl Replica {
+    /// The rows of `table` (none if it is not monitored).
+    pub fn rows(&self, table: &str) -> impl Iterator<Item = (&Uuid, &Row)> {
+        self.tables.get(table).into_iter().flat_map(|t| t.iter())
+    }
+
+    /// One row.
+    pub fn row(&self, table: &str, uuid: &Uuid) -> Option<&Row> {
+        self.tables.get(table)?.get(uuid)
+    }
+
+    /// Number of rows in `table`.
+    pub fn len(&self, table: &str) -> usize {
+        self.tables.get(table).map_or(0, HashMap::len)
+    }
+
+    /// Whether no table has rows.
+    pub fn is_empty(&self) -> bool {
+        self.tables.values().all(HashMap::is_empty)
+    }
+
+    /// Empties the replica.
+    pub fn clear(&mut self) {
+        self.tables.clear();
+    }
+
+    /// Applies a `<table-updates2>` object; returns what changed.
+    pub fn apply_update2(&mut self, updates: &Json) -> Result<Vec<(String, Uuid, RowChange)>, Error> {
+        let tables = updates
+            .as_object()
+            .ok_or_else(|| Error::Protocol(format!("table-updates2 is not an object: {updates}")))?;
+        let mut changes = Vec::new();
+        for (table, rows) in tables {
+            let rows = rows
+                .as_object()
+                .ok_or_else(|| Error::Protocol(format!("table-update2 is not an object: {rows}")))?;
+            let replica = self.tables.entry(table.clone()).or_default();
+            for (uuid, update) in rows {
+                let uuid = Uuid::parse(uuid)?;
+                let (kind, body) = update
+                    .as_object()
+                    .and_then(|o| o.iter().next())
+                    .ok_or_else(|| Error::Protocol(format!("bad row-update2 {update}")))?;
+                let change = match kind.as_str() {
+                    "initial" | "insert" => {
+                        let row = row_from_json(body)?;
+                        replica.insert(uuid.clone(), row.clone());
+                        RowChange::Insert(row)
+                    }
+                    "modify" => {
+                        let diff = row_from_json(body)?;
+                        let row = replica.get_mut(&uuid).ok_or_else(|| {
+                            Error::Protocol(format!("modify of unknown row {uuid} in {table}"))
+                        })?;
+                        let old = row.clone();
+                        for (column, d) in diff {
+                            match row.get_mut(&column) {
+                                Some(value) => value.apply_diff(&d),
+                                None => {
+                                    row.insert(column, d);
+                                }
+                            }
+                        }
+                        RowChange::Modify {
+                            old,
+                            new: row.clone(),
+                        }
+                    }
+                    "delete" => match replica.remove(&uuid) {
+                        Some(old) => RowChange::Delete(old),
+                        None => continue,
+                    },
+                    other => {
+                        return Err(Error::Protocol(format!("unknown row update {other:?}")));
+                    }
+                };
+                changes.push((table.clone(), uuid, change));
+            }
+        }
+        Ok(changes)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+    use crate::value::Value;
+
+    const U1: &str = "5b3cfb03-2143-4e8a-9067-dac1ef7ec6d7";
+
+    #[test]
+    fn applies_initial_modify_delete() {
+        let mut r = Replica::default();
+        r.apply_update2(&json!({"T": {U1: {"initial": {"name": "a", "ids": ["map", [["k", "v"]]]}}}}))
+            .unwrap();
+        let uuid = Uuid::parse(U1).unwrap();
+        assert_eq!(r.row("T", &uuid).unwrap()["name"], Value::from("a"));
+        let changes = r
+            .apply_update2(&json!({"T": {U1: {"modify": {"name": "b", "ids": ["map", [["k", "v"], ["k2", "v2"]]]}}}}))
+            .unwrap();
+        let row = r.row("T", &uuid).unwrap();
+        assert_eq!(row["name"], Value::from("b"));
+        assert_eq!(row["ids"], Value::string_map([("k2", "v2")]));
+        assert!(matches!(changes[0].2, RowChange::Modify { .. }));
+        r.apply_update2(&json!({"T": {U1: {"delete": null}}})).unwrap();
+        assert_eq!(r.len("T"), 0);
+        assert!(r.apply_update2(&json!({"T": {U1: {"modify": {}}}})).is_err());
+        assert!(r.apply_update2(&json!(["not", "an", "object"])).is_err());
+    }
+}

@@ -1,0 +1,333 @@
+//! One JSON-RPC 1.0 session over a byte stream (RFC 7047 §4): requests matched to replies by
+//! id, notifications handed out, the server's `echo` answered, and an inactivity probe.
+//!
+//! A task owns the stream. It ends (failing every pending request with
+//! [`Error::Disconnected`]) when the stream closes, the server breaks the protocol or sends
+//! an oversized message, the probe goes unanswered, or every [`Connection`] handle is dropped.
+
+use std::{
+    collections::HashMap,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use serde_json::{Value as Json, json};
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    sync::{mpsc, oneshot, watch},
+};
+
+use crate::{
+    error::{Error, ErrorKind},
+    remote::Stream,
+};
+
+/// Settings of a session.
+#[derive(Clone, Copy, Debug)]
+pub struct RpcOptions {
+    /// Send an `echo` after this long without hearing from the server; give up after twice
+    /// as long. `None` disables the probe.
+    pub probe_interval: Option<Duration>,
+    /// Largest message accepted from the server, in bytes.
+    pub max_message_bytes: usize,
+}
+
+impl Default for RpcOptions {
+    fn default() -> Self {
+        Self {
+            probe_interval: Some(Duration::from_secs(5)),
+            max_message_bytes: 64 << 20,
+        }
+    }
+}
+
+/// A notification from the server (`update2`, `update3`, `locked`, ...).
+#[derive(Clone, Debug)]
+pub struct Notification {
+    /// The method name.
+    pub method: String,
+    /// Its params array.
+    pub params: Json,
+}
+
+struct Request {
+    method: String,
+    params: Json,
+    reply: oneshot::Sender<Result<Json, Error>>,
+}
+
+/// A handle to a running session. Cheap to clone.
+#[derive(Clone)]
+pub struct Connection {
+    requests: mpsc::UnboundedSender<Request>,
+    closed: watch::Receiver<Option<Arc<Error>>>,
+}
+
+impl Connection {
+    /// Starts a session on `stream`; notifications go to the returned receiver.
+    pub fn start(
+        stream: Box<dyn Stream>,
+        options: RpcOptions,
+    ) -> (Self, mpsc::UnboundedReceiver<Notification>) {
+        let (requests_tx, requests_rx) = mpsc::unbounded_channel();
+        let (notify_tx, notify_rx) = mpsc::unbounded_channel();
+        let (closed_tx, closed_rx) = watch::channel(None);
+        tokio::spawn(async move {
+            let reason = run(stream, options, requests_rx, notify_tx).await;
+            tracing::debug!("OVSDB session ended: {reason}");
+            let _ = closed_tx.send(Some(Arc::new(reason)));
+        });
+        (
+            Self {
+                requests: requests_tx,
+                closed: closed_rx,
+            },
+            notify_rx,
+        )
+    }
+
+    /// Sends a request and waits for its result.
+    pub async fn call(&self, method: &str, params: Json) -> Result<Json, Error> {
+        let (reply, result) = oneshot::channel();
+        self.requests
+            .send(Request {
+                method: method.to_owned(),
+                params,
+                reply,
+            })
+            .map_err(|_| Error::Disconnected)?;
+        result.await.map_err(|_| Error::Disconnected)?
+    }
+
+    /// Waits until the session has ended; returns why.
+    pub async fn closed(&self) -> Arc<Error> {
+        let mut closed = self.closed.clone();
+        loop {
+            if let Some(reason) = closed.borrow_and_update().clone() {
+                return reason;
+            }
+            if closed.changed().await.is_err() {
+                return Arc::new(Error::Disconnected);
+            }
+        }
+    }
+
+    /// Whether the session has ended.
+    pub fn is_closed(&self) -> bool {
+        self.closed.borrow().is_some()
+    }
+}
+
+/// Id of our own probe echo; request ids are numbers, so it never collides.
+const PROBE_ID: &str = "unidler-probe";
+
+async fn run(
+    stream: Box<dyn Stream>,
+    options: RpcOptions,
+    mut requests: mpsc::UnboundedReceiver<Request>,
+    notify: mpsc::UnboundedSender<Notification>,
+) -> Error {
+    let (mut reader, mut writer) = tokio::io::split(stream);
+    let mut pending: HashMap<u64, oneshot::Sender<Result<Json, Error>>> = HashMap::new();
+    let mut next_id: u64 = 1;
+    let mut buf: Vec<u8> = Vec::with_capacity(64 * 1024);
+    let mut chunk = vec![0u8; 64 * 1024];
+    let mut last_heard = Instant::now();
+    let mut probe_sent: Option<Instant> = None;
+    let tick = options.probe_interval.unwrap_or(Duration::from_secs(3600)) / 2;
+    let mut ticker = tokio::time::interval(tick.max(Duration::from_millis(10)));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+
+    let reason = loop {
+        tokio::select! {
+            read = reader.read(&mut chunk) => {
+                let n = match read {
+                    Ok(0) => break Error::Disconnected,
+                    Ok(n) => n,
+                    Err(e) => break Error::Io(e),
+                };
+                last_heard = Instant::now();
+                probe_sent = None;
+                buf.extend_from_slice(&chunk[..n]);
+                let messages = match split_messages(&mut buf, options.max_message_bytes) {
+                    Ok(m) => m,
+                    Err(e) => break e,
+                };
+                let mut failure = None;
+                for msg in messages {
+                    if let Err(e) = dispatch(msg, &mut pending, &notify, &mut writer).await {
+                        failure = Some(e);
+                        break;
+                    }
+                }
+                if let Some(e) = failure {
+                    break e;
+                }
+            }
+            request = requests.recv() => {
+                let Some(Request { method, params, reply }) = request else {
+                    break Error::Disconnected;
+                };
+                let id = next_id;
+                next_id += 1;
+                let msg = json!({"id": id, "method": method, "params": params});
+                if let Err(e) = write_json(&mut writer, &msg).await {
+                    let _ = reply.send(Err(Error::Disconnected));
+                    break e;
+                }
+                pending.insert(id, reply);
+            }
+            _ = ticker.tick(), if options.probe_interval.is_some() => {
+                let interval = options.probe_interval.expect("guarded");
+                match probe_sent {
+                    Some(sent) if sent.elapsed() >= interval => break Error::Timeout(interval * 2),
+                    None if last_heard.elapsed() >= interval => {
+                        let msg = json!({"id": PROBE_ID, "method": "echo", "params": []});
+                        if let Err(e) = write_json(&mut writer, &msg).await {
+                            break e;
+                        }
+                        probe_sent = Some(Instant::now());
+                    }
+                    _ => {}
+                }
+            }
+        }
+    };
+    for (_, reply) in pending.drain() {
+        let _ = reply.send(Err(Error::Disconnected));
+    }
+    let _ = writer.shutdown().await;
+    reason
+}
+
+/// Splits complete JSON messages off the front of `buf`, leaving a partial one in place.
+fn split_messages(buf: &mut Vec<u8>, limit: usize) -> Result<Vec<Json>, Error> {
+    let mut messages = Vec::new();
+    let mut stream = serde_json::Deserializer::from_slice(buf).into_iter::<Json>();
+    let consumed = loop {
+        match stream.next() {
+            Some(Ok(v)) => messages.push(v),
+            Some(Err(e)) if e.is_eof() => break stream.byte_offset(),
+            Some(Err(e)) => return Err(Error::Protocol(format!("invalid JSON from server: {e}"))),
+            None => break stream.byte_offset(),
+        }
+    };
+    buf.drain(..consumed);
+    if buf.len() > limit {
+        return Err(Error::Oversized { limit });
+    }
+    Ok(messages)
+}
+
+async fn dispatch(
+    msg: Json,
+    pending: &mut HashMap<u64, oneshot::Sender<Result<Json, Error>>>,
+    notify: &mpsc::UnboundedSender<Notification>,
+    writer: &mut (impl tokio::io::AsyncWrite + Unpin),
+) -> Result<(), Error> {
+    let obj = msg
+        .as_object()
+        .ok_or_else(|| Error::Protocol(format!("message is not an object: {msg}")))?;
+    match obj.get("method").and_then(Json::as_str) {
+        Some("echo") => {
+            let id = obj.get("id").cloned().unwrap_or(Json::Null);
+            let params = obj.get("params").cloned().unwrap_or(json!([]));
+            write_json(writer, &json!({"id": id, "result": params, "error": null})).await
+        }
+        Some(method) => {
+            let params = obj.get("params").cloned().unwrap_or(json!([]));
+            if obj.get("id").is_none_or(Json::is_null) {
+                let _ = notify.send(Notification {
+                    method: method.to_owned(),
+                    params,
+                });
+                Ok(())
+            } else {
+                // A request we do not serve: say so rather than leave the server waiting.
+                let id = obj["id"].clone();
+                write_json(
+                    writer,
+                    &json!({"id": id, "result": null, "error": "unknown method"}),
+                )
+                .await
+            }
+        }
+        None => {
+            let id = obj.get("id");
+            if id.and_then(Json::as_str) == Some(PROBE_ID) {
+                return Ok(());
+            }
+            let id = id.and_then(Json::as_u64).ok_or_else(|| {
+                Error::Protocol(format!("reply with an id we never sent: {msg}"))
+            })?;
+            let reply = pending.remove(&id).ok_or_else(|| {
+                Error::Protocol(format!("reply to unknown request {id}"))
+            })?;
+            let result = match obj.get("error") {
+                Some(err) if !err.is_null() => Err(rpc_error(err)),
+                _ => Ok(obj.get("result").cloned().unwrap_or(Json::Null)),
+            };
+            let _ = reply.send(result);
+            Ok(())
+        }
+    }
+}
+
+fn rpc_error(err: &Json) -> Error {
+    let (kind, details) = match err {
+        Json::String(s) => (s.clone(), None),
+        Json::Object(o) => (
+            o.get("error")
+                .and_then(Json::as_str)
+                .unwrap_or("unknown error")
+                .to_owned(),
+            o.get("details").and_then(Json::as_str).map(str::to_owned),
+        ),
+        other => (other.to_string(), None),
+    };
+    Error::Rpc {
+        kind: ErrorKind::from_server(&kind),
+        details,
+    }
+}
+
+async fn write_json(
+    writer: &mut (impl tokio::io::AsyncWrite + Unpin),
+    msg: &Json,
+) -> Result<(), Error> {
+    let bytes = serde_json::to_vec(msg).expect("JSON values serialize");
+    writer.write_all(&bytes).await?;
+    writer.flush().await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn splits_concatenated_and_partial_messages() {
+        let mut buf = br#"{"id":1,"result":[]} {"method":"update2","params":[1]}{"id":2,"res"#.to_vec();
+        let msgs = split_messages(&mut buf, 1 << 20).unwrap();
+        assert_eq!(msgs.len(), 2);
+        assert_eq!(buf, br#"{"id":2,"res"#);
+        buf.extend_from_slice(br#"ult":null}"#);
+        assert_eq!(split_messages(&mut buf, 1 << 20).unwrap().len(), 1);
+        assert!(buf.is_empty());
+    }
+
+    #[test]
+    fn rejects_garbage_and_oversized() {
+        let mut garbage = b"{]".to_vec();
+        assert!(matches!(
+            split_messages(&mut garbage, 1 << 20),
+            Err(Error::Protocol(_))
+        ));
+        let mut big = b"{\"id\":1,\"result\":\"".to_vec();
+        big.extend(std::iter::repeat_n(b'x', 2000));
+        assert!(matches!(
+            split_messages(&mut big, 1000),
+            Err(Error::Oversized { limit: 1000 })
+        ));
+    }
+}

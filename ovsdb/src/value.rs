@@ -1,0 +1,369 @@
+//! OVSDB's data model (RFC 7047 §5.1): atoms, sets and maps, and their JSON notation.
+
+use std::{collections::BTreeMap, fmt};
+
+use serde_json::{Value as Json, json};
+
+use crate::error::Error;
+
+/// A row UUID, kept in its canonical text form (`8-4-4-4-12` lowercase hex).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Uuid(pub String);
+
+impl Uuid {
+    /// Checks the text form and lowercases it.
+    pub fn parse(s: &str) -> Result<Self, Error> {
+        let ok = s.len() == 36
+            && s.char_indices().all(|(i, c)| {
+                if matches!(i, 8 | 13 | 18 | 23) {
+                    c == '-'
+                } else {
+                    c.is_ascii_hexdigit()
+                }
+            });
+        if ok {
+            Ok(Uuid(s.to_ascii_lowercase()))
+        } else {
+            Err(Error::Protocol(format!("not a UUID: {s:?}")))
+        }
+    }
+}
+
+impl fmt::Display for Uuid {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A single OVSDB value.
+#[derive(Clone, Debug, PartialEq, PartialOrd)]
+pub enum Atom {
+    /// 64-bit integer.
+    Integer(i64),
+    /// Floating point number.
+    Real(f64),
+    /// Boolean.
+    Boolean(bool),
+    /// UTF-8 string.
+    String(String),
+    /// Reference to a row.
+    Uuid(Uuid),
+    /// Reference to a row inserted earlier in the same transaction, by its `uuid-name`.
+    NamedUuid(String),
+}
+
+impl Atom {
+    /// The string, if this is one.
+    pub fn as_str(&self) -> Option<&str> {
+        match self {
+            Atom::String(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// The integer, if this is one.
+    pub fn as_i64(&self) -> Option<i64> {
+        match self {
+            Atom::Integer(i) => Some(*i),
+            _ => None,
+        }
+    }
+
+    /// The UUID, if this is one.
+    pub fn as_uuid(&self) -> Option<&Uuid> {
+        match self {
+            Atom::Uuid(u) => Some(u),
+            _ => None,
+        }
+    }
+
+    /// The boolean, if this is one.
+    pub fn as_bool(&self) -> Option<bool> {
+        match self {
+            Atom::Boolean(b) => Some(*b),
+            _ => None,
+        }
+    }
+
+    /// JSON notation.
+    pub fn to_json(&self) -> Json {
+        match self {
+            Atom::Integer(i) => json!(i),
+            Atom::Real(r) => json!(r),
+            Atom::Boolean(b) => json!(b),
+            Atom::String(s) => json!(s),
+            Atom::Uuid(u) => json!(["uuid", u.0]),
+            Atom::NamedUuid(n) => json!(["named-uuid", n]),
+        }
+    }
+
+    /// Parses JSON notation.
+    pub fn from_json(j: &Json) -> Result<Self, Error> {
+        match j {
+            Json::Bool(b) => Ok(Atom::Boolean(*b)),
+            Json::String(s) => Ok(Atom::String(s.clone())),
+            Json::Number(n) => match n.as_i64() {
+                Some(i) => Ok(Atom::Integer(i)),
+                None => n
+                    .as_f64()
+                    .map(Atom::Real)
+                    .ok_or_else(|| Error::Protocol(format!("bad number {n}"))),
+            },
+            Json::Array(a) => match (a.first().and_then(Json::as_str), a.get(1), a.len()) {
+                (Some("uuid"), Some(Json::String(u)), 2) => Ok(Atom::Uuid(Uuid::parse(u)?)),
+                (Some("named-uuid"), Some(Json::String(n)), 2) => Ok(Atom::NamedUuid(n.clone())),
+                _ => Err(Error::Protocol(format!("not an atom: {j}"))),
+            },
+            _ => Err(Error::Protocol(format!("not an atom: {j}"))),
+        }
+    }
+}
+
+impl From<&str> for Atom {
+    fn from(s: &str) -> Self {
+        Atom::String(s.to_owned())
+    }
+}
+impl From<String> for Atom {
+    fn from(s: String) -> Self {
+        Atom::String(s)
+    }
+}
+impl From<i64> for Atom {
+    fn from(i: i64) -> Self {
+        Atom::Integer(i)
+    }
+}
+impl From<bool> for Atom {
+    fn from(b: bool) -> Self {
+        Atom::Boolean(b)
+    }
+}
+impl From<Uuid> for Atom {
+    fn from(u: Uuid) -> Self {
+        Atom::Uuid(u)
+    }
+}
+
+/// A column value: an atom, a set of atoms, or a map from atoms to atoms.
+///
+/// A set of exactly one element and a bare atom mean the same; [`Value::set`] and
+/// [`Value::atoms`] treat them alike.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Value {
+    /// A single atom (also a one-element set, or an optional value that is present).
+    Atom(Atom),
+    /// A set (an empty set is an absent optional value).
+    Set(Vec<Atom>),
+    /// A map, with keys kept in order.
+    Map(Vec<(Atom, Atom)>),
+}
+
+impl Value {
+    /// A set of atoms.
+    pub fn set(atoms: impl IntoIterator<Item = Atom>) -> Self {
+        Value::Set(atoms.into_iter().collect())
+    }
+
+    /// A map from string keys to string values.
+    pub fn string_map<'a>(pairs: impl IntoIterator<Item = (&'a str, &'a str)>) -> Self {
+        Value::Map(
+            pairs
+                .into_iter()
+                .map(|(k, v)| (Atom::from(k), Atom::from(v)))
+                .collect(),
+        )
+    }
+
+    /// The atoms of an atom or set value (empty for a map).
+    pub fn atoms(&self) -> &[Atom] {
+        match self {
+            Value::Atom(a) => std::slice::from_ref(a),
+            Value::Set(s) => s,
+            Value::Map(_) => &[],
+        }
+    }
+
+    /// The one atom of an atom or one-element set.
+    pub fn atom(&self) -> Option<&Atom> {
+        match self.atoms() {
+            [a] => Some(a),
+            _ => None,
+        }
+    }
+
+    /// The pairs of a map value (empty otherwise).
+    pub fn pairs(&self) -> &[(Atom, Atom)] {
+        match self {
+            Value::Map(m) => m,
+            _ => &[],
+        }
+    }
+
+    /// A string-to-string map as a `BTreeMap` (other pairs are left out).
+    pub fn as_string_map(&self) -> BTreeMap<String, String> {
+        self.pairs()
+            .iter()
+            .filter_map(|(k, v)| Some((k.as_str()?.to_owned(), v.as_str()?.to_owned())))
+            .collect()
+    }
+
+    /// JSON notation.
+    pub fn to_json(&self) -> Json {
+        match self {
+            Value::Atom(a) => a.to_json(),
+            Value::Set(s) => json!(["set", s.iter().map(Atom::to_json).collect::<Vec<_>>()]),
+            Value::Map(m) => json!([
+                "map",
+                m.iter()
+                    .map(|(k, v)| json!([k.to_json(), v.to_json()]))
+                    .collect::<Vec<_>>()
+            ]),
+        }
+    }
+
+    /// Parses JSON notation.
+    pub fn from_json(j: &Json) -> Result<Self, Error> {
+        if let Json::Array(a) = j {
+            match (a.first().and_then(Json::as_str), a.get(1), a.len()) {
+                (Some("set"), Some(Json::Array(items)), 2) => {
+                    return items
+                        .iter()
+                        .map(Atom::from_json)
+                        .collect::<Result<_, _>>()
+                        .map(Value::Set);
+                }
+                (Some("map"), Some(Json::Array(pairs)), 2) => {
+                    return pairs
+                        .iter()
+                        .map(|p| match p.as_array().map(Vec::as_slice) {
+                            Some([k, v]) => Ok((Atom::from_json(k)?, Atom::from_json(v)?)),
+                            _ => Err(Error::Protocol(format!("bad map pair {p}"))),
+                        })
+                        .collect::<Result<_, _>>()
+                        .map(Value::Map);
+                }
+                _ => {}
+            }
+        }
+        Atom::from_json(j).map(Value::Atom)
+    }
+
+    /// Applies an `update2` "modify" diff (ovsdb-server(7)): for maps, a key with the same
+    /// value is removed, with another value replaced, and an absent key added; for sets
+    /// (optional scalars included), the elements in the diff are toggled; a scalar is replaced.
+    /// Without the schema, an atom whose diff is the same atom is an optional value removed.
+    pub fn apply_diff(&mut self, diff: &Value) {
+        match (&mut *self, diff) {
+            (Value::Map(old), Value::Map(d)) => {
+                for (k, v) in d {
+                    match old.iter().position(|(ok, _)| ok == k) {
+                        Some(i) if &old[i].1 == v => {
+                            old.remove(i);
+                        }
+                        Some(i) => old[i].1 = v.clone(),
+                        None => old.push((k.clone(), v.clone())),
+                    }
+                }
+            }
+            (Value::Atom(old), Value::Atom(d)) if old != d => *self = diff.clone(),
+            (old @ (Value::Atom(_) | Value::Set(_)), Value::Atom(_) | Value::Set(_)) => {
+                let mut atoms = old.atoms().to_vec();
+                for a in diff.atoms() {
+                    match atoms.iter().position(|o| o == a) {
+                        Some(i) => {
+                            atoms.remove(i);
+                        }
+                        None => atoms.push(a.clone()),
+                    }
+                }
+                *old = Value::Set(atoms);
+            }
+            _ => *self = diff.clone(),
+        }
+    }
+}
+
+impl From<Atom> for Value {
+    fn from(a: Atom) -> Self {
+        Value::Atom(a)
+    }
+}
+impl From<&str> for Value {
+    fn from(s: &str) -> Self {
+        Value::Atom(s.into())
+    }
+}
+impl From<i64> for Value {
+    fn from(i: i64) -> Self {
+        Value::Atom(i.into())
+    }
+}
+impl From<bool> for Value {
+    fn from(b: bool) -> Self {
+        Value::Atom(b.into())
+    }
+}
+impl From<Uuid> for Value {
+    fn from(u: Uuid) -> Self {
+        Value::Atom(u.into())
+    }
+}
+
+/// A row: column name → value.
+pub type Row = BTreeMap<String, Value>;
+
+/// Parses a JSON row object.
+pub fn row_from_json(j: &Json) -> Result<Row, Error> {
+    let obj = j
+        .as_object()
+        .ok_or_else(|| Error::Protocol(format!("row is not an object: {j}")))?;
+    obj.iter()
+        .map(|(k, v)| Ok((k.clone(), Value::from_json(v)?)))
+        .collect()
+}
+
+/// JSON object for a row.
+pub fn row_to_json(row: &Row) -> Json {
+    Json::Object(row.iter().map(|(k, v)| (k.clone(), v.to_json())).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_round_trips() {
+        let values = [
+            Value::from("x"),
+            Value::from(42),
+            Value::from(true),
+            Value::from(Uuid::parse("5b3cfb03-2143-4e8a-9067-dac1ef7ec6d7").unwrap()),
+            Value::set([Atom::from("a"), Atom::from("b")]),
+            Value::Set(vec![]),
+            Value::string_map([("vip", "10.0.0.1:80"), ("protocol", "tcp")]),
+        ];
+        for v in values {
+            assert_eq!(Value::from_json(&v.to_json()).unwrap(), v);
+        }
+        assert_eq!(
+            Value::from_json(&json!(["named-uuid", "row1"])).unwrap(),
+            Value::Atom(Atom::NamedUuid("row1".into()))
+        );
+        assert!(Value::from_json(&json!(["uuid", "nope"])).is_err());
+        assert!(Value::from_json(&json!({"a": 1})).is_err());
+    }
+
+    #[test]
+    fn diffs_toggle_set_elements_and_patch_maps() {
+        let mut set = Value::set([Atom::from("a"), Atom::from("b")]);
+        set.apply_diff(&Value::set([Atom::from("b"), Atom::from("c")]));
+        assert_eq!(set, Value::set([Atom::from("a"), Atom::from("c")]));
+        let mut map = Value::string_map([("k1", "v1"), ("k2", "v2")]);
+        map.apply_diff(&Value::string_map([("k1", "v1"), ("k2", "new"), ("k3", "v3")]));
+        assert_eq!(map, Value::string_map([("k2", "new"), ("k3", "v3")]));
+        let mut scalar = Value::from(1);
+        scalar.apply_diff(&Value::from(2));
+        assert_eq!(scalar, Value::from(2));
+    }
+}

@@ -355,7 +355,10 @@ async fn session(
                 kind: ErrorKind::UnknownMethod,
                 ..
             }) => match conn
-                .call("monitor_cond", json!([opts.database, DATA_MONITOR, requests]))
+                .call(
+                    "monitor_cond",
+                    json!([opts.database, DATA_MONITOR, requests]),
+                )
                 .await
             {
                 Ok(updates) => (false, updates),
@@ -381,7 +384,9 @@ async fn session(
     }
     shared.conn.send_replace(Some(conn.clone()));
     shared.stats.connects.fetch_add(1, Ordering::Relaxed);
-    shared.status.send_replace(Status::Connected(remote.clone()));
+    shared
+        .status
+        .send_replace(Status::Connected(remote.clone()));
     tracing::info!(%remote, incremental = found, "connected to {}", opts.database);
 
     loop {
@@ -437,9 +442,11 @@ async fn watch_leadership(conn: &Connection, database: &str) -> Result<bool, Err
     Ok(is_usable(row))
 }
 
+/// Whether a whole `_Server.Database` row says the server can serve writes: standalone, or
+/// clustered, connected and leader. The server leaves out booleans that are false.
 fn is_usable(row: &Json) -> bool {
     let clustered = row.get("model").and_then(Json::as_str) == Some("clustered");
-    let flag = |c: &str| row.get(c).and_then(Json::as_bool).unwrap_or(true);
+    let flag = |c: &str| row.get(c).and_then(Json::as_bool).unwrap_or(false);
     !clustered || (flag("leader") && flag("connected"))
 }
 
@@ -458,7 +465,10 @@ fn handle_notification(
             (id, updates)
         }
         ("update2" | "update3", _) => {
-            return Err(Error::Protocol(format!("bad {} params {}", n.method, n.params)));
+            return Err(Error::Protocol(format!(
+                "bad {} params {}",
+                n.method, n.params
+            )));
         }
         _ => return Ok(true),
     };
@@ -467,13 +477,16 @@ fn handle_notification(
             .get("Database")
             .and_then(Json::as_object)
             .map(|rows| {
-                rows.values().all(|u| match u.get("modify").or(u.get("initial")).or(u.get("insert")) {
-                    // A modify carries only changed columns: absent ones keep their value.
-                    Some(row) if row.get("name").is_none_or(|n| n.as_str() == Some(database)) => {
-                        row.get("leader").and_then(Json::as_bool) != Some(false)
-                            && row.get("connected").and_then(Json::as_bool) != Some(false)
+                rows.values().all(|u| {
+                    if let Some(diff) = u.get("modify") {
+                        // A modify carries only changed columns: absent ones keep their value.
+                        diff.get("leader").and_then(Json::as_bool) != Some(false)
+                            && diff.get("connected").and_then(Json::as_bool) != Some(false)
+                    } else if let Some(row) = u.get("insert").or(u.get("initial")) {
+                        row.get("name").and_then(Json::as_str) != Some(database) || is_usable(row)
+                    } else {
+                        u.get("delete").is_none()
                     }
-                    _ => u.get("delete").is_none(),
                 })
             })
             .unwrap_or(true);

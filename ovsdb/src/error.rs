@@ -116,9 +116,6 @@ impl Error {
     /// Whether the outcome of a transaction that failed with this error is unknown: the
     /// request may or may not have been committed.
     pub fn outcome_unknown(&self) -> bool {
-        matches!(
-            self,
-            Error::Disconnected | Error::Io(_) | Error::Timeout(_)
-        )
+        matches!(self, Error::Disconnected | Error::Io(_) | Error::Timeout(_))
     }
 }

@@ -181,7 +181,9 @@ impl Operation {
                 table,
                 conditions,
                 row,
-            } => json!({"op": "update", "table": table, "where": conds(conditions), "row": row_to_json(row)}),
+            } => {
+                json!({"op": "update", "table": table, "where": conds(conditions), "row": row_to_json(row)})
+            }
             Operation::Mutate {
                 table,
                 conditions,

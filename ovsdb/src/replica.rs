@@ -68,15 +68,18 @@ impl Replica {
     }
 
     /// Applies a `<table-updates2>` object; returns what changed.
-    pub fn apply_update2(&mut self, updates: &Json) -> Result<Vec<(String, Uuid, RowChange)>, Error> {
-        let tables = updates
-            .as_object()
-            .ok_or_else(|| Error::Protocol(format!("table-updates2 is not an object: {updates}")))?;
+    pub fn apply_update2(
+        &mut self,
+        updates: &Json,
+    ) -> Result<Vec<(String, Uuid, RowChange)>, Error> {
+        let tables = updates.as_object().ok_or_else(|| {
+            Error::Protocol(format!("table-updates2 is not an object: {updates}"))
+        })?;
         let mut changes = Vec::new();
         for (table, rows) in tables {
-            let rows = rows
-                .as_object()
-                .ok_or_else(|| Error::Protocol(format!("table-update2 is not an object: {rows}")))?;
+            let rows = rows.as_object().ok_or_else(|| {
+                Error::Protocol(format!("table-update2 is not an object: {rows}"))
+            })?;
             let replica = self.tables.entry(table.clone()).or_default();
             for (uuid, update) in rows {
                 let uuid = Uuid::parse(uuid)?;
@@ -136,8 +139,10 @@ mod tests {
     #[test]
     fn applies_initial_modify_delete() {
         let mut r = Replica::default();
-        r.apply_update2(&json!({"T": {U1: {"initial": {"name": "a", "ids": ["map", [["k", "v"]]]}}}}))
-            .unwrap();
+        r.apply_update2(
+            &json!({"T": {U1: {"initial": {"name": "a", "ids": ["map", [["k", "v"]]]}}}}),
+        )
+        .unwrap();
         let uuid = Uuid::parse(U1).unwrap();
         assert_eq!(r.row("T", &uuid).unwrap()["name"], Value::from("a"));
         let changes = r
@@ -147,9 +152,13 @@ mod tests {
         assert_eq!(row["name"], Value::from("b"));
         assert_eq!(row["ids"], Value::string_map([("k2", "v2")]));
         assert!(matches!(changes[0].2, RowChange::Modify { .. }));
-        r.apply_update2(&json!({"T": {U1: {"delete": null}}})).unwrap();
+        r.apply_update2(&json!({"T": {U1: {"delete": null}}}))
+            .unwrap();
         assert_eq!(r.len("T"), 0);
-        assert!(r.apply_update2(&json!({"T": {U1: {"modify": {}}}})).is_err());
+        assert!(
+            r.apply_update2(&json!({"T": {U1: {"modify": {}}}}))
+                .is_err()
+        );
         assert!(r.apply_update2(&json!(["not", "an", "object"])).is_err());
     }
 }

@@ -257,12 +257,12 @@ async fn dispatch(
             if id.and_then(Json::as_str) == Some(PROBE_ID) {
                 return Ok(());
             }
-            let id = id.and_then(Json::as_u64).ok_or_else(|| {
-                Error::Protocol(format!("reply with an id we never sent: {msg}"))
-            })?;
-            let reply = pending.remove(&id).ok_or_else(|| {
-                Error::Protocol(format!("reply to unknown request {id}"))
-            })?;
+            let id = id
+                .and_then(Json::as_u64)
+                .ok_or_else(|| Error::Protocol(format!("reply with an id we never sent: {msg}")))?;
+            let reply = pending
+                .remove(&id)
+                .ok_or_else(|| Error::Protocol(format!("reply to unknown request {id}")))?;
             let result = match obj.get("error") {
                 Some(err) if !err.is_null() => Err(rpc_error(err)),
                 _ => Ok(obj.get("result").cloned().unwrap_or(Json::Null)),
@@ -307,7 +307,8 @@ mod tests {
 
     #[test]
     fn splits_concatenated_and_partial_messages() {
-        let mut buf = br#"{"id":1,"result":[]} {"method":"update2","params":[1]}{"id":2,"res"#.to_vec();
+        let mut buf =
+            br#"{"id":1,"result":[]} {"method":"update2","params":[1]}{"id":2,"res"#.to_vec();
         let msgs = split_messages(&mut buf, 1 << 20).unwrap();
         assert_eq!(msgs.len(), 2);
         assert_eq!(buf, br#"{"id":2,"res"#);

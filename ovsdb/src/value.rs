@@ -360,7 +360,11 @@ mod tests {
         set.apply_diff(&Value::set([Atom::from("b"), Atom::from("c")]));
         assert_eq!(set, Value::set([Atom::from("a"), Atom::from("c")]));
         let mut map = Value::string_map([("k1", "v1"), ("k2", "v2")]);
-        map.apply_diff(&Value::string_map([("k1", "v1"), ("k2", "new"), ("k3", "v3")]));
+        map.apply_diff(&Value::string_map([
+            ("k1", "v1"),
+            ("k2", "new"),
+            ("k3", "v3"),
+        ]));
         assert_eq!(map, Value::string_map([("k2", "new"), ("k3", "v3")]));
         let mut scalar = Value::from(1);
         scalar.apply_diff(&Value::from(2));

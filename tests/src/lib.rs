@@ -6,6 +6,7 @@ pub mod agent;
 pub mod frames;
 pub mod netns;
 pub mod oracle;
+pub mod ovsdb_server;
 
 /// Panics unless the process runs as root: these tests load BPF programs and create network
 /// namespaces, and CI runs them as root, so they fail loudly rather than skip.

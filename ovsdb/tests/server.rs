@@ -1,0 +1,428 @@
+//! The client against real `ovsdb-server`s with the real OVN Southbound schema.
+
+use std::time::{Duration, Instant};
+
+use ovsdb::{
+    Atom, Client, ClientOptions, Condition, Error, ErrorKind, MonitorRequest, Mutation, OpResult,
+    Operation, Remote, Row, TlsFiles, Value,
+};
+use unidler_tests::ovsdb_server::{Cluster, Listen, OvsdbServer, Pki, SB_DB, TempDir, free_port};
+
+const WAIT: Duration = Duration::from_secs(15);
+
+fn options(remotes: &str) -> ClientOptions {
+    let mut o = ClientOptions::new(Remote::parse_list(remotes).unwrap(), SB_DB);
+    o.backoff_max = Duration::from_millis(500);
+    o
+}
+
+#[track_caller]
+fn row(pairs: &[(&str, Value)]) -> Row {
+    pairs
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), v.clone()))
+        .collect()
+}
+
+/// Inserts an Encap and a Chassis referring to it, as one transaction.
+fn add_chassis_ops(name: &str, ip: &str) -> Vec<Operation> {
+    vec![
+        Operation::Insert {
+            table: "Encap".into(),
+            row: row(&[
+                ("type", "geneve".into()),
+                // (type, ip) is an index: one address per chassis.
+                ("ip", ip.into()),
+                ("chassis_name", name.into()),
+            ]),
+            uuid_name: Some("encap".into()),
+        },
+        Operation::Insert {
+            table: "Chassis".into(),
+            row: row(&[
+                ("name", name.into()),
+                ("hostname", "node".into()),
+                ("encaps", Value::Atom(Atom::NamedUuid("encap".into()))),
+            ]),
+            uuid_name: None,
+        },
+    ]
+}
+
+/// Polls `check` until it holds or `WAIT` passes.
+async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + WAIT;
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn list_dbs_and_get_schema() {
+    let server = OvsdbServer::southbound(Listen::default());
+    let client = Client::start(options(&server.unix_remote())).unwrap();
+    client.wait_connected(WAIT).await.unwrap();
+    let dbs = client.list_dbs().await.unwrap();
+    assert!(dbs.contains(&SB_DB.to_owned()), "{dbs:?}");
+    let schema = client.get_schema(SB_DB).await.unwrap();
+    assert_eq!(schema["name"], SB_DB);
+    assert!(schema["tables"]["Controller_Event"].is_object());
+    let err = client.get_schema("Nope").await.unwrap_err();
+    assert!(
+        matches!(
+            &err,
+            Error::Rpc {
+                kind: ErrorKind::UnknownDatabase,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_operation_against_the_real_server() {
+    let server = OvsdbServer::southbound(Listen {
+        tcp: Some(free_port()),
+        ssl: None,
+    });
+    let client = Client::start(options(&server.tcp_remote().unwrap())).unwrap();
+    client.wait_connected(WAIT).await.unwrap();
+
+    // insert (with named-uuid) + comment
+    let mut ops = add_chassis_ops("ch-1", "127.0.0.1");
+    ops.push(Operation::Comment("unidler test".into()));
+    let results = client.transact(&ops).await.unwrap();
+    let chassis = results[1].uuid().unwrap().clone();
+    assert_eq!(results[2], OpResult::Empty);
+
+    // select
+    let by_name = vec![Condition::eq("name", "ch-1")];
+    let sel = Operation::Select {
+        table: "Chassis".into(),
+        conditions: by_name.clone(),
+        columns: Some(vec!["_uuid".into(), "hostname".into()]),
+    };
+    let rows = client.transact(std::slice::from_ref(&sel)).await.unwrap();
+    assert_eq!(rows[0].rows().len(), 1);
+    assert_eq!(rows[0].rows()[0]["hostname"], Value::from("node"));
+    assert_eq!(rows[0].rows()[0]["_uuid"], Value::from(chassis.clone()));
+
+    // update + mutate
+    let results = client
+        .transact(&[
+            Operation::Update {
+                table: "Chassis".into(),
+                conditions: by_name.clone(),
+                row: row(&[("hostname", "node-2".into())]),
+            },
+            Operation::Mutate {
+                table: "Chassis".into(),
+                conditions: by_name.clone(),
+                mutations: vec![
+                    Mutation::insert("external_ids", Value::string_map([("k", "v")])),
+                    Mutation::add("nb_cfg", 5),
+                ],
+            },
+        ])
+        .await
+        .unwrap();
+    assert_eq!(results[0].count(), Some(1));
+    assert_eq!(results[1].count(), Some(1));
+    let shown = server.sbctl(&[
+        "--bare",
+        "--columns=hostname,external_ids,nb_cfg",
+        "list",
+        "Chassis",
+    ]);
+    assert!(
+        shown.contains("node-2") && shown.contains("k=v") && shown.contains('5'),
+        "{shown}"
+    );
+
+    // wait: holds, then times out
+    let wait = |hostname: &str, timeout| Operation::Wait {
+        table: "Chassis".into(),
+        conditions: by_name.clone(),
+        columns: vec!["hostname".into()],
+        equal: true,
+        rows: vec![row(&[("hostname", hostname.into())])],
+        timeout,
+    };
+    client
+        .transact(&[wait("node-2", Duration::ZERO)])
+        .await
+        .unwrap();
+    let err = client
+        .transact(&[wait("other", Duration::ZERO)])
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            &err,
+            Error::Transaction {
+                index: Some(0),
+                kind: ErrorKind::TimedOut,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+
+    // constraint violation: a second Chassis with the same (indexed) name
+    let err = client
+        .transact(&add_chassis_ops("ch-1", "127.0.0.1"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            &err,
+            Error::Transaction {
+                kind: ErrorKind::ConstraintViolation,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    // referential integrity: deleting the Encap the Chassis needs (min 1)
+    let err = client
+        .transact(&[Operation::Delete {
+            table: "Encap".into(),
+            conditions: vec![],
+        }])
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            &err,
+            Error::Transaction {
+                kind: ErrorKind::ConstraintViolation | ErrorKind::ReferentialIntegrity,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    // a malformed operation
+    let err = client
+        .transact(&[Operation::Select {
+            table: "NoSuchTable".into(),
+            conditions: vec![],
+            columns: None,
+        }])
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, Error::Transaction { .. } | Error::Rpc { .. }),
+        "{err:?}"
+    );
+
+    // delete
+    let results = client
+        .transact(&[
+            Operation::Delete {
+                table: "Chassis".into(),
+                conditions: by_name.clone(),
+            },
+            Operation::Delete {
+                table: "Encap".into(),
+                conditions: vec![],
+            },
+        ])
+        .await
+        .unwrap();
+    assert_eq!(results[0].count(), Some(1));
+    assert_eq!(
+        server
+            .sbctl(&["--bare", "--columns=name", "list", "Chassis"])
+            .trim(),
+        ""
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn monitor_keeps_a_replica_of_changes_made_by_others() {
+    let server = OvsdbServer::southbound(Listen::default());
+    server.sbctl(&["chassis-add", "ch-a", "geneve", "127.0.0.1"]);
+    let mut opts = options(&server.unix_remote());
+    opts.monitors = vec![
+        MonitorRequest::table("Chassis").columns(&["name", "external_ids"]),
+        MonitorRequest::table("Controller_Event"),
+    ];
+    let client = Client::start(opts).unwrap();
+    let mut changes = client.subscribe();
+    client.wait_connected(WAIT).await.unwrap();
+    assert_eq!(client.replica().len("Chassis"), 1);
+    let first = changes.recv().await.unwrap();
+    assert!(first.resync);
+
+    server.sbctl(&["chassis-add", "ch-b", "geneve", "127.0.0.2"]);
+    server.sbctl(&["set", "Chassis", "ch-a", "external_ids:zone=1"]);
+    eventually("the replica to follow", || {
+        let r = client.replica();
+        r.len("Chassis") == 2
+            && r.rows("Chassis").any(|(_, row)| {
+                // Columns at their default value (an empty map here) are left out.
+                row.get("external_ids").is_some_and(|ids| {
+                    ids.as_string_map().get("zone").map(String::as_str) == Some("1")
+                })
+            })
+    })
+    .await;
+    server.sbctl(&["chassis-del", "ch-b"]);
+    eventually("the delete", || client.replica().len("Chassis") == 1).await;
+    // Columns not asked for are not replicated.
+    let r = client.replica();
+    let (_, row) = r.rows("Chassis").next().unwrap();
+    assert!(row.get("hostname").is_none(), "{row:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconnects_after_a_restart_and_resyncs() {
+    let mut server = OvsdbServer::southbound(Listen::default());
+    let mut opts = options(&server.unix_remote());
+    opts.monitors = vec![MonitorRequest::table("Chassis").columns(&["name"])];
+    let client = Client::start(opts).unwrap();
+    client.wait_connected(WAIT).await.unwrap();
+    server.kill();
+    eventually("the client to notice", || !client.is_connected()).await;
+    let err = client
+        .transact(&[Operation::Comment("x".into())])
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::NotConnected), "{err:?}");
+    // Changed while the client was away.
+    server.start();
+    server.sbctl(&["chassis-add", "ch-new", "geneve", "127.0.0.1"]);
+    client.wait_connected(WAIT).await.unwrap();
+    eventually("the resync", || client.replica().len("Chassis") == 1).await;
+    client
+        .transact(&[Operation::Comment("back".into())])
+        .await
+        .unwrap();
+    assert!(
+        client
+            .stats()
+            .disconnects
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 1
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn follows_the_leader_of_a_raft_cluster() {
+    let mut cluster = Cluster::southbound(3);
+    let mut opts = options(&cluster.remotes());
+    opts.monitors = vec![MonitorRequest::table("Chassis").columns(&["name"])];
+    let client = Client::start(opts).unwrap();
+    client.wait_connected(WAIT).await.unwrap();
+    let leader = cluster.leader().unwrap();
+    let connected_to = |client: &Client| match &*client.status().borrow() {
+        ovsdb::Status::Connected(r) => r.to_string(),
+        other => panic!("not connected: {other:?}"),
+    };
+    assert_eq!(
+        connected_to(&client),
+        cluster.servers[leader].tcp_remote().unwrap()
+    );
+    client
+        .transact(&add_chassis_ops("ch-1", "127.0.0.1"))
+        .await
+        .unwrap();
+
+    cluster.servers[leader].kill();
+    eventually("the client to leave the dead leader", || {
+        !client.is_connected()
+    })
+    .await;
+    client.wait_connected(WAIT).await.unwrap();
+    let new_leader = cluster.wait_for_leader(WAIT);
+    assert_ne!(new_leader, leader);
+    eventually("the client to sit on the new leader", || {
+        client.is_connected()
+            && connected_to(&client) == cluster.servers[new_leader].tcp_remote().unwrap()
+    })
+    .await;
+    client
+        .transact(&add_chassis_ops("ch-2", "127.0.0.2"))
+        .await
+        .unwrap();
+    eventually("both rows in the replica", || {
+        client.replica().len("Chassis") == 2
+    })
+    .await;
+    assert_eq!(
+        cluster
+            .sbctl(&["--bare", "--columns=name", "list", "Chassis"])
+            .lines()
+            .filter(|l| !l.is_empty())
+            .count(),
+        2
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_is_not_used_for_leader_only_connections() {
+    let cluster = Cluster::southbound(3);
+    let leader = cluster.leader().unwrap();
+    let follower = (leader + 1) % 3;
+    // Only a follower given: the client must refuse to settle there.
+    let client = Client::start(options(&cluster.servers[follower].tcp_remote().unwrap())).unwrap();
+    assert!(client.wait_connected(Duration::from_secs(2)).await.is_err());
+    assert!(
+        client
+            .stats()
+            .leader_changes
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 1
+    );
+    // Without leader-only, a follower is fine.
+    let mut opts = options(&cluster.servers[follower].tcp_remote().unwrap());
+    opts.leader_only = false;
+    let any = Client::start(opts).unwrap();
+    any.wait_connected(WAIT).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_with_ovs_pki_certificates_and_a_wrong_ca_is_refused() {
+    let tmp = TempDir::new("pki");
+    let pki = Pki::new(&tmp.0);
+    let port = free_port();
+    let server = OvsdbServer::southbound(Listen {
+        tcp: None,
+        ssl: Some((port, pki.server.clone())),
+    });
+    let files = |f: &[std::path::PathBuf; 3]| TlsFiles {
+        private_key: f[0].clone(),
+        certificate: f[1].clone(),
+        ca_certificate: f[2].clone(),
+    };
+    let mut opts = options(&server.ssl_remote().unwrap());
+    opts.tls = Some(files(&pki.client));
+    let client = Client::start(opts).unwrap();
+    client.wait_connected(WAIT).await.unwrap();
+    assert!(client.list_dbs().await.unwrap().contains(&SB_DB.to_owned()));
+
+    // A client that trusts another CA must not connect.
+    let other_tmp = TempDir::new("pki2");
+    let other = Pki::new(&other_tmp.0);
+    let mut wrong = files(&pki.client);
+    wrong.ca_certificate = other.client[2].clone();
+    let mut opts = options(&server.ssl_remote().unwrap());
+    opts.tls = Some(wrong);
+    let client = Client::start(opts).unwrap();
+    assert!(client.wait_connected(Duration::from_secs(2)).await.is_err());
+    let status = client.status().borrow().clone();
+    assert!(
+        matches!(&status, ovsdb::Status::Disconnected(Some(why)) if why.contains("TLS")),
+        "{status:?}"
+    );
+    // Unreadable TLS files are refused up front.
+    let mut opts = options(&server.ssl_remote().unwrap());
+    opts.tls = Some(TlsFiles {
+        private_key: "/nonexistent".into(),
+        certificate: "/nonexistent".into(),
+        ca_certificate: "/nonexistent".into(),
+    });
+    assert!(matches!(Client::start(opts), Err(Error::Tls(_))));
+}

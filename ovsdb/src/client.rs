@@ -224,6 +224,20 @@ impl Client {
         }
     }
 
+    /// How many sessions have been established so far: a number that changes with every
+    /// reconnect, so a caller can tell a new session from the one it saw fail.
+    pub fn session_count(&self) -> u64 {
+        self.shared.stats.connects.load(Ordering::Relaxed)
+    }
+
+    /// Waits until a session later than session number `after` is up.
+    pub async fn wait_new_session(&self, after: u64) {
+        let mut status = self.status();
+        let _ = status
+            .wait_for(|s| matches!(s, Status::Connected(_)) && self.session_count() > after)
+            .await;
+    }
+
     /// Connection history counters.
     pub fn stats(&self) -> &Stats {
         &self.shared.stats

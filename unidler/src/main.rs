@@ -191,7 +191,7 @@ async fn run(args: RunArgs) -> Result<()> {
     };
     let mut registry = VipRegistry::new();
     for spec in &args.vips {
-        let entry = registry.upsert(spec.vip, spec.backends, flags, None);
+        let entry = registry.upsert(spec.vip, spec.backends, flags, spec.load_balancer.clone());
         let (key, state) = entry.to_kernel();
         datapath.upsert_vip(key, state)?;
         debug!(vip = %spec.vip, backends = spec.backends, vip_id = entry.vip_id, "VIP added");

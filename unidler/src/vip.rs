@@ -121,28 +121,36 @@ impl fmt::Display for Vip {
     }
 }
 
-/// A VIP given on the command line: `IP:PORT/PROTO[=BACKENDS]`, IPv6 as `[IP]:PORT/PROTO`.
-/// `=BACKENDS` omitted means zero backends, an idle service.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// A VIP given on the command line: `IP:PORT/PROTO[=BACKENDS][@LOAD_BALANCER]`, IPv6 as
+/// `[IP]:PORT/PROTO`. `=BACKENDS` omitted means zero backends, an idle service;
+/// `@LOAD_BALANCER` is the Northbound Load_Balancer UUID its events name.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct VipSpec {
     /// The VIP.
     pub vip: Vip,
     /// How many backends it has.
     pub backends: u32,
+    /// The load balancer it belongs to, if given.
+    pub load_balancer: Option<String>,
 }
 
 impl FromStr for VipSpec {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let hint =
-            "expected IP:PORT/PROTO[=BACKENDS], e.g. 10.96.0.10:80/tcp or [fd00::10]:53/udp=2";
-        let (vip, backends) = match s.split_once('=') {
+        let hint = "expected IP:PORT/PROTO[=BACKENDS][@LOAD_BALANCER], \
+                    e.g. 10.96.0.10:80/tcp or [fd00::10]:53/udp=2";
+        let (rest, load_balancer) = match s.rsplit_once('@') {
+            Some((_, "")) => return Err(format!("empty load balancer in {s:?}; {hint}")),
+            Some((rest, lb)) => (rest, Some(lb.to_owned())),
+            None => (s, None),
+        };
+        let (vip, backends) = match rest.split_once('=') {
             Some((vip, n)) => (
                 vip,
                 n.parse::<u32>()
                     .map_err(|e| format!("bad backend count {n:?} in {s:?}: {e}; {hint}"))?,
             ),
-            None => (s, 0),
+            None => (rest, 0),
         };
         let (addr, proto) = vip
             .rsplit_once('/')
@@ -157,6 +165,7 @@ impl FromStr for VipSpec {
         Ok(Self {
             vip: Vip::new(addr, protocol),
             backends,
+            load_balancer,
         })
     }
 }
@@ -202,6 +211,24 @@ mod tests {
         assert_eq!(spec.backends, 3);
         assert_eq!(spec.vip.endpoint(), "[fd00::10]:53");
         assert_eq!(spec.vip.protocol, Protocol::Udp);
+    }
+
+    #[test]
+    fn parses_load_balancer() {
+        let spec: VipSpec = "10.0.0.1:80/tcp@5b3cfb03-2143-4e8a-9067-dac1ef7ec6d7"
+            .parse()
+            .unwrap();
+        assert_eq!(spec.backends, 0);
+        assert_eq!(
+            spec.load_balancer.as_deref(),
+            Some("5b3cfb03-2143-4e8a-9067-dac1ef7ec6d7")
+        );
+        let spec: VipSpec = "[fd00::1]:80/udp=2@lb".parse().unwrap();
+        assert_eq!(
+            (spec.backends, spec.load_balancer.as_deref()),
+            (2, Some("lb"))
+        );
+        assert!("10.0.0.1:80/tcp@".parse::<VipSpec>().is_err());
     }
 
     #[test]

@@ -223,6 +223,12 @@ impl OvsdbServer {
             .args(args))
     }
 
+    /// The Controller_Event rows.
+    #[track_caller]
+    pub fn event_rows(&self) -> Vec<EventRow> {
+        parse_event_rows(&self.sbctl(&["--format=json", EVENT_COLUMNS, "list", "Controller_Event"]))
+    }
+
     /// Runs `ovs-appctl` against this server; returns stdout.
     #[track_caller]
     pub fn appctl(&self, args: &[&str]) -> String {
@@ -297,6 +303,15 @@ impl Cluster {
             .join(",")
     }
 
+    /// Comma-separated `unix:` remotes of every member (usable from any network namespace).
+    pub fn unix_remotes(&self) -> String {
+        self.servers
+            .iter()
+            .map(OvsdbServer::unix_remote)
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
     /// Index of the current leader among running members, if one says it is.
     pub fn leader(&self) -> Option<usize> {
         self.servers.iter().position(|s| {
@@ -326,6 +341,12 @@ impl Cluster {
         }
     }
 
+    /// The Controller_Event rows.
+    #[track_caller]
+    pub fn event_rows(&self) -> Vec<EventRow> {
+        parse_event_rows(&self.sbctl(&["--format=json", EVENT_COLUMNS, "list", "Controller_Event"]))
+    }
+
     /// Runs `ovn-sbctl` against the cluster (any member, leader-only).
     #[track_caller]
     pub fn sbctl(&self, args: &[&str]) -> String {
@@ -335,3 +356,54 @@ impl Cluster {
             .args(args))
     }
 }
+
+/// One `Controller_Event` row as `ovn-sbctl --format=json list` shows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EventRow {
+    /// Row UUID.
+    pub uuid: String,
+    /// `event_type`.
+    pub event_type: String,
+    /// `event_info`, sorted.
+    pub event_info: std::collections::BTreeMap<String, String>,
+    /// UUID of the referenced Chassis, if any.
+    pub chassis: Option<String>,
+    /// `seq_num`.
+    pub seq_num: i64,
+}
+
+/// Parses `ovn-sbctl --format=json --columns=_uuid,event_type,event_info,chassis,seq_num
+/// list Controller_Event` output.
+pub fn parse_event_rows(json: &str) -> Vec<EventRow> {
+    let doc: serde_json::Value = serde_json::from_str(json).expect("ovn-sbctl JSON");
+    let uuid_of = |v: &serde_json::Value| v.get(1).and_then(|u| u.as_str()).map(str::to_owned);
+    doc["data"]
+        .as_array()
+        .expect("data array")
+        .iter()
+        .map(|r| EventRow {
+            uuid: uuid_of(&r[0]).expect("uuid"),
+            event_type: r[1].as_str().expect("event_type").to_owned(),
+            event_info: r[2][1]
+                .as_array()
+                .expect("map")
+                .iter()
+                .map(|p| {
+                    (
+                        p[0].as_str().unwrap().to_owned(),
+                        p[1].as_str().unwrap().to_owned(),
+                    )
+                })
+                .collect(),
+            chassis: if r[3][0] == "uuid" {
+                uuid_of(&r[3])
+            } else {
+                None
+            },
+            seq_num: r[4].as_i64().expect("seq_num"),
+        })
+        .collect()
+}
+
+/// The `--columns` argument matching [`parse_event_rows`].
+pub const EVENT_COLUMNS: &str = "--columns=_uuid,event_type,event_info,chassis,seq_num";

@@ -6,4 +6,5 @@ pub mod caps;
 pub mod datapath;
 pub mod event;
 pub mod registry;
+pub mod sink;
 pub mod vip;

@@ -3,7 +3,9 @@
 use std::{
     collections::HashMap,
     io::{self, Write as _},
+    path::PathBuf,
     process::ExitCode,
+    sync::atomic::Ordering,
     time::Duration,
 };
 
@@ -19,6 +21,7 @@ use unidler::{
     datapath::{AttachMode, Counters, Datapath, LoadOptions},
     event::{IdleHit, iface_name},
     registry::VipRegistry,
+    sink::{ControllerEventSink, SinkOptions, default_chassis_name},
     vip::VipSpec,
 };
 use unidler_common::{Counter, RateLimitConfig, VIP_FLAG_PASS_WHEN_IDLE};
@@ -97,6 +100,41 @@ struct RunArgs {
     /// Events all VIPs together may raise back to back.
     #[arg(long, env = "UNIDLER_EVENT_BURST", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
     event_burst: u32,
+    /// OVN Southbound database remotes (`unix:PATH`, `tcp:IP:PORT`, `ssl:IP:PORT`,
+    /// comma-separated). With it, idle hits become Controller_Event rows there; without it,
+    /// they are printed on standard output as JSON lines.
+    #[arg(long, env = "UNIDLER_OVNSB_DB")]
+    ovnsb_db: Option<String>,
+    /// Name of this node's Chassis row. Default: `external_ids:system-id` of the local
+    /// Open_vSwitch database (see --ovs-db), else the hostname.
+    #[arg(long, env = "UNIDLER_CHASSIS")]
+    chassis: Option<String>,
+    /// The local Open_vSwitch database, asked for the default chassis name.
+    #[arg(
+        long,
+        env = "UNIDLER_OVS_DB",
+        default_value = "unix:/var/run/openvswitch/db.sock"
+    )]
+    ovs_db: String,
+    /// Private key (PEM) for `ssl:` Southbound remotes, as ovn-controller's -p.
+    #[arg(long, env = "UNIDLER_OVNSB_PRIVATE_KEY", requires_all = ["ovnsb_certificate", "ovnsb_ca_cert"])]
+    ovnsb_private_key: Option<PathBuf>,
+    /// Certificate (PEM) for `ssl:` Southbound remotes, as ovn-controller's -c.
+    #[arg(
+        long,
+        env = "UNIDLER_OVNSB_CERTIFICATE",
+        requires = "ovnsb_private_key"
+    )]
+    ovnsb_certificate: Option<PathBuf>,
+    /// CA certificate (PEM) for `ssl:` Southbound remotes, as ovn-controller's -C.
+    #[arg(long, env = "UNIDLER_OVNSB_CA_CERT", requires = "ovnsb_private_key")]
+    ovnsb_ca_cert: Option<PathBuf>,
+    /// Most idle hits waiting for the database; beyond it they are dropped (and counted).
+    #[arg(long, env = "UNIDLER_EVENT_QUEUE_SIZE", default_value_t = 10_000)]
+    event_queue_size: usize,
+    /// Where state that outlives the process is kept (the last Controller_Event seq_num).
+    #[arg(long, env = "UNIDLER_STATE_DIR", default_value = "/var/lib/unidler")]
+    state_dir: PathBuf,
     /// How often to log a summary of the kernel counters (0 turns it off).
     #[arg(long, env = "UNIDLER_SUMMARY_INTERVAL", default_value = "60s", value_parser = humantime_duration)]
     summary_interval: Duration,
@@ -210,6 +248,11 @@ async fn run(args: RunArgs) -> Result<()> {
         idle, "watching for connection attempts to idle VIPs"
     );
 
+    let sink = match &args.ovnsb_db {
+        Some(remotes) => Some(start_sink(&args, remotes).await?),
+        None => None,
+    };
+
     let mut events = readable(datapath.take_events().context("event ring already taken")?)
         .context("registering the event ring with epoll")?;
     let mut logger = match datapath.take_logger() {
@@ -241,7 +284,9 @@ async fn run(args: RunArgs) -> Result<()> {
                         return;
                     };
                     debug!(vip = %hit.vip, protocol = %hit.protocol, src = %hit.src, iface = %hit.iface, "idle hit");
-                    if write_err.is_none()
+                    if let Some(sink) = &sink {
+                        sink.submit(&hit);
+                    } else if write_err.is_none()
                         && let Err(e) = serde_json::to_writer(&mut stdout, &hit)
                             .map_err(io::Error::from)
                             .and_then(|()| stdout.write_all(b"\n"))
@@ -271,7 +316,53 @@ async fn run(args: RunArgs) -> Result<()> {
     let totals = datapath.counters()?;
     datapath.detach_all();
     log_summary("totals", &totals);
+    if let Some(sink) = &sink {
+        if !sink.flush(Duration::from_secs(2)).await {
+            warn!(
+                waiting = sink.queue_depth(),
+                "exiting with idle hits not yet written"
+            );
+        }
+        let s = sink.stats();
+        info!(
+            received = s.received.load(Ordering::Relaxed),
+            written = s.written.load(Ordering::Relaxed),
+            deduplicated = s.deduplicated.load(Ordering::Relaxed),
+            dropped_overflow = s.dropped_overflow.load(Ordering::Relaxed),
+            failed = s.failed.load(Ordering::Relaxed),
+            "Controller_Event totals"
+        );
+    }
     Ok(())
+}
+
+async fn start_sink(args: &RunArgs, remotes: &str) -> Result<ControllerEventSink> {
+    let remotes = ovsdb::Remote::parse_list(remotes).context("--ovnsb-db")?;
+    let tls = match (
+        &args.ovnsb_private_key,
+        &args.ovnsb_certificate,
+        &args.ovnsb_ca_cert,
+    ) {
+        (Some(key), Some(cert), Some(ca)) => Some(ovsdb::TlsFiles {
+            private_key: key.clone(),
+            certificate: cert.clone(),
+            ca_certificate: ca.clone(),
+        }),
+        _ => None,
+    };
+    let chassis = match &args.chassis {
+        Some(name) => name.clone(),
+        None => default_chassis_name(&args.ovs_db).await,
+    };
+    info!(%chassis, db = ?remotes.iter().map(ToString::to_string).collect::<Vec<_>>(), "writing Controller_Event rows");
+    ControllerEventSink::start(SinkOptions {
+        remotes,
+        tls,
+        chassis,
+        queue_capacity: args.event_queue_size,
+        state_dir: Some(args.state_dir.clone()),
+    })
+    .context("connecting to the Southbound database")
 }
 
 /// Registers a ring buffer with the runtime's epoll for readability.

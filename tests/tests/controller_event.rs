@@ -1,0 +1,266 @@
+//! Idle hits become Controller_Event rows in a real OVN Southbound database, as
+//! ovn-controller writes them, exactly once, across restarts and leader failover.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::{SocketAddr, UdpSocket},
+    time::{Duration, Instant},
+};
+
+use unidler_tests::{
+    agent::Agent,
+    netns::{CLIENT_V4, SERVER_V4, Topology},
+    ovsdb_server::{Cluster, EventRow, Listen, OvsdbServer, TempDir},
+    require_root,
+};
+
+const LB: &str = "5b3cfb03-2143-4e8a-9067-dac1ef7ec6d7";
+const WAIT: Duration = Duration::from_secs(20);
+
+/// Sends one UDP datagram from the client namespace to the server address on `port`.
+fn udp_hit(topo: &Topology, port: u16) {
+    topo.in_client(|| {
+        let socket = UdpSocket::bind(SocketAddr::new(CLIENT_V4.into(), 0)).unwrap();
+        socket
+            .send_to(b"wake up", SocketAddr::new(SERVER_V4.into(), port))
+            .unwrap();
+    });
+}
+
+/// A TCP connection attempt (which the datapath drops) from the client namespace.
+fn tcp_hit(topo: &Topology, port: u16) {
+    topo.in_client(|| {
+        let addr = SocketAddr::new(SERVER_V4.into(), port);
+        let result = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(300));
+        assert!(result.is_err(), "idle VIP must not accept");
+    });
+}
+
+#[track_caller]
+fn wait_rows(
+    what: &str,
+    mut rows: impl FnMut() -> Vec<EventRow>,
+    done: impl Fn(&[EventRow]) -> bool,
+) -> Vec<EventRow> {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let now = rows();
+        if done(&now) {
+            return now;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}; rows: {now:#?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn agent_args<'a>(
+    topo: &'a Topology,
+    db: &'a str,
+    state: &'a str,
+    vips: &'a [String],
+) -> Vec<&'a str> {
+    let mut args = vec![
+        "run",
+        "--iface",
+        &topo.server_if,
+        "--ovnsb-db",
+        db,
+        "--chassis",
+        "chassis-1",
+        "--state-dir",
+        state,
+    ];
+    for vip in vips {
+        args.extend(["--vip", vip.as_str()]);
+    }
+    args
+}
+
+#[test]
+fn a_connection_attempt_writes_the_row_ovn_controller_would() {
+    require_root();
+    let topo = Topology::new("ce");
+    let sb = OvsdbServer::southbound(Listen::default());
+    sb.sbctl(&["chassis-add", "chassis-1", "geneve", "127.0.0.1"]);
+    let chassis = sb.sbctl(&[
+        "--bare",
+        "--columns=_uuid",
+        "find",
+        "Chassis",
+        "name=chassis-1",
+    ]);
+    let state = TempDir::new("state");
+    let db = sb.unix_remote();
+    let vips = [format!("10.77.0.2:80/tcp@{LB}")];
+    let state_dir = state.0.to_str().unwrap().to_owned();
+    let args = agent_args(&topo, &db, &state_dir, &vips);
+    let agent = Agent::start(&topo.server_ns, &args);
+
+    tcp_hit(&topo, 80);
+    let rows = wait_rows("the row", || sb.event_rows(), |r| !r.is_empty());
+    assert_eq!(rows.len(), 1, "{rows:#?}");
+    let row = &rows[0];
+    assert_eq!(row.event_type, "empty_lb_backends");
+    assert_eq!(
+        row.event_info,
+        BTreeMap::from([
+            ("load_balancer".to_owned(), LB.to_owned()),
+            ("protocol".to_owned(), "tcp".to_owned()),
+            ("vip".to_owned(), "10.77.0.2:80".to_owned()),
+        ])
+    );
+    assert_eq!(row.chassis.as_deref(), Some(chassis.trim()));
+    assert_eq!(row.seq_num, 1);
+
+    // While the row exists, more hits insert nothing.
+    tcp_hit(&topo, 80);
+    tcp_hit(&topo, 80);
+    std::thread::sleep(Duration::from_millis(700));
+    assert_eq!(sb.event_rows().len(), 1);
+
+    // The CMS deletes it; the next hit writes a new one with the next seq_num.
+    sb.sbctl(&["destroy", "Controller_Event", &row.uuid]);
+    std::thread::sleep(Duration::from_millis(200));
+    tcp_hit(&topo, 80);
+    let rows = wait_rows(
+        "the second row",
+        || sb.event_rows(),
+        |r| r.len() == 1 && r[0].uuid != row.uuid,
+    );
+    assert_eq!(rows[0].seq_num, 2);
+
+    agent.signal(libc::SIGTERM);
+    let exit = agent.wait(WAIT);
+    assert_eq!(exit.code, Some(0), "{}", exit.stderr);
+    assert!(exit.stderr.contains("written=2"), "{}", exit.stderr);
+    assert!(exit.stderr.contains("deduplicated=2"), "{}", exit.stderr);
+}
+
+#[test]
+fn seq_num_keeps_increasing_across_agent_restarts() {
+    require_root();
+    let topo = Topology::new("cs");
+    let sb = OvsdbServer::southbound(Listen::default());
+    sb.sbctl(&["chassis-add", "chassis-1", "geneve", "127.0.0.1"]);
+    let state = TempDir::new("state");
+    let db = sb.unix_remote();
+    let vips = [
+        format!("10.77.0.2:80/tcp@{LB}"),
+        format!("10.77.0.2:53/udp@{LB}"),
+    ];
+    let state_dir = state.0.to_str().unwrap().to_owned();
+    let args = agent_args(&topo, &db, &state_dir, &vips);
+
+    let agent = Agent::start(&topo.server_ns, &args);
+    tcp_hit(&topo, 80);
+    udp_hit(&topo, 53);
+    wait_rows("two rows", || sb.event_rows(), |r| r.len() == 2);
+    agent.signal(libc::SIGTERM);
+    assert_eq!(agent.wait(WAIT).code, Some(0));
+    // The CMS consumed everything: nothing in the database tells the next run where to go on.
+    sb.sbctl(&["--all", "destroy", "Controller_Event"]);
+
+    let agent = Agent::start(&topo.server_ns, &args);
+    udp_hit(&topo, 53);
+    let rows = wait_rows(
+        "the row after restart",
+        || sb.event_rows(),
+        |r| r.len() == 1,
+    );
+    assert_eq!(
+        rows[0].seq_num, 3,
+        "ovn-controller would restart at 1; we go on"
+    );
+    drop(agent);
+
+    // A fresh state dir: the database's own rows still keep seq_num from going back.
+    let fresh = TempDir::new("state2");
+    let fresh_dir = fresh.0.to_str().unwrap().to_owned();
+    let args = agent_args(&topo, &db, &fresh_dir, &vips);
+    let _agent = Agent::start(&topo.server_ns, &args);
+    tcp_hit(&topo, 80);
+    let rows = wait_rows("a second row", || sb.event_rows(), |r| r.len() == 2);
+    assert_eq!(rows.iter().map(|r| r.seq_num).max(), Some(4), "{rows:#?}");
+}
+
+#[test]
+fn hits_while_the_database_is_down_are_written_once_it_is_back() {
+    require_root();
+    let topo = Topology::new("cd");
+    let mut sb = OvsdbServer::southbound(Listen::default());
+    sb.sbctl(&["chassis-add", "chassis-1", "geneve", "127.0.0.1"]);
+    let state = TempDir::new("state");
+    let db = sb.unix_remote();
+    let vips: Vec<String> = (0..20)
+        .map(|i| format!("10.77.0.2:{}/udp@{LB}", 7000 + i))
+        .collect();
+    let state_dir = state.0.to_str().unwrap().to_owned();
+    let args = agent_args(&topo, &db, &state_dir, &vips);
+    let _agent = Agent::start(&topo.server_ns, &args);
+
+    for i in 0..10 {
+        udp_hit(&topo, 7000 + i);
+    }
+    wait_rows("ten rows", || sb.event_rows(), |r| r.len() == 10);
+    sb.kill();
+    for i in 10..20 {
+        udp_hit(&topo, 7000 + i);
+        udp_hit(&topo, 7000 + i); // a duplicate while waiting
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    sb.start();
+    let rows = wait_rows("all twenty rows", || sb.event_rows(), |r| r.len() >= 20);
+    assert_exactly_once(&rows, 20);
+}
+
+#[test]
+fn every_event_lands_exactly_once_when_the_raft_leader_dies() {
+    require_root();
+    let topo = Topology::new("cr");
+    let mut cluster = Cluster::southbound(3);
+    cluster.sbctl(&["chassis-add", "chassis-1", "geneve", "127.0.0.1"]);
+    let state = TempDir::new("state");
+    let db = cluster.unix_remotes();
+    let n = 60u16;
+    let vips: Vec<String> = (0..n)
+        .map(|i| format!("10.77.0.2:{}/udp@{LB}", 8000 + i))
+        .collect();
+    let state_dir = state.0.to_str().unwrap().to_owned();
+    let args = agent_args(&topo, &db, &state_dir, &vips);
+    let _agent = Agent::start(&topo.server_ns, &args);
+
+    for i in 0..n {
+        udp_hit(&topo, 8000 + i);
+        if i == n / 3 {
+            let leader = cluster.wait_for_leader(WAIT);
+            cluster.servers[leader].kill();
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    cluster.wait_for_leader(WAIT);
+    let rows = wait_rows(
+        "every row",
+        || cluster.event_rows(),
+        |r| r.len() >= n as usize,
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    assert_exactly_once(&cluster.event_rows(), n as usize);
+    drop(rows);
+}
+
+#[track_caller]
+fn assert_exactly_once(rows: &[EventRow], n: usize) {
+    let mut per_vip: HashMap<&str, usize> = HashMap::new();
+    for row in rows {
+        *per_vip.entry(row.event_info["vip"].as_str()).or_default() += 1;
+    }
+    assert_eq!(per_vip.len(), n, "{rows:#?}");
+    assert!(per_vip.values().all(|&c| c == 1), "duplicates: {per_vip:?}");
+    let mut seqs: Vec<i64> = rows.iter().map(|r| r.seq_num).collect();
+    seqs.sort();
+    seqs.dedup();
+    assert_eq!(seqs.len(), n, "seq_nums are unique");
+}

@@ -1,0 +1,493 @@
+//! Idle hits → `Controller_Event` rows in the OVN Southbound database, exactly as
+//! ovn-controller writes them, so that ovn-kubernetes consumes them unchanged:
+//!
+//! ```text
+//! event_type  : empty_lb_backends
+//! event_info  : {load_balancer="<NB uuid>", protocol=tcp, vip="192.168.1.100:80"}
+//! chassis     : <our Chassis row>
+//! seq_num     : <increasing, also across restarts>
+//! ```
+//!
+//! - At most one row per (chassis, vip, protocol, load_balancer) exists at a time: while ours
+//!   is present (in the replica, or just committed), further hits insert nothing.
+//! - Hits wait in a bounded queue while the database is unreachable or has no leader; an
+//!   overflow is counted and logged. Waiting hits go out in few, batched transactions.
+//! - A transaction whose outcome is unknown (the connection dropped before the reply) is
+//!   settled after reconnecting, against the resynced replica: rows that exist were
+//!   committed; the others are written again with the same `seq_num`. (One window remains:
+//!   a row committed, then consumed and deleted by the CMS before we reconnect, is written
+//!   again. The CMS then wakes an already waking service, which is harmless.)
+//! - `seq_num` continues from the larger of a state file and our rows in the database.
+
+use std::{
+    collections::{HashMap, HashSet, VecDeque},
+    path::PathBuf,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use ovsdb::{
+    Atom, Client, ClientOptions, Condition, Error as DbError, MonitorRequest, Operation, Remote,
+    Row, TlsFiles, Uuid, Value,
+};
+use tokio::sync::Notify;
+use tracing::{debug, info, warn};
+
+use crate::event::IdleHit;
+
+/// The Southbound database's name.
+pub const SOUTHBOUND: &str = "OVN_Southbound";
+const EVENT_TABLE: &str = "Controller_Event";
+const EVENT_TYPE: &str = "empty_lb_backends";
+/// Most rows written in one transaction.
+const BATCH_MAX: usize = 256;
+
+/// Settings of the sink.
+#[derive(Clone, Debug)]
+pub struct SinkOptions {
+    /// Southbound remotes.
+    pub remotes: Vec<Remote>,
+    /// TLS files for `ssl:` remotes.
+    pub tls: Option<TlsFiles>,
+    /// Name of our Chassis row.
+    pub chassis: String,
+    /// Most hits waiting to be written.
+    pub queue_capacity: usize,
+    /// Where `seq_num` is kept across restarts (`<dir>/seq_num`), if anywhere.
+    pub state_dir: Option<PathBuf>,
+}
+
+/// What the sink has done, for logs and metrics.
+#[derive(Debug, Default)]
+pub struct SinkStats {
+    /// Hits handed to the sink.
+    pub received: AtomicU64,
+    /// Hits not written because a row (or a waiting hit) for the same VIP already existed.
+    pub deduplicated: AtomicU64,
+    /// Hits dropped because the queue was full.
+    pub dropped_overflow: AtomicU64,
+    /// Rows committed.
+    pub written: AtomicU64,
+    /// Hits given up after the database rejected their transaction.
+    pub failed: AtomicU64,
+    /// Transactions committed.
+    pub transactions: AtomicU64,
+}
+
+/// The identity of a row: ovn-controller keeps one per (vip, protocol, load_balancer).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct EventKey {
+    vip: String,
+    protocol: String,
+    load_balancer: String,
+}
+
+impl EventKey {
+    fn of(hit: &IdleHit) -> Self {
+        Self {
+            vip: hit.vip.clone(),
+            protocol: hit.protocol.as_str().to_owned(),
+            load_balancer: hit.load_balancer.clone().unwrap_or_default(),
+        }
+    }
+
+    fn from_row(row: &Row) -> Option<Self> {
+        let info = row.get("event_info")?.as_string_map();
+        Some(Self {
+            vip: info.get("vip")?.clone(),
+            protocol: info.get("protocol")?.clone(),
+            load_balancer: info.get("load_balancer").cloned().unwrap_or_default(),
+        })
+    }
+
+    fn event_info(&self) -> Value {
+        Value::string_map([
+            ("load_balancer", self.load_balancer.as_str()),
+            ("protocol", self.protocol.as_str()),
+            ("vip", self.vip.as_str()),
+        ])
+    }
+}
+
+#[derive(Default)]
+struct Queue {
+    waiting: VecDeque<EventKey>,
+    /// Keys waiting or being written: a second hit for one of them is a duplicate.
+    pending: HashSet<EventKey>,
+}
+
+/// Hands idle hits to the writer task. Cheap to clone.
+#[derive(Clone)]
+pub struct ControllerEventSink {
+    queue: Arc<Mutex<Queue>>,
+    wake: Arc<Notify>,
+    capacity: usize,
+    stats: Arc<SinkStats>,
+    client: Client,
+}
+
+impl ControllerEventSink {
+    /// Connects (in the background) and starts the writer. Fails only on unusable options.
+    pub fn start(options: SinkOptions) -> Result<Self, DbError> {
+        let mut db = ClientOptions::new(options.remotes.clone(), SOUTHBOUND);
+        db.tls = options.tls.clone();
+        db.monitors = vec![
+            MonitorRequest::table("Chassis")
+                .columns(&["name"])
+                .matching(Condition::eq("name", options.chassis.as_str())),
+            MonitorRequest::table(EVENT_TABLE),
+        ];
+        let client = Client::start(db)?;
+        let sink = Self {
+            queue: Arc::default(),
+            wake: Arc::default(),
+            capacity: options.queue_capacity.max(1),
+            stats: Arc::default(),
+            client: client.clone(),
+        };
+        let writer = Writer {
+            client,
+            queue: sink.queue.clone(),
+            wake: sink.wake.clone(),
+            stats: sink.stats.clone(),
+            chassis_name: options.chassis,
+            seq_file: options.state_dir.map(|d| d.join("seq_num")),
+            last_seq: None,
+            in_doubt: HashMap::new(),
+            committed_unseen: HashMap::new(),
+            warned_no_chassis: false,
+        };
+        tokio::spawn(writer.run());
+        Ok(sink)
+    }
+
+    /// Queues a hit; never blocks. Duplicates of a waiting hit are dropped here.
+    pub fn submit(&self, hit: &IdleHit) {
+        self.stats.received.fetch_add(1, Ordering::Relaxed);
+        let key = EventKey::of(hit);
+        let mut queue = self.queue.lock().expect("queue lock");
+        if queue.pending.contains(&key) {
+            self.stats.deduplicated.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        if queue.waiting.len() >= self.capacity {
+            let dropped = self.stats.dropped_overflow.fetch_add(1, Ordering::Relaxed) + 1;
+            // Log the first and then every 1000th, so an outage cannot flood the log.
+            if dropped == 1 || dropped % 1000 == 0 {
+                warn!(
+                    dropped,
+                    capacity = self.capacity,
+                    "event queue full (database unreachable?): dropping idle hits"
+                );
+            }
+            return;
+        }
+        queue.pending.insert(key.clone());
+        queue.waiting.push_back(key);
+        drop(queue);
+        self.wake.notify_one();
+    }
+
+    /// Hits waiting to be written.
+    pub fn queue_depth(&self) -> usize {
+        self.queue.lock().expect("queue lock").waiting.len()
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> &SinkStats {
+        &self.stats
+    }
+
+    /// The database client (status, stats).
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    /// Waits until nothing is waiting or being written, at most `timeout`; true if drained.
+    pub async fn flush(&self, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        while !self.queue.lock().expect("queue lock").pending.is_empty() {
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        true
+    }
+}
+
+struct Writer {
+    client: Client,
+    queue: Arc<Mutex<Queue>>,
+    wake: Arc<Notify>,
+    stats: Arc<SinkStats>,
+    chassis_name: String,
+    seq_file: Option<PathBuf>,
+    /// Last seq_num used; None until known (state file and database consulted).
+    last_seq: Option<i64>,
+    /// Rows sent in a transaction whose outcome is unknown: key → seq_num.
+    in_doubt: HashMap<EventKey, i64>,
+    /// Rows we committed that the replica has not shown yet: uuid → key.
+    committed_unseen: HashMap<Uuid, EventKey>,
+    warned_no_chassis: bool,
+}
+
+impl Writer {
+    async fn run(mut self) {
+        let mut changes = self.client.subscribe();
+        loop {
+            // Wait for work and a connection; replica changes can settle earlier writes.
+            if !self.client.is_connected() || self.nothing_to_do() {
+                tokio::select! {
+                    _ = self.wake.notified() => {}
+                    _ = changes.recv() => {}
+                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                }
+                continue;
+            }
+            let Some(chassis) = self.chassis_uuid() else {
+                if !self.warned_no_chassis {
+                    warn!(chassis = %self.chassis_name, "no Chassis row with this name in the Southbound database yet; events wait");
+                    self.warned_no_chassis = true;
+                }
+                tokio::select! {
+                    _ = changes.recv() => {}
+                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                }
+                continue;
+            };
+            self.warned_no_chassis = false;
+            self.write_batch(&chassis).await;
+        }
+    }
+
+    fn nothing_to_do(&self) -> bool {
+        self.in_doubt.is_empty() && self.queue.lock().expect("queue lock").waiting.is_empty()
+    }
+
+    fn chassis_uuid(&self) -> Option<Uuid> {
+        let replica = self.client.replica();
+        replica
+            .rows("Chassis")
+            .find(|(_, row)| {
+                row.get("name").and_then(Value::atom).and_then(Atom::as_str)
+                    == Some(self.chassis_name.as_str())
+            })
+            .map(|(uuid, _)| uuid.clone())
+    }
+
+    /// Our rows now in the database (replica): key → seq_num. Also forgets committed rows
+    /// the replica now shows.
+    fn existing_rows(&mut self, chassis: &Uuid) -> HashMap<EventKey, i64> {
+        let replica = self.client.replica();
+        let mut rows = HashMap::new();
+        for (uuid, row) in replica.rows(EVENT_TABLE) {
+            self.committed_unseen.remove(uuid);
+            let ours = row
+                .get("chassis")
+                .and_then(Value::atom)
+                .and_then(Atom::as_uuid)
+                == Some(chassis);
+            let typed = row
+                .get("event_type")
+                .and_then(Value::atom)
+                .and_then(Atom::as_str)
+                == Some(EVENT_TYPE);
+            if ours
+                && typed
+                && let Some(key) = EventKey::from_row(row)
+            {
+                let seq = row
+                    .get("seq_num")
+                    .and_then(Value::atom)
+                    .and_then(Atom::as_i64)
+                    .unwrap_or(0);
+                rows.insert(key, seq);
+            }
+        }
+        rows
+    }
+
+    async fn write_batch(&mut self, chassis: &Uuid) {
+        let existing = self.existing_rows(chassis);
+        if self.last_seq.is_none() {
+            let from_file = self.read_seq_file();
+            let from_db = existing.values().copied().max().unwrap_or(0);
+            self.last_seq = Some(from_file.max(from_db));
+            debug!(from_file, from_db, "seq_num continues");
+        }
+
+        // First settle rows in doubt: present means committed.
+        let mut batch: Vec<(EventKey, i64)> = Vec::new();
+        for (key, seq) in std::mem::take(&mut self.in_doubt) {
+            match existing.get(&key) {
+                None => batch.push((key, seq)),
+                Some(&present) => {
+                    let counter = if present == seq {
+                        &self.stats.written
+                    } else {
+                        &self.stats.deduplicated
+                    };
+                    counter.fetch_add(1, Ordering::Relaxed);
+                    self.release(&key);
+                }
+            }
+        }
+        // Then new hits, skipping VIPs whose row is present or just committed.
+        let just_committed: HashSet<&EventKey> = self.committed_unseen.values().collect();
+        let mut taken = Vec::new();
+        {
+            let mut queue = self.queue.lock().expect("queue lock");
+            while batch.len() + taken.len() < BATCH_MAX {
+                let Some(key) = queue.waiting.pop_front() else {
+                    break;
+                };
+                taken.push(key);
+            }
+        }
+        for key in taken {
+            if existing.contains_key(&key) || just_committed.contains(&key) {
+                self.stats.deduplicated.fetch_add(1, Ordering::Relaxed);
+                self.release(&key);
+                continue;
+            }
+            let seq = self.last_seq.unwrap_or(0) + 1;
+            self.last_seq = Some(seq);
+            batch.push((key, seq));
+        }
+        if batch.is_empty() {
+            return;
+        }
+
+        let ops: Vec<Operation> = batch
+            .iter()
+            .map(|(key, seq)| Operation::Insert {
+                table: EVENT_TABLE.into(),
+                row: Row::from([
+                    ("event_type".to_owned(), Value::from(EVENT_TYPE)),
+                    ("event_info".to_owned(), key.event_info()),
+                    ("chassis".to_owned(), Value::from(chassis.clone())),
+                    ("seq_num".to_owned(), Value::from(*seq)),
+                ]),
+                uuid_name: None,
+            })
+            .collect();
+        let session = self.client.session_count();
+        let started = std::time::Instant::now();
+        match self.client.transact(&ops).await {
+            Ok(results) => {
+                self.stats.transactions.fetch_add(1, Ordering::Relaxed);
+                self.stats
+                    .written
+                    .fetch_add(batch.len() as u64, Ordering::Relaxed);
+                for ((key, seq), result) in batch.iter().zip(&results) {
+                    debug!(vip = %key.vip, protocol = %key.protocol, seq, "Controller_Event row written");
+                    if let Some(uuid) = result.uuid() {
+                        self.committed_unseen.insert(uuid.clone(), key.clone());
+                    }
+                    self.release(key);
+                }
+                self.write_seq_file();
+                info!(
+                    rows = batch.len(),
+                    elapsed_us = started.elapsed().as_micros() as u64,
+                    "Controller_Event rows written"
+                );
+            }
+            Err(err) if err.outcome_unknown() => {
+                warn!(
+                    rows = batch.len(),
+                    "connection lost during a transaction ({err}); settling after reconnect"
+                );
+                self.in_doubt.extend(batch);
+                self.client.wait_new_session(session).await;
+            }
+            Err(DbError::NotConnected) => {
+                // Not sent: put the rows back in doubt (they keep their seq_num).
+                self.in_doubt.extend(batch);
+            }
+            Err(err) => {
+                warn!(
+                    rows = batch.len(),
+                    "database rejected Controller_Event rows: {err}"
+                );
+                self.stats
+                    .failed
+                    .fetch_add(batch.len() as u64, Ordering::Relaxed);
+                for (key, _) in &batch {
+                    self.release(key);
+                }
+            }
+        }
+    }
+
+    fn release(&self, key: &EventKey) {
+        self.queue.lock().expect("queue lock").pending.remove(key);
+    }
+
+    fn read_seq_file(&self) -> i64 {
+        let Some(path) = &self.seq_file else { return 0 };
+        match std::fs::read_to_string(path) {
+            Ok(s) => s.trim().parse().unwrap_or_else(|_| {
+                warn!(path = %path.display(), "unreadable seq_num state; starting from the database");
+                0
+            }),
+            Err(_) => 0,
+        }
+    }
+
+    fn write_seq_file(&self) {
+        let (Some(path), Some(seq)) = (&self.seq_file, self.last_seq) else {
+            return;
+        };
+        let tmp = path.with_extension("tmp");
+        let result = path
+            .parent()
+            .map_or(Ok(()), std::fs::create_dir_all)
+            .and_then(|()| std::fs::write(&tmp, format!("{seq}\n")))
+            .and_then(|()| std::fs::rename(&tmp, path));
+        if let Err(e) = result {
+            warn!(path = %path.display(), "cannot save seq_num: {e}");
+        }
+    }
+}
+
+/// The chassis name ovn-controller uses on this node: `external_ids:system-id` of the local
+/// Open_vSwitch database when it answers within a second or two, else the hostname.
+pub async fn default_chassis_name(ovs_db: &str) -> String {
+    match system_id(ovs_db).await {
+        Some(id) => id,
+        None => {
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_owned())
+                .unwrap_or_default();
+            debug!(%host, "no system-id from {ovs_db}; using the hostname as chassis name");
+            host
+        }
+    }
+}
+
+async fn system_id(ovs_db: &str) -> Option<String> {
+    let mut options = ClientOptions::new(Remote::parse_list(ovs_db).ok()?, "Open_vSwitch");
+    options.leader_only = false;
+    let client = Client::start(options).ok()?;
+    client.wait_connected(Duration::from_secs(2)).await.ok()?;
+    let results = client
+        .transact(&[Operation::Select {
+            table: "Open_vSwitch".into(),
+            conditions: vec![],
+            columns: Some(vec!["external_ids".into()]),
+        }])
+        .await
+        .ok()?;
+    results
+        .first()?
+        .rows()
+        .first()?
+        .get("external_ids")?
+        .as_string_map()
+        .remove("system-id")
+}

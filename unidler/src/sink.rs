@@ -176,7 +176,7 @@ impl ControllerEventSink {
         if queue.waiting.len() >= self.capacity {
             let dropped = self.stats.dropped_overflow.fetch_add(1, Ordering::Relaxed) + 1;
             // Log the first and then every 1000th, so an outage cannot flood the log.
-            if dropped == 1 || dropped % 1000 == 0 {
+            if dropped == 1 || dropped.is_multiple_of(1000) {
                 warn!(
                     dropped,
                     capacity = self.capacity,

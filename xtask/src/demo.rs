@@ -1,8 +1,9 @@
 //! `cargo xtask demo`: the datapath catching the first packet to an idle service.
 //!
-//! Makes two namespaces joined by a veth pair, runs the agent on the server end with one idle
-//! VIP and one VIP that has a backend, makes real TCP connection attempts from the client,
-//! prints what the agent reports, and removes everything again.
+//! Makes two namespaces joined by a veth pair and its own OVN Southbound `ovsdb-server`, runs
+//! the agent on the server end with one idle VIP and one VIP that has a backend, makes real
+//! TCP connection attempts from the client, shows the Controller_Event row appear, deletes it
+//! as a CMS would, and removes everything again.
 
 use std::{
     io::{Read as _, Write as _},
@@ -15,7 +16,11 @@ use anyhow::{Result, bail};
 use unidler_tests::{
     agent::Agent,
     netns::{SERVER_V4, Topology},
+    ovsdb_server::{Listen, OvsdbServer, TempDir},
 };
+
+/// The Northbound load balancer the idle VIP belongs to (made up for the demo).
+const LB: &str = "5b3cfb03-2143-4e8a-9067-dac1ef7ec6d7";
 
 pub fn run(agent_bin: &Path) -> Result<()> {
     if !crate::is_root() {
@@ -42,12 +47,27 @@ pub fn run(agent_bin: &Path) -> Result<()> {
         });
     }
 
+    let sb = OvsdbServer::southbound(Listen::default());
+    sb.sbctl(&["chassis-add", "demo-chassis", "geneve", "127.0.0.1"]);
+    say(&format!(
+        "OVN Southbound ovsdb-server at {} with Chassis demo-chassis",
+        sb.unix_remote()
+    ));
+    let state = TempDir::new("demo-state");
+    let db = sb.unix_remote();
+    let idle_vip = format!("10.77.0.2:8080/tcp@{LB}");
     let args = [
         "run",
         "--iface",
         &topo.server_if,
+        "--ovnsb-db",
+        &db,
+        "--chassis",
+        "demo-chassis",
+        "--state-dir",
+        state.0.to_str().expect("UTF-8 temp dir"),
         "--vip",
-        "10.77.0.2:8080/tcp",
+        &idle_vip,
         "--vip",
         "10.77.0.2:9090/tcp=1",
     ];
@@ -62,31 +82,45 @@ pub fn run(agent_bin: &Path) -> Result<()> {
             "  no connection: {err} (the SYN was dropped by XDP)"
         )),
     }
-    let events = agent.events_until_quiet(Duration::from_millis(500), Duration::from_secs(3));
-    for event in &events {
-        say(&format!("  agent reported: {event}"));
+    let rows = wait_for_rows(&sb, 1);
+    say("  ovn-sbctl list Controller_Event:");
+    for line in sb.sbctl(&["list", "Controller_Event"]).lines() {
+        println!("      {line}");
     }
+    let uuid = sb.sbctl(&["--bare", "--columns=_uuid", "list", "Controller_Event"]);
+    say("the CMS consumes the event: ovn-sbctl destroy Controller_Event ...");
+    sb.sbctl(&["destroy", "Controller_Event", uuid.trim()]);
+    say(&format!(
+        "  rows left: {}",
+        sb.sbctl(&["--bare", "--columns=_uuid", "list", "Controller_Event"])
+            .lines()
+            .filter(|l| !l.is_empty())
+            .count()
+    ));
 
     say("client connects to 10.77.0.2:9090, a VIP with 1 backend");
     match connect(&topo, active) {
         Ok(reply) => say(&format!("  connected; the backend says: {}", reply.trim())),
         Err(err) => say(&format!("  failed (unexpected!): {err}")),
     }
-    let quiet = agent.events_until_quiet(Duration::from_millis(500), Duration::from_secs(1));
-    say(&format!("  agent reported {} events for it", quiet.len()));
+    std::thread::sleep(Duration::from_millis(500));
+    let quiet = sb
+        .sbctl(&["--bare", "--columns=_uuid", "list", "Controller_Event"])
+        .lines()
+        .filter(|l| !l.is_empty())
+        .count();
+    say(&format!("  Controller_Event rows for it: {quiet}"));
 
     say("stopping the agent (SIGTERM) and removing the namespaces");
     agent.signal(libc::SIGTERM);
     let exit = agent.wait(Duration::from_secs(10));
-    for line in exit.stderr.lines().filter(|l| l.contains("counters")) {
+    for line in exit.stderr.lines().filter(|l| l.contains("totals")) {
         println!("    {line}");
     }
     drop(topo);
-    if events.len() != 1 || !quiet.is_empty() {
+    if rows != 1 || quiet != 0 {
         bail!(
-            "expected one event for the idle VIP and none for the active one, got {} and {}",
-            events.len(),
-            quiet.len()
+            "expected one row for the idle VIP and none for the active one, got {rows} and {quiet}"
         );
     }
     say("done");
@@ -101,6 +135,21 @@ fn connect(topo: &Topology, addr: SocketAddr) -> std::io::Result<String> {
         stream.read_to_string(&mut reply)?;
         Ok(reply)
     })
+}
+
+/// Waits up to 5 s for `n` Controller_Event rows; returns how many there are.
+fn wait_for_rows(sb: &OvsdbServer, n: usize) -> usize {
+    let count = || {
+        sb.sbctl(&["--bare", "--columns=_uuid", "list", "Controller_Event"])
+            .lines()
+            .filter(|l| !l.is_empty())
+            .count()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while count() < n && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    count()
 }
 
 fn show_log(agent: &mut Agent) {

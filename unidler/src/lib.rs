@@ -8,3 +8,4 @@ pub mod event;
 pub mod registry;
 pub mod sink;
 pub mod vip;
+pub mod vipsource;

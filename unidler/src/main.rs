@@ -14,15 +14,17 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use tokio::{
     io::unix::AsyncFd,
     signal::unix::{SignalKind, signal},
+    sync::mpsc,
 };
 use tracing::{debug, info, warn};
 use tracing_subscriber::{EnvFilter, filter::LevelFilter};
 use unidler::{
     datapath::{AttachMode, Counters, Datapath, LoadOptions},
     event::{IdleHit, iface_name},
-    registry::VipRegistry,
-    sink::{ControllerEventSink, SinkOptions, default_chassis_name},
+    registry::{MapChange, VipRegistry},
+    sink::{self, ControllerEventSink, SinkOptions, default_chassis_name},
     vip::VipSpec,
+    vipsource::{self, DesiredVip, VipUpdate},
 };
 use unidler_common::{Counter, RateLimitConfig, VIP_FLAG_PASS_WHEN_IDLE};
 
@@ -85,6 +87,10 @@ struct RunArgs {
     /// zero backends, an idle service. Repeat for several.
     #[arg(long = "vip", env = "UNIDLER_VIP", value_delimiter = ',')]
     vips: Vec<VipSpec>,
+    /// A file listing VIPs (TOML, see the README), reloaded when it changes or on SIGHUP;
+    /// for nodes without OVN. A malformed file is rejected and the last good VIPs stay.
+    #[arg(long, env = "UNIDLER_VIPS_FILE", conflicts_with = "vips")]
+    vips_file: Option<PathBuf>,
     /// What to do with the opening packet to an idle VIP: drop it (as OVN does) or pass it on.
     #[arg(long, value_enum, env = "UNIDLER_IDLE_ACTION", default_value_t = IdleAction::Drop)]
     idle_action: IdleAction,
@@ -101,8 +107,9 @@ struct RunArgs {
     #[arg(long, env = "UNIDLER_EVENT_BURST", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
     event_burst: u32,
     /// OVN Southbound database remotes (`unix:PATH`, `tcp:IP:PORT`, `ssl:IP:PORT`,
-    /// comma-separated). With it, idle hits become Controller_Event rows there; without it,
-    /// they are printed on standard output as JSON lines.
+    /// comma-separated). With it, idle hits become Controller_Event rows there (without it,
+    /// they are printed on standard output as JSON lines), and, unless --vip or --vips-file
+    /// is given, the VIPs come from its Load_Balancer table.
     #[arg(long, env = "UNIDLER_OVNSB_DB")]
     ovnsb_db: Option<String>,
     /// Name of this node's Chassis row. Default: `external_ids:system-id` of the local
@@ -202,9 +209,6 @@ fn init_logging(args: &LoggingArgs) -> Result<()> {
 }
 
 async fn run(args: RunArgs) -> Result<()> {
-    if args.vips.is_empty() {
-        warn!("no --vip given: the program will pass every packet and report nothing");
-    }
     // Fail on a typo before touching the kernel.
     for iface in &args.ifaces {
         unidler::datapath::ifindex_of(iface)?;
@@ -223,17 +227,72 @@ async fn run(args: RunArgs) -> Result<()> {
         kernel_log_level,
     })?;
 
+    // The Southbound connection, shared by the event sink and the OVN VIP source.
+    let source = vip_source(&args);
+    let southbound = match &args.ovnsb_db {
+        Some(remotes) => Some(connect_southbound(&args, remotes, source == Source::Ovn).await?),
+        None => None,
+    };
+    let sink = southbound.as_ref().map(|(client, chassis)| {
+        ControllerEventSink::start(
+            client.clone(),
+            SinkOptions {
+                chassis: chassis.clone(),
+                queue_capacity: args.event_queue_size,
+                state_dir: Some(args.state_dir.clone()),
+            },
+        )
+    });
+
+    // VIPs: from a file, from --vip flags, or from OVN.
     let flags = match args.idle_action {
         IdleAction::Drop => 0,
         IdleAction::Pass => VIP_FLAG_PASS_WHEN_IDLE,
     };
     let mut registry = VipRegistry::new();
-    for spec in &args.vips {
-        let entry = registry.upsert(spec.vip, spec.backends, flags, spec.load_balancer.clone());
-        let (key, state) = entry.to_kernel();
-        datapath.upsert_vip(key, state)?;
-        debug!(vip = %spec.vip, backends = spec.backends, vip_id = entry.vip_id, "VIP added");
+    let (vip_tx, mut vip_updates) = mpsc::unbounded_channel();
+    let (reload_tx, reload_rx) = mpsc::unbounded_channel();
+    match source {
+        Source::File(path) => {
+            // Load once now so that a bad file fails the start, then follow it.
+            let vips = vipsource::load(&path)
+                .map_err(|e| anyhow::anyhow!("--vips-file {}: {e}", path.display()))?;
+            apply_vips(
+                &mut datapath,
+                &mut registry,
+                VipUpdate::Replace(vips),
+                flags,
+            )?;
+            vipsource::spawn_file_source(path, Duration::from_secs(1), reload_rx, vip_tx);
+        }
+        Source::Flags => {
+            let vips = args
+                .vips
+                .iter()
+                .map(|s| DesiredVip {
+                    vip: s.vip,
+                    backends: s.backends,
+                    load_balancer: s.load_balancer.clone(),
+                })
+                .collect();
+            apply_vips(
+                &mut datapath,
+                &mut registry,
+                VipUpdate::Replace(vips),
+                flags,
+            )?;
+        }
+        Source::Ovn => {
+            let (client, _) = southbound.as_ref().expect("OVN source needs --ovnsb-db");
+            vipsource::spawn_ovn_source(client.clone(), vip_tx);
+        }
+        Source::None => {
+            warn!(
+                "no VIPs (--vip, --vips-file or --ovnsb-db): every packet passes, nothing is reported"
+            )
+        }
     }
+
     for iface in &args.ifaces {
         let ifindex = datapath.attach(iface, args.xdp_mode)?;
         info!(iface, ifindex, mode = ?args.xdp_mode, "XDP program attached");
@@ -242,16 +301,11 @@ async fn run(args: RunArgs) -> Result<()> {
         .attached()
         .map(|(name, index)| (index, name.to_owned()))
         .collect();
-    let idle = args.vips.iter().filter(|s| s.backends == 0).count();
     info!(
         vips = registry.len(),
-        idle, "watching for connection attempts to idle VIPs"
+        idle = registry.idle_count(),
+        "watching for connection attempts to idle VIPs"
     );
-
-    let sink = match &args.ovnsb_db {
-        Some(remotes) => Some(start_sink(&args, remotes).await?),
-        None => None,
-    };
 
     let mut events = readable(datapath.take_events().context("event ring already taken")?)
         .context("registering the event ring with epoll")?;
@@ -259,6 +313,7 @@ async fn run(args: RunArgs) -> Result<()> {
         Some(logger) => Some(readable(logger).context("registering the kernel log ring")?),
         None => None,
     };
+    let mut sighup = signal(SignalKind::hangup())?;
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut summary = (!args.summary_interval.is_zero()).then(|| {
@@ -309,6 +364,13 @@ async fn run(args: RunArgs) -> Result<()> {
                 log_summary("last interval", &now.since(&last_summary));
                 last_summary = now;
             }
+            Some(update) = vip_updates.recv() => {
+                apply_vips(&mut datapath, &mut registry, update, flags)?;
+            }
+            _ = sighup.recv() => {
+                info!("SIGHUP: reloading the VIPs file");
+                let _ = reload_tx.send(());
+            }
             _ = sigint.recv() => { info!("SIGINT: detaching"); break; }
             _ = sigterm.recv() => { info!("SIGTERM: detaching"); break; }
         }
@@ -336,7 +398,62 @@ async fn run(args: RunArgs) -> Result<()> {
     Ok(())
 }
 
-async fn start_sink(args: &RunArgs, remotes: &str) -> Result<ControllerEventSink> {
+/// Where the VIPs come from; the first that applies: `--vips-file`, `--vip`, `--ovnsb-db`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Source {
+    File(PathBuf),
+    Flags,
+    Ovn,
+    None,
+}
+
+fn vip_source(args: &RunArgs) -> Source {
+    match (&args.vips_file, args.vips.is_empty(), &args.ovnsb_db) {
+        (Some(path), _, _) => Source::File(path.clone()),
+        (None, false, _) => Source::Flags,
+        (None, true, Some(_)) => Source::Ovn,
+        (None, true, None) => Source::None,
+    }
+}
+
+/// Applies a VIP update to the registry and the kernel map, and says what changed.
+fn apply_vips(
+    datapath: &mut Datapath,
+    registry: &mut VipRegistry,
+    update: VipUpdate,
+    flags: u32,
+) -> Result<()> {
+    let started = std::time::Instant::now();
+    let full = matches!(update, VipUpdate::Replace(_));
+    let changes = registry.apply(update, flags);
+    for change in &changes {
+        match change {
+            MapChange::Upsert(key, state) => datapath.upsert_vip(*key, *state)?,
+            MapChange::Remove(key) => datapath.remove_vip(key)?,
+        }
+    }
+    let elapsed_us = started.elapsed().as_micros() as u64;
+    if full {
+        info!(
+            vips = registry.len(),
+            idle = registry.idle_count(),
+            changes = changes.len(),
+            elapsed_us,
+            "VIP map synced"
+        );
+    } else {
+        debug!(changes = changes.len(), elapsed_us, "VIP map updated");
+    }
+    Ok(())
+}
+
+/// Connects to the Southbound database with what the sink (and, for an OVN VIP source, the
+/// VIP source) monitors; returns the client and our chassis name.
+async fn connect_southbound(
+    args: &RunArgs,
+    remotes: &str,
+    with_vips: bool,
+) -> Result<(ovsdb::Client, String)> {
     let remotes = ovsdb::Remote::parse_list(remotes).context("--ovnsb-db")?;
     let tls = match (
         &args.ovnsb_private_key,
@@ -354,15 +471,19 @@ async fn start_sink(args: &RunArgs, remotes: &str) -> Result<ControllerEventSink
         Some(name) => name.clone(),
         None => default_chassis_name(&args.ovs_db).await,
     };
-    info!(%chassis, db = ?remotes.iter().map(ToString::to_string).collect::<Vec<_>>(), "writing Controller_Event rows");
-    ControllerEventSink::start(SinkOptions {
-        remotes,
-        tls,
-        chassis,
-        queue_capacity: args.event_queue_size,
-        state_dir: Some(args.state_dir.clone()),
-    })
-    .context("connecting to the Southbound database")
+    let mut monitors = sink::monitors(&chassis);
+    if with_vips {
+        monitors.extend(vipsource::ovn_monitors());
+    }
+    info!(
+        %chassis,
+        db = ?remotes.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        vips_from_ovn = with_vips,
+        "writing Controller_Event rows"
+    );
+    let client = sink::connect_southbound(remotes, tls, monitors)
+        .context("connecting to the Southbound database")?;
+    Ok((client, chassis))
 }
 
 /// Registers a ring buffer with the runtime's epoll for readability.

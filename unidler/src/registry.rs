@@ -7,7 +7,19 @@ use std::collections::HashMap;
 
 use unidler_common::{VipKey, VipState};
 
-use crate::vip::Vip;
+use crate::{
+    vip::Vip,
+    vipsource::{DesiredVip, VipUpdate},
+};
+
+/// A change the kernel's VIP map needs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MapChange {
+    /// Insert or replace this entry.
+    Upsert(VipKey, VipState),
+    /// Remove this key.
+    Remove(VipKey),
+}
 
 /// What the agent knows about one VIP.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -81,6 +93,54 @@ impl VipRegistry {
         &self.by_id[&id]
     }
 
+    /// Applies a source's update with `flags` on every VIP; returns the map changes needed,
+    /// leaving out VIPs whose entry did not change (so their rate limiters keep their state).
+    pub fn apply(&mut self, update: VipUpdate, flags: u32) -> Vec<MapChange> {
+        let mut changes = Vec::new();
+        let (upsert, remove) = match update {
+            VipUpdate::Replace(all) => {
+                let wanted: std::collections::HashSet<Vip> = all.iter().map(|d| d.vip).collect();
+                let gone: Vec<Vip> = self
+                    .by_vip
+                    .keys()
+                    .filter(|v| !wanted.contains(v))
+                    .copied()
+                    .collect();
+                (all, gone)
+            }
+            VipUpdate::Changes { upsert, remove } => (upsert, remove),
+        };
+        for vip in remove {
+            if self.remove(&vip).is_some() {
+                changes.push(MapChange::Remove(vip.key()));
+            }
+        }
+        for DesiredVip {
+            vip,
+            backends,
+            load_balancer,
+        } in upsert
+        {
+            let unchanged = self
+                .by_vip
+                .get(&vip)
+                .and_then(|id| self.by_id.get(id))
+                .is_some_and(|e| {
+                    e.backends == backends && e.flags == flags && e.load_balancer == load_balancer
+                });
+            if !unchanged {
+                let (key, state) = self.upsert(vip, backends, flags, load_balancer).to_kernel();
+                changes.push(MapChange::Upsert(key, state));
+            }
+        }
+        changes
+    }
+
+    /// Number of VIPs with zero backends.
+    pub fn idle_count(&self) -> usize {
+        self.by_id.values().filter(|e| e.backends == 0).count()
+    }
+
     /// Forgets a VIP; returns its entry if it was known.
     pub fn remove(&mut self, vip: &Vip) -> Option<VipEntry> {
         let id = self.by_vip.remove(vip)?;
@@ -111,6 +171,53 @@ impl VipRegistry {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn desired(s: &str, backends: u32) -> DesiredVip {
+        DesiredVip {
+            vip: vip(s),
+            backends,
+            load_balancer: None,
+        }
+    }
+
+    #[test]
+    fn apply_reconciles_and_skips_unchanged() {
+        let mut reg = VipRegistry::new();
+        let first = reg.apply(
+            VipUpdate::Replace(vec![
+                desired("10.0.0.1:80/tcp", 0),
+                desired("10.0.0.2:80/tcp", 1),
+            ]),
+            0,
+        );
+        assert_eq!(first.len(), 2);
+        // Same set again: nothing to do.
+        let again = reg.apply(
+            VipUpdate::Replace(vec![
+                desired("10.0.0.1:80/tcp", 0),
+                desired("10.0.0.2:80/tcp", 1),
+            ]),
+            0,
+        );
+        assert!(again.is_empty());
+        // One changed, one gone.
+        let next = reg.apply(VipUpdate::Replace(vec![desired("10.0.0.1:80/tcp", 3)]), 0);
+        assert_eq!(next.len(), 2);
+        assert!(next.contains(&MapChange::Remove(vip("10.0.0.2:80/tcp").key())));
+        assert!(
+            matches!(next.iter().find(|c| matches!(c, MapChange::Upsert(..))), Some(MapChange::Upsert(_, s)) if s.backends == 3)
+        );
+        let incremental = reg.apply(
+            VipUpdate::Changes {
+                upsert: vec![desired("10.0.0.3:80/tcp", 0)],
+                remove: vec![vip("10.0.0.1:80/tcp")],
+            },
+            0,
+        );
+        assert_eq!(incremental.len(), 2);
+        assert_eq!(reg.len(), 1);
+        assert_eq!(reg.idle_count(), 1);
+    }
 
     fn vip(s: &str) -> Vip {
         s.parse::<crate::vip::VipSpec>().unwrap().vip

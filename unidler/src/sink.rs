@@ -48,10 +48,6 @@ const BATCH_MAX: usize = 256;
 /// Settings of the sink.
 #[derive(Clone, Debug)]
 pub struct SinkOptions {
-    /// Southbound remotes.
-    pub remotes: Vec<Remote>,
-    /// TLS files for `ssl:` remotes.
-    pub tls: Option<TlsFiles>,
     /// Name of our Chassis row.
     pub chassis: String,
     /// Most hits waiting to be written.
@@ -130,17 +126,8 @@ pub struct ControllerEventSink {
 }
 
 impl ControllerEventSink {
-    /// Connects (in the background) and starts the writer. Fails only on unusable options.
-    pub fn start(options: SinkOptions) -> Result<Self, DbError> {
-        let mut db = ClientOptions::new(options.remotes.clone(), SOUTHBOUND);
-        db.tls = options.tls.clone();
-        db.monitors = vec![
-            MonitorRequest::table("Chassis")
-                .columns(&["name"])
-                .matching(Condition::eq("name", options.chassis.as_str())),
-            MonitorRequest::table(EVENT_TABLE),
-        ];
-        let client = Client::start(db)?;
+    /// Starts the writer on `client`, which must monitor what [`monitors`] asks for.
+    pub fn start(client: Client, options: SinkOptions) -> Self {
         let sink = Self {
             queue: Arc::default(),
             wake: Arc::default(),
@@ -161,7 +148,7 @@ impl ControllerEventSink {
             warned_no_chassis: false,
         };
         tokio::spawn(writer.run());
-        Ok(sink)
+        sink
     }
 
     /// Queues a hit; never blocks. Duplicates of a waiting hit are dropped here.
@@ -217,6 +204,28 @@ impl ControllerEventSink {
         }
         true
     }
+}
+
+/// What the sink needs replicated: our Chassis row (by name) and the Controller_Event table.
+pub fn monitors(chassis: &str) -> Vec<MonitorRequest> {
+    vec![
+        MonitorRequest::table("Chassis")
+            .columns(&["name"])
+            .matching(Condition::eq("name", chassis)),
+        MonitorRequest::table(EVENT_TABLE),
+    ]
+}
+
+/// Connects to the Southbound database with `monitors` (in the background).
+pub fn connect_southbound(
+    remotes: Vec<Remote>,
+    tls: Option<TlsFiles>,
+    monitors: Vec<MonitorRequest>,
+) -> Result<Client, DbError> {
+    let mut options = ClientOptions::new(remotes, SOUTHBOUND);
+    options.tls = tls;
+    options.monitors = monitors;
+    Client::start(options)
 }
 
 struct Writer {

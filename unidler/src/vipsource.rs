@@ -1,0 +1,491 @@
+//! Where VIPs come from: the OVN Southbound `Load_Balancer` table, or a static file.
+//!
+//! A source sends [`VipUpdate`]s to the agent's main loop, which applies them to the
+//! [`VipRegistry`](crate::registry::VipRegistry) and the kernel map: a full
+//! [`VipUpdate::Replace`] after (re)connecting or reloading, incremental
+//! [`VipUpdate::Changes`] otherwise.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
+
+use ovsdb::{ChangeSet, Client, MonitorRequest, Row, RowChange, Uuid, Value};
+use serde::Deserialize;
+use tokio::sync::mpsc;
+use tracing::{debug, info, warn};
+
+use crate::vip::{Protocol, Vip};
+
+/// A VIP as a source wants it in the map.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DesiredVip {
+    /// The VIP.
+    pub vip: Vip,
+    /// Its backend count.
+    pub backends: u32,
+    /// The Northbound Load_Balancer UUID its events name.
+    pub load_balancer: Option<String>,
+}
+
+/// A change of the desired VIP set.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum VipUpdate {
+    /// The whole set: VIPs not in it leave the map.
+    Replace(Vec<DesiredVip>),
+    /// Some VIPs added or changed, some removed.
+    Changes {
+        /// Added or changed.
+        upsert: Vec<DesiredVip>,
+        /// Gone.
+        remove: Vec<Vip>,
+    },
+}
+
+// ---------------------------------------------------------------- OVN Southbound
+
+/// The Southbound tables and columns the OVN source reads.
+pub fn ovn_monitors() -> Vec<MonitorRequest> {
+    vec![
+        MonitorRequest::table("Load_Balancer").columns(&[
+            "name",
+            "vips",
+            "protocol",
+            "options",
+            "external_ids",
+        ]),
+        MonitorRequest::table("SB_Global").columns(&["options"]),
+    ]
+}
+
+/// The VIPs of one Southbound Load_Balancer row that OVN itself would report.
+///
+/// OVN punts a packet to an empty VIP only when the load balancer has `options:event=true`
+/// or the global `options:controller_event=true` is set, and `options:reject=true` wins
+/// (the packet goes on to OVN, which rejects it): other VIPs are left out of the map, so
+/// the datapath passes their packets. VIPs without a port are left out too.
+pub fn load_balancer_vips(uuid: &Uuid, row: &Row, global_event: bool) -> Vec<DesiredVip> {
+    let map = |c: &str| row.get(c).map(Value::as_string_map).unwrap_or_default();
+    let options = map("options");
+    let flag = |k: &str| options.get(k).is_some_and(|v| v == "true");
+    if flag("reject") || !(flag("event") || global_event) {
+        return Vec::new();
+    }
+    let protocol = row
+        .get("protocol")
+        .and_then(Value::atom)
+        .and_then(|a| a.as_str())
+        .and_then(|p| p.parse::<Protocol>().ok())
+        .unwrap_or(Protocol::Tcp);
+    let load_balancer = map("external_ids")
+        .remove("lb_id")
+        .unwrap_or_else(|| uuid.to_string());
+    map("vips")
+        .iter()
+        .filter_map(|(vip, backends)| {
+            let Ok(addr) = vip.parse::<SocketAddr>() else {
+                debug!(%vip, "VIP without a port (or malformed): not watched");
+                return None;
+            };
+            Some(DesiredVip {
+                vip: Vip::new(addr, protocol),
+                backends: backends.split(',').filter(|b| !b.trim().is_empty()).count() as u32,
+                load_balancer: Some(load_balancer.clone()),
+            })
+        })
+        .collect()
+}
+
+/// The OVN source's state: every load balancer's VIPs, and which load balancers share a VIP.
+#[derive(Default)]
+struct OvnVips {
+    global_event: bool,
+    by_lb: HashMap<Uuid, Vec<DesiredVip>>,
+    lbs_of: HashMap<Vip, BTreeSet<Uuid>>,
+}
+
+impl OvnVips {
+    /// Rebuilds everything from the replica.
+    fn rebuild(&mut self, client: &Client) -> Vec<DesiredVip> {
+        let replica = client.replica();
+        self.global_event = global_event(replica.rows("SB_Global").map(|(_, r)| r));
+        self.by_lb.clear();
+        self.lbs_of.clear();
+        for (uuid, row) in replica.rows("Load_Balancer") {
+            let vips = load_balancer_vips(uuid, row, self.global_event);
+            for d in &vips {
+                self.lbs_of.entry(d.vip).or_default().insert(uuid.clone());
+            }
+            self.by_lb.insert(uuid.clone(), vips);
+        }
+        self.lbs_of
+            .keys()
+            .filter_map(|v| self.combined(v))
+            .collect()
+    }
+
+    /// Applies one load balancer's new row (None: deleted); returns the changed VIPs.
+    fn update_lb(&mut self, uuid: &Uuid, row: Option<&Row>) -> (Vec<DesiredVip>, Vec<Vip>) {
+        let new = row.map_or_else(Vec::new, |r| load_balancer_vips(uuid, r, self.global_event));
+        let old = self.by_lb.remove(uuid).unwrap_or_default();
+        let mut affected: BTreeSet<Vip> = old.iter().map(|d| d.vip).collect();
+        for d in &old {
+            if let Some(lbs) = self.lbs_of.get_mut(&d.vip) {
+                lbs.remove(uuid);
+                if lbs.is_empty() {
+                    self.lbs_of.remove(&d.vip);
+                }
+            }
+        }
+        for d in &new {
+            affected.insert(d.vip);
+            self.lbs_of.entry(d.vip).or_default().insert(uuid.clone());
+        }
+        if !new.is_empty() {
+            self.by_lb.insert(uuid.clone(), new);
+        }
+        let mut upsert = Vec::new();
+        let mut remove = Vec::new();
+        for vip in affected {
+            match self.combined(&vip) {
+                Some(d) => upsert.push(d),
+                None => remove.push(vip),
+            }
+        }
+        (upsert, remove)
+    }
+
+    /// One VIP over every load balancer that has it: active if any has backends; the first
+    /// (by UUID) idle load balancer is the one events name.
+    fn combined(&self, vip: &Vip) -> Option<DesiredVip> {
+        let entries: Vec<&DesiredVip> = self
+            .lbs_of
+            .get(vip)?
+            .iter()
+            .filter_map(|lb| self.by_lb.get(lb)?.iter().find(|d| d.vip == *vip))
+            .collect();
+        let backends = entries.iter().map(|d| d.backends).max()?;
+        let named = entries
+            .iter()
+            .find(|d| d.backends == 0)
+            .or(entries.first())?;
+        Some(DesiredVip {
+            vip: *vip,
+            backends,
+            load_balancer: named.load_balancer.clone(),
+        })
+    }
+}
+
+fn global_event<'a>(mut rows: impl Iterator<Item = &'a Row>) -> bool {
+    rows.any(|r| {
+        r.get("options")
+            .map(Value::as_string_map)
+            .and_then(|o| o.get("controller_event").cloned())
+            .is_some_and(|v| v == "true")
+    })
+}
+
+/// Follows the Southbound Load_Balancer table through `client` (which must monitor
+/// [`ovn_monitors`]) and sends updates until the receiver goes away.
+pub fn spawn_ovn_source(client: Client, updates: mpsc::UnboundedSender<VipUpdate>) {
+    tokio::spawn(async move {
+        let mut changes = client.subscribe();
+        let mut state = OvnVips::default();
+        // A session may already be up (its first change set sent before we subscribed).
+        if client.is_connected() {
+            let all = state.rebuild(&client);
+            if updates.send(VipUpdate::Replace(all)).is_err() {
+                return;
+            }
+        }
+        loop {
+            let set: Arc<ChangeSet> = match changes.recv().await {
+                Ok(set) => set,
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                    warn!(
+                        missed = n,
+                        "VIP source fell behind; rebuilding from the replica"
+                    );
+                    Arc::new(ChangeSet {
+                        resync: true,
+                        changes: Vec::new(),
+                    })
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+            };
+            let global_changed = set.changes.iter().any(|(t, _, _)| t == "SB_Global")
+                && global_event(client.replica().rows("SB_Global").map(|(_, r)| r))
+                    != state.global_event;
+            let update = if set.resync || global_changed {
+                VipUpdate::Replace(state.rebuild(&client))
+            } else {
+                let mut upsert = Vec::new();
+                let mut remove = Vec::new();
+                for (table, uuid, change) in &set.changes {
+                    if table != "Load_Balancer" {
+                        continue;
+                    }
+                    let row = match change {
+                        RowChange::Insert(r) | RowChange::Modify { new: r, .. } => Some(r),
+                        RowChange::Delete(_) => None,
+                    };
+                    let (u, r) = state.update_lb(uuid, row);
+                    upsert.extend(u);
+                    remove.extend(r);
+                }
+                if upsert.is_empty() && remove.is_empty() {
+                    continue;
+                }
+                VipUpdate::Changes { upsert, remove }
+            };
+            if updates.send(update).is_err() {
+                return;
+            }
+        }
+    });
+}
+
+// ---------------------------------------------------------------- static file
+
+/// The `--vips-file` format (TOML):
+///
+/// ```toml
+/// # One table per VIP.
+/// [[vip]]
+/// vip = "10.96.0.10:80"        # IP:PORT, IPv6 as "[fd00::10]:80"
+/// protocol = "tcp"             # tcp (default), udp or sctp
+/// backends = 0                 # 0 (default) means idle
+/// load_balancer = "5b3cfb03-2143-4e8a-9067-dac1ef7ec6d7"   # optional
+/// ```
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VipsFile {
+    #[serde(default)]
+    vip: Vec<VipsFileEntry>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VipsFileEntry {
+    vip: String,
+    #[serde(default)]
+    protocol: Option<String>,
+    #[serde(default)]
+    backends: u32,
+    #[serde(default)]
+    load_balancer: Option<String>,
+}
+
+/// Parses a VIPs file; errors name the line and the reason.
+pub fn parse_vips_file(text: &str) -> Result<Vec<DesiredVip>, String> {
+    let file: VipsFile = toml::from_str(text).map_err(|e| e.to_string())?;
+    let line_of = |needle: &str| {
+        text.lines()
+            .position(|l| l.contains(needle))
+            .map_or(String::new(), |i| format!("line {}: ", i + 1))
+    };
+    let mut seen = BTreeMap::new();
+    let mut out = Vec::new();
+    for entry in file.vip {
+        let addr: SocketAddr = entry.vip.parse().map_err(|e| {
+            format!(
+                "{}bad vip {:?} ({e}); expected IP:PORT or [IPv6]:PORT",
+                line_of(&entry.vip),
+                entry.vip
+            )
+        })?;
+        let protocol = match &entry.protocol {
+            Some(p) => p
+                .parse::<Protocol>()
+                .map_err(|e| format!("{}{e}", line_of(p)))?,
+            None => Protocol::Tcp,
+        };
+        let vip = Vip::new(addr, protocol);
+        if seen.insert(vip, ()).is_some() {
+            return Err(format!("{}{vip} is listed twice", line_of(&entry.vip)));
+        }
+        out.push(DesiredVip {
+            vip,
+            backends: entry.backends,
+            load_balancer: entry.load_balancer,
+        });
+    }
+    Ok(out)
+}
+
+/// Loads `path` now and again whenever it changes (checked every `poll`) or `reload` fires
+/// (SIGHUP); a malformed file is logged and the last good set stays.
+pub fn spawn_file_source(
+    path: PathBuf,
+    poll: Duration,
+    mut reload: mpsc::UnboundedReceiver<()>,
+    updates: mpsc::UnboundedSender<VipUpdate>,
+) {
+    tokio::spawn(async move {
+        let mut last_seen: Option<SystemTime> = None;
+        let mut forced = true;
+        loop {
+            let modified = std::fs::metadata(&path).and_then(|m| m.modified()).ok();
+            if forced || modified != last_seen {
+                last_seen = modified;
+                forced = false;
+                match load(&path) {
+                    Ok(vips) => {
+                        info!(path = %path.display(), vips = vips.len(), "VIPs file loaded");
+                        if updates.send(VipUpdate::Replace(vips)).is_err() {
+                            return;
+                        }
+                    }
+                    Err(e) => {
+                        warn!(path = %path.display(), "VIPs file rejected, keeping the last good VIPs: {e}")
+                    }
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(poll) => {}
+                r = reload.recv() => {
+                    if r.is_none() { return; }
+                    forced = true;
+                }
+            }
+        }
+    });
+}
+
+/// Reads and parses a VIPs file.
+pub fn load(path: &Path) -> Result<Vec<DesiredVip>, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read: {e}"))?;
+    parse_vips_file(&text)
+}
+
+#[cfg(test)]
+mod tests {
+    use ovsdb::Atom;
+
+    use super::*;
+
+    fn lb_row(vips: &[(&str, &str)], options: &[(&str, &str)], protocol: &str) -> Row {
+        Row::from([
+            ("vips".to_owned(), Value::string_map(vips.iter().copied())),
+            (
+                "options".to_owned(),
+                Value::string_map(options.iter().copied()),
+            ),
+            ("protocol".to_owned(), Value::Atom(Atom::from(protocol))),
+            (
+                "external_ids".to_owned(),
+                Value::string_map([("lb_id", "nb-uuid")]),
+            ),
+        ])
+    }
+
+    fn uuid(n: u8) -> Uuid {
+        Uuid::parse(&format!("00000000-0000-0000-0000-0000000000{n:02x}")).unwrap()
+    }
+
+    #[test]
+    fn only_what_ovn_would_report() {
+        let vips = [
+            ("192.168.1.100:80", ""),
+            ("[fd00::1]:53", "10.0.0.1:53,10.0.0.2:53"),
+            ("10.0.0.9", ""),
+        ];
+        let event = lb_row(&vips, &[("event", "true")], "udp");
+        let got = load_balancer_vips(&uuid(1), &event, false);
+        assert_eq!(got.len(), 2, "the port-less VIP is left out: {got:?}");
+        let idle = got
+            .iter()
+            .find(|d| d.vip.endpoint() == "192.168.1.100:80")
+            .unwrap();
+        assert_eq!(idle.backends, 0);
+        assert_eq!(idle.vip.protocol, Protocol::Udp);
+        assert_eq!(idle.load_balancer.as_deref(), Some("nb-uuid"));
+        let active = got
+            .iter()
+            .find(|d| d.vip.endpoint() == "[fd00::1]:53")
+            .unwrap();
+        assert_eq!(active.backends, 2);
+
+        let no_event = lb_row(&vips, &[], "tcp");
+        assert!(load_balancer_vips(&uuid(1), &no_event, false).is_empty());
+        assert_eq!(
+            load_balancer_vips(&uuid(1), &no_event, true).len(),
+            2,
+            "global option"
+        );
+        let reject = lb_row(&vips, &[("event", "true"), ("reject", "true")], "tcp");
+        assert!(
+            load_balancer_vips(&uuid(1), &reject, true).is_empty(),
+            "reject wins"
+        );
+    }
+
+    #[test]
+    fn incremental_updates_touch_only_their_vips_and_shared_vips_combine() {
+        let mut s = OvnVips::default();
+        let a = lb_row(
+            &[("10.0.0.1:80", ""), ("10.0.0.2:80", "")],
+            &[("event", "true")],
+            "tcp",
+        );
+        let (up, rm) = s.update_lb(&uuid(1), Some(&a));
+        assert_eq!((up.len(), rm.len()), (2, 0));
+        // A second LB with one of the VIPs, with backends: that VIP is active.
+        let b = lb_row(
+            &[("10.0.0.2:80", "10.1.1.1:80")],
+            &[("event", "true")],
+            "tcp",
+        );
+        let (up, rm) = s.update_lb(&uuid(2), Some(&b));
+        assert_eq!(rm.len(), 0);
+        assert_eq!(up.len(), 1);
+        assert_eq!(up[0].backends, 1);
+        // The first LB drops a VIP.
+        let a2 = lb_row(&[("10.0.0.2:80", "")], &[("event", "true")], "tcp");
+        let (up, rm) = s.update_lb(&uuid(1), Some(&a2));
+        assert_eq!(
+            rm.iter().map(Vip::endpoint).collect::<Vec<_>>(),
+            ["10.0.0.1:80"]
+        );
+        assert_eq!(up.len(), 1);
+        // The second LB goes away: the shared VIP is idle again.
+        let (up, rm) = s.update_lb(&uuid(2), None);
+        assert!(rm.is_empty());
+        assert_eq!((up.len(), up[0].backends), (1, 0));
+    }
+
+    #[test]
+    fn vips_file_parses_and_errors_name_the_line() {
+        let good = r#"
+[[vip]]
+vip = "10.96.0.10:80"
+
+[[vip]]
+vip = "[fd00::10]:53"
+protocol = "udp"
+backends = 2
+load_balancer = "lb-1"
+"#;
+        let vips = parse_vips_file(good).unwrap();
+        assert_eq!(vips.len(), 2);
+        assert_eq!(vips[0].backends, 0);
+        assert_eq!(vips[0].vip.protocol, Protocol::Tcp);
+        assert_eq!(vips[1].load_balancer.as_deref(), Some("lb-1"));
+
+        let bad_vip = "[[vip]]\nvip = \"10.0.0.1\"\n";
+        let err = parse_vips_file(bad_vip).unwrap_err();
+        assert!(err.contains("line 2") && err.contains("bad vip"), "{err}");
+        let bad_proto = "[[vip]]\nvip = \"10.0.0.1:80\"\nprotocol = \"icmp\"\n";
+        assert!(parse_vips_file(bad_proto).unwrap_err().contains("line 3"));
+        let bad_toml = "[[vip]]\nvip = \n";
+        assert!(parse_vips_file(bad_toml).unwrap_err().contains("line 2"));
+        let unknown = "[[vip]]\nvip = \"10.0.0.1:80\"\nbackend = 1\n";
+        assert!(parse_vips_file(unknown).unwrap_err().contains("backend"));
+        let twice = "[[vip]]\nvip = \"10.0.0.1:80\"\n[[vip]]\nvip = \"10.0.0.1:80\"\n";
+        assert!(parse_vips_file(twice).unwrap_err().contains("twice"));
+    }
+}

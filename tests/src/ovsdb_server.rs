@@ -126,15 +126,21 @@ impl OvsdbServer {
     /// A standalone OVN Southbound server on a unix socket (plus `listen`), started.
     #[track_caller]
     pub fn southbound(listen: Listen) -> Self {
-        let tmp = TempDir::new("sb");
+        Self::standalone("sb", SB_SCHEMA, listen)
+    }
+
+    /// A standalone server named `name` for `schema`, in a temp dir of its own, started.
+    #[track_caller]
+    pub fn standalone(name: &str, schema: &str, listen: Listen) -> Self {
+        let tmp = TempDir::new(name);
         let dir = tmp.0.clone();
         run(Command::new("ovsdb-tool")
             .arg("create")
-            .arg(dir.join("sb.db"))
-            .arg(SB_SCHEMA));
+            .arg(dir.join(format!("{name}.db")))
+            .arg(schema));
         let mut server = OvsdbServer {
             dir,
-            name: "sb".into(),
+            name: name.into(),
             listen,
             child: None,
             _tmp: Some(tmp),
@@ -407,3 +413,67 @@ pub fn parse_event_rows(json: &str) -> Vec<EventRow> {
 
 /// The `--columns` argument matching [`parse_event_rows`].
 pub const EVENT_COLUMNS: &str = "--columns=_uuid,event_type,event_info,chassis,seq_num";
+
+/// The OVN Northbound schema Debian installs.
+pub const NB_SCHEMA: &str = "/usr/share/ovn/ovn-nb.ovsschema";
+
+/// OVN's central pieces: Northbound and Southbound `ovsdb-server`s and a real `ovn-northd`
+/// translating one into the other.
+pub struct OvnCentral {
+    /// Northbound server.
+    pub nb: OvsdbServer,
+    /// Southbound server.
+    pub sb: OvsdbServer,
+    northd: Child,
+    log: PathBuf,
+}
+
+impl OvnCentral {
+    /// Starts NB, SB and ovn-northd; initialises both databases.
+    #[track_caller]
+    pub fn start() -> Self {
+        let nb = OvsdbServer::standalone("nb", NB_SCHEMA, Listen::default());
+        let sb = OvsdbServer::southbound(Listen::default());
+        let log = sb.dir.join("northd.log");
+        let northd = Command::new("ovn-northd")
+            .arg("--no-chdir")
+            .arg(format!("--log-file={}", log.display()))
+            .arg(format!("--unixctl={}", sb.dir.join("northd.ctl").display()))
+            .arg(format!("--ovnnb-db={}", nb.unix_remote()))
+            .arg(format!("--ovnsb-db={}", sb.unix_remote()))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("ovn-northd runs");
+        let central = OvnCentral {
+            nb,
+            sb,
+            northd,
+            log,
+        };
+        central.nbctl(&["init"]);
+        central
+    }
+
+    /// Runs `ovn-nbctl` (waiting for ovn-northd to catch up with `--wait=sb`).
+    #[track_caller]
+    pub fn nbctl(&self, args: &[&str]) -> String {
+        run(Command::new("ovn-nbctl")
+            .arg(format!("--db={}", self.nb.unix_remote()))
+            .arg("--timeout=20")
+            .args(args))
+    }
+
+    /// ovn-northd's log so far.
+    pub fn northd_log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for OvnCentral {
+    fn drop(&mut self) {
+        let _ = self.northd.kill();
+        let _ = self.northd.wait();
+    }
+}

@@ -29,11 +29,12 @@ use std::{
     time::Duration,
 };
 
+use ovsdb::ChangeSet;
 use ovsdb::{
     Atom, Client, ClientOptions, Condition, Error as DbError, MonitorRequest, Operation, Remote,
     Row, TlsFiles, Uuid, Value,
 };
-use tokio::sync::Notify;
+use tokio::sync::{Notify, broadcast};
 use tracing::{debug, info, warn};
 
 use crate::event::IdleHit;
@@ -136,6 +137,7 @@ impl ControllerEventSink {
             client: client.clone(),
         };
         let writer = Writer {
+            changes: client.subscribe(),
             client,
             queue: sink.queue.clone(),
             wake: sink.wake.clone(),
@@ -230,6 +232,8 @@ pub fn connect_southbound(
 
 struct Writer {
     client: Client,
+    /// Replica changes, followed to learn when our committed rows show up or go away.
+    changes: broadcast::Receiver<Arc<ChangeSet>>,
     queue: Arc<Mutex<Queue>>,
     wake: Arc<Notify>,
     stats: Arc<SinkStats>,
@@ -246,13 +250,13 @@ struct Writer {
 
 impl Writer {
     async fn run(mut self) {
-        let mut changes = self.client.subscribe();
         loop {
+            self.observe_changes();
             // Wait for work and a connection; replica changes can settle earlier writes.
             if !self.client.is_connected() || self.nothing_to_do() {
                 tokio::select! {
                     _ = self.wake.notified() => {}
-                    _ = changes.recv() => {}
+                    set = self.changes.recv() => self.observe(set),
                     _ = tokio::time::sleep(Duration::from_millis(500)) => {}
                 }
                 continue;
@@ -263,13 +267,48 @@ impl Writer {
                     self.warned_no_chassis = true;
                 }
                 tokio::select! {
-                    _ = changes.recv() => {}
+                    set = self.changes.recv() => self.observe(set),
                     _ = tokio::time::sleep(Duration::from_millis(500)) => {}
                 }
                 continue;
             };
             self.warned_no_chassis = false;
             self.write_batch(&chassis).await;
+        }
+    }
+
+    fn observe_changes(&mut self) {
+        loop {
+            match self.changes.try_recv() {
+                Err(
+                    broadcast::error::TryRecvError::Empty | broadcast::error::TryRecvError::Closed,
+                ) => return,
+                other => self.observe(other.map_err(|e| match e {
+                    broadcast::error::TryRecvError::Lagged(n) => {
+                        broadcast::error::RecvError::Lagged(n)
+                    }
+                    _ => broadcast::error::RecvError::Closed,
+                })),
+            }
+        }
+    }
+
+    /// Forgets committed rows once the replica has shown them (inserted) or their deletion:
+    /// from then on the replica alone says whether they exist.
+    fn observe(&mut self, set: Result<Arc<ChangeSet>, broadcast::error::RecvError>) {
+        if self.committed_unseen.is_empty() {
+            return;
+        }
+        match set {
+            Ok(set) if !set.resync => {
+                for (table, uuid, _) in &set.changes {
+                    if table == EVENT_TABLE {
+                        self.committed_unseen.remove(uuid);
+                    }
+                }
+            }
+            // A rebuilt replica (or missed changes): what it has now is the truth.
+            _ => self.committed_unseen.clear(),
         }
     }
 
@@ -288,13 +327,11 @@ impl Writer {
             .map(|(uuid, _)| uuid.clone())
     }
 
-    /// Our rows now in the database (replica): key → seq_num. Also forgets committed rows
-    /// the replica now shows.
-    fn existing_rows(&mut self, chassis: &Uuid) -> HashMap<EventKey, i64> {
+    /// Our rows now in the database (replica): key → seq_num.
+    fn existing_rows(&self, chassis: &Uuid) -> HashMap<EventKey, i64> {
         let replica = self.client.replica();
         let mut rows = HashMap::new();
-        for (uuid, row) in replica.rows(EVENT_TABLE) {
-            self.committed_unseen.remove(uuid);
+        for (_, row) in replica.rows(EVENT_TABLE) {
             let ours = row
                 .get("chassis")
                 .and_then(Value::atom)
@@ -321,6 +358,7 @@ impl Writer {
     }
 
     async fn write_batch(&mut self, chassis: &Uuid) {
+        self.observe_changes();
         let existing = self.existing_rows(chassis);
         if self.last_seq.is_none() {
             let from_file = self.read_seq_file();

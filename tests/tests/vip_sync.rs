@@ -1,0 +1,315 @@
+//! The VIP map follows OVN's Load_Balancer table (through a real ovn-northd) or a static file.
+
+use std::{
+    net::{SocketAddr, TcpListener, TcpStream},
+    time::{Duration, Instant},
+};
+
+use ovsdb::{Client, ClientOptions, Operation, Remote, Row, Value};
+use unidler_tests::{
+    agent::Agent,
+    netns::{SERVER_V4, Topology},
+    ovsdb_server::{Listen, OvnCentral, OvsdbServer, TempDir},
+    require_root,
+};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+/// A listener on the VIP in the server namespace, accepting in the background: a
+/// connection succeeds exactly when the datapath lets the SYN through.
+fn listener(topo: &Topology, port: u16) -> TcpListener {
+    let l = topo.in_server(|| TcpListener::bind(SocketAddr::new(SERVER_V4.into(), port)).unwrap());
+    let c = l.try_clone().unwrap();
+    std::thread::spawn(move || for _ in c.incoming() {});
+    l
+}
+
+fn connects(topo: &Topology, port: u16) -> bool {
+    topo.in_client(|| {
+        TcpStream::connect_timeout(
+            &SocketAddr::new(SERVER_V4.into(), port),
+            Duration::from_millis(300),
+        )
+        .is_ok()
+    })
+}
+
+/// Repeats `step` until it returns true, or panics after `WAIT`.
+#[track_caller]
+fn eventually(what: &str, mut step: impl FnMut() -> bool) {
+    let deadline = Instant::now() + WAIT;
+    while !step() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn row_count(sb: &OvsdbServer) -> usize {
+    sb.event_rows().len()
+}
+
+#[test]
+fn load_balancers_from_ovn_northd_drive_events_and_traffic() {
+    require_root();
+    let topo = Topology::new("vo");
+    let ovn = OvnCentral::start();
+    ovn.sb
+        .sbctl(&["chassis-add", "chassis-1", "geneve", "127.0.0.1"]);
+    ovn.nbctl(&["ls-add", "sw0"]);
+    ovn.nbctl(&["lb-add", "lb0", "10.77.0.2:80", "", "tcp"]);
+    ovn.nbctl(&["set", "load_balancer", "lb0", "options:event=true"]);
+    ovn.nbctl(&["--wait=sb", "ls-lb-add", "sw0", "lb0"]);
+    let lb_uuid = ovn.nbctl(&[
+        "--bare",
+        "--columns=_uuid",
+        "find",
+        "load_balancer",
+        "name=lb0",
+    ]);
+    let _l = listener(&topo, 80);
+    let state = TempDir::new("vstate");
+    let db = ovn.sb.unix_remote();
+    let args = [
+        "run",
+        "--iface",
+        &topo.server_if,
+        "--ovnsb-db",
+        &db,
+        "--chassis",
+        "chassis-1",
+        "--state-dir",
+        state.0.to_str().unwrap(),
+    ];
+    let mut agent = Agent::start(&topo.server_ns, &args);
+    agent.wait_for_log("vips=1", WAIT);
+
+    // Idle with event=true: the SYN is dropped and the row names the NB load balancer.
+    assert!(!connects(&topo, 80));
+    eventually("the Controller_Event row", || row_count(&ovn.sb) == 1);
+    let row = &ovn.sb.event_rows()[0];
+    assert_eq!(row.event_info["load_balancer"], lb_uuid.trim());
+    assert_eq!(row.event_info["vip"], "10.77.0.2:80");
+    ovn.sb.sbctl(&["--all", "destroy", "Controller_Event"]);
+
+    // Backends return: traffic flows, no event.
+    ovn.nbctl(&[
+        "--wait=sb",
+        "--may-exist",
+        "lb-add",
+        "lb0",
+        "10.77.0.2:80",
+        "10.0.0.5:80",
+        "tcp",
+    ]);
+    eventually("traffic to flow", || connects(&topo, 80));
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(row_count(&ovn.sb), 0);
+
+    // Idled again: caught again.
+    ovn.nbctl(&[
+        "--wait=sb",
+        "--may-exist",
+        "lb-add",
+        "lb0",
+        "10.77.0.2:80",
+        "",
+        "tcp",
+    ]);
+    eventually("the SYN to be dropped again", || !connects(&topo, 80));
+    eventually("a new row", || row_count(&ovn.sb) == 1);
+    ovn.sb.sbctl(&["--all", "destroy", "Controller_Event"]);
+
+    // reject=true wins over event: the packet goes on (to OVN, which would reject it).
+    ovn.nbctl(&[
+        "--wait=sb",
+        "set",
+        "load_balancer",
+        "lb0",
+        "options:reject=true",
+    ]);
+    eventually("reject to let the packet pass", || connects(&topo, 80));
+    // Neither reject nor event: not reported either.
+    // (Both in one transaction: in between, the VIP would be reportable again.)
+    ovn.nbctl(&[
+        "--wait=sb",
+        "remove",
+        "load_balancer",
+        "lb0",
+        "options",
+        "reject",
+        "--",
+        "remove",
+        "load_balancer",
+        "lb0",
+        "options",
+        "event",
+    ]);
+    eventually("event=false to let the packet pass", || connects(&topo, 80));
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(row_count(&ovn.sb), 0);
+    // The global controller_event option turns it back on for every load balancer.
+    ovn.nbctl(&[
+        "--wait=sb",
+        "set",
+        "NB_Global",
+        ".",
+        "options:controller_event=true",
+    ]);
+    eventually("the global option", || !connects(&topo, 80));
+    eventually("a row again", || row_count(&ovn.sb) == 1);
+
+    // The load balancer goes away: so does the VIP.
+    ovn.nbctl(&["--wait=sb", "lb-del", "lb0"]);
+    eventually("the VIP to leave the map", || connects(&topo, 80));
+}
+
+#[test]
+fn a_vips_file_is_followed_and_a_bad_one_keeps_the_last_good_state() {
+    require_root();
+    let topo = Topology::new("vf");
+    let _l = listener(&topo, 80);
+    let dir = TempDir::new("vfile");
+    let file = dir.join("vips.toml");
+    let write = |text: &str| {
+        // Write then rename, as an editor or a ConfigMap update would.
+        let tmp = dir.join("vips.tmp");
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, &file).unwrap();
+    };
+    write("[[vip]]\nvip = \"10.77.0.2:80\"\nload_balancer = \"lb-file\"\n");
+    let mut agent = Agent::start(
+        &topo.server_ns,
+        &[
+            "run",
+            "--iface",
+            &topo.server_if,
+            "--vips-file",
+            file.to_str().unwrap(),
+        ],
+    );
+    assert!(!connects(&topo, 80));
+    let event = agent.next_event(Duration::from_secs(5)).expect("an event");
+    assert_eq!(event["vip"], "10.77.0.2:80");
+    assert_eq!(event["load_balancer"], "lb-file");
+
+    write("[[vip]]\nvip = \"10.77.0.2:80\"\nbackends = 2\n");
+    eventually("the reload to activate the VIP", || connects(&topo, 80));
+
+    write("[[vip]]\nvip = \"10.77.0.2:80\"\nbackends = \"lots\"\n");
+    agent.wait_for_log("VIPs file rejected", WAIT);
+    assert!(
+        agent.log.iter().any(|l| l.contains("line 3")),
+        "{:?}",
+        agent.log
+    );
+    assert!(connects(&topo, 80), "the last good state stays");
+
+    write("[[vip]]\nvip = \"10.77.0.2:80\"\n");
+    eventually("idle again", || !connects(&topo, 80));
+
+    // A bad file at start is an error, with the line.
+    write("[[vip]]\nvip = \"10.77.0.2\"\n");
+    let exit = Agent::run_to_exit(
+        &topo.server_ns,
+        &[
+            "run",
+            "--iface",
+            &topo.server_if,
+            "--vips-file",
+            file.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(exit.code, Some(1), "{}", exit.stderr);
+    assert!(exit.stderr.contains("line 2"), "{}", exit.stderr);
+}
+
+#[test]
+fn one_hundred_thousand_vips_load_from_the_southbound_database() {
+    require_root();
+    let topo = Topology::new("vs");
+    let sb = OvsdbServer::southbound(Listen::default());
+    sb.sbctl(&["chassis-add", "chassis-1", "geneve", "127.0.0.1"]);
+    let (lbs, per_lb) = (1000u32, 100u32);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let client = rt.block_on(async {
+        let mut o = ClientOptions::new(
+            Remote::parse_list(&sb.unix_remote()).unwrap(),
+            "OVN_Southbound",
+        );
+        o.leader_only = false;
+        let c = Client::start(o).unwrap();
+        c.wait_connected(WAIT).await.unwrap();
+        c
+    });
+    let lb_row = |i: u32, backends: &str| -> Row {
+        let vips: Vec<(String, String)> = (0..per_lb)
+            .map(|j| {
+                let n = i * per_lb + j;
+                (
+                    format!("10.{}.{}.{}:80", 100 + n / 65536, (n / 256) % 256, n % 256),
+                    backends.to_owned(),
+                )
+            })
+            .collect();
+        Row::from([
+            ("name".to_owned(), Value::from(format!("lb{i}").as_str())),
+            (
+                "vips".to_owned(),
+                Value::string_map(vips.iter().map(|(k, v)| (k.as_str(), v.as_str()))),
+            ),
+            ("protocol".to_owned(), Value::from("tcp")),
+            ("options".to_owned(), Value::string_map([("event", "true")])),
+        ])
+    };
+    let ops: Vec<Operation> = (0..lbs)
+        .map(|i| Operation::Insert {
+            table: "Load_Balancer".into(),
+            row: lb_row(i, ""),
+            uuid_name: None,
+        })
+        .collect();
+    rt.block_on(client.transact(&ops)).unwrap();
+
+    let state = TempDir::new("sstate");
+    let db = sb.unix_remote();
+    let started = Instant::now();
+    let mut agent = Agent::start(
+        &topo.server_ns,
+        &[
+            "run",
+            "--iface",
+            &topo.server_if,
+            "--ovnsb-db",
+            &db,
+            "--chassis",
+            "chassis-1",
+            "--state-dir",
+            state.0.to_str().unwrap(),
+            "--log-level",
+            "info,unidler=debug",
+        ],
+    );
+    let line = agent.wait_for_log("vips=100000", WAIT);
+    let load = started.elapsed();
+    println!("100,000 VIPs: agent start to map synced in {load:?} ({line})");
+
+    // One incremental change: one load balancer gets backends.
+    let changed = Instant::now();
+    rt.block_on(client.transact(&[Operation::Update {
+        table: "Load_Balancer".into(),
+        conditions: vec![ovsdb::Condition::eq("name", "lb7")],
+        row: Row::from([(
+            "vips".to_owned(),
+            lb_row(7, "10.0.0.1:80").remove("vips").unwrap(),
+        )]),
+    }]))
+    .unwrap();
+    let line = agent.wait_for_log(&format!("VIP map updated changes={per_lb} "), WAIT);
+    println!(
+        "one load balancer changed: applied {:?} after the commit ({line})",
+        changed.elapsed()
+    );
+}

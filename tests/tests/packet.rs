@@ -187,6 +187,8 @@ fn syn_to_idle_vip_is_dropped_and_reported_v4_and_v6() {
         assert_eq!(run.counters.get(Counter::VipHits), 1);
         assert_eq!(run.counters.get(Counter::IdleDropped), 1);
         assert_eq!(run.counters.get(Counter::EventsWritten), 1);
+        let key = frame_vip_key(&frame);
+        assert_eq!(h.datapath.vip(&key).unwrap().hits, 1, "per-VIP hit count");
         assert_eq!(
             Vip::from_key(&e.vip).unwrap().endpoint(),
             Vip::from_key(&frame_vip_key(&frame)).unwrap().endpoint()

@@ -44,8 +44,8 @@ pub const VIP_FLAG_PASS_WHEN_IDLE: u32 = 1 << 0;
 /// Value of the VIP map.
 ///
 /// The agent writes `backends`, `vip_id` and `flags`. The kernel writes only
-/// `event_tat_ns`, the state of the VIP's event rate limiter; the agent writes it as zero
-/// (a fresh bucket) whenever it rewrites the entry.
+/// `event_tat_ns`, the state of the VIP's event rate limiter (the agent writes it as zero, a
+/// fresh bucket, whenever it rewrites the entry), and `hits` (the agent carries it over).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct VipState {
@@ -61,6 +61,8 @@ pub struct VipState {
     /// Rate limiter state: the GCRA "theoretical arrival time" of the next event, in
     /// `CLOCK_MONOTONIC` nanoseconds. Zero is a full bucket.
     pub event_tat_ns: u64,
+    /// Connection-opening packets seen for this VIP (idle or not), counted by the kernel.
+    pub hits: u64,
 }
 
 /// Rate limits for events, written by the agent into the `CONFIG` array before attaching.
@@ -231,7 +233,7 @@ impl Counter {
 }
 
 const _: () = assert!(core::mem::size_of::<VipKey>() == 20);
-const _: () = assert!(core::mem::size_of::<VipState>() == 24);
+const _: () = assert!(core::mem::size_of::<VipState>() == 32);
 const _: () = assert!(core::mem::size_of::<RateLimitConfig>() == 32);
 const _: () = assert!(core::mem::size_of::<IdleHitEvent>() == 64);
 

@@ -12,7 +12,7 @@
 #![feature(core_intrinsics)]
 #![allow(internal_features)]
 
-use core::intrinsics::{AtomicOrdering, atomic_cxchg};
+use core::intrinsics::{AtomicOrdering, atomic_cxchg, atomic_xadd};
 
 use aya_ebpf::{
     bindings::xdp_action,
@@ -224,6 +224,8 @@ fn on_opening_packet(ctx: &XdpContext, packet: &OpeningPacket) -> u32 {
     count(Counter::VipHits);
     // SAFETY: a map value pointer stays valid for the whole program run.
     let state = unsafe { &mut *state };
+    // SAFETY: an 8-byte aligned field of the map value; BPF_XADD.
+    unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&mut state.hits, 1) };
     if state.backends != 0 {
         return xdp_action::XDP_PASS;
     }

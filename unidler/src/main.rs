@@ -26,7 +26,7 @@ use unidler::{
     vip::VipSpec,
     vipsource::{self, DesiredVip, VipUpdate},
 };
-use unidler_common::{Counter, RateLimitConfig, VIP_FLAG_PASS_WHEN_IDLE};
+use unidler_common::{Counter, RateLimitConfig, VIP_FLAG_PASS_WHEN_IDLE, VipState};
 
 #[derive(Parser)]
 #[command(
@@ -428,7 +428,11 @@ fn apply_vips(
     let changes = registry.apply(update, flags);
     for change in &changes {
         match change {
-            MapChange::Upsert(key, state) => datapath.upsert_vip(*key, *state)?,
+            MapChange::Upsert(key, state) => {
+                // Keep the kernel's hit count across a rewrite of the entry.
+                let hits = datapath.vip(key).map_or(0, |old| old.hits);
+                datapath.upsert_vip(*key, VipState { hits, ..*state })?;
+            }
             MapChange::Remove(key) => datapath.remove_vip(key)?,
         }
     }

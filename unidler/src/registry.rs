@@ -47,6 +47,7 @@ impl VipEntry {
                 flags: self.flags,
                 _pad: 0,
                 event_tat_ns: 0,
+                hits: 0,
             },
         )
     }

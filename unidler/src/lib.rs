@@ -7,5 +7,6 @@ pub mod datapath;
 pub mod event;
 pub mod registry;
 pub mod sink;
+pub mod telemetry;
 pub mod vip;
 pub mod vipsource;

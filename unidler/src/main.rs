@@ -1,10 +1,12 @@
 //! `unidler`: notices the first packet sent to an idle service and reports it.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, VecDeque},
     io::{self, Write as _},
+    net::SocketAddr,
     path::PathBuf,
     process::ExitCode,
+    sync::Arc,
     sync::atomic::Ordering,
     time::Duration,
 };
@@ -23,6 +25,7 @@ use unidler::{
     event::{IdleHit, iface_name},
     registry::{MapChange, VipRegistry},
     sink::{self, ControllerEventSink, SinkOptions, default_chassis_name},
+    telemetry::{self, Query, Readiness, Snapshot, VipRow},
     vip::VipSpec,
     vipsource::{self, DesiredVip, VipUpdate},
 };
@@ -50,7 +53,26 @@ enum Command {
     /// Each event is written to standard output as one JSON object per line; logs go to
     /// standard error. SIGINT or SIGTERM detaches the program and exits.
     Run(RunArgs),
+    /// Show the VIP table of a running agent: backends, state, hits, load balancer.
+    Vips(ClientArgs),
+    /// Show the most recent idle hits a running agent saw.
+    Events(ClientArgs),
 }
+
+#[derive(Args)]
+struct ClientArgs {
+    /// The agent's --metrics-addr.
+    #[arg(long, env = "UNIDLER_METRICS_ADDR", default_value = DEFAULT_METRICS_ADDR)]
+    metrics_addr: SocketAddr,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Loopback only by default: the endpoint exposes the node's VIP table.
+const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:9477";
+/// Idle hits kept for `unidler events`.
+const RECENT_EVENTS: usize = 100;
 
 #[derive(Args)]
 struct LoggingArgs {
@@ -142,6 +164,10 @@ struct RunArgs {
     /// Where state that outlives the process is kept (the last Controller_Event seq_num).
     #[arg(long, env = "UNIDLER_STATE_DIR", default_value = "/var/lib/unidler")]
     state_dir: PathBuf,
+    /// Address of the HTTP endpoint: /metrics (Prometheus), /healthz, /readyz, /api/vips,
+    /// /api/events.
+    #[arg(long, env = "UNIDLER_METRICS_ADDR", default_value = DEFAULT_METRICS_ADDR)]
+    metrics_addr: SocketAddr,
     /// How often to log a summary of the kernel counters (0 turns it off).
     #[arg(long, env = "UNIDLER_SUMMARY_INTERVAL", default_value = "60s", value_parser = humantime_duration)]
     summary_interval: Duration,
@@ -182,6 +208,8 @@ fn main() -> ExitCode {
             .build()
             .context("starting the async runtime")
             .and_then(|rt| rt.block_on(run(args))),
+        Command::Vips(args) => show_vips(&args),
+        Command::Events(args) => show_events(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -244,6 +272,14 @@ async fn run(args: RunArgs) -> Result<()> {
         )
     });
 
+    // Health and metrics from now on; /readyz says what is still missing.
+    let readiness = Arc::new(Readiness::default());
+    let (query_tx, mut queries) = mpsc::channel(16);
+    let bound = telemetry::serve(args.metrics_addr, query_tx, readiness.clone(), sink.clone())
+        .await
+        .with_context(|| format!("serving --metrics-addr {}", args.metrics_addr))?;
+    info!(addr = %bound, "serving /metrics, /healthz, /readyz, /api/vips, /api/events");
+
     // VIPs: from a file, from --vip flags, or from OVN.
     let flags = match args.idle_action {
         IdleAction::Drop => 0,
@@ -252,7 +288,7 @@ async fn run(args: RunArgs) -> Result<()> {
     let mut registry = VipRegistry::new();
     let (vip_tx, mut vip_updates) = mpsc::unbounded_channel();
     let (reload_tx, reload_rx) = mpsc::unbounded_channel();
-    match source {
+    match source.clone() {
         Source::File(path) => {
             // Load once now so that a bad file fails the start, then follow it.
             let vips = vipsource::load(&path)
@@ -297,6 +333,11 @@ async fn run(args: RunArgs) -> Result<()> {
         let ifindex = datapath.attach(iface, args.xdp_mode)?;
         info!(iface, ifindex, mode = ?args.xdp_mode, "XDP program attached");
     }
+    readiness.attached.store(true, Ordering::Relaxed);
+    if source != Source::Ovn {
+        // Static VIPs were applied before attaching.
+        readiness.vips_synced.store(true, Ordering::Relaxed);
+    }
     let names: HashMap<u32, String> = datapath
         .attached()
         .map(|(name, index)| (index, name.to_owned()))
@@ -325,6 +366,9 @@ async fn run(args: RunArgs) -> Result<()> {
     let mut last_summary = datapath.counters()?;
     let mut stdout = io::stdout().lock();
 
+    let mut recent: VecDeque<IdleHit> = VecDeque::with_capacity(RECENT_EVENTS);
+    let mut events_received = 0u64;
+
     loop {
         tokio::select! {
             guard = events.readable_mut() => {
@@ -339,6 +383,11 @@ async fn run(args: RunArgs) -> Result<()> {
                         return;
                     };
                     debug!(vip = %hit.vip, protocol = %hit.protocol, src = %hit.src, iface = %hit.iface, "idle hit");
+                    events_received += 1;
+                    if recent.len() == RECENT_EVENTS {
+                        recent.pop_front();
+                    }
+                    recent.push_back(hit.clone());
                     if let Some(sink) = &sink {
                         sink.submit(&hit);
                     } else if write_err.is_none()
@@ -363,10 +412,45 @@ async fn run(args: RunArgs) -> Result<()> {
                 let now = datapath.counters()?;
                 log_summary("last interval", &now.since(&last_summary));
                 last_summary = now;
+                if let Some(sink) = &sink {
+                    log_sink_totals(sink);
+                }
             }
             Some(update) = vip_updates.recv() => {
+                if matches!(update, VipUpdate::Replace(_)) {
+                    readiness.vips_synced.store(true, Ordering::Relaxed);
+                }
                 apply_vips(&mut datapath, &mut registry, update, flags)?;
             }
+            Some(query) = queries.recv() => match query {
+                Query::Snapshot(reply) => {
+                    let idle = registry.idle_count() as u64;
+                    let _ = reply.send(Snapshot {
+                        kernel: datapath.counters()?,
+                        vips_idle: idle,
+                        vips_active: registry.len() as u64 - idle,
+                        events_received,
+                    });
+                }
+                Query::Vips(reply) => {
+                    let mut rows: Vec<VipRow> = registry
+                        .entries()
+                        .map(|e| VipRow {
+                            vip: e.vip.endpoint(),
+                            protocol: e.vip.protocol.to_string(),
+                            backends: e.backends,
+                            state: if e.backends == 0 { "idle" } else { "active" }.into(),
+                            hits: datapath.vip(&e.vip.key()).map_or(0, |s| s.hits),
+                            load_balancer: e.load_balancer.clone(),
+                        })
+                        .collect();
+                    rows.sort_by(|a, b| (&a.vip, &a.protocol).cmp(&(&b.vip, &b.protocol)));
+                    let _ = reply.send(rows);
+                }
+                Query::Events(reply) => {
+                    let _ = reply.send(recent.iter().cloned().collect());
+                }
+            },
             _ = sighup.recv() => {
                 info!("SIGHUP: reloading the VIPs file");
                 let _ = reload_tx.send(());
@@ -385,17 +469,23 @@ async fn run(args: RunArgs) -> Result<()> {
                 "exiting with idle hits not yet written"
             );
         }
-        let s = sink.stats();
-        info!(
-            received = s.received.load(Ordering::Relaxed),
-            written = s.written.load(Ordering::Relaxed),
-            deduplicated = s.deduplicated.load(Ordering::Relaxed),
-            dropped_overflow = s.dropped_overflow.load(Ordering::Relaxed),
-            failed = s.failed.load(Ordering::Relaxed),
-            "Controller_Event totals"
-        );
+        log_sink_totals(sink);
     }
     Ok(())
+}
+
+fn log_sink_totals(sink: &ControllerEventSink) {
+    let s = sink.stats();
+    info!(
+        received = s.received.load(Ordering::Relaxed),
+        written = s.written.load(Ordering::Relaxed),
+        deduplicated = s.deduplicated.load(Ordering::Relaxed),
+        dropped_overflow = s.dropped_overflow.load(Ordering::Relaxed),
+        failed = s.failed.load(Ordering::Relaxed),
+        queued = sink.queue_depth(),
+        connected = sink.client().is_connected(),
+        "Controller_Event totals"
+    );
 }
 
 /// Where the VIPs come from; the first that applies: `--vips-file`, `--vip`, `--ovnsb-db`.
@@ -488,6 +578,94 @@ async fn connect_southbound(
     let client = sink::connect_southbound(remotes, tls, monitors)
         .context("connecting to the Southbound database")?;
     Ok((client, chassis))
+}
+
+fn show_vips(args: &ClientArgs) -> Result<()> {
+    let body = telemetry::http_get(args.metrics_addr, "/api/vips").map_err(anyhow::Error::msg)?;
+    if args.json {
+        println!("{body}");
+        return Ok(());
+    }
+    let rows: Vec<VipRow> = serde_json::from_str(&body).context("agent's VIP table")?;
+    let table: Vec<[String; 6]> = rows
+        .into_iter()
+        .map(|r| {
+            [
+                r.vip,
+                r.protocol,
+                r.state,
+                r.backends.to_string(),
+                r.hits.to_string(),
+                r.load_balancer.unwrap_or_else(|| "-".into()),
+            ]
+        })
+        .collect();
+    print_table(
+        ["VIP", "PROTO", "STATE", "BACKENDS", "HITS", "LOAD BALANCER"],
+        &table,
+    );
+    Ok(())
+}
+
+fn show_events(args: &ClientArgs) -> Result<()> {
+    let body = telemetry::http_get(args.metrics_addr, "/api/events").map_err(anyhow::Error::msg)?;
+    if args.json {
+        println!("{body}");
+        return Ok(());
+    }
+    let rows: Vec<serde_json::Value> = serde_json::from_str(&body).context("agent's events")?;
+    let field = |v: &serde_json::Value, k: &str| match &v[k] {
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Null => "-".into(),
+        other => other.to_string(),
+    };
+    let table: Vec<[String; 6]> = rows
+        .iter()
+        .map(|e| {
+            [
+                field(e, "timestamp_ns"),
+                field(e, "vip"),
+                field(e, "protocol"),
+                field(e, "src"),
+                field(e, "iface"),
+                field(e, "action"),
+            ]
+        })
+        .collect();
+    print_table(
+        [
+            "TIME (MONOTONIC NS)",
+            "VIP",
+            "PROTO",
+            "SOURCE",
+            "IFACE",
+            "ACTION",
+        ],
+        &table,
+    );
+    Ok(())
+}
+
+/// Prints rows under a header with every column aligned.
+fn print_table<const N: usize>(header: [&str; N], rows: &[[String; N]]) {
+    let mut widths = header.map(str::len);
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.len());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let padded: Vec<String> = cells
+            .iter()
+            .zip(widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        println!("{}", padded.join("  ").trim_end());
+    };
+    line(header.to_vec());
+    for row in rows {
+        line(row.iter().map(String::as_str).collect());
+    }
 }
 
 /// Registers a ring buffer with the runtime's epoll for readability.

@@ -34,8 +34,9 @@ use ovsdb::{
     Atom, Client, ClientOptions, Condition, Error as DbError, MonitorRequest, Operation, Remote,
     Row, TlsFiles, Uuid, Value,
 };
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use tokio::sync::{Notify, broadcast};
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 
 use crate::event::IdleHit;
 
@@ -58,7 +59,7 @@ pub struct SinkOptions {
 }
 
 /// What the sink has done, for logs and metrics.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct SinkStats {
     /// Hits handed to the sink.
     pub received: AtomicU64,
@@ -72,6 +73,38 @@ pub struct SinkStats {
     pub failed: AtomicU64,
     /// Transactions committed.
     pub transactions: AtomicU64,
+    /// Time for a Controller_Event transaction to commit, seconds.
+    pub transaction_seconds: Histogram,
+    /// Time from the kernel seeing a packet to its row committed, seconds.
+    pub event_latency_seconds: Histogram,
+}
+
+impl Default for SinkStats {
+    fn default() -> Self {
+        // 50 µs .. ~3 s.
+        let buckets = || exponential_buckets(50e-6, 2.0, 17);
+        Self {
+            received: AtomicU64::default(),
+            deduplicated: AtomicU64::default(),
+            dropped_overflow: AtomicU64::default(),
+            written: AtomicU64::default(),
+            failed: AtomicU64::default(),
+            transactions: AtomicU64::default(),
+            transaction_seconds: Histogram::new(buckets()),
+            event_latency_seconds: Histogram::new(buckets()),
+        }
+    }
+}
+
+/// `CLOCK_MONOTONIC` now, in nanoseconds: the clock of the kernel's event timestamps.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes the timespec it is given.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 /// The identity of a row: ovn-controller keeps one per (vip, protocol, load_balancer).
@@ -112,8 +145,9 @@ impl EventKey {
 #[derive(Default)]
 struct Queue {
     waiting: VecDeque<EventKey>,
-    /// Keys waiting or being written: a second hit for one of them is a duplicate.
-    pending: HashSet<EventKey>,
+    /// Keys waiting or being written, with the kernel timestamp of their first hit: a
+    /// second hit for one of them is a duplicate.
+    pending: HashMap<EventKey, u64>,
 }
 
 /// Hands idle hits to the writer task. Cheap to clone.
@@ -158,7 +192,7 @@ impl ControllerEventSink {
         self.stats.received.fetch_add(1, Ordering::Relaxed);
         let key = EventKey::of(hit);
         let mut queue = self.queue.lock().expect("queue lock");
-        if queue.pending.contains(&key) {
+        if queue.pending.contains_key(&key) {
             self.stats.deduplicated.fetch_add(1, Ordering::Relaxed);
             return;
         }
@@ -174,7 +208,7 @@ impl ControllerEventSink {
             }
             return;
         }
-        queue.pending.insert(key.clone());
+        queue.pending.insert(key.clone(), hit.timestamp_ns);
         queue.waiting.push_back(key);
         drop(queue);
         self.wake.notify_one();
@@ -435,10 +469,18 @@ impl Writer {
                     if let Some(uuid) = result.uuid() {
                         self.committed_unseen.insert(uuid.clone(), key.clone());
                     }
-                    self.release(key);
+                    if let Some(first_hit) = self.release(key) {
+                        let latency = monotonic_ns().saturating_sub(first_hit);
+                        self.stats
+                            .event_latency_seconds
+                            .observe(latency as f64 / 1e9);
+                    }
                 }
+                self.stats
+                    .transaction_seconds
+                    .observe(started.elapsed().as_secs_f64());
                 self.write_seq_file();
-                info!(
+                debug!(
                     rows = batch.len(),
                     elapsed_us = started.elapsed().as_micros() as u64,
                     "Controller_Event rows written"
@@ -471,8 +513,9 @@ impl Writer {
         }
     }
 
-    fn release(&self, key: &EventKey) {
-        self.queue.lock().expect("queue lock").pending.remove(key);
+    /// Done with `key`; returns the kernel timestamp of its first hit.
+    fn release(&self, key: &EventKey) -> Option<u64> {
+        self.queue.lock().expect("queue lock").pending.remove(key)
     }
 
     fn read_seq_file(&self) -> i64 {

@@ -52,7 +52,7 @@ enum Command {
     ///
     /// Each event is written to standard output as one JSON object per line; logs go to
     /// standard error. SIGINT or SIGTERM detaches the program and exits.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Show the VIP table of a running agent: backends, state, hits, load balancer.
     Vips(ClientArgs),
     /// Show the most recent idle hits a running agent saw.
@@ -207,7 +207,7 @@ fn main() -> ExitCode {
             .enable_all()
             .build()
             .context("starting the async runtime")
-            .and_then(|rt| rt.block_on(run(args))),
+            .and_then(|rt| rt.block_on(run(*args))),
         Command::Vips(args) => show_vips(&args),
         Command::Events(args) => show_events(&args),
     };

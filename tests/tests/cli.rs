@@ -96,3 +96,43 @@ fn missing_privileges_name_the_capabilities() {
     }
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
+
+/// Every flag and UNIDLER_* variable the DaemonSet and the systemd unit use exists in
+/// `unidler run --help`, so the deployment files cannot drift from the binary.
+#[test]
+fn deployment_files_use_only_flags_the_binary_has() {
+    let help = String::from_utf8(
+        std::process::Command::new(unidler_tests::agent::agent_binary())
+            .args(["run", "--help"])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap();
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy");
+    let mut checked = 0;
+    for file in ["daemonset.yaml", "unidler.service"] {
+        let text = std::fs::read_to_string(root.join(file)).unwrap();
+        for line in text.lines().filter(|l| !l.trim_start().starts_with('#')) {
+            for word in line.split(|c: char| c.is_whitespace() || c == '"' || c == '=') {
+                let flag = word.trim_start_matches("- ");
+                let is_flag = flag.starts_with("--") && flag.len() > 2;
+                let is_env = flag.starts_with("UNIDLER_");
+                if is_flag || is_env {
+                    checked += 1;
+                    assert!(
+                        help.contains(&format!("{flag} "))
+                            || help.contains(&format!("{flag}="))
+                            || help.contains(&format!("{flag}\n"))
+                            || help.contains(&format!("{flag}]")),
+                        "{file} uses {flag}, which `unidler run --help` does not list"
+                    );
+                }
+            }
+        }
+    }
+    assert!(
+        checked >= 15,
+        "only {checked} flags found: is the parsing right?"
+    );
+}

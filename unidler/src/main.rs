@@ -65,7 +65,7 @@ struct ClientArgs {
     #[arg(long, env = "UNIDLER_METRICS_ADDR", default_value = DEFAULT_METRICS_ADDR)]
     metrics_addr: SocketAddr,
     /// Print JSON instead of a table.
-    #[arg(long)]
+    #[arg(long, env = "UNIDLER_JSON")]
     json: bool,
 }
 

@@ -85,7 +85,7 @@ impl Agent {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .env_remove("RUST_LOG");
-        let mut child = cmd
+        let mut child = crate::die_with_parent(&mut cmd)
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {}: {e}", bin.display()));
         let stdout = lines_of(child.stdout.take().unwrap());

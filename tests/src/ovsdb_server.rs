@@ -194,7 +194,11 @@ impl OvsdbServer {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null());
-        self.child = Some(cmd.spawn().expect("ovsdb-server runs"));
+        self.child = Some(
+            crate::die_with_parent(&mut cmd)
+                .spawn()
+                .expect("ovsdb-server runs"),
+        );
         let deadline = Instant::now() + Duration::from_secs(10);
         while !file("sock").exists() || !file("ctl").exists() {
             assert!(
@@ -435,7 +439,7 @@ impl OvnCentral {
         let nb = OvsdbServer::standalone("nb", NB_SCHEMA, Listen::default());
         let sb = OvsdbServer::southbound(Listen::default());
         let log = sb.dir.join("northd.log");
-        let northd = Command::new("ovn-northd")
+        let northd = crate::die_with_parent(&mut Command::new("ovn-northd"))
             .arg("--no-chdir")
             .arg(format!("--log-file={}", log.display()))
             .arg(format!("--unixctl={}", sb.dir.join("northd.ctl").display()))

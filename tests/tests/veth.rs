@@ -275,6 +275,9 @@ fn a_second_agent_on_the_same_interface_is_refused_clearly() {
             &topo.server_if,
             "--vip",
             "10.77.0.2:8080/tcp",
+            // Its own endpoint, so that the refusal is about the interface.
+            "--metrics-addr",
+            "127.0.0.1:9478",
         ],
     );
     assert_eq!(exit.code, Some(1), "{}", exit.stderr);

@@ -533,8 +533,8 @@ fn a_full_ring_is_counted_not_fatal() {
     h.vip("10.96.0.10:80/tcp");
     let frame = syn(CLIENT4, VIP4, 80).build();
     let before = h.datapath.counters().unwrap();
-    // Never drained: the 256 KiB ring holds about 3,600 events.
-    for _ in 0..5000 {
+    // Never drained: the 1 MiB ring holds about 14,500 events.
+    for _ in 0..20_000 {
         assert_eq!(h.datapath.test_run(&frame, LO).unwrap(), XDP_DROP);
     }
     let c = h.datapath.counters().unwrap().since(&before);

@@ -17,8 +17,12 @@ pub const IPPROTO_SCTP: u8 = 132;
 pub const VIP_MAP_CAPACITY: u32 = 131_072;
 
 /// Size in bytes of the event ring buffer (a power of two, a multiple of the page size).
-/// 256 KiB holds 4,096 events, far more than the rate limits let through between two reads.
-pub const EVENT_RING_BYTES: u32 = 256 * 1024;
+/// 1 MiB holds about 14,500 events (72 bytes each with the ring's header): a wake-up storm of
+/// 10,000 services fits even if the agent is slow to read.
+pub const EVENT_RING_BYTES: u32 = 1024 * 1024;
+
+/// Name of the do-nothing XDP program in the same object, the benchmarks' baseline.
+pub const BASELINE_PROGRAM_NAME: &str = "baseline_pass";
 
 /// Name of the XDP program inside the object file.
 pub const PROGRAM_NAME: &str = "unidler";

@@ -87,6 +87,13 @@ pub fn unidler(ctx: XdpContext) -> u32 {
     }
 }
 
+/// An XDP program that passes everything and does nothing else: the baseline the benchmarks
+/// compare the real program with. Never attached.
+#[xdp]
+pub fn baseline_pass(_ctx: XdpContext) -> u32 {
+    xdp_action::XDP_PASS
+}
+
 /// A connection-opening packet, reduced to what a VIP lookup and an event need.
 struct OpeningPacket {
     vip: VipKey,

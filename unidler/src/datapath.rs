@@ -259,20 +259,28 @@ impl Datapath {
         ifindex: u32,
         repeat: u32,
     ) -> Result<(u32, u64), DatapathError> {
-        let program = self.program()?;
-        // struct xdp_md { data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex }
-        let mut ctx = [0u8; 24];
-        ctx[4..8].copy_from_slice(&(frame.len() as u32).to_ne_bytes());
-        ctx[12..16].copy_from_slice(&ifindex.to_ne_bytes());
-        let result = program
-            .test_run(TestRunOptions {
-                data_in: Some(frame),
-                ctx_in: Some(&ctx),
-                repeat,
-                ..TestRunOptions::default()
-            })
-            .map_err(DatapathError::TestRun)?;
-        Ok((result.return_value, result.duration.as_nanos() as u64))
+        run_repeat(self.program()?, frame, ifindex, repeat)
+    }
+
+    /// Loads the do-nothing baseline program from the same object and runs it like
+    /// [`Datapath::test_run_repeat`]: what an XDP program costs before it does anything.
+    pub fn baseline_test_run(
+        &mut self,
+        frame: &[u8],
+        ifindex: u32,
+        repeat: u32,
+    ) -> Result<(u32, u64), DatapathError> {
+        let program: &mut Xdp = self
+            .ebpf
+            .program_mut(unidler_common::BASELINE_PROGRAM_NAME)
+            .and_then(|p| <&mut Xdp>::try_from(p).ok())
+            .ok_or(DatapathError::Missing("baseline program"))?;
+        if program.fd().is_err() {
+            program
+                .load()
+                .map_err(|e| DatapathError::Load(Box::new(e)))?;
+        }
+        run_repeat(program, frame, ifindex, repeat)
     }
 
     fn program(&self) -> Result<&Xdp, DatapathError> {
@@ -350,6 +358,27 @@ impl AsRawFd for EventRing {
     fn as_raw_fd(&self) -> std::os::fd::RawFd {
         self.ring.as_raw_fd()
     }
+}
+
+fn run_repeat(
+    program: &Xdp,
+    frame: &[u8],
+    ifindex: u32,
+    repeat: u32,
+) -> Result<(u32, u64), DatapathError> {
+    // struct xdp_md { data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex }
+    let mut ctx = [0u8; 24];
+    ctx[4..8].copy_from_slice(&(frame.len() as u32).to_ne_bytes());
+    ctx[12..16].copy_from_slice(&ifindex.to_ne_bytes());
+    let result = program
+        .test_run(TestRunOptions {
+            data_in: Some(frame),
+            ctx_in: Some(&ctx),
+            repeat,
+            ..TestRunOptions::default()
+        })
+        .map_err(DatapathError::TestRun)?;
+    Ok((result.return_value, result.duration.as_nanos() as u64))
 }
 
 fn take_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, DatapathError>

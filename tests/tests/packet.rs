@@ -541,7 +541,7 @@ fn a_full_ring_is_counted_not_fatal() {
     assert!(c.get(Counter::RingFull) > 0, "{c:?}");
     assert_eq!(
         c.get(Counter::RingFull) + c.get(Counter::EventsWritten),
-        5000
+        20_000
     );
     let mut drained = 0;
     h.events.drain(|_| drained += 1);

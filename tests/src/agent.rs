@@ -151,6 +151,11 @@ impl Agent {
             .map(|line| serde_json::from_str(&line).expect("JSON line"))
     }
 
+    /// The agent's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Sends `signal` to the agent.
     pub fn signal(&self, signal: i32) {
         // `ip netns exec` execs the agent, so the child pid is the agent's.

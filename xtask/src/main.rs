@@ -45,6 +45,12 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<OsString>,
     },
+    /// Run the benchmarks (needs root); e.g. `cargo xtask bench -- 1 3` for sections 1 and 3.
+    Bench {
+        /// Sections to run (default: all).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<OsString>,
+    },
     /// Check formatting and run clippy with warnings denied, the eBPF crate included.
     Lint,
     /// Show the datapath catching the first packet to an idle service, in namespaces of its own.
@@ -72,6 +78,7 @@ fn dispatch(task: Task) -> Result<()> {
         }
         Task::Test { args } => test(args),
         Task::Lint => lint(),
+        Task::Bench { args } => bench(args),
         Task::Demo => {
             let agent = build(&setup::ensure_all()?, false)?;
             demo::run(&agent)
@@ -107,6 +114,25 @@ fn test(args: Vec<OsString>) -> Result<()> {
         .args(args)
         .env("UNIDLER_BIN", &agent);
     run(&mut cmd)
+}
+
+fn bench(args: Vec<OsString>) -> Result<()> {
+    let tools = setup::ensure_all()?;
+    if !is_root() {
+        bail!("the benchmarks load XDP programs and create namespaces: run them as root");
+    }
+    let agent = build(&tools, true)?;
+    run(cargo(&tools)
+        .args([
+            "bench",
+            "--package",
+            "unidler-tests",
+            "--bench",
+            "bench",
+            "--",
+        ])
+        .args(args)
+        .env("UNIDLER_BIN", &agent))
 }
 
 fn lint() -> Result<()> {

@@ -751,9 +751,10 @@ fn vip_sync() -> Vec<Figure> {
 
 fn print_table(figures: &[Figure]) {
     println!();
+    let header = ["SECTION", "FIGURE", "VALUE", "UNIT", "BASELINE", "RATIO", "TARGET"];
     println!(
         "{:<14} {:<58} {:>12} {:<11} {:>26} {:>7}  {}",
-        "SECTION", "FIGURE", "VALUE", "UNIT", "BASELINE", "RATIO", "TARGET"
+        header[0], header[1], header[2], header[3], header[4], header[5], header[6]
     );
     for f in figures {
         let (base, ratio) = match &f.baseline {

@@ -751,7 +751,9 @@ fn vip_sync() -> Vec<Figure> {
 
 fn print_table(figures: &[Figure]) {
     println!();
-    let header = ["SECTION", "FIGURE", "VALUE", "UNIT", "BASELINE", "RATIO", "TARGET"];
+    let header = [
+        "SECTION", "FIGURE", "VALUE", "UNIT", "BASELINE", "RATIO", "TARGET",
+    ];
     println!(
         "{:<14} {:<58} {:>12} {:<11} {:>26} {:>7}  {}",
         header[0], header[1], header[2], header[3], header[4], header[5], header[6]

@@ -264,3 +264,36 @@ fn assert_exactly_once(rows: &[EventRow], n: usize) {
     seqs.dedup();
     assert_eq!(seqs.len(), n, "seq_nums are unique");
 }
+
+#[test]
+fn a_full_queue_drops_and_counts_the_overflow() {
+    require_root();
+    let topo = Topology::new("cq");
+    let mut sb = OvsdbServer::southbound(Listen::default());
+    sb.sbctl(&["chassis-add", "chassis-1", "geneve", "127.0.0.1"]);
+    let state = TempDir::new("state");
+    let db = sb.unix_remote();
+    let vips: Vec<String> = (0..20)
+        .map(|i| format!("10.77.0.2:{}/udp@{LB}", 6000 + i))
+        .collect();
+    let state_dir = state.0.to_str().unwrap().to_owned();
+    let mut args = agent_args(&topo, &db, &state_dir, &vips);
+    args.extend(["--event-queue-size", "5"]);
+    let mut agent = Agent::start(&topo.server_ns, &args);
+    sb.kill();
+    for i in 0..20 {
+        udp_hit(&topo, 6000 + i);
+    }
+    agent.wait_for_log("event queue full", WAIT);
+    sb.start();
+    let rows = wait_rows("the queued rows", || sb.event_rows(), |r| r.len() >= 5);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(sb.event_rows().len(), 5, "only what fitted: {rows:#?}");
+    agent.signal(libc::SIGTERM);
+    let exit = agent.wait(WAIT);
+    assert!(
+        exit.stderr.contains("dropped_overflow=15"),
+        "{}",
+        exit.stderr
+    );
+}

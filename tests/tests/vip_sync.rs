@@ -2,6 +2,7 @@
 
 use std::{
     net::{SocketAddr, TcpListener, TcpStream},
+    process::Command,
     time::{Duration, Instant},
 };
 
@@ -322,4 +323,49 @@ fn one_hundred_thousand_vips_load_from_the_southbound_database() {
         "one load balancer changed: applied {:?} after the commit ({line})",
         changed.elapsed()
     );
+}
+
+#[test]
+fn a_resync_after_reconnect_removes_vips_the_database_lost() {
+    require_root();
+    let topo = Topology::new("vr");
+    let _l = listener(&topo, 80);
+    let mut sb = OvsdbServer::southbound(Listen::default());
+    sb.sbctl(&["chassis-add", "chassis-1", "geneve", "127.0.0.1"]);
+    sb.sbctl(&[
+        "create",
+        "Load_Balancer",
+        "name=lb0",
+        "protocol=tcp",
+        "options:event=true",
+        "vips:\"10.77.0.2:80\"=\"\"",
+    ]);
+    let state = TempDir::new("rstate");
+    let db = sb.unix_remote();
+    let _agent = Agent::start(
+        &topo.server_ns,
+        &[
+            "run",
+            "--iface",
+            &topo.server_if,
+            "--ovnsb-db",
+            &db,
+            "--chassis",
+            "chassis-1",
+            "--state-dir",
+            state.0.to_str().unwrap(),
+        ],
+    );
+    eventually("the VIP to be watched", || !connects(&topo, 80));
+    // While the agent is away from the database, the load balancer goes.
+    sb.kill();
+    let db_file = sb.dir.join("sb.db");
+    unidler_tests::ovsdb_server::run(
+        Command::new("ovsdb-tool")
+            .arg("transact")
+            .arg(&db_file)
+            .arg(r#"["OVN_Southbound",{"op":"delete","table":"Load_Balancer","where":[]}]"#),
+    );
+    sb.start();
+    eventually("the resync to drop the VIP", || connects(&topo, 80));
 }

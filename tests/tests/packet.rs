@@ -300,6 +300,46 @@ fn vip_with_backends_and_non_vip_traffic_pass_untouched() {
 }
 
 #[test]
+fn removed_vips_leave_the_address_prefilter_and_shared_buckets_stay() {
+    let mut h = Harness::new();
+    h.vip("10.96.0.10:80/tcp");
+    h.vip("10.96.0.10:81/tcp");
+    let key80 = "10.96.0.10:80/tcp".parse::<VipSpec>().unwrap().vip.key();
+    h.datapath.remove_vip(&key80).unwrap();
+    h.model.remove(&key80);
+    // Port 80 is gone; port 81 shares the address (and its filter bucket) and still counts.
+    assert_eq!(
+        h.check_against_model(&syn(CLIENT4, VIP4, 80).build())
+            .events
+            .len(),
+        0
+    );
+    assert_eq!(
+        h.check_against_model(&syn(CLIENT4, VIP4, 81).build())
+            .events
+            .len(),
+        1
+    );
+    let key81 = "10.96.0.10:81/tcp".parse::<VipSpec>().unwrap().vip.key();
+    h.datapath.remove_vip(&key81).unwrap();
+    h.model.remove(&key81);
+    assert_eq!(
+        h.check_against_model(&syn(CLIENT4, VIP4, 81).build())
+            .events
+            .len(),
+        0
+    );
+    // Back again.
+    h.vip("10.96.0.10:81/tcp");
+    assert_eq!(
+        h.check_against_model(&syn(CLIENT4, VIP4, 81).build())
+            .events
+            .len(),
+        1
+    );
+}
+
+#[test]
 fn pass_flag_lets_the_packet_through_and_still_reports() {
     let mut h = Harness::new();
     h.vip_with_flags("10.96.0.10:80/tcp", VIP_FLAG_PASS_WHEN_IDLE);

@@ -23,14 +23,21 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use unidler_common::{
-    Counter, EVENT_RING_BYTES, EventAction, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, IdleHitEvent,
-    RateLimitConfig, VIP_FLAG_PASS_WHEN_IDLE, VIP_MAP_CAPACITY, VipKey, VipState,
+    ADDRESS_FILTER_WORDS, Counter, EVENT_RING_BYTES, EventAction, IPPROTO_SCTP, IPPROTO_TCP,
+    IPPROTO_UDP, IdleHitEvent, RateLimitConfig, VIP_FLAG_PASS_WHEN_IDLE, VIP_MAP_CAPACITY, VipKey,
+    VipState, address_bucket,
 };
 
 /// VIP → backend count, id and flags. Written by the agent; the kernel only updates the
 /// rate limiter state inside a value.
 #[map]
 static VIPS: HashMap<VipKey, VipState> = HashMap::with_max_entries(VIP_MAP_CAPACITY, 0);
+
+/// Prefilter over VIP destination addresses: bit [`address_bucket`] is set while some VIP
+/// has an address in that bucket. Checked (an inlined array access) before the hash lookup, so
+/// a connection attempt to a non-VIP address costs no hash lookup. Maintained by the agent.
+#[map]
+static VIP_ADDRESS_FILTER: Array<u64> = Array::with_max_entries(ADDRESS_FILTER_WORDS, 0);
 
 /// Events for the agent: one [`IdleHitEvent`] per reported idle hit.
 #[map]
@@ -225,6 +232,11 @@ fn skip_ipv6_extensions(
 /// The slow path: an opening packet. Looks the destination up and acts if the VIP is idle.
 #[inline(always)]
 fn on_opening_packet(ctx: &XdpContext, packet: &OpeningPacket) -> u32 {
+    let bucket = address_bucket(&packet.vip.addr);
+    match VIP_ADDRESS_FILTER.get(bucket / 64) {
+        Some(word) if word & (1 << (bucket % 64)) != 0 => {}
+        _ => return xdp_action::XDP_PASS,
+    }
     let Some(state) = VIPS.get_ptr_mut(packet.vip) else {
         return xdp_action::XDP_PASS;
     };

@@ -13,7 +13,9 @@ use aya::{
 };
 use aya_log::EbpfLogger;
 use thiserror::Error;
-use unidler_common::{Counter, IdleHitEvent, PROGRAM_NAME, RateLimitConfig, VipKey, VipState};
+use unidler_common::{
+    Counter, IdleHitEvent, PROGRAM_NAME, RateLimitConfig, VipKey, VipState, address_bucket,
+};
 
 use crate::caps;
 
@@ -103,6 +105,11 @@ pub enum DatapathError {
 pub struct Datapath {
     ebpf: Ebpf,
     vips: HashMap<MapData, VipKey, VipState>,
+    address_filter: Array<MapData, u64>,
+    /// Keys in `vips`, and how many of them fall in each address bucket: the prefilter's
+    /// bit for a bucket is set exactly while its count is non-zero.
+    keys: std::collections::HashSet<VipKey>,
+    bucket_counts: std::collections::HashMap<u32, u32>,
     counters: PerCpuArray<MapData, u64>,
     events: Option<RingBuf<MapData>>,
     logger: Option<EbpfLogger<&'static dyn log::Log>>,
@@ -148,11 +155,15 @@ impl Datapath {
                 source,
             })?;
         let vips = take_map(&mut ebpf, "VIPS")?;
+        let address_filter = take_map(&mut ebpf, "VIP_ADDRESS_FILTER")?;
         let counters = take_map(&mut ebpf, "COUNTERS")?;
         let events = Some(take_map(&mut ebpf, "EVENTS")?);
         Ok(Self {
             ebpf,
             vips,
+            address_filter,
+            keys: Default::default(),
+            bucket_counts: Default::default(),
             counters,
             events,
             logger,
@@ -194,6 +205,16 @@ impl Datapath {
 
     /// Inserts or replaces a VIP. The entry's rate limiter starts full.
     pub fn upsert_vip(&mut self, key: VipKey, state: VipState) -> Result<(), DatapathError> {
+        // The filter bit goes up before the entry goes in (and comes down after it is gone):
+        // the filter may pass a packet whose lookup then misses, but never hides a VIP.
+        if self.keys.insert(key) {
+            let bucket = address_bucket(&key.addr);
+            let count = self.bucket_counts.entry(bucket).or_default();
+            *count += 1;
+            if *count == 1 {
+                self.write_filter_word(bucket)?;
+            }
+        }
         self.vips
             .insert(key, state, 0)
             .map_err(|source| DatapathError::Map {
@@ -205,12 +226,39 @@ impl Datapath {
     /// Removes a VIP; removing one that is not there is not an error.
     pub fn remove_vip(&mut self, key: &VipKey) -> Result<(), DatapathError> {
         match self.vips.remove(key) {
-            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-            Err(source) => Err(DatapathError::Map {
-                map: "VIPS",
-                source,
-            }),
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+            Err(source) => {
+                return Err(DatapathError::Map {
+                    map: "VIPS",
+                    source,
+                });
+            }
         }
+        if self.keys.remove(key) {
+            let bucket = address_bucket(&key.addr);
+            if let Some(count) = self.bucket_counts.get_mut(&bucket) {
+                *count -= 1;
+                if *count == 0 {
+                    self.bucket_counts.remove(&bucket);
+                    self.write_filter_word(bucket)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Rewrites the prefilter word holding `bucket` from the bucket counts.
+    fn write_filter_word(&mut self, bucket: u32) -> Result<(), DatapathError> {
+        let word_index = bucket / 64;
+        let word = (0..64u32)
+            .filter(|bit| self.bucket_counts.contains_key(&(word_index * 64 + bit)))
+            .fold(0u64, |w, bit| w | (1 << bit));
+        self.address_filter
+            .set(word_index, word, 0)
+            .map_err(|source| DatapathError::Map {
+                map: "VIP_ADDRESS_FILTER",
+                source,
+            })
     }
 
     /// The VIP entry for `key`, if present.

@@ -528,6 +528,13 @@ fn apply_vips(
     }
     let elapsed_us = started.elapsed().as_micros() as u64;
     if full {
+        // A full sync parses and builds large transient structures (the monitor reply of
+        // every load balancer); give the freed memory back to the system.
+        #[cfg(target_env = "gnu")]
+        // SAFETY: malloc_trim only releases free heap memory.
+        unsafe {
+            libc::malloc_trim(0);
+        }
         info!(
             vips = registry.len(),
             idle = registry.idle_count(),

@@ -104,7 +104,8 @@ pub fn load_balancer_vips(uuid: &Uuid, row: &Row, global_event: bool) -> Vec<Des
 struct OvnVips {
     global_event: bool,
     by_lb: HashMap<Uuid, Vec<DesiredVip>>,
-    lbs_of: HashMap<Vip, BTreeSet<Uuid>>,
+    /// Load balancers having each VIP, sorted (almost always one: a Vec, not a set).
+    lbs_of: HashMap<Vip, Vec<Uuid>>,
 }
 
 impl OvnVips {
@@ -117,7 +118,7 @@ impl OvnVips {
         for (uuid, row) in replica.rows("Load_Balancer") {
             let vips = load_balancer_vips(uuid, row, self.global_event);
             for d in &vips {
-                self.lbs_of.entry(d.vip).or_default().insert(uuid.clone());
+                insert_sorted(self.lbs_of.entry(d.vip).or_default(), uuid);
             }
             self.by_lb.insert(uuid.clone(), vips);
         }
@@ -134,7 +135,7 @@ impl OvnVips {
         let mut affected: BTreeSet<Vip> = old.iter().map(|d| d.vip).collect();
         for d in &old {
             if let Some(lbs) = self.lbs_of.get_mut(&d.vip) {
-                lbs.remove(uuid);
+                lbs.retain(|lb| lb != uuid);
                 if lbs.is_empty() {
                     self.lbs_of.remove(&d.vip);
                 }
@@ -142,7 +143,7 @@ impl OvnVips {
         }
         for d in &new {
             affected.insert(d.vip);
-            self.lbs_of.entry(d.vip).or_default().insert(uuid.clone());
+            insert_sorted(self.lbs_of.entry(d.vip).or_default(), uuid);
         }
         if !new.is_empty() {
             self.by_lb.insert(uuid.clone(), new);
@@ -177,6 +178,12 @@ impl OvnVips {
             backends,
             load_balancer: named.load_balancer.clone(),
         })
+    }
+}
+
+fn insert_sorted(lbs: &mut Vec<Uuid>, uuid: &Uuid) {
+    if let Err(at) = lbs.binary_search(uuid) {
+        lbs.insert(at, uuid.clone());
     }
 }
 

@@ -4,6 +4,7 @@
 
 pub mod agent;
 pub mod frames;
+pub mod load_balancers;
 pub mod netns;
 pub mod oracle;
 pub mod ovsdb_server;

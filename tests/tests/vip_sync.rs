@@ -6,9 +6,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use ovsdb::{Client, ClientOptions, Operation, Remote, Row, Value};
 use unidler_tests::{
     agent::Agent,
+    load_balancers::{LoadBalancers, ovn_agent_args},
     netns::{SERVER_V4, Topology},
     ovsdb_server::{Listen, OvnCentral, OvsdbServer, TempDir},
     require_root,
@@ -240,84 +240,25 @@ fn one_hundred_thousand_vips_load_from_the_southbound_database() {
     let topo = Topology::new("vs");
     let sb = OvsdbServer::southbound(Listen::default());
     sb.sbctl(&["chassis-add", "chassis-1", "geneve", "127.0.0.1"]);
-    let (lbs, per_lb) = (1000u32, 100u32);
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let client = rt.block_on(async {
-        let mut o = ClientOptions::new(
-            Remote::parse_list(&sb.unix_remote()).unwrap(),
-            "OVN_Southbound",
-        );
-        o.leader_only = false;
-        let c = Client::start(o).unwrap();
-        c.wait_connected(WAIT).await.unwrap();
-        c
-    });
-    let lb_row = |i: u32, backends: &str| -> Row {
-        let vips: Vec<(String, String)> = (0..per_lb)
-            .map(|j| {
-                let n = i * per_lb + j;
-                (
-                    format!("10.{}.{}.{}:80", 100 + n / 65536, (n / 256) % 256, n % 256),
-                    backends.to_owned(),
-                )
-            })
-            .collect();
-        Row::from([
-            ("name".to_owned(), Value::from(format!("lb{i}").as_str())),
-            (
-                "vips".to_owned(),
-                Value::string_map(vips.iter().map(|(k, v)| (k.as_str(), v.as_str()))),
-            ),
-            ("protocol".to_owned(), Value::from("tcp")),
-            ("options".to_owned(), Value::string_map([("event", "true")])),
-        ])
-    };
-    let ops: Vec<Operation> = (0..lbs)
-        .map(|i| Operation::Insert {
-            table: "Load_Balancer".into(),
-            row: lb_row(i, ""),
-            uuid_name: None,
-        })
-        .collect();
-    rt.block_on(client.transact(&ops)).unwrap();
-
+    let per_lb = 100;
+    let lbs = LoadBalancers::insert(&sb, 100_000, per_lb);
     let state = TempDir::new("sstate");
     let db = sb.unix_remote();
+    let state_dir = state.0.to_str().unwrap().to_owned();
     let started = Instant::now();
     let mut agent = Agent::start(
         &topo.server_ns,
-        &[
-            "run",
-            "--iface",
-            &topo.server_if,
-            "--ovnsb-db",
-            &db,
-            "--chassis",
-            "chassis-1",
-            "--state-dir",
-            state.0.to_str().unwrap(),
-            "--log-level",
-            "info,unidler=debug",
-        ],
+        &ovn_agent_args(&topo.server_if, &db, &state_dir),
     );
-    let line = agent.wait_for_log("vips=100000", WAIT);
-    let load = started.elapsed();
-    println!("100,000 VIPs: agent start to map synced in {load:?} ({line})");
+    let line = agent.wait_for_log("vips=100000 ", WAIT);
+    println!(
+        "100,000 VIPs: agent start to map synced in {:?} ({line})",
+        started.elapsed()
+    );
 
     // One incremental change: one load balancer gets backends.
     let changed = Instant::now();
-    rt.block_on(client.transact(&[Operation::Update {
-        table: "Load_Balancer".into(),
-        conditions: vec![ovsdb::Condition::eq("name", "lb7")],
-        row: Row::from([(
-            "vips".to_owned(),
-            lb_row(7, "10.0.0.1:80").remove("vips").unwrap(),
-        )]),
-    }]))
-    .unwrap();
+    lbs.set_backends(7, "10.0.0.1:80");
     let line = agent.wait_for_log(&format!("VIP map updated changes={per_lb} "), WAIT);
     println!(
         "one load balancer changed: applied {:?} after the commit ({line})",

@@ -66,7 +66,9 @@ impl ErrorKind {
 #[derive(Debug, Error)]
 pub enum Error {
     /// A remote string could not be parsed.
-    #[error("bad remote {0:?}: expected unix:PATH, tcp:IP:PORT or ssl:IP:PORT")]
+    #[error(
+        "bad remote {0:?}: expected unix:PATH, tcp:HOST:PORT or ssl:HOST:PORT (HOST an IP address or a DNS name)"
+    )]
     BadRemote(String),
     /// Connecting or reading/writing the socket failed.
     #[error("I/O: {0}")]

@@ -1,6 +1,6 @@
 //! An OVSDB client (RFC 7047), with nothing OVN-specific in it.
 //!
-//! - [`Remote`]: `unix:PATH`, `tcp:IP:PORT`, `ssl:IP:PORT` (TLS with PEM key, certificate and
+//! - [`Remote`]: `unix:PATH`, `tcp:HOST:PORT`, `ssl:HOST:PORT` (HOST an IP or a DNS name; TLS with PEM key, certificate and
 //!   CA certificate, as OVS PKI makes them), several comma-separated;
 //! - [`rpc::Connection`]: one JSON-RPC session with request/reply matching, notifications,
 //!   echo answered and an inactivity probe, and a size limit on server messages;
@@ -21,6 +21,6 @@ pub mod value;
 pub use client::{Client, ClientOptions, MonitorRequest, Status};
 pub use error::{Error, ErrorKind};
 pub use op::{Condition, Mutation, OpResult, Operation};
-pub use remote::{Remote, TlsFiles};
+pub use remote::{Endpoint, Remote, TlsFiles};
 pub use replica::{ChangeSet, Replica, RowChange};
 pub use value::{Atom, Row, Uuid, Value};

@@ -30,9 +30,39 @@ pub enum Remote {
     /// A Unix domain socket.
     Unix(PathBuf),
     /// Plain TCP.
-    Tcp(SocketAddr),
+    Tcp(Endpoint),
     /// TCP with TLS (needs [`TlsFiles`]).
-    Ssl(SocketAddr),
+    Ssl(Endpoint),
+}
+
+/// A TCP endpoint: an IP address, or a host name resolved at each connection attempt (so a
+/// Kubernetes service name follows the service), and a port.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Endpoint {
+    /// An address and port.
+    Addr(SocketAddr),
+    /// A DNS name and port.
+    Name(String, u16),
+}
+
+impl fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Endpoint::Addr(a) => write!(f, "{a}"),
+            Endpoint::Name(host, port) => write!(f, "{host}:{port}"),
+        }
+    }
+}
+
+fn is_host_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 253
+        && s.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && !label.starts_with('-')
+                && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+        })
 }
 
 impl Remote {
@@ -40,15 +70,20 @@ impl Remote {
     pub fn parse(s: &str) -> Result<Self, Error> {
         let bad = || Error::BadRemote(s.to_owned());
         let (kind, rest) = s.split_once(':').ok_or_else(bad)?;
-        let addr = |rest: &str| -> Result<SocketAddr, Error> {
-            rest.parse().or_else(|_| {
-                // OVS also writes IPv6 without brackets: tcp:::1:6642 → last colon is the port.
-                let (ip, port) = rest.rsplit_once(':').ok_or_else(bad)?;
-                Ok(SocketAddr::new(
-                    ip.parse().map_err(|_| bad())?,
-                    port.parse().map_err(|_| bad())?,
-                ))
-            })
+        let addr = |rest: &str| -> Result<Endpoint, Error> {
+            if let Ok(addr) = rest.parse() {
+                return Ok(Endpoint::Addr(addr));
+            }
+            // OVS also writes IPv6 without brackets: tcp:::1:6642 → last colon is the port.
+            let (host, port) = rest.rsplit_once(':').ok_or_else(bad)?;
+            let port: u16 = port.parse().map_err(|_| bad())?;
+            match host.parse() {
+                Ok(ip) => Ok(Endpoint::Addr(SocketAddr::new(ip, port))),
+                Err(_) if is_host_name(host) && !host.contains(':') => {
+                    Ok(Endpoint::Name(host.to_owned(), port))
+                }
+                Err(_) => Err(bad()),
+            }
         };
         match kind {
             "unix" if !rest.is_empty() => Ok(Remote::Unix(PathBuf::from(rest))),
@@ -198,24 +233,32 @@ impl ServerCertVerifier for ChainOnlyVerifier {
     }
 }
 
+async fn tcp_connect(endpoint: &Endpoint) -> Result<TcpStream, Error> {
+    let stream = match endpoint {
+        Endpoint::Addr(addr) => TcpStream::connect(addr).await?,
+        Endpoint::Name(host, port) => TcpStream::connect((host.as_str(), *port)).await?,
+    };
+    stream.set_nodelay(true)?;
+    Ok(stream)
+}
+
 /// Opens a stream to `remote`; `ssl:` remotes need `tls`.
 pub async fn connect(remote: &Remote, tls: Option<&Tls>) -> Result<Box<dyn Stream>, Error> {
     match remote {
         Remote::Unix(path) => Ok(Box::new(UnixStream::connect(path).await?)),
-        Remote::Tcp(addr) => {
-            let stream = TcpStream::connect(addr).await?;
-            stream.set_nodelay(true)?;
-            Ok(Box::new(stream))
-        }
-        Remote::Ssl(addr) => {
+        Remote::Tcp(endpoint) => Ok(Box::new(tcp_connect(endpoint).await?)),
+        Remote::Ssl(endpoint) => {
             let tls = tls.ok_or_else(|| {
                 Error::Tls(format!(
                     "{remote} needs a private key, certificate and CA certificate"
                 ))
             })?;
-            let stream = TcpStream::connect(addr).await?;
-            stream.set_nodelay(true)?;
-            let name = ServerName::IpAddress(addr.ip().into());
+            let stream = tcp_connect(endpoint).await?;
+            let name = match endpoint {
+                Endpoint::Addr(addr) => ServerName::IpAddress(addr.ip().into()),
+                Endpoint::Name(host, _) => ServerName::try_from(host.clone())
+                    .map_err(|e| Error::Tls(format!("{remote}: {e}")))?,
+            };
             let stream = tls
                 .connector
                 .connect(name, stream)
@@ -238,19 +281,35 @@ mod tests {
         );
         assert_eq!(
             Remote::parse("tcp:127.0.0.1:6642").unwrap(),
-            Remote::Tcp("127.0.0.1:6642".parse().unwrap())
+            Remote::Tcp(Endpoint::Addr("127.0.0.1:6642".parse().unwrap()))
         );
         assert_eq!(
             Remote::parse("ssl:[::1]:6642").unwrap(),
-            Remote::Ssl("[::1]:6642".parse().unwrap())
+            Remote::Ssl(Endpoint::Addr("[::1]:6642".parse().unwrap()))
         );
         assert_eq!(
             Remote::parse("tcp:::1:6642").unwrap(),
-            Remote::Tcp("[::1]:6642".parse().unwrap())
+            Remote::Tcp(Endpoint::Addr("[::1]:6642".parse().unwrap()))
+        );
+        assert_eq!(
+            Remote::parse("ssl:ovnkube-db.ovn-kubernetes.svc:9642").unwrap(),
+            Remote::Ssl(Endpoint::Name("ovnkube-db.ovn-kubernetes.svc".into(), 9642))
+        );
+        assert_eq!(
+            Remote::parse("tcp:ovn-central:6642").unwrap().to_string(),
+            "tcp:ovn-central:6642"
         );
         let list = Remote::parse_list("tcp:127.0.0.1:1, tcp:127.0.0.1:2,ssl:127.0.0.1:3").unwrap();
         assert_eq!(list.len(), 3);
-        for bad in ["", "unix:", "http:1.2.3.4:80", "tcp:1.2.3.4", "tcp:host:80"] {
+        for bad in [
+            "",
+            "unix:",
+            "http:1.2.3.4:80",
+            "tcp:1.2.3.4",
+            "tcp:host",
+            "tcp:ba d:80",
+            "tcp:-x:80",
+        ] {
             assert!(Remote::parse_list(bad).is_err(), "{bad}");
         }
     }

@@ -426,3 +426,15 @@ async fn tls_with_ovs_pki_certificates_and_a_wrong_ca_is_refused() {
     });
     assert!(matches!(Client::start(opts), Err(Error::Tls(_))));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_name_remote_is_resolved() {
+    let port = free_port();
+    let _server = OvsdbServer::southbound(Listen {
+        tcp: Some(port),
+        ssl: None,
+    });
+    let client = Client::start(options(&format!("tcp:localhost:{port}"))).unwrap();
+    client.wait_connected(WAIT).await.unwrap();
+    assert!(client.list_dbs().await.unwrap().contains(&SB_DB.to_owned()));
+}

@@ -128,7 +128,7 @@ struct RunArgs {
     /// Events all VIPs together may raise back to back.
     #[arg(long, env = "UNIDLER_EVENT_BURST", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
     event_burst: u32,
-    /// OVN Southbound database remotes (`unix:PATH`, `tcp:IP:PORT`, `ssl:IP:PORT`,
+    /// OVN Southbound database remotes (`unix:PATH`, `tcp:HOST:PORT`, `ssl:HOST:PORT`,
     /// comma-separated). With it, idle hits become Controller_Event rows there (without it,
     /// they are printed on standard output as JSON lines), and, unless --vip or --vips-file
     /// is given, the VIPs come from its Load_Balancer table.

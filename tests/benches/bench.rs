@@ -24,9 +24,9 @@ use unidler::{
 };
 use unidler_common::{RateLimitConfig, VipState};
 use unidler_tests::{
-    agent::Agent,
+    agent::{Agent, southbound_args},
     frames::{Frame, Ipv6Ext, L4, TCP_ACK},
-    load_balancers::{LoadBalancers, ovn_agent_args},
+    load_balancers::LoadBalancers,
     netns::{CLIENT_MAC, CLIENT_V4, SERVER_MAC, SERVER_V4, Topology, send_frames},
     ovsdb_server::{Listen, OvsdbServer, TempDir},
 };
@@ -293,17 +293,7 @@ fn bed(prefix: &str, vips: &[String], extra: &[&str]) -> Bed {
     let state = TempDir::new("bstate");
     let db = sb.unix_remote();
     let state_dir = state.0.to_str().unwrap().to_owned();
-    let mut args = vec![
-        "run",
-        "--iface",
-        &topo.server_if,
-        "--ovnsb-db",
-        &db,
-        "--chassis",
-        "chassis-1",
-        "--state-dir",
-        &state_dir,
-    ];
+    let mut args = southbound_args(&topo.server_if, &db, &state_dir);
     let file;
     if !vips.is_empty() {
         // Many VIPs: a VIPs file keeps the command line short.
@@ -671,10 +661,9 @@ fn vip_sync() -> Vec<Figure> {
         let db = sb.unix_remote();
         let state_dir = state.0.to_str().unwrap().to_owned();
         let started = Instant::now();
-        let mut agent = Agent::start(
-            &topo.server_ns,
-            &ovn_agent_args(&topo.server_if, &db, &state_dir),
-        );
+        let mut args = southbound_args(&topo.server_if, &db, &state_dir);
+        args.extend(["--log-level", "info,unidler=debug"]);
+        let mut agent = Agent::start(&topo.server_ns, &args);
         agent.wait_for_log(&format!("vips={total} "), Duration::from_secs(60));
         let load = figure(
             "5 VIP sync",

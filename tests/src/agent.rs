@@ -32,6 +32,22 @@ pub fn agent_binary() -> PathBuf {
     candidate
 }
 
+/// `run` arguments for an agent on `server_if` writing Controller_Event rows to the Southbound
+/// database at `db` as chassis-1, keeping its state in `state_dir`; callers add the rest.
+pub fn southbound_args<'a>(server_if: &'a str, db: &'a str, state_dir: &'a str) -> Vec<&'a str> {
+    vec![
+        "run",
+        "--iface",
+        server_if,
+        "--ovnsb-db",
+        db,
+        "--chassis",
+        "chassis-1",
+        "--state-dir",
+        state_dir,
+    ]
+}
+
 /// A running agent. Killed on drop if still running.
 pub struct Agent {
     child: Child,

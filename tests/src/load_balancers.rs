@@ -77,21 +77,3 @@ impl LoadBalancers {
         ])
     }
 }
-
-/// Arguments for an agent on `server_if` that takes its VIPs from the Southbound database at
-/// `db`, as chassis-1, with state in `state_dir` and debug logs for VIP map updates.
-pub fn ovn_agent_args<'a>(server_if: &'a str, db: &'a str, state_dir: &'a str) -> Vec<&'a str> {
-    vec![
-        "run",
-        "--iface",
-        server_if,
-        "--ovnsb-db",
-        db,
-        "--chassis",
-        "chassis-1",
-        "--state-dir",
-        state_dir,
-        "--log-level",
-        "info,unidler=debug",
-    ]
-}

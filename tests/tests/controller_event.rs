@@ -8,7 +8,7 @@ use std::{
 };
 
 use unidler_tests::{
-    agent::Agent,
+    agent::{Agent, southbound_args},
     netns::{CLIENT_V4, SERVER_V4, Topology},
     ovsdb_server::{Cluster, EventRow, Listen, OvsdbServer, TempDir},
     require_root,
@@ -62,17 +62,7 @@ fn agent_args<'a>(
     state: &'a str,
     vips: &'a [String],
 ) -> Vec<&'a str> {
-    let mut args = vec![
-        "run",
-        "--iface",
-        &topo.server_if,
-        "--ovnsb-db",
-        db,
-        "--chassis",
-        "chassis-1",
-        "--state-dir",
-        state,
-    ];
+    let mut args = southbound_args(&topo.server_if, db, state);
     for vip in vips {
         args.extend(["--vip", vip.as_str()]);
     }

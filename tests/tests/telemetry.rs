@@ -8,7 +8,7 @@ use std::{
 
 use unidler::telemetry::http_get;
 use unidler_tests::{
-    agent::{Agent, agent_binary},
+    agent::{Agent, agent_binary, southbound_args},
     netns::{SERVER_V4, Topology},
     ovsdb_server::{Listen, OvsdbServer, TempDir},
     require_root,
@@ -60,24 +60,9 @@ fn metrics_health_and_inspection_during_real_traffic() {
     let state = TempDir::new("tstate");
     let db = sb.unix_remote();
     let idle = format!("10.77.0.2:80/tcp@{LB}");
-    let agent = Agent::start(
-        &topo.server_ns,
-        &[
-            "run",
-            "--iface",
-            &topo.server_if,
-            "--ovnsb-db",
-            &db,
-            "--chassis",
-            "chassis-1",
-            "--state-dir",
-            state.0.to_str().unwrap(),
-            "--vip",
-            &idle,
-            "--vip",
-            "10.77.0.2:81/tcp=2",
-        ],
-    );
+    let mut args = southbound_args(&topo.server_if, &db, state.0.to_str().unwrap());
+    args.extend(["--vip", &idle, "--vip", "10.77.0.2:81/tcp=2"]);
+    let agent = Agent::start(&topo.server_ns, &args);
     assert_eq!(get(&topo, "/healthz").unwrap(), "ok\n");
     let deadline = Instant::now() + Duration::from_secs(10);
     while get(&topo, "/readyz").is_err() {

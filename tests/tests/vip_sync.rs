@@ -7,8 +7,8 @@ use std::{
 };
 
 use unidler_tests::{
-    agent::Agent,
-    load_balancers::{LoadBalancers, ovn_agent_args},
+    agent::{Agent, southbound_args},
+    load_balancers::LoadBalancers,
     netns::{SERVER_V4, Topology},
     ovsdb_server::{Listen, OvnCentral, OvsdbServer, TempDir},
     require_root,
@@ -81,17 +81,7 @@ fn load_balancers_from_ovn_northd_drive_events_and_traffic() {
     let _l = listener(&topo, 80);
     let state = TempDir::new("vstate");
     let db = ovn.sb.unix_remote();
-    let args = [
-        "run",
-        "--iface",
-        &topo.server_if,
-        "--ovnsb-db",
-        &db,
-        "--chassis",
-        "chassis-1",
-        "--state-dir",
-        state.0.to_str().unwrap(),
-    ];
+    let args = southbound_args(&topo.server_if, &db, state.0.to_str().unwrap());
     let mut agent = Agent::start(&topo.server_ns, &args);
     agent.wait_for_log("vips=1", WAIT);
 
@@ -246,10 +236,9 @@ fn one_hundred_thousand_vips_load_from_the_southbound_database() {
     let db = sb.unix_remote();
     let state_dir = state.0.to_str().unwrap().to_owned();
     let started = Instant::now();
-    let mut agent = Agent::start(
-        &topo.server_ns,
-        &ovn_agent_args(&topo.server_if, &db, &state_dir),
-    );
+    let mut args = southbound_args(&topo.server_if, &db, &state_dir);
+    args.extend(["--log-level", "info,unidler=debug"]);
+    let mut agent = Agent::start(&topo.server_ns, &args);
     let line = agent.wait_for_log("vips=100000 ", WAIT);
     println!(
         "100,000 VIPs: agent start to map synced in {:?} ({line})",
@@ -283,20 +272,8 @@ fn a_resync_after_reconnect_removes_vips_the_database_lost() {
     ]);
     let state = TempDir::new("rstate");
     let db = sb.unix_remote();
-    let _agent = Agent::start(
-        &topo.server_ns,
-        &[
-            "run",
-            "--iface",
-            &topo.server_if,
-            "--ovnsb-db",
-            &db,
-            "--chassis",
-            "chassis-1",
-            "--state-dir",
-            state.0.to_str().unwrap(),
-        ],
-    );
+    let args = southbound_args(&topo.server_if, &db, state.0.to_str().unwrap());
+    let _agent = Agent::start(&topo.server_ns, &args);
     eventually("the VIP to be watched", || !connects(&topo, 80));
     // While the agent is away from the database, the load balancer goes.
     sb.kill();

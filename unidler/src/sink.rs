@@ -417,7 +417,7 @@ impl Writer {
                 }
             }
         }
-        // Then new hits, skipping VIPs whose row is present or just committed.
+        // Then new hits, passing over VIPs whose row is present or just committed.
         let just_committed: HashSet<&EventKey> = self.committed_unseen.values().collect();
         let mut taken = Vec::new();
         {

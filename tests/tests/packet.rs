@@ -340,6 +340,29 @@ fn removed_vips_leave_the_address_prefilter_and_shared_buckets_stay() {
 }
 
 #[test]
+fn rewriting_an_entry_keeps_its_kernel_hit_count() {
+    let mut h = Harness::new();
+    h.vip("10.96.0.10:80/tcp=2");
+    let key = "10.96.0.10:80/tcp".parse::<VipSpec>().unwrap().vip.key();
+    assert_eq!(
+        h.check_against_model(&syn(CLIENT4, VIP4, 80).build())
+            .verdict,
+        XDP_PASS
+    );
+    assert_eq!(h.datapath.vip(&key).unwrap().hits, 1);
+    // The service is idled: the agent rewrites the entry; the count stays.
+    h.vip("10.96.0.10:80/tcp");
+    assert_eq!(h.datapath.vip(&key).unwrap().hits, 1);
+    assert_eq!(
+        h.check_against_model(&syn(CLIENT4, VIP4, 80).build())
+            .events
+            .len(),
+        1
+    );
+    assert_eq!(h.datapath.vip(&key).unwrap().hits, 2);
+}
+
+#[test]
 fn pass_flag_lets_the_packet_through_and_still_reports() {
     let mut h = Harness::new();
     h.vip_with_flags("10.96.0.10:80/tcp", VIP_FLAG_PASS_WHEN_IDLE);

@@ -203,8 +203,15 @@ impl Datapath {
         self.attached.iter().map(|(n, i, _)| (n.as_str(), *i))
     }
 
-    /// Inserts or replaces a VIP. The entry's rate limiter starts full.
+    /// Inserts or replaces a VIP. The entry's rate limiter starts full; the kernel's hit
+    /// count of an entry being replaced is kept (`state.hits` is ignored).
     pub fn upsert_vip(&mut self, key: VipKey, state: VipState) -> Result<(), DatapathError> {
+        let hits = if self.keys.contains(&key) {
+            self.vip(&key).map_or(0, |old| old.hits)
+        } else {
+            0
+        };
+        let state = VipState { hits, ..state };
         // The filter bit goes up before the entry goes in (and comes down after it is gone):
         // the filter may pass a packet whose lookup then misses, but never hides a VIP.
         if self.keys.insert(key) {

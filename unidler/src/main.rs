@@ -29,7 +29,7 @@ use unidler::{
     vip::VipSpec,
     vipsource::{self, DesiredVip, VipUpdate},
 };
-use unidler_common::{Counter, RateLimitConfig, VIP_FLAG_PASS_WHEN_IDLE, VipState};
+use unidler_common::{Counter, RateLimitConfig, VIP_FLAG_PASS_WHEN_IDLE};
 
 #[derive(Parser)]
 #[command(
@@ -288,40 +288,50 @@ async fn run(args: RunArgs) -> Result<()> {
     let mut registry = VipRegistry::new();
     let (vip_tx, mut vip_updates) = mpsc::unbounded_channel();
     let (reload_tx, reload_rx) = mpsc::unbounded_channel();
-    match source.clone() {
-        Source::File(path) => {
-            // Load once now so that a bad file fails the start, then follow it.
-            let vips = vipsource::load(&path)
-                .map_err(|e| anyhow::anyhow!("--vips-file {}: {e}", path.display()))?;
-            apply_vips(
-                &mut datapath,
-                &mut registry,
-                VipUpdate::Replace(vips),
-                flags,
-            )?;
-            vipsource::spawn_file_source(path, Duration::from_secs(1), reload_rx, vip_tx);
-        }
-        Source::Flags => {
-            let vips = args
-                .vips
+    // Static VIPs go in before attaching; a bad file fails the start. (The file's time is
+    // read first, so a change made while it loads is picked up by the file source.)
+    let file_loaded_at = match &source {
+        Source::File(path) => vipsource::modified(path),
+        _ => None,
+    };
+    let initial = match &source {
+        Source::File(path) => Some(
+            vipsource::load(path)
+                .map_err(|e| anyhow::anyhow!("--vips-file {}: {e}", path.display()))?,
+        ),
+        Source::Flags => Some(
+            args.vips
                 .iter()
                 .map(|s| DesiredVip {
                     vip: s.vip,
                     backends: s.backends,
                     load_balancer: s.load_balancer.clone(),
                 })
-                .collect();
-            apply_vips(
-                &mut datapath,
-                &mut registry,
-                VipUpdate::Replace(vips),
-                flags,
-            )?;
-        }
+                .collect(),
+        ),
+        Source::Ovn | Source::None => None,
+    };
+    if let Some(vips) = initial {
+        apply_vips(
+            &mut datapath,
+            &mut registry,
+            VipUpdate::Replace(vips),
+            flags,
+        )?;
+    }
+    match source.clone() {
+        Source::File(path) => vipsource::spawn_file_source(
+            path,
+            file_loaded_at,
+            Duration::from_secs(1),
+            reload_rx,
+            vip_tx,
+        ),
         Source::Ovn => {
             let (client, _) = southbound.as_ref().expect("OVN source needs --ovnsb-db");
             vipsource::spawn_ovn_source(client.clone(), vip_tx);
         }
+        Source::Flags => {}
         Source::None => {
             warn!(
                 "no VIPs (--vip, --vips-file or --ovnsb-db): every packet passes, nothing is reported"
@@ -518,11 +528,7 @@ fn apply_vips(
     let changes = registry.apply(update, flags);
     for change in &changes {
         match change {
-            MapChange::Upsert(key, state) => {
-                // Keep the kernel's hit count across a rewrite of the entry.
-                let hits = datapath.vip(key).map_or(0, |old| old.hits);
-                datapath.upsert_vip(*key, VipState { hits, ..*state })?;
-            }
+            MapChange::Upsert(key, state) => datapath.upsert_vip(*key, *state)?,
             MapChange::Remove(key) => datapath.remove_vip(key)?,
         }
     }

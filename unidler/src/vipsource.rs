@@ -324,19 +324,26 @@ pub fn parse_vips_file(text: &str) -> Result<Vec<DesiredVip>, String> {
     Ok(out)
 }
 
-/// Loads `path` now and again whenever it changes (checked every `poll`) or `reload` fires
-/// (SIGHUP); a malformed file is logged and the last good set stays.
+/// When `path` was last modified, if it can be told.
+pub fn modified(path: &Path) -> Option<SystemTime> {
+    std::fs::metadata(path).and_then(|m| m.modified()).ok()
+}
+
+/// Follows `path`, which the caller loaded when its modification time was `loaded_at`: loads
+/// it again whenever it changes (checked every `poll`) or `reload` fires (SIGHUP); a
+/// malformed file is logged and the last good set stays.
 pub fn spawn_file_source(
     path: PathBuf,
+    loaded_at: Option<SystemTime>,
     poll: Duration,
     mut reload: mpsc::UnboundedReceiver<()>,
     updates: mpsc::UnboundedSender<VipUpdate>,
 ) {
     tokio::spawn(async move {
-        let mut last_seen: Option<SystemTime> = None;
-        let mut forced = true;
+        let mut last_seen = loaded_at;
+        let mut forced = false;
         loop {
-            let modified = std::fs::metadata(&path).and_then(|m| m.modified()).ok();
+            let modified = modified(&path);
             if forced || modified != last_seen {
                 last_seen = modified;
                 forced = false;

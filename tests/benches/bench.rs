@@ -28,7 +28,7 @@ use unidler_tests::{
     frames::{Frame, Ipv6Ext, L4, TCP_ACK},
     load_balancers::LoadBalancers,
     netns::{CLIENT_MAC, CLIENT_V4, SERVER_MAC, SERVER_V4, Topology, send_frames},
-    ovsdb_server::{Listen, OvsdbServer, TempDir},
+    ovsdb_server::{OvsdbServer, TempDir},
 };
 
 /// One reported figure.
@@ -288,8 +288,7 @@ struct Bed {
 
 fn bed(prefix: &str, vips: &[String], extra: &[&str]) -> Bed {
     let topo = Topology::new(prefix);
-    let sb = OvsdbServer::southbound(Listen::default());
-    sb.sbctl(&["chassis-add", "chassis-1", "geneve", "127.0.0.1"]);
+    let sb = OvsdbServer::southbound_with_chassis();
     let state = TempDir::new("bstate");
     let db = sb.unix_remote();
     let state_dir = state.0.to_str().unwrap().to_owned();
@@ -653,8 +652,7 @@ fn vip_sync() -> Vec<Figure> {
     }
     for total in [10_000u32, 100_000] {
         let topo = Topology::new("bv");
-        let sb = OvsdbServer::southbound(Listen::default());
-        sb.sbctl(&["chassis-add", "chassis-1", "geneve", "127.0.0.1"]);
+        let sb = OvsdbServer::southbound_with_chassis();
         let per_lb = 100;
         let lbs = LoadBalancers::insert(&sb, total, per_lb);
         let state = TempDir::new("vstate");

@@ -10,6 +10,8 @@ use std::{
 
 use serde_json::Value;
 
+use crate::ovsdb_server::CHASSIS;
+
 /// The agent binary: `$UNIDLER_BIN` (set by `cargo xtask test`), else `target/<profile>/unidler`
 /// beside this test executable.
 #[track_caller]
@@ -33,7 +35,7 @@ pub fn agent_binary() -> PathBuf {
 }
 
 /// `run` arguments for an agent on `server_if` writing Controller_Event rows to the Southbound
-/// database at `db` as chassis-1, keeping its state in `state_dir`; callers add the rest.
+/// database at `db` as [`CHASSIS`], keeping its state in `state_dir`; callers add the rest.
 pub fn southbound_args<'a>(server_if: &'a str, db: &'a str, state_dir: &'a str) -> Vec<&'a str> {
     vec![
         "run",
@@ -42,7 +44,7 @@ pub fn southbound_args<'a>(server_if: &'a str, db: &'a str, state_dir: &'a str) 
         "--ovnsb-db",
         db,
         "--chassis",
-        "chassis-1",
+        CHASSIS,
         "--state-dir",
         state_dir,
     ]

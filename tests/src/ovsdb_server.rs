@@ -15,6 +15,8 @@ use crate::netns::unique_tag;
 pub const SB_SCHEMA: &str = "/usr/share/ovn/ovn-sb.ovsschema";
 /// Its database name.
 pub const SB_DB: &str = "OVN_Southbound";
+/// The name of the tests' node in the Southbound Chassis table.
+pub const CHASSIS: &str = "chassis-1";
 
 /// A temp directory removed on drop.
 pub struct TempDir(pub PathBuf);
@@ -127,6 +129,15 @@ impl OvsdbServer {
     #[track_caller]
     pub fn southbound(listen: Listen) -> Self {
         Self::standalone("sb", SB_SCHEMA, listen)
+    }
+
+    /// A standalone Southbound server with a Chassis row named [`CHASSIS`] (the node's chassis
+    /// in the tests), as ovn-controller would have registered it.
+    #[track_caller]
+    pub fn southbound_with_chassis() -> Self {
+        let sb = Self::southbound(Listen::default());
+        sb.sbctl(&["chassis-add", CHASSIS, "geneve", "127.0.0.1"]);
+        sb
     }
 
     /// A standalone server named `name` for `schema`, in a temp dir of its own, started.

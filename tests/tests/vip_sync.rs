@@ -10,7 +10,7 @@ use unidler_tests::{
     agent::{Agent, southbound_args},
     load_balancers::LoadBalancers,
     netns::{SERVER_V4, Topology},
-    ovsdb_server::{Listen, OvnCentral, OvsdbServer, TempDir},
+    ovsdb_server::{OvnCentral, OvsdbServer, TempDir},
     require_root,
 };
 
@@ -228,8 +228,7 @@ fn a_vips_file_is_followed_and_a_bad_one_keeps_the_last_good_state() {
 fn one_hundred_thousand_vips_load_from_the_southbound_database() {
     require_root();
     let topo = Topology::new("vs");
-    let sb = OvsdbServer::southbound(Listen::default());
-    sb.sbctl(&["chassis-add", "chassis-1", "geneve", "127.0.0.1"]);
+    let sb = OvsdbServer::southbound_with_chassis();
     let per_lb = 100;
     let lbs = LoadBalancers::insert(&sb, 100_000, per_lb);
     let state = TempDir::new("sstate");
@@ -260,8 +259,7 @@ fn a_resync_after_reconnect_removes_vips_the_database_lost() {
     require_root();
     let topo = Topology::new("vr");
     let _l = listener(&topo, 80);
-    let mut sb = OvsdbServer::southbound(Listen::default());
-    sb.sbctl(&["chassis-add", "chassis-1", "geneve", "127.0.0.1"]);
+    let mut sb = OvsdbServer::southbound_with_chassis();
     sb.sbctl(&[
         "create",
         "Load_Balancer",

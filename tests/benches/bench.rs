@@ -6,9 +6,11 @@
 //! 3. wake-up storm: 10,000 idle VIPs hit at once;
 //! 4. SYN floods to one and to 10,000 idle VIPs: what reaches userspace, and the CPU it costs;
 //! 5. VIP sync: 10,000 and 100,000 VIPs from the Southbound database, one incremental change,
-//!    and the agent's resident memory.
+//!    and the agent's resident memory;
+//! 6. with `--vs-ovn`: 2 and 3 side by side with real OVN's own path on the same veth.
 //!
-//! Arguments: section numbers to run (default all), e.g. `cargo xtask bench -- 1 3`.
+//! Arguments: section numbers to run (default all), e.g. `cargo xtask bench -- 1 3`, and
+//! `--vs-ovn` to add section 6 (`cargo xtask bench --vs-ovn -- 6` runs it alone).
 
 use std::{
     collections::HashSet,
@@ -28,6 +30,7 @@ use unidler_tests::{
     frames::{Frame, Ipv6Ext, L4, TCP_ACK},
     load_balancers::LoadBalancers,
     netns::{CLIENT_MAC, CLIENT_V4, SERVER_MAC, SERVER_V4, Topology, send_frames},
+    ovn_chassis::{self, OvnNode},
     ovsdb_server::{OvsdbServer, TempDir},
 };
 
@@ -76,17 +79,30 @@ fn main() {
         0,
         "benchmarks need root (BPF, namespaces)"
     );
-    let wanted: HashSet<String> = std::env::args()
-        .skip(1)
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let with_ovn = args.iter().any(|a| a == "--vs-ovn");
+    let wanted: HashSet<&str> = args
+        .iter()
         .filter(|a| !a.starts_with('-'))
+        .map(String::as_str)
         .collect();
     let run = |n: &str| wanted.is_empty() || wanted.contains(n);
     let mut figures = Vec::new();
+    // Section 6 (with --vs-ovn) runs first: section 2 compares against its OVN figures.
+    let mut ovn = None;
+    let mut side_by_side = Vec::new();
+    if with_ovn && run("6") {
+        let (f, o) = vs_ovn();
+        side_by_side = f;
+        ovn = Some(o);
+    } else if wanted.contains("6") {
+        eprintln!("section 6 runs only with --vs-ovn (it starts real OVN)");
+    }
     if run("1") {
         figures.extend(per_packet());
     }
     if run("2") {
-        figures.extend(latency());
+        figures.extend(latency(ovn.as_ref()));
     }
     if run("3") {
         figures.extend(storm());
@@ -97,6 +113,7 @@ fn main() {
     if run("5") {
         figures.extend(vip_sync());
     }
+    figures.extend(side_by_side);
     print_table(&figures);
     write_json(&figures);
 }
@@ -312,23 +329,8 @@ fn bed(prefix: &str, vips: &[String], extra: &[&str]) -> Bed {
     }
     args.extend_from_slice(extra);
     let agent = Agent::start(&topo.server_ns, &args);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
-    let client = rt.block_on(async {
-        let mut o = ClientOptions::new(
-            Remote::parse_list(&sb.unix_remote()).unwrap(),
-            "OVN_Southbound",
-        );
-        o.leader_only = false;
-        o.monitors =
-            vec![MonitorRequest::table("Controller_Event").columns(&["event_info", "seq_num"])];
-        let c = Client::start(o).unwrap();
-        c.wait_connected(Duration::from_secs(10)).await.unwrap();
-        c
-    });
+    let rt = runtime();
+    let client = event_monitor(&rt, &sb.unix_remote());
     Bed {
         topo,
         sb,
@@ -339,40 +341,77 @@ fn bed(prefix: &str, vips: &[String], extra: &[&str]) -> Bed {
     }
 }
 
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// A client monitoring the Controller_Event rows of the Southbound server at `remote`, as the
+/// CMS does.
+fn event_monitor(rt: &tokio::runtime::Runtime, remote: &str) -> Client {
+    rt.block_on(async {
+        let mut o = ClientOptions::new(Remote::parse_list(remote).unwrap(), "OVN_Southbound");
+        o.leader_only = false;
+        o.monitors =
+            vec![MonitorRequest::table("Controller_Event").columns(&["event_info", "seq_num"])];
+        let c = Client::start(o).unwrap();
+        c.wait_connected(Duration::from_secs(10)).await.unwrap();
+        c
+    })
+}
+
+/// Deletes every Controller_Event row, as the CMS does once it has acted, and waits until the
+/// monitoring client has seen the table empty.
+fn clear_events(rt: &tokio::runtime::Runtime, client: &Client) {
+    rt.block_on(client.transact(&[ovsdb::Operation::Delete {
+        table: "Controller_Event".into(),
+        conditions: vec![],
+    }]))
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while client.replica().len("Controller_Event") > 0 {
+        assert!(Instant::now() < deadline, "Controller_Event rows not cleared");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
 
-/// A non-blocking TCP connect from the client namespace: sends one real SYN and returns
-/// the instant just before it.
-fn syn_from_client(topo: &Topology, port: u16) -> Instant {
-    topo.in_client(|| {
+/// A non-blocking TCP connect from namespace `netns` to `to`: sends one real SYN. Returns the
+/// socket (drop it once done: closing a connecting socket sends nothing) and the instant just
+/// before the SYN.
+fn connect_from(netns: &str, to: SocketAddr) -> (socket2::Socket, Instant) {
+    unidler_tests::netns::in_netns(netns, || {
         let socket =
-            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+            socket2::Socket::new(socket2::Domain::for_address(to), socket2::Type::STREAM, None)
+                .unwrap();
         socket.set_nonblocking(true).unwrap();
-        let to = SocketAddr::new(SERVER_V4.into(), port);
         let t = Instant::now();
         let _ = socket.connect(&to.into());
-        // Keep the socket open long enough for the SYN to leave.
-        std::mem::forget(socket);
-        t
+        (socket, t)
     })
 }
 
-// ------------------------------------------------------------------ 2. latency
-
-fn latency() -> Vec<Figure> {
-    let n = 250u16;
-    let vips: Vec<String> = (0..n)
-        .map(|i| format!("10.77.0.2:{}/tcp", 10_000 + i))
-        .collect();
-    let bed = bed("bl", &vips, &[]);
-    let mut changes = bed.client.subscribe();
+/// For each target in turn: a real connection attempt from `netns`, then the time until the
+/// monitoring `client` sees the Controller_Event row for it. Returns the latencies in ms,
+/// sorted (attempts whose row did not come within 5 s are left out).
+fn measure_latency(
+    rt: &tokio::runtime::Runtime,
+    client: &Client,
+    netns: &str,
+    targets: &[SocketAddr],
+) -> Vec<f64> {
+    let mut changes = client.subscribe();
     let mut lat = Vec::new();
-    for i in 0..n {
-        let want = format!("10.77.0.2:{}", 10_000 + i);
-        let sent = syn_from_client(&bed.topo, 10_000 + i);
-        let seen = bed.rt.block_on(async {
+    for &to in targets {
+        let want = to.to_string();
+        let (socket, sent) = connect_from(netns, to);
+        let seen = rt.block_on(async {
             loop {
                 let set = tokio::time::timeout(Duration::from_secs(5), changes.recv())
                     .await
@@ -389,17 +428,60 @@ fn latency() -> Vec<Figure> {
                 }
             }
         });
+        drop(socket);
         if let Some(seen) = seen {
             lat.push(seen.duration_since(sent).as_secs_f64() * 1e3);
         }
         std::thread::sleep(Duration::from_millis(5));
     }
     lat.sort_by(f64::total_cmp);
-    // Where the time goes, from the agent's own histograms.
-    let metrics = bed
-        .topo
-        .in_server(|| unidler::telemetry::http_get("127.0.0.1:9477".parse().unwrap(), "/metrics"))
-        .unwrap_or_default();
+    lat
+}
+
+/// What a wake-up storm produced.
+struct Storm {
+    sent_in: Duration,
+    rows: usize,
+    /// From the first frame sent to the last row seen.
+    last_row_at: Duration,
+    complete: bool,
+}
+
+/// Sends `frames` (one SYN per idle VIP) out of `ifname` in `netns` at once, then waits until
+/// `client` sees one row per frame, or until no new row came for 3 s (30 s at most).
+fn measure_storm(client: &Client, netns: &str, ifname: &str, frames: Vec<Vec<u8>>) -> Storm {
+    let expected = frames.len();
+    let started = Instant::now();
+    unidler_tests::netns::in_netns(netns, || send_frames(ifname, frames));
+    let sent_in = started.elapsed();
+    let (mut rows, mut last_row_at) = (0, Duration::ZERO);
+    while rows < expected
+        && started.elapsed() < Duration::from_secs(30)
+        && started.elapsed() < last_row_at.max(sent_in) + Duration::from_secs(3)
+    {
+        let now = client.replica().len("Controller_Event");
+        if now > rows {
+            rows = now;
+            last_row_at = started.elapsed();
+        }
+        if rows < expected {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+    Storm {
+        sent_in,
+        rows,
+        last_row_at,
+        complete: rows >= expected,
+    }
+}
+
+/// Where an event's time goes, from the histograms of the agent running in `netns`.
+fn latency_breakdown(section: &'static str, netns: &str) -> [Figure; 2] {
+    let metrics = unidler_tests::netns::in_netns(netns, || {
+        unidler::telemetry::http_get("127.0.0.1:9477".parse().unwrap(), "/metrics")
+    })
+    .unwrap_or_default();
     let mean_ms = |name: &str| {
         let get = |suffix: &str| {
             metrics
@@ -414,20 +496,47 @@ fn latency() -> Vec<Figure> {
         };
         get("sum") / get("count") * 1e3
     };
-    let breakdown = [
+    [
         figure(
-            "2 latency",
+            section,
             "of which: kernel timestamp to row committed (mean)",
             mean_ms("unidler_event_latency_seconds"),
             "ms",
         ),
         figure(
-            "2 latency",
+            section,
             "of which: the transaction alone (mean)",
             mean_ms("unidler_ovsdb_transaction_duration_seconds"),
             "ms",
         ),
-    ];
+    ]
+}
+
+// ------------------------------------------------------------------ 2. latency
+
+fn latency(ovn: Option<&OvnFigures>) -> Vec<Figure> {
+    let n = 250u16;
+    let vips: Vec<String> = (0..n)
+        .map(|i| format!("10.77.0.2:{}/tcp", 10_000 + i))
+        .collect();
+    let bed = bed("bl", &vips, &[]);
+    let targets: Vec<SocketAddr> = (0..n)
+        .map(|i| SocketAddr::new(SERVER_V4.into(), 10_000 + i))
+        .collect();
+    let lat = measure_latency(&bed.rt, &bed.client, &bed.topo.client_ns, &targets);
+    let breakdown = latency_breakdown("2 latency", &bed.topo.server_ns);
+    // OVN's figures: measured in this run by section 6 (--vs-ovn), else the ones
+    // ../shared/reference/ovn-baseline.sh measured on this machine.
+    let (ovn_p50, ovn_p90) = match ovn {
+        Some(o) => (
+            ("OVN p50 (section 6)", percentile(&o.latency, 0.5)),
+            ("OVN p90 (section 6)", percentile(&o.latency, 0.9)),
+        ),
+        None => (
+            ("OVN p50 (ovn-baseline.sh)", 1.2),
+            ("OVN p90 (ovn-baseline.sh)", 1.45),
+        ),
+    };
     let mut out = vec![
         figure("2 latency", "events measured", lat.len() as f64, "events"),
         figure(
@@ -436,10 +545,10 @@ fn latency() -> Vec<Figure> {
             percentile(&lat, 0.5),
             "ms",
         )
-        .vs("OVN p50 (ovn-baseline.sh)", 1.2)
+        .vs(ovn_p50.0, ovn_p50.1)
         .target("at most half of OVN"),
         figure("2 latency", "SYN to row, p90", percentile(&lat, 0.9), "ms")
-            .vs("OVN p90 (ovn-baseline.sh)", 1.45),
+            .vs(ovn_p90.0, ovn_p90.1),
         figure("2 latency", "SYN to row, p99", percentile(&lat, 0.99), "ms").target("under 2 ms"),
     ];
     out.extend(breakdown);
@@ -471,20 +580,12 @@ fn storm() -> Vec<Figure> {
             f.build()
         })
         .collect();
-    let started = Instant::now();
-    let topo = &bed.topo;
-    topo.in_client(|| send_frames(&topo.client_if, frames));
-    let sent_in = started.elapsed();
-    let deadline = started + Duration::from_secs(30);
-    let mut rows = 0;
-    while Instant::now() < deadline {
-        rows = bed.client.replica().len("Controller_Event");
-        if rows >= n as usize {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(2));
-    }
-    let all_in = started.elapsed();
+    let storm = measure_storm(
+        &bed.client,
+        &bed.topo.client_ns,
+        &bed.topo.client_if,
+        frames,
+    );
     vec![
         figure(
             "3 storm",
@@ -495,21 +596,25 @@ fn storm() -> Vec<Figure> {
         figure(
             "3 storm",
             "time to send them",
-            sent_in.as_secs_f64() * 1e3,
+            storm.sent_in.as_secs_f64() * 1e3,
             "ms",
         ),
-        figure("3 storm", "rows written", rows as f64, "rows").target("all 10,000"),
+        figure("3 storm", "rows written", storm.rows as f64, "rows").target("all 10,000"),
         figure(
             "3 storm",
-            "time until every row exists",
-            all_in.as_secs_f64() * 1e3,
+            if storm.complete {
+                "time until every row exists"
+            } else {
+                "time until the last row (not all came)"
+            },
+            storm.last_row_at.as_secs_f64() * 1e3,
             "ms",
         )
         .target("within 2,000 ms"),
         figure(
             "3 storm",
             "rows per second",
-            rows as f64 / all_in.as_secs_f64(),
+            storm.rows as f64 / storm.last_row_at.as_secs_f64(),
             "rows/s",
         ),
     ]
@@ -702,6 +807,151 @@ fn vip_sync() -> Vec<Figure> {
         });
     }
     out
+}
+
+// ------------------------------------------------------------------ 6. side by side with OVN
+
+/// OVN's own figures from section 6, for section 2 to compare against.
+struct OvnFigures {
+    latency: Vec<f64>,
+}
+
+/// Sections 2 and 3 again, on one real OVN node (ovn-northd, ovs-vswitchd with the userspace
+/// datapath, ovn-controller) and the very same veth: first OVN's own path (trigger_event →
+/// packet-in → ovn-controller → row), then unidler's agent on that veth, reading the load
+/// balancers ovn-northd wrote and writing rows into the same Southbound database. While
+/// unidler runs, its XDP program drops the SYNs to idle VIPs, so OVN's path stays quiet.
+fn vs_ovn() -> (Vec<Figure>, OvnFigures) {
+    const SECTION: &str = "6 vs OVN";
+    let node = OvnNode::start("bo");
+    // 250 VIPs for latency, 10,000 for the storm (in load balancers of 1,000: one command
+    // line each), all without backends and with options:event=true.
+    let latency_vips: Vec<SocketAddr> = (0..250u32)
+        .map(|i| SocketAddr::new(Ipv4Addr::new(10, 96, 0, i as u8 + 1).into(), 80))
+        .collect();
+    let storm_vips: Vec<SocketAddr> = (0..10_000u32)
+        .map(|i| {
+            SocketAddr::new(
+                Ipv4Addr::new(10, 97, (i / 250) as u8, (i % 250) as u8 + 1).into(),
+                80,
+            )
+        })
+        .collect();
+    let text = |vips: &[SocketAddr]| vips.iter().map(|v| v.to_string()).collect::<Vec<_>>();
+    node.add_idle_load_balancer("latency", &text(&latency_vips));
+    for (i, chunk) in storm_vips.chunks(1_000).enumerate() {
+        node.add_idle_load_balancer(&format!("storm{i}"), &text(chunk));
+    }
+    let total_vips = latency_vips.len() + storm_vips.len();
+    let frames: Vec<Vec<u8>> = storm_vips
+        .iter()
+        .enumerate()
+        .map(|(i, vip)| {
+            let mut f = Frame::tcp_syn(
+                ovn_chassis::CLIENT_V4.into(),
+                1024 + (i % 60_000) as u16,
+                vip.ip(),
+                vip.port(),
+            );
+            f.src_mac = ovn_chassis::CLIENT_MAC;
+            f.dst_mac = ovn_chassis::GATEWAY_MAC;
+            f.build()
+        })
+        .collect();
+    let rt = runtime();
+    let sb = node.central.sb.unix_remote();
+    let client = event_monitor(&rt, &sb);
+
+    // OVN's own path.
+    clear_events(&rt, &client);
+    let ovn_latency = measure_latency(&rt, &client, &node.client_ns, &latency_vips);
+    clear_events(&rt, &client);
+    let ovn_cpu = || cpu_seconds(node.controller_pid()) + cpu_seconds(node.vswitchd_pid());
+    let c0 = ovn_cpu();
+    let ovn_storm = measure_storm(&client, &node.client_ns, &node.client_if, frames.clone());
+    let ovn_storm_cpu = ovn_cpu() - c0;
+    clear_events(&rt, &client);
+
+    // unidler on the same veth, same database, same load balancers.
+    let state = TempDir::new("ostate");
+    let state_dir = state.0.to_str().unwrap().to_owned();
+    let mut args = southbound_args(&node.node_if, &sb, &state_dir);
+    args.extend(["--event-rate", "100000", "--event-burst", "20000"]);
+    let mut agent = Agent::start(&node.node_ns, &args);
+    agent.wait_for_log(&format!("vips={total_vips} "), Duration::from_secs(60));
+    let ours_latency = measure_latency(&rt, &client, &node.client_ns, &latency_vips);
+    let breakdown = latency_breakdown(SECTION, &node.node_ns);
+    clear_events(&rt, &client);
+    let a0 = cpu_seconds(agent.pid());
+    let ours_storm = measure_storm(&client, &node.client_ns, &node.client_if, frames);
+    let ours_storm_cpu = cpu_seconds(agent.pid()) - a0;
+    drop(agent);
+
+    let mut out = vec![
+        figure(
+            SECTION,
+            "events measured (unidler | OVN)",
+            ours_latency.len() as f64,
+            "events",
+        )
+        .vs("OVN", ovn_latency.len() as f64),
+    ];
+    for (label, p) in [("p50", 0.5), ("p90", 0.9), ("p99", 0.99)] {
+        let f = figure(
+            SECTION,
+            format!("SYN to row at a monitoring client, {label}"),
+            percentile(&ours_latency, p),
+            "ms",
+        )
+        .vs(format!("OVN {label}"), percentile(&ovn_latency, p));
+        out.push(match label {
+            "p50" => f.target("at most half of OVN"),
+            "p99" => f.target("under 2 ms"),
+            _ => f,
+        });
+    }
+    out.extend(breakdown);
+    out.extend([
+        figure(
+            SECTION,
+            "storm: rows written for 10,000 idle VIPs",
+            ours_storm.rows as f64,
+            "rows",
+        )
+        .vs("OVN", ovn_storm.rows as f64)
+        .target("all 10,000"),
+        figure(
+            SECTION,
+            "storm: time until the last row exists",
+            ours_storm.last_row_at.as_secs_f64() * 1e3,
+            "ms",
+        )
+        .vs("OVN", ovn_storm.last_row_at.as_secs_f64() * 1e3)
+        .target("within 2,000 ms"),
+        figure(
+            SECTION,
+            "storm: rows per second",
+            ours_storm.rows as f64 / ours_storm.last_row_at.as_secs_f64(),
+            "rows/s",
+        )
+        .vs(
+            "OVN",
+            ovn_storm.rows as f64 / ovn_storm.last_row_at.as_secs_f64(),
+        ),
+        figure(
+            SECTION,
+            "storm: CPU used (agent | ovn-controller + ovs-vswitchd)",
+            ours_storm_cpu * 1e3,
+            "ms",
+        )
+        .vs("OVN", ovn_storm_cpu * 1e3),
+    ]);
+    (
+        out,
+        OvnFigures {
+            latency: ovn_latency,
+        },
+    )
 }
 
 // ------------------------------------------------------------------ output

@@ -7,6 +7,7 @@ pub mod frames;
 pub mod load_balancers;
 pub mod netns;
 pub mod oracle;
+pub mod ovn_chassis;
 pub mod ovsdb_server;
 
 /// Panics unless the process runs as root: these tests load BPF programs and create network

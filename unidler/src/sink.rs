@@ -29,7 +29,7 @@ use std::{
     time::Duration,
 };
 
-use ovsdb::ChangeSet;
+use ovsdb::{ChangeSet, RowChange};
 use ovsdb::{
     Atom, Client, ClientOptions, Condition, Error as DbError, MonitorRequest, Operation, Remote,
     Row, TlsFiles, Uuid, Value,
@@ -181,6 +181,7 @@ impl ControllerEventSink {
             last_seq: None,
             in_doubt: HashMap::new(),
             committed_unseen: HashMap::new(),
+            ours: OurRows::default(),
             warned_no_chassis: false,
         };
         tokio::spawn(writer.run());
@@ -279,7 +280,103 @@ struct Writer {
     in_doubt: HashMap<EventKey, i64>,
     /// Rows we committed that the replica has not shown yet: uuid → key.
     committed_unseen: HashMap<Uuid, EventKey>,
+    /// Our rows as the replica shows them.
+    ours: OurRows,
     warned_no_chassis: bool,
+}
+
+/// Our chassis' `empty_lb_backends` rows as the replica shows them, kept up to date from its
+/// change sets: looking one up costs O(1), where a scan per transaction would cost O(rows),
+/// and a wake-up storm makes thousands of rows.
+#[derive(Default)]
+struct OurRows {
+    /// The chassis the index is for; None until built.
+    chassis: Option<Uuid>,
+    by_uuid: HashMap<Uuid, (EventKey, i64)>,
+    /// key → its rows (normally one): uuid, seq_num.
+    by_key: HashMap<EventKey, Vec<(Uuid, i64)>>,
+}
+
+impl OurRows {
+    /// Rebuilds the index for `chassis` from the whole replica.
+    fn rebuild(&mut self, client: &Client, chassis: &Uuid) {
+        *self = OurRows {
+            chassis: Some(chassis.clone()),
+            ..OurRows::default()
+        };
+        let replica = client.replica();
+        for (uuid, row) in replica.rows(EVENT_TABLE) {
+            self.insert(uuid, row);
+        }
+    }
+
+    /// Applies one change of a Controller_Event row.
+    fn apply(&mut self, uuid: &Uuid, change: &RowChange) {
+        match change {
+            RowChange::Insert(row) => self.insert(uuid, row),
+            RowChange::Modify { new, .. } => self.insert(uuid, new),
+            RowChange::Delete(_) => self.remove(uuid),
+        }
+    }
+
+    /// Indexes `row` if it is ours (idempotent: a change the index already holds is harmless).
+    fn insert(&mut self, uuid: &Uuid, row: &Row) {
+        self.remove(uuid);
+        let ours = row
+            .get("chassis")
+            .and_then(Value::atom)
+            .and_then(Atom::as_uuid)
+            .is_some_and(|c| Some(c) == self.chassis.as_ref());
+        let typed = row
+            .get("event_type")
+            .and_then(Value::atom)
+            .and_then(Atom::as_str)
+            == Some(EVENT_TYPE);
+        if !(ours && typed) {
+            return;
+        }
+        let Some(key) = EventKey::from_row(row) else {
+            return;
+        };
+        let seq = row
+            .get("seq_num")
+            .and_then(Value::atom)
+            .and_then(Atom::as_i64)
+            .unwrap_or(0);
+        self.by_key
+            .entry(key.clone())
+            .or_default()
+            .push((uuid.clone(), seq));
+        self.by_uuid.insert(uuid.clone(), (key, seq));
+    }
+
+    fn remove(&mut self, uuid: &Uuid) {
+        let Some((key, _)) = self.by_uuid.remove(uuid) else {
+            return;
+        };
+        if let Some(rows) = self.by_key.get_mut(&key) {
+            rows.retain(|(u, _)| u != uuid);
+            if rows.is_empty() {
+                self.by_key.remove(&key);
+            }
+        }
+    }
+
+    /// Whether a row for `key` exists; with the seq_num of one of them.
+    fn get(&self, key: &EventKey) -> Option<i64> {
+        self.by_key.get(key).and_then(|rows| rows.first()).map(|r| r.1)
+    }
+
+    /// Whether a row for `key` with exactly `seq` exists.
+    fn has_seq(&self, key: &EventKey, seq: i64) -> bool {
+        self.by_key
+            .get(key)
+            .is_some_and(|rows| rows.iter().any(|r| r.1 == seq))
+    }
+
+    fn max_seq(&self) -> Option<i64> {
+        self.by_uuid.values().map(|r| r.1).max()
+    }
 }
 
 impl Writer {
@@ -327,22 +424,26 @@ impl Writer {
         }
     }
 
-    /// Forgets committed rows once the replica has shown them (inserted) or their deletion:
-    /// from then on the replica alone says whether they exist.
+    /// Follows the replica: keeps the index of our rows, and forgets committed rows once the
+    /// replica has shown them (inserted) or their deletion: from then on the replica alone
+    /// says whether they exist.
     fn observe(&mut self, set: Result<Arc<ChangeSet>, broadcast::error::RecvError>) {
-        if self.committed_unseen.is_empty() {
-            return;
-        }
         match set {
             Ok(set) if !set.resync => {
-                for (table, uuid, _) in &set.changes {
+                for (table, uuid, change) in &set.changes {
                     if table == EVENT_TABLE {
                         self.committed_unseen.remove(uuid);
+                        if self.ours.chassis.is_some() {
+                            self.ours.apply(uuid, change);
+                        }
                     }
                 }
             }
             // A rebuilt replica (or missed changes): what it has now is the truth.
-            _ => self.committed_unseen.clear(),
+            _ => {
+                self.committed_unseen.clear();
+                self.ours = OurRows::default();
+            }
         }
     }
 
@@ -361,42 +462,15 @@ impl Writer {
             .map(|(uuid, _)| uuid.clone())
     }
 
-    /// Our rows now in the database (replica): key → seq_num.
-    fn existing_rows(&self, chassis: &Uuid) -> HashMap<EventKey, i64> {
-        let replica = self.client.replica();
-        let mut rows = HashMap::new();
-        for (_, row) in replica.rows(EVENT_TABLE) {
-            let ours = row
-                .get("chassis")
-                .and_then(Value::atom)
-                .and_then(Atom::as_uuid)
-                == Some(chassis);
-            let typed = row
-                .get("event_type")
-                .and_then(Value::atom)
-                .and_then(Atom::as_str)
-                == Some(EVENT_TYPE);
-            if ours
-                && typed
-                && let Some(key) = EventKey::from_row(row)
-            {
-                let seq = row
-                    .get("seq_num")
-                    .and_then(Value::atom)
-                    .and_then(Atom::as_i64)
-                    .unwrap_or(0);
-                rows.insert(key, seq);
-            }
-        }
-        rows
-    }
-
     async fn write_batch(&mut self, chassis: &Uuid) {
         self.observe_changes();
-        let existing = self.existing_rows(chassis);
+        if self.ours.chassis.as_ref() != Some(chassis) {
+            self.ours.rebuild(&self.client, chassis);
+        }
+        let existing = &self.ours;
         if self.last_seq.is_none() {
             let from_file = self.read_seq_file();
-            let from_db = existing.values().copied().max().unwrap_or(0);
+            let from_db = existing.max_seq().unwrap_or(0);
             self.last_seq = Some(from_file.max(from_db));
             debug!(from_file, from_db, "seq_num continues");
         }
@@ -406,8 +480,8 @@ impl Writer {
         for (key, seq) in std::mem::take(&mut self.in_doubt) {
             match existing.get(&key) {
                 None => batch.push((key, seq)),
-                Some(&present) => {
-                    let counter = if present == seq {
+                Some(_) => {
+                    let counter = if existing.has_seq(&key, seq) {
                         &self.stats.written
                     } else {
                         &self.stats.deduplicated
@@ -430,7 +504,7 @@ impl Writer {
             }
         }
         for key in taken {
-            if existing.contains_key(&key) || just_committed.contains(&key) {
+            if existing.get(&key).is_some() || just_committed.contains(&key) {
                 self.stats.deduplicated.fetch_add(1, Ordering::Relaxed);
                 self.release(&key);
                 continue;

@@ -47,6 +47,10 @@ enum Task {
     },
     /// Run the benchmarks (needs root); e.g. `cargo xtask bench -- 1 3` for sections 1 and 3.
     Bench {
+        /// Also start real OVN (ovn-northd, ovs-vswitchd, ovn-controller) and measure its own
+        /// path side by side (section 6).
+        #[arg(long)]
+        vs_ovn: bool,
         /// Sections to run (default: all).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<OsString>,
@@ -78,7 +82,7 @@ fn dispatch(task: Task) -> Result<()> {
         }
         Task::Test { args } => test(args),
         Task::Lint => lint(),
-        Task::Bench { args } => bench(args),
+        Task::Bench { vs_ovn, args } => bench(vs_ovn, args),
         Task::Demo => {
             let agent = build(&setup::ensure_all()?, false)?;
             demo::run(&agent)
@@ -116,7 +120,7 @@ fn test(args: Vec<OsString>) -> Result<()> {
     run(&mut cmd)
 }
 
-fn bench(args: Vec<OsString>) -> Result<()> {
+fn bench(vs_ovn: bool, args: Vec<OsString>) -> Result<()> {
     let tools = setup::ensure_all()?;
     if !is_root() {
         bail!("the benchmarks load XDP programs and create namespaces: run them as root");
@@ -131,6 +135,7 @@ fn bench(args: Vec<OsString>) -> Result<()> {
             "bench",
             "--",
         ])
+        .args(vs_ovn.then_some("--vs-ovn"))
         .args(args)
         .env("UNIDLER_BIN", &agent))
 }

@@ -22,8 +22,15 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 /// The toolchain the eBPF crate is built with (aya-build's default).
 const NIGHTLY: &str = "nightly";
 /// Debian packages the tests need: `ip` for namespaces and veths; OVN and OVS for the
-/// database tests (`ovsdb-server`, `ovsdb-tool`, `ovn-sbctl`, the OVN schemas).
-const DEBIAN_PACKAGES: &[&str] = &["iproute2", "ovn-central", "ovn-host", "openvswitch-common"];
+/// database tests (`ovsdb-server`, `ovsdb-tool`, `ovn-sbctl`, the OVN schemas); OVS's switch
+/// (`ovs-vswitchd`) and `ovn-controller` for the benchmarks' side by side with OVN.
+const DEBIAN_PACKAGES: &[&str] = &[
+    "iproute2",
+    "ovn-central",
+    "ovn-host",
+    "openvswitch-common",
+    "openvswitch-switch",
+];
 
 /// Runs every bootstrap step; returns the folder to put first on PATH (holds bpf-linker).
 pub fn ensure_all() -> Result<PathBuf> {

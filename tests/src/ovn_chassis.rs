@@ -1,0 +1,314 @@
+//! A real OVN node: `ovs-vswitchd` with the userspace (netdev) datapath and `ovn-controller`,
+//! bound to an [`OvnCentral`]'s Southbound database, with one logical switch port whose VIF is
+//! a veth into a client namespace. This is OVN's own unidling path, for the benchmarks to
+//! measure side by side with unidler on the very same veth.
+//!
+//! ```text
+//!   netns <tag>-c                              netns <tag>-n (ovs-vswitchd, ovn-controller)
+//!   <tag>c 192.168.77.11/24  <== veth ==>  <tag>n  in br-int, iface-id=vif1 (switch sw0)
+//!   default via 192.168.77.1 (static neighbour)
+//! ```
+//! Both daemons run inside the node namespace, so the bridge's own tap devices vanish with it;
+//! every file is in a temp dir; everything is stopped and removed on drop.
+
+use std::{
+    net::Ipv4Addr,
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use crate::{
+    netns::{in_netns, mac, sh, unique_tag},
+    ovsdb_server::{CHASSIS, Listen, OvnCentral, OvsdbServer, TempDir, run},
+};
+
+/// The Open_vSwitch schema Debian installs.
+pub const VSWITCH_SCHEMA: &str = "/usr/share/openvswitch/vswitch.ovsschema";
+/// The logical switch the client port is on.
+pub const SWITCH: &str = "sw0";
+/// The logical switch port bound to the client's veth.
+pub const CLIENT_PORT: &str = "vif1";
+/// The client's address.
+pub const CLIENT_V4: Ipv4Addr = Ipv4Addr::new(192, 168, 77, 11);
+/// The client's MAC (the logical port's address).
+pub const CLIENT_MAC: [u8; 6] = [0x02, 0x77, 0, 0, 1, 0x11];
+/// The MAC the client sends everything off-link to (its default gateway's static neighbour):
+/// the load-balancing stage matches on the IP destination before any L2 lookup.
+pub const GATEWAY_MAC: [u8; 6] = [0x02, 0x77, 0, 0, 1, 0x01];
+const GATEWAY_V4: Ipv4Addr = Ipv4Addr::new(192, 168, 77, 1);
+
+/// OVN central plus one chassis, its switch and a client namespace.
+pub struct OvnNode {
+    /// NB, SB and ovn-northd.
+    pub central: OvnCentral,
+    /// The client namespace.
+    pub client_ns: String,
+    /// The namespace ovs-vswitchd and ovn-controller run in.
+    pub node_ns: String,
+    /// The client's veth end.
+    pub client_if: String,
+    /// The node's veth end (an OVS port; where unidler attaches).
+    pub node_if: String,
+    // Field order is drop order: daemons first, then the Open_vSwitch database, then files.
+    controller: Option<Child>,
+    vswitchd: Option<Child>,
+    conf: Option<OvsdbServer>,
+    run_dir: TempDir,
+}
+
+impl OvnNode {
+    /// Starts everything and waits until ovn-controller has bound the client port.
+    #[track_caller]
+    pub fn start(prefix: &str) -> Self {
+        let tag = unique_tag(prefix);
+        let central = OvnCentral::start();
+        let mut node = OvnNode {
+            central,
+            client_ns: format!("{tag}-c"),
+            node_ns: format!("{tag}-n"),
+            client_if: format!("{tag}c"),
+            node_if: format!("{tag}n"),
+            controller: None,
+            vswitchd: None,
+            conf: None,
+            run_dir: TempDir::new("ovnrun"),
+        };
+        // From here on, Drop removes whatever was made.
+        sh(&["ip", "netns", "add", &node.client_ns]);
+        sh(&["ip", "netns", "add", &node.node_ns]);
+        sh(&[
+            "ip",
+            "link",
+            "add",
+            &node.client_if,
+            "netns",
+            &node.client_ns,
+            "address",
+            &mac(CLIENT_MAC),
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &node.node_if,
+            "netns",
+            &node.node_ns,
+        ]);
+        let c = |args: &[&str]| {
+            let mut full = vec!["ip", "-n", node.client_ns.as_str()];
+            full.extend_from_slice(args);
+            sh(&full);
+        };
+        c(&["addr", "add", &format!("{CLIENT_V4}/24"), "dev", &node.client_if]);
+        c(&["link", "set", "lo", "up"]);
+        c(&["link", "set", &node.client_if, "up"]);
+        c(&["route", "add", "default", "via", &GATEWAY_V4.to_string()]);
+        c(&[
+            "neigh",
+            "replace",
+            &GATEWAY_V4.to_string(),
+            "lladdr",
+            &mac(GATEWAY_MAC),
+            "dev",
+            &node.client_if,
+        ]);
+        sh(&["ip", "-n", &node.node_ns, "link", "set", "lo", "up"]);
+        sh(&["ip", "-n", &node.node_ns, "link", "set", &node.node_if, "up"]);
+
+        node.conf = Some(OvsdbServer::standalone(
+            "conf",
+            VSWITCH_SCHEMA,
+            Listen::default(),
+        ));
+        node.vsctl(&["--no-wait", "init"]);
+        node.vswitchd = Some(node.spawn_in_node(
+            "ovs-vswitchd",
+            &[
+                node.conf_remote(),
+                "--no-chdir".into(),
+                format!("--log-file={}", node.file("vswitchd.log").display()),
+                format!("--unixctl={}", node.file("vswitchd.ctl").display()),
+            ],
+        ));
+        node.vsctl(&[
+            "--timeout=20",
+            "add-br",
+            "br-int",
+            "--",
+            "set",
+            "Bridge",
+            "br-int",
+            "datapath_type=netdev",
+            "fail-mode=secure",
+            "other-config:disable-in-band=true",
+        ]);
+        node.vsctl(&[
+            "set",
+            "Open_vSwitch",
+            ".",
+            &format!("external_ids:system-id={CHASSIS}"),
+            &format!("external_ids:ovn-remote={}", node.central.sb.unix_remote()),
+            "external_ids:ovn-encap-type=geneve",
+            "external_ids:ovn-encap-ip=127.0.0.1",
+            "external_ids:ovn-bridge-datapath-type=netdev",
+        ]);
+        node.controller = Some(node.spawn_in_node(
+            "ovn-controller",
+            &[
+                node.conf_remote(),
+                "--no-chdir".into(),
+                format!("--log-file={}", node.file("controller.log").display()),
+            ],
+        ));
+        node.central.nbctl(&[
+            "ls-add",
+            SWITCH,
+            "--",
+            "lsp-add",
+            SWITCH,
+            CLIENT_PORT,
+            "--",
+            "lsp-set-addresses",
+            CLIENT_PORT,
+            &format!("{} {CLIENT_V4}", mac(CLIENT_MAC)),
+        ]);
+        node.vsctl(&[
+            "add-port",
+            "br-int",
+            &node.node_if,
+            "--",
+            "set",
+            "Interface",
+            &node.node_if,
+            &format!("external_ids:iface-id={CLIENT_PORT}"),
+        ]);
+        node.wait_until("ovn-controller binds the client port", || {
+            !node
+                .central
+                .sb
+                .sbctl(&[
+                    "--bare",
+                    "--columns=chassis",
+                    "find",
+                    "Port_Binding",
+                    &format!("logical_port={CLIENT_PORT}"),
+                ])
+                .trim()
+                .is_empty()
+        });
+        node.central.nbctl(&["--wait=hv", "sync"]);
+        node
+    }
+
+    /// Adds load balancer `name` with `vips` (`IP:PORT`, no backends, TCP) and
+    /// `options:event=true` to the switch, and waits until the chassis has its flows.
+    #[track_caller]
+    pub fn add_idle_load_balancer(&self, name: &str, vips: &[String]) {
+        // One row with the whole `vips` map: a single command however many VIPs.
+        let map: Vec<String> = vips.iter().map(|v| format!("\"{v}\"=\"\"")).collect();
+        self.central.nbctl(&[
+            "--",
+            "--id=@lb",
+            "create",
+            "Load_Balancer",
+            &format!("name={name}"),
+            "protocol=tcp",
+            &format!("vips={{{}}}", map.join(",")),
+            "options:event=true",
+            "--",
+            "add",
+            "Logical_Switch",
+            SWITCH,
+            "load_balancer",
+            "@lb",
+        ]);
+        self.central.nbctl(&["--timeout=120", "--wait=hv", "sync"]);
+    }
+
+    /// Runs `ovs-vsctl` against the node's Open_vSwitch database.
+    #[track_caller]
+    pub fn vsctl(&self, args: &[&str]) -> String {
+        run(Command::new("ovs-vsctl")
+            .arg(format!("--db={}", self.conf_remote()))
+            .args(args))
+    }
+
+    /// Runs `f` on a thread inside the client namespace.
+    pub fn in_client<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
+        in_netns(&self.client_ns, f)
+    }
+
+    /// ovn-controller's process id.
+    pub fn controller_pid(&self) -> u32 {
+        self.controller.as_ref().map_or(0, Child::id)
+    }
+
+    /// ovs-vswitchd's process id.
+    pub fn vswitchd_pid(&self) -> u32 {
+        self.vswitchd.as_ref().map_or(0, Child::id)
+    }
+
+    /// ovn-controller's log so far.
+    pub fn controller_log(&self) -> String {
+        std::fs::read_to_string(self.file("controller.log")).unwrap_or_default()
+    }
+
+    fn conf_remote(&self) -> String {
+        self.conf
+            .as_ref()
+            .expect("Open_vSwitch database running")
+            .unix_remote()
+    }
+
+    fn file(&self, name: &str) -> PathBuf {
+        self.run_dir.join(name)
+    }
+
+    /// Starts `program args` inside the node namespace with its run directory in our temp dir.
+    #[track_caller]
+    fn spawn_in_node(&self, program: &str, args: &[String]) -> Child {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.node_ns, program])
+            .args(args)
+            .env("OVS_RUNDIR", &self.run_dir.0)
+            .env("OVN_RUNDIR", &self.run_dir.0)
+            .env("OVS_DBDIR", &self.run_dir.0)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        crate::die_with_parent(&mut cmd)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {program}: {e}"))
+    }
+
+    #[track_caller]
+    fn wait_until(&self, what: &str, mut ready: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !ready() {
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting until {what}; ovn-controller log:\n{}",
+                self.controller_log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for OvnNode {
+    fn drop(&mut self) {
+        for child in [self.controller.take(), self.vswitchd.take()]
+            .into_iter()
+            .flatten()
+        {
+            let mut child = child;
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        self.conf = None;
+        // Deleting the namespaces deletes the veth pair and the bridge's tap devices.
+        for ns in [&self.client_ns, &self.node_ns] {
+            let _ = Command::new("ip").args(["netns", "delete", ns]).output();
+        }
+    }
+}

@@ -130,7 +130,7 @@ async fn run(
     let (mut reader, mut writer) = tokio::io::split(stream);
     let mut pending: HashMap<u64, oneshot::Sender<Result<Json, Error>>> = HashMap::new();
     let mut next_id: u64 = 1;
-    let mut buf: Vec<u8> = Vec::with_capacity(64 * 1024);
+    let mut framer = Framer::default();
     let mut chunk = vec![0u8; 64 * 1024];
     let mut last_heard = Instant::now();
     let mut probe_sent: Option<Instant> = None;
@@ -148,8 +148,7 @@ async fn run(
                 };
                 last_heard = Instant::now();
                 probe_sent = None;
-                buf.extend_from_slice(&chunk[..n]);
-                let messages = match split_messages(&mut buf, options.max_message_bytes) {
+                let messages = match framer.push(&chunk[..n], options.max_message_bytes) {
                     Ok(m) => m,
                     Err(e) => break e,
                 };
@@ -200,23 +199,76 @@ async fn run(
     reason
 }
 
-/// Splits complete JSON messages off the front of `buf`, leaving a partial one in place.
-fn split_messages(buf: &mut Vec<u8>, limit: usize) -> Result<Vec<Json>, Error> {
-    let mut messages = Vec::new();
-    let mut stream = serde_json::Deserializer::from_slice(buf).into_iter::<Json>();
-    let consumed = loop {
-        match stream.next() {
-            Some(Ok(v)) => messages.push(v),
-            Some(Err(e)) if e.is_eof() => break stream.byte_offset(),
-            Some(Err(e)) => return Err(Error::Protocol(format!("invalid JSON from server: {e}"))),
-            None => break stream.byte_offset(),
+/// Cuts the byte stream from the server into JSON messages. Each byte is scanned once, and a
+/// message is parsed only once it is complete: a large monitor reply arriving in many reads
+/// costs one parse, not one per read.
+#[derive(Default)]
+struct Framer {
+    buf: Vec<u8>,
+    /// How far `buf` has been scanned.
+    scanned: usize,
+    /// Nesting depth of `{`/`[` at `scanned`, outside strings.
+    depth: usize,
+    in_string: bool,
+    escaped: bool,
+}
+
+impl Framer {
+    /// Keeps at most this much buffer capacity between messages (a large reply's buffer is
+    /// given back once it has been parsed).
+    const KEEP_CAPACITY: usize = 64 * 1024;
+
+    /// Appends `bytes` and returns the messages now complete; a partial one stays buffered.
+    /// A partial message longer than `limit` is an error.
+    fn push(&mut self, bytes: &[u8], limit: usize) -> Result<Vec<Json>, Error> {
+        self.buf.extend_from_slice(bytes);
+        let mut messages = Vec::new();
+        let mut start = 0;
+        for i in self.scanned..self.buf.len() {
+            let b = self.buf[i];
+            if self.in_string {
+                if self.escaped {
+                    self.escaped = false;
+                } else if b == b'\\' {
+                    self.escaped = true;
+                } else if b == b'"' {
+                    self.in_string = false;
+                }
+                continue;
+            }
+            match b {
+                b'"' => self.in_string = true,
+                b'{' | b'[' => self.depth += 1,
+                b'}' | b']' if self.depth > 0 => {
+                    self.depth -= 1;
+                    if self.depth == 0 {
+                        let msg = serde_json::from_slice(&self.buf[start..=i]).map_err(|e| {
+                            Error::Protocol(format!("invalid JSON from server: {e}"))
+                        })?;
+                        messages.push(msg);
+                        start = i + 1;
+                    }
+                }
+                b' ' | b'\t' | b'\r' | b'\n' if self.depth == 0 => start = i + 1,
+                _ if self.depth == 0 => {
+                    return Err(Error::Protocol(format!(
+                        "invalid JSON from server: unexpected byte {:?} between messages",
+                        b as char
+                    )));
+                }
+                _ => {}
+            }
         }
-    };
-    buf.drain(..consumed);
-    if buf.len() > limit {
-        return Err(Error::Oversized { limit });
+        self.buf.drain(..start);
+        self.scanned = self.buf.len();
+        if self.buf.len() > limit {
+            return Err(Error::Oversized { limit });
+        }
+        if self.buf.capacity() > Self::KEEP_CAPACITY && self.buf.len() < Self::KEEP_CAPACITY {
+            self.buf.shrink_to(Self::KEEP_CAPACITY);
+        }
+        Ok(messages)
     }
-    Ok(messages)
 }
 
 async fn dispatch(
@@ -307,28 +359,50 @@ mod tests {
 
     #[test]
     fn splits_concatenated_and_partial_messages() {
-        let mut buf =
-            br#"{"id":1,"result":[]} {"method":"update2","params":[1]}{"id":2,"res"#.to_vec();
-        let msgs = split_messages(&mut buf, 1 << 20).unwrap();
+        let mut framer = Framer::default();
+        let msgs = framer
+            .push(
+                br#"{"id":1,"result":[]} {"method":"update2","params":[1]}{"id":2,"res"#,
+                1 << 20,
+            )
+            .unwrap();
         assert_eq!(msgs.len(), 2);
-        assert_eq!(buf, br#"{"id":2,"res"#);
-        buf.extend_from_slice(br#"ult":null}"#);
-        assert_eq!(split_messages(&mut buf, 1 << 20).unwrap().len(), 1);
-        assert!(buf.is_empty());
+        assert_eq!(framer.buf, br#"{"id":2,"res"#);
+        let msgs = framer.push(br#"ult":"a \"}]\\"}"#, 1 << 20).unwrap();
+        assert_eq!(msgs, vec![json!({"id": 2, "result": "a \"}]\\"})]);
+        assert!(framer.buf.is_empty());
     }
 
     #[test]
     fn rejects_garbage_and_oversized() {
-        let mut garbage = b"{]".to_vec();
-        assert!(matches!(
-            split_messages(&mut garbage, 1 << 20),
-            Err(Error::Protocol(_))
-        ));
+        for garbage in [&b"{]"[..], b"x{}", b"{\"a\":}"] {
+            assert!(
+                matches!(
+                    Framer::default().push(garbage, 1 << 20),
+                    Err(Error::Protocol(_))
+                ),
+                "{garbage:?}"
+            );
+        }
         let mut big = b"{\"id\":1,\"result\":\"".to_vec();
         big.extend(std::iter::repeat_n(b'x', 2000));
         assert!(matches!(
-            split_messages(&mut big, 1000),
+            Framer::default().push(&big, 1000),
             Err(Error::Oversized { limit: 1000 })
         ));
+    }
+
+    #[test]
+    fn a_message_split_at_every_byte_is_parsed_once_whole() {
+        let text =
+            br#" {"id":7,"result":{"t":{"u":{"new":{"s":"x\\\"{[","m":["map",[["k","}"]]]}}}}}"#;
+        let mut framer = Framer::default();
+        let mut got = Vec::new();
+        for b in text {
+            got.extend(framer.push(&[*b], 1 << 20).unwrap());
+        }
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0]["result"]["t"]["u"]["new"]["s"], "x\\\"{[");
+        assert!(framer.buf.is_empty());
     }
 }

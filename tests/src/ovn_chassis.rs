@@ -99,7 +99,13 @@ impl OvnNode {
             full.extend_from_slice(args);
             sh(&full);
         };
-        c(&["addr", "add", &format!("{CLIENT_V4}/24"), "dev", &node.client_if]);
+        c(&[
+            "addr",
+            "add",
+            &format!("{CLIENT_V4}/24"),
+            "dev",
+            &node.client_if,
+        ]);
         c(&["link", "set", "lo", "up"]);
         c(&["link", "set", &node.client_if, "up"]);
         c(&["route", "add", "default", "via", &GATEWAY_V4.to_string()]);
@@ -113,7 +119,15 @@ impl OvnNode {
             &node.client_if,
         ]);
         sh(&["ip", "-n", &node.node_ns, "link", "set", "lo", "up"]);
-        sh(&["ip", "-n", &node.node_ns, "link", "set", &node.node_if, "up"]);
+        sh(&[
+            "ip",
+            "-n",
+            &node.node_ns,
+            "link",
+            "set",
+            &node.node_if,
+            "up",
+        ]);
 
         node.conf = Some(OvsdbServer::standalone(
             "conf",

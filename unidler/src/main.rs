@@ -535,12 +535,21 @@ fn apply_vips(
     let elapsed_us = started.elapsed().as_micros() as u64;
     if full {
         // A full sync parses and builds large transient structures (the monitor reply of
-        // every load balancer); give the freed memory back to the system.
+        // every load balancer); give the freed memory back to the system once they are gone.
         #[cfg(target_env = "gnu")]
-        // SAFETY: malloc_trim only releases free heap memory.
-        unsafe {
-            libc::malloc_trim(0);
-        }
+        tokio::spawn(async {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            // SAFETY: malloc_trim only releases free heap memory; mallinfo2 only reads.
+            let heap = unsafe {
+                libc::malloc_trim(0);
+                libc::mallinfo2()
+            };
+            debug!(
+                in_use = heap.uordblks + heap.hblkhd,
+                free = heap.fordblks,
+                "heap trimmed after a full VIP sync"
+            );
+        });
         info!(
             vips = registry.len(),
             idle = registry.idle_count(),

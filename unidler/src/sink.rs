@@ -29,11 +29,11 @@ use std::{
     time::Duration,
 };
 
-use ovsdb::{ChangeSet, RowChange};
 use ovsdb::{
     Atom, Client, ClientOptions, Condition, Error as DbError, MonitorRequest, Operation, Remote,
     Row, TlsFiles, Uuid, Value,
 };
+use ovsdb::{ChangeSet, RowChange};
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use tokio::sync::{Notify, broadcast};
 use tracing::{debug, warn};
@@ -364,7 +364,10 @@ impl OurRows {
 
     /// Whether a row for `key` exists; with the seq_num of one of them.
     fn get(&self, key: &EventKey) -> Option<i64> {
-        self.by_key.get(key).and_then(|rows| rows.first()).map(|r| r.1)
+        self.by_key
+            .get(key)
+            .and_then(|rows| rows.first())
+            .map(|r| r.1)
     }
 
     /// Whether a row for `key` with exactly `seq` exists.

@@ -358,13 +358,14 @@ async fn session(
             )
             .await
         {
-            Ok(reply) => match reply.as_array().map(Vec::as_slice) {
-                Some([found, txn, updates]) => {
-                    *last_txn_id = txn.as_str().map(str::to_owned);
-                    (found.as_bool() == Some(true), updates.clone())
-                }
-                _ => return fail(Error::Protocol(format!("monitor_cond_since reply {reply}"))),
-            },
+            // Taken apart, not copied: with 100,000s of rows the reply is large.
+            Ok(Json::Array(mut reply)) if reply.len() == 3 => {
+                let updates = reply.pop().expect("three elements");
+                let txn = reply.pop().expect("three elements");
+                *last_txn_id = txn.as_str().map(str::to_owned);
+                (reply[0].as_bool() == Some(true), updates)
+            }
+            Ok(reply) => return fail(Error::Protocol(format!("monitor_cond_since reply {reply}"))),
             Err(Error::Rpc {
                 kind: ErrorKind::UnknownMethod,
                 ..
@@ -386,7 +387,10 @@ async fn session(
         if !found {
             replica.clear();
         }
-        match replica.apply_update2(&updates) {
+        let applied = replica.apply_update2(&updates);
+        // Everything the reply says is in the replica now: free it for the session's lifetime.
+        drop(updates);
+        match applied {
             Ok(changes) => {
                 let _ = shared.changes.send(Arc::new(ChangeSet {
                     resync: !found,

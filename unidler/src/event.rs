@@ -42,9 +42,8 @@ impl IdleHit {
     ) -> Option<Self> {
         let vip = Vip::from_key(&event.vip)?;
         let load_balancer = registry
-            .by_id(event.vip_id)
-            .filter(|entry| entry.vip == vip)
-            .and_then(|entry| entry.load_balancer.clone());
+            .resolve(&vip, event.vip_id)
+            .and_then(|entry| entry.load_balancer.as_deref().map(str::to_owned));
         let src = SocketAddr::new(
             ip_from_bytes(event.src_addr),
             u16::from_be(event.src_port_be),

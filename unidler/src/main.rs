@@ -305,7 +305,7 @@ async fn run(args: RunArgs) -> Result<()> {
                 .map(|s| DesiredVip {
                     vip: s.vip,
                     backends: s.backends,
-                    load_balancer: s.load_balancer.clone(),
+                    load_balancer: s.load_balancer.as_deref().map(Into::into),
                 })
                 .collect(),
         ),
@@ -451,7 +451,7 @@ async fn run(args: RunArgs) -> Result<()> {
                             backends: e.backends,
                             state: if e.backends == 0 { "idle" } else { "active" }.into(),
                             hits: datapath.vip(&e.vip.key()).map_or(0, |s| s.hits),
-                            load_balancer: e.load_balancer.clone(),
+                            load_balancer: e.load_balancer.as_deref().map(str::to_owned),
                         })
                         .collect();
                     rows.sort_by(|a, b| (&a.vip, &a.protocol).cmp(&(&b.vip, &b.protocol)));

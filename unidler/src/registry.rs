@@ -3,7 +3,7 @@
 //! The kernel keys VIPs by [`VipKey`] and reports a `vip_id`; this registry hands out those ids
 //! and turns them back into the VIP and its load balancer when an event arrives.
 
-use std::collections::HashMap;
+use std::{collections::HashMap, sync::Arc};
 
 use unidler_common::{VipKey, VipState};
 
@@ -33,7 +33,7 @@ pub struct VipEntry {
     /// `VIP_FLAG_*` bits written to the kernel.
     pub flags: u32,
     /// UUID of the Northbound Load_Balancer the VIP belongs to, when known.
-    pub load_balancer: Option<String>,
+    pub load_balancer: Option<Arc<str>>,
 }
 
 impl VipEntry {
@@ -53,11 +53,32 @@ impl VipEntry {
     }
 }
 
-/// VIPs by id and by address, with ids that are never reused while the agent runs.
+/// What the registry keeps per VIP (the VIP itself is the key).
+#[derive(Clone, Debug)]
+struct Slot {
+    vip_id: u32,
+    backends: u32,
+    flags: u32,
+    load_balancer: Option<Arc<str>>,
+}
+
+impl Slot {
+    fn entry(&self, vip: Vip) -> VipEntry {
+        VipEntry {
+            vip,
+            vip_id: self.vip_id,
+            backends: self.backends,
+            flags: self.flags,
+            load_balancer: self.load_balancer.clone(),
+        }
+    }
+}
+
+/// VIPs by address, each with an id that is never reused while the agent runs. One table, as
+/// it holds every VIP of the cluster (100,000s).
 #[derive(Debug, Default)]
 pub struct VipRegistry {
-    by_vip: HashMap<Vip, u32>,
-    by_id: HashMap<u32, VipEntry>,
+    slots: HashMap<Vip, Slot>,
     next_id: u32,
 }
 
@@ -76,33 +97,34 @@ impl VipRegistry {
         vip: Vip,
         backends: u32,
         flags: u32,
-        load_balancer: Option<String>,
-    ) -> &VipEntry {
-        let id = *self.by_vip.entry(vip).or_insert_with(|| {
-            let id = self.next_id;
+        load_balancer: Option<Arc<str>>,
+    ) -> VipEntry {
+        let slot = self.slots.entry(vip).or_insert_with(|| {
+            let vip_id = self.next_id;
             self.next_id = self.next_id.wrapping_add(1).max(1);
-            id
+            Slot {
+                vip_id,
+                backends,
+                flags,
+                load_balancer: None,
+            }
         });
-        let entry = VipEntry {
-            vip,
-            vip_id: id,
-            backends,
-            flags,
-            load_balancer,
-        };
-        self.by_id.insert(id, entry);
-        &self.by_id[&id]
+        slot.backends = backends;
+        slot.flags = flags;
+        slot.load_balancer = load_balancer;
+        slot.entry(vip)
     }
 
     /// Applies a source's update with `flags` on every VIP; returns the map changes needed,
     /// leaving out VIPs whose entry did not change (so their rate limiters keep their state).
     pub fn apply(&mut self, update: VipUpdate, flags: u32) -> Vec<MapChange> {
         let mut changes = Vec::new();
+        let full = matches!(update, VipUpdate::Replace(_));
         let (upsert, remove) = match update {
             VipUpdate::Replace(all) => {
                 let wanted: std::collections::HashSet<Vip> = all.iter().map(|d| d.vip).collect();
                 let gone: Vec<Vip> = self
-                    .by_vip
+                    .slots
                     .keys()
                     .filter(|v| !wanted.contains(v))
                     .copied()
@@ -116,56 +138,62 @@ impl VipRegistry {
                 changes.push(MapChange::Remove(vip.key()));
             }
         }
+        self.slots.reserve(upsert.len());
         for DesiredVip {
             vip,
             backends,
             load_balancer,
         } in upsert
         {
-            let unchanged = self
-                .by_vip
-                .get(&vip)
-                .and_then(|id| self.by_id.get(id))
-                .is_some_and(|e| {
-                    e.backends == backends && e.flags == flags && e.load_balancer == load_balancer
-                });
+            let unchanged = self.slots.get(&vip).is_some_and(|s| {
+                s.backends == backends && s.flags == flags && s.load_balancer == load_balancer
+            });
             if !unchanged {
                 let (key, state) = self.upsert(vip, backends, flags, load_balancer).to_kernel();
                 changes.push(MapChange::Upsert(key, state));
             }
+        }
+        if full {
+            // After a full sync the table keeps no more room than it needs.
+            self.slots.shrink_to_fit();
         }
         changes
     }
 
     /// Number of VIPs with zero backends.
     pub fn idle_count(&self) -> usize {
-        self.by_id.values().filter(|e| e.backends == 0).count()
+        self.slots.values().filter(|s| s.backends == 0).count()
     }
 
     /// Forgets a VIP; returns its entry if it was known.
     pub fn remove(&mut self, vip: &Vip) -> Option<VipEntry> {
-        let id = self.by_vip.remove(vip)?;
-        self.by_id.remove(&id)
+        self.slots.remove(vip).map(|s| s.entry(*vip))
     }
 
-    /// The entry a kernel event's `vip_id` refers to.
-    pub fn by_id(&self, vip_id: u32) -> Option<&VipEntry> {
-        self.by_id.get(&vip_id)
+    /// The entry of `vip`, if known.
+    pub fn get(&self, vip: &Vip) -> Option<VipEntry> {
+        self.slots.get(vip).map(|s| s.entry(*vip))
+    }
+
+    /// The entry a kernel event refers to: its VIP, provided the id is still that VIP's (an
+    /// event written before the VIP was removed and added again names the old id).
+    pub fn resolve(&self, vip: &Vip, vip_id: u32) -> Option<VipEntry> {
+        self.get(vip).filter(|e| e.vip_id == vip_id)
     }
 
     /// Number of VIPs.
     pub fn len(&self) -> usize {
-        self.by_id.len()
+        self.slots.len()
     }
 
     /// Whether there are no VIPs.
     pub fn is_empty(&self) -> bool {
-        self.by_id.is_empty()
+        self.slots.is_empty()
     }
 
     /// Every entry, in no particular order.
-    pub fn entries(&self) -> impl Iterator<Item = &VipEntry> {
-        self.by_id.values()
+    pub fn entries(&self) -> impl Iterator<Item = VipEntry> + '_ {
+        self.slots.iter().map(|(vip, s)| s.entry(*vip))
     }
 }
 
@@ -232,9 +260,9 @@ mod tests {
         assert_ne!(a, b);
         let again = reg.upsert(vip("10.0.0.1:80/tcp"), 3, 0, Some("lb".into()));
         assert_eq!(again.vip_id, a);
-        assert_eq!(reg.by_id(a).unwrap().backends, 3);
+        assert_eq!(reg.resolve(&vip("10.0.0.1:80/tcp"), a).unwrap().backends, 3);
         reg.remove(&vip("10.0.0.1:80/tcp")).unwrap();
-        assert!(reg.by_id(a).is_none());
+        assert!(reg.get(&vip("10.0.0.1:80/tcp")).is_none());
         let c = reg.upsert(vip("10.0.0.1:80/tcp"), 0, 0, None).vip_id;
         assert!(c != a && c != b);
         assert_eq!(reg.len(), 2);

@@ -72,30 +72,37 @@ impl FromStr for Protocol {
     }
 }
 
-/// A load-balancer VIP: address, port and protocol.
+/// A load-balancer VIP: address, port and protocol. Kept compact (20 bytes), as the agent holds
+/// every VIP of a cluster several times over.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Vip {
-    /// Address and port. IPv4-mapped IPv6 addresses are normalised to IPv4.
-    pub addr: SocketAddr,
+    /// The address as [`ip_to_bytes`] spells it (IPv4 as IPv4-mapped IPv6).
+    ip: [u8; 16],
+    port: u16,
     /// L4 protocol.
     pub protocol: Protocol,
 }
 
 impl Vip {
-    /// A VIP; an IPv4-mapped IPv6 address becomes the IPv4 address it maps.
+    /// A VIP; an IPv4-mapped IPv6 address stands for the IPv4 address it maps.
     pub fn new(addr: SocketAddr, protocol: Protocol) -> Self {
-        let ip = canonical_ip(addr.ip());
         Self {
-            addr: SocketAddr::new(ip, addr.port()),
+            ip: ip_to_bytes(addr.ip()),
+            port: addr.port(),
             protocol,
         }
+    }
+
+    /// Address and port; IPv4-mapped IPv6 addresses come back as IPv4.
+    pub fn addr(&self) -> SocketAddr {
+        SocketAddr::new(ip_from_bytes(self.ip), self.port)
     }
 
     /// The key of this VIP in the kernel's VIP map.
     pub fn key(&self) -> VipKey {
         VipKey {
-            addr: ip_to_bytes(self.addr.ip()),
-            port_be: self.addr.port().to_be(),
+            addr: self.ip,
+            port_be: self.port.to_be(),
             proto: self.protocol.number(),
             _pad: 0,
         }
@@ -103,21 +110,22 @@ impl Vip {
 
     /// The VIP a kernel key stands for, if its protocol is one of ours.
     pub fn from_key(key: &VipKey) -> Option<Self> {
-        Some(Self::new(
-            SocketAddr::new(ip_from_bytes(key.addr), u16::from_be(key.port_be)),
-            Protocol::from_number(key.proto)?,
-        ))
+        Some(Self {
+            ip: key.addr,
+            port: u16::from_be(key.port_be),
+            protocol: Protocol::from_number(key.proto)?,
+        })
     }
 
     /// OVN's spelling of the address part: `IP:PORT`, or `[IP]:PORT` for IPv6.
     pub fn endpoint(&self) -> String {
-        self.addr.to_string()
+        self.addr().to_string()
     }
 }
 
 impl fmt::Display for Vip {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.addr, self.protocol)
+        write!(f, "{}/{}", self.addr(), self.protocol)
     }
 }
 

@@ -6,7 +6,7 @@
 //! [`VipUpdate::Changes`] otherwise.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap, hash_map::Entry},
     net::SocketAddr,
     path::{Path, PathBuf},
     sync::Arc,
@@ -27,8 +27,8 @@ pub struct DesiredVip {
     pub vip: Vip,
     /// Its backend count.
     pub backends: u32,
-    /// The Northbound Load_Balancer UUID its events name.
-    pub load_balancer: Option<String>,
+    /// The Northbound Load_Balancer UUID its events name (shared by all of its VIPs).
+    pub load_balancer: Option<Arc<str>>,
 }
 
 /// A change of the desired VIP set.
@@ -80,12 +80,17 @@ pub fn load_balancer_vips(uuid: &Uuid, row: &Row, global_event: bool) -> Vec<Des
         .and_then(|a| a.as_str())
         .and_then(|p| p.parse::<Protocol>().ok())
         .unwrap_or(Protocol::Tcp);
-    let load_balancer = map("external_ids")
+    let load_balancer: Arc<str> = map("external_ids")
         .remove("lb_id")
-        .unwrap_or_else(|| uuid.to_string());
-    map("vips")
+        .unwrap_or_else(|| uuid.to_string())
+        .into();
+    let Some(vips) = row.get("vips") else {
+        return Vec::new();
+    };
+    vips.pairs()
         .iter()
         .filter_map(|(vip, backends)| {
+            let (vip, backends) = (vip.as_str()?, backends.as_str()?);
             let Ok(addr) = vip.parse::<SocketAddr>() else {
                 debug!(%vip, "VIP without a port (or malformed): not watched");
                 return None;
@@ -100,12 +105,14 @@ pub fn load_balancer_vips(uuid: &Uuid, row: &Row, global_event: bool) -> Vec<Des
 }
 
 /// The OVN source's state: every load balancer's VIPs, and which load balancers share a VIP.
+/// Sized for 100,000s of VIPs: a load balancer's id is allocated once and shared.
 #[derive(Default)]
 struct OvnVips {
     global_event: bool,
-    by_lb: HashMap<Uuid, Vec<DesiredVip>>,
-    /// Load balancers having each VIP, sorted (almost always one: a Vec, not a set).
-    lbs_of: HashMap<Vip, Vec<Uuid>>,
+    /// Southbound Load_Balancer UUID → its VIPs.
+    by_lb: HashMap<Arc<str>, Vec<DesiredVip>>,
+    /// The load balancers having each VIP.
+    lbs_of: HashMap<Vip, LbSet>,
 }
 
 impl OvnVips {
@@ -117,36 +124,53 @@ impl OvnVips {
         self.lbs_of.clear();
         for (uuid, row) in replica.rows("Load_Balancer") {
             let vips = load_balancer_vips(uuid, row, self.global_event);
-            for d in &vips {
-                insert_sorted(self.lbs_of.entry(d.vip).or_default(), uuid);
+            if vips.is_empty() {
+                continue;
             }
-            self.by_lb.insert(uuid.clone(), vips);
+            let lb: Arc<str> = uuid.0.as_str().into();
+            for d in &vips {
+                self.add_lb_of(d.vip, &lb);
+            }
+            self.by_lb.insert(lb, vips);
         }
+        self.by_lb.shrink_to_fit();
+        self.lbs_of.shrink_to_fit();
         self.lbs_of
             .keys()
             .filter_map(|v| self.combined(v))
             .collect()
     }
 
+    fn add_lb_of(&mut self, vip: Vip, lb: &Arc<str>) {
+        match self.lbs_of.entry(vip) {
+            Entry::Vacant(e) => {
+                e.insert(LbSet::One(lb.clone()));
+            }
+            Entry::Occupied(mut e) => e.get_mut().insert(lb),
+        }
+    }
+
     /// Applies one load balancer's new row (None: deleted); returns the changed VIPs.
     fn update_lb(&mut self, uuid: &Uuid, row: Option<&Row>) -> (Vec<DesiredVip>, Vec<Vip>) {
         let new = row.map_or_else(Vec::new, |r| load_balancer_vips(uuid, r, self.global_event));
-        let old = self.by_lb.remove(uuid).unwrap_or_default();
+        let (lb, old) = match self.by_lb.remove_entry(uuid.0.as_str()) {
+            Some((lb, old)) => (lb, old),
+            None => (uuid.0.as_str().into(), Vec::new()),
+        };
         let mut affected: BTreeSet<Vip> = old.iter().map(|d| d.vip).collect();
         for d in &old {
-            if let Some(lbs) = self.lbs_of.get_mut(&d.vip) {
-                lbs.retain(|lb| lb != uuid);
-                if lbs.is_empty() {
-                    self.lbs_of.remove(&d.vip);
-                }
+            if let Some(lbs) = self.lbs_of.get_mut(&d.vip)
+                && lbs.remove(&lb)
+            {
+                self.lbs_of.remove(&d.vip);
             }
         }
         for d in &new {
             affected.insert(d.vip);
-            insert_sorted(self.lbs_of.entry(d.vip).or_default(), uuid);
+            self.add_lb_of(d.vip, &lb);
         }
         if !new.is_empty() {
-            self.by_lb.insert(uuid.clone(), new);
+            self.by_lb.insert(lb, new);
         }
         let mut upsert = Vec::new();
         let mut remove = Vec::new();
@@ -162,9 +186,8 @@ impl OvnVips {
     /// One VIP over every load balancer that has it: active if any has backends; the first
     /// (by UUID) idle load balancer is the one events name.
     fn combined(&self, vip: &Vip) -> Option<DesiredVip> {
-        let entries: Vec<&DesiredVip> = self
-            .lbs_of
-            .get(vip)?
+        let lbs = self.lbs_of.get(vip)?;
+        let entries: Vec<&DesiredVip> = lbs
             .iter()
             .filter_map(|lb| self.by_lb.get(lb)?.iter().find(|d| d.vip == *vip))
             .collect();
@@ -181,9 +204,55 @@ impl OvnVips {
     }
 }
 
-fn insert_sorted(lbs: &mut Vec<Uuid>, uuid: &Uuid) {
-    if let Err(at) = lbs.binary_search(uuid) {
-        lbs.insert(at, uuid.clone());
+/// The load balancers (Southbound UUIDs) having one VIP, sorted: almost always exactly one,
+/// which is kept without an allocation of its own.
+#[derive(Debug)]
+enum LbSet {
+    One(Arc<str>),
+    Many(Vec<Arc<str>>),
+}
+
+impl LbSet {
+    fn insert(&mut self, lb: &Arc<str>) {
+        match self {
+            LbSet::One(only) if only == lb => {}
+            LbSet::One(only) => {
+                let mut all = vec![only.clone(), lb.clone()];
+                all.sort();
+                *self = LbSet::Many(all);
+            }
+            LbSet::Many(all) => {
+                if let Err(at) = all.binary_search(lb) {
+                    all.insert(at, lb.clone());
+                }
+            }
+        }
+    }
+
+    /// Removes `lb`; true when no load balancer is left.
+    fn remove(&mut self, lb: &str) -> bool {
+        match self {
+            LbSet::One(only) => &**only == lb,
+            LbSet::Many(all) => {
+                all.retain(|l| &**l != lb);
+                match all.len() {
+                    0 => true,
+                    1 => {
+                        let only = all[0].clone();
+                        *self = LbSet::One(only);
+                        false
+                    }
+                    _ => false,
+                }
+            }
+        }
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &Arc<str>> {
+        match self {
+            LbSet::One(only) => std::slice::from_ref(only).iter(),
+            LbSet::Many(all) => all.iter(),
+        }
     }
 }
 
@@ -318,7 +387,7 @@ pub fn parse_vips_file(text: &str) -> Result<Vec<DesiredVip>, String> {
         out.push(DesiredVip {
             vip,
             backends: entry.backends,
-            load_balancer: entry.load_balancer,
+            load_balancer: entry.load_balancer.map(Into::into),
         });
     }
     Ok(out)
@@ -470,6 +539,10 @@ mod tests {
         let (up, rm) = s.update_lb(&uuid(2), None);
         assert!(rm.is_empty());
         assert_eq!((up.len(), up[0].backends), (1, 0));
+        // And the first: nothing is left.
+        let (up, rm) = s.update_lb(&uuid(1), None);
+        assert_eq!((up.len(), rm.len()), (0, 1));
+        assert!(s.lbs_of.is_empty() && s.by_lb.is_empty());
     }
 
     #[test]

@@ -32,17 +32,27 @@ pub const ADDRESS_FILTER_BITS: u32 = 1 << ADDRESS_FILTER_ORDER;
 /// `u64` words in the VIP address prefilter.
 pub const ADDRESS_FILTER_WORDS: u32 = ADDRESS_FILTER_BITS / 64;
 
-/// The prefilter bucket of an address (16 bytes, IPv4-mapped): its four 32-bit words XORed,
-/// then a multiplicative (Fibonacci) hash down to [`ADDRESS_FILTER_ORDER`] bits.
-/// The kernel skips the VIP lookup for an opening packet whose destination bucket has no VIP.
+/// The prefilter bucket of an address (16 bytes, IPv4-mapped): the low 64 bits (the IPv4
+/// address, or an IPv6 interface identifier, where service addresses differ) folded to 32 and
+/// hashed multiplicatively (Fibonacci) down to [`ADDRESS_FILTER_ORDER`] bits. Half the bytes
+/// of the address, as the kernel reads them one at a time. The kernel skips the VIP lookup
+/// for an opening packet whose destination bucket has no VIP.
 #[inline(always)]
 pub const fn address_bucket(addr: &[u8; 16]) -> u32 {
-    let mut folded = 0u32;
-    let mut i = 0;
-    while i < 16 {
-        folded ^= u32::from_be_bytes([addr[i], addr[i + 1], addr[i + 2], addr[i + 3]]);
-        i += 4;
-    }
+    let high = u32::from_be_bytes([addr[8], addr[9], addr[10], addr[11]]);
+    let low = u32::from_be_bytes([addr[12], addr[13], addr[14], addr[15]]);
+    fibonacci_bucket(high ^ low)
+}
+
+/// [`address_bucket`] of IPv4 address `addr` (keyed IPv4-mapped, `::ffff:a.b.c.d`), without
+/// building the mapped form: its words XOR to `0x0000ffff ^ addr`.
+#[inline(always)]
+pub const fn address_bucket_ipv4(addr: &[u8; 4]) -> u32 {
+    fibonacci_bucket(0x0000_ffff ^ u32::from_be_bytes(*addr))
+}
+
+#[inline(always)]
+const fn fibonacci_bucket(folded: u32) -> u32 {
     folded.wrapping_mul(0x9e37_79b1) >> (32 - ADDRESS_FILTER_ORDER)
 }
 
@@ -271,4 +281,26 @@ mod user {
     unsafe impl aya::Pod for VipState {}
     unsafe impl aya::Pod for RateLimitConfig {}
     unsafe impl aya::Pod for IdleHitEvent {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ipv4_bucket_is_the_bucket_of_the_mapped_address() {
+        for a in [
+            [0, 0, 0, 0],
+            [10, 96, 0, 10],
+            [192, 168, 77, 11],
+            [255; 4],
+            [1, 2, 3, 4],
+        ] {
+            let mut mapped = [0u8; 16];
+            mapped[10] = 0xff;
+            mapped[11] = 0xff;
+            mapped[12..].copy_from_slice(&a);
+            assert_eq!(address_bucket_ipv4(&a), address_bucket(&mapped), "{a:?}");
+        }
+    }
 }

@@ -25,7 +25,7 @@ use aya_log_ebpf::debug;
 use unidler_common::{
     ADDRESS_FILTER_WORDS, Counter, EVENT_RING_BYTES, EventAction, IPPROTO_SCTP, IPPROTO_TCP,
     IPPROTO_UDP, IdleHitEvent, RateLimitConfig, VIP_FLAG_PASS_WHEN_IDLE, VIP_MAP_CAPACITY, VipKey,
-    VipState, address_bucket,
+    VipState, address_bucket, address_bucket_ipv4,
 };
 
 /// VIP → backend count, id and flags. Written by the agent; the kernel only updates the
@@ -85,7 +85,7 @@ const MAX_L4_OFFSET: usize = 512;
 pub fn unidler(ctx: XdpContext) -> u32 {
     count(Counter::Packets);
     match classify(&ctx) {
-        Ok(Some(target)) => on_opening_packet(&ctx, &target),
+        Ok(Some(opening)) => on_opening_packet(&ctx, &opening),
         Ok(None) => xdp_action::XDP_PASS,
         Err(reason) => {
             count(reason);
@@ -101,11 +101,27 @@ pub fn baseline_pass(_ctx: XdpContext) -> u32 {
     xdp_action::XDP_PASS
 }
 
-/// A connection-opening packet, reduced to what a VIP lookup and an event need.
+/// Where a connection-opening packet's headers are. Addresses and ports stay in the packet
+/// until they are needed: most packets need none of them.
 struct OpeningPacket {
-    vip: VipKey,
-    src_addr: [u8; 16],
-    src_port_be: u16,
+    /// Offset of the IP header.
+    l3: usize,
+    /// Offset of the TCP, UDP or SCTP header.
+    l4: usize,
+    proto: u8,
+    ipv6: bool,
+}
+
+impl OpeningPacket {
+    /// Offsets of the source and destination addresses in the packet, and their length.
+    #[inline(always)]
+    fn address_offsets(&self) -> (usize, usize) {
+        if self.ipv6 {
+            (self.l3 + 8, self.l3 + 24)
+        } else {
+            (self.l3 + 12, self.l3 + 16)
+        }
+    }
 }
 
 /// Parses the frame. `Ok(Some)` for a connection-opening packet, `Ok(None)` for anything
@@ -126,9 +142,7 @@ fn classify(ctx: &XdpContext) -> Result<Option<OpeningPacket>, Counter> {
         }
     }
 
-    let mut vip = VipKey::default();
-    let mut src_addr = [0u8; 16];
-    let (proto, l4) = match ether_type {
+    let (proto, l4, ipv6) = match ether_type {
         ETH_P_IPV4 => {
             let header: &[u8; IPV4_MIN_HLEN] = slice_at(ctx, l3).ok_or(Counter::BadIpv4Header)?;
             let ihl = ((header[0] & 0x0f) as usize) * 4;
@@ -136,25 +150,20 @@ fn classify(ctx: &XdpContext) -> Result<Option<OpeningPacket>, Counter> {
                 return Err(Counter::BadIpv4Header);
             }
             // Fragment offset in 8-byte units; only the first fragment carries the L4 header.
-            if u16::from_be_bytes([header[6], header[7]]) & 0x1fff != 0 {
+            if header[6] & 0x1f != 0 || header[7] != 0 {
                 return Err(Counter::Fragments);
             }
-            vip.addr[10] = 0xff;
-            vip.addr[11] = 0xff;
-            vip.addr[12..].copy_from_slice(&header[16..20]);
-            src_addr[10] = 0xff;
-            src_addr[11] = 0xff;
-            src_addr[12..].copy_from_slice(&header[12..16]);
-            (header[9], l3 + ihl)
+            (header[9], l3 + ihl, false)
         }
         ETH_P_IPV6 => {
-            let header: &[u8; IPV6_HLEN] = slice_at(ctx, l3).ok_or(Counter::BadIpv6Header)?;
+            let header: &[u8; 8] = slice_at(ctx, l3).ok_or(Counter::BadIpv6Header)?;
             if header[0] >> 4 != 6 {
                 return Err(Counter::BadIpv6Header);
             }
-            src_addr.copy_from_slice(&header[8..24]);
-            vip.addr.copy_from_slice(&header[24..40]);
-            skip_ipv6_extensions(ctx, header[6], l3 + IPV6_HLEN)?
+            // The whole fixed header must be there: the addresses are read later.
+            let _: &[u8; IPV6_HLEN] = slice_at(ctx, l3).ok_or(Counter::BadIpv6Header)?;
+            let (proto, l4) = skip_ipv6_extensions(ctx, header[6], l3 + IPV6_HLEN)?;
+            (proto, l4, true)
         }
         _ => return Ok(None),
     };
@@ -178,17 +187,11 @@ fn classify(ctx: &XdpContext) -> Result<Option<OpeningPacket>, Counter> {
         }
         _ => false,
     };
-    if !opening {
-        return Ok(None);
-    }
-    // Ports sit at the same place in TCP, UDP and SCTP headers, and were bounds-checked above.
-    let ports: &[u8; 4] = slice_at(ctx, l4).ok_or(Counter::TruncatedL4)?;
-    vip.port_be = u16::from_ne_bytes([ports[2], ports[3]]);
-    vip.proto = proto;
-    Ok(Some(OpeningPacket {
-        vip,
-        src_addr,
-        src_port_be: u16::from_ne_bytes([ports[0], ports[1]]),
+    Ok(opening.then_some(OpeningPacket {
+        l3,
+        l4,
+        proto,
+        ipv6,
     }))
 }
 
@@ -229,15 +232,40 @@ fn skip_ipv6_extensions(
     }
 }
 
-/// The slow path: an opening packet. Looks the destination up and acts if the VIP is idle.
+/// An opening packet: checks the prefilter, then looks the destination up and acts if the
+/// VIP is idle.
 #[inline(always)]
 fn on_opening_packet(ctx: &XdpContext, packet: &OpeningPacket) -> u32 {
-    let bucket = address_bucket(&packet.vip.addr);
-    match VIP_ADDRESS_FILTER.get(bucket / 64) {
-        Some(word) if word & (1 << (bucket % 64)) != 0 => {}
-        _ => return xdp_action::XDP_PASS,
+    // The prefilter first, straight from the packet; the key is built only for a hit.
+    let (_, dst) = packet.address_offsets();
+    let mut vip = VipKey::default();
+    if packet.ipv6 {
+        let Some(addr) = slice_at::<16>(ctx, dst) else {
+            return xdp_action::XDP_PASS;
+        };
+        if !maybe_vip_address(address_bucket(addr)) {
+            return xdp_action::XDP_PASS;
+        }
+        vip.addr = *addr;
+    } else {
+        let Some(addr) = slice_at::<4>(ctx, dst) else {
+            return xdp_action::XDP_PASS;
+        };
+        if !maybe_vip_address(address_bucket_ipv4(addr)) {
+            return xdp_action::XDP_PASS;
+        }
+        // An IPv4 address is keyed IPv4-mapped (::ffff:a.b.c.d).
+        vip.addr[10] = 0xff;
+        vip.addr[11] = 0xff;
+        vip.addr[12..].copy_from_slice(addr);
     }
-    let Some(state) = VIPS.get_ptr_mut(packet.vip) else {
+    // Ports sit at the same place in TCP, UDP and SCTP headers, bounds-checked by classify.
+    let Some(ports) = slice_at::<4>(ctx, packet.l4) else {
+        return xdp_action::XDP_PASS;
+    };
+    vip.port_be = u16::from_ne_bytes([ports[2], ports[3]]);
+    vip.proto = packet.proto;
+    let Some(state) = VIPS.get_ptr_mut(vip) else {
         return xdp_action::XDP_PASS;
     };
     count(Counter::VipHits);
@@ -248,7 +276,7 @@ fn on_opening_packet(ctx: &XdpContext, packet: &OpeningPacket) -> u32 {
     if state.backends != 0 {
         return xdp_action::XDP_PASS;
     }
-    count(Counter::IdleHits);
+    // IdleHits is not counted here: the agent derives it (dropped + passed).
     let (verdict, action) = if state.flags & VIP_FLAG_PASS_WHEN_IDLE != 0 {
         count(Counter::IdlePassed);
         (xdp_action::XDP_PASS, EventAction::Passed)
@@ -256,13 +284,27 @@ fn on_opening_packet(ctx: &XdpContext, packet: &OpeningPacket) -> u32 {
         count(Counter::IdleDropped);
         (xdp_action::XDP_DROP, EventAction::Dropped)
     };
-    report(ctx, packet, state, action);
+    report(ctx, packet, &vip, state, action);
     verdict
+}
+
+/// Whether some VIP's address falls in prefilter bucket `bucket`.
+#[inline(always)]
+fn maybe_vip_address(bucket: u32) -> bool {
+    VIP_ADDRESS_FILTER
+        .get(bucket / 64)
+        .is_some_and(|word| word & (1 << (bucket % 64)) != 0)
 }
 
 /// Writes an event for an idle hit if both rate limiters allow it.
 #[inline(always)]
-fn report(ctx: &XdpContext, packet: &OpeningPacket, state: &mut VipState, action: EventAction) {
+fn report(
+    ctx: &XdpContext,
+    packet: &OpeningPacket,
+    vip: &VipKey,
+    state: &mut VipState,
+    action: EventAction,
+) {
     let Some(config) = CONFIG.get(0) else {
         return;
     };
@@ -289,6 +331,24 @@ fn report(ctx: &XdpContext, packet: &OpeningPacket, state: &mut VipState, action
         count(Counter::RateLimitedGlobal);
         return;
     }
+    let (src, _) = packet.address_offsets();
+    let mut src_addr = [0u8; 16];
+    if packet.ipv6 {
+        let Some(addr) = slice_at::<16>(ctx, src) else {
+            return;
+        };
+        src_addr = *addr;
+    } else {
+        let Some(addr) = slice_at::<4>(ctx, src) else {
+            return;
+        };
+        src_addr[10] = 0xff;
+        src_addr[11] = 0xff;
+        src_addr[12..].copy_from_slice(addr);
+    }
+    let Some(ports) = slice_at::<2>(ctx, packet.l4) else {
+        return;
+    };
     let Some(mut entry) = EVENTS.reserve::<IdleHitEvent>(0) else {
         count(Counter::RingFull);
         return;
@@ -297,10 +357,10 @@ fn report(ctx: &XdpContext, packet: &OpeningPacket, state: &mut VipState, action
     let ifindex = unsafe { (*ctx.ctx).ingress_ifindex };
     entry.write(IdleHitEvent {
         timestamp_ns: now,
-        vip: packet.vip,
+        vip: *vip,
         vip_id: state.vip_id,
-        src_addr: packet.src_addr,
-        src_port_be: packet.src_port_be,
+        src_addr,
+        src_port_be: u16::from_ne_bytes(*ports),
         _pad: 0,
         ifindex,
         action: action as u32,

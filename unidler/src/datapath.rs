@@ -364,9 +364,15 @@ impl Drop for Datapath {
 pub struct Counters(pub [u64; Counter::COUNT as usize]);
 
 impl Counters {
-    /// The value of one counter.
+    /// The value of one counter. [`Counter::IdleHits`] is derived (the kernel counts only
+    /// its two outcomes, one counter less on the idle path): dropped plus passed.
     pub fn get(&self, counter: Counter) -> u64 {
-        self.0[counter as usize]
+        match counter {
+            Counter::IdleHits => {
+                self.0[Counter::IdleDropped as usize] + self.0[Counter::IdlePassed as usize]
+            }
+            other => self.0[other as usize],
+        }
     }
 
     /// All parse failures together.

@@ -829,8 +829,7 @@ fn vip_sync() -> Vec<Figure> {
             "ms",
         ));
         // Steady state: the agent gives the full sync's transient memory back after a second.
-        let heap = agent.wait_for_log("heap trimmed", Duration::from_secs(10));
-        eprintln!("{heap}");
+        agent.wait_for_log("heap trimmed", Duration::from_secs(10));
         let rss = figure(
             "5 VIP sync",
             format!("agent RSS with {total} VIPs"),

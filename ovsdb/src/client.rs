@@ -395,6 +395,7 @@ async fn session(
                 let _ = shared.changes.send(Arc::new(ChangeSet {
                     resync: !found,
                     changes,
+                    applied_at: Some(std::time::Instant::now()),
                 }));
             }
             Err(e) => return fail(e),
@@ -516,6 +517,7 @@ fn handle_notification(
     let _ = shared.changes.send(Arc::new(ChangeSet {
         resync: false,
         changes,
+        applied_at: Some(std::time::Instant::now()),
     }));
     Ok(true)
 }

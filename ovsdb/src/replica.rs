@@ -33,6 +33,9 @@ pub struct ChangeSet {
     pub resync: bool,
     /// (table, row UUID, change), in the order the server sent them.
     pub changes: Vec<(String, Uuid, RowChange)>,
+    /// When the client had applied them to the replica (None for sets made elsewhere): the
+    /// moment the rows reached this client, whenever a reader gets to see the set.
+    pub applied_at: Option<std::time::Instant>,
 }
 
 /// Monitored tables: table name → row UUID → row.

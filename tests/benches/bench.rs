@@ -448,7 +448,8 @@ fn measure_latency(
                             .get("event_info")
                             .is_some_and(|v| v.as_string_map().get("vip") == Some(&want))
                     {
-                        return Some(Instant::now());
+                        // When the client had the row, not when this thread got to see it.
+                        return Some(set.applied_at.unwrap_or_else(Instant::now));
                     }
                 }
             }

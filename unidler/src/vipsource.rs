@@ -288,7 +288,7 @@ pub fn spawn_ovn_source(client: Client, updates: mpsc::UnboundedSender<VipUpdate
                     );
                     Arc::new(ChangeSet {
                         resync: true,
-                        changes: Vec::new(),
+                        ..ChangeSet::default()
                     })
                 }
                 Err(tokio::sync::broadcast::error::RecvError::Closed) => return,

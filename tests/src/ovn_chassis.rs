@@ -247,6 +247,28 @@ impl OvnNode {
             .args(args))
     }
 
+    /// Packets that went to ovn-controller through the `trigger_event` flows (OpenFlow
+    /// `controller` actions) matching destination `vip`: what OVN's own unidling path has seen.
+    #[track_caller]
+    pub fn packets_punted_for(&self, vip: std::net::IpAddr) -> u64 {
+        let flows = run(Command::new("ovs-ofctl")
+            .args(["-O", "OpenFlow15", "dump-flows"])
+            .arg(format!("unix:{}", self.file("br-int.mgmt").display())));
+        let dst = match vip {
+            std::net::IpAddr::V4(v4) => format!("nw_dst={v4},"),
+            std::net::IpAddr::V6(v6) => format!("ipv6_dst={v6},"),
+        };
+        flows
+            .lines()
+            .filter(|l| l.contains(&dst) && l.contains("controller("))
+            .filter_map(|l| {
+                l.split([',', ' '])
+                    .find_map(|f| f.trim().strip_prefix("n_packets="))
+                    .and_then(|n| n.parse::<u64>().ok())
+            })
+            .sum()
+    }
+
     /// Runs `f` on a thread inside the client namespace.
     pub fn in_client<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
         in_netns(&self.client_ns, f)

@@ -17,14 +17,16 @@
 //!   committed; the others are written again with the same `seq_num`. (One window remains:
 //!   a row committed, then consumed and deleted by the CMS before we reconnect, is written
 //!   again. The CMS then wakes an already waking service, which is harmless.)
-//! - `seq_num` continues from the larger of a state file and our rows in the database.
+//! - `seq_num` continues from the larger of a state file (which reserves numbers a block at a
+//!   time, so it is written once per block and never on the way of a row) and our rows in the
+//!   database.
 
 use std::{
     collections::{HashMap, HashSet, VecDeque},
     path::PathBuf,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicI64, AtomicU64, Ordering},
     },
     time::Duration,
 };
@@ -46,6 +48,9 @@ const EVENT_TABLE: &str = "Controller_Event";
 const EVENT_TYPE: &str = "empty_lb_backends";
 /// Most rows written in one transaction.
 const BATCH_MAX: usize = 256;
+/// seq_nums reserved in the state file at a time (a restart skips what a block left unused:
+/// seq_num must only increase).
+const SEQ_BLOCK: i64 = 1024;
 
 /// Settings of the sink.
 #[derive(Clone, Debug)]
@@ -158,6 +163,9 @@ pub struct ControllerEventSink {
     capacity: usize,
     stats: Arc<SinkStats>,
     client: Client,
+    seq_file: Option<PathBuf>,
+    /// The last seq_num the writer used (0: none yet), saved exactly on a clean shutdown.
+    last_seq_used: Arc<AtomicI64>,
 }
 
 impl ControllerEventSink {
@@ -169,6 +177,8 @@ impl ControllerEventSink {
             capacity: options.queue_capacity.max(1),
             stats: Arc::default(),
             client: client.clone(),
+            seq_file: options.state_dir.map(|d| d.join("seq_num")),
+            last_seq_used: Arc::default(),
         };
         let writer = Writer {
             changes: client.subscribe(),
@@ -177,8 +187,10 @@ impl ControllerEventSink {
             wake: sink.wake.clone(),
             stats: sink.stats.clone(),
             chassis_name: options.chassis,
-            seq_file: options.state_dir.map(|d| d.join("seq_num")),
+            seq_file: sink.seq_file.clone(),
+            last_seq_used: sink.last_seq_used.clone(),
             last_seq: None,
+            seq_reserved: 0,
             in_doubt: HashMap::new(),
             committed_unseen: HashMap::new(),
             ours: OurRows::default(),
@@ -239,6 +251,14 @@ impl ControllerEventSink {
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+        // Nothing is being written: the state file can say exactly where we are, so that the
+        // next run goes on without a gap (after a crash it skips the rest of a block).
+        let last = self.last_seq_used.load(Ordering::Relaxed);
+        if let Some(path) = &self.seq_file
+            && last > 0
+        {
+            save_seq(path, last);
+        }
         true
     }
 }
@@ -276,6 +296,12 @@ struct Writer {
     seq_file: Option<PathBuf>,
     /// Last seq_num used; None until known (state file and database consulted).
     last_seq: Option<i64>,
+    /// Shared with the sink: the last seq_num used.
+    last_seq_used: Arc<AtomicI64>,
+    /// Highest seq_num the state file allows us to use without writing it again: numbers are
+    /// reserved in blocks, so the file is written once per [`SEQ_BLOCK`] rows, before use,
+    /// and never on the way of a row.
+    seq_reserved: i64,
     /// Rows sent in a transaction whose outcome is unknown: key → seq_num.
     in_doubt: HashMap<EventKey, i64>,
     /// Rows we committed that the replica has not shown yet: uuid → key.
@@ -506,14 +532,17 @@ impl Writer {
                 taken.push(key);
             }
         }
+        let mut fresh = Vec::with_capacity(taken.len());
         for key in taken {
             if existing.get(&key).is_some() || just_committed.contains(&key) {
                 self.stats.deduplicated.fetch_add(1, Ordering::Relaxed);
                 self.release(&key);
-                continue;
+            } else {
+                fresh.push(key);
             }
-            let seq = self.last_seq.unwrap_or(0) + 1;
-            self.last_seq = Some(seq);
+        }
+        for key in fresh {
+            let seq = self.next_seq();
             batch.push((key, seq));
         }
         if batch.is_empty() {
@@ -556,7 +585,6 @@ impl Writer {
                 self.stats
                     .transaction_seconds
                     .observe(started.elapsed().as_secs_f64());
-                self.write_seq_file();
                 debug!(
                     rows = batch.len(),
                     elapsed_us = started.elapsed().as_micros() as u64,
@@ -606,19 +634,31 @@ impl Writer {
         }
     }
 
-    fn write_seq_file(&self) {
-        let (Some(path), Some(seq)) = (&self.seq_file, self.last_seq) else {
-            return;
-        };
-        let tmp = path.with_extension("tmp");
-        let result = path
-            .parent()
-            .map_or(Ok(()), std::fs::create_dir_all)
-            .and_then(|()| std::fs::write(&tmp, format!("{seq}\n")))
-            .and_then(|()| std::fs::rename(&tmp, path));
-        if let Err(e) = result {
-            warn!(path = %path.display(), "cannot save seq_num: {e}");
+    /// The next seq_num; reserves a new block in the state file first when the last is used up.
+    fn next_seq(&mut self) -> i64 {
+        let seq = self.last_seq.unwrap_or(0) + 1;
+        self.last_seq = Some(seq);
+        self.last_seq_used.store(seq, Ordering::Relaxed);
+        if seq > self.seq_reserved {
+            self.seq_reserved = seq + SEQ_BLOCK - 1;
+            if let Some(path) = &self.seq_file {
+                save_seq(path, self.seq_reserved);
+            }
         }
+        seq
+    }
+}
+
+/// Writes `seq` into the state file at `path` (atomically: a temp file renamed over it).
+fn save_seq(path: &std::path::Path, seq: i64) {
+    let tmp = path.with_extension("tmp");
+    let result = path
+        .parent()
+        .map_or(Ok(()), std::fs::create_dir_all)
+        .and_then(|()| std::fs::write(&tmp, format!("{seq}\n")))
+        .and_then(|()| std::fs::rename(&tmp, path));
+    if let Err(e) = result {
+        warn!(path = %path.display(), "cannot save seq_num: {e}");
     }
 }
 

@@ -388,12 +388,9 @@ impl OurRows {
         }
     }
 
-    /// Whether a row for `key` exists; with the seq_num of one of them.
-    fn get(&self, key: &EventKey) -> Option<i64> {
-        self.by_key
-            .get(key)
-            .and_then(|rows| rows.first())
-            .map(|r| r.1)
+    /// Whether a row for `key` exists.
+    fn contains(&self, key: &EventKey) -> bool {
+        self.by_key.contains_key(key)
     }
 
     /// Whether a row for `key` with exactly `seq` exists.
@@ -507,18 +504,17 @@ impl Writer {
         // First settle rows in doubt: present means committed.
         let mut batch: Vec<(EventKey, i64)> = Vec::new();
         for (key, seq) in std::mem::take(&mut self.in_doubt) {
-            match existing.get(&key) {
-                None => batch.push((key, seq)),
-                Some(_) => {
-                    let counter = if existing.has_seq(&key, seq) {
-                        &self.stats.written
-                    } else {
-                        &self.stats.deduplicated
-                    };
-                    counter.fetch_add(1, Ordering::Relaxed);
-                    self.release(&key);
-                }
+            if !existing.contains(&key) {
+                batch.push((key, seq));
+                continue;
             }
+            let counter = if existing.has_seq(&key, seq) {
+                &self.stats.written
+            } else {
+                &self.stats.deduplicated
+            };
+            counter.fetch_add(1, Ordering::Relaxed);
+            self.release(&key);
         }
         // Then new hits, passing over VIPs whose row is present or just committed.
         let just_committed: HashSet<&EventKey> = self.committed_unseen.values().collect();
@@ -534,7 +530,7 @@ impl Writer {
         }
         let mut fresh = Vec::with_capacity(taken.len());
         for key in taken {
-            if existing.get(&key).is_some() || just_committed.contains(&key) {
+            if existing.contains(&key) || just_committed.contains(&key) {
                 self.stats.deduplicated.fetch_add(1, Ordering::Relaxed);
                 self.release(&key);
             } else {

@@ -182,7 +182,8 @@ pub enum Counter {
     Packets = 0,
     /// Connection-opening packets (TCP SYN, UDP, SCTP INIT) whose destination is a VIP.
     VipHits,
-    /// Connection-opening packets to a VIP with zero backends.
+    /// Connection-opening packets to a VIP with zero backends. Not counted by the kernel:
+    /// userspace derives it as [`Counter::IdleDropped`] plus [`Counter::IdlePassed`].
     IdleHits,
     /// Events written to the ring buffer.
     EventsWritten,

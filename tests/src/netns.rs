@@ -75,27 +75,10 @@ impl Topology {
             server_if: format!("{tag}s"),
         };
         // From here on, Drop cleans up whatever was made, even if a step below fails.
-        sh(&["ip", "netns", "add", &topo.client_ns]);
-        sh(&["ip", "netns", "add", &topo.server_ns]);
-        sh(&[
-            "ip",
-            "link",
-            "add",
-            &topo.client_if,
-            "netns",
-            &topo.client_ns,
-            "address",
-            &mac(CLIENT_MAC),
-            "type",
-            "veth",
-            "peer",
-            "name",
-            &topo.server_if,
-            "netns",
-            &topo.server_ns,
-            "address",
-            &mac(SERVER_MAC),
-        ]);
+        namespaces_with_veth(
+            (&topo.client_ns, &topo.client_if, CLIENT_MAC),
+            (&topo.server_ns, &topo.server_if, SERVER_MAC),
+        );
         for (ns, ifname, v4, v6) in [
             (&topo.client_ns, &topo.client_if, CLIENT_V4, CLIENT_V6),
             (&topo.server_ns, &topo.server_if, SERVER_V4, SERVER_V6),
@@ -172,6 +155,33 @@ impl Drop for Topology {
             let _ = Command::new("ip").args(["netns", "delete", ns]).output();
         }
     }
+}
+
+/// Creates namespaces `a.0` and `b.0` joined by a veth pair: end `a.1` with MAC `a.2` in the
+/// first, end `b.1` with MAC `b.2` in the second. Deleting the namespaces deletes the pair.
+#[track_caller]
+pub fn namespaces_with_veth(a: (&str, &str, [u8; 6]), b: (&str, &str, [u8; 6])) {
+    sh(&["ip", "netns", "add", a.0]);
+    sh(&["ip", "netns", "add", b.0]);
+    sh(&[
+        "ip",
+        "link",
+        "add",
+        a.1,
+        "netns",
+        a.0,
+        "address",
+        &mac(a.2),
+        "type",
+        "veth",
+        "peer",
+        "name",
+        b.1,
+        "netns",
+        b.0,
+        "address",
+        &mac(b.2),
+    ]);
 }
 
 /// Runs `f` on a scoped thread inside network namespace `name`; sockets it creates stay

@@ -19,7 +19,7 @@ use std::{
 };
 
 use crate::{
-    netns::{in_netns, mac, sh, unique_tag},
+    netns::{in_netns, mac, namespaces_with_veth, sh, unique_tag},
     ovsdb_server::{CHASSIS, Listen, OvnCentral, OvsdbServer, TempDir, run},
 };
 
@@ -37,6 +37,8 @@ pub const CLIENT_MAC: [u8; 6] = [0x02, 0x77, 0, 0, 1, 0x11];
 /// the load-balancing stage matches on the IP destination before any L2 lookup.
 pub const GATEWAY_MAC: [u8; 6] = [0x02, 0x77, 0, 0, 1, 0x01];
 const GATEWAY_V4: Ipv4Addr = Ipv4Addr::new(192, 168, 77, 1);
+/// MAC of the node's veth end (an OVS port: nothing is addressed to it).
+const NODE_MAC: [u8; 6] = [0x02, 0x77, 0, 0, 1, 0x02];
 
 /// OVN central plus one chassis, its switch and a client namespace.
 pub struct OvnNode {
@@ -75,25 +77,10 @@ impl OvnNode {
             run_dir: TempDir::new("ovnrun"),
         };
         // From here on, Drop removes whatever was made.
-        sh(&["ip", "netns", "add", &node.client_ns]);
-        sh(&["ip", "netns", "add", &node.node_ns]);
-        sh(&[
-            "ip",
-            "link",
-            "add",
-            &node.client_if,
-            "netns",
-            &node.client_ns,
-            "address",
-            &mac(CLIENT_MAC),
-            "type",
-            "veth",
-            "peer",
-            "name",
-            &node.node_if,
-            "netns",
-            &node.node_ns,
-        ]);
+        namespaces_with_veth(
+            (&node.client_ns, &node.client_if, CLIENT_MAC),
+            (&node.node_ns, &node.node_if, NODE_MAC),
+        );
         let c = |args: &[&str]| {
             let mut full = vec!["ip", "-n", node.client_ns.as_str()];
             full.extend_from_slice(args);

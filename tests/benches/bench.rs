@@ -816,10 +816,12 @@ fn vip_sync() -> Vec<Figure> {
             "MB",
         ));
     }
-    for total in [10_000u32, 100_000] {
+    // As the issue asks, 10,000 and 100,000 load balancers (one VIP each, as ovn-kubernetes
+    // makes one per service); and 100,000 VIPs in 1,000 load balancers of 100.
+    for (total, per_lb) in [(10_000u32, 1u32), (100_000, 1), (100_000, 100)] {
+        let shape = format!("{total} VIPs in {} LBs", total / per_lb);
         let topo = Topology::new("bv");
         let sb = OvsdbServer::southbound_with_chassis();
-        let per_lb = 100;
         let lbs = LoadBalancers::insert(&sb, total, per_lb);
         let state = TempDir::new("vstate");
         let db = sb.unix_remote();
@@ -831,7 +833,7 @@ fn vip_sync() -> Vec<Figure> {
         agent.wait_for_log(&format!("vips={total} "), Duration::from_secs(60));
         let load = figure(
             "5 VIP sync",
-            format!("{total} VIPs: agent start to map synced"),
+            format!("{shape}: agent start to map synced"),
             started.elapsed().as_secs_f64() * 1e3,
             "ms",
         );
@@ -852,7 +854,7 @@ fn vip_sync() -> Vec<Figure> {
         out.push(
             figure(
                 "5 VIP sync",
-                format!("{total} VIPs: one load balancer changed, commit to map"),
+                format!("{shape}: one LB changed, commit to map"),
                 committed.elapsed().as_secs_f64() * 1e3,
                 "ms",
             )
@@ -860,7 +862,7 @@ fn vip_sync() -> Vec<Figure> {
         );
         out.push(figure(
             "5 VIP sync",
-            format!("{total} VIPs: before that, ovsdb-server committing it"),
+            format!("{shape}: before that, ovsdb-server committing"),
             committed.duration_since(sent).as_secs_f64() * 1e3,
             "ms",
         ));
@@ -868,7 +870,7 @@ fn vip_sync() -> Vec<Figure> {
         agent.wait_for_log("heap trimmed", Duration::from_secs(10));
         let rss = figure(
             "5 VIP sync",
-            format!("agent RSS with {total} VIPs"),
+            format!("{shape}: agent RSS"),
             rss_mb(agent.pid()),
             "MB",
         );

@@ -387,7 +387,12 @@ async fn session(
         if !found {
             replica.clear();
         }
-        let applied = replica.apply_update2(&updates);
+        // A full load is announced as a resync, without a copy of every row.
+        let applied = if found {
+            replica.apply_update2(&updates)
+        } else {
+            replica.load_update2(&updates).map(|()| Vec::new())
+        };
         // Everything the reply says is in the replica now: free it for the session's lifetime.
         drop(updates);
         match applied {

@@ -30,6 +30,7 @@ pub enum RowChange {
 pub struct ChangeSet {
     /// True when the replica was rebuilt from scratch (first connection, or a reconnect the
     /// server could not serve incrementally): readers should reconcile against it whole.
+    /// Such a set carries no row changes (a copy of every row would be large).
     pub resync: bool,
     /// (table, row UUID, change), in the order the server sent them.
     pub changes: Vec<(String, Uuid, RowChange)>,
@@ -75,6 +76,20 @@ impl Replica {
         &mut self,
         updates: &Json,
     ) -> Result<Vec<(String, Uuid, RowChange)>, Error> {
+        self.apply(updates, true)
+    }
+
+    /// Applies a `<table-updates2>` object without recording the changes: for a full load,
+    /// after which readers reconcile against the whole replica (no copy of every row).
+    pub fn load_update2(&mut self, updates: &Json) -> Result<(), Error> {
+        self.apply(updates, false).map(drop)
+    }
+
+    fn apply(
+        &mut self,
+        updates: &Json,
+        record: bool,
+    ) -> Result<Vec<(String, Uuid, RowChange)>, Error> {
         let tables = updates.as_object().ok_or_else(|| {
             Error::Protocol(format!("table-updates2 is not an object: {updates}"))
         })?;
@@ -93,6 +108,10 @@ impl Replica {
                 let change = match kind.as_str() {
                     "initial" | "insert" => {
                         let row = row_from_json(body)?;
+                        if !record {
+                            replica.insert(uuid, row);
+                            continue;
+                        }
                         replica.insert(uuid.clone(), row.clone());
                         RowChange::Insert(row)
                     }
@@ -101,7 +120,7 @@ impl Replica {
                         let row = replica.get_mut(&uuid).ok_or_else(|| {
                             Error::Protocol(format!("modify of unknown row {uuid} in {table}"))
                         })?;
-                        let old = row.clone();
+                        let old = record.then(|| row.clone());
                         for (column, d) in diff {
                             match row.get_mut(&column) {
                                 Some(value) => value.apply_diff(&d),
@@ -110,14 +129,15 @@ impl Replica {
                                 }
                             }
                         }
+                        let Some(old) = old else { continue };
                         RowChange::Modify {
                             old,
                             new: row.clone(),
                         }
                     }
                     "delete" => match replica.remove(&uuid) {
-                        Some(old) => RowChange::Delete(old),
-                        None => continue,
+                        Some(old) if record => RowChange::Delete(old),
+                        _ => continue,
                     },
                     other => {
                         return Err(Error::Protocol(format!("unknown row update {other:?}")));
@@ -138,6 +158,21 @@ mod tests {
     use crate::value::Value;
 
     const U1: &str = "5b3cfb03-2143-4e8a-9067-dac1ef7ec6d7";
+
+    #[test]
+    fn a_full_load_fills_the_replica_and_records_nothing() {
+        let mut r = Replica::default();
+        r.load_update2(&json!({"Chassis": {U1: {"initial": {"name": "a"}}}}))
+            .unwrap();
+        let (_, row) = r.rows("Chassis").next().unwrap();
+        assert_eq!(row.get("name"), Some(&Value::from("a")));
+        // Later updates apply on top, recorded as usual.
+        let changes = r
+            .apply_update2(&json!({"Chassis": {U1: {"modify": {"name": "b"}}}}))
+            .unwrap();
+        assert!(matches!(&changes[0].2, RowChange::Modify { old, new }
+            if old.get("name") == Some(&Value::from("a")) && new.get("name") == Some(&Value::from("b"))));
+    }
 
     #[test]
     fn applies_initial_modify_delete() {

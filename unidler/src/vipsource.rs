@@ -51,7 +51,6 @@ pub enum VipUpdate {
 pub fn ovn_monitors() -> Vec<MonitorRequest> {
     vec![
         MonitorRequest::table("Load_Balancer").columns(&[
-            "name",
             "vips",
             "protocol",
             "options",

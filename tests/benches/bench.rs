@@ -28,7 +28,7 @@ use unidler_common::{RateLimitConfig, VipState};
 use unidler_tests::{
     agent::{Agent, southbound_args},
     frames::{Frame, Ipv6Ext, L4, TCP_ACK},
-    load_balancers::LoadBalancers,
+    load_balancers::FollowingAgent,
     netns::{CLIENT_MAC, CLIENT_V4, SERVER_MAC, SERVER_V4, Topology, send_frames},
     ovn_chassis::{self, OvnNode},
     ovsdb_server::{OvsdbServer, TempDir},
@@ -333,8 +333,7 @@ fn bed(prefix: &str, vips: &[String], extra: &[&str]) -> Bed {
     let sb = OvsdbServer::southbound_with_chassis();
     let state = TempDir::new("bstate");
     let db = sb.unix_remote();
-    let state_dir = state.0.to_str().unwrap().to_owned();
-    let mut args = southbound_args(&topo.server_if, &db, &state_dir);
+    let mut args = southbound_args(&topo.server_if, &db, state.path_str());
     let file;
     if !vips.is_empty() {
         // Many VIPs: a VIPs file keeps the command line short.
@@ -820,21 +819,13 @@ fn vip_sync() -> Vec<Figure> {
     // makes one per service); and 100,000 VIPs in 1,000 load balancers of 100.
     for (total, per_lb) in [(10_000u32, 1u32), (100_000, 1), (100_000, 100)] {
         let shape = format!("{total} VIPs in {} LBs", total / per_lb);
-        let topo = Topology::new("bv");
-        let sb = OvsdbServer::southbound_with_chassis();
-        let lbs = LoadBalancers::insert(&sb, total, per_lb);
-        let state = TempDir::new("vstate");
-        let db = sb.unix_remote();
-        let state_dir = state.0.to_str().unwrap().to_owned();
-        let started = Instant::now();
-        let mut args = southbound_args(&topo.server_if, &db, &state_dir);
-        args.extend(["--log-level", "info,unidler=debug"]);
-        let mut agent = Agent::start(&topo.server_ns, &args);
-        agent.wait_for_log(&format!("vips={total} "), Duration::from_secs(60));
+        // Kept whole: its namespaces and server live as long as it does.
+        let mut following = FollowingAgent::start("bv", total, per_lb);
+        let sync_time = following.sync_time;
         let load = figure(
             "5 VIP sync",
             format!("{shape}: agent start to map synced"),
-            started.elapsed().as_secs_f64() * 1e3,
+            sync_time.as_secs_f64() * 1e3,
             "ms",
         );
         out.push(if total == 100_000 {
@@ -845,9 +836,9 @@ fn vip_sync() -> Vec<Figure> {
         // Timed from the commit (the transaction's reply): what the server spends committing
         // is the server's, and OVN's own components wait for it alike.
         let sent = Instant::now();
-        lbs.set_backends(7, "10.0.0.1:80");
+        following.lbs.set_backends(7, "10.0.0.1:80");
         let committed = Instant::now();
-        agent.wait_for_log(
+        following.agent.wait_for_log(
             &format!("VIP map updated changes={per_lb} "),
             Duration::from_secs(10),
         );
@@ -867,11 +858,13 @@ fn vip_sync() -> Vec<Figure> {
             "ms",
         ));
         // Steady state: the agent gives the full sync's transient memory back after a second.
-        agent.wait_for_log("heap trimmed", Duration::from_secs(10));
+        following
+            .agent
+            .wait_for_log("heap trimmed", Duration::from_secs(10));
         let rss = figure(
             "5 VIP sync",
             format!("{shape}: agent RSS"),
-            rss_mb(agent.pid()),
+            rss_mb(following.agent.pid()),
             "MB",
         );
         out.push(if total == 100_000 {
@@ -948,8 +941,7 @@ fn vs_ovn() -> (Vec<Figure>, OvnFigures) {
     // in the same states; each round uses VIPs of its own. While the agent runs, its XDP
     // program drops the SYNs to idle VIPs, so OVN's path stays quiet.
     let state = TempDir::new("ostate");
-    let state_dir = state.0.to_str().unwrap().to_owned();
-    let mut args = southbound_args(&node.node_if, &sb, &state_dir);
+    let mut args = southbound_args(&node.node_if, &sb, state.path_str());
     args.extend(["--event-rate", "100000", "--event-burst", "20000"]);
     let start_agent = || {
         let mut agent = Agent::start(&node.node_ns, &args);

@@ -1,11 +1,15 @@
 //! Many Southbound Load_Balancer rows, written straight into the database with our OVSDB
-//! client (no ovn-northd), for scale tests and benchmarks.
+//! client (no ovn-northd), for scale tests and benchmarks, and an agent following them.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ovsdb::{Client, ClientOptions, Condition, Operation, Remote, Row, Value};
 
-use crate::ovsdb_server::{OvsdbServer, SB_DB};
+use crate::{
+    agent::{Agent, southbound_args},
+    netns::Topology,
+    ovsdb_server::{OvsdbServer, SB_DB, TempDir},
+};
 
 /// Load balancers `lb0`, `lb1`, ... with `per_lb` VIPs each and `options:event=true`; VIP `n`
 /// (counting over all load balancers) is `10.(100 + n/65536).(n/256 % 256).(n % 256):80/tcp`.
@@ -75,5 +79,46 @@ impl LoadBalancers {
             ("protocol".to_owned(), Value::from("tcp")),
             ("options".to_owned(), Value::string_map([("event", "true")])),
         ])
+    }
+}
+
+/// An agent following `total` VIPs of [`LoadBalancers`] in a Southbound server of its own,
+/// on the server end of a namespace pair, with debug logs (its map updates are logged).
+pub struct FollowingAgent {
+    /// The agent (declared first: it goes before what it uses).
+    pub agent: Agent,
+    /// The load balancers, to change.
+    pub lbs: LoadBalancers,
+    /// Its namespaces.
+    pub topo: Topology,
+    /// Time from the agent's start to its map synced with every VIP.
+    pub sync_time: Duration,
+    _state: TempDir,
+    _sb: OvsdbServer,
+}
+
+impl FollowingAgent {
+    /// Inserts the load balancers, starts the agent and waits (at most a minute) until its
+    /// map holds all `total` VIPs.
+    #[track_caller]
+    pub fn start(prefix: &str, total: u32, per_lb: u32) -> Self {
+        let topo = Topology::new(prefix);
+        let sb = OvsdbServer::southbound_with_chassis();
+        let lbs = LoadBalancers::insert(&sb, total, per_lb);
+        let state = TempDir::new("fstate");
+        let db = sb.unix_remote();
+        let started = Instant::now();
+        let mut args = southbound_args(&topo.server_if, &db, state.path_str());
+        args.extend(["--log-level", "info,unidler=debug"]);
+        let mut agent = Agent::start(&topo.server_ns, &args);
+        agent.wait_for_log(&format!("vips={total} "), Duration::from_secs(60));
+        Self {
+            sync_time: started.elapsed(),
+            agent,
+            lbs,
+            topo,
+            _state: state,
+            _sb: sb,
+        }
     }
 }

@@ -30,6 +30,11 @@ impl TempDir {
         TempDir(dir)
     }
 
+    /// Its path as text (what agent arguments take).
+    pub fn path_str(&self) -> &str {
+        self.0.to_str().expect("temp paths are UTF-8")
+    }
+
     /// A path inside it.
     pub fn join(&self, name: &str) -> PathBuf {
         self.0.join(name)

@@ -84,8 +84,7 @@ fn a_connection_attempt_writes_the_row_ovn_controller_would() {
     let state = TempDir::new("state");
     let db = sb.unix_remote();
     let vips = [format!("10.77.0.2:80/tcp@{LB}")];
-    let state_dir = state.0.to_str().unwrap().to_owned();
-    let args = agent_args(&topo, &db, &state_dir, &vips);
+    let args = agent_args(&topo, &db, state.path_str(), &vips);
     let agent = Agent::start(&topo.server_ns, &args);
 
     tcp_hit(&topo, 80);
@@ -139,8 +138,7 @@ fn seq_num_keeps_increasing_across_agent_restarts() {
         format!("10.77.0.2:80/tcp@{LB}"),
         format!("10.77.0.2:53/udp@{LB}"),
     ];
-    let state_dir = state.0.to_str().unwrap().to_owned();
-    let args = agent_args(&topo, &db, &state_dir, &vips);
+    let args = agent_args(&topo, &db, state.path_str(), &vips);
 
     let agent = Agent::start(&topo.server_ns, &args);
     tcp_hit(&topo, 80);
@@ -166,8 +164,7 @@ fn seq_num_keeps_increasing_across_agent_restarts() {
 
     // A fresh state dir: the database's own rows still keep seq_num from going back.
     let fresh = TempDir::new("state2");
-    let fresh_dir = fresh.0.to_str().unwrap().to_owned();
-    let args = agent_args(&topo, &db, &fresh_dir, &vips);
+    let args = agent_args(&topo, &db, fresh.path_str(), &vips);
     let agent = Agent::start(&topo.server_ns, &args);
     tcp_hit(&topo, 80);
     let rows = wait_rows("a second row", || sb.event_rows(), |r| r.len() == 2);
@@ -201,8 +198,7 @@ fn hits_while_the_database_is_down_are_written_once_it_is_back() {
     let vips: Vec<String> = (0..20)
         .map(|i| format!("10.77.0.2:{}/udp@{LB}", 7000 + i))
         .collect();
-    let state_dir = state.0.to_str().unwrap().to_owned();
-    let args = agent_args(&topo, &db, &state_dir, &vips);
+    let args = agent_args(&topo, &db, state.path_str(), &vips);
     let _agent = Agent::start(&topo.server_ns, &args);
 
     for i in 0..10 {
@@ -232,8 +228,7 @@ fn every_event_lands_exactly_once_when_the_raft_leader_dies() {
     let vips: Vec<String> = (0..n)
         .map(|i| format!("10.77.0.2:{}/udp@{LB}", 8000 + i))
         .collect();
-    let state_dir = state.0.to_str().unwrap().to_owned();
-    let args = agent_args(&topo, &db, &state_dir, &vips);
+    let args = agent_args(&topo, &db, state.path_str(), &vips);
     let _agent = Agent::start(&topo.server_ns, &args);
 
     for i in 0..n {
@@ -279,8 +274,7 @@ fn a_full_queue_drops_and_counts_the_overflow() {
     let vips: Vec<String> = (0..20)
         .map(|i| format!("10.77.0.2:{}/udp@{LB}", 6000 + i))
         .collect();
-    let state_dir = state.0.to_str().unwrap().to_owned();
-    let mut args = agent_args(&topo, &db, &state_dir, &vips);
+    let mut args = agent_args(&topo, &db, state.path_str(), &vips);
     args.extend(["--event-queue-size", "5"]);
     let mut agent = Agent::start(&topo.server_ns, &args);
     sb.kill();

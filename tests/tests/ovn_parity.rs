@@ -83,10 +83,9 @@ fn unidler_writes_the_row_ovn_controller_writes_and_keeps_ovn_quiet() {
     // unidler on the same veth, reading what ovn-northd wrote, writing to the same database.
     let state = TempDir::new("opstate");
     let sb = node.central.sb.unix_remote();
-    let state_dir = state.0.to_str().unwrap().to_owned();
     let mut agent = Agent::start(
         &node.node_ns,
-        &southbound_args(&node.node_if, &sb, &state_dir),
+        &southbound_args(&node.node_if, &sb, state.path_str()),
     );
     agent.wait_for_log("VIP map synced", Duration::from_secs(30));
     let punted = node.packets_punted_for(VIP.into());

@@ -59,7 +59,7 @@ fn metrics_health_and_inspection_during_real_traffic() {
     let state = TempDir::new("tstate");
     let db = sb.unix_remote();
     let idle = format!("10.77.0.2:80/tcp@{LB}");
-    let mut args = southbound_args(&topo.server_if, &db, state.0.to_str().unwrap());
+    let mut args = southbound_args(&topo.server_if, &db, state.path_str());
     args.extend(["--vip", &idle, "--vip", "10.77.0.2:81/tcp=2"]);
     let agent = Agent::start(&topo.server_ns, &args);
     assert_eq!(get(&topo, "/healthz").unwrap(), "ok\n");

@@ -8,7 +8,7 @@ use std::{
 
 use unidler_tests::{
     agent::{Agent, southbound_args},
-    load_balancers::LoadBalancers,
+    load_balancers::FollowingAgent,
     netns::{SERVER_V4, Topology},
     ovsdb_server::{OvnCentral, OvsdbServer, TempDir},
     require_root,
@@ -81,7 +81,7 @@ fn load_balancers_from_ovn_northd_drive_events_and_traffic() {
     let _l = listener(&topo, 80);
     let state = TempDir::new("vstate");
     let db = ovn.sb.unix_remote();
-    let args = southbound_args(&topo.server_if, &db, state.0.to_str().unwrap());
+    let args = southbound_args(&topo.server_if, &db, state.path_str());
     let mut agent = Agent::start(&topo.server_ns, &args);
     agent.wait_for_log("vips=1", WAIT);
 
@@ -227,27 +227,18 @@ fn a_vips_file_is_followed_and_a_bad_one_keeps_the_last_good_state() {
 #[test]
 fn one_hundred_thousand_vips_load_from_the_southbound_database() {
     require_root();
-    let topo = Topology::new("vs");
-    let sb = OvsdbServer::southbound_with_chassis();
     let per_lb = 100;
-    let lbs = LoadBalancers::insert(&sb, 100_000, per_lb);
-    let state = TempDir::new("sstate");
-    let db = sb.unix_remote();
-    let state_dir = state.0.to_str().unwrap().to_owned();
-    let started = Instant::now();
-    let mut args = southbound_args(&topo.server_if, &db, &state_dir);
-    args.extend(["--log-level", "info,unidler=debug"]);
-    let mut agent = Agent::start(&topo.server_ns, &args);
-    let line = agent.wait_for_log("vips=100000 ", WAIT);
-    println!(
-        "100,000 VIPs: agent start to map synced in {:?} ({line})",
-        started.elapsed()
-    );
+    // Kept whole: its namespaces and server live as long as it does.
+    let mut following = FollowingAgent::start("vs", 100_000, per_lb);
+    let sync_time = following.sync_time;
+    println!("100,000 VIPs: agent start to map synced in {sync_time:?}");
 
     // One incremental change: one load balancer gets backends.
     let changed = Instant::now();
-    lbs.set_backends(7, "10.0.0.1:80");
-    let line = agent.wait_for_log(&format!("VIP map updated changes={per_lb} "), WAIT);
+    following.lbs.set_backends(7, "10.0.0.1:80");
+    let line = following
+        .agent
+        .wait_for_log(&format!("VIP map updated changes={per_lb} "), WAIT);
     println!(
         "one load balancer changed: applied {:?} after the commit ({line})",
         changed.elapsed()
@@ -270,7 +261,7 @@ fn a_resync_after_reconnect_removes_vips_the_database_lost() {
     ]);
     let state = TempDir::new("rstate");
     let db = sb.unix_remote();
-    let args = southbound_args(&topo.server_if, &db, state.0.to_str().unwrap());
+    let args = southbound_args(&topo.server_if, &db, state.path_str());
     let _agent = Agent::start(&topo.server_ns, &args);
     eventually("the VIP to be watched", || !connects(&topo, 80));
     // While the agent is away from the database, the load balancer goes.

@@ -541,11 +541,9 @@ fn histogram_totals(netns: &str) -> [(f64, f64); 2] {
 
 /// Where an event's time goes, from agent histogram totals (summed over agent runs).
 fn latency_breakdown(section: &'static str, totals: [(f64, f64); 2]) -> [Figure; 2] {
-    let mut i = 0;
-    BREAKDOWN.map(|(_, label)| {
+    std::array::from_fn(|i| {
         let (sum, count) = totals[i];
-        i += 1;
-        figure(section, label, sum / count * 1e3, "ms")
+        figure(section, BREAKDOWN[i].1, sum / count * 1e3, "ms")
     })
 }
 

@@ -139,11 +139,11 @@ impl Harness {
                 assert_eq!(e.src_addr, src, "{}", ctx());
                 assert_eq!(e.src_port_be, sport, "{}", ctx());
                 assert_eq!(e.ifindex, LO, "{}", ctx());
-                assert_eq!(run.counters.get(Counter::IdleHits), 1, "{}", ctx());
+                assert_eq!(run.counters.idle_hits(), 1, "{}", ctx());
             }
             None => {
                 assert!(run.events.is_empty(), "no event\n{}", ctx());
-                assert_eq!(run.counters.get(Counter::IdleHits), 0, "{}", ctx());
+                assert_eq!(run.counters.idle_hits(), 0, "{}", ctx());
             }
         }
         run
@@ -278,7 +278,7 @@ fn vip_with_backends_and_non_vip_traffic_pass_untouched() {
     assert_eq!(active.verdict, XDP_PASS);
     assert!(active.events.is_empty());
     assert_eq!(active.counters.get(Counter::VipHits), 1);
-    assert_eq!(active.counters.get(Counter::IdleHits), 0);
+    assert_eq!(active.counters.idle_hits(), 0);
 
     let other = IpAddr::V4(Ipv4Addr::new(10, 96, 0, 11));
     for frame in [

@@ -174,7 +174,8 @@ pub struct IdleHitEvent {
     pub _pad2: u32,
 }
 
-/// Indexes of the per-CPU `COUNTERS` array. The agent sums each over all CPUs.
+/// Indexes of the per-CPU `COUNTERS` array. The agent sums each over all CPUs. (Idle hits
+/// are not counted apart: they are [`Counter::IdleDropped`] plus [`Counter::IdlePassed`].)
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Counter {
@@ -182,9 +183,6 @@ pub enum Counter {
     Packets = 0,
     /// Connection-opening packets (TCP SYN, UDP, SCTP INIT) whose destination is a VIP.
     VipHits,
-    /// Connection-opening packets to a VIP with zero backends. Not counted by the kernel:
-    /// userspace derives it as [`Counter::IdleDropped`] plus [`Counter::IdlePassed`].
-    IdleHits,
     /// Events written to the ring buffer.
     EventsWritten,
     /// Events not written because the VIP's rate limit was exhausted.
@@ -223,7 +221,6 @@ impl Counter {
     pub const ALL: [Counter; Counter::COUNT as usize] = [
         Counter::Packets,
         Counter::VipHits,
-        Counter::IdleHits,
         Counter::EventsWritten,
         Counter::RateLimitedVip,
         Counter::RateLimitedGlobal,
@@ -245,7 +242,6 @@ impl Counter {
         match self {
             Counter::Packets => "packets",
             Counter::VipHits => "vip_hits",
-            Counter::IdleHits => "idle_hits",
             Counter::EventsWritten => "events_written",
             Counter::RateLimitedVip => "rate_limited_vip",
             Counter::RateLimitedGlobal => "rate_limited_global",

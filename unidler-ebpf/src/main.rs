@@ -276,7 +276,7 @@ fn on_opening_packet(ctx: &XdpContext, packet: &OpeningPacket) -> u32 {
     if state.backends != 0 {
         return xdp_action::XDP_PASS;
     }
-    // IdleHits is not counted here: the agent derives it (dropped + passed).
+    // Idle hits are not counted apart: the agent derives them (dropped + passed).
     let (verdict, action) = if state.flags & VIP_FLAG_PASS_WHEN_IDLE != 0 {
         count(Counter::IdlePassed);
         (xdp_action::XDP_PASS, EventAction::Passed)

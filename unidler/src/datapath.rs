@@ -4,7 +4,7 @@
 //! Dropping a [`Datapath`] detaches the program everywhere. Attachments are BPF links owned
 //! by this process, so a crash detaches them too and the next run starts clean.
 
-use std::{io, os::fd::AsRawFd};
+use std::{io, os::fd::AsRawFd, sync::Arc};
 
 use aya::{
     Ebpf, EbpfLoader,
@@ -23,7 +23,7 @@ use crate::caps;
 static PROGRAM_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/unidler"));
 
 /// How the program is attached to an interface.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum AttachMode {
     /// Let the kernel choose: native where the driver supports it, else generic.
     #[default]
@@ -101,6 +101,9 @@ pub enum DatapathError {
     TestRun(#[source] ProgramError),
 }
 
+/// Forwards the program's aya-log records to `log` (and so to the agent's log).
+pub type KernelLogger = EbpfLogger<&'static dyn log::Log>;
+
 /// The loaded XDP program and its maps.
 pub struct Datapath {
     ebpf: Ebpf,
@@ -110,9 +113,9 @@ pub struct Datapath {
     /// bit for a bucket is set exactly while its count is non-zero.
     keys: std::collections::HashSet<VipKey>,
     bucket_counts: std::collections::HashMap<u32, u32>,
-    counters: PerCpuArray<MapData, u64>,
+    counters: CounterReader,
     events: Option<RingBuf<MapData>>,
-    logger: Option<EbpfLogger<&'static dyn log::Log>>,
+    logger: Option<KernelLogger>,
     attached: Vec<(String, u32, XdpLinkId)>,
 }
 
@@ -156,7 +159,7 @@ impl Datapath {
             })?;
         let vips = take_map(&mut ebpf, "VIPS")?;
         let address_filter = take_map(&mut ebpf, "VIP_ADDRESS_FILTER")?;
-        let counters = take_map(&mut ebpf, "COUNTERS")?;
+        let counters = CounterReader(Arc::new(take_map(&mut ebpf, "COUNTERS")?));
         let events = Some(take_map(&mut ebpf, "EVENTS")?);
         Ok(Self {
             ebpf,
@@ -275,18 +278,12 @@ impl Datapath {
 
     /// Sums the per-CPU counters.
     pub fn counters(&self) -> Result<Counters, DatapathError> {
-        let mut values = [0u64; Counter::COUNT as usize];
-        for (i, value) in values.iter_mut().enumerate() {
-            let per_cpu =
-                self.counters
-                    .get(&(i as u32), 0)
-                    .map_err(|source| DatapathError::Map {
-                        map: "COUNTERS",
-                        source,
-                    })?;
-            *value = per_cpu.iter().sum();
-        }
-        Ok(Counters(values))
+        self.counters.read()
+    }
+
+    /// A reader of the kernel's counters for other tasks (the metrics endpoint).
+    pub fn counter_reader(&self) -> CounterReader {
+        self.counters.clone()
     }
 
     /// Hands out the event ring buffer; only once.
@@ -295,7 +292,7 @@ impl Datapath {
     }
 
     /// Hands out the kernel logger (forwarding aya-log records to `log`); only once.
-    pub fn take_logger(&mut self) -> Option<EbpfLogger<&'static dyn log::Log>> {
+    pub fn take_logger(&mut self) -> Option<KernelLogger> {
         self.logger.take()
     }
 
@@ -359,20 +356,42 @@ impl Drop for Datapath {
     }
 }
 
+/// Reads the kernel's per-CPU counters; cheap to clone.
+#[derive(Clone)]
+pub struct CounterReader(Arc<PerCpuArray<MapData, u64>>);
+
+impl CounterReader {
+    /// Sums each counter over the CPUs.
+    pub fn read(&self) -> Result<Counters, DatapathError> {
+        let mut values = [0u64; Counter::COUNT as usize];
+        for (i, value) in values.iter_mut().enumerate() {
+            let per_cpu = self
+                .0
+                .get(&(i as u32), 0)
+                .map_err(|source| DatapathError::Map {
+                    map: "COUNTERS",
+                    source,
+                })?;
+            *value = per_cpu.iter().sum();
+        }
+        Ok(Counters(values))
+    }
+}
+
 /// Sums of the kernel's per-CPU counters, indexed by [`Counter`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Counters(pub [u64; Counter::COUNT as usize]);
 
 impl Counters {
-    /// The value of one counter. [`Counter::IdleHits`] is derived (the kernel counts only
-    /// its two outcomes, one counter less on the idle path): dropped plus passed.
+    /// The value of one counter.
     pub fn get(&self, counter: Counter) -> u64 {
-        match counter {
-            Counter::IdleHits => {
-                self.0[Counter::IdleDropped as usize] + self.0[Counter::IdlePassed as usize]
-            }
-            other => self.0[other as usize],
-        }
+        self.0[counter as usize]
+    }
+
+    /// Connection-opening packets to a VIP with no backends: the kernel counts only their
+    /// two outcomes (one counter less on the idle path), dropped and passed.
+    pub fn idle_hits(&self) -> u64 {
+        self.get(Counter::IdleDropped) + self.get(Counter::IdlePassed)
     }
 
     /// All parse failures together.

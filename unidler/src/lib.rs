@@ -1,12 +1,15 @@
-//! unidler's agent as a library: the datapath (loading, attaching, maps), the VIP model and
-//! registry, and the event records the agent emits. The `unidler` binary is a thin CLI over it;
-//! the integration tests and benchmarks use it directly.
+//! unidler's agent as a library: the [`agent`] itself (its configuration and loop), the
+//! datapath (loading, attaching, maps), the VIP model, registry and sources, the Southbound
+//! connection and the Controller_Event sink, and telemetry. The `unidler` binary is a thin CLI
+//! over it; the integration tests and benchmarks use it directly.
 
+pub mod agent;
 pub mod caps;
 pub mod datapath;
 pub mod event;
 pub mod registry;
 pub mod sink;
+pub mod southbound;
 pub mod telemetry;
 pub mod vip;
 pub mod vipsource;

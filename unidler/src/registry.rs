@@ -7,10 +7,7 @@ use std::{collections::HashMap, sync::Arc};
 
 use unidler_common::{VipKey, VipState};
 
-use crate::{
-    vip::Vip,
-    vipsource::{DesiredVip, VipUpdate},
-};
+use crate::vip::{DesiredVip, Vip, VipUpdate};
 
 /// A change the kernel's VIP map needs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -1,13 +1,16 @@
-//! Service VIPs as people write them (`10.96.0.10:53/udp`, `[fd00::1]:80/tcp=3`) and as the
-//! kernel keys them ([`VipKey`]).
+//! Service VIPs as people write them (`10.96.0.10:53/udp`, `[fd00::1]:80/tcp=3`), as the
+//! kernel keys them ([`VipKey`]), and as VIP sources want them ([`DesiredVip`], [`VipUpdate`]),
+//! whatever those sources are.
 
 use std::{
     fmt,
     net::{IpAddr, Ipv6Addr, SocketAddr},
     str::FromStr,
+    sync::Arc,
 };
 
 use serde::Serialize;
+use thiserror::Error;
 use unidler_common::{IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, VipKey};
 
 /// The L4 protocols a VIP can have, as OVN names them.
@@ -59,18 +62,35 @@ impl fmt::Display for Protocol {
 }
 
 impl FromStr for Protocol {
-    type Err = String;
+    type Err = VipError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s.to_ascii_lowercase().as_str() {
             "tcp" => Ok(Protocol::Tcp),
             "udp" => Ok(Protocol::Udp),
             "sctp" => Ok(Protocol::Sctp),
-            _ => Err(format!(
-                "unknown protocol {s:?} (expected tcp, udp or sctp)"
-            )),
+            _ => Err(VipError::UnknownProtocol(s.to_owned())),
         }
     }
 }
+
+/// Why a VIP or protocol could not be read.
+#[derive(Clone, Debug, Error, PartialEq, Eq)]
+pub enum VipError {
+    /// Not `tcp`, `udp` or `sctp`.
+    #[error("unknown protocol {0:?} (expected tcp, udp or sctp)")]
+    UnknownProtocol(String),
+    /// A `--vip` that does not follow [`VipSpec`]'s form; the message names the part.
+    #[error("{problem} in {spec:?}; {VIP_SPEC_HINT}")]
+    Spec {
+        /// The whole text given.
+        spec: String,
+        /// What is wrong with it.
+        problem: String,
+    },
+}
+
+const VIP_SPEC_HINT: &str = "expected IP:PORT/PROTO[=BACKENDS][@LOAD_BALANCER], \
+                             e.g. 10.96.0.10:80/tcp or [fd00::10]:53/udp=2";
 
 /// A load-balancer VIP: address, port and protocol. Kept compact (20 bytes), as the agent holds
 /// every VIP of a cluster several times over.
@@ -143,12 +163,14 @@ pub struct VipSpec {
 }
 
 impl FromStr for VipSpec {
-    type Err = String;
+    type Err = VipError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let hint = "expected IP:PORT/PROTO[=BACKENDS][@LOAD_BALANCER], \
-                    e.g. 10.96.0.10:80/tcp or [fd00::10]:53/udp=2";
+        let bad = |problem: String| VipError::Spec {
+            spec: s.to_owned(),
+            problem,
+        };
         let (rest, load_balancer) = match s.rsplit_once('@') {
-            Some((_, "")) => return Err(format!("empty load balancer in {s:?}; {hint}")),
+            Some((_, "")) => return Err(bad("empty load balancer".into())),
             Some((rest, lb)) => (rest, Some(lb.to_owned())),
             None => (s, None),
         };
@@ -156,19 +178,19 @@ impl FromStr for VipSpec {
             Some((vip, n)) => (
                 vip,
                 n.parse::<u32>()
-                    .map_err(|e| format!("bad backend count {n:?} in {s:?}: {e}; {hint}"))?,
+                    .map_err(|e| bad(format!("bad backend count {n:?}: {e}")))?,
             ),
             None => (rest, 0),
         };
         let (addr, proto) = vip
             .rsplit_once('/')
-            .ok_or_else(|| format!("no protocol in {s:?}; {hint}"))?;
-        let protocol: Protocol = proto.parse().map_err(|e| format!("{e} in {s:?}"))?;
+            .ok_or_else(|| bad("no protocol".into()))?;
+        let protocol: Protocol = proto.parse().map_err(|e: VipError| bad(e.to_string()))?;
         let addr: SocketAddr = addr
             .parse()
-            .map_err(|e| format!("bad address {addr:?} in {s:?}: {e}; {hint}"))?;
+            .map_err(|e| bad(format!("bad address {addr:?}: {e}")))?;
         if addr.port() == 0 {
-            return Err(format!("port 0 in {s:?} is not a service port; {hint}"));
+            return Err(bad("port 0 is not a service port".into()));
         }
         Ok(Self {
             vip: Vip::new(addr, protocol),
@@ -176,6 +198,42 @@ impl FromStr for VipSpec {
             load_balancer,
         })
     }
+}
+
+impl VipSpec {
+    /// The VIP as a source wants it in the map.
+    pub fn desired(&self) -> DesiredVip {
+        DesiredVip {
+            vip: self.vip,
+            backends: self.backends,
+            load_balancer: self.load_balancer.as_deref().map(Into::into),
+        }
+    }
+}
+
+/// A VIP as a source wants it in the map.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DesiredVip {
+    /// The VIP.
+    pub vip: Vip,
+    /// Its backend count.
+    pub backends: u32,
+    /// The Northbound Load_Balancer UUID its events name (shared by all of its VIPs).
+    pub load_balancer: Option<Arc<str>>,
+}
+
+/// A change of the desired VIP set, as a VIP source sends it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum VipUpdate {
+    /// The whole set: VIPs not in it leave the map.
+    Replace(Vec<DesiredVip>),
+    /// Some VIPs added or changed, some removed.
+    Changes {
+        /// Added or changed.
+        upsert: Vec<DesiredVip>,
+        /// Gone.
+        remove: Vec<Vip>,
+    },
 }
 
 /// An address as the kernel stores it: 16 bytes, IPv4-mapped for IPv4.
@@ -250,7 +308,7 @@ mod tests {
             "10.0.0.1:80/tcp=-1",
             "10.0.0.1:99999/tcp",
         ] {
-            let err = bad.parse::<VipSpec>().unwrap_err();
+            let err = bad.parse::<VipSpec>().unwrap_err().to_string();
             assert!(err.contains(bad) || err.contains("icmp"), "{bad}: {err}");
         }
     }

@@ -1,64 +1,17 @@
-//! Where VIPs come from: the OVN Southbound `Load_Balancer` table, or a static file.
-//!
-//! A source sends [`VipUpdate`]s to the agent's main loop, which applies them to the
-//! [`VipRegistry`](crate::registry::VipRegistry) and the kernel map: a full
-//! [`VipUpdate::Replace`] after (re)connecting or reloading, incremental
-//! [`VipUpdate::Changes`] otherwise.
+//! VIPs from the OVN Southbound `Load_Balancer` table: every VIP OVN itself would report an
+//! empty-backend event for, kept incrementally per load balancer.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap, hash_map::Entry},
+    collections::{BTreeSet, HashMap, hash_map::Entry},
     net::SocketAddr,
-    path::{Path, PathBuf},
     sync::Arc,
-    time::{Duration, SystemTime},
 };
 
-use ovsdb::{ChangeSet, Client, MonitorRequest, Row, RowChange, Uuid, Value};
-use serde::Deserialize;
+use ovsdb::{ChangeSet, Client, Row, RowChange, Uuid, Value};
 use tokio::sync::mpsc;
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 
-use crate::vip::{Protocol, Vip};
-
-/// A VIP as a source wants it in the map.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct DesiredVip {
-    /// The VIP.
-    pub vip: Vip,
-    /// Its backend count.
-    pub backends: u32,
-    /// The Northbound Load_Balancer UUID its events name (shared by all of its VIPs).
-    pub load_balancer: Option<Arc<str>>,
-}
-
-/// A change of the desired VIP set.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum VipUpdate {
-    /// The whole set: VIPs not in it leave the map.
-    Replace(Vec<DesiredVip>),
-    /// Some VIPs added or changed, some removed.
-    Changes {
-        /// Added or changed.
-        upsert: Vec<DesiredVip>,
-        /// Gone.
-        remove: Vec<Vip>,
-    },
-}
-
-// ---------------------------------------------------------------- OVN Southbound
-
-/// The Southbound tables and columns the OVN source reads.
-pub fn ovn_monitors() -> Vec<MonitorRequest> {
-    vec![
-        MonitorRequest::table("Load_Balancer").columns(&[
-            "vips",
-            "protocol",
-            "options",
-            "external_ids",
-        ]),
-        MonitorRequest::table("SB_Global").columns(&["options"]),
-    ]
-}
+use crate::vip::{DesiredVip, Protocol, Vip, VipUpdate};
 
 /// The VIPs of one Southbound Load_Balancer row that OVN itself would report.
 ///
@@ -264,9 +217,9 @@ fn global_event<'a>(mut rows: impl Iterator<Item = &'a Row>) -> bool {
     })
 }
 
-/// Follows the Southbound Load_Balancer table through `client` (which must monitor
-/// [`ovn_monitors`]) and sends updates until the receiver goes away.
-pub fn spawn_ovn_source(client: Client, updates: mpsc::UnboundedSender<VipUpdate>) {
+/// Follows the Southbound Load_Balancer table through `client` (which must monitor what
+/// [`crate::southbound::monitors`] asks for VIPs) and sends updates until the receiver goes away.
+pub fn spawn(client: Client, updates: mpsc::UnboundedSender<VipUpdate>) {
     tokio::spawn(async move {
         let mut changes = client.subscribe();
         let mut state = OvnVips::default();
@@ -322,126 +275,6 @@ pub fn spawn_ovn_source(client: Client, updates: mpsc::UnboundedSender<VipUpdate
             }
         }
     });
-}
-
-// ---------------------------------------------------------------- static file
-
-/// The `--vips-file` format (TOML):
-///
-/// ```toml
-/// # One table per VIP.
-/// [[vip]]
-/// vip = "10.96.0.10:80"        # IP:PORT, IPv6 as "[fd00::10]:80"
-/// protocol = "tcp"             # tcp (default), udp or sctp
-/// backends = 0                 # 0 (default) means idle
-/// load_balancer = "5b3cfb03-2143-4e8a-9067-dac1ef7ec6d7"   # optional
-/// ```
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct VipsFile {
-    #[serde(default)]
-    vip: Vec<VipsFileEntry>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct VipsFileEntry {
-    vip: String,
-    #[serde(default)]
-    protocol: Option<String>,
-    #[serde(default)]
-    backends: u32,
-    #[serde(default)]
-    load_balancer: Option<String>,
-}
-
-/// Parses a VIPs file; errors name the line and the reason.
-pub fn parse_vips_file(text: &str) -> Result<Vec<DesiredVip>, String> {
-    let file: VipsFile = toml::from_str(text).map_err(|e| e.to_string())?;
-    let line_of = |needle: &str| {
-        text.lines()
-            .position(|l| l.contains(needle))
-            .map_or(String::new(), |i| format!("line {}: ", i + 1))
-    };
-    let mut seen = BTreeMap::new();
-    let mut out = Vec::new();
-    for entry in file.vip {
-        let addr: SocketAddr = entry.vip.parse().map_err(|e| {
-            format!(
-                "{}bad vip {:?} ({e}); expected IP:PORT or [IPv6]:PORT",
-                line_of(&entry.vip),
-                entry.vip
-            )
-        })?;
-        let protocol = match &entry.protocol {
-            Some(p) => p
-                .parse::<Protocol>()
-                .map_err(|e| format!("{}{e}", line_of(p)))?,
-            None => Protocol::Tcp,
-        };
-        let vip = Vip::new(addr, protocol);
-        if seen.insert(vip, ()).is_some() {
-            return Err(format!("{}{vip} is listed twice", line_of(&entry.vip)));
-        }
-        out.push(DesiredVip {
-            vip,
-            backends: entry.backends,
-            load_balancer: entry.load_balancer.map(Into::into),
-        });
-    }
-    Ok(out)
-}
-
-/// When `path` was last modified, if it can be told.
-pub fn modified(path: &Path) -> Option<SystemTime> {
-    std::fs::metadata(path).and_then(|m| m.modified()).ok()
-}
-
-/// Follows `path`, which the caller loaded when its modification time was `loaded_at`: loads
-/// it again whenever it changes (checked every `poll`) or `reload` fires (SIGHUP); a
-/// malformed file is logged and the last good set stays.
-pub fn spawn_file_source(
-    path: PathBuf,
-    loaded_at: Option<SystemTime>,
-    poll: Duration,
-    mut reload: mpsc::UnboundedReceiver<()>,
-    updates: mpsc::UnboundedSender<VipUpdate>,
-) {
-    tokio::spawn(async move {
-        let mut last_seen = loaded_at;
-        let mut forced = false;
-        loop {
-            let modified = modified(&path);
-            if forced || modified != last_seen {
-                last_seen = modified;
-                forced = false;
-                match load(&path) {
-                    Ok(vips) => {
-                        info!(path = %path.display(), vips = vips.len(), "VIPs file loaded");
-                        if updates.send(VipUpdate::Replace(vips)).is_err() {
-                            return;
-                        }
-                    }
-                    Err(e) => {
-                        warn!(path = %path.display(), "VIPs file rejected, keeping the last good VIPs: {e}")
-                    }
-                }
-            }
-            tokio::select! {
-                _ = tokio::time::sleep(poll) => {}
-                r = reload.recv() => {
-                    if r.is_none() { return; }
-                    forced = true;
-                }
-            }
-        }
-    });
-}
-
-/// Reads and parses a VIPs file.
-pub fn load(path: &Path) -> Result<Vec<DesiredVip>, String> {
-    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read: {e}"))?;
-    parse_vips_file(&text)
 }
 
 #[cfg(test)]
@@ -542,36 +375,5 @@ mod tests {
         let (up, rm) = s.update_lb(&uuid(1), None);
         assert_eq!((up.len(), rm.len()), (0, 1));
         assert!(s.lbs_of.is_empty() && s.by_lb.is_empty());
-    }
-
-    #[test]
-    fn vips_file_parses_and_errors_name_the_line() {
-        let good = r#"
-[[vip]]
-vip = "10.96.0.10:80"
-
-[[vip]]
-vip = "[fd00::10]:53"
-protocol = "udp"
-backends = 2
-load_balancer = "lb-1"
-"#;
-        let vips = parse_vips_file(good).unwrap();
-        assert_eq!(vips.len(), 2);
-        assert_eq!(vips[0].backends, 0);
-        assert_eq!(vips[0].vip.protocol, Protocol::Tcp);
-        assert_eq!(vips[1].load_balancer.as_deref(), Some("lb-1"));
-
-        let bad_vip = "[[vip]]\nvip = \"10.0.0.1\"\n";
-        let err = parse_vips_file(bad_vip).unwrap_err();
-        assert!(err.contains("line 2") && err.contains("bad vip"), "{err}");
-        let bad_proto = "[[vip]]\nvip = \"10.0.0.1:80\"\nprotocol = \"icmp\"\n";
-        assert!(parse_vips_file(bad_proto).unwrap_err().contains("line 3"));
-        let bad_toml = "[[vip]]\nvip = \n";
-        assert!(parse_vips_file(bad_toml).unwrap_err().contains("line 2"));
-        let unknown = "[[vip]]\nvip = \"10.0.0.1:80\"\nbackend = 1\n";
-        assert!(parse_vips_file(unknown).unwrap_err().contains("backend"));
-        let twice = "[[vip]]\nvip = \"10.0.0.1:80\"\n[[vip]]\nvip = \"10.0.0.1:80\"\n";
-        assert!(parse_vips_file(twice).unwrap_err().contains("twice"));
     }
 }

@@ -1,0 +1,69 @@
+//! What the agent is told to do, typed: built by the CLI (or a test) and handed to
+//! [`Agent::start`](super::Agent::start).
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use unidler_common::{RateLimitConfig, VIP_FLAG_PASS_WHEN_IDLE};
+
+use crate::{datapath::AttachMode, southbound::SouthboundConfig, vip::DesiredVip};
+
+/// The agent's whole configuration.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Interfaces to attach the program to.
+    pub interfaces: Vec<String>,
+    /// How to attach it.
+    pub attach_mode: AttachMode,
+    /// Where the VIPs come from.
+    pub vips: VipSourceConfig,
+    /// What the datapath does with an opening packet to an idle VIP.
+    pub idle_action: IdleAction,
+    /// Event rate limits enforced in the kernel.
+    pub rate_limits: RateLimitConfig,
+    /// The Southbound database: with it, idle hits become Controller_Event rows there;
+    /// without it, they are printed on standard output as JSON lines.
+    pub southbound: Option<SouthboundConfig>,
+    /// Most idle hits waiting for the database.
+    pub event_queue_size: usize,
+    /// Where state that outlives the process is kept (the last Controller_Event seq_num).
+    pub state_dir: PathBuf,
+    /// Address of the HTTP endpoint (metrics, health, inspection).
+    pub metrics_addr: SocketAddr,
+    /// How often to log a summary of the kernel counters (zero: never).
+    pub summary_interval: Duration,
+    /// Most verbose aya-log level the kernel emits (1 error … 5 trace).
+    pub kernel_log_level: u8,
+}
+
+/// Where the VIPs come from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum VipSourceConfig {
+    /// A TOML file, followed (`--vips-file`).
+    File(PathBuf),
+    /// A fixed list (`--vip`).
+    Static(Vec<DesiredVip>),
+    /// The Southbound `Load_Balancer` table (needs [`Config::southbound`]).
+    Ovn,
+    /// None: every packet passes, nothing is reported.
+    None,
+}
+
+/// What the datapath does with the opening packet to an idle VIP.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum IdleAction {
+    /// Drop it (`XDP_DROP`), as OVN does.
+    #[default]
+    Drop,
+    /// Pass it on (`XDP_PASS`).
+    Pass,
+}
+
+impl IdleAction {
+    /// The `VIP_FLAG_*` bits every VIP gets.
+    pub fn vip_flags(self) -> u32 {
+        match self {
+            IdleAction::Drop => 0,
+            IdleAction::Pass => VIP_FLAG_PASS_WHEN_IDLE,
+        }
+    }
+}

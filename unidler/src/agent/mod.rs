@@ -1,0 +1,431 @@
+//! The agent: owns the datapath, the VIP registry, the recent events and where idle hits go
+//! (the Controller_Event sink, or standard output), and runs one loop over its [`Sources`].
+//!
+//! The flows, each with one handler:
+//! - ring readable → [`Input::IdleHits`] → resolved against the registry → sink or stdout;
+//! - VIP source → [`Input::Vips`] → registry → kernel map changes;
+//! - HTTP endpoint → [`Input::Query`] → answers;
+//! - summary timer and signals.
+
+mod config;
+mod sources;
+
+use std::{
+    collections::{HashMap, VecDeque},
+    io::{self, Write as _},
+    sync::{Arc, atomic::Ordering},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, anyhow};
+use tokio::{io::unix::AsyncFd, sync::mpsc};
+use tracing::{debug, info, warn};
+use unidler_common::{Counter, IdleHitEvent};
+
+pub use self::config::{Config, IdleAction, VipSourceConfig};
+use self::sources::{Input, Signals, Sources};
+use crate::{
+    datapath::{self, Counters, Datapath, LoadOptions},
+    event::{IdleHit, iface_name},
+    registry::{MapChange, VipRegistry},
+    sink::{ControllerEventSink, SinkOptions},
+    southbound::Southbound,
+    telemetry::{
+        self, Query, Readiness, VipRow,
+        metrics::{self, AgentMetrics},
+    },
+    vip::VipUpdate,
+    vipsource,
+};
+
+/// Idle hits kept for `unidler events`.
+const RECENT_EVENTS: usize = 100;
+/// How often the VIPs file is checked for changes.
+const VIPS_FILE_POLL: Duration = Duration::from_secs(1);
+
+/// A running agent: the program attached, its sources started.
+pub struct Agent {
+    datapath: Datapath,
+    registry: VipRegistry,
+    /// `VIP_FLAG_*` bits every VIP gets.
+    vip_flags: u32,
+    /// Where idle hits go.
+    output: HitOutput,
+    /// The last idle hits, for `unidler events`.
+    recent: VecDeque<IdleHit>,
+    /// Names of the interfaces we attached to, by ifindex.
+    iface_names: HashMap<u32, String>,
+    readiness: Arc<Readiness>,
+    metrics: AgentMetrics,
+    /// The file VIP source's reload trigger (SIGHUP), if it runs.
+    reload_vips_file: Option<mpsc::UnboundedSender<()>>,
+    /// Kernel counters at the last summary.
+    last_summary: Counters,
+    sources: Option<Sources>,
+}
+
+/// Where idle hits go: Controller_Event rows, or JSON lines on standard output.
+enum HitOutput {
+    Sink(ControllerEventSink),
+    Stdout(io::Stdout),
+}
+
+impl Agent {
+    /// Loads and attaches the datapath, connects to the Southbound database, starts the VIP
+    /// source and the HTTP endpoint. Fails on anything the operator must fix first (an
+    /// unknown interface, a bad VIPs file, missing privileges).
+    pub async fn start(config: Config) -> Result<Self> {
+        // Fail on a typo before touching the kernel.
+        for iface in &config.interfaces {
+            datapath::ifindex_of(iface)?;
+        }
+        let mut datapath = Datapath::load(&LoadOptions {
+            rate_limits: config.rate_limits,
+            kernel_log_level: config.kernel_log_level,
+        })?;
+        if let Some(logger) = datapath.take_logger() {
+            spawn_kernel_log_pump(logger)?;
+        }
+
+        // The Southbound connection, shared by the event sink and the OVN VIP source.
+        let southbound = match &config.southbound {
+            Some(sb) => {
+                let with_vips = config.vips == VipSourceConfig::Ovn;
+                let southbound = Southbound::connect(sb, with_vips)
+                    .await
+                    .context("connecting to the Southbound database")?;
+                info!(
+                    chassis = %southbound.chassis_name(),
+                    db = ?sb.remotes.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                    vips_from_ovn = with_vips,
+                    "writing Controller_Event rows"
+                );
+                Some(southbound)
+            }
+            None => None,
+        };
+        let sink = southbound.clone().map(|southbound| {
+            ControllerEventSink::start(
+                southbound,
+                SinkOptions {
+                    queue_capacity: config.event_queue_size,
+                    state_dir: Some(config.state_dir.clone()),
+                },
+            )
+        });
+
+        // Health and metrics from now on; /readyz says what is still missing.
+        let readiness = Arc::new(Readiness::default());
+        let metrics = AgentMetrics::default();
+        let (query_tx, queries) = mpsc::channel(16);
+        let bound = telemetry::serve(
+            config.metrics_addr,
+            query_tx,
+            readiness.clone(),
+            sink.clone(),
+            metrics::registry(datapath.counter_reader(), metrics.clone(), sink.clone()),
+        )
+        .await
+        .with_context(|| format!("serving --metrics-addr {}", config.metrics_addr))?;
+        info!(addr = %bound, "serving /metrics, /healthz, /readyz, /api/vips, /api/events");
+
+        let events = datapath.take_events().context("event ring already taken")?;
+        let last_summary = datapath.counters()?;
+        let mut agent = Self {
+            datapath,
+            registry: VipRegistry::new(),
+            vip_flags: config.idle_action.vip_flags(),
+            output: match sink {
+                Some(sink) => HitOutput::Sink(sink),
+                None => HitOutput::Stdout(io::stdout()),
+            },
+            recent: VecDeque::with_capacity(RECENT_EVENTS),
+            iface_names: HashMap::new(),
+            readiness,
+            metrics,
+            reload_vips_file: None,
+            last_summary,
+            sources: None,
+        };
+
+        // VIPs: static ones go in before attaching; a bad file fails the start.
+        let (vip_tx, vip_updates) = mpsc::unbounded_channel();
+        match &config.vips {
+            VipSourceConfig::File(path) => {
+                // The file's time is read first, so a change made while it loads is picked up.
+                let loaded_at = vipsource::file::modified(path);
+                let vips = vipsource::file::load(path)
+                    .map_err(|e| anyhow!("--vips-file {}: {e}", path.display()))?;
+                agent.on_vips(VipUpdate::Replace(vips))?;
+                let (reload_tx, reload_rx) = mpsc::unbounded_channel();
+                vipsource::file::spawn(path.clone(), loaded_at, VIPS_FILE_POLL, reload_rx, vip_tx);
+                agent.reload_vips_file = Some(reload_tx);
+            }
+            VipSourceConfig::Static(vips) => agent.on_vips(VipUpdate::Replace(vips.clone()))?,
+            VipSourceConfig::Ovn => {
+                let southbound = southbound
+                    .as_ref()
+                    .context("VIPs from OVN need the Southbound database")?;
+                vipsource::ovn::spawn(southbound.client().clone(), vip_tx);
+            }
+            VipSourceConfig::None => warn!(
+                "no VIPs (--vip, --vips-file or --ovnsb-db): every packet passes, nothing is reported"
+            ),
+        }
+
+        for iface in &config.interfaces {
+            let ifindex = agent.datapath.attach(iface, config.attach_mode)?;
+            info!(iface, ifindex, mode = ?config.attach_mode, "XDP program attached");
+            agent.iface_names.insert(ifindex, iface.clone());
+        }
+        agent.readiness.attached.store(true, Ordering::Relaxed);
+        if config.vips != VipSourceConfig::Ovn {
+            // Static VIPs were applied before attaching.
+            agent.readiness.vips_synced.store(true, Ordering::Relaxed);
+        }
+        info!(
+            vips = agent.registry.len(),
+            idle = agent.registry.idle_count(),
+            "watching for connection attempts to idle VIPs"
+        );
+
+        agent.sources = Some(Sources {
+            ring: readable(events).context("registering the event ring with epoll")?,
+            vip_updates,
+            queries,
+            summary: Sources::summary_timer(config.summary_interval),
+            signals: Signals::install()?,
+        });
+        Ok(agent)
+    }
+
+    /// Runs until SIGINT or SIGTERM, then detaches and writes what is still queued.
+    pub async fn run(mut self) -> Result<()> {
+        let mut sources = self.sources.take().context("the agent runs once")?;
+        loop {
+            match sources.next().await? {
+                Input::IdleHits(events) => self.on_idle_hits(&events)?,
+                Input::Vips(update) => self.on_vips(update)?,
+                Input::Query(query) => self.on_query(query),
+                Input::SummaryDue => self.on_summary_due()?,
+                Input::Reload => self.on_reload(),
+                Input::Stop(signal) => {
+                    info!("{signal}: detaching");
+                    break;
+                }
+            }
+        }
+        self.shut_down().await
+    }
+
+    /// Kernel events: resolved against the registry, remembered, and sent on.
+    fn on_idle_hits(&mut self, events: &[IdleHitEvent]) -> Result<()> {
+        for event in events {
+            let Some(hit) = IdleHit::resolve(event, &self.registry, |i| {
+                self.iface_names
+                    .get(&i)
+                    .cloned()
+                    .unwrap_or_else(|| iface_name(i))
+            }) else {
+                warn!(
+                    vip_id = event.vip_id,
+                    proto = event.vip.proto,
+                    "event for an unknown VIP"
+                );
+                continue;
+            };
+            debug!(vip = %hit.vip, protocol = %hit.protocol, src = %hit.src, iface = %hit.iface, "idle hit");
+            self.metrics.events_received.inc();
+            match &mut self.output {
+                HitOutput::Sink(sink) => sink.submit(&hit),
+                HitOutput::Stdout(stdout) => {
+                    write_json_line(stdout, &hit).context("writing events to standard output")?
+                }
+            }
+            if self.recent.len() == RECENT_EVENTS {
+                self.recent.pop_front();
+            }
+            self.recent.push_back(hit);
+        }
+        if let HitOutput::Stdout(stdout) = &mut self.output {
+            stdout
+                .flush()
+                .context("writing events to standard output")?;
+        }
+        Ok(())
+    }
+
+    /// A VIP update: applied to the registry and the kernel map.
+    fn on_vips(&mut self, update: VipUpdate) -> Result<()> {
+        let started = Instant::now();
+        let full = matches!(update, VipUpdate::Replace(_));
+        let changes = self.registry.apply(update, self.vip_flags);
+        for change in &changes {
+            match change {
+                MapChange::Upsert(key, state) => self.datapath.upsert_vip(*key, *state)?,
+                MapChange::Remove(key) => self.datapath.remove_vip(key)?,
+            }
+        }
+        let idle = self.registry.idle_count();
+        self.metrics
+            .set_vips(idle, self.registry.len().saturating_sub(idle));
+        let elapsed_us = started.elapsed().as_micros() as u64;
+        if full {
+            self.readiness.vips_synced.store(true, Ordering::Relaxed);
+            trim_heap_soon();
+            info!(
+                vips = self.registry.len(),
+                idle,
+                changes = changes.len(),
+                elapsed_us,
+                "VIP map synced"
+            );
+        } else {
+            debug!(changes = changes.len(), elapsed_us, "VIP map updated");
+        }
+        Ok(())
+    }
+
+    /// A question from the HTTP endpoint. (A gone asker is not an error.)
+    fn on_query(&self, query: Query) {
+        match query {
+            Query::Vips(reply) => {
+                let _ = reply.send(self.vip_rows());
+            }
+            Query::Events(reply) => {
+                let _ = reply.send(self.recent.iter().cloned().collect());
+            }
+        }
+    }
+
+    /// The VIP table for `unidler vips`, sorted by VIP.
+    fn vip_rows(&self) -> Vec<VipRow> {
+        let mut rows: Vec<VipRow> = self
+            .registry
+            .entries()
+            .map(|e| VipRow {
+                vip: e.vip.endpoint(),
+                protocol: e.vip.protocol.to_string(),
+                backends: e.backends,
+                state: if e.backends == 0 { "idle" } else { "active" }.into(),
+                hits: self.datapath.vip(&e.vip.key()).map_or(0, |s| s.hits),
+                load_balancer: e.load_balancer.as_deref().map(str::to_owned),
+            })
+            .collect();
+        rows.sort_by(|a, b| (&a.vip, &a.protocol).cmp(&(&b.vip, &b.protocol)));
+        rows
+    }
+
+    fn on_summary_due(&mut self) -> Result<()> {
+        let now = self.datapath.counters()?;
+        log_kernel_counters("last interval", &now.since(&self.last_summary));
+        self.last_summary = now;
+        if let HitOutput::Sink(sink) = &self.output {
+            log_sink_totals(sink);
+        }
+        Ok(())
+    }
+
+    fn on_reload(&self) {
+        match &self.reload_vips_file {
+            Some(reload) => {
+                info!("SIGHUP: reloading the VIPs file");
+                let _ = reload.send(());
+            }
+            None => info!("SIGHUP: nothing to reload"),
+        }
+    }
+
+    /// Detaches, logs the totals, and gives the sink a moment to write what is queued.
+    async fn shut_down(mut self) -> Result<()> {
+        let totals = self.datapath.counters()?;
+        self.datapath.detach_all();
+        log_kernel_counters("totals", &totals);
+        if let HitOutput::Sink(sink) = &self.output {
+            if !sink.flush(Duration::from_secs(2)).await {
+                warn!(
+                    waiting = sink.queue_depth(),
+                    "exiting with idle hits not yet written"
+                );
+            }
+            log_sink_totals(sink);
+        }
+        Ok(())
+    }
+}
+
+fn write_json_line(out: &mut io::Stdout, hit: &IdleHit) -> io::Result<()> {
+    let mut out = out.lock();
+    serde_json::to_writer(&mut out, hit)?;
+    out.write_all(b"\n")
+}
+
+/// A full sync parses and builds large transient structures (the monitor reply of every load
+/// balancer); gives the freed memory back to the system a second later, once they are gone.
+fn trim_heap_soon() {
+    #[cfg(target_env = "gnu")]
+    tokio::spawn(async {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        // SAFETY: malloc_trim only releases free heap memory; mallinfo2 only reads.
+        let heap = unsafe {
+            libc::malloc_trim(0);
+            libc::mallinfo2()
+        };
+        debug!(
+            in_use = heap.uordblks + heap.hblkhd,
+            free = heap.fordblks,
+            "heap trimmed after a full VIP sync"
+        );
+    });
+}
+
+/// Forwards the kernel's aya-log records to the log as they arrive.
+fn spawn_kernel_log_pump(logger: datapath::KernelLogger) -> Result<()> {
+    let mut logger = readable(logger).context("registering the kernel log ring")?;
+    tokio::spawn(async move {
+        loop {
+            let Ok(mut guard) = logger.readable_mut().await else {
+                return;
+            };
+            guard.get_inner_mut().flush();
+            guard.clear_ready();
+        }
+    });
+    Ok(())
+}
+
+/// Registers a ring buffer with the runtime's epoll for readability.
+fn readable<T: std::os::fd::AsRawFd>(ring: T) -> Result<AsyncFd<T>> {
+    // SAFETY: `ring` owns its file descriptor and keeps it open until it is dropped, which
+    // happens only when the AsyncFd is dropped.
+    unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
+        .map_err(|e| anyhow!("{e}"))
+}
+
+fn log_sink_totals(sink: &ControllerEventSink) {
+    let s = sink.stats();
+    info!(
+        received = s.received.load(Ordering::Relaxed),
+        written = s.written.load(Ordering::Relaxed),
+        deduplicated = s.deduplicated.load(Ordering::Relaxed),
+        dropped_overflow = s.dropped_overflow.load(Ordering::Relaxed),
+        failed = s.failed.load(Ordering::Relaxed),
+        queued = sink.queue_depth(),
+        connected = sink.southbound().client().is_connected(),
+        "Controller_Event totals"
+    );
+}
+
+fn log_kernel_counters(what: &str, c: &Counters) {
+    info!(
+        packets = c.get(Counter::Packets),
+        vip_hits = c.get(Counter::VipHits),
+        idle_hits = c.idle_hits(),
+        events = c.get(Counter::EventsWritten),
+        rate_limited = c.get(Counter::RateLimitedVip) + c.get(Counter::RateLimitedGlobal),
+        ring_full = c.get(Counter::RingFull),
+        fragments = c.get(Counter::Fragments),
+        parse_failures = c.parse_failures(),
+        "kernel counters ({what})"
+    );
+}

@@ -1,0 +1,99 @@
+//! The agent loop's inputs. Each source is one field of [`Sources`]; [`Sources::next`] waits
+//! for whichever is ready first and says what happened as an [`Input`], which the agent
+//! handles. A new input is a new field here, a new variant, and a new handler.
+
+use std::time::Duration;
+
+use anyhow::{Context as _, Result};
+use tokio::{
+    io::unix::AsyncFd,
+    signal::unix::{Signal, SignalKind, signal},
+    sync::mpsc,
+    time::{Instant, Interval, interval_at},
+};
+use unidler_common::IdleHitEvent;
+
+use crate::{datapath::EventRing, telemetry::Query, vip::VipUpdate};
+
+/// Something for the agent to handle.
+pub enum Input {
+    /// The kernel reported idle hits (every event that was in the ring, oldest first).
+    IdleHits(Vec<IdleHitEvent>),
+    /// A VIP source's update.
+    Vips(VipUpdate),
+    /// A question from the HTTP endpoint.
+    Query(Query),
+    /// Time for the periodic summary.
+    SummaryDue,
+    /// SIGHUP: reload what can be reloaded.
+    Reload,
+    /// SIGINT or SIGTERM (named): detach and exit.
+    Stop(&'static str),
+}
+
+/// Where the inputs come from.
+pub struct Sources {
+    /// The kernel's event ring, readable when it holds events.
+    pub ring: AsyncFd<EventRing>,
+    /// VIP sources' updates.
+    pub vip_updates: mpsc::UnboundedReceiver<VipUpdate>,
+    /// The HTTP endpoint's questions.
+    pub queries: mpsc::Receiver<Query>,
+    /// The summary timer; None when summaries are off.
+    pub summary: Option<Interval>,
+    /// Signals.
+    pub signals: Signals,
+}
+
+/// The signals the agent acts on.
+pub struct Signals {
+    hangup: Signal,
+    interrupt: Signal,
+    terminate: Signal,
+}
+
+impl Signals {
+    /// Installs the handlers.
+    pub fn install() -> Result<Self> {
+        Ok(Self {
+            hangup: signal(SignalKind::hangup()).context("SIGHUP handler")?,
+            interrupt: signal(SignalKind::interrupt()).context("SIGINT handler")?,
+            terminate: signal(SignalKind::terminate()).context("SIGTERM handler")?,
+        })
+    }
+}
+
+impl Sources {
+    /// A summary timer that first fires one `every` from now (None for zero).
+    pub fn summary_timer(every: Duration) -> Option<Interval> {
+        (!every.is_zero()).then(|| interval_at(Instant::now() + every, every))
+    }
+
+    /// Waits for the next input.
+    pub async fn next(&mut self) -> Result<Input> {
+        let Self {
+            ring,
+            vip_updates,
+            queries,
+            summary,
+            signals,
+        } = self;
+        tokio::select! {
+            guard = ring.readable_mut() => {
+                let mut guard = guard.context("waiting on the event ring")?;
+                let mut events = Vec::new();
+                guard.get_inner_mut().drain(|event| events.push(event));
+                guard.clear_ready();
+                Ok(Input::IdleHits(events))
+            }
+            Some(update) = vip_updates.recv() => Ok(Input::Vips(update)),
+            Some(query) = queries.recv() => Ok(Input::Query(query)),
+            _ = async { summary.as_mut().expect("guarded by if").tick().await }, if summary.is_some() => {
+                Ok(Input::SummaryDue)
+            }
+            _ = signals.hangup.recv() => Ok(Input::Reload),
+            _ = signals.interrupt.recv() => Ok(Input::Stop("SIGINT")),
+            _ = signals.terminate.recv() => Ok(Input::Stop("SIGTERM")),
+        }
+    }
+}

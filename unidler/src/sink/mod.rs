@@ -1,0 +1,513 @@
+//! Idle hits → `Controller_Event` rows in the OVN Southbound database, exactly as
+//! ovn-controller writes them, so that ovn-kubernetes consumes them unchanged:
+//!
+//! ```text
+//! event_type  : empty_lb_backends
+//! event_info  : {load_balancer="<NB uuid>", protocol=tcp, vip="192.168.1.100:80"}
+//! chassis     : <our Chassis row>
+//! seq_num     : <increasing, also across restarts>
+//! ```
+//!
+//! - At most one row per (chassis, vip, protocol, load_balancer) exists at a time: while ours
+//!   is present (in the replica, or just committed), further hits insert nothing.
+//! - Hits wait in a bounded queue while the database is unreachable or has no leader; an
+//!   overflow is counted and logged. Waiting hits go out in few, batched transactions.
+//! - A transaction whose outcome is unknown (the connection dropped before the reply) is
+//!   settled after reconnecting, against the resynced replica: rows that exist were
+//!   committed; the others are written again with the same `seq_num`. (One window remains:
+//!   a row committed, then consumed and deleted by the CMS before we reconnect, is written
+//!   again. The CMS then wakes an already waking service, which is harmless.)
+//! - `seq_num` continues from the larger of a state file (which reserves numbers a block at a
+//!   time, so it is written once per block and never on the way of a row) and our rows in the
+//!   database ([`seq_num`]).
+//!
+//! The Southbound connection itself (monitors, our Chassis) is [`crate::southbound`]'s.
+
+mod our_rows;
+pub mod seq_num;
+
+use std::{
+    collections::{HashMap, HashSet, VecDeque},
+    fmt,
+    path::PathBuf,
+    sync::{
+        Arc, Mutex, MutexGuard, PoisonError,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use ovsdb::{ChangeSet, Error as DbError, OpResult, Operation, Row, Uuid, Value};
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use tokio::sync::{Notify, broadcast};
+use tracing::{debug, warn};
+
+use self::{
+    our_rows::OurRows,
+    seq_num::{SeqCheckpoint, SeqNumbers},
+};
+use crate::{
+    event::IdleHit,
+    southbound::{CONTROLLER_EVENT, Southbound},
+};
+
+const EVENT_TYPE: &str = "empty_lb_backends";
+/// Most rows written in one transaction.
+const BATCH_MAX: usize = 256;
+
+/// Settings of the sink.
+#[derive(Clone, Debug)]
+pub struct SinkOptions {
+    /// Most hits waiting to be written.
+    pub queue_capacity: usize,
+    /// Where `seq_num` is kept across restarts (`<dir>/seq_num`), if anywhere.
+    pub state_dir: Option<PathBuf>,
+}
+
+/// What the sink has done, for logs and metrics.
+#[derive(Debug)]
+pub struct SinkStats {
+    /// Hits handed to the sink.
+    pub received: AtomicU64,
+    /// Hits not written because a row (or a waiting hit) for the same VIP already existed.
+    pub deduplicated: AtomicU64,
+    /// Hits dropped because the queue was full.
+    pub dropped_overflow: AtomicU64,
+    /// Rows committed.
+    pub written: AtomicU64,
+    /// Hits given up after the database rejected their transaction.
+    pub failed: AtomicU64,
+    /// Transactions committed.
+    pub transactions: AtomicU64,
+    /// Time for a Controller_Event transaction to commit, seconds.
+    pub transaction_seconds: Histogram,
+    /// Time from the kernel seeing a packet to its row committed, seconds.
+    pub event_latency_seconds: Histogram,
+}
+
+impl Default for SinkStats {
+    fn default() -> Self {
+        // 50 µs .. ~3 s.
+        let buckets = || exponential_buckets(50e-6, 2.0, 17);
+        Self {
+            received: AtomicU64::default(),
+            deduplicated: AtomicU64::default(),
+            dropped_overflow: AtomicU64::default(),
+            written: AtomicU64::default(),
+            failed: AtomicU64::default(),
+            transactions: AtomicU64::default(),
+            transaction_seconds: Histogram::new(buckets()),
+            event_latency_seconds: Histogram::new(buckets()),
+        }
+    }
+}
+
+impl SinkStats {
+    fn add(counter: &AtomicU64, n: usize) {
+        counter.fetch_add(n as u64, Ordering::Relaxed);
+    }
+}
+
+/// `CLOCK_MONOTONIC` now, in nanoseconds: the clock of the kernel's event timestamps.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes the timespec it is given.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// The identity of a row: ovn-controller keeps one per (vip, protocol, load_balancer).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct EventKey {
+    vip: String,
+    protocol: String,
+    load_balancer: String,
+}
+
+impl EventKey {
+    fn of(hit: &IdleHit) -> Self {
+        Self {
+            vip: hit.vip.clone(),
+            protocol: hit.protocol.as_str().to_owned(),
+            load_balancer: hit.load_balancer.clone().unwrap_or_default(),
+        }
+    }
+
+    fn from_row(row: &Row) -> Option<Self> {
+        let info = row.get("event_info")?.as_string_map();
+        Some(Self {
+            vip: info.get("vip")?.clone(),
+            protocol: info.get("protocol")?.clone(),
+            load_balancer: info.get("load_balancer").cloned().unwrap_or_default(),
+        })
+    }
+
+    fn event_info(&self) -> Value {
+        Value::string_map([
+            ("load_balancer", self.load_balancer.as_str()),
+            ("protocol", self.protocol.as_str()),
+            ("vip", self.vip.as_str()),
+        ])
+    }
+}
+
+/// Hits between the agent's loop and the writer.
+#[derive(Default)]
+struct Queue {
+    waiting: VecDeque<EventKey>,
+    /// Keys waiting or being written, with the kernel timestamp of their first hit: a
+    /// second hit for one of them is a duplicate.
+    pending: HashMap<EventKey, u64>,
+}
+
+/// The queue, shared by the sink handle and the writer.
+#[derive(Clone, Default)]
+struct SharedQueue(Arc<Mutex<Queue>>);
+
+impl SharedQueue {
+    /// The queue. Its invariants hold between statements, so a panic elsewhere while it was
+    /// held (a poisoned lock) leaves nothing half-done: the writer goes on with it.
+    fn lock(&self) -> MutexGuard<'_, Queue> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Done with `key`; returns the kernel timestamp of its first hit.
+    fn release(&self, key: &EventKey) -> Option<u64> {
+        self.lock().pending.remove(key)
+    }
+}
+
+/// Hands idle hits to the writer task. Cheap to clone.
+#[derive(Clone)]
+pub struct ControllerEventSink {
+    queue: SharedQueue,
+    wake: Arc<Notify>,
+    capacity: usize,
+    stats: Arc<SinkStats>,
+    southbound: Southbound,
+    seq_checkpoint: SeqCheckpoint,
+}
+
+impl ControllerEventSink {
+    /// Starts the writer on `southbound`, which monitors what the sink needs.
+    pub fn start(southbound: Southbound, options: SinkOptions) -> Self {
+        let seq = SeqNumbers::new(options.state_dir.as_deref());
+        let sink = Self {
+            queue: SharedQueue::default(),
+            wake: Arc::default(),
+            capacity: options.queue_capacity.max(1),
+            stats: Arc::default(),
+            southbound: southbound.clone(),
+            seq_checkpoint: seq.checkpoint(),
+        };
+        let writer = Writer {
+            changes: southbound.client().subscribe(),
+            southbound,
+            queue: sink.queue.clone(),
+            wake: sink.wake.clone(),
+            stats: sink.stats.clone(),
+            seq,
+            in_doubt: HashMap::new(),
+            committed_unseen: HashMap::new(),
+            ours: OurRows::default(),
+            warned_no_chassis: false,
+        };
+        tokio::spawn(writer.run());
+        sink
+    }
+
+    /// Queues a hit; never blocks. Duplicates of a waiting hit are dropped here.
+    pub fn submit(&self, hit: &IdleHit) {
+        self.stats.received.fetch_add(1, Ordering::Relaxed);
+        let key = EventKey::of(hit);
+        let mut queue = self.queue.lock();
+        if queue.pending.contains_key(&key) {
+            self.stats.deduplicated.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        if queue.waiting.len() >= self.capacity {
+            let dropped = self.stats.dropped_overflow.fetch_add(1, Ordering::Relaxed) + 1;
+            // Log the first and then every 1000th, so an outage cannot flood the log.
+            if dropped == 1 || dropped.is_multiple_of(1000) {
+                warn!(
+                    dropped,
+                    capacity = self.capacity,
+                    "event queue full (database unreachable?): dropping idle hits"
+                );
+            }
+            return;
+        }
+        queue.pending.insert(key.clone(), hit.timestamp_ns);
+        queue.waiting.push_back(key);
+        drop(queue);
+        self.wake.notify_one();
+    }
+
+    /// Hits waiting to be written.
+    pub fn queue_depth(&self) -> usize {
+        self.queue.lock().waiting.len()
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> &SinkStats {
+        &self.stats
+    }
+
+    /// The Southbound connection (status, stats).
+    pub fn southbound(&self) -> &Southbound {
+        &self.southbound
+    }
+
+    /// Waits until nothing is waiting or being written, at most `timeout`; true if drained.
+    /// Then the state file records exactly the last seq_num used.
+    pub async fn flush(&self, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        while !self.queue.lock().pending.is_empty() {
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        self.seq_checkpoint.save();
+        true
+    }
+}
+
+impl fmt::Debug for ControllerEventSink {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ControllerEventSink")
+            .field("queue_depth", &self.queue_depth())
+            .finish_non_exhaustive()
+    }
+}
+
+/// A row to insert: its key and seq_num.
+type PendingRow = (EventKey, i64);
+
+/// The task that writes rows: settles transactions in doubt, takes fresh hits, commits.
+struct Writer {
+    southbound: Southbound,
+    /// Replica changes, followed to learn when our committed rows show up or go away.
+    changes: broadcast::Receiver<Arc<ChangeSet>>,
+    queue: SharedQueue,
+    wake: Arc<Notify>,
+    stats: Arc<SinkStats>,
+    seq: SeqNumbers,
+    /// Rows sent in a transaction whose outcome is unknown: key → seq_num.
+    in_doubt: HashMap<EventKey, i64>,
+    /// Rows we committed that the replica has not shown yet: uuid → key.
+    committed_unseen: HashMap<Uuid, EventKey>,
+    /// Our rows as the replica shows them.
+    ours: OurRows,
+    warned_no_chassis: bool,
+}
+
+impl Writer {
+    async fn run(mut self) {
+        loop {
+            self.observe_changes();
+            // Wait for work and a connection; replica changes can settle earlier writes.
+            if !self.southbound.client().is_connected() || self.nothing_to_do() {
+                tokio::select! {
+                    _ = self.wake.notified() => {}
+                    set = self.changes.recv() => self.observe(set),
+                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                }
+                continue;
+            }
+            let Some(chassis) = self.southbound.chassis_uuid() else {
+                if !self.warned_no_chassis {
+                    warn!(chassis = %self.southbound.chassis_name(), "no Chassis row with this name in the Southbound database yet; events wait");
+                    self.warned_no_chassis = true;
+                }
+                tokio::select! {
+                    set = self.changes.recv() => self.observe(set),
+                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                }
+                continue;
+            };
+            self.warned_no_chassis = false;
+            self.write_batch(&chassis).await;
+        }
+    }
+
+    fn observe_changes(&mut self) {
+        loop {
+            match self.changes.try_recv() {
+                Err(
+                    broadcast::error::TryRecvError::Empty | broadcast::error::TryRecvError::Closed,
+                ) => return,
+                other => self.observe(other.map_err(|e| match e {
+                    broadcast::error::TryRecvError::Lagged(n) => {
+                        broadcast::error::RecvError::Lagged(n)
+                    }
+                    _ => broadcast::error::RecvError::Closed,
+                })),
+            }
+        }
+    }
+
+    /// Follows the replica: keeps the index of our rows, and forgets committed rows once the
+    /// replica has shown them (inserted) or their deletion: from then on the replica alone
+    /// says whether they exist.
+    fn observe(&mut self, set: Result<Arc<ChangeSet>, broadcast::error::RecvError>) {
+        match set {
+            Ok(set) if !set.resync => {
+                for (table, uuid, change) in &set.changes {
+                    if table == CONTROLLER_EVENT {
+                        self.committed_unseen.remove(uuid);
+                        if self.ours.chassis.is_some() {
+                            self.ours.apply(uuid, change);
+                        }
+                    }
+                }
+            }
+            // A rebuilt replica (or missed changes): what it has now is the truth.
+            _ => {
+                self.committed_unseen.clear();
+                self.ours = OurRows::default();
+            }
+        }
+    }
+
+    fn nothing_to_do(&self) -> bool {
+        self.in_doubt.is_empty() && self.queue.lock().waiting.is_empty()
+    }
+
+    /// One round: settle what is in doubt, take fresh hits, commit them together.
+    async fn write_batch(&mut self, chassis: &Uuid) {
+        self.observe_changes();
+        if self.ours.chassis.as_ref() != Some(chassis) {
+            self.ours.rebuild(self.southbound.client(), chassis);
+        }
+        if !self.seq.is_recovered() {
+            self.seq.recover(self.ours.max_seq().unwrap_or(0));
+        }
+        let mut batch = self.settle_in_doubt();
+        self.take_fresh(&mut batch);
+        if !batch.is_empty() {
+            self.commit(chassis, batch).await;
+        }
+    }
+
+    /// Rows whose transaction's outcome was unknown: present in the replica means committed
+    /// (written, or deduplicated if a row of another seq_num is there); the others are
+    /// returned to be written again with the same seq_num.
+    fn settle_in_doubt(&mut self) -> Vec<PendingRow> {
+        let mut again = Vec::new();
+        for (key, seq) in std::mem::take(&mut self.in_doubt) {
+            if !self.ours.contains(&key) {
+                again.push((key, seq));
+                continue;
+            }
+            let counter = if self.ours.has_seq(&key, seq) {
+                &self.stats.written
+            } else {
+                &self.stats.deduplicated
+            };
+            SinkStats::add(counter, 1);
+            self.queue.release(&key);
+        }
+        again
+    }
+
+    /// Fresh hits from the queue, up to a full batch, each with a new seq_num; VIPs whose row
+    /// is present or just committed are passed over (deduplicated).
+    fn take_fresh(&mut self, batch: &mut Vec<PendingRow>) {
+        let taken: Vec<EventKey> = {
+            let mut queue = self.queue.lock();
+            let room = BATCH_MAX
+                .saturating_sub(batch.len())
+                .min(queue.waiting.len());
+            queue.waiting.drain(..room).collect()
+        };
+        let just_committed: HashSet<&EventKey> = self.committed_unseen.values().collect();
+        for key in taken {
+            if self.ours.contains(&key) || just_committed.contains(&key) {
+                SinkStats::add(&self.stats.deduplicated, 1);
+                self.queue.release(&key);
+            } else {
+                batch.push((key, self.seq.take_next()));
+            }
+        }
+    }
+
+    /// Inserts `batch` in one transaction and sorts out the outcome.
+    async fn commit(&mut self, chassis: &Uuid, batch: Vec<PendingRow>) {
+        let ops: Vec<Operation> = batch
+            .iter()
+            .map(|(key, seq)| Operation::Insert {
+                table: CONTROLLER_EVENT.into(),
+                row: Row::from([
+                    ("event_type".to_owned(), Value::from(EVENT_TYPE)),
+                    ("event_info".to_owned(), key.event_info()),
+                    ("chassis".to_owned(), Value::from(chassis.clone())),
+                    ("seq_num".to_owned(), Value::from(*seq)),
+                ]),
+                uuid_name: None,
+            })
+            .collect();
+        let client = self.southbound.client().clone();
+        let session = client.session_count();
+        let started = std::time::Instant::now();
+        match client.transact(&ops).await {
+            Ok(results) => self.committed(&batch, &results, started),
+            Err(err) if err.outcome_unknown() => {
+                warn!(
+                    rows = batch.len(),
+                    "connection lost during a transaction ({err}); settling after reconnect"
+                );
+                self.in_doubt.extend(batch);
+                client.wait_new_session(session).await;
+            }
+            Err(DbError::NotConnected) => {
+                // Not sent: put the rows back in doubt (they keep their seq_num).
+                self.in_doubt.extend(batch);
+            }
+            Err(err) => {
+                warn!(
+                    rows = batch.len(),
+                    "database rejected Controller_Event rows: {err}"
+                );
+                SinkStats::add(&self.stats.failed, batch.len());
+                for (key, _) in &batch {
+                    self.queue.release(key);
+                }
+            }
+        }
+    }
+
+    /// Records a committed batch: counts, latency, and the rows to expect in the replica.
+    fn committed(
+        &mut self,
+        batch: &[PendingRow],
+        results: &[OpResult],
+        started: std::time::Instant,
+    ) {
+        SinkStats::add(&self.stats.transactions, 1);
+        SinkStats::add(&self.stats.written, batch.len());
+        for ((key, seq), result) in batch.iter().zip(results) {
+            debug!(vip = %key.vip, protocol = %key.protocol, seq, "Controller_Event row written");
+            if let Some(uuid) = result.uuid() {
+                self.committed_unseen.insert(uuid.clone(), key.clone());
+            }
+            if let Some(first_hit) = self.queue.release(key) {
+                let latency = monotonic_ns().saturating_sub(first_hit);
+                self.stats
+                    .event_latency_seconds
+                    .observe(latency as f64 / 1e9);
+            }
+        }
+        self.stats
+            .transaction_seconds
+            .observe(started.elapsed().as_secs_f64());
+        debug!(
+            rows = batch.len(),
+            elapsed_us = started.elapsed().as_micros() as u64,
+            "Controller_Event rows written"
+        );
+    }
+}

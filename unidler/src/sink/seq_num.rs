@@ -1,0 +1,126 @@
+//! `seq_num` of our Controller_Event rows: it only ever increases, also across restarts.
+//!
+//! Numbers are reserved in the state file a block at a time ([`SEQ_BLOCK`]), before use, so
+//! the file is written once per block and never on the way of a row; on a clean shutdown it
+//! records exactly the last number used, and after a crash the next run skips the rest of the
+//! block. At start the sequence continues from the larger of the file and our rows in the
+//! database.
+
+use std::{
+    path::{Path, PathBuf},
+    sync::{
+        Arc,
+        atomic::{AtomicI64, Ordering},
+    },
+};
+
+use tracing::{debug, warn};
+
+/// seq_nums reserved in the state file at a time.
+pub const SEQ_BLOCK: i64 = 1024;
+
+/// The state file's name inside `--state-dir`.
+const FILE_NAME: &str = "seq_num";
+
+/// The sequence: the last number used and how far the state file lets us go.
+#[derive(Debug)]
+pub struct SeqNumbers {
+    file: Option<PathBuf>,
+    /// Last seq_num used; None until recovered (file and database consulted).
+    last: Option<i64>,
+    /// Highest seq_num the state file lets us use without writing it again.
+    reserved: i64,
+    /// The last seq_num used, shared with [`SeqNumbers::checkpoint`].
+    last_used: Arc<AtomicI64>,
+}
+
+/// What shutdown needs to record the exact last number: the file and the last number used.
+#[derive(Clone, Debug)]
+pub struct SeqCheckpoint {
+    file: Option<PathBuf>,
+    last_used: Arc<AtomicI64>,
+}
+
+impl SeqNumbers {
+    /// A sequence kept in `<state_dir>/seq_num` (or only in memory without a state dir).
+    pub fn new(state_dir: Option<&Path>) -> Self {
+        Self {
+            file: state_dir.map(|d| d.join(FILE_NAME)),
+            last: None,
+            reserved: 0,
+            last_used: Arc::default(),
+        }
+    }
+
+    /// Whether [`SeqNumbers::recover`] has run.
+    pub fn is_recovered(&self) -> bool {
+        self.last.is_some()
+    }
+
+    /// Continues from the larger of the state file and `in_database` (the largest of our
+    /// rows' seq_num there).
+    pub fn recover(&mut self, in_database: i64) {
+        let from_file = self.read_file();
+        self.last = Some(from_file.max(in_database));
+        debug!(from_file, in_database, "seq_num continues");
+    }
+
+    /// The next number; reserves a new block in the state file first when the last is used up.
+    pub fn take_next(&mut self) -> i64 {
+        let seq = self.last.unwrap_or(0) + 1;
+        self.last = Some(seq);
+        self.last_used.store(seq, Ordering::Relaxed);
+        if seq > self.reserved {
+            self.reserved = seq + SEQ_BLOCK - 1;
+            if let Some(path) = &self.file {
+                save(path, self.reserved);
+            }
+        }
+        seq
+    }
+
+    /// A handle that records the exact last number used (for a clean shutdown).
+    pub fn checkpoint(&self) -> SeqCheckpoint {
+        SeqCheckpoint {
+            file: self.file.clone(),
+            last_used: self.last_used.clone(),
+        }
+    }
+
+    fn read_file(&self) -> i64 {
+        let Some(path) = &self.file else { return 0 };
+        match std::fs::read_to_string(path) {
+            Ok(s) => s.trim().parse().unwrap_or_else(|_| {
+                warn!(path = %path.display(), "unreadable seq_num state; starting from the database");
+                0
+            }),
+            Err(_) => 0,
+        }
+    }
+}
+
+impl SeqCheckpoint {
+    /// Writes the last number used into the state file, so that the next run goes on without
+    /// a gap. Only when nothing is being written (the sink is drained).
+    pub fn save(&self) {
+        let last = self.last_used.load(Ordering::Relaxed);
+        if let Some(path) = &self.file
+            && last > 0
+        {
+            save(path, last);
+        }
+    }
+}
+
+/// Writes `seq` into the state file at `path` (atomically: a temp file renamed over it).
+fn save(path: &Path, seq: i64) {
+    let tmp = path.with_extension("tmp");
+    let result = path
+        .parent()
+        .map_or(Ok(()), std::fs::create_dir_all)
+        .and_then(|()| std::fs::write(&tmp, format!("{seq}\n")))
+        .and_then(|()| std::fs::rename(&tmp, path));
+    if let Err(e) = result {
+        warn!(path = %path.display(), "cannot save seq_num: {e}");
+    }
+}

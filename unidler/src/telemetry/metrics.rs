@@ -1,0 +1,280 @@
+//! The Prometheus metrics, registered once at start. What the agent's loop counts lives in
+//! [`AgentMetrics`]; the kernel's counters, the sink's and the database connection's are read
+//! at each scrape by collectors, so nothing is copied between scrapes.
+
+use std::{
+    fmt,
+    sync::atomic::{AtomicU64, Ordering},
+};
+
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeMetric},
+    metrics::{
+        MetricType,
+        counter::{ConstCounter, Counter},
+        family::Family,
+        gauge::{ConstGauge, Gauge},
+    },
+    registry::Registry,
+};
+use unidler_common::Counter as KernelCounter;
+
+use crate::{datapath::CounterReader, sink::ControllerEventSink};
+
+/// What the agent's loop counts and sets; cheap to clone (the values are shared).
+#[derive(Clone, Debug, Default)]
+pub struct AgentMetrics {
+    /// VIPs in the kernel map, by state (`idle`, `active`).
+    pub vips: Family<[(&'static str, &'static str); 1], Gauge>,
+    /// Idle hits the agent received from the ring buffer.
+    pub events_received: Counter,
+}
+
+impl AgentMetrics {
+    /// Sets the VIP gauges.
+    pub fn set_vips(&self, idle: usize, active: usize) {
+        self.vips
+            .get_or_create(&[("state", "idle")])
+            .set(idle as i64);
+        self.vips
+            .get_or_create(&[("state", "active")])
+            .set(active as i64);
+    }
+}
+
+/// Builds the registry: every metric of the agent, registered once.
+pub fn registry(
+    kernel: CounterReader,
+    agent: AgentMetrics,
+    sink: Option<ControllerEventSink>,
+) -> Registry {
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(KernelCollector(kernel)));
+    registry.register(
+        "unidler_vips",
+        "VIPs in the kernel map, by state",
+        agent.vips.clone(),
+    );
+    if let Some(sink) = &sink {
+        registry.register(
+            "unidler_ovsdb_transaction_duration_seconds",
+            "Time for Controller_Event transactions to commit",
+            sink.stats().transaction_seconds.clone(),
+        );
+        registry.register(
+            "unidler_event_latency_seconds",
+            "Time from the kernel seeing the packet to its Controller_Event row committed",
+            sink.stats().event_latency_seconds.clone(),
+        );
+    }
+    registry.register_collector(Box::new(EventCollector { agent, sink }));
+    registry
+}
+
+/// Where one kernel counter goes in `/metrics`.
+struct Exported {
+    metric: &'static str,
+    help: &'static str,
+    label: Option<(&'static str, &'static str)>,
+}
+
+/// How each kernel counter is exported. `None`: not on its own (`packets` is split by
+/// verdict, and the idle outcomes make `idle_hits`; see [`KernelCollector`]).
+fn exported(counter: KernelCounter) -> Option<Exported> {
+    use KernelCounter as C;
+    let plain = |metric, help| Exported {
+        metric,
+        help,
+        label: None,
+    };
+    let labeled = |metric, help, label| Exported {
+        metric,
+        help,
+        label: Some(label),
+    };
+    let rate_limited = "Events the kernel suppressed, by rate limit";
+    Some(match counter {
+        C::Packets | C::IdleDropped | C::IdlePassed => return None,
+        C::VipHits => plain(
+            "unidler_kernel_vip_hits",
+            "Connection-opening packets to a VIP",
+        ),
+        C::EventsWritten => plain(
+            "unidler_kernel_events_written",
+            "Events the kernel wrote to the ring buffer",
+        ),
+        C::RateLimitedVip => labeled(
+            "unidler_kernel_events_rate_limited",
+            rate_limited,
+            ("limit", "vip"),
+        ),
+        C::RateLimitedGlobal => labeled(
+            "unidler_kernel_events_rate_limited",
+            rate_limited,
+            ("limit", "global"),
+        ),
+        C::RingFull => plain(
+            "unidler_kernel_ring_full",
+            "Events lost because the ring buffer was full",
+        ),
+        C::Fragments => plain(
+            "unidler_kernel_fragments",
+            "Non-first IP fragments passed unmatched",
+        ),
+        parse_failure => labeled(
+            "unidler_kernel_parse_failures",
+            "Frames passed because they could not be parsed, by reason",
+            ("reason", parse_failure.name()),
+        ),
+    })
+}
+
+/// The kernel's per-CPU counters, summed at each scrape.
+struct KernelCollector(CounterReader);
+
+impl fmt::Debug for KernelCollector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("KernelCollector")
+    }
+}
+
+impl Collector for KernelCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
+        // An unreadable map leaves the kernel's metrics out of this scrape.
+        let Ok(kernel) = self.0.read() else {
+            return Ok(());
+        };
+        let dropped = kernel.get(KernelCounter::IdleDropped);
+        // Per-CPU slots are read one after another while packets keep arriving: a drop can
+        // be counted after its packet was, so the difference saturates.
+        encode_counters(
+            &mut encoder,
+            "unidler_kernel_packets",
+            "Packets the XDP program ran on, by verdict",
+            &[
+                (
+                    Some(("verdict", "pass")),
+                    kernel.get(KernelCounter::Packets).saturating_sub(dropped),
+                ),
+                (Some(("verdict", "drop")), dropped),
+            ],
+        )?;
+        encode_counters(
+            &mut encoder,
+            "unidler_kernel_idle_hits",
+            "Connection-opening packets to a VIP with no backends",
+            &[(None, kernel.idle_hits())],
+        )?;
+        // Counters exported under one metric name are adjacent in the counter list.
+        let mut exported_counters = KernelCounter::ALL
+            .iter()
+            .filter_map(|&c| exported(c).map(|e| (e, kernel.get(c))))
+            .peekable();
+        while let Some((first, value)) = exported_counters.next() {
+            let mut values = vec![(first.label, value)];
+            while let Some((next, value)) =
+                exported_counters.next_if(|(e, _)| e.metric == first.metric)
+            {
+                values.push((next.label, value));
+            }
+            encode_counters(&mut encoder, first.metric, first.help, &values)?;
+        }
+        Ok(())
+    }
+}
+
+/// Idle hits through the agent and the sink, and the database connection.
+#[derive(Debug)]
+struct EventCollector {
+    agent: AgentMetrics,
+    sink: Option<ControllerEventSink>,
+}
+
+impl Collector for EventCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let mut stages = vec![(
+            Some(("stage", "received")),
+            self.agent.events_received.get(),
+        )];
+        let Some(sink) = &self.sink else {
+            return encode_counters(
+                &mut encoder,
+                "unidler_events",
+                "Idle hits in the agent, by stage",
+                &stages,
+            );
+        };
+        let s = sink.stats();
+        stages.extend([
+            (Some(("stage", "deduplicated")), load(&s.deduplicated)),
+            (Some(("stage", "written")), load(&s.written)),
+            (
+                Some(("stage", "dropped_overflow")),
+                load(&s.dropped_overflow),
+            ),
+            (Some(("stage", "failed")), load(&s.failed)),
+        ]);
+        encode_counters(
+            &mut encoder,
+            "unidler_events",
+            "Idle hits in the agent, by stage",
+            &stages,
+        )?;
+        let db = sink.southbound().client();
+        encode_gauge(
+            &mut encoder,
+            "unidler_event_queue_depth",
+            "Idle hits waiting for the database",
+            sink.queue_depth() as i64,
+        )?;
+        encode_gauge(
+            &mut encoder,
+            "unidler_ovsdb_connected",
+            "1 while connected to the Southbound database (the leader, if clustered)",
+            i64::from(db.is_connected()),
+        )?;
+        encode_counters(
+            &mut encoder,
+            "unidler_ovsdb_reconnects",
+            "Southbound sessions that ended",
+            &[(None, load(&db.stats().disconnects))],
+        )?;
+        encode_counters(
+            &mut encoder,
+            "unidler_ovsdb_leader_changes",
+            "Times the Southbound cluster leader was lost or a follower refused",
+            &[(None, load(&db.stats().leader_changes))],
+        )
+    }
+}
+
+/// One counter metric: a single value (no label) or a family with one label per value.
+fn encode_counters(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    values: &[(Option<(&str, &str)>, u64)],
+) -> Result<(), fmt::Error> {
+    let mut metric = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+    if let [(None, value)] = values {
+        return ConstCounter::new(*value).encode(metric);
+    }
+    for (label, value) in values {
+        if let Some(label) = label {
+            ConstCounter::new(*value).encode(metric.encode_family(&[*label])?)?;
+        }
+    }
+    Ok(())
+}
+
+/// One gauge without labels.
+fn encode_gauge(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    value: i64,
+) -> Result<(), fmt::Error> {
+    ConstGauge::new(value).encode(encoder.encode_descriptor(name, help, None, MetricType::Gauge)?)
+}

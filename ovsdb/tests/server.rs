@@ -6,9 +6,40 @@ use ovsdb::{
     Atom, Client, ClientOptions, Condition, Error, ErrorKind, MonitorRequest, Mutation, OpResult,
     Operation, Remote, Row, TlsFiles, Value,
 };
-use unidler_tests::ovsdb_server::{Cluster, Listen, OvsdbServer, Pki, SB_DB, TempDir, free_port};
+use ovsdb_harness::{Cluster, Listen, OvsdbServer, Pki, TempDir, free_port};
 
 const WAIT: Duration = Duration::from_secs(15);
+
+/// A real, rich schema to test against: OVN's Southbound database, as Debian installs it.
+const SB_SCHEMA: &str = "/usr/share/ovn/ovn-sb.ovsschema";
+const SB_DB: &str = "OVN_Southbound";
+
+/// A standalone Southbound server, started.
+#[track_caller]
+fn southbound(listen: Listen) -> OvsdbServer {
+    OvsdbServer::standalone("sb", SB_SCHEMA, listen)
+}
+
+/// `ovn-sbctl` against a standalone server (`--no-leader-only`) or a cluster.
+trait Sbctl {
+    fn sbctl(&self, args: &[&str]) -> String;
+}
+
+impl Sbctl for OvsdbServer {
+    #[track_caller]
+    fn sbctl(&self, args: &[&str]) -> String {
+        let mut all = vec!["--no-leader-only"];
+        all.extend_from_slice(args);
+        self.ctl("ovn-sbctl", &all)
+    }
+}
+
+impl Sbctl for Cluster {
+    #[track_caller]
+    fn sbctl(&self, args: &[&str]) -> String {
+        self.ctl("ovn-sbctl", args)
+    }
+}
 
 fn options(remotes: &str) -> ClientOptions {
     let mut o = ClientOptions::new(Remote::parse_list(remotes).unwrap(), SB_DB);
@@ -60,7 +91,7 @@ async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn list_dbs_and_get_schema() {
-    let server = OvsdbServer::southbound(Listen::default());
+    let server = southbound(Listen::default());
     let client = Client::start(options(&server.unix_remote())).unwrap();
     client.wait_connected(WAIT).await.unwrap();
     let dbs = client.list_dbs().await.unwrap();
@@ -83,7 +114,7 @@ async fn list_dbs_and_get_schema() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_operation_against_the_real_server() {
-    let server = OvsdbServer::southbound(Listen {
+    let server = southbound(Listen {
         tcp: Some(free_port()),
         ssl: None,
     });
@@ -242,7 +273,7 @@ async fn every_operation_against_the_real_server() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn monitor_keeps_a_replica_of_changes_made_by_others() {
-    let server = OvsdbServer::southbound(Listen::default());
+    let server = southbound(Listen::default());
     server.sbctl(&["chassis-add", "ch-a", "geneve", "127.0.0.1"]);
     let mut opts = options(&server.unix_remote());
     opts.monitors = vec![
@@ -279,7 +310,7 @@ async fn monitor_keeps_a_replica_of_changes_made_by_others() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reconnects_after_a_restart_and_resyncs() {
-    let mut server = OvsdbServer::southbound(Listen::default());
+    let mut server = southbound(Listen::default());
     let mut opts = options(&server.unix_remote());
     opts.monitors = vec![MonitorRequest::table("Chassis").columns(&["name"])];
     let client = Client::start(opts).unwrap();
@@ -311,7 +342,7 @@ async fn reconnects_after_a_restart_and_resyncs() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn follows_the_leader_of_a_raft_cluster() {
-    let mut cluster = Cluster::southbound(3);
+    let mut cluster = Cluster::start(3, SB_SCHEMA, SB_DB);
     let mut opts = options(&cluster.remotes());
     opts.monitors = vec![MonitorRequest::table("Chassis").columns(&["name"])];
     let client = Client::start(opts).unwrap();
@@ -363,7 +394,7 @@ async fn follows_the_leader_of_a_raft_cluster() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_follower_is_not_used_for_leader_only_connections() {
-    let cluster = Cluster::southbound(3);
+    let cluster = Cluster::start(3, SB_SCHEMA, SB_DB);
     let leader = cluster.leader().unwrap();
     let follower = (leader + 1) % 3;
     // Only a follower given: the client must refuse to settle there.
@@ -388,7 +419,7 @@ async fn tls_with_ovs_pki_certificates_and_a_wrong_ca_is_refused() {
     let tmp = TempDir::new("pki");
     let pki = Pki::new(&tmp.0);
     let port = free_port();
-    let server = OvsdbServer::southbound(Listen {
+    let server = southbound(Listen {
         tcp: None,
         ssl: Some((port, pki.server.clone())),
     });
@@ -430,7 +461,7 @@ async fn tls_with_ovs_pki_certificates_and_a_wrong_ca_is_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_host_name_remote_is_resolved() {
     let port = free_port();
-    let _server = OvsdbServer::southbound(Listen {
+    let _server = southbound(Listen {
         tcp: Some(port),
         ssl: None,
     });

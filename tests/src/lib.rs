@@ -22,15 +22,4 @@ pub fn require_root() {
     );
 }
 
-/// Makes a child process die with the test (thread) that started it, so that a test killed
-/// mid-way leaves no servers or agents behind. Every harness spawn goes through this.
-pub fn die_with_parent(cmd: &mut std::process::Command) -> &mut std::process::Command {
-    use std::os::unix::process::CommandExt as _;
-    // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
-    unsafe {
-        cmd.pre_exec(|| {
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-            Ok(())
-        })
-    }
-}
+pub use ovsdb_harness::die_with_parent;

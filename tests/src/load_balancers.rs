@@ -8,7 +8,7 @@ use ovsdb::{Client, ClientOptions, Condition, Operation, Remote, Row, Value};
 use crate::{
     agent::{Agent, southbound_args},
     netns::Topology,
-    ovsdb_server::{OvsdbServer, SB_DB, TempDir},
+    ovsdb_server::{self, OvsdbServer, SB_DB, TempDir},
 };
 
 /// Load balancers `lb0`, `lb1`, ... with `per_lb` VIPs each and `options:event=true`; VIP `n`
@@ -103,7 +103,7 @@ impl FollowingAgent {
     #[track_caller]
     pub fn start(prefix: &str, total: u32, per_lb: u32) -> Self {
         let topo = Topology::new(prefix);
-        let sb = OvsdbServer::southbound_with_chassis();
+        let sb = ovsdb_server::southbound_with_chassis();
         let lbs = LoadBalancers::insert(&sb, total, per_lb);
         let state = TempDir::new("fstate");
         let db = sb.unix_remote();

@@ -11,7 +11,6 @@ use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
     os::fd::AsRawFd,
     process::Command,
-    sync::atomic::{AtomicU32, Ordering},
 };
 
 /// Client side address (IPv4).
@@ -44,12 +43,7 @@ pub fn sh(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// A tag no other call in any process uses now: short, as interface names have 15 bytes.
-pub fn unique_tag(prefix: &str) -> String {
-    static NEXT: AtomicU32 = AtomicU32::new(0);
-    let n = NEXT.fetch_add(1, Ordering::Relaxed);
-    format!("{prefix}{}x{n}", std::process::id() % 100_000)
-}
+pub use ovsdb_harness::unique_tag;
 
 /// Two namespaces, a client and a server, joined by a veth pair with fixed addresses.
 pub struct Topology {

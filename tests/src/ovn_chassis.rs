@@ -20,7 +20,7 @@ use std::{
 
 use crate::{
     netns::{in_netns, mac, namespaces_with_veth, sh, unique_tag},
-    ovsdb_server::{CHASSIS, Listen, OvnCentral, OvsdbServer, TempDir, run},
+    ovsdb_server::{CHASSIS, Listen, OvnCentral, OvsdbServer, Southbound, TempDir, run},
 };
 
 /// The Open_vSwitch schema Debian installs.

@@ -10,7 +10,7 @@ use std::{
 use unidler_tests::{
     agent::{Agent, southbound_args},
     netns::{CLIENT_V4, SERVER_V4, Topology},
-    ovsdb_server::{Cluster, EventRow, OvsdbServer, TempDir},
+    ovsdb_server::{self, EventRow, Southbound, TempDir},
     require_root,
 };
 
@@ -73,7 +73,7 @@ fn agent_args<'a>(
 fn a_connection_attempt_writes_the_row_ovn_controller_would() {
     require_root();
     let topo = Topology::new("ce");
-    let sb = OvsdbServer::southbound_with_chassis();
+    let sb = ovsdb_server::southbound_with_chassis();
     let chassis = sb.sbctl(&[
         "--bare",
         "--columns=_uuid",
@@ -131,7 +131,7 @@ fn a_connection_attempt_writes_the_row_ovn_controller_would() {
 fn seq_num_keeps_increasing_across_agent_restarts() {
     require_root();
     let topo = Topology::new("cs");
-    let sb = OvsdbServer::southbound_with_chassis();
+    let sb = ovsdb_server::southbound_with_chassis();
     let state = TempDir::new("state");
     let db = sb.unix_remote();
     let vips = [
@@ -192,7 +192,7 @@ fn seq_num_keeps_increasing_across_agent_restarts() {
 fn hits_while_the_database_is_down_are_written_once_it_is_back() {
     require_root();
     let topo = Topology::new("cd");
-    let mut sb = OvsdbServer::southbound_with_chassis();
+    let mut sb = ovsdb_server::southbound_with_chassis();
     let state = TempDir::new("state");
     let db = sb.unix_remote();
     let vips: Vec<String> = (0..20)
@@ -220,7 +220,7 @@ fn hits_while_the_database_is_down_are_written_once_it_is_back() {
 fn every_event_lands_exactly_once_when_the_raft_leader_dies() {
     require_root();
     let topo = Topology::new("cr");
-    let mut cluster = Cluster::southbound(3);
+    let mut cluster = ovsdb_server::southbound_cluster(3);
     cluster.sbctl(&["chassis-add", "chassis-1", "geneve", "127.0.0.1"]);
     let state = TempDir::new("state");
     let db = cluster.unix_remotes();
@@ -268,7 +268,7 @@ fn assert_exactly_once(rows: &[EventRow], n: usize) {
 fn a_full_queue_drops_and_counts_the_overflow() {
     require_root();
     let topo = Topology::new("cq");
-    let mut sb = OvsdbServer::southbound_with_chassis();
+    let mut sb = ovsdb_server::southbound_with_chassis();
     let state = TempDir::new("state");
     let db = sb.unix_remote();
     let vips: Vec<String> = (0..20)

@@ -11,7 +11,7 @@ use std::{
 use unidler_tests::{
     agent::{Agent, southbound_args},
     ovn_chassis::OvnNode,
-    ovsdb_server::{EventRow, TempDir},
+    ovsdb_server::{EventRow, Southbound, TempDir},
     require_root,
 };
 

@@ -10,7 +10,7 @@ use unidler::telemetry::http_get;
 use unidler_tests::{
     agent::{Agent, agent_binary, southbound_args},
     netns::{SERVER_V4, Topology},
-    ovsdb_server::{OvsdbServer, TempDir},
+    ovsdb_server::{self, Southbound, TempDir},
     require_root,
 };
 
@@ -55,7 +55,7 @@ fn in_ns(topo: &Topology, args: &[&str]) -> String {
 fn metrics_health_and_inspection_during_real_traffic() {
     require_root();
     let topo = Topology::new("tm");
-    let mut sb = OvsdbServer::southbound_with_chassis();
+    let mut sb = ovsdb_server::southbound_with_chassis();
     let state = TempDir::new("tstate");
     let db = sb.unix_remote();
     let idle = format!("10.77.0.2:80/tcp@{LB}");

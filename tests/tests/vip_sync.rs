@@ -10,7 +10,7 @@ use unidler_tests::{
     agent::{Agent, southbound_args},
     load_balancers::FollowingAgent,
     netns::{SERVER_V4, Topology},
-    ovsdb_server::{OvnCentral, OvsdbServer, TempDir},
+    ovsdb_server::{self, OvnCentral, OvsdbServer, Southbound, TempDir},
     require_root,
 };
 
@@ -250,7 +250,7 @@ fn a_resync_after_reconnect_removes_vips_the_database_lost() {
     require_root();
     let topo = Topology::new("vr");
     let _l = listener(&topo, 80);
-    let mut sb = OvsdbServer::southbound_with_chassis();
+    let mut sb = ovsdb_server::southbound_with_chassis();
     sb.sbctl(&[
         "create",
         "Load_Balancer",

@@ -16,7 +16,7 @@ use anyhow::{Result, bail};
 use unidler_tests::{
     agent::Agent,
     netns::{SERVER_V4, Topology},
-    ovsdb_server::{Listen, OvsdbServer, TempDir},
+    ovsdb_server::{self, Listen, OvsdbServer, Southbound, TempDir},
 };
 
 /// The Northbound load balancer the idle VIP belongs to (made up for the demo).
@@ -47,7 +47,7 @@ pub fn run(agent_bin: &Path) -> Result<()> {
         });
     }
 
-    let sb = OvsdbServer::southbound(Listen::default());
+    let sb = ovsdb_server::southbound(Listen::default());
     sb.sbctl(&["chassis-add", "demo-chassis", "geneve", "127.0.0.1"]);
     say(&format!(
         "OVN Southbound ovsdb-server at {} with Chassis demo-chassis",

@@ -22,10 +22,18 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use aya_log_ebpf::debug;
+use network_types::{
+    eth::{EthHdr, EtherType},
+    ip::{IpProto, Ipv4Hdr, Ipv6Hdr},
+    sctp::SctpHdr,
+    tcp::TcpHdr,
+    udp::UdpHdr,
+    vlan::VlanHdr,
+};
 use unidler_common::{
-    ADDRESS_FILTER_WORDS, Counter, EVENT_RING_BYTES, EventAction, IPPROTO_SCTP, IPPROTO_TCP,
-    IPPROTO_UDP, IdleHitEvent, RateLimitConfig, VIP_FLAG_PASS_WHEN_IDLE, VIP_MAP_CAPACITY, VipKey,
-    VipState, address_bucket, address_bucket_ipv4,
+    ADDRESS_FILTER_WORDS, Counter, EVENT_RING_BYTES, EventAction, IdleHitEvent, RateLimitConfig,
+    VIP_FLAG_PASS_WHEN_IDLE, VIP_MAP_CAPACITY, VipKey, VipState, address_bucket,
+    address_bucket_ipv4,
 };
 
 /// VIP → backend count, id and flags. Written by the agent; the kernel only updates the
@@ -55,27 +63,29 @@ static CONFIG: Array<RateLimitConfig> = Array::with_max_entries(1, 0);
 #[map]
 static GLOBAL_LIMITER: Array<u64> = Array::with_max_entries(1, 0);
 
-const ETH_HLEN: usize = 14;
-const VLAN_HLEN: usize = 4;
-const ETH_P_IPV4: u16 = 0x0800;
-const ETH_P_IPV6: u16 = 0x86dd;
-const ETH_P_8021Q: u16 = 0x8100;
-const ETH_P_8021AD: u16 = 0x88a8;
-const IPV4_MIN_HLEN: usize = 20;
-const IPV6_HLEN: usize = 40;
-const TCP_MIN_HLEN: usize = 20;
-const UDP_HLEN: usize = 8;
-/// SCTP common header (12 bytes) plus the type byte of the first chunk.
-const SCTP_MIN_LEN: usize = 13;
+// Protocol numbers as they appear in the packet: EtherTypes as network-order u16 read
+// natively, IP protocols as the byte itself.
+const ETH_P_IPV4: u16 = EtherType::Ipv4 as u16;
+const ETH_P_IPV6: u16 = EtherType::Ipv6 as u16;
+const ETH_P_8021Q: u16 = EtherType::Ieee8021q as u16;
+const ETH_P_8021AD: u16 = EtherType::Ieee8021ad as u16;
+const PROTO_TCP: u8 = IpProto::Tcp as u8;
+const PROTO_UDP: u8 = IpProto::Udp as u8;
+const PROTO_SCTP: u8 = IpProto::Sctp as u8;
+const IPV6_EXT_HOP_BY_HOP: u8 = IpProto::HopOpt as u8;
+const IPV6_EXT_ROUTING: u8 = IpProto::Ipv6Route as u8;
+const IPV6_EXT_FRAGMENT: u8 = IpProto::Ipv6Frag as u8;
+const IPV6_EXT_DEST_OPTS: u8 = IpProto::Ipv6Opts as u8;
+/// The chunk type of an SCTP INIT (RFC 9260), the first chunk of an association's first packet.
 const SCTP_CHUNK_INIT: u8 = 1;
+/// The TCP flags that tell an opening segment: SYN set, ACK, RST and FIN clear.
 const TCP_FLAG_FIN: u8 = 0x01;
 const TCP_FLAG_SYN: u8 = 0x02;
 const TCP_FLAG_RST: u8 = 0x04;
 const TCP_FLAG_ACK: u8 = 0x10;
-const IPV6_EXT_HOP_BY_HOP: u8 = 0;
-const IPV6_EXT_ROUTING: u8 = 43;
-const IPV6_EXT_FRAGMENT: u8 = 44;
-const IPV6_EXT_DEST_OPTS: u8 = 60;
+/// Offset of the flags byte in the TCP header (after ports, sequence and acknowledgement
+/// numbers, and the data offset byte).
+const TCP_FLAGS_OFFSET: usize = 13;
 /// Most IPv6 extension headers walked before giving up.
 const MAX_IPV6_EXTENSIONS: usize = 6;
 /// Furthest offset at which an L4 header may start; keeps every packet offset bounded.
@@ -128,14 +138,17 @@ impl OpeningPacket {
 /// that is not one (and needs nothing more), `Err(counter)` for a frame it cannot parse.
 #[inline(always)]
 fn classify(ctx: &XdpContext) -> Result<Option<OpeningPacket>, Counter> {
-    let mut ether_type = read_be16(ctx, 12).ok_or(Counter::TruncatedEthernet)?;
-    let mut l3 = ETH_HLEN;
+    let eth: &EthHdr = header_at(ctx, 0).ok_or(Counter::TruncatedEthernet)?;
+    let mut ether_type = eth.ether_type;
+    let mut l3 = EthHdr::LEN;
     if is_vlan(ether_type) {
-        ether_type = read_be16(ctx, l3 + 2).ok_or(Counter::TruncatedVlan)?;
-        l3 += VLAN_HLEN;
+        let vlan: &VlanHdr = header_at(ctx, l3).ok_or(Counter::TruncatedVlan)?;
+        ether_type = vlan.ether_type;
+        l3 += VlanHdr::LEN;
         if is_vlan(ether_type) {
-            ether_type = read_be16(ctx, l3 + 2).ok_or(Counter::TruncatedVlan)?;
-            l3 += VLAN_HLEN;
+            let vlan: &VlanHdr = header_at(ctx, l3).ok_or(Counter::TruncatedVlan)?;
+            ether_type = vlan.ether_type;
+            l3 += VlanHdr::LEN;
             if is_vlan(ether_type) {
                 return Err(Counter::TooManyVlanTags);
             }
@@ -144,25 +157,24 @@ fn classify(ctx: &XdpContext) -> Result<Option<OpeningPacket>, Counter> {
 
     let (proto, l4, ipv6) = match ether_type {
         ETH_P_IPV4 => {
-            let header: &[u8; IPV4_MIN_HLEN] = slice_at(ctx, l3).ok_or(Counter::BadIpv4Header)?;
-            let ihl = ((header[0] & 0x0f) as usize) * 4;
-            if header[0] >> 4 != 4 || ihl < IPV4_MIN_HLEN {
+            let ip: &Ipv4Hdr = header_at(ctx, l3).ok_or(Counter::BadIpv4Header)?;
+            let ihl = ip.ihl() as usize;
+            if ip.version() != 4 || ihl < Ipv4Hdr::LEN {
                 return Err(Counter::BadIpv4Header);
             }
-            // Fragment offset in 8-byte units; only the first fragment carries the L4 header.
-            if header[6] & 0x1f != 0 || header[7] != 0 {
+            // Only the first fragment carries the L4 header.
+            if ip.frag_offset() != 0 {
                 return Err(Counter::Fragments);
             }
-            (header[9], l3 + ihl, false)
+            (ip.proto, l3 + ihl, false)
         }
         ETH_P_IPV6 => {
-            let header: &[u8; 8] = slice_at(ctx, l3).ok_or(Counter::BadIpv6Header)?;
-            if header[0] >> 4 != 6 {
+            // The whole fixed header must be there: the addresses are read later.
+            let ip: &Ipv6Hdr = header_at(ctx, l3).ok_or(Counter::BadIpv6Header)?;
+            if ip.version() != 6 {
                 return Err(Counter::BadIpv6Header);
             }
-            // The whole fixed header must be there: the addresses are read later.
-            let _: &[u8; IPV6_HLEN] = slice_at(ctx, l3).ok_or(Counter::BadIpv6Header)?;
-            let (proto, l4) = skip_ipv6_extensions(ctx, header[6], l3 + IPV6_HLEN)?;
+            let (proto, l4) = skip_ipv6_extensions(ctx, ip.next_hdr, l3 + Ipv6Hdr::LEN)?;
             (proto, l4, true)
         }
         _ => return Ok(None),
@@ -172,18 +184,19 @@ fn classify(ctx: &XdpContext) -> Result<Option<OpeningPacket>, Counter> {
     }
 
     let opening = match proto {
-        IPPROTO_TCP => {
-            let tcp: &[u8; TCP_MIN_HLEN] = slice_at(ctx, l4).ok_or(Counter::TruncatedL4)?;
-            let flags = tcp[13];
+        PROTO_TCP => {
+            let tcp: &[u8; TcpHdr::LEN] = header_at(ctx, l4).ok_or(Counter::TruncatedL4)?;
+            let flags = tcp[TCP_FLAGS_OFFSET];
             flags & (TCP_FLAG_SYN | TCP_FLAG_ACK | TCP_FLAG_RST | TCP_FLAG_FIN) == TCP_FLAG_SYN
         }
-        IPPROTO_UDP => {
-            let _udp: &[u8; UDP_HLEN] = slice_at(ctx, l4).ok_or(Counter::TruncatedL4)?;
+        PROTO_UDP => {
+            let _udp: &UdpHdr = header_at(ctx, l4).ok_or(Counter::TruncatedL4)?;
             true
         }
-        IPPROTO_SCTP => {
-            let sctp: &[u8; SCTP_MIN_LEN] = slice_at(ctx, l4).ok_or(Counter::TruncatedL4)?;
-            sctp[12] == SCTP_CHUNK_INIT
+        PROTO_SCTP => {
+            // The common header, then the first chunk's type.
+            let chunk_type: &u8 = header_at(ctx, l4 + SctpHdr::LEN).ok_or(Counter::TruncatedL4)?;
+            *chunk_type == SCTP_CHUNK_INIT
         }
         _ => false,
     };
@@ -206,12 +219,14 @@ fn skip_ipv6_extensions(
     for _ in 0..MAX_IPV6_EXTENSIONS {
         match next_header {
             IPV6_EXT_HOP_BY_HOP | IPV6_EXT_ROUTING | IPV6_EXT_DEST_OPTS => {
-                let ext: &[u8; 2] = slice_at(ctx, offset).ok_or(Counter::BadIpv6Header)?;
+                // Next header, then the length in 8-byte units beyond the first 8.
+                let ext: &[u8; 2] = header_at(ctx, offset).ok_or(Counter::BadIpv6Header)?;
                 next_header = ext[0];
                 offset += (ext[1] as usize + 1) * 8;
             }
             IPV6_EXT_FRAGMENT => {
-                let frag: &[u8; 8] = slice_at(ctx, offset).ok_or(Counter::BadIpv6Header)?;
+                // Next header, reserved, then offset (13 bits), flags; 8 bytes in all.
+                let frag: &[u8; 8] = header_at(ctx, offset).ok_or(Counter::BadIpv6Header)?;
                 if u16::from_be_bytes([frag[2], frag[3]]) >> 3 != 0 {
                     return Err(Counter::Fragments);
                 }
@@ -240,7 +255,7 @@ fn on_opening_packet(ctx: &XdpContext, packet: &OpeningPacket) -> u32 {
     let (_, dst) = packet.address_offsets();
     let mut vip = VipKey::default();
     if packet.ipv6 {
-        let Some(addr) = slice_at::<16>(ctx, dst) else {
+        let Some(addr) = header_at::<[u8; 16]>(ctx, dst) else {
             return xdp_action::XDP_PASS;
         };
         if !maybe_vip_address(address_bucket(addr)) {
@@ -248,7 +263,7 @@ fn on_opening_packet(ctx: &XdpContext, packet: &OpeningPacket) -> u32 {
         }
         vip.addr = *addr;
     } else {
-        let Some(addr) = slice_at::<4>(ctx, dst) else {
+        let Some(addr) = header_at::<[u8; 4]>(ctx, dst) else {
             return xdp_action::XDP_PASS;
         };
         if !maybe_vip_address(address_bucket_ipv4(addr)) {
@@ -260,7 +275,7 @@ fn on_opening_packet(ctx: &XdpContext, packet: &OpeningPacket) -> u32 {
         vip.addr[12..].copy_from_slice(addr);
     }
     // Ports sit at the same place in TCP, UDP and SCTP headers, bounds-checked by classify.
-    let Some(ports) = slice_at::<4>(ctx, packet.l4) else {
+    let Some(ports) = header_at::<[u8; 4]>(ctx, packet.l4) else {
         return xdp_action::XDP_PASS;
     };
     vip.port_be = u16::from_ne_bytes([ports[2], ports[3]]);
@@ -334,19 +349,19 @@ fn report(
     let (src, _) = packet.address_offsets();
     let mut src_addr = [0u8; 16];
     if packet.ipv6 {
-        let Some(addr) = slice_at::<16>(ctx, src) else {
+        let Some(addr) = header_at::<[u8; 16]>(ctx, src) else {
             return;
         };
         src_addr = *addr;
     } else {
-        let Some(addr) = slice_at::<4>(ctx, src) else {
+        let Some(addr) = header_at::<[u8; 4]>(ctx, src) else {
             return;
         };
         src_addr[10] = 0xff;
         src_addr[11] = 0xff;
         src_addr[12..].copy_from_slice(addr);
     }
-    let Some(ports) = slice_at::<2>(ctx, packet.l4) else {
+    let Some(ports) = header_at::<[u8; 2]>(ctx, packet.l4) else {
         return;
     };
     let Some(mut entry) = EVENTS.reserve::<IdleHitEvent>(0) else {
@@ -402,25 +417,22 @@ fn count(counter: Counter) {
     }
 }
 
+/// Whether `ether_type` (network order, read natively) is an 802.1Q or 802.1ad tag.
 #[inline(always)]
 fn is_vlan(ether_type: u16) -> bool {
     ether_type == ETH_P_8021Q || ether_type == ETH_P_8021AD
 }
 
-/// A reference to `N` bytes of the packet at `offset`, or `None` if the packet is shorter.
+/// A reference to a `T` (a header, or a byte array) in the packet at `offset`, or `None` if
+/// the packet is shorter. Every type used here has alignment 1 or 2, which packet data has.
 #[inline(always)]
-fn slice_at<const N: usize>(ctx: &XdpContext, offset: usize) -> Option<&[u8; N]> {
+fn header_at<T>(ctx: &XdpContext, offset: usize) -> Option<&T> {
     let start = ctx.data() + offset;
-    if start + N > ctx.data_end() {
+    if start + size_of::<T>() > ctx.data_end() {
         return None;
     }
-    // SAFETY: bounds checked against data_end just above; u8 arrays need no alignment.
-    Some(unsafe { &*(start as *const [u8; N]) })
-}
-
-#[inline(always)]
-fn read_be16(ctx: &XdpContext, offset: usize) -> Option<u16> {
-    slice_at::<2>(ctx, offset).map(|b| u16::from_be_bytes(*b))
+    // SAFETY: bounds checked against data_end just above.
+    Some(unsafe { &*(start as *const T) })
 }
 
 #[cfg(not(test))]

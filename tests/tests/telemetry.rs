@@ -18,7 +18,7 @@ const LB: &str = "5b3cfb03-2143-4e8a-9067-dac1ef7ec6d7";
 const ADDR: &str = "127.0.0.1:9477";
 
 fn get(topo: &Topology, path: &str) -> Result<String, String> {
-    topo.in_server(|| http_get(ADDR.parse().unwrap(), path))
+    topo.in_server(|| http_get(ADDR.parse().unwrap(), path).map_err(|e| e.to_string()))
 }
 
 /// The value of one sample line `name{labels} value` in Prometheus text.

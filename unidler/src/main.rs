@@ -306,7 +306,7 @@ async fn run(args: RunArgs) -> Result<()> {
 }
 
 fn show_vips(args: &ClientArgs) -> Result<()> {
-    let body = telemetry::http_get(args.metrics_addr, "/api/vips").map_err(anyhow::Error::msg)?;
+    let body = telemetry::http_get(args.metrics_addr, "/api/vips")?;
     if args.json {
         println!("{body}");
         return Ok(());
@@ -333,7 +333,7 @@ fn show_vips(args: &ClientArgs) -> Result<()> {
 }
 
 fn show_events(args: &ClientArgs) -> Result<()> {
-    let body = telemetry::http_get(args.metrics_addr, "/api/events").map_err(anyhow::Error::msg)?;
+    let body = telemetry::http_get(args.metrics_addr, "/api/events")?;
     if args.json {
         println!("{body}");
         return Ok(());

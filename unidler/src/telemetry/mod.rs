@@ -156,27 +156,51 @@ async fn scrape(State(state): State<AppState>) -> impl IntoResponse {
         .into_response()
 }
 
+/// Why asking a running agent failed.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentQueryError {
+    /// Nothing answered at the address.
+    #[error("cannot reach the agent at {addr} ({source}); is it running with this --metrics-addr?")]
+    Unreachable {
+        /// The address tried.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The connection broke.
+    #[error("talking to the agent: {0}")]
+    Io(#[from] std::io::Error),
+    /// Not an HTTP response.
+    #[error("malformed HTTP response")]
+    Malformed,
+    /// An answer other than 200, with its status line.
+    #[error("{path}: {status}")]
+    Status {
+        /// The path asked for.
+        path: String,
+        /// The status line.
+        status: String,
+    },
+}
+
 /// `GET path` on the agent's endpoint; returns the body of a 200 answer.
-pub fn http_get(addr: SocketAddr, path: &str) -> Result<String, String> {
+pub fn http_get(addr: SocketAddr, path: &str) -> Result<String, AgentQueryError> {
     use std::io::{Read as _, Write as _};
-    let mut stream =
-        std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(3)).map_err(|e| {
-            format!(
-                "cannot reach the agent at {addr} ({e}); is it running with this --metrics-addr?"
-            )
-        })?;
-    stream.set_read_timeout(Some(Duration::from_secs(10))).ok();
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").map_err(|e| e.to_string())?;
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(3))
+        .map_err(|source| AgentQueryError::Unreachable { addr, source })?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
     let mut response = String::new();
-    stream
-        .read_to_string(&mut response)
-        .map_err(|e| e.to_string())?;
+    stream.read_to_string(&mut response)?;
     let (head, body) = response
         .split_once("\r\n\r\n")
-        .ok_or("malformed HTTP response")?;
+        .ok_or(AgentQueryError::Malformed)?;
     let status = head.lines().next().unwrap_or_default();
     if !status.contains(" 200 ") {
-        return Err(format!("{path}: {status}"));
+        return Err(AgentQueryError::Status {
+            path: path.to_owned(),
+            status: status.to_owned(),
+        });
     }
     Ok(body.to_owned())
 }

@@ -4,7 +4,7 @@
 
 use std::{
     sync::{
-        Arc, RwLock, RwLockReadGuard,
+        Arc, PoisonError, RwLock, RwLockReadGuard,
         atomic::{AtomicU64, Ordering},
     },
     time::Duration,
@@ -84,12 +84,17 @@ pub struct ClientOptions {
     pub backoff_min: Duration,
     /// Longest delay between connection rounds.
     pub backoff_max: Duration,
+    /// Longest wait for a connection to be set up: TCP connect and, for `ssl:`, the TLS
+    /// handshake (a black-holed remote or a peer that accepts and never speaks must not hold
+    /// up the other remotes).
+    pub connect_timeout: Duration,
     /// Tables to monitor into the replica.
     pub monitors: Vec<MonitorRequest>,
 }
 
 impl ClientOptions {
-    /// Defaults for `database` at `remotes`: leader-only, 5 s probe, 100 ms to 8 s backoff.
+    /// Defaults for `database` at `remotes`: leader-only, 5 s probe, 100 ms to 8 s backoff,
+    /// 10 s to connect.
     pub fn new(remotes: Vec<Remote>, database: &str) -> Self {
         Self {
             remotes,
@@ -99,6 +104,7 @@ impl ClientOptions {
             rpc: RpcOptions::default(),
             backoff_min: Duration::from_millis(100),
             backoff_max: Duration::from_secs(8),
+            connect_timeout: Duration::from_secs(10),
             monitors: Vec::new(),
         }
     }
@@ -196,7 +202,10 @@ impl Client {
 
     /// The replica of the monitored tables.
     pub fn replica(&self) -> RwLockReadGuard<'_, Replica> {
-        self.shared.replica.read().expect("replica lock poisoned")
+        self.shared
+            .replica
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Every change applied to the replica from now on.
@@ -209,9 +218,10 @@ impl Client {
         self.shared.status.subscribe()
     }
 
-    /// Whether a session is up (monitors in place, replica current).
+    /// Whether a session is up (monitors in place, replica current) and its connection open:
+    /// a request made now is sent.
     pub fn is_connected(&self) -> bool {
-        matches!(*self.shared.status.borrow(), Status::Connected(_))
+        matches!(*self.shared.status.borrow(), Status::Connected(_)) && self.connection().is_ok()
     }
 
     /// Waits until connected, at most `timeout`.
@@ -257,8 +267,8 @@ impl Client {
 enum SessionEnd {
     /// The server is a follower (or not connected to its cluster).
     NotLeader,
-    /// Anything else, said.
-    Failed(String),
+    /// Anything else.
+    Failed(Arc<Error>),
     /// The client was dropped.
     Stopped,
 }
@@ -286,6 +296,25 @@ async fn session_loop(shared: Arc<Shared>, tls: Option<Tls>, mut stop: mpsc::Rec
             }
             SessionEnd::Failed(e) => format!("{remote}: {e}"),
         };
+        if let SessionEnd::Failed(e) = &end
+            && let Error::Oversized { limit } = **e
+        {
+            // Every attempt would download the same message again and fail the same way:
+            // say so loudly, and wait as long as the backoff allows before the next one.
+            tracing::warn!(
+                limit,
+                "{reason}: raise the client's message size limit; retrying in {:?}",
+                shared.options.backoff_max
+            );
+            shared
+                .status
+                .send_replace(Status::Disconnected(Some(reason.clone())));
+            tokio::select! {
+                _ = tokio::time::sleep(shared.options.backoff_max) => {}
+                _ = stop.recv() => return,
+            }
+            continue;
+        }
         let was_connected = matches!(*shared.status.borrow(), Status::Connected(_));
         shared
             .status
@@ -323,19 +352,25 @@ async fn session(
     last_txn_id: &mut Option<String>,
 ) -> SessionEnd {
     let opts = &shared.options;
-    let stream = match remote::connect(remote, tls).await {
-        Ok(s) => s,
-        Err(e) => return SessionEnd::Failed(e.to_string()),
-    };
+    let stream =
+        match tokio::time::timeout(opts.connect_timeout, remote::connect(remote, tls)).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => return SessionEnd::Failed(Arc::new(e)),
+            Err(_) => return SessionEnd::Failed(Arc::new(Error::Timeout(opts.connect_timeout))),
+        };
     let (conn, mut notifications) = Connection::start(stream, opts.rpc);
-    let fail = |e: Error| SessionEnd::Failed(e.to_string());
+    // A request fails with Disconnected when the session ends; the session knows why.
+    let fail = async |e: Error| match e {
+        Error::Disconnected => SessionEnd::Failed(conn.closed().await),
+        e => SessionEnd::Failed(Arc::new(e)),
+    };
 
     // Leadership, from the server's own _Server database.
     if opts.leader_only {
         match watch_leadership(&conn, &opts.database).await {
             Ok(true) => {}
             Ok(false) => return SessionEnd::NotLeader,
-            Err(e) => return fail(e),
+            Err(e) => return fail(e).await,
         }
     }
 
@@ -348,8 +383,8 @@ async fn session(
     );
     let zero = "00000000-0000-0000-0000-000000000000".to_owned();
     let since = last_txn_id.clone().unwrap_or(zero);
-    let (found, updates) = if opts.monitors.is_empty() {
-        (false, json!({}))
+    let (found, updates, reply_txn) = if opts.monitors.is_empty() {
+        (false, json!({}), None)
     } else {
         match conn
             .call(
@@ -362,10 +397,15 @@ async fn session(
             Ok(Json::Array(mut reply)) if reply.len() == 3 => {
                 let updates = reply.pop().expect("three elements");
                 let txn = reply.pop().expect("three elements");
-                *last_txn_id = txn.as_str().map(str::to_owned);
-                (reply[0].as_bool() == Some(true), updates)
+                (
+                    reply[0].as_bool() == Some(true),
+                    updates,
+                    txn.as_str().map(str::to_owned),
+                )
             }
-            Ok(reply) => return fail(Error::Protocol(format!("monitor_cond_since reply {reply}"))),
+            Ok(reply) => {
+                return fail(Error::Protocol(format!("monitor_cond_since reply {reply}"))).await;
+            }
             Err(Error::Rpc {
                 kind: ErrorKind::UnknownMethod,
                 ..
@@ -376,35 +416,40 @@ async fn session(
                 )
                 .await
             {
-                Ok(updates) => (false, updates),
-                Err(e) => return fail(e),
+                Ok(updates) => (false, updates, None),
+                Err(e) => return fail(e).await,
             },
-            Err(e) => return fail(e),
+            Err(e) => return fail(e).await,
         }
     };
-    {
-        let mut replica = shared.replica.write().expect("replica lock poisoned");
+    let applied = {
+        let mut replica = shared
+            .replica
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
         if !found {
             replica.clear();
         }
         // A full load is announced as a resync, without a copy of every row.
-        let applied = if found {
+        if found {
             replica.apply_update2(&updates)
         } else {
             replica.load_update2(&updates).map(|()| Vec::new())
-        };
-        // Everything the reply says is in the replica now: free it for the session's lifetime.
-        drop(updates);
-        match applied {
-            Ok(changes) => {
-                let _ = shared.changes.send(Arc::new(ChangeSet {
-                    resync: !found,
-                    changes,
-                    applied_at: Some(std::time::Instant::now()),
-                }));
-            }
-            Err(e) => return fail(e),
         }
+    };
+    // Everything the reply says is in the replica now: free it for the session's lifetime.
+    drop(updates);
+    match applied {
+        Ok(changes) => {
+            // Only now: a reconnect asks for changes since the last update applied.
+            *last_txn_id = reply_txn;
+            let _ = shared.changes.send(Arc::new(ChangeSet {
+                resync: !found,
+                changes,
+                applied_at: Some(std::time::Instant::now()),
+            }));
+        }
+        Err(e) => return fail(e).await,
     }
     shared.conn.send_replace(Some(conn.clone()));
     shared.stats.connects.fetch_add(1, Ordering::Relaxed);
@@ -416,14 +461,14 @@ async fn session(
     loop {
         tokio::select! {
             n = notifications.recv() => {
-                let Some(n) = n else { return fail(Error::Disconnected) };
+                let Some(n) = n else { return fail(Error::Disconnected).await };
                 match handle_notification(shared, &opts.database, n, last_txn_id) {
                     Ok(true) => {}
                     Ok(false) => return SessionEnd::NotLeader,
-                    Err(e) => return fail(e),
+                    Err(e) => return fail(e).await,
                 }
             }
-            reason = conn.closed() => return SessionEnd::Failed(reason.to_string()),
+            reason = conn.closed() => return SessionEnd::Failed(reason),
         }
     }
 }
@@ -482,16 +527,21 @@ fn handle_notification(
     last_txn_id: &mut Option<String>,
 ) -> Result<bool, Error> {
     let params = n.params.as_array().map(Vec::as_slice).unwrap_or_default();
-    let (monitor, updates) = match (n.method.as_str(), params) {
-        ("update2", [id, updates]) => (id, updates),
-        ("update3", [id, txn, updates]) => {
-            *last_txn_id = txn.as_str().map(str::to_owned);
-            (id, updates)
-        }
+    let (monitor, updates, txn) = match (n.method.as_str(), params) {
+        ("update2", [id, updates]) => (id, updates, None),
+        ("update3", [id, txn, updates]) => (id, updates, txn.as_str()),
         ("update2" | "update3", _) => {
             return Err(Error::Protocol(format!(
                 "bad {} params {}",
                 n.method, n.params
+            )));
+        }
+        // The server dropped our monitors (it converted or replaced the database): the
+        // replica would go stale, so the session ends and the next one monitors afresh.
+        ("monitor_canceled", _) => {
+            return Err(Error::Protocol(format!(
+                "the server canceled monitor {}",
+                n.params
             )));
         }
         _ => return Ok(true),
@@ -516,9 +566,16 @@ fn handle_notification(
             .unwrap_or(true);
         return Ok(still_leader);
     }
-    let mut replica = shared.replica.write().expect("replica lock poisoned");
+    let mut replica = shared
+        .replica
+        .write()
+        .unwrap_or_else(PoisonError::into_inner);
     let changes = replica.apply_update2(updates)?;
     drop(replica);
+    // Recorded once applied: after a failed apply, a reconnect asks for this update again.
+    if let Some(txn) = txn {
+        *last_txn_id = Some(txn.to_owned());
+    }
     let _ = shared.changes.send(Arc::new(ChangeSet {
         resync: false,
         changes,

@@ -35,6 +35,9 @@ pub enum ErrorKind {
     UnknownDatabase,
     /// `unknown method`.
     UnknownMethod,
+    /// `canceled`: the server gave up on a pending request (a `transact` pending while the
+    /// database is converted or replaced); it may still have committed.
+    Canceled,
     /// Anything else the server said.
     Other(String),
 }
@@ -56,6 +59,7 @@ impl ErrorKind {
             "not owner" => ErrorKind::NotOwner,
             "unknown database" => ErrorKind::UnknownDatabase,
             "unknown method" => ErrorKind::UnknownMethod,
+            "canceled" => ErrorKind::Canceled,
             s if s.contains("syntax error") || s.starts_with("unknown ") => ErrorKind::Syntax,
             other => ErrorKind::Other(other.to_owned()),
         }
@@ -116,8 +120,37 @@ pub enum Error {
 
 impl Error {
     /// Whether the outcome of a transaction that failed with this error is unknown: the
-    /// request may or may not have been committed.
+    /// request may or may not have been committed (the connection dropped or timed out before
+    /// the reply, or the server canceled the request).
     pub fn outcome_unknown(&self) -> bool {
-        matches!(self, Error::Disconnected | Error::Io(_) | Error::Timeout(_))
+        matches!(
+            self,
+            Error::Disconnected
+                | Error::Io(_)
+                | Error::Timeout(_)
+                | Error::Rpc {
+                    kind: ErrorKind::Canceled,
+                    ..
+                }
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_canceled_transaction_may_have_committed() {
+        let canceled = Error::Rpc {
+            kind: ErrorKind::from_server("canceled"),
+            details: None,
+        };
+        assert!(canceled.outcome_unknown());
+        let refused = Error::Rpc {
+            kind: ErrorKind::from_server("not supported"),
+            details: None,
+        };
+        assert!(!refused.outcome_unknown());
     }
 }

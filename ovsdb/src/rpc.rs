@@ -127,7 +127,11 @@ async fn run(
     mut requests: mpsc::UnboundedReceiver<Request>,
     notify: mpsc::UnboundedSender<Notification>,
 ) -> Error {
-    let (mut reader, mut writer) = tokio::io::split(stream);
+    let (mut reader, writer) = tokio::io::split(stream);
+    // Writing is a task of its own: a server that stops reading (ovsdb-server does while it
+    // has a backlog for us) must not stop us reading its messages or keeping time.
+    let (outgoing, writer_failed, _writer) = spawn_writer(writer);
+    let mut writer_failed = std::pin::pin!(writer_failed);
     let mut pending: HashMap<u64, oneshot::Sender<Result<Json, Error>>> = HashMap::new();
     let mut next_id: u64 = 1;
     let mut framer = Framer::default();
@@ -139,7 +143,10 @@ async fn run(
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
     let reason = loop {
+        // Reading first: after a stall, a reply already in the socket is taken before the
+        // probe timer can count it missing.
         tokio::select! {
+            biased;
             read = reader.read(&mut chunk) => {
                 let n = match read {
                     Ok(0) => break Error::Disconnected,
@@ -152,28 +159,21 @@ async fn run(
                     Ok(m) => m,
                     Err(e) => break e,
                 };
-                let mut failure = None;
-                for msg in messages {
-                    if let Err(e) = dispatch(msg, &mut pending, &notify, &mut writer).await {
-                        failure = Some(e);
-                        break;
-                    }
-                }
-                if let Some(e) = failure {
+                if let Some(e) = messages
+                    .into_iter()
+                    .find_map(|msg| dispatch(msg, &mut pending, &notify, &outgoing).err())
+                {
                     break e;
                 }
             }
+            failure = &mut writer_failed => break failure,
             request = requests.recv() => {
                 let Some(Request { method, params, reply }) = request else {
                     break Error::Disconnected;
                 };
                 let id = next_id;
                 next_id += 1;
-                let msg = json!({"id": id, "method": method, "params": params});
-                if let Err(e) = write_json(&mut writer, &msg).await {
-                    let _ = reply.send(Err(Error::Disconnected));
-                    break e;
-                }
+                send(&outgoing, &json!({"id": id, "method": method, "params": params}));
                 pending.insert(id, reply);
             }
             _ = ticker.tick(), if options.probe_interval.is_some() => {
@@ -181,10 +181,7 @@ async fn run(
                 match probe_sent {
                     Some(sent) if sent.elapsed() >= interval => break Error::Timeout(interval * 2),
                     None if last_heard.elapsed() >= interval => {
-                        let msg = json!({"id": PROBE_ID, "method": "echo", "params": []});
-                        if let Err(e) = write_json(&mut writer, &msg).await {
-                            break e;
-                        }
+                        send(&outgoing, &json!({"id": PROBE_ID, "method": "echo", "params": []}));
                         probe_sent = Some(Instant::now());
                     }
                     _ => {}
@@ -195,8 +192,60 @@ async fn run(
     for (_, reply) in pending.drain() {
         let _ = reply.send(Err(Error::Disconnected));
     }
-    let _ = writer.shutdown().await;
+    // The writer is aborted with `_writer` (it may be stuck writing to a server that does
+    // not read); dropping both halves closes the stream.
     reason
+}
+
+/// Messages on their way to the server.
+type Outgoing = mpsc::UnboundedSender<Vec<u8>>;
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Starts the task that writes queued messages to `writer` in order. Returns the queue, a
+/// future that completes with the reason if writing fails, and the task (aborted on drop).
+fn spawn_writer(
+    mut writer: impl tokio::io::AsyncWrite + Unpin + Send + 'static,
+) -> (
+    Outgoing,
+    impl std::future::Future<Output = Error>,
+    AbortOnDrop,
+) {
+    let (outgoing, mut queue) = mpsc::unbounded_channel::<Vec<u8>>();
+    let (failed_tx, failed_rx) = oneshot::channel();
+    let task = tokio::spawn(async move {
+        while let Some(bytes) = queue.recv().await {
+            let written = async {
+                writer.write_all(&bytes).await?;
+                writer.flush().await
+            };
+            if let Err(e) = written.await {
+                let _ = failed_tx.send(Error::Io(e));
+                return;
+            }
+        }
+    });
+    let failed = async move {
+        match failed_rx.await {
+            Ok(e) => e,
+            // The writer ended without failing: only after the loop has ended.
+            Err(_) => std::future::pending().await,
+        }
+    };
+    (outgoing, failed, AbortOnDrop(task))
+}
+
+/// Queues a message for the writer. (If the writer is gone, the loop learns why from it.)
+fn send(outgoing: &Outgoing, msg: &Json) {
+    let bytes = serde_json::to_vec(msg).expect("JSON values serialize");
+    let _ = outgoing.send(bytes);
 }
 
 /// Cuts the byte stream from the server into JSON messages. Each byte is scanned once, and a
@@ -271,11 +320,13 @@ impl Framer {
     }
 }
 
-async fn dispatch(
+/// Handles one message from the server: answers its `echo` and unknown requests, hands out
+/// notifications, and completes the request a reply is for.
+fn dispatch(
     msg: Json,
     pending: &mut HashMap<u64, oneshot::Sender<Result<Json, Error>>>,
     notify: &mpsc::UnboundedSender<Notification>,
-    writer: &mut (impl tokio::io::AsyncWrite + Unpin),
+    outgoing: &Outgoing,
 ) -> Result<(), Error> {
     let obj = msg
         .as_object()
@@ -284,7 +335,11 @@ async fn dispatch(
         Some("echo") => {
             let id = obj.get("id").cloned().unwrap_or(Json::Null);
             let params = obj.get("params").cloned().unwrap_or(json!([]));
-            write_json(writer, &json!({"id": id, "result": params, "error": null})).await
+            send(
+                outgoing,
+                &json!({"id": id, "result": params, "error": null}),
+            );
+            Ok(())
         }
         Some(method) => {
             let params = obj.get("params").cloned().unwrap_or(json!([]));
@@ -297,11 +352,11 @@ async fn dispatch(
             } else {
                 // A request we do not serve: say so rather than leave the server waiting.
                 let id = obj["id"].clone();
-                write_json(
-                    writer,
+                send(
+                    outgoing,
                     &json!({"id": id, "result": null, "error": "unknown method"}),
-                )
-                .await
+                );
+                Ok(())
             }
         }
         None => {
@@ -341,16 +396,6 @@ fn rpc_error(err: &Json) -> Error {
         kind: ErrorKind::from_server(&kind),
         details,
     }
-}
-
-async fn write_json(
-    writer: &mut (impl tokio::io::AsyncWrite + Unpin),
-    msg: &Json,
-) -> Result<(), Error> {
-    let bytes = serde_json::to_vec(msg).expect("JSON values serialize");
-    writer.write_all(&bytes).await?;
-    writer.flush().await?;
-    Ok(())
 }
 
 #[cfg(test)]

@@ -142,3 +142,26 @@ async fn a_reply_to_nothing_is_a_protocol_violation() {
     let reason = timeout(LIMIT, conn.closed()).await.unwrap();
     assert!(matches!(&*reason, Error::Protocol(_)), "{reason:?}");
 }
+
+#[tokio::test]
+async fn a_server_that_stops_reading_is_still_heard() {
+    // A pipe far smaller than our request: writing it blocks, as towards a server that
+    // stops reading a client with an output backlog.
+    let (ours, mut theirs) = tokio::io::duplex(1024);
+    let (conn, mut notifications) = Connection::start(Box::new(ours), RpcOptions::default());
+    tokio::spawn({
+        let conn = conn.clone();
+        async move { conn.call("transact", json!(["x".repeat(1 << 20)])).await }
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    theirs
+        .write_all(br#"{"id":null,"method":"update2","params":["data",{}]}"#)
+        .await
+        .unwrap();
+    let heard = timeout(LIMIT, notifications.recv())
+        .await
+        .expect("a notification must be read while our own write is blocked")
+        .expect("session alive");
+    assert_eq!(heard.method, "update2");
+    assert!(!conn.is_closed());
+}

@@ -469,3 +469,63 @@ async fn a_host_name_remote_is_resolved() {
     client.wait_connected(WAIT).await.unwrap();
     assert!(client.list_dbs().await.unwrap().contains(&SB_DB.to_owned()));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_accepts_and_never_speaks_does_not_hold_up_the_others() {
+    let tmp = TempDir::new("silent");
+    let pki = Pki::new(&tmp.0);
+    let server = southbound(Listen {
+        tcp: None,
+        ssl: Some((free_port(), pki.server.clone())),
+    });
+    // The kernel completes the TCP handshake for a listener that never accepts: the peer
+    // "accepts" and never says a word of TLS.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let silent_remote = format!("ssl:{}", silent.local_addr().unwrap());
+    let mut opts = options(&format!("{silent_remote},{}", server.ssl_remote().unwrap()));
+    opts.tls = Some(TlsFiles {
+        private_key: pki.client[0].clone(),
+        certificate: pki.client[1].clone(),
+        ca_certificate: pki.client[2].clone(),
+    });
+    opts.connect_timeout = Duration::from_millis(500);
+    let started = Instant::now();
+    let client = Client::start(opts).unwrap();
+    client
+        .wait_connected(Duration::from_secs(10))
+        .await
+        .expect("the second remote must be tried once the first times out");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
+    drop(silent);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn monitors_canceled_by_a_schema_conversion_are_set_up_again() {
+    let server = southbound(Listen::default());
+    let mut opts = options(&server.unix_remote());
+    opts.monitors = vec![MonitorRequest::table("Chassis").columns(&["name"])];
+    let client = Client::start(opts).unwrap();
+    client.wait_connected(WAIT).await.unwrap();
+    // Converting the database (to the same schema) cancels every monitor on it.
+    ovsdb_harness::run(
+        std::process::Command::new("ovsdb-client")
+            .arg("convert")
+            .arg(server.unix_remote())
+            .arg(SB_SCHEMA),
+    );
+    server.sbctl(&["chassis-add", "ch-after", "geneve", "127.0.0.3"]);
+    eventually(
+        "the row inserted after the conversion in the replica",
+        || {
+            client
+                .replica()
+                .rows("Chassis")
+                .any(|(_, r)| r.get("name") == Some(&Value::from("ch-after")))
+        },
+    )
+    .await;
+}

@@ -54,6 +54,8 @@ use crate::{
 const EVENT_TYPE: &str = "empty_lb_backends";
 /// Most rows written in one transaction.
 const BATCH_MAX: usize = 256;
+/// Longest wait for a new session before rows in doubt are looked at again.
+const SETTLE_WAIT: Duration = Duration::from_secs(5);
 
 /// Settings of the sink.
 #[derive(Clone, Debug)]
@@ -458,14 +460,20 @@ impl Writer {
             Err(err) if err.outcome_unknown() => {
                 warn!(
                     rows = batch.len(),
-                    "connection lost during a transaction ({err}); settling after reconnect"
+                    "outcome of a transaction unknown ({err}); settling against the database"
                 );
                 self.in_doubt.extend(batch);
-                client.wait_new_session(session).await;
+                // Settled once the replica is current again: after the next session (a lost
+                // connection; a canceled request comes with a database conversion, which
+                // ends the monitors too), or at the latest a few seconds from now.
+                let _ = tokio::time::timeout(SETTLE_WAIT, client.wait_new_session(session)).await;
             }
             Err(DbError::NotConnected) => {
-                // Not sent: put the rows back in doubt (they keep their seq_num).
+                // Not sent: the rows wait in doubt (they keep their seq_num) for the next
+                // session. Waiting here, not looping: on a single-threaded runtime a writer
+                // that retried at once would never let the session task reconnect.
                 self.in_doubt.extend(batch);
+                let _ = tokio::time::timeout(SETTLE_WAIT, client.wait_new_session(session)).await;
             }
             Err(err) => {
                 warn!(

@@ -44,6 +44,11 @@ pub enum Ipv6Ext {
     DestOpts { len8: u8 },
     /// Fragment header with this offset (in 8-byte units) and more-fragments flag.
     Fragment { offset: u16, more: bool },
+    /// Authentication header (RFC 4302) with `len4` 4-byte units of ICV (its length field
+    /// says `len4 + 1`: the header's size in 4-byte units, minus 2).
+    Auth { len4: u8 },
+    /// Mobility header (RFC 6275), `len8` extra 8-byte units.
+    Mobility { len8: u8 },
 }
 
 impl Ipv6Ext {
@@ -53,6 +58,8 @@ impl Ipv6Ext {
             Ipv6Ext::Routing { .. } => 43,
             Ipv6Ext::DestOpts { .. } => 60,
             Ipv6Ext::Fragment { .. } => 44,
+            Ipv6Ext::Auth { .. } => 51,
+            Ipv6Ext::Mobility { .. } => 135,
         }
     }
 }
@@ -155,7 +162,8 @@ impl Frame {
                     match *e {
                         Ipv6Ext::HopByHop { len8 }
                         | Ipv6Ext::Routing { len8 }
-                        | Ipv6Ext::DestOpts { len8 } => {
+                        | Ipv6Ext::DestOpts { len8 }
+                        | Ipv6Ext::Mobility { len8 } => {
                             ext.push(next);
                             ext.push(len8);
                             // PadN option filling the rest of the header.
@@ -170,6 +178,15 @@ impl Frame {
                             let v = (offset << 3) | u16::from(more);
                             ext.extend_from_slice(&v.to_be_bytes());
                             ext.extend_from_slice(&0x0102_0304u32.to_be_bytes());
+                        }
+                        Ipv6Ext::Auth { len4 } => {
+                            // Next header, payload length, reserved, SPI, sequence, ICV.
+                            ext.push(next);
+                            ext.push(len4 + 1);
+                            ext.extend_from_slice(&[0, 0]);
+                            ext.extend_from_slice(&0x1000u32.to_be_bytes());
+                            ext.extend_from_slice(&1u32.to_be_bytes());
+                            ext.extend(std::iter::repeat_n(0xab, 4 * len4 as usize));
                         }
                     }
                 }

@@ -106,13 +106,23 @@ fn parse(f: &[u8]) -> Result<Opening, Counter> {
             let mut walked = 0;
             loop {
                 match next {
-                    0 | 43 | 60 => {
+                    // Hop-by-hop, routing, destination options, mobility: 8-byte units.
+                    0 | 43 | 60 | 135 => {
                         if walked == 6 {
                             return Err(Counter::TooManyIpv6Extensions);
                         }
                         let e = get(off..off + 2, Counter::BadIpv6Header)?;
                         next = e[0];
                         off += (usize::from(e[1]) + 1) * 8;
+                    }
+                    // Authentication header: 4-byte units, plus 2.
+                    51 => {
+                        if walked == 6 {
+                            return Err(Counter::TooManyIpv6Extensions);
+                        }
+                        let e = get(off..off + 2, Counter::BadIpv6Header)?;
+                        next = e[0];
+                        off += (usize::from(e[1]) + 2) * 4;
                     }
                     44 => {
                         if walked == 6 {
@@ -146,7 +156,9 @@ fn parse(f: &[u8]) -> Result<Opening, Counter> {
         132 => get(l4..l4 + 13, Counter::TruncatedL4)?[12] == 1,
         _ => false,
     };
-    if !opening {
+    // An IPv6 destination of the IPv4-mapped form is never a VIP.
+    if !opening || (ethertype == 0x86dd && dst[..12] == [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff])
+    {
         return Ok(None);
     }
     let ports = &f[l4..l4 + 4];

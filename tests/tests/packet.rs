@@ -475,6 +475,9 @@ fn ipv6_extension_headers_are_walked_and_bounded() {
             Ipv6Ext::DestOpts { len8: 3 },
         ],
         vec![Ipv6Ext::DestOpts { len8: 0 }; 6],
+        vec![Ipv6Ext::Auth { len4: 3 }],
+        vec![Ipv6Ext::HopByHop { len8: 0 }, Ipv6Ext::Auth { len4: 1 }],
+        vec![Ipv6Ext::Mobility { len8: 1 }],
     ];
     for chain in chains {
         let mut frame = syn(CLIENT6, VIP6, 443);
@@ -494,6 +497,19 @@ fn ipv6_extension_headers_are_walked_and_bounded() {
     let run = h.check_against_model(&too_long.build());
     assert_eq!(run.counters.get(Counter::TooManyIpv6Extensions), 1);
     assert_eq!(run.verdict, XDP_PASS);
+}
+
+#[test]
+fn an_ipv6_packet_to_an_ipv4_mapped_address_is_not_for_the_ipv4_vip() {
+    let mut h = Harness::new();
+    h.vip("10.96.0.10:80/tcp");
+    let mapped: IpAddr = "::ffff:10.96.0.10".parse().unwrap();
+    let run = h.check_against_model(&syn(CLIENT6, mapped, 80).build());
+    assert_eq!((run.verdict, run.events.len()), (XDP_PASS, 0));
+    assert_eq!(run.counters.get(Counter::VipHits), 0);
+    // The IPv4 packet to the same VIP still is.
+    let run = h.check_against_model(&syn(CLIENT4, VIP4, 80).build());
+    assert_eq!((run.verdict, run.events.len()), (XDP_DROP, 1));
 }
 
 #[test]

@@ -76,6 +76,11 @@ const IPV6_EXT_HOP_BY_HOP: u8 = IpProto::HopOpt as u8;
 const IPV6_EXT_ROUTING: u8 = IpProto::Ipv6Route as u8;
 const IPV6_EXT_FRAGMENT: u8 = IpProto::Ipv6Frag as u8;
 const IPV6_EXT_DEST_OPTS: u8 = IpProto::Ipv6Opts as u8;
+const IPV6_EXT_AUTH: u8 = IpProto::Ah as u8;
+const IPV6_EXT_MOBILITY: u8 = IpProto::MobilityHeader as u8;
+/// The first 12 bytes of an IPv4-mapped IPv6 address (`::ffff:a.b.c.d`), the form VIP keys
+/// give IPv4 addresses.
+const IPV4_MAPPED_PREFIX: [u8; 12] = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff];
 /// The chunk type of an SCTP INIT (RFC 9260), the first chunk of an association's first packet.
 const SCTP_CHUNK_INIT: u8 = 1;
 /// The TCP flags that tell an opening segment: SYN set, ACK, RST and FIN clear.
@@ -218,11 +223,17 @@ fn skip_ipv6_extensions(
 ) -> Result<(u8, usize), Counter> {
     for _ in 0..MAX_IPV6_EXTENSIONS {
         match next_header {
-            IPV6_EXT_HOP_BY_HOP | IPV6_EXT_ROUTING | IPV6_EXT_DEST_OPTS => {
+            IPV6_EXT_HOP_BY_HOP | IPV6_EXT_ROUTING | IPV6_EXT_DEST_OPTS | IPV6_EXT_MOBILITY => {
                 // Next header, then the length in 8-byte units beyond the first 8.
                 let ext: &[u8; 2] = header_at(ctx, offset).ok_or(Counter::BadIpv6Header)?;
                 next_header = ext[0];
                 offset += (ext[1] as usize + 1) * 8;
+            }
+            IPV6_EXT_AUTH => {
+                // Next header, then the length in 4-byte units beyond the first 8 (RFC 4302).
+                let ext: &[u8; 2] = header_at(ctx, offset).ok_or(Counter::BadIpv6Header)?;
+                next_header = ext[0];
+                offset += (ext[1] as usize + 2) * 4;
             }
             IPV6_EXT_FRAGMENT => {
                 // Next header, reserved, then offset (13 bits), flags; 8 bytes in all.
@@ -240,9 +251,8 @@ fn skip_ipv6_extensions(
         }
     }
     match next_header {
-        IPV6_EXT_HOP_BY_HOP | IPV6_EXT_ROUTING | IPV6_EXT_DEST_OPTS | IPV6_EXT_FRAGMENT => {
-            Err(Counter::TooManyIpv6Extensions)
-        }
+        IPV6_EXT_HOP_BY_HOP | IPV6_EXT_ROUTING | IPV6_EXT_DEST_OPTS | IPV6_EXT_FRAGMENT
+        | IPV6_EXT_AUTH | IPV6_EXT_MOBILITY => Err(Counter::TooManyIpv6Extensions),
         _ => Ok((next_header, offset)),
     }
 }
@@ -259,6 +269,11 @@ fn on_opening_packet(ctx: &XdpContext, packet: &OpeningPacket) -> u32 {
             return xdp_action::XDP_PASS;
         };
         if !maybe_vip_address(address_bucket(addr)) {
+            return xdp_action::XDP_PASS;
+        }
+        // An IPv6 packet to ::ffff:a.b.c.d is not a packet to the IPv4 VIP a.b.c.d (whose
+        // key has that form): no VIP has such an address.
+        if addr[..12] == IPV4_MAPPED_PREFIX {
             return xdp_action::XDP_PASS;
         }
         vip.addr = *addr;

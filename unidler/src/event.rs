@@ -34,7 +34,10 @@ pub struct IdleHit {
 }
 
 impl IdleHit {
-    /// Resolves a kernel event. `iface_name` maps an ifindex to a name.
+    /// Resolves a kernel event against the VIPs as they are now. None for a VIP that has
+    /// left the map since the kernel wrote the event (a row for it would name no load
+    /// balancer, and nobody is waiting for it any more). `iface_name` maps an ifindex to a
+    /// name.
     pub fn resolve(
         event: &IdleHitEvent,
         registry: &VipRegistry,
@@ -42,8 +45,10 @@ impl IdleHit {
     ) -> Option<Self> {
         let vip = Vip::from_key(&event.vip)?;
         let load_balancer = registry
-            .resolve(&vip, event.vip_id)
-            .and_then(|entry| entry.load_balancer.as_deref().map(str::to_owned));
+            .get(&vip)?
+            .load_balancer
+            .as_deref()
+            .map(str::to_owned);
         let src = SocketAddr::new(
             ip_from_bytes(event.src_addr),
             u16::from_be(event.src_port_be),

@@ -172,12 +172,6 @@ impl VipRegistry {
         self.slots.get(vip).map(|s| s.entry(*vip))
     }
 
-    /// The entry a kernel event refers to: its VIP, provided the id is still that VIP's (an
-    /// event written before the VIP was removed and added again names the old id).
-    pub fn resolve(&self, vip: &Vip, vip_id: u32) -> Option<VipEntry> {
-        self.get(vip).filter(|e| e.vip_id == vip_id)
-    }
-
     /// Number of VIPs.
     pub fn len(&self) -> usize {
         self.slots.len()
@@ -257,7 +251,7 @@ mod tests {
         assert_ne!(a, b);
         let again = reg.upsert(vip("10.0.0.1:80/tcp"), 3, 0, Some("lb".into()));
         assert_eq!(again.vip_id, a);
-        assert_eq!(reg.resolve(&vip("10.0.0.1:80/tcp"), a).unwrap().backends, 3);
+        assert_eq!(reg.get(&vip("10.0.0.1:80/tcp")).unwrap().backends, 3);
         reg.remove(&vip("10.0.0.1:80/tcp")).unwrap();
         assert!(reg.get(&vip("10.0.0.1:80/tcp")).is_none());
         let c = reg.upsert(vip("10.0.0.1:80/tcp"), 0, 0, None).vip_id;

@@ -152,13 +152,13 @@ impl Agent {
         let (vip_tx, vip_updates) = mpsc::unbounded_channel();
         match &config.vips {
             VipSourceConfig::File(path) => {
-                // The file's time is read first, so a change made while it loads is picked up.
-                let loaded_at = vipsource::file::modified(path);
-                let vips = vipsource::file::load(path)
+                let mut file = vipsource::file::VipsFileSource::new(path.clone());
+                let vips = file
+                    .load()
                     .map_err(|e| anyhow!("--vips-file {}: {e}", path.display()))?;
                 agent.on_vips(VipUpdate::Replace(vips))?;
                 let (reload_tx, reload_rx) = mpsc::unbounded_channel();
-                vipsource::file::spawn(path.clone(), loaded_at, VIPS_FILE_POLL, reload_rx, vip_tx);
+                file.spawn(VIPS_FILE_POLL, reload_rx, vip_tx);
                 agent.reload_vips_file = Some(reload_tx);
             }
             VipSourceConfig::Static(vips) => agent.on_vips(VipUpdate::Replace(vips.clone()))?,
@@ -227,10 +227,9 @@ impl Agent {
                     .cloned()
                     .unwrap_or_else(|| iface_name(i))
             }) else {
-                warn!(
+                debug!(
                     vip_id = event.vip_id,
-                    proto = event.vip.proto,
-                    "event for an unknown VIP"
+                    "idle hit for a VIP that has left the map since: not reported"
                 );
                 continue;
             };

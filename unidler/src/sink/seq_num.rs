@@ -7,6 +7,7 @@
 //! database.
 
 use std::{
+    io::Write as _,
     path::{Path, PathBuf},
     sync::{
         Arc,
@@ -65,15 +66,22 @@ impl SeqNumbers {
         debug!(from_file, in_database, "seq_num continues");
     }
 
-    /// The next number; reserves a new block in the state file first when the last is used up.
+    /// The next number; reserves a new block in the state file first when the last is used
+    /// up. A block whose reservation could not be saved is not counted as reserved: the next
+    /// number tries again (the row is written all the same; only a crash before a save
+    /// succeeds could repeat its number).
     pub fn take_next(&mut self) -> i64 {
         let seq = self.last.unwrap_or(0) + 1;
         self.last = Some(seq);
         self.last_used.store(seq, Ordering::Relaxed);
         if seq > self.reserved {
-            self.reserved = seq + SEQ_BLOCK - 1;
-            if let Some(path) = &self.file {
-                save(path, self.reserved);
+            let block_end = seq + SEQ_BLOCK - 1;
+            let saved = match &self.file {
+                Some(path) => save(path, block_end).is_ok(),
+                None => true,
+            };
+            if saved {
+                self.reserved = block_end;
             }
         }
         seq
@@ -107,20 +115,50 @@ impl SeqCheckpoint {
         if let Some(path) = &self.file
             && last > 0
         {
-            save(path, last);
+            let _ = save(path, last);
         }
     }
 }
 
-/// Writes `seq` into the state file at `path` (atomically: a temp file renamed over it).
-fn save(path: &Path, seq: i64) {
-    let tmp = path.with_extension("tmp");
-    let result = path
-        .parent()
-        .map_or(Ok(()), std::fs::create_dir_all)
-        .and_then(|()| std::fs::write(&tmp, format!("{seq}\n")))
-        .and_then(|()| std::fs::rename(&tmp, path));
-    if let Err(e) = result {
-        warn!(path = %path.display(), "cannot save seq_num: {e}");
+/// Writes `seq` into the state file at `path` durably: a temp file written and synced, renamed
+/// over the old one, and the directory synced, so that after a power loss the file holds the
+/// old number or the new one, never nothing. A failure is logged and returned.
+fn save(path: &Path, seq: i64) -> std::io::Result<()> {
+    let write = || -> std::io::Result<()> {
+        let dir = path.parent().unwrap_or(Path::new("."));
+        std::fs::create_dir_all(dir)?;
+        let tmp = path.with_extension("tmp");
+        let mut file = std::fs::File::create(&tmp)?;
+        file.write_all(format!("{seq}\n").as_bytes())?;
+        file.sync_all()?;
+        std::fs::rename(&tmp, path)?;
+        std::fs::File::open(dir)?.sync_all()
+    };
+    write().inspect_err(|e| warn!(path = %path.display(), "cannot save seq_num: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_reservation_that_could_not_be_saved_is_tried_again() {
+        let dir = std::env::temp_dir().join(format!("unidler-seq-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        // The state "directory" is a file: nothing can be saved in it.
+        let blocked = dir.join("blocked");
+        std::fs::write(&blocked, "").unwrap();
+        let mut seq = SeqNumbers::new(Some(&blocked));
+        seq.recover(0);
+        assert_eq!(seq.take_next(), 1);
+        assert_eq!(seq.reserved, 0, "an unsaved block is not reserved");
+        // Once the directory is usable, the next number saves the block.
+        std::fs::remove_file(&blocked).unwrap();
+        assert_eq!(seq.take_next(), 2);
+        assert_eq!(seq.reserved, 2 + SEQ_BLOCK - 1);
+        let saved = std::fs::read_to_string(blocked.join(FILE_NAME)).unwrap();
+        assert_eq!(saved.trim().parse::<i64>().unwrap(), seq.reserved);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

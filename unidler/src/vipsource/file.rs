@@ -1,12 +1,7 @@
 //! VIPs from a static TOML file (`--vips-file`), for nodes without OVN: reloaded when it
 //! changes or on demand (SIGHUP); a malformed file is rejected and the last good set stays.
 
-use std::{
-    collections::BTreeSet,
-    net::SocketAddr,
-    path::{Path, PathBuf},
-    time::{Duration, SystemTime},
-};
+use std::{collections::BTreeSet, net::SocketAddr, path::PathBuf, time::Duration};
 
 use serde::Deserialize;
 use thiserror::Error;
@@ -101,55 +96,107 @@ pub fn parse_vips_file(text: &str) -> Result<Vec<DesiredVip>, VipsFileError> {
     Ok(out)
 }
 
-/// When `path` was last modified, if it can be told.
-pub fn modified(path: &Path) -> Option<SystemTime> {
-    std::fs::metadata(path).and_then(|m| m.modified()).ok()
+/// A VIPs file followed for changes: reloaded whenever its content changes (compared, not
+/// inferred from the modification time, which two quick writes can share) or on demand.
+pub struct VipsFileSource {
+    path: PathBuf,
+    /// Hash of the content last loaded or rejected: neither is done twice.
+    last_seen: Option<u64>,
 }
 
-/// Follows `path`, which the caller loaded when its modification time was `loaded_at`: loads
-/// it again whenever it changes (checked every `poll`) or `reload` fires (SIGHUP); a
-/// malformed file is logged and the last good set stays.
-pub fn spawn(
-    path: PathBuf,
-    loaded_at: Option<SystemTime>,
-    poll: Duration,
-    mut reload: mpsc::UnboundedReceiver<()>,
-    updates: mpsc::UnboundedSender<VipUpdate>,
-) {
-    tokio::spawn(async move {
-        let mut last_seen = loaded_at;
-        let mut forced = false;
-        loop {
-            let modified = modified(&path);
-            if forced || modified != last_seen {
-                last_seen = modified;
+/// How long a changed file must stay the same before it is loaded: a file being written in
+/// place is read again rather than applied half-written.
+const SETTLE: Duration = Duration::from_millis(100);
+
+impl VipsFileSource {
+    /// A source for the file at `path` (nothing read yet).
+    pub fn new(path: PathBuf) -> Self {
+        Self {
+            path,
+            last_seen: None,
+        }
+    }
+
+    /// Reads and parses the file now (at start, where a bad file is fatal).
+    pub fn load(&mut self) -> Result<Vec<DesiredVip>, VipsFileError> {
+        let text = std::fs::read_to_string(&self.path)?;
+        self.last_seen = Some(content_hash(&text));
+        parse_vips_file(&text)
+    }
+
+    /// Follows the file: checks it every `poll` and whenever `reload` fires (SIGHUP), and
+    /// sends every new good version; a malformed one is logged and the last good set stays.
+    pub fn spawn(
+        mut self,
+        poll: Duration,
+        mut reload: mpsc::UnboundedReceiver<()>,
+        updates: mpsc::UnboundedSender<VipUpdate>,
+    ) {
+        tokio::spawn(async move {
+            let mut forced = false;
+            loop {
+                if let Some(vips) = self.changed(forced).await
+                    && updates.send(VipUpdate::Replace(vips)).is_err()
+                {
+                    return;
+                }
                 forced = false;
-                match load(&path) {
-                    Ok(vips) => {
-                        info!(path = %path.display(), vips = vips.len(), "VIPs file loaded");
-                        if updates.send(VipUpdate::Replace(vips)).is_err() {
-                            return;
-                        }
-                    }
-                    Err(e) => {
-                        warn!(path = %path.display(), "VIPs file rejected, keeping the last good VIPs: {e}")
+                tokio::select! {
+                    _ = tokio::time::sleep(poll) => {}
+                    r = reload.recv() => {
+                        if r.is_none() { return; }
+                        forced = true;
                     }
                 }
             }
-            tokio::select! {
-                _ = tokio::time::sleep(poll) => {}
-                r = reload.recv() => {
-                    if r.is_none() { return; }
-                    forced = true;
+        });
+    }
+
+    /// The file's VIPs if its content changed since last seen (or `forced`) and has settled.
+    async fn changed(&mut self, forced: bool) -> Option<Vec<DesiredVip>> {
+        let path = self.path.display().to_string();
+        let text = match std::fs::read_to_string(&self.path) {
+            Ok(text) => text,
+            Err(e) => {
+                if forced || self.last_seen.is_some() {
+                    warn!(%path, "VIPs file unreadable, keeping the last good VIPs: {e}");
+                    self.last_seen = None;
                 }
+                return None;
+            }
+        };
+        let hash = content_hash(&text);
+        if !forced && self.last_seen == Some(hash) {
+            return None;
+        }
+        tokio::time::sleep(SETTLE).await;
+        if std::fs::read_to_string(&self.path)
+            .ok()
+            .map(|t| content_hash(&t))
+            != Some(hash)
+        {
+            // Still being written: looked at again at the next check.
+            return None;
+        }
+        self.last_seen = Some(hash);
+        match parse_vips_file(&text) {
+            Ok(vips) => {
+                info!(%path, vips = vips.len(), "VIPs file loaded");
+                Some(vips)
+            }
+            Err(e) => {
+                warn!(%path, "VIPs file rejected, keeping the last good VIPs: {e}");
+                None
             }
         }
-    });
+    }
 }
 
-/// Reads and parses a VIPs file.
-pub fn load(path: &Path) -> Result<Vec<DesiredVip>, VipsFileError> {
-    parse_vips_file(&std::fs::read_to_string(path)?)
+fn content_hash(text: &str) -> u64 {
+    use std::hash::{Hash as _, Hasher as _};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    text.hash(&mut hasher);
+    hasher.finish()
 }
 
 #[cfg(test)]
@@ -205,5 +252,36 @@ load_balancer = "lb-1"
                 .to_string()
                 .contains("twice")
         );
+    }
+
+    #[tokio::test]
+    async fn a_change_is_seen_even_when_the_modification_time_is_the_same() {
+        let dir = std::env::temp_dir().join(format!("unidler-vipsfile-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("vips.toml");
+        let one = "[[vip]]\nvip = \"10.0.0.1:80\"\n";
+        let two = "[[vip]]\nvip = \"10.0.0.1:80\"\n[[vip]]\nvip = \"10.0.0.2:80\"\n";
+        std::fs::write(&path, one).unwrap();
+        let mtime = std::fs::metadata(&path).unwrap().modified().unwrap();
+        let mut source = VipsFileSource::new(path.clone());
+        assert_eq!(source.load().unwrap().len(), 1);
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let (_reload_tx, reload_rx) = mpsc::unbounded_channel();
+        source.spawn(Duration::from_millis(20), reload_rx, tx);
+        // Rewritten in place within the same modification time (two quick writes, or a
+        // coarse clock).
+        std::fs::write(&path, two).unwrap();
+        std::fs::File::options()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_modified(mtime)
+            .unwrap();
+        let update = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .expect("the new content is loaded")
+            .unwrap();
+        assert!(matches!(update, VipUpdate::Replace(v) if v.len() == 2));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

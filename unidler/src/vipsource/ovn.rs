@@ -9,23 +9,30 @@ use std::{
 
 use ovsdb::{ChangeSet, Client, Row, RowChange, Uuid, Value};
 use tokio::sync::mpsc;
-use tracing::{debug, warn};
+use tracing::warn;
 
 use crate::vip::{DesiredVip, Protocol, Vip, VipUpdate};
 
-/// The VIPs of one Southbound Load_Balancer row that OVN itself would report.
-///
-/// OVN punts a packet to an empty VIP only when the load balancer has `options:event=true`
-/// or the global `options:controller_event=true` is set, and `options:reject=true` wins
-/// (the packet goes on to OVN, which rejects it): other VIPs are left out of the map, so
-/// the datapath passes their packets. VIPs without a port are left out too.
-pub fn load_balancer_vips(uuid: &Uuid, row: &Row, global_event: bool) -> Vec<DesiredVip> {
+/// What the agent needs of one Southbound Load_Balancer row.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LoadBalancerVips {
+    /// Whether OVN reports this load balancer's empty VIPs: it has `options:event=true` or
+    /// the global `options:controller_event=true` is set, and not `options:reject=true`
+    /// (reject wins: the packet goes on to OVN, which rejects it).
+    pub reports: bool,
+    /// Its VIPs that matter: all of them if it reports; otherwise only those with backends,
+    /// which make a VIP it shares with a reporting load balancer active.
+    pub vips: Vec<DesiredVip>,
+}
+
+/// The VIPs of one Southbound Load_Balancer row. A VIP no reporting load balancer has stays
+/// out of the map, so the datapath passes its packets. VIPs without a port (and templates,
+/// `^VAR`) cannot be keyed by the datapath: they are left out, with a warning.
+pub fn load_balancer_vips(uuid: &Uuid, row: &Row, global_event: bool) -> LoadBalancerVips {
     let map = |c: &str| row.get(c).map(Value::as_string_map).unwrap_or_default();
     let options = map("options");
     let flag = |k: &str| options.get(k).is_some_and(|v| v == "true");
-    if flag("reject") || !(flag("event") || global_event) {
-        return Vec::new();
-    }
+    let reports = !flag("reject") && (flag("event") || global_event);
     let protocol = row
         .get("protocol")
         .and_then(Value::atom)
@@ -37,23 +44,37 @@ pub fn load_balancer_vips(uuid: &Uuid, row: &Row, global_event: bool) -> Vec<Des
         .unwrap_or_else(|| uuid.to_string())
         .into();
     let Some(vips) = row.get("vips") else {
-        return Vec::new();
+        return LoadBalancerVips::default();
     };
-    vips.pairs()
+    let mut unwatchable = Vec::new();
+    let vips = vips
+        .pairs()
         .iter()
         .filter_map(|(vip, backends)| {
             let (vip, backends) = (vip.as_str()?, backends.as_str()?);
+            let backends = backends.split(',').filter(|b| !b.trim().is_empty()).count() as u32;
+            if !reports && backends == 0 {
+                return None;
+            }
             let Ok(addr) = vip.parse::<SocketAddr>() else {
-                debug!(%vip, "VIP without a port (or malformed): not watched");
+                unwatchable.push(vip);
                 return None;
             };
             Some(DesiredVip {
                 vip: Vip::new(addr, protocol),
-                backends: backends.split(',').filter(|b| !b.trim().is_empty()).count() as u32,
+                backends,
                 load_balancer: Some(load_balancer.clone()),
             })
         })
-        .collect()
+        .collect();
+    if reports && !unwatchable.is_empty() {
+        warn!(
+            %load_balancer,
+            vips = ?unwatchable,
+            "VIPs without a port (or templates) are not watched: OVN, not unidler, reports them"
+        );
+    }
+    LoadBalancerVips { reports, vips }
 }
 
 /// The OVN source's state: every load balancer's VIPs, and which load balancers share a VIP.
@@ -61,8 +82,8 @@ pub fn load_balancer_vips(uuid: &Uuid, row: &Row, global_event: bool) -> Vec<Des
 #[derive(Default)]
 struct OvnVips {
     global_event: bool,
-    /// Southbound Load_Balancer UUID → its VIPs.
-    by_lb: HashMap<Arc<str>, Vec<DesiredVip>>,
+    /// Southbound Load_Balancer UUID → its VIPs (load balancers with none left out).
+    by_lb: HashMap<Arc<str>, LoadBalancerVips>,
     /// The load balancers having each VIP.
     lbs_of: HashMap<Vip, LbSet>,
 }
@@ -75,15 +96,15 @@ impl OvnVips {
         self.by_lb.clear();
         self.lbs_of.clear();
         for (uuid, row) in replica.rows("Load_Balancer") {
-            let vips = load_balancer_vips(uuid, row, self.global_event);
-            if vips.is_empty() {
+            let lb_vips = load_balancer_vips(uuid, row, self.global_event);
+            if lb_vips.vips.is_empty() {
                 continue;
             }
             let lb: Arc<str> = uuid.0.as_str().into();
-            for d in &vips {
+            for d in &lb_vips.vips {
                 self.add_lb_of(d.vip, &lb);
             }
-            self.by_lb.insert(lb, vips);
+            self.by_lb.insert(lb, lb_vips);
         }
         self.by_lb.shrink_to_fit();
         self.lbs_of.shrink_to_fit();
@@ -104,9 +125,11 @@ impl OvnVips {
 
     /// Applies one load balancer's new row (None: deleted); returns the changed VIPs.
     fn update_lb(&mut self, uuid: &Uuid, row: Option<&Row>) -> (Vec<DesiredVip>, Vec<Vip>) {
-        let new = row.map_or_else(Vec::new, |r| load_balancer_vips(uuid, r, self.global_event));
+        let new = row.map_or_else(LoadBalancerVips::default, |r| {
+            load_balancer_vips(uuid, r, self.global_event)
+        });
         let (lb, old) = match self.by_lb.remove_entry(uuid.0.as_str()) {
-            Some((lb, old)) => (lb, old),
+            Some((lb, old)) => (lb, old.vips),
             None => (uuid.0.as_str().into(), Vec::new()),
         };
         let mut affected: BTreeSet<Vip> = old.iter().map(|d| d.vip).collect();
@@ -117,11 +140,11 @@ impl OvnVips {
                 self.lbs_of.remove(&d.vip);
             }
         }
-        for d in &new {
+        for d in &new.vips {
             affected.insert(d.vip);
             self.add_lb_of(d.vip, &lb);
         }
-        if !new.is_empty() {
+        if !new.vips.is_empty() {
             self.by_lb.insert(lb, new);
         }
         let mut upsert = Vec::new();
@@ -135,19 +158,23 @@ impl OvnVips {
         (upsert, remove)
     }
 
-    /// One VIP over every load balancer that has it: active if any has backends; the first
-    /// (by UUID) idle load balancer is the one events name.
+    /// One VIP over every load balancer that has it: in the map only if a reporting one has
+    /// it; active if any has backends (reporting or not: OVN forwards to them); the first (by
+    /// UUID) idle reporting load balancer is the one events name.
     fn combined(&self, vip: &Vip) -> Option<DesiredVip> {
         let lbs = self.lbs_of.get(vip)?;
-        let entries: Vec<&DesiredVip> = lbs
+        let entries: Vec<(bool, &DesiredVip)> = lbs
             .iter()
-            .filter_map(|lb| self.by_lb.get(lb)?.iter().find(|d| d.vip == *vip))
+            .filter_map(|lb| {
+                let lb = self.by_lb.get(lb)?;
+                Some((lb.reports, lb.vips.iter().find(|d| d.vip == *vip)?))
+            })
             .collect();
-        let backends = entries.iter().map(|d| d.backends).max()?;
-        let named = entries
-            .iter()
+        let reporting = || entries.iter().filter(|(reports, _)| *reports).map(|e| e.1);
+        let named = reporting()
             .find(|d| d.backends == 0)
-            .or(entries.first())?;
+            .or_else(|| reporting().next())?;
+        let backends = entries.iter().map(|(_, d)| d.backends).max()?;
         Some(DesiredVip {
             vip: *vip,
             backends,
@@ -311,6 +338,8 @@ mod tests {
         ];
         let event = lb_row(&vips, &[("event", "true")], "udp");
         let got = load_balancer_vips(&uuid(1), &event, false);
+        assert!(got.reports);
+        let got = got.vips;
         assert_eq!(got.len(), 2, "the port-less VIP is left out: {got:?}");
         let idle = got
             .iter()
@@ -325,18 +354,49 @@ mod tests {
             .unwrap();
         assert_eq!(active.backends, 2);
 
+        // Without event, only the VIPs with backends matter (they can make a shared VIP
+        // active); the idle one is left out.
         let no_event = lb_row(&vips, &[], "tcp");
-        assert!(load_balancer_vips(&uuid(1), &no_event, false).is_empty());
+        let got = load_balancer_vips(&uuid(1), &no_event, false);
+        assert!(!got.reports);
         assert_eq!(
-            load_balancer_vips(&uuid(1), &no_event, true).len(),
-            2,
-            "global option"
+            got.vips
+                .iter()
+                .map(|d| d.vip.endpoint())
+                .collect::<Vec<_>>(),
+            ["[fd00::1]:53"]
         );
+        let global = load_balancer_vips(&uuid(1), &no_event, true);
+        assert!(global.reports, "global option");
+        assert_eq!(global.vips.len(), 2);
         let reject = lb_row(&vips, &[("event", "true"), ("reject", "true")], "tcp");
         assert!(
-            load_balancer_vips(&uuid(1), &reject, true).is_empty(),
+            !load_balancer_vips(&uuid(1), &reject, true).reports,
             "reject wins"
         );
+    }
+
+    #[test]
+    fn a_vip_with_backends_through_a_load_balancer_without_event_is_active() {
+        let mut s = OvnVips::default();
+        let idle = lb_row(&[("10.0.0.5:80", "")], &[("event", "true")], "tcp");
+        let (up, _) = s.update_lb(&uuid(1), Some(&idle));
+        assert_eq!((up.len(), up[0].backends), (1, 0));
+        // The same VIP with backends in a load balancer that reports nothing (as most
+        // services are): OVN forwards, so the VIP must not be idle.
+        let active = lb_row(&[("10.0.0.5:80", "10.1.1.1:8080")], &[], "tcp");
+        let (up, rm) = s.update_lb(&uuid(2), Some(&active));
+        assert!(rm.is_empty());
+        assert_eq!(up.len(), 1);
+        assert_eq!(up[0].backends, 1, "{up:?}");
+        // Its backends go: idle again, named after the reporting load balancer.
+        let drained = lb_row(&[("10.0.0.5:80", "")], &[], "tcp");
+        let (up, _) = s.update_lb(&uuid(2), Some(&drained));
+        assert_eq!((up.len(), up[0].backends), (1, 0));
+        // A VIP only a non-reporting load balancer has stays out of the map.
+        let other = lb_row(&[("10.0.0.6:80", "10.1.1.2:80")], &[], "tcp");
+        let (up, rm) = s.update_lb(&uuid(3), Some(&other));
+        assert!(up.is_empty() && rm.len() == 1, "{up:?} {rm:?}");
     }
 
     #[test]

@@ -1,6 +1,9 @@
 //! The XDP program on crafted frames through BPF_PROG_TEST_RUN: verdicts, events, counters.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    time::Duration,
+};
 
 use unidler::{
     datapath::{Counters, Datapath, EventRing, LoadOptions},
@@ -51,12 +54,18 @@ impl Harness {
 
     #[track_caller]
     fn with_limits(rate_limits: RateLimitConfig) -> Self {
-        require_root();
-        let mut datapath = Datapath::load(&LoadOptions {
+        Self::with_options(LoadOptions {
             rate_limits,
             kernel_log_level: 0,
+            ..LoadOptions::default()
         })
-        .unwrap_or_else(|e| panic!("loading the XDP program: {e}"));
+    }
+
+    #[track_caller]
+    fn with_options(options: LoadOptions) -> Self {
+        require_root();
+        let mut datapath =
+            Datapath::load(&options).unwrap_or_else(|e| panic!("loading the XDP program: {e}"));
         let events = datapath.take_events().expect("event ring");
         Self {
             datapath,
@@ -497,6 +506,41 @@ fn ipv6_extension_headers_are_walked_and_bounded() {
     let run = h.check_against_model(&too_long.build());
     assert_eq!(run.counters.get(Counter::TooManyIpv6Extensions), 1);
     assert_eq!(run.verdict, XDP_PASS);
+}
+
+#[test]
+fn idle_vips_fail_open_once_the_heartbeat_expires_and_drop_again_when_renewed() {
+    let mut h = Harness::with_options(LoadOptions {
+        rate_limits: RateLimitConfig::new(1_000_000, 1_000_000, 1_000_000, 1_000_000),
+        kernel_log_level: 0,
+        fail_open_after: Duration::from_millis(200),
+    });
+    h.vip("10.96.0.10:80/tcp");
+    h.vip("10.96.0.11:80/tcp=2");
+    let run = h.run(&syn(CLIENT4, VIP4, 80).build());
+    assert_eq!(
+        (run.verdict, run.events.len()),
+        (XDP_DROP, 1),
+        "fresh heartbeat"
+    );
+
+    std::thread::sleep(Duration::from_millis(300));
+    let run = h.run(&syn(CLIENT4, VIP4, 80).build());
+    assert_eq!(run.verdict, XDP_PASS, "expired heartbeat: fail open");
+    assert!(run.events.is_empty(), "OVN's own path reports it");
+    assert_eq!(run.counters.get(Counter::IdleFailedOpen), 1);
+    assert_eq!(run.counters.idle_hits(), 1, "still an idle hit");
+    // Nothing else changes: VIPs with backends and other packets pass as always.
+    let active: IpAddr = "10.96.0.11".parse().unwrap();
+    let run = h.run(&syn(CLIENT4, active, 80).build());
+    assert_eq!(
+        (run.verdict, run.counters.get(Counter::IdleFailedOpen)),
+        (XDP_PASS, 0)
+    );
+
+    h.datapath.renew_heartbeat().unwrap();
+    let run = h.run(&syn(CLIENT4, VIP4, 80).build());
+    assert_eq!((run.verdict, run.events.len()), (XDP_DROP, 1), "renewed");
 }
 
 #[test]

@@ -11,8 +11,9 @@ use std::{
 };
 
 use unidler::{
+    datapath::monotonic_ns,
     event::IdleHit,
-    sink::{ControllerEventSink, SinkOptions, monotonic_ns},
+    sink::{ControllerEventSink, SinkOptions},
     southbound::{Southbound, SouthboundConfig},
     vip::Protocol,
 };

@@ -140,6 +140,30 @@ const fn gcra(rate_per_sec: u32, burst: u32) -> (u64, u64) {
     (interval, (burst - 1) * interval)
 }
 
+/// The agent's heartbeat, one entry of the `HEARTBEAT` array: the dead-man switch that makes
+/// idle VIPs fail open. The agent renews `renewed_ns` while it can vouch for the VIP map (its
+/// VIP source is in sync); once the heartbeat is older than `fail_open_after_ns`, the kernel
+/// passes opening packets to idle VIPs instead of dropping them (OVN's own path then handles
+/// them, as without us). Both in `CLOCK_MONOTONIC` nanoseconds; a `fail_open_after_ns` of
+/// zero never fails open.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Heartbeat {
+    /// When the agent last vouched for the VIP map.
+    pub renewed_ns: u64,
+    /// How old the heartbeat may get before idle VIPs fail open; zero: never.
+    pub fail_open_after_ns: u64,
+}
+
+impl Heartbeat {
+    /// Whether, at `now_ns`, the heartbeat is too old: idle VIPs fail open.
+    #[inline(always)]
+    pub const fn expired(&self, now_ns: u64) -> bool {
+        self.fail_open_after_ns != 0
+            && now_ns.saturating_sub(self.renewed_ns) > self.fail_open_after_ns
+    }
+}
+
 /// What the XDP program did with the packet that raised an event.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -175,7 +199,8 @@ pub struct IdleHitEvent {
 }
 
 /// Indexes of the per-CPU `COUNTERS` array. The agent sums each over all CPUs. (Idle hits
-/// are not counted apart: they are [`Counter::IdleDropped`] plus [`Counter::IdlePassed`].)
+/// are not counted apart: they are [`Counter::IdleDropped`], [`Counter::IdlePassed`] and
+/// [`Counter::IdleFailedOpen`] together.)
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Counter {
@@ -195,6 +220,9 @@ pub enum Counter {
     IdleDropped,
     /// Idle hits whose packet was passed because of [`VIP_FLAG_PASS_WHEN_IDLE`].
     IdlePassed,
+    /// Idle hits whose packet was passed because the agent's [`Heartbeat`] had expired
+    /// (fail-open); no event is written for them.
+    IdleFailedOpen,
     /// Non-first IP fragments: no L4 header, so never matched against VIPs.
     Fragments,
     /// Parse failure: frame shorter than an Ethernet header.
@@ -227,6 +255,7 @@ impl Counter {
         Counter::RingFull,
         Counter::IdleDropped,
         Counter::IdlePassed,
+        Counter::IdleFailedOpen,
         Counter::Fragments,
         Counter::TruncatedEthernet,
         Counter::TruncatedVlan,
@@ -248,6 +277,7 @@ impl Counter {
             Counter::RingFull => "ring_full",
             Counter::IdleDropped => "idle_dropped",
             Counter::IdlePassed => "idle_passed",
+            Counter::IdleFailedOpen => "idle_failed_open",
             Counter::Fragments => "fragments",
             Counter::TruncatedEthernet => "truncated_ethernet",
             Counter::TruncatedVlan => "truncated_vlan",
@@ -269,6 +299,7 @@ const _: () = assert!(core::mem::size_of::<VipKey>() == 20);
 const _: () = assert!(core::mem::size_of::<VipState>() == 32);
 const _: () = assert!(core::mem::size_of::<RateLimitConfig>() == 32);
 const _: () = assert!(core::mem::size_of::<IdleHitEvent>() == 64);
+const _: () = assert!(core::mem::size_of::<Heartbeat>() == 16);
 
 #[cfg(feature = "user")]
 mod user {
@@ -278,6 +309,7 @@ mod user {
     unsafe impl aya::Pod for VipState {}
     unsafe impl aya::Pod for RateLimitConfig {}
     unsafe impl aya::Pod for IdleHitEvent {}
+    unsafe impl aya::Pod for Heartbeat {}
 }
 
 #[cfg(test)]

@@ -31,8 +31,8 @@ use network_types::{
     vlan::VlanHdr,
 };
 use unidler_common::{
-    ADDRESS_FILTER_WORDS, Counter, EVENT_RING_BYTES, EventAction, IdleHitEvent, RateLimitConfig,
-    VIP_FLAG_PASS_WHEN_IDLE, VIP_MAP_CAPACITY, VipKey, VipState, address_bucket,
+    ADDRESS_FILTER_WORDS, Counter, EVENT_RING_BYTES, EventAction, Heartbeat, IdleHitEvent,
+    RateLimitConfig, VIP_FLAG_PASS_WHEN_IDLE, VIP_MAP_CAPACITY, VipKey, VipState, address_bucket,
     address_bucket_ipv4,
 };
 
@@ -58,6 +58,11 @@ static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::COUNT
 /// Rate limits, one entry, written by the agent before it attaches the program.
 #[map]
 static CONFIG: Array<RateLimitConfig> = Array::with_max_entries(1, 0);
+
+/// The agent's heartbeat, one entry, renewed by the agent: once it is too old, idle VIPs fail
+/// open (see [`Heartbeat`]).
+#[map]
+static HEARTBEAT: Array<Heartbeat> = Array::with_max_entries(1, 0);
 
 /// State of the global event rate limiter (GCRA theoretical arrival time), one entry.
 #[map]
@@ -306,7 +311,13 @@ fn on_opening_packet(ctx: &XdpContext, packet: &OpeningPacket) -> u32 {
     if state.backends != 0 {
         return xdp_action::XDP_PASS;
     }
-    // Idle hits are not counted apart: the agent derives them (dropped + passed).
+    // Idle hits are not counted apart: the agent derives them from their outcomes.
+    let now = unsafe { bpf_ktime_get_ns() };
+    if HEARTBEAT.get(0).is_some_and(|h| h.expired(now)) {
+        // Nobody vouches for the map: let OVN's own path see the packet.
+        count(Counter::IdleFailedOpen);
+        return xdp_action::XDP_PASS;
+    }
     let (verdict, action) = if state.flags & VIP_FLAG_PASS_WHEN_IDLE != 0 {
         count(Counter::IdlePassed);
         (xdp_action::XDP_PASS, EventAction::Passed)
@@ -314,7 +325,7 @@ fn on_opening_packet(ctx: &XdpContext, packet: &OpeningPacket) -> u32 {
         count(Counter::IdleDropped);
         (xdp_action::XDP_DROP, EventAction::Dropped)
     };
-    report(ctx, packet, &vip, state, action);
+    report(ctx, packet, &vip, state, action, now);
     verdict
 }
 
@@ -326,7 +337,7 @@ fn maybe_vip_address(bucket: u32) -> bool {
         .is_some_and(|word| word & (1 << (bucket % 64)) != 0)
 }
 
-/// Writes an event for an idle hit if both rate limiters allow it.
+/// Writes an event for an idle hit seen at `now` if both rate limiters allow it.
 #[inline(always)]
 fn report(
     ctx: &XdpContext,
@@ -334,11 +345,11 @@ fn report(
     vip: &VipKey,
     state: &mut VipState,
     action: EventAction,
+    now: u64,
 ) {
     let Some(config) = CONFIG.get(0) else {
         return;
     };
-    let now = unsafe { bpf_ktime_get_ns() };
     if !gcra_allow(
         &mut state.event_tat_ns,
         now,

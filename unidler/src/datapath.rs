@@ -4,7 +4,7 @@
 //! Dropping a [`Datapath`] detaches the program everywhere. Attachments are BPF links owned
 //! by this process, so a crash detaches them too and the next run starts clean.
 
-use std::{io, os::fd::AsRawFd, sync::Arc};
+use std::{io, os::fd::AsRawFd, sync::Arc, time::Duration};
 
 use aya::{
     Ebpf, EbpfLoader,
@@ -14,7 +14,8 @@ use aya::{
 use aya_log::EbpfLogger;
 use thiserror::Error;
 use unidler_common::{
-    Counter, IdleHitEvent, PROGRAM_NAME, RateLimitConfig, VipKey, VipState, address_bucket,
+    Counter, Heartbeat, IdleHitEvent, PROGRAM_NAME, RateLimitConfig, VipKey, VipState,
+    address_bucket,
 };
 
 use crate::caps;
@@ -51,6 +52,9 @@ pub struct LoadOptions {
     pub rate_limits: RateLimitConfig,
     /// Most verbose aya-log level the kernel emits (1 error … 5 trace).
     pub kernel_log_level: u8,
+    /// How long the heartbeat may go unrenewed ([`Datapath::renew_heartbeat`]) before idle
+    /// VIPs fail open; zero: never (the default here; the agent sets `--fail-open-after`).
+    pub fail_open_after: Duration,
 }
 
 impl Default for LoadOptions {
@@ -58,8 +62,21 @@ impl Default for LoadOptions {
         Self {
             rate_limits: RateLimitConfig::new(1, 5, 1000, 1000),
             kernel_log_level: 3,
+            fail_open_after: Duration::ZERO,
         }
     }
+}
+
+/// `CLOCK_MONOTONIC` now, in nanoseconds: the clock of the kernel's timestamps
+/// (`bpf_ktime_get_ns`).
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes the timespec it is given.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 /// What can go wrong with the datapath, each said so that an operator knows what to do.
@@ -114,6 +131,8 @@ pub struct Datapath {
     keys: std::collections::HashSet<VipKey>,
     bucket_counts: std::collections::HashMap<u32, u32>,
     counters: CounterReader,
+    heartbeat: Array<MapData, Heartbeat>,
+    fail_open_after_ns: u64,
     events: Option<RingBuf<MapData>>,
     logger: Option<KernelLogger>,
     attached: Vec<(String, u32, XdpLinkId)>,
@@ -157,6 +176,9 @@ impl Datapath {
                 map: "CONFIG",
                 source,
             })?;
+        let mut heartbeat: Array<_, Heartbeat> = take_map(&mut ebpf, "HEARTBEAT")?;
+        let fail_open_after_ns = options.fail_open_after.as_nanos() as u64;
+        write_heartbeat(&mut heartbeat, fail_open_after_ns)?;
         let vips = take_map(&mut ebpf, "VIPS")?;
         let address_filter = take_map(&mut ebpf, "VIP_ADDRESS_FILTER")?;
         let counters = CounterReader(Arc::new(take_map(&mut ebpf, "COUNTERS")?));
@@ -168,6 +190,8 @@ impl Datapath {
             keys: Default::default(),
             bucket_counts: Default::default(),
             counters,
+            heartbeat,
+            fail_open_after_ns,
             events,
             logger,
             attached: Vec::new(),
@@ -269,6 +293,11 @@ impl Datapath {
                 map: "VIP_ADDRESS_FILTER",
                 source,
             })
+    }
+
+    /// Vouches for the VIP map now: idle VIPs keep dropping for another `fail_open_after`.
+    pub fn renew_heartbeat(&mut self) -> Result<(), DatapathError> {
+        write_heartbeat(&mut self.heartbeat, self.fail_open_after_ns)
     }
 
     /// The VIP entry for `key`, if present.
@@ -389,9 +418,11 @@ impl Counters {
     }
 
     /// Connection-opening packets to a VIP with no backends: the kernel counts only their
-    /// two outcomes (one counter less on the idle path), dropped and passed.
+    /// outcomes (one counter less on the idle path), dropped, passed and failed open.
     pub fn idle_hits(&self) -> u64 {
-        self.get(Counter::IdleDropped) + self.get(Counter::IdlePassed)
+        self.get(Counter::IdleDropped)
+            + self.get(Counter::IdlePassed)
+            + self.get(Counter::IdleFailedOpen)
     }
 
     /// All parse failures together.
@@ -459,6 +490,22 @@ fn run_repeat(
         })
         .map_err(DatapathError::TestRun)?;
     Ok((result.return_value, result.duration.as_nanos() as u64))
+}
+
+/// Writes a heartbeat renewed now.
+fn write_heartbeat(
+    map: &mut Array<MapData, Heartbeat>,
+    fail_open_after_ns: u64,
+) -> Result<(), DatapathError> {
+    let heartbeat = Heartbeat {
+        renewed_ns: monotonic_ns(),
+        fail_open_after_ns,
+    };
+    map.set(0, heartbeat, 0)
+        .map_err(|source| DatapathError::Map {
+            map: "HEARTBEAT",
+            source,
+        })
 }
 
 fn take_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, DatapathError>

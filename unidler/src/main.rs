@@ -106,6 +106,12 @@ struct RunArgs {
     /// Events per second over all VIPs, once the burst is spent (enforced in the kernel).
     #[arg(long, env = "UNIDLER_EVENT_RATE", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
     event_rate: u32,
+    /// How long the agent may be unable to vouch for the VIP map (its VIP source out of
+    /// sync, e.g. the Southbound database unreachable, or the agent hung or gone) before the
+    /// kernel lets opening packets to idle VIPs pass instead of dropping them, so that OVN's
+    /// own path handles them (0 never fails open).
+    #[arg(long, env = "UNIDLER_FAIL_OPEN_AFTER", default_value = "15s", value_parser = humantime_duration)]
+    fail_open_after: Duration,
     /// Events all VIPs together may raise back to back.
     #[arg(long, env = "UNIDLER_EVENT_BURST", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
     event_burst: u32,
@@ -289,6 +295,7 @@ fn config(args: RunArgs) -> Result<Config> {
             args.event_rate,
             args.event_burst,
         ),
+        fail_open_after: args.fail_open_after,
         southbound,
         event_queue_size: args.event_queue_size,
         state_dir: args.state_dir,

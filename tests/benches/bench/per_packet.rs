@@ -1,6 +1,9 @@
 //! Section 1: per-packet cost in the kernel (BPF_PROG_TEST_RUN) against a do-nothing XDP program.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    time::Duration,
+};
 
 use unidler::{
     datapath::{Datapath, LoadOptions},
@@ -62,6 +65,8 @@ pub(crate) fn per_packet() -> Vec<Figure> {
                 1_000_000_000,
             ),
             kernel_log_level: 0,
+            // Checked on every idle hit, as the agent runs; never expires here.
+            fail_open_after: Duration::from_secs(3600),
         })
         .expect("load");
         let mut ring = dp.take_events().unwrap();
@@ -182,6 +187,8 @@ pub(crate) fn per_packet() -> Vec<Figure> {
         let mut limited = Datapath::load(&LoadOptions {
             rate_limits: RateLimitConfig::new(1, 1, 1_000_000, 1_000_000),
             kernel_log_level: 0,
+            // Checked on every idle hit, as the agent runs; never expires here.
+            fail_open_after: Duration::from_secs(3600),
         })
         .unwrap();
         add(&mut limited, "10.96.0.10:80/tcp", 0);

@@ -20,6 +20,9 @@ pub struct Config {
     pub idle_action: IdleAction,
     /// Event rate limits enforced in the kernel.
     pub rate_limits: RateLimitConfig,
+    /// How long the agent may be unable to vouch for the VIP map (its VIP source out of
+    /// sync, or the agent gone) before idle VIPs fail open in the kernel; zero: never.
+    pub fail_open_after: Duration,
     /// The Southbound database: with it, idle hits become Controller_Event rows there;
     /// without it, they are printed on standard output as JSON lines.
     pub southbound: Option<SouthboundConfig>,

@@ -42,6 +42,8 @@ use crate::{
 const RECENT_EVENTS: usize = 100;
 /// How often the VIPs file is checked for changes.
 const VIPS_FILE_POLL: Duration = Duration::from_secs(1);
+/// How often the kernel's heartbeat is renewed (more often for a short `--fail-open-after`).
+const HEARTBEAT_EVERY: Duration = Duration::from_secs(1);
 
 /// A running agent: the program attached, its sources started.
 pub struct Agent {
@@ -61,6 +63,13 @@ pub struct Agent {
     reload_vips_file: Option<mpsc::UnboundedSender<()>>,
     /// Kernel counters at the last summary.
     last_summary: Counters,
+    /// The Southbound connection, when the VIPs come from it: the map can be vouched for
+    /// only while it is connected.
+    ovn_vips: Option<Southbound>,
+    /// How long idle VIPs keep dropping without a renewed heartbeat (zero: forever).
+    fail_open_after: Duration,
+    /// Since when the agent has not vouched for the map, once it had (to log changes once).
+    out_of_sync_since: Option<Instant>,
     sources: Option<Sources>,
 }
 
@@ -82,6 +91,7 @@ impl Agent {
         let mut datapath = Datapath::load(&LoadOptions {
             rate_limits: config.rate_limits,
             kernel_log_level: config.kernel_log_level,
+            fail_open_after: config.fail_open_after,
         })?;
         if let Some(logger) = datapath.take_logger() {
             spawn_kernel_log_pump(logger)?;
@@ -145,6 +155,9 @@ impl Agent {
             metrics,
             reload_vips_file: None,
             last_summary,
+            ovn_vips: None,
+            fail_open_after: config.fail_open_after,
+            out_of_sync_since: None,
             sources: None,
         };
 
@@ -167,6 +180,7 @@ impl Agent {
                     .as_ref()
                     .context("VIPs from OVN need the Southbound database")?;
                 vipsource::ovn::spawn(southbound.client().clone(), vip_tx);
+                agent.ovn_vips = Some(southbound.clone());
             }
             VipSourceConfig::None => warn!(
                 "no VIPs (--vip, --vips-file or --ovnsb-db): every packet passes, nothing is reported"
@@ -194,6 +208,7 @@ impl Agent {
             vip_updates,
             queries,
             summary: Sources::summary_timer(config.summary_interval),
+            heartbeat: tokio::time::interval(heartbeat_period(config.fail_open_after)),
             signals: Signals::install()?,
         });
         Ok(agent)
@@ -208,6 +223,7 @@ impl Agent {
                 Input::Vips(update) => self.on_vips(update)?,
                 Input::Query(query) => self.on_query(query),
                 Input::SummaryDue => self.on_summary_due()?,
+                Input::HeartbeatDue => self.on_heartbeat_due()?,
                 Input::Reload => self.on_reload(),
                 Input::Stop(signal) => {
                     info!("{signal}: detaching");
@@ -325,6 +341,35 @@ impl Agent {
         Ok(())
     }
 
+    /// Renews the kernel's heartbeat while the VIP map can be vouched for: the VIP source
+    /// has synced and, for OVN, is still connected. Otherwise idle VIPs fail open once the
+    /// heartbeat is `fail_open_after` old.
+    fn on_heartbeat_due(&mut self) -> Result<()> {
+        let synced = self.readiness.vips_synced.load(Ordering::Relaxed);
+        let connected = self
+            .ovn_vips
+            .as_ref()
+            .is_none_or(|sb| sb.client().is_connected());
+        if synced && connected {
+            self.datapath.renew_heartbeat()?;
+            if let Some(since) = self.out_of_sync_since.take() {
+                info!(
+                    after = ?since.elapsed(),
+                    "VIP source back in sync: idle VIPs drop again"
+                );
+            }
+        } else if synced && self.out_of_sync_since.is_none() {
+            self.out_of_sync_since = Some(Instant::now());
+            if !self.fail_open_after.is_zero() {
+                warn!(
+                    fail_open_after = ?self.fail_open_after,
+                    "VIP source out of sync: idle VIPs fail open (pass) unless it is back in time"
+                );
+            }
+        }
+        Ok(())
+    }
+
     fn on_reload(&self) {
         match &self.reload_vips_file {
             Some(reload) => {
@@ -351,6 +396,17 @@ impl Agent {
         }
         Ok(())
     }
+}
+
+/// How often to renew the heartbeat: every second, or three times within a shorter
+/// `fail_open_after`.
+fn heartbeat_period(fail_open_after: Duration) -> Duration {
+    if fail_open_after.is_zero() {
+        return HEARTBEAT_EVERY;
+    }
+    HEARTBEAT_EVERY
+        .min(fail_open_after / 3)
+        .max(Duration::from_millis(10))
 }
 
 fn write_json_line(out: &mut io::Stdout, hit: &IdleHit) -> io::Result<()> {
@@ -422,6 +478,7 @@ fn log_kernel_counters(what: &str, c: &Counters) {
         idle_hits = c.idle_hits(),
         events = c.get(Counter::EventsWritten),
         rate_limited = c.get(Counter::RateLimitedVip) + c.get(Counter::RateLimitedGlobal),
+        failed_open = c.get(Counter::IdleFailedOpen),
         ring_full = c.get(Counter::RingFull),
         fragments = c.get(Counter::Fragments),
         parse_failures = c.parse_failures(),

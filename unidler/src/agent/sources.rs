@@ -25,6 +25,8 @@ pub enum Input {
     Query(Query),
     /// Time for the periodic summary.
     SummaryDue,
+    /// Time to renew the kernel's heartbeat (if the agent can vouch for the VIP map).
+    HeartbeatDue,
     /// SIGHUP: reload what can be reloaded.
     Reload,
     /// SIGINT or SIGTERM (named): detach and exit.
@@ -41,6 +43,8 @@ pub struct Sources {
     pub queries: mpsc::Receiver<Query>,
     /// The summary timer; None when summaries are off.
     pub summary: Option<Interval>,
+    /// The heartbeat timer.
+    pub heartbeat: Interval,
     /// Signals.
     pub signals: Signals,
 }
@@ -76,6 +80,7 @@ impl Sources {
             vip_updates,
             queries,
             summary,
+            heartbeat,
             signals,
         } = self;
         tokio::select! {
@@ -91,6 +96,7 @@ impl Sources {
             _ = async { summary.as_mut().expect("guarded by if").tick().await }, if summary.is_some() => {
                 Ok(Input::SummaryDue)
             }
+            _ = heartbeat.tick() => Ok(Input::HeartbeatDue),
             _ = signals.hangup.recv() => Ok(Input::Reload),
             _ = signals.interrupt.recv() => Ok(Input::Stop("SIGINT")),
             _ = signals.terminate.recv() => Ok(Input::Stop("SIGTERM")),

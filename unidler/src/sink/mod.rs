@@ -47,6 +47,7 @@ use self::{
     seq_num::{SeqCheckpoint, SeqNumbers},
 };
 use crate::{
+    datapath::monotonic_ns,
     event::IdleHit,
     southbound::{CONTROLLER_EVENT, Southbound},
 };
@@ -108,17 +109,6 @@ impl SinkStats {
     fn add(counter: &AtomicU64, n: usize) {
         counter.fetch_add(n as u64, Ordering::Relaxed);
     }
-}
-
-/// `CLOCK_MONOTONIC` now, in nanoseconds: the clock of the kernel's event timestamps.
-pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes the timespec it is given.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 /// The identity of a row: ovn-controller keeps one per (vip, protocol, load_balancer).

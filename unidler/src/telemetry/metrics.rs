@@ -96,6 +96,10 @@ fn exported(counter: KernelCounter) -> Option<Exported> {
     let rate_limited = "Events the kernel suppressed, by rate limit";
     Some(match counter {
         C::Packets | C::IdleDropped | C::IdlePassed => return None,
+        C::IdleFailedOpen => plain(
+            "unidler_kernel_idle_failed_open",
+            "Opening packets to idle VIPs passed because the agent's heartbeat had expired",
+        ),
         C::VipHits => plain(
             "unidler_kernel_vip_hits",
             "Connection-opening packets to a VIP",

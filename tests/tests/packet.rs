@@ -543,6 +543,67 @@ fn idle_vips_fail_open_once_the_heartbeat_expires_and_drop_again_when_renewed() 
     assert_eq!((run.verdict, run.events.len()), (XDP_DROP, 1), "renewed");
 }
 
+/// Every CPU hits the same idle VIP at once: the rate limiters must hand out exactly the
+/// tokens they have. (A CPU that loses a compare-and-swap must retry, not give up with
+/// tokens left; a per-VIP token must not be spent when the global limiter refuses.)
+#[test]
+fn rate_limiters_lose_no_token_under_contention_from_every_cpu() {
+    const GLOBAL_BURST: u32 = 2000;
+    const PER_CPU: u32 = 20_000;
+    // The per-VIP limiter never refuses; the global one allows its burst and then (one per
+    // hour) nothing more during the test.
+    const HOUR_NS: u64 = 3_600_000_000_000;
+    let mut h = Harness::with_limits(RateLimitConfig {
+        global_interval_ns: HOUR_NS,
+        global_tolerance_ns: u64::from(GLOBAL_BURST - 1) * HOUR_NS,
+        ..RateLimitConfig::new(1_000_000_000, 1_000_000_000, 1, 1)
+    });
+    h.vip("10.96.0.10:80/tcp");
+    let frame = syn(CLIENT4, VIP4, 80).build();
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    assert!(cpus >= 2, "needs two CPUs to contend");
+    let before = h.datapath.counters().unwrap();
+    let datapath = &h.datapath;
+    std::thread::scope(|scope| {
+        for cpu in 0..cpus {
+            let frame = &frame;
+            scope.spawn(move || {
+                pin_to_cpu(cpu);
+                let (verdict, _) = datapath.test_run_repeat(frame, LO, PER_CPU).unwrap();
+                assert_eq!(verdict, XDP_DROP);
+            });
+        }
+    });
+    let c = h.datapath.counters().unwrap().since(&before);
+    let hits = u64::from(PER_CPU) * cpus as u64;
+    assert_eq!(c.idle_hits(), hits);
+    assert_eq!(
+        c.get(Counter::EventsWritten),
+        u64::from(GLOBAL_BURST),
+        "events: exactly the global burst; rate-limited per VIP {}, globally {}",
+        c.get(Counter::RateLimitedVip),
+        c.get(Counter::RateLimitedGlobal)
+    );
+    assert_eq!(
+        c.get(Counter::RateLimitedVip),
+        0,
+        "the per-VIP limit never refuses"
+    );
+    assert_eq!(
+        c.get(Counter::RateLimitedGlobal),
+        hits - u64::from(GLOBAL_BURST)
+    );
+}
+
+fn pin_to_cpu(cpu: usize) {
+    // SAFETY: a zeroed cpu_set_t is valid; CPU_SET and sched_setaffinity only touch it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+    }
+}
+
 #[test]
 fn an_ipv6_packet_to_an_ipv4_mapped_address_is_not_for_the_ipv4_vip() {
     let mut h = Harness::new();

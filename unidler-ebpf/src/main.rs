@@ -350,26 +350,42 @@ fn report(
     let Some(config) = CONFIG.get(0) else {
         return;
     };
-    if !gcra_allow(
-        &mut state.event_tat_ns,
+    let Some(global) = GLOBAL_LIMITER.get_ptr_mut(0) else {
+        return;
+    };
+    let vip_tat: *mut u64 = &mut state.event_tat_ns;
+    // The VIP's limiter is asked first but spent last: a VIP token is taken only once the
+    // global limiter has given one, so a global refusal costs the VIP nothing.
+    // SAFETY (all three): map value pointers, 8-byte aligned, valid for the whole run.
+    if !gcra_allows(
+        unsafe { core::ptr::read_volatile(vip_tat) },
         now,
-        config.vip_interval_ns,
         config.vip_tolerance_ns,
     ) {
         count(Counter::RateLimitedVip);
         return;
     }
-    let Some(global) = GLOBAL_LIMITER.get_ptr_mut(0) else {
-        return;
-    };
-    // SAFETY: a map value pointer stays valid for the whole program run.
-    if !gcra_allow(
-        unsafe { &mut *global },
-        now,
-        config.global_interval_ns,
-        config.global_tolerance_ns,
-    ) {
+    if !unsafe {
+        gcra_take(
+            global,
+            now,
+            config.global_interval_ns,
+            config.global_tolerance_ns,
+        )
+    } {
         count(Counter::RateLimitedGlobal);
+        return;
+    }
+    if !unsafe {
+        gcra_take(
+            vip_tat,
+            now,
+            config.vip_interval_ns,
+            config.vip_tolerance_ns,
+        )
+    } {
+        // Another CPU took the VIP's last token in between (the global token is spent).
+        count(Counter::RateLimitedVip);
         return;
     }
     let (src, _) = packet.address_offsets();
@@ -412,27 +428,45 @@ fn report(
     debug!(ctx, "idle hit: vip_id {} ifindex {}", state.vip_id, ifindex);
 }
 
-/// GCRA token bucket: allows the event if the theoretical arrival time `tat` is no more than
-/// `tolerance` ahead of `now`, and advances it by `interval`. The update is a compare-and-swap,
-/// so two CPUs cannot both spend the same token; the loser is counted as rate-limited.
+/// Most compare-and-swap attempts on one limiter before giving up (other CPUs kept winning).
+const CAS_ATTEMPTS: usize = 4;
+
+/// GCRA token bucket: whether an event at `now` fits, the theoretical arrival time being `tat`
+/// (no more than `tolerance` ahead of `now`). Reads only.
 #[inline(always)]
-fn gcra_allow(tat: &mut u64, now: u64, interval: u64, tolerance: u64) -> bool {
-    let tat: *mut u64 = tat;
-    // SAFETY: `tat` points into a map value, 8-byte aligned, valid for the whole run.
-    let current = unsafe { core::ptr::read_volatile(tat) };
-    let start = if current > now { current } else { now };
-    if start - now > tolerance {
-        return false;
+fn gcra_allows(tat: u64, now: u64, tolerance: u64) -> bool {
+    let start = if tat > now { tat } else { now };
+    start - now <= tolerance
+}
+
+/// GCRA token bucket: takes a token if one is left, advancing `tat` by `interval`. The update
+/// is a compare-and-swap, so two CPUs cannot both spend the same token; a CPU that loses one
+/// looks again (a bounded number of times) rather than give up with tokens left.
+///
+/// # Safety
+/// `tat` points into a map value, 8-byte aligned, valid for the whole program run.
+#[inline(always)]
+unsafe fn gcra_take(tat: *mut u64, now: u64, interval: u64, tolerance: u64) -> bool {
+    for _ in 0..CAS_ATTEMPTS {
+        // SAFETY: as the caller promises.
+        let current = unsafe { core::ptr::read_volatile(tat) };
+        if !gcra_allows(current, now, tolerance) {
+            return false;
+        }
+        let start = if current > now { current } else { now };
+        // SAFETY: as above; BPF_CMPXCHG (ISA v3) on a map value.
+        let (_, swapped) = unsafe {
+            atomic_cxchg::<u64, { AtomicOrdering::Relaxed }, { AtomicOrdering::Relaxed }>(
+                tat,
+                current,
+                start + interval,
+            )
+        };
+        if swapped {
+            return true;
+        }
     }
-    // SAFETY: as above; BPF_CMPXCHG (ISA v3) on a map value.
-    let (_, swapped) = unsafe {
-        atomic_cxchg::<u64, { AtomicOrdering::Relaxed }, { AtomicOrdering::Relaxed }>(
-            tat,
-            current,
-            start + interval,
-        )
-    };
-    swapped
+    false
 }
 
 #[inline(always)]

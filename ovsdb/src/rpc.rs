@@ -291,6 +291,10 @@ impl Framer {
                 b'}' | b']' if self.depth > 0 => {
                     self.depth -= 1;
                     if self.depth == 0 {
+                        // Whole or not, a message over the limit is refused.
+                        if i + 1 - start > limit {
+                            return Err(Error::Oversized { limit });
+                        }
                         let msg = serde_json::from_slice(&self.buf[start..=i]).map_err(|e| {
                             Error::Protocol(format!("invalid JSON from server: {e}"))
                         })?;
@@ -431,6 +435,12 @@ mod tests {
         }
         let mut big = b"{\"id\":1,\"result\":\"".to_vec();
         big.extend(std::iter::repeat_n(b'x', 2000));
+        assert!(matches!(
+            Framer::default().push(&big, 1000),
+            Err(Error::Oversized { limit: 1000 })
+        ));
+        // A whole message over the limit in one read is refused too.
+        big.extend_from_slice(b"\"}");
         assert!(matches!(
             Framer::default().push(&big, 1000),
             Err(Error::Oversized { limit: 1000 })

@@ -174,6 +174,19 @@ impl Agent {
         self.child.id()
     }
 
+    /// Every log line the agent has written so far (reading what is pending).
+    pub fn log_lines(&mut self) -> impl Iterator<Item = &String> {
+        while let Ok(line) = self.stderr.try_recv() {
+            self.log.push(line);
+        }
+        self.log.iter()
+    }
+
+    /// Whether the agent is still running.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
     /// Sends `signal` to the agent.
     pub fn signal(&self, signal: i32) {
         // `ip netns exec` execs the agent, so the child pid is the agent's.

@@ -73,9 +73,15 @@ impl Topology {
             (&topo.client_ns, &topo.client_if, CLIENT_MAC),
             (&topo.server_ns, &topo.server_if, SERVER_MAC),
         );
+        topo.configure_link();
+        topo
+    }
+
+    /// Addresses, links up, static neighbours.
+    fn configure_link(&self) {
         for (ns, ifname, v4, v6) in [
-            (&topo.client_ns, &topo.client_if, CLIENT_V4, CLIENT_V6),
-            (&topo.server_ns, &topo.server_if, SERVER_V4, SERVER_V6),
+            (&self.client_ns, &self.client_if, CLIENT_V4, CLIENT_V6),
+            (&self.server_ns, &self.server_if, SERVER_V4, SERVER_V6),
         ] {
             let ip = |args: &[&str]| {
                 let mut full = vec!["ip", "-n", ns.as_str()];
@@ -91,28 +97,59 @@ impl Topology {
         sh(&[
             "ip",
             "-n",
-            &topo.client_ns,
+            &self.client_ns,
             "neigh",
             "replace",
             &SERVER_V4.to_string(),
             "lladdr",
             &mac(SERVER_MAC),
             "dev",
-            &topo.client_if,
+            &self.client_if,
         ]);
         sh(&[
             "ip",
             "-n",
-            &topo.client_ns,
+            &self.client_ns,
             "neigh",
             "replace",
             &SERVER_V6.to_string(),
             "lladdr",
             &mac(SERVER_MAC),
             "dev",
-            &topo.client_if,
+            &self.client_if,
         ]);
-        topo
+    }
+
+    /// Deletes the veth pair (both ends).
+    #[track_caller]
+    pub fn delete_link(&self) {
+        sh(&["ip", "-n", &self.server_ns, "link", "del", &self.server_if]);
+    }
+
+    /// Makes the veth pair again under the same names (new ifindexes), as a pod's
+    /// interface is re-created, after [`Topology::delete_link`].
+    #[track_caller]
+    pub fn recreate_link(&self) {
+        sh(&[
+            "ip",
+            "-n",
+            &self.client_ns,
+            "link",
+            "add",
+            &self.client_if,
+            "address",
+            &mac(CLIENT_MAC),
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &self.server_if,
+            "netns",
+            &self.server_ns,
+            "address",
+            &mac(SERVER_MAC),
+        ]);
+        self.configure_link();
     }
 
     /// Runs `f` on a thread that has entered the client namespace.

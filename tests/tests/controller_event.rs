@@ -294,3 +294,88 @@ fn a_full_queue_drops_and_counts_the_overflow() {
         exit.stderr
     );
 }
+
+/// Without --chassis, the chassis is the local Open_vSwitch database's system-id. If that
+/// database comes up only after the agent (as on a booting node), the agent keeps asking and
+/// then writes its rows for the right Chassis; until then /readyz names the Chassis it lacks.
+#[test]
+fn the_chassis_name_is_learned_when_the_open_vswitch_database_comes_up_late() {
+    require_root();
+    let topo = Topology::new("cl");
+    let sb = ovsdb_server::southbound_with_chassis();
+    let state = TempDir::new("clstate");
+    // Where the Open_vSwitch database's socket will be: nothing yet.
+    let ovs_sock = state.join("db.sock");
+    let ovs_db = format!("unix:{}", ovs_sock.display());
+    let db = sb.unix_remote();
+    let vip = format!("10.77.0.2:80/tcp@{LB}");
+    let args = [
+        "run",
+        "--iface",
+        &topo.server_if,
+        "--ovnsb-db",
+        &db,
+        "--ovs-db",
+        &ovs_db,
+        "--state-dir",
+        state.path_str(),
+        "--vip",
+        &vip,
+    ];
+    let mut agent = Agent::start(&topo.server_ns, &args);
+    agent.wait_for_log("using the hostname as chassis name", WAIT);
+    let readyz = || {
+        topo.in_server(|| {
+            unidler::telemetry::http_get("127.0.0.1:9477".parse().unwrap(), "/readyz")
+        })
+        .map_err(|e| e.to_string())
+    };
+    let deadline = Instant::now() + WAIT;
+    loop {
+        match readyz() {
+            Err(e) if e.contains("no Chassis row named") => break,
+            other => assert!(Instant::now() < deadline, "/readyz: {other:?}"),
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    tcp_hit(&topo, 80);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        sb.event_rows().is_empty(),
+        "no row for a chassis that is not ours"
+    );
+
+    // The node's Open_vSwitch database comes up, with this node's system-id.
+    let ovs = ovsdb_server::OvsdbServer::standalone(
+        "ovs",
+        "/usr/share/openvswitch/vswitch.ovsschema",
+        ovsdb_server::Listen::default(),
+    );
+    ovs.ctl("ovs-vsctl", &["--no-wait", "init"]);
+    ovs.ctl(
+        "ovs-vsctl",
+        &[
+            "--no-wait",
+            "set",
+            "Open_vSwitch",
+            ".",
+            "external_ids:system-id=chassis-1",
+        ],
+    );
+    std::os::unix::fs::symlink(ovs.dir.join("ovs.sock"), &ovs_sock).unwrap();
+    agent.wait_for_log("chassis name from the local Open_vSwitch", WAIT);
+    let rows = wait_rows(
+        "the waiting hit's row",
+        || sb.event_rows(),
+        |r| r.len() == 1,
+    );
+    let chassis = sb.sbctl(&[
+        "--bare",
+        "--columns=_uuid",
+        "find",
+        "Chassis",
+        "name=chassis-1",
+    ]);
+    assert_eq!(rows[0].chassis.as_deref(), Some(chassis.trim()));
+    assert_eq!(readyz().unwrap(), "ready\n");
+}

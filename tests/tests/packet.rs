@@ -514,6 +514,7 @@ fn idle_vips_fail_open_once_the_heartbeat_expires_and_drop_again_when_renewed() 
         rate_limits: RateLimitConfig::new(1_000_000, 1_000_000, 1_000_000, 1_000_000),
         kernel_log_level: 0,
         fail_open_after: Duration::from_millis(200),
+        ..LoadOptions::default()
     });
     h.vip("10.96.0.10:80/tcp");
     h.vip("10.96.0.11:80/tcp=2");

@@ -64,6 +64,7 @@ fn dropped_connections_never_freeze_the_runtime_and_lose_nothing() {
                     tls: None,
                     chassis: Some(CHASSIS.into()),
                     ovs_db: "unix:/nonexistent".into(),
+                    max_message_bytes: 64 << 20,
                 };
                 let southbound = Southbound::connect(&config, false).await.unwrap();
                 let sink = ControllerEventSink::start(

@@ -170,3 +170,150 @@ fn metrics_health_and_inspection_during_real_traffic() {
     }
     drop(agent);
 }
+
+/// More VIPs than the VIP map holds: the agent keeps running with what fits (it used to exit,
+/// so every node crash-looped), and says so in the log, the metrics and /readyz.
+#[test]
+fn vips_beyond_the_map_capacity_are_reported_not_fatal() {
+    require_root();
+    let topo = Topology::new("tf");
+    let args = [
+        "run",
+        "--iface",
+        &topo.server_if,
+        "--max-vips",
+        "2",
+        "--vip",
+        "10.77.0.2:80/tcp",
+        "--vip",
+        "10.77.0.2:81/tcp",
+        "--vip",
+        "10.77.0.2:82/tcp",
+    ];
+    let mut agent = Agent::start(&topo.server_ns, &args);
+    agent.wait_for_log("raise --max-vips", Duration::from_secs(10));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let ready = loop {
+        match get(&topo, "/readyz") {
+            Err(e) if e.contains("do not fit") => break e,
+            other => assert!(
+                Instant::now() < deadline,
+                "/readyz should name the overflow: {other:?}"
+            ),
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(ready.contains("1 VIPs"), "{ready}");
+    let m = get(&topo, "/metrics").unwrap();
+    assert_eq!(sample(&m, "unidler_vips{state=\"not_watched\"}"), 1.0);
+    assert_eq!(sample(&m, "unidler_vips{state=\"idle\"}"), 2.0);
+    // The two that fit are watched: a connection attempt to each is dropped and reported.
+    let attempts = [80u16, 81, 82].map(|port| {
+        topo.in_client(|| {
+            TcpStream::connect_timeout(
+                &SocketAddr::new(SERVER_V4.into(), port),
+                Duration::from_millis(300),
+            )
+        })
+    });
+    assert!(attempts.iter().all(Result::is_err), "nothing listens there");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while sample(
+        &get(&topo, "/metrics").unwrap(),
+        "unidler_kernel_idle_hits_total",
+    ) < 2.0
+    {
+        assert!(Instant::now() < deadline, "two idle hits expected");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(agent.is_running(), "the agent keeps running");
+}
+
+/// A first monitor reply larger than the message limit: said at warn with the limit, the
+/// agent keeps running (not ready), and it asks again only after the longest backoff rather
+/// than re-downloading every few seconds.
+#[test]
+fn an_oversized_monitor_reply_is_reported_and_retried_slowly() {
+    require_root();
+    let topo = Topology::new("to");
+    let sb = ovsdb_server::southbound_with_chassis();
+    for i in 0..5 {
+        sb.sbctl(&[
+            "create",
+            "Load_Balancer",
+            &format!("name=lb{i}"),
+            "protocol=tcp",
+            &format!("vips:\"10.96.0.{i}:80\"=\"\""),
+            "options:event=true",
+        ]);
+    }
+    let state = TempDir::new("tostate");
+    let db = sb.unix_remote();
+    let mut args = southbound_args(&topo.server_if, &db, state.path_str());
+    args.extend(["--ovsdb-max-message-size", "300"]);
+    let mut agent = Agent::start(&topo.server_ns, &args);
+    let line = agent.wait_for_log("exceeds 300 bytes", Duration::from_secs(10));
+    assert!(line.contains("WARN"), "{line}");
+    assert!(line.contains("message size limit"), "{line}");
+    let ready = get(&topo, "/readyz").unwrap_err();
+    assert!(
+        ready.contains("Southbound database not connected"),
+        "{ready}"
+    );
+    // Within the next 5 s (shorter than the 8 s backoff), no second attempt.
+    std::thread::sleep(Duration::from_secs(5));
+    let attempts = agent
+        .log_lines()
+        .filter(|l| l.contains("exceeds 300 bytes"))
+        .count();
+    assert_eq!(attempts, 1, "retried too soon");
+    assert!(agent.is_running());
+}
+
+/// The inspection API is not on the metrics endpoint (the DaemonSet puts that on the node's
+/// address), and slow or silent clients cannot hold the endpoint: their connections are
+/// closed after the header timeout, and beyond the connection cap others wait their turn.
+#[test]
+fn endpoints_split_cap_connections_and_time_out_silent_clients() {
+    use std::io::Read as _;
+    require_root();
+    let topo = Topology::new("th");
+    let args = [
+        "run",
+        "--iface",
+        &topo.server_if,
+        "--vip",
+        "10.77.0.2:80/tcp",
+    ];
+    let _agent = Agent::start(&topo.server_ns, &args);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while get(&topo, "/healthz").is_err() {
+        assert!(Instant::now() < deadline, "no /healthz");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let not_here = get(&topo, "/api/vips").unwrap_err();
+    assert!(not_here.contains("404"), "{not_here}");
+    let api = topo
+        .in_server(|| http_get("127.0.0.1:9478".parse().unwrap(), "/api/vips"))
+        .unwrap();
+    assert!(api.contains("10.77.0.2:80"), "{api}");
+
+    // 64 clients connect and never send a byte: twice the cap.
+    let silent: Vec<TcpStream> =
+        topo.in_server(|| (0..64).map(|_| TcpStream::connect(ADDR).unwrap()).collect());
+    let started = Instant::now();
+    assert_eq!(get(&topo, "/healthz").unwrap(), "ok\n");
+    let waited = started.elapsed();
+    assert!(
+        waited < Duration::from_secs(15),
+        "/healthz waited {waited:?} behind silent clients"
+    );
+    // Each silent connection is closed by the agent, not kept forever.
+    for mut s in silent {
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let mut buf = [0u8; 1];
+        let kept = matches!(s.read(&mut buf), Err(e)
+            if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut));
+        assert!(!kept, "a silent connection was kept open");
+    }
+}

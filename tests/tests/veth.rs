@@ -8,6 +8,7 @@ use std::{
 
 use serde_json::Value;
 use socket2::{Domain, Socket, Type};
+use unidler::telemetry::http_get;
 use unidler_tests::{
     agent::Agent,
     frames::Frame,
@@ -275,9 +276,11 @@ fn a_second_agent_on_the_same_interface_is_refused_clearly() {
             &topo.server_if,
             "--vip",
             "10.77.0.2:8080/tcp",
-            // Its own endpoint, so that the refusal is about the interface.
+            // Its own endpoints, so that the refusal is about the interface.
             "--metrics-addr",
-            "127.0.0.1:9478",
+            "127.0.0.1:9479",
+            "--api-addr",
+            "127.0.0.1:9480",
         ],
     );
     assert_eq!(exit.code, Some(1), "{}", exit.stderr);
@@ -286,4 +289,46 @@ fn a_second_agent_on_the_same_interface_is_refused_clearly() {
         "{}",
         exit.stderr
     );
+}
+
+/// The interface is deleted and made again under the same name (as a pod's veth is): its
+/// attachment died with the old ifindex, so the agent attaches again and keeps catching
+/// idle hits; while the interface is gone, /readyz says so.
+#[test]
+fn an_interface_re_created_under_its_name_is_attached_again() {
+    require_root();
+    let topo = Topology::new("vr");
+    let vip = SocketAddr::new(SERVER_V4.into(), 8080);
+    let _server = echo_server(&topo, vip);
+    let mut agent = agent(&topo, "auto", &["--vip", "10.77.0.2:8080/tcp"]);
+    let (_, ok) = connect(&topo, CLIENT_V4.into(), vip, Duration::from_millis(300));
+    assert!(!ok);
+    assert!(
+        agent.next_event(Duration::from_secs(5)).is_some(),
+        "first event"
+    );
+
+    topo.delete_link();
+    let readyz = || {
+        topo.in_server(|| http_get("127.0.0.1:9477".parse().unwrap(), "/readyz"))
+            .map_err(|e| e.to_string())
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match readyz() {
+            Err(e) if e.contains(&format!("not attached to {}", topo.server_if)) => break,
+            other => assert!(Instant::now() < deadline, "/readyz: {other:?}"),
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    topo.recreate_link();
+    agent.wait_for_log("XDP program attached again", Duration::from_secs(5));
+    assert!(topo.server_xdp().is_some(), "program on the new interface");
+    let (src, ok) = connect(&topo, CLIENT_V4.into(), vip, Duration::from_millis(300));
+    assert!(!ok, "still dropped after the re-creation");
+    let event = agent
+        .next_event(Duration::from_secs(5))
+        .expect("an event from the new interface");
+    assert_event(&event, "10.77.0.2:8080", "tcp", src, &topo.server_if);
+    assert_eq!(readyz().unwrap(), "ready\n");
 }

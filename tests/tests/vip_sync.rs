@@ -215,9 +215,11 @@ fn a_vips_file_is_followed_and_a_bad_one_keeps_the_last_good_state() {
             &topo.server_if,
             "--vips-file",
             file.to_str().unwrap(),
-            // The first agent still serves 9477 in this namespace.
+            // The first agent still serves 9477 and 9478 in this namespace.
             "--metrics-addr",
-            "127.0.0.1:9478",
+            "127.0.0.1:9479",
+            "--api-addr",
+            "127.0.0.1:9480",
         ],
     );
     assert_eq!(exit.code, Some(1), "{}", exit.stderr);

@@ -55,6 +55,8 @@ pub struct LoadOptions {
     /// How long the heartbeat may go unrenewed ([`Datapath::renew_heartbeat`]) before idle
     /// VIPs fail open; zero: never (the default here; the agent sets `--fail-open-after`).
     pub fail_open_after: Duration,
+    /// Capacity of the VIP map (each entry costs the kernel about 100 bytes).
+    pub max_vips: u32,
 }
 
 impl Default for LoadOptions {
@@ -63,6 +65,7 @@ impl Default for LoadOptions {
             rate_limits: RateLimitConfig::new(1, 5, 1000, 1000),
             kernel_log_level: 3,
             fail_open_after: Duration::ZERO,
+            max_vips: unidler_common::VIP_MAP_CAPACITY,
         }
     }
 }
@@ -113,6 +116,12 @@ pub enum DatapathError {
         #[source]
         source: aya::maps::MapError,
     },
+    /// The VIP map has no room for another VIP.
+    #[error("the VIP map is full ({capacity} VIPs); raise --max-vips")]
+    VipMapFull {
+        /// Its capacity.
+        capacity: u32,
+    },
     /// A test run of the program failed.
     #[error("BPF_PROG_TEST_RUN failed: {0}")]
     TestRun(#[source] ProgramError),
@@ -133,6 +142,7 @@ pub struct Datapath {
     counters: CounterReader,
     heartbeat: Array<MapData, Heartbeat>,
     fail_open_after_ns: u64,
+    max_vips: u32,
     events: Option<RingBuf<MapData>>,
     logger: Option<KernelLogger>,
     attached: Vec<(String, u32, XdpLinkId)>,
@@ -143,6 +153,7 @@ impl Datapath {
     pub fn load(options: &LoadOptions) -> Result<Self, DatapathError> {
         let mut ebpf = EbpfLoader::new()
             .override_global("AYA_LOG_LEVEL", &options.kernel_log_level, false)
+            .map_max_entries("VIPS", options.max_vips.max(1))
             .load(PROGRAM_OBJECT)
             .map_err(|err| match privileges_error(&err) {
                 Some(msg) => DatapathError::Privileges(msg),
@@ -192,6 +203,7 @@ impl Datapath {
             counters,
             heartbeat,
             fail_open_after_ns,
+            max_vips: options.max_vips.max(1),
             events,
             logger,
             attached: Vec::new(),
@@ -225,6 +237,30 @@ impl Datapath {
         }
     }
 
+    /// Attachments whose interface is gone, or has been re-created under its name (a new
+    /// ifindex: the attachment died with the old one). Each as (name, old ifindex, the
+    /// name's ifindex now, if any).
+    pub fn stale_attachments(&self) -> Vec<(String, u32, Option<u32>)> {
+        self.attached
+            .iter()
+            .filter_map(|(name, index, _)| {
+                let now = ifindex_of(name).ok();
+                (now != Some(*index)).then(|| (name.clone(), *index, now))
+            })
+            .collect()
+    }
+
+    /// Forgets the attachment to `iface` (one that died with its interface).
+    pub fn forget_attachment(&mut self, iface: &str) {
+        if let Some(at) = self.attached.iter().position(|(name, _, _)| name == iface) {
+            let (_, _, link) = self.attached.remove(at);
+            // The link went with its interface; detaching it is only bookkeeping.
+            if let Ok(program) = self.program_mut() {
+                let _ = program.detach(link);
+            }
+        }
+    }
+
     /// Interfaces the program is attached to, as (name, ifindex).
     pub fn attached(&self) -> impl Iterator<Item = (&str, u32)> {
         self.attached.iter().map(|(n, i, _)| (n.as_str(), *i))
@@ -241,20 +277,48 @@ impl Datapath {
         let state = VipState { hits, ..state };
         // The filter bit goes up before the entry goes in (and comes down after it is gone):
         // the filter may pass a packet whose lookup then misses, but never hides a VIP.
-        if self.keys.insert(key) {
-            let bucket = address_bucket(&key.addr);
-            let count = self.bucket_counts.entry(bucket).or_default();
-            *count += 1;
-            if *count == 1 {
-                self.write_filter_word(bucket)?;
+        let new = self.keys.insert(key);
+        if new {
+            self.count_in_bucket(&key, 1)?;
+        }
+        match self.vips.insert(key, state, 0) {
+            Ok(()) => Ok(()),
+            Err(source) => {
+                if new {
+                    self.keys.remove(&key);
+                    self.count_in_bucket(&key, -1)?;
+                }
+                Err(match &source {
+                    aya::maps::MapError::SyscallError(e)
+                        if e.io_error.raw_os_error() == Some(libc::E2BIG) =>
+                    {
+                        DatapathError::VipMapFull {
+                            capacity: self.max_vips,
+                        }
+                    }
+                    _ => DatapathError::Map {
+                        map: "VIPS",
+                        source,
+                    },
+                })
             }
         }
-        self.vips
-            .insert(key, state, 0)
-            .map_err(|source| DatapathError::Map {
-                map: "VIPS",
-                source,
-            })
+    }
+
+    /// Counts `key`'s address in (`delta` 1) or out of (-1) its prefilter bucket, rewriting
+    /// the bucket's filter word when the bucket turns non-empty or empty.
+    fn count_in_bucket(&mut self, key: &VipKey, delta: i32) -> Result<(), DatapathError> {
+        let bucket = address_bucket(&key.addr);
+        let count = self.bucket_counts.entry(bucket).or_default();
+        *count = count.saturating_add_signed(delta);
+        let changed = (delta > 0 && *count == 1) || *count == 0;
+        if *count == 0 {
+            self.bucket_counts.remove(&bucket);
+        }
+        if changed {
+            self.write_filter_word(bucket)?;
+        }
+        Ok(())
     }
 
     /// Removes a VIP; removing one that is not there is not an error.
@@ -269,14 +333,7 @@ impl Datapath {
             }
         }
         if self.keys.remove(key) {
-            let bucket = address_bucket(&key.addr);
-            if let Some(count) = self.bucket_counts.get_mut(&bucket) {
-                *count -= 1;
-                if *count == 0 {
-                    self.bucket_counts.remove(&bucket);
-                    self.write_filter_word(bucket)?;
-                }
-            }
+            self.count_in_bucket(key, -1)?;
         }
         Ok(())
     }
@@ -298,6 +355,19 @@ impl Datapath {
     /// Vouches for the VIP map now: idle VIPs keep dropping for another `fail_open_after`.
     pub fn renew_heartbeat(&mut self) -> Result<(), DatapathError> {
         write_heartbeat(&mut self.heartbeat, self.fail_open_after_ns)
+    }
+
+    /// A second, read-only handle on the VIP map, for reading hit counts off the agent's loop.
+    pub fn vip_hits_reader(&self) -> Result<VipHitsReader, DatapathError> {
+        use aya::maps::IterableMap as _;
+        let map_error = |source| DatapathError::Map {
+            map: "VIPS",
+            source,
+        };
+        let id = self.vips.map().info().map_err(map_error)?.id();
+        let data = MapData::from_id(id).map_err(map_error)?;
+        let map = HashMap::try_from(aya::maps::Map::HashMap(data)).map_err(map_error)?;
+        Ok(VipHitsReader(Arc::new(map)))
     }
 
     /// The VIP entry for `key`, if present.
@@ -382,6 +452,18 @@ impl Datapath {
 impl Drop for Datapath {
     fn drop(&mut self) {
         self.detach_all();
+    }
+}
+
+/// Reads the kernel's per-VIP hit counts; cheap to clone. Each read is a syscall: use it off
+/// the agent's loop.
+#[derive(Clone)]
+pub struct VipHitsReader(Arc<HashMap<MapData, VipKey, VipState>>);
+
+impl VipHitsReader {
+    /// Connection-opening packets the kernel has seen for `key` (0 if it is not in the map).
+    pub fn hits(&self, key: &VipKey) -> u64 {
+        self.0.get(key, 0).map_or(0, |state| state.hits)
     }
 }
 

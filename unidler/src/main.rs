@@ -44,16 +44,18 @@ enum Command {
 
 #[derive(Args)]
 struct ClientArgs {
-    /// The agent's --metrics-addr.
-    #[arg(long, env = "UNIDLER_METRICS_ADDR", default_value = DEFAULT_METRICS_ADDR)]
-    metrics_addr: SocketAddr,
+    /// The agent's --api-addr.
+    #[arg(long, env = "UNIDLER_API_ADDR", default_value = DEFAULT_API_ADDR)]
+    api_addr: SocketAddr,
     /// Print JSON instead of a table.
     #[arg(long, env = "UNIDLER_JSON")]
     json: bool,
 }
 
-/// Loopback only by default: the endpoint exposes the node's VIP table.
+/// Metrics and health: loopback by default; the DaemonSet serves them on the node's address.
 const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:9477";
+/// The inspection API exposes the node's VIP table and client addresses: loopback by default.
+const DEFAULT_API_ADDR: &str = "127.0.0.1:9478";
 
 #[derive(Args)]
 struct LoggingArgs {
@@ -94,6 +96,10 @@ struct RunArgs {
     /// for nodes without OVN. A malformed file is rejected and the last good VIPs stay.
     #[arg(long, env = "UNIDLER_VIPS_FILE", conflicts_with = "vips")]
     vips_file: Option<PathBuf>,
+    /// Capacity of the kernel's VIP map (about 100 bytes of kernel memory each). VIPs beyond
+    /// it are not watched, and reported (log, metric, /readyz); the agent keeps running.
+    #[arg(long, env = "UNIDLER_MAX_VIPS", default_value_t = unidler_common::VIP_MAP_CAPACITY, value_parser = clap::value_parser!(u32).range(1..))]
+    max_vips: u32,
     /// What to do with the opening packet to an idle VIP: drop it (as OVN does) or pass it on.
     #[arg(long, value_enum, env = "UNIDLER_IDLE_ACTION", default_value_t = IdleAction::Drop)]
     idle_action: IdleAction,
@@ -145,16 +151,25 @@ struct RunArgs {
     /// CA certificate (PEM) for `ssl:` Southbound remotes, as ovn-controller's -C.
     #[arg(long, env = "UNIDLER_OVNSB_CA_CERT", requires = "ovnsb_private_key")]
     ovnsb_ca_cert: Option<PathBuf>,
+    /// Largest message accepted from the Southbound database, in bytes. The first monitor
+    /// reply carries every load balancer (about 200 bytes each); a larger one is refused,
+    /// logged, and asked for again after the longest backoff.
+    #[arg(long, env = "UNIDLER_OVSDB_MAX_MESSAGE_SIZE", default_value_t = 64 << 20)]
+    ovsdb_max_message_size: usize,
     /// Most idle hits waiting for the database; beyond it they are dropped (and counted).
     #[arg(long, env = "UNIDLER_EVENT_QUEUE_SIZE", default_value_t = 10_000)]
     event_queue_size: usize,
     /// Where state that outlives the process is kept (the last Controller_Event seq_num).
     #[arg(long, env = "UNIDLER_STATE_DIR", default_value = "/var/lib/unidler")]
     state_dir: PathBuf,
-    /// Address of the HTTP endpoint: /metrics (Prometheus), /healthz, /readyz, /api/vips,
-    /// /api/events.
+    /// Address of the metrics and health endpoint: /metrics (Prometheus), /healthz, /readyz.
     #[arg(long, env = "UNIDLER_METRICS_ADDR", default_value = DEFAULT_METRICS_ADDR)]
     metrics_addr: SocketAddr,
+    /// Address of the inspection API (/api/vips, /api/events: the VIP table and client
+    /// addresses), which `unidler vips` and `unidler events` ask. Keep it on loopback unless
+    /// every client that can reach it may see that.
+    #[arg(long, env = "UNIDLER_API_ADDR", default_value = DEFAULT_API_ADDR)]
+    api_addr: SocketAddr,
     /// How often to log a summary of the kernel counters (0 turns it off).
     #[arg(long, env = "UNIDLER_SUMMARY_INTERVAL", default_value = "60s", value_parser = humantime_duration)]
     summary_interval: Duration,
@@ -281,6 +296,7 @@ fn config(args: RunArgs) -> Result<Config> {
             },
             chassis: args.chassis,
             ovs_db: args.ovs_db,
+            max_message_bytes: args.ovsdb_max_message_size,
         }),
         None => None,
     };
@@ -288,6 +304,7 @@ fn config(args: RunArgs) -> Result<Config> {
         interfaces: args.ifaces,
         attach_mode: args.xdp_mode.into(),
         vips,
+        max_vips: args.max_vips,
         idle_action: args.idle_action.into(),
         rate_limits: RateLimitConfig::new(
             args.vip_event_rate,
@@ -300,6 +317,7 @@ fn config(args: RunArgs) -> Result<Config> {
         event_queue_size: args.event_queue_size,
         state_dir: args.state_dir,
         metrics_addr: args.metrics_addr,
+        api_addr: args.api_addr,
         summary_interval: args.summary_interval,
         kernel_log_level: match LevelFilter::current() {
             l if l >= LevelFilter::DEBUG => 4,
@@ -313,7 +331,7 @@ async fn run(args: RunArgs) -> Result<()> {
 }
 
 fn show_vips(args: &ClientArgs) -> Result<()> {
-    let body = telemetry::http_get(args.metrics_addr, "/api/vips")?;
+    let body = telemetry::http_get(args.api_addr, "/api/vips")?;
     if args.json {
         println!("{body}");
         return Ok(());
@@ -340,7 +358,7 @@ fn show_vips(args: &ClientArgs) -> Result<()> {
 }
 
 fn show_events(args: &ClientArgs) -> Result<()> {
-    let body = telemetry::http_get(args.metrics_addr, "/api/events")?;
+    let body = telemetry::http_get(args.api_addr, "/api/events")?;
     if args.json {
         println!("{body}");
         return Ok(());

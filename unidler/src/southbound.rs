@@ -6,10 +6,11 @@
 use std::time::Duration;
 
 use ovsdb::{
-    Atom, Client, ClientOptions, Condition, Error as DbError, MonitorRequest, Operation, Remote,
-    TlsFiles, Uuid, Value,
+    Atom, Client, ClientOptions, Error as DbError, MonitorRequest, Operation, Remote, TlsFiles,
+    Uuid, Value,
 };
-use tracing::debug;
+use tokio::sync::watch;
+use tracing::{info, warn};
 
 /// The Southbound database's name.
 pub const DATABASE: &str = "OVN_Southbound";
@@ -27,27 +28,50 @@ pub struct SouthboundConfig {
     pub chassis: Option<String>,
     /// The local Open_vSwitch database, asked for `system-id`.
     pub ovs_db: String,
+    /// Largest message accepted from the database (the first monitor reply carries every
+    /// load balancer).
+    pub max_message_bytes: usize,
 }
 
 /// The Southbound client and our chassis name. Cheap to clone.
 #[derive(Clone)]
 pub struct Southbound {
     client: Client,
-    chassis: String,
+    /// Our Chassis row's name: `--chassis`, else `system-id` once the local Open_vSwitch
+    /// database has answered (the hostname until then).
+    chassis: watch::Receiver<String>,
 }
 
 impl Southbound {
     /// Resolves our chassis name and starts the client (connecting in the background),
     /// monitoring what the sink needs and, with `with_vips`, what the OVN VIP source reads.
+    /// Without `--chassis`, the name is `system-id` from the local Open_vSwitch database; if
+    /// that does not answer within a second or two, the hostname stands in while a
+    /// background task keeps asking (the database may simply not be up yet).
     pub async fn connect(config: &SouthboundConfig, with_vips: bool) -> Result<Self, DbError> {
-        let chassis = match &config.chassis {
-            Some(name) => name.clone(),
-            None => default_chassis_name(&config.ovs_db).await,
-        };
         let mut options = ClientOptions::new(config.remotes.clone(), DATABASE);
         options.tls = config.tls.clone();
-        options.monitors = monitors(&chassis, with_vips);
+        options.rpc.max_message_bytes = config.max_message_bytes;
+        options.monitors = monitors(with_vips);
         let client = Client::start(options)?;
+        let chassis = match &config.chassis {
+            Some(name) => watch::channel(name.clone()).1,
+            None => match system_id(&config.ovs_db).await {
+                Some(id) => watch::channel(id).1,
+                None => {
+                    let host = hostname();
+                    warn!(
+                        ovs_db = %config.ovs_db,
+                        %host,
+                        "no system-id from the local Open_vSwitch database yet: using the \
+                         hostname as chassis name until it answers"
+                    );
+                    let (tx, rx) = watch::channel(host);
+                    tokio::spawn(follow_system_id(config.ovs_db.clone(), tx));
+                    rx
+                }
+            },
+        };
         Ok(Self { client, chassis })
     }
 
@@ -56,32 +80,53 @@ impl Southbound {
         &self.client
     }
 
-    /// Our Chassis row's name.
-    pub fn chassis_name(&self) -> &str {
-        &self.chassis
+    /// Our Chassis row's name (as known now).
+    pub fn chassis_name(&self) -> String {
+        self.chassis.borrow().clone()
     }
 
     /// Our Chassis row, once the replica has it.
     pub fn chassis_uuid(&self) -> Option<Uuid> {
+        let name = self.chassis.borrow();
         let replica = self.client.replica();
         replica
             .rows("Chassis")
             .find(|(_, row)| {
-                row.get("name").and_then(Value::atom).and_then(Atom::as_str)
-                    == Some(self.chassis.as_str())
+                row.get("name").and_then(Value::atom).and_then(Atom::as_str) == Some(name.as_str())
             })
             .map(|(uuid, _)| uuid.clone())
     }
 }
 
-/// What the agent monitors: our Chassis row (by name) and the Controller_Event table for the
+/// Asks the local Open_vSwitch database for `system-id` every few seconds until it answers,
+/// then names our chassis after it.
+async fn follow_system_id(ovs_db: String, chassis: watch::Sender<String>) {
+    loop {
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        if chassis.is_closed() {
+            return;
+        }
+        if let Some(id) = system_id(&ovs_db).await {
+            info!(chassis = %id, "chassis name from the local Open_vSwitch database's system-id");
+            chassis.send_replace(id);
+            return;
+        }
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_default()
+}
+
+/// What the agent monitors: the Chassis names (ours may be learned late, and a condition
+/// on it could not follow; a name per node is little) and the Controller_Event table for the
 /// sink; with `with_vips`, the Load_Balancer columns the OVN VIP source reads and
 /// `SB_Global:options`.
-pub fn monitors(chassis: &str, with_vips: bool) -> Vec<MonitorRequest> {
+pub fn monitors(with_vips: bool) -> Vec<MonitorRequest> {
     let mut monitors = vec![
-        MonitorRequest::table("Chassis")
-            .columns(&["name"])
-            .matching(Condition::eq("name", chassis)),
+        MonitorRequest::table("Chassis").columns(&["name"]),
         MonitorRequest::table(CONTROLLER_EVENT),
     ];
     if with_vips {
@@ -98,21 +143,8 @@ pub fn monitors(chassis: &str, with_vips: bool) -> Vec<MonitorRequest> {
     monitors
 }
 
-/// The chassis name ovn-controller uses on this node: `external_ids:system-id` of the local
-/// Open_vSwitch database when it answers within a second or two, else the hostname.
-pub async fn default_chassis_name(ovs_db: &str) -> String {
-    match system_id(ovs_db).await {
-        Some(id) => id,
-        None => {
-            let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-                .map(|h| h.trim().to_owned())
-                .unwrap_or_default();
-            debug!(%host, "no system-id from {ovs_db}; using the hostname as chassis name");
-            host
-        }
-    }
-}
-
+/// `external_ids:system-id` of the local Open_vSwitch database, the name ovn-controller gives
+/// this node's chassis, if the database answers within a second or two.
 async fn system_id(ovs_db: &str) -> Option<String> {
     let mut options = ClientOptions::new(Remote::parse_list(ovs_db).ok()?, "Open_vSwitch");
     options.leader_only = false;

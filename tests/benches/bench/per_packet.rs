@@ -67,6 +67,7 @@ pub(crate) fn per_packet() -> Vec<Figure> {
             kernel_log_level: 0,
             // Checked on every idle hit, as the agent runs; never expires here.
             fail_open_after: Duration::from_secs(3600),
+            ..LoadOptions::default()
         })
         .expect("load");
         let mut ring = dp.take_events().unwrap();
@@ -189,6 +190,7 @@ pub(crate) fn per_packet() -> Vec<Figure> {
             kernel_log_level: 0,
             // Checked on every idle hit, as the agent runs; never expires here.
             fail_open_after: Duration::from_secs(3600),
+            ..LoadOptions::default()
         })
         .unwrap();
         add(&mut limited, "10.96.0.10:80/tcp", 0);

@@ -6,11 +6,21 @@ use unidler_tests::load_balancers::FollowingAgent;
 
 use crate::{common::*, figure::*};
 
+/// The process's resident memory now, MB.
 pub(crate) fn rss_mb(pid: u32) -> f64 {
+    status_mb(pid, "VmRSS:")
+}
+
+/// The most resident memory the process has had, MB (what a memory limit must allow).
+fn peak_rss_mb(pid: u32) -> f64 {
+    status_mb(pid, "VmHWM:")
+}
+
+fn status_mb(pid: u32, field: &str) -> f64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap_or_default()
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(field))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
         .unwrap_or(0.0)
         / 1024.0
@@ -85,6 +95,12 @@ pub(crate) fn vip_sync() -> Vec<Figure> {
         } else {
             rss
         });
+        out.push(figure(
+            "5 VIP sync",
+            format!("{shape}: agent peak RSS (the memory limit must allow it)"),
+            peak_rss_mb(following.agent.pid()),
+            "MB",
+        ));
     }
     out
 }

@@ -16,6 +16,8 @@ pub struct Config {
     pub attach_mode: AttachMode,
     /// Where the VIPs come from.
     pub vips: VipSourceConfig,
+    /// Capacity of the kernel's VIP map; VIPs beyond it are not watched (and reported).
+    pub max_vips: u32,
     /// What the datapath does with an opening packet to an idle VIP.
     pub idle_action: IdleAction,
     /// Event rate limits enforced in the kernel.
@@ -30,8 +32,10 @@ pub struct Config {
     pub event_queue_size: usize,
     /// Where state that outlives the process is kept (the last Controller_Event seq_num).
     pub state_dir: PathBuf,
-    /// Address of the HTTP endpoint (metrics, health, inspection).
+    /// Address of the metrics and health endpoint (`/metrics`, `/healthz`, `/readyz`).
     pub metrics_addr: SocketAddr,
+    /// Address of the inspection API (`/api/vips`, `/api/events`).
+    pub api_addr: SocketAddr,
     /// How often to log a summary of the kernel counters (zero: never).
     pub summary_interval: Duration,
     /// Most verbose aya-log level the kernel emits (1 error … 5 trace).

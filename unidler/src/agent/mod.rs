@@ -11,7 +11,7 @@ mod config;
 mod sources;
 
 use std::{
-    collections::{HashMap, VecDeque},
+    collections::{BTreeMap, HashMap, VecDeque},
     io::{self, Write as _},
     sync::{Arc, atomic::Ordering},
     time::{Duration, Instant},
@@ -20,12 +20,12 @@ use std::{
 use anyhow::{Context as _, Result, anyhow};
 use tokio::{io::unix::AsyncFd, sync::mpsc};
 use tracing::{debug, info, warn};
-use unidler_common::{Counter, IdleHitEvent};
+use unidler_common::{Counter, IdleHitEvent, VipKey};
 
 pub use self::config::{Config, IdleAction, VipSourceConfig};
 use self::sources::{Input, Signals, Sources};
 use crate::{
-    datapath::{self, Counters, Datapath, LoadOptions},
+    datapath::{self, AttachMode, Counters, Datapath, DatapathError, LoadOptions},
     event::{IdleHit, iface_name},
     registry::{MapChange, VipRegistry},
     sink::{ControllerEventSink, SinkOptions},
@@ -34,7 +34,7 @@ use crate::{
         self, Query, Readiness, VipRow,
         metrics::{self, AgentMetrics},
     },
-    vip::VipUpdate,
+    vip::{DesiredVip, Vip, VipUpdate},
     vipsource,
 };
 
@@ -42,6 +42,8 @@ use crate::{
 const RECENT_EVENTS: usize = 100;
 /// How often the VIPs file is checked for changes.
 const VIPS_FILE_POLL: Duration = Duration::from_secs(1);
+/// How often the attached interfaces are checked (deleted, or re-created under their name).
+const INTERFACES_EVERY: Duration = Duration::from_secs(1);
 /// How often the kernel's heartbeat is renewed (more often for a short `--fail-open-after`).
 const HEARTBEAT_EVERY: Duration = Duration::from_secs(1);
 
@@ -68,6 +70,17 @@ pub struct Agent {
     ovn_vips: Option<Southbound>,
     /// How long idle VIPs keep dropping without a renewed heartbeat (zero: forever).
     fail_open_after: Duration,
+    /// VIPs the sources want that do not fit the kernel map (`--max-vips`), waiting for room.
+    unfit: HashMap<Vip, DesiredVip>,
+    /// How many of them were last reported (to log changes once).
+    unfit_reported: usize,
+    /// Capacity of the kernel's VIP map.
+    max_vips: u32,
+    /// How the program is attached.
+    attach_mode: AttachMode,
+    /// Interfaces the program should be on and is not (their attachment died with them),
+    /// with whether a failure to attach again was logged.
+    detached: BTreeMap<String, bool>,
     /// Since when the agent has not vouched for the map, once it had (to log changes once).
     out_of_sync_since: Option<Instant>,
     sources: Option<Sources>,
@@ -92,6 +105,7 @@ impl Agent {
             rate_limits: config.rate_limits,
             kernel_log_level: config.kernel_log_level,
             fail_open_after: config.fail_open_after,
+            max_vips: config.max_vips,
         })?;
         if let Some(logger) = datapath.take_logger() {
             spawn_kernel_log_pump(logger)?;
@@ -128,16 +142,19 @@ impl Agent {
         let readiness = Arc::new(Readiness::default());
         let metrics = AgentMetrics::default();
         let (query_tx, queries) = mpsc::channel(16);
-        let bound = telemetry::serve(
+        let bound = telemetry::serve_health(
             config.metrics_addr,
-            query_tx,
             readiness.clone(),
             sink.clone(),
             metrics::registry(datapath.counter_reader(), metrics.clone(), sink.clone()),
         )
         .await
         .with_context(|| format!("serving --metrics-addr {}", config.metrics_addr))?;
-        info!(addr = %bound, "serving /metrics, /healthz, /readyz, /api/vips, /api/events");
+        info!(addr = %bound, "serving /metrics, /healthz, /readyz");
+        let bound = telemetry::serve_api(config.api_addr, query_tx, datapath.vip_hits_reader()?)
+            .await
+            .with_context(|| format!("serving --api-addr {}", config.api_addr))?;
+        info!(addr = %bound, "serving /api/vips, /api/events");
 
         let events = datapath.take_events().context("event ring already taken")?;
         let last_summary = datapath.counters()?;
@@ -157,6 +174,11 @@ impl Agent {
             last_summary,
             ovn_vips: None,
             fail_open_after: config.fail_open_after,
+            unfit: HashMap::new(),
+            unfit_reported: 0,
+            max_vips: config.max_vips,
+            attach_mode: config.attach_mode,
+            detached: BTreeMap::new(),
             out_of_sync_since: None,
             sources: None,
         };
@@ -209,6 +231,7 @@ impl Agent {
             queries,
             summary: Sources::summary_timer(config.summary_interval),
             heartbeat: tokio::time::interval(heartbeat_period(config.fail_open_after)),
+            interfaces: tokio::time::interval(INTERFACES_EVERY),
             signals: Signals::install()?,
         });
         Ok(agent)
@@ -224,6 +247,7 @@ impl Agent {
                 Input::Query(query) => self.on_query(query),
                 Input::SummaryDue => self.on_summary_due()?,
                 Input::HeartbeatDue => self.on_heartbeat_due()?,
+                Input::InterfacesDue => self.on_interfaces_due(),
                 Input::Reload => self.on_reload(),
                 Input::Stop(signal) => {
                     info!("{signal}: detaching");
@@ -274,16 +298,35 @@ impl Agent {
     fn on_vips(&mut self, update: VipUpdate) -> Result<()> {
         let started = Instant::now();
         let full = matches!(update, VipUpdate::Replace(_));
-        let changes = self.registry.apply(update, self.vip_flags);
-        for change in &changes {
-            match change {
-                MapChange::Upsert(key, state) => self.datapath.upsert_vip(*key, *state)?,
-                MapChange::Remove(key) => self.datapath.remove_vip(key)?,
+        // What the source no longer wants need not wait for room any more.
+        match &update {
+            VipUpdate::Replace(_) => self.unfit.clear(),
+            VipUpdate::Changes { remove, .. } => {
+                for vip in remove {
+                    self.unfit.remove(vip);
+                }
             }
         }
+        let changes = self.registry.apply(update, self.vip_flags);
+        let freed = self.apply_map_changes(&changes)?;
+        // VIPs that did not fit are tried again once others have left.
+        if freed && !self.unfit.is_empty() {
+            let retry = VipUpdate::Changes {
+                upsert: self.unfit.drain().map(|(_, d)| d).collect(),
+                remove: Vec::new(),
+            };
+            let changes = self.registry.apply(retry, self.vip_flags);
+            self.apply_map_changes(&changes)?;
+        }
         let idle = self.registry.idle_count();
-        self.metrics
-            .set_vips(idle, self.registry.len().saturating_sub(idle));
+        self.metrics.set_vips(
+            idle,
+            self.registry.len().saturating_sub(idle),
+            self.unfit.len(),
+        );
+        self.readiness
+            .vips_unfit
+            .store(self.unfit.len() as u64, Ordering::Relaxed);
         let elapsed_us = started.elapsed().as_micros() as u64;
         if full {
             self.readiness.vips_synced.store(true, Ordering::Relaxed);
@@ -298,7 +341,54 @@ impl Agent {
         } else {
             debug!(changes = changes.len(), elapsed_us, "VIP map updated");
         }
+        if self.unfit.len() != self.unfit_reported {
+            if !self.unfit.is_empty() {
+                warn!(
+                    not_watched = self.unfit.len(),
+                    max_vips = self.max_vips,
+                    "the VIP map is full: some VIPs are not watched (OVN's own path handles \
+                     them); raise --max-vips"
+                );
+            } else {
+                info!("every VIP fits the VIP map again");
+            }
+            self.unfit_reported = self.unfit.len();
+        }
         Ok(())
+    }
+
+    /// Writes registry changes to the kernel map. A new VIP that does not fit leaves the
+    /// registry and waits in `unfit` (the agent keeps running with what fits). Returns
+    /// whether any VIP left the map.
+    fn apply_map_changes(&mut self, changes: &[MapChange]) -> Result<bool> {
+        let mut freed = false;
+        for change in changes {
+            match change {
+                MapChange::Upsert(key, state) => match self.datapath.upsert_vip(*key, *state) {
+                    Ok(()) => {}
+                    Err(DatapathError::VipMapFull { .. }) => {
+                        if let Some(vip) = Vip::from_key(key)
+                            && let Some(entry) = self.registry.remove(&vip)
+                        {
+                            self.unfit.insert(
+                                vip,
+                                DesiredVip {
+                                    vip,
+                                    backends: entry.backends,
+                                    load_balancer: entry.load_balancer,
+                                },
+                            );
+                        }
+                    }
+                    Err(e) => return Err(e.into()),
+                },
+                MapChange::Remove(key) => {
+                    self.datapath.remove_vip(key)?;
+                    freed = true;
+                }
+            }
+        }
+        Ok(freed)
     }
 
     /// A question from the HTTP endpoint. (A gone asker is not an error.)
@@ -313,21 +403,25 @@ impl Agent {
         }
     }
 
-    /// The VIP table for `unidler vips`, sorted by VIP.
-    fn vip_rows(&self) -> Vec<VipRow> {
-        let mut rows: Vec<VipRow> = self
+    /// The VIP table for `unidler vips`, sorted by VIP, from the registry alone: the HTTP
+    /// task fills in the kernel's hit counts by key.
+    fn vip_rows(&self) -> Vec<(VipKey, VipRow)> {
+        let mut rows: Vec<(VipKey, VipRow)> = self
             .registry
             .entries()
-            .map(|e| VipRow {
-                vip: e.vip.endpoint(),
-                protocol: e.vip.protocol.to_string(),
-                backends: e.backends,
-                state: if e.backends == 0 { "idle" } else { "active" }.into(),
-                hits: self.datapath.vip(&e.vip.key()).map_or(0, |s| s.hits),
-                load_balancer: e.load_balancer.as_deref().map(str::to_owned),
+            .map(|e| {
+                let row = VipRow {
+                    vip: e.vip.endpoint(),
+                    protocol: e.vip.protocol.to_string(),
+                    backends: e.backends,
+                    state: if e.backends == 0 { "idle" } else { "active" }.into(),
+                    hits: 0,
+                    load_balancer: e.load_balancer.as_deref().map(str::to_owned),
+                };
+                (e.vip.key(), row)
             })
             .collect();
-        rows.sort_by(|a, b| (&a.vip, &a.protocol).cmp(&(&b.vip, &b.protocol)));
+        rows.sort_by(|(_, a), (_, b)| (&a.vip, &a.protocol).cmp(&(&b.vip, &b.protocol)));
         rows
     }
 
@@ -368,6 +462,45 @@ impl Agent {
             }
         }
         Ok(())
+    }
+
+    /// An interface attached to that is gone or was re-created under its name (a pod's
+    /// veth, say) lost the program with its old ifindex: the program is attached again
+    /// wherever that name is now; until then the agent is not ready and says which.
+    fn on_interfaces_due(&mut self) {
+        for (iface, old, _) in self.datapath.stale_attachments() {
+            warn!(%iface, ifindex = old, "interface gone or re-created: its XDP program went with it");
+            self.iface_names.remove(&old);
+            self.datapath.forget_attachment(&iface);
+            self.detached.insert(iface, false);
+        }
+        if self.detached.is_empty() {
+            return;
+        }
+        for (iface, warned) in std::mem::take(&mut self.detached) {
+            if datapath::ifindex_of(&iface).is_err() {
+                self.detached.insert(iface, warned);
+                continue;
+            }
+            match self.datapath.attach(&iface, self.attach_mode) {
+                Ok(ifindex) => {
+                    info!(%iface, ifindex, "XDP program attached again");
+                    self.iface_names.insert(ifindex, iface);
+                }
+                Err(e) => {
+                    if !warned {
+                        warn!(%iface, "the XDP program could not be attached again: {e}");
+                    }
+                    self.detached.insert(iface, true);
+                }
+            }
+        }
+        *self
+            .readiness
+            .detached
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) =
+            self.detached.keys().cloned().collect();
     }
 
     fn on_reload(&self) {

@@ -27,6 +27,8 @@ pub enum Input {
     SummaryDue,
     /// Time to renew the kernel's heartbeat (if the agent can vouch for the VIP map).
     HeartbeatDue,
+    /// Time to check that the interfaces attached to are still the same ones.
+    InterfacesDue,
     /// SIGHUP: reload what can be reloaded.
     Reload,
     /// SIGINT or SIGTERM (named): detach and exit.
@@ -45,6 +47,8 @@ pub struct Sources {
     pub summary: Option<Interval>,
     /// The heartbeat timer.
     pub heartbeat: Interval,
+    /// The interface check timer.
+    pub interfaces: Interval,
     /// Signals.
     pub signals: Signals,
 }
@@ -81,6 +85,7 @@ impl Sources {
             queries,
             summary,
             heartbeat,
+            interfaces,
             signals,
         } = self;
         tokio::select! {
@@ -97,6 +102,7 @@ impl Sources {
                 Ok(Input::SummaryDue)
             }
             _ = heartbeat.tick() => Ok(Input::HeartbeatDue),
+            _ = interfaces.tick() => Ok(Input::InterfacesDue),
             _ = signals.hangup.recv() => Ok(Input::Reload),
             _ = signals.interrupt.recv() => Ok(Input::Stop("SIGINT")),
             _ = signals.terminate.recv() => Ok(Input::Stop("SIGTERM")),

@@ -20,12 +20,15 @@ use prometheus_client::{
 };
 use unidler_common::Counter as KernelCounter;
 
-use crate::{datapath::CounterReader, sink::ControllerEventSink};
+use crate::{
+    datapath::{CounterReader, Counters},
+    sink::ControllerEventSink,
+};
 
 /// What the agent's loop counts and sets; cheap to clone (the values are shared).
 #[derive(Clone, Debug, Default)]
 pub struct AgentMetrics {
-    /// VIPs in the kernel map, by state (`idle`, `active`).
+    /// VIPs by state: in the kernel map `idle` or `active`, or `not_watched` (no room).
     pub vips: Family<[(&'static str, &'static str); 1], Gauge>,
     /// Idle hits the agent received from the ring buffer.
     pub events_received: Counter,
@@ -33,13 +36,14 @@ pub struct AgentMetrics {
 
 impl AgentMetrics {
     /// Sets the VIP gauges.
-    pub fn set_vips(&self, idle: usize, active: usize) {
-        self.vips
-            .get_or_create(&[("state", "idle")])
-            .set(idle as i64);
-        self.vips
-            .get_or_create(&[("state", "active")])
-            .set(active as i64);
+    pub fn set_vips(&self, idle: usize, active: usize, not_watched: usize) {
+        for (state, n) in [
+            ("idle", idle),
+            ("active", active),
+            ("not_watched", not_watched),
+        ] {
+            self.vips.get_or_create(&[("state", state)]).set(n as i64);
+        }
     }
 }
 
@@ -149,18 +153,13 @@ impl Collector for KernelCollector {
         let Ok(kernel) = self.0.read() else {
             return Ok(());
         };
-        let dropped = kernel.get(KernelCounter::IdleDropped);
-        // Per-CPU slots are read one after another while packets keep arriving: a drop can
-        // be counted after its packet was, so the difference saturates.
+        let [passed, dropped] = packets_by_verdict(&kernel);
         encode_counters(
             &mut encoder,
             "unidler_kernel_packets",
             "Packets the XDP program ran on, by verdict",
             &[
-                (
-                    Some(("verdict", "pass")),
-                    kernel.get(KernelCounter::Packets).saturating_sub(dropped),
-                ),
+                (Some(("verdict", "pass")), passed),
                 (Some(("verdict", "drop")), dropped),
             ],
         )?;
@@ -186,6 +185,17 @@ impl Collector for KernelCollector {
         }
         Ok(())
     }
+}
+
+/// Packets passed and dropped. The per-CPU slots are read one after another while packets
+/// keep arriving, so a drop can be counted after its packet was: the difference saturates
+/// (a counter must never go backwards, let alone wrap to 2^64).
+fn packets_by_verdict(kernel: &Counters) -> [u64; 2] {
+    let dropped = kernel.get(KernelCounter::IdleDropped);
+    [
+        kernel.get(KernelCounter::Packets).saturating_sub(dropped),
+        dropped,
+    ]
 }
 
 /// Idle hits through the agent and the sink, and the database connection.
@@ -281,4 +291,20 @@ fn encode_gauge(
     value: i64,
 ) -> Result<(), fmt::Error> {
     ConstGauge::new(value).encode(encoder.encode_descriptor(name, help, None, MetricType::Gauge)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passed_packets_never_go_below_zero() {
+        // Read while a flood runs: the drop counter read later than the packet counter.
+        let mut kernel = Counters::default();
+        kernel.0[KernelCounter::Packets as usize] = 1_000;
+        kernel.0[KernelCounter::IdleDropped as usize] = 1_003;
+        assert_eq!(packets_by_verdict(&kernel), [0, 1_003]);
+        kernel.0[KernelCounter::Packets as usize] = 5_000;
+        assert_eq!(packets_by_verdict(&kernel), [3_997, 1_003]);
+    }
 }

@@ -1,6 +1,7 @@
-//! What an operator sees: Prometheus metrics at `/metrics` ([`metrics`]), `/healthz`,
-//! `/readyz`, and JSON for the `unidler vips` and `unidler events` commands at `/api/vips` and
-//! `/api/events`.
+//! What an operator sees: Prometheus metrics at `/metrics` ([`metrics`]), `/healthz` and
+//! `/readyz` on one endpoint (`--metrics-addr`), and on another, loopback by default
+//! (`--api-addr`), JSON for the `unidler vips` and `unidler events` commands at `/api/vips`
+//! and `/api/events`. Both cap their connections and time out slow clients.
 //!
 //! The VIP registry and the recent events belong to the agent's loop; the HTTP handlers ask
 //! it over a channel ([`Query`]), so nothing is shared behind locks.
@@ -21,7 +22,9 @@ use prometheus_client::{encoding::text::encode, registry::Registry};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::{event::IdleHit, sink::ControllerEventSink};
+use unidler_common::VipKey;
+
+use crate::{datapath::VipHitsReader, event::IdleHit, sink::ControllerEventSink};
 
 /// One row of `unidler vips`.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -42,8 +45,8 @@ pub struct VipRow {
 
 /// A question for the agent's loop.
 pub enum Query {
-    /// The VIP table.
-    Vips(oneshot::Sender<Vec<VipRow>>),
+    /// The VIP table, each row with the VIP's kernel key (hit counts not filled in).
+    Vips(oneshot::Sender<Vec<(VipKey, VipRow)>>),
     /// The most recent idle hits, oldest first.
     Events(oneshot::Sender<Vec<IdleHit>>),
 }
@@ -55,20 +58,40 @@ pub struct Readiness {
     pub attached: AtomicBool,
     /// The VIP source has delivered its first full set.
     pub vips_synced: AtomicBool,
+    /// VIPs that do not fit the kernel's VIP map (`--max-vips`).
+    pub vips_unfit: std::sync::atomic::AtomicU64,
+    /// Interfaces the program should be on but is not (gone, or could not be re-attached).
+    pub detached: std::sync::Mutex<Vec<String>>,
 }
 
+/// What the health and metrics endpoint reads.
 #[derive(Clone)]
-struct AppState {
-    queries: mpsc::Sender<Query>,
+struct HealthState {
     ready: Arc<Readiness>,
     sink: Option<ControllerEventSink>,
     metrics: Arc<Registry>,
 }
 
-/// Serves the endpoints on `addr` until the process ends. Returns the bound address.
-pub async fn serve(
-    addr: SocketAddr,
+/// What the inspection API reads.
+#[derive(Clone)]
+struct ApiState {
     queries: mpsc::Sender<Query>,
+    hits: VipHitsReader,
+}
+
+/// Most connections an endpoint serves at once; more wait in the kernel's backlog (a slow or
+/// stuck client must not use up the agent's file descriptors, which its database
+/// connections need too).
+const MAX_CONNECTIONS: usize = 32;
+/// Longest time a client may take to send its request's headers.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest time a connection may stay open.
+const CONNECTION_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Serves `/metrics`, `/healthz` and `/readyz` on `addr` (where Prometheus and the kubelet
+/// reach them) until the process ends. Returns the bound address.
+pub async fn serve_health(
+    addr: SocketAddr,
     ready: Arc<Readiness>,
     sink: Option<ControllerEventSink>,
     metrics: Registry,
@@ -77,59 +100,141 @@ pub async fn serve(
         .route("/metrics", get(scrape))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
-        .route("/api/vips", get(vips))
-        .route("/api/events", get(events))
-        .with_state(AppState {
-            queries,
+        .with_state(HealthState {
             ready,
             sink,
             metrics: Arc::new(metrics),
         });
+    serve(addr, app).await
+}
+
+/// Serves the inspection API, `/api/vips` and `/api/events` (client addresses, the node's
+/// VIP table), on `addr`: loopback unless the operator says otherwise. Returns the bound
+/// address.
+pub async fn serve_api(
+    addr: SocketAddr,
+    queries: mpsc::Sender<Query>,
+    hits: VipHitsReader,
+) -> std::io::Result<SocketAddr> {
+    let app = Router::new()
+        .route("/api/vips", get(vips))
+        .route("/api/events", get(events))
+        .with_state(ApiState { queries, hits });
+    serve(addr, app).await
+}
+
+/// Serves `app` on `addr` with at most [`MAX_CONNECTIONS`] connections at once, each given
+/// [`HEADER_READ_TIMEOUT`] for its headers and [`CONNECTION_TIMEOUT`] in all.
+async fn serve(addr: SocketAddr, app: Router) -> std::io::Result<SocketAddr> {
+    use hyper_util::{
+        rt::{TokioIo, TokioTimer},
+        service::TowerToHyperService,
+    };
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app).await {
-            tracing::error!("metrics server stopped: {e}");
+        loop {
+            // A slot first: beyond the cap, clients wait in the backlog.
+            let Ok(slot) = slots.clone().acquire_owned().await else {
+                return;
+            };
+            let stream = match listener.accept().await {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    tracing::warn!(%bound, "accepting an HTTP connection: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let service = TowerToHyperService::new(app.clone());
+            tokio::spawn(async move {
+                let connection = hyper::server::conn::http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(HEADER_READ_TIMEOUT)
+                    .serve_connection(TokioIo::new(stream), service);
+                let _ = tokio::time::timeout(CONNECTION_TIMEOUT, connection).await;
+                drop(slot);
+            });
         }
     });
     Ok(bound)
 }
 
-async fn ask<T>(state: &AppState, query: impl FnOnce(oneshot::Sender<T>) -> Query) -> Option<T> {
+async fn ask<T>(
+    queries: &mpsc::Sender<Query>,
+    query: impl FnOnce(oneshot::Sender<T>) -> Query,
+) -> Option<T> {
     let (tx, rx) = oneshot::channel();
-    state.queries.send(query(tx)).await.ok()?;
+    queries.send(query(tx)).await.ok()?;
     tokio::time::timeout(Duration::from_secs(5), rx)
         .await
         .ok()?
         .ok()
 }
 
-async fn vips(State(state): State<AppState>) -> impl IntoResponse {
-    match ask(&state, Query::Vips).await {
+/// The VIP table from the agent's own registry; the kernel's hit counts are read off the
+/// agent's loop (one lookup per VIP).
+async fn vips(State(state): State<ApiState>) -> impl IntoResponse {
+    let Some(rows) = ask(&state.queries, Query::Vips).await else {
+        return StatusCode::SERVICE_UNAVAILABLE.into_response();
+    };
+    let hits = state.hits.clone();
+    let rows = tokio::task::spawn_blocking(move || {
+        rows.into_iter()
+            .map(|(key, row)| VipRow {
+                hits: hits.hits(&key),
+                ..row
+            })
+            .collect::<Vec<_>>()
+    })
+    .await;
+    match rows {
+        Ok(rows) => Json(rows).into_response(),
+        Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+    }
+}
+
+async fn events(State(state): State<ApiState>) -> impl IntoResponse {
+    match ask(&state.queries, Query::Events).await {
         Some(rows) => Json(rows).into_response(),
         None => StatusCode::SERVICE_UNAVAILABLE.into_response(),
     }
 }
 
-async fn events(State(state): State<AppState>) -> impl IntoResponse {
-    match ask(&state, Query::Events).await {
-        Some(rows) => Json(rows).into_response(),
-        None => StatusCode::SERVICE_UNAVAILABLE.into_response(),
-    }
-}
-
-async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
+async fn readyz(State(state): State<HealthState>) -> impl IntoResponse {
     let mut missing = Vec::new();
     if !state.ready.attached.load(Ordering::Relaxed) {
-        missing.push("XDP program not attached");
+        missing.push("XDP program not attached".to_owned());
     }
     if !state.ready.vips_synced.load(Ordering::Relaxed) {
-        missing.push("VIP source not synced");
+        missing.push("VIP source not synced".to_owned());
     }
-    if let Some(sink) = &state.sink
-        && !sink.southbound().client().is_connected()
-    {
-        missing.push("Southbound database not connected");
+    let detached = state
+        .ready
+        .detached
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .join(", ");
+    if !detached.is_empty() {
+        missing.push(format!("XDP program not attached to {detached}"));
+    }
+    let unfit = state.ready.vips_unfit.load(Ordering::Relaxed);
+    if unfit > 0 {
+        missing.push(format!(
+            "{unfit} VIPs do not fit the VIP map and are not watched (raise --max-vips)"
+        ));
+    }
+    if let Some(sink) = &state.sink {
+        let southbound = sink.southbound();
+        if !southbound.client().is_connected() {
+            missing.push("Southbound database not connected".to_owned());
+        } else if southbound.chassis_uuid().is_none() {
+            missing.push(format!(
+                "no Chassis row named {:?} in the Southbound database (events wait)",
+                southbound.chassis_name()
+            ));
+        }
     }
     if missing.is_empty() {
         (StatusCode::OK, "ready\n".to_owned())
@@ -141,7 +246,7 @@ async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
     }
 }
 
-async fn scrape(State(state): State<AppState>) -> impl IntoResponse {
+async fn scrape(State(state): State<HealthState>) -> impl IntoResponse {
     let mut body = String::new();
     if encode(&mut body, &state.metrics).is_err() {
         return StatusCode::INTERNAL_SERVER_ERROR.into_response();
@@ -173,13 +278,15 @@ pub enum AgentQueryError {
     /// Not an HTTP response.
     #[error("malformed HTTP response")]
     Malformed,
-    /// An answer other than 200, with its status line.
-    #[error("{path}: {status}")]
+    /// An answer other than 200, with its status line and body.
+    #[error("{path}: {status}: {}", body.trim())]
     Status {
         /// The path asked for.
         path: String,
         /// The status line.
         status: String,
+        /// What the agent said.
+        body: String,
     },
 }
 
@@ -200,6 +307,7 @@ pub fn http_get(addr: SocketAddr, path: &str) -> Result<String, AgentQueryError>
         return Err(AgentQueryError::Status {
             path: path.to_owned(),
             status: status.to_owned(),
+            body: body.to_owned(),
         });
     }
     Ok(body.to_owned())

@@ -252,7 +252,7 @@ fn send(outgoing: &Outgoing, msg: &Json) {
 /// message is parsed only once it is complete: a large monitor reply arriving in many reads
 /// costs one parse, not one per read.
 #[derive(Default)]
-struct Framer {
+pub struct Framer {
     buf: Vec<u8>,
     /// How far `buf` has been scanned.
     scanned: usize,
@@ -268,8 +268,9 @@ impl Framer {
     const KEEP_CAPACITY: usize = 64 * 1024;
 
     /// Appends `bytes` and returns the messages now complete; a partial one stays buffered.
-    /// A partial message longer than `limit` is an error.
-    fn push(&mut self, bytes: &[u8], limit: usize) -> Result<Vec<Json>, Error> {
+    /// A message (whole or partial) longer than `limit` is an error, as is anything that is
+    /// not JSON objects and arrays separated by white space.
+    pub fn push(&mut self, bytes: &[u8], limit: usize) -> Result<Vec<Json>, Error> {
         self.buf.extend_from_slice(bytes);
         let mut messages = Vec::new();
         let mut start = 0;

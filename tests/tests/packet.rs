@@ -753,7 +753,7 @@ impl Rng {
 }
 
 #[test]
-fn randomized_frames_are_never_misclassified() {
+fn fuzz_randomized_frames_are_never_misclassified() {
     let mut h = Harness::new();
     h.vip("10.96.0.10:80/tcp");
     h.vip("10.96.0.10:53/udp");
@@ -794,10 +794,27 @@ fn randomized_frames_are_never_misclassified() {
     .map(Frame::build)
     .collect();
 
-    let seed = 0x5eed_0000_0001u64;
+    // `cargo xtask fuzz` runs it for longer from a random seed (UNIDLER_FUZZ_SECONDS,
+    // UNIDLER_FUZZ_SEED); by default 20,000 frames from a fixed seed.
+    let until = std::env::var("UNIDLER_FUZZ_SECONDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .map(|s| std::time::Instant::now() + Duration::from_secs(s));
+    let seed = std::env::var("UNIDLER_FUZZ_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0x5eed_0000_0001u64);
+    eprintln!("frame fuzzing seed {seed}");
     let mut rng = Rng(seed);
     let (mut events, mut failures) = (0, 0);
-    for i in 0..20_000 {
+    for i in 0.. {
+        let done = match until {
+            Some(until) => std::time::Instant::now() >= until,
+            None => i >= 20_000,
+        };
+        if done {
+            break;
+        }
         let mut frame = seeds[rng.below(seeds.len())].clone();
         // Flip a few bytes, biased to the headers where the decisions are made.
         for _ in 0..1 + rng.below(3) {
@@ -808,8 +825,8 @@ fn randomized_frames_are_never_misclassified() {
                 // Values the parser branches on.
                 2 => [
                     0x81, 0x00, 0x88, 0xa8, 0x86, 0xdd, 0x08, 0x45, 0x60, 6, 17, 132, 0, 43, 44,
-                    60, 0x02, 0x12,
-                ][rng.below(18)],
+                    60, 51, 135, 0xff, 0x02, 0x12,
+                ][rng.below(21)],
                 _ => 0,
             };
         }

@@ -55,6 +55,13 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<OsString>,
     },
+    /// Fuzz the parsers (OVSDB messages, VIPs file, the XDP parser against its model) for
+    /// longer than the test suite does, from a random seed it prints (needs root).
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+    },
     /// Check formatting and run clippy with warnings denied, the eBPF crate included.
     Lint,
     /// Show the datapath catching the first packet to an idle service, in namespaces of its own.
@@ -82,6 +89,7 @@ fn dispatch(task: Task) -> Result<()> {
         }
         Task::Test { args } => test(args),
         Task::Lint => lint(),
+        Task::Fuzz { seconds } => fuzz(seconds),
         Task::Bench { vs_ovn, args } => bench(vs_ovn, args),
         Task::Demo => {
             let agent = build(&setup::ensure_all()?, false)?;
@@ -118,6 +126,32 @@ fn test(args: Vec<OsString>) -> Result<()> {
         .args(args)
         .env("UNIDLER_BIN", &agent);
     run(&mut cmd)
+}
+
+fn fuzz(seconds: u64) -> Result<()> {
+    let tools = setup::ensure_all()?;
+    if !is_root() {
+        bail!("the XDP parser is fuzzed through BPF_PROG_TEST_RUN: run as root");
+    }
+    let agent = build(&tools, true)?;
+    run(cargo(&tools)
+        .args([
+            "test",
+            "--release",
+            "--package",
+            "unidler-tests",
+            "--test",
+            "fuzz",
+            "--test",
+            "packet",
+            "--",
+            "--nocapture",
+            "--test-threads",
+            "1",
+            "fuzz_",
+        ])
+        .env("UNIDLER_FUZZ_SECONDS", seconds.to_string())
+        .env("UNIDLER_BIN", &agent))
 }
 
 fn bench(vs_ovn: bool, args: Vec<OsString>) -> Result<()> {

@@ -255,7 +255,7 @@ impl Agent {
                 }
             }
         }
-        self.shut_down().await
+        self.shut_down(sources).await
     }
 
     /// Kernel events: resolved against the registry, remembered, and sent on.
@@ -513,10 +513,15 @@ impl Agent {
         }
     }
 
-    /// Detaches, logs the totals, and gives the sink a moment to write what is queued.
-    async fn shut_down(mut self) -> Result<()> {
-        let totals = self.datapath.counters()?;
+    /// Detaches, reads what the ring still holds, logs the totals, and gives the sink a
+    /// moment to write what is queued.
+    async fn shut_down(mut self, mut sources: Sources) -> Result<()> {
         self.datapath.detach_all();
+        // Hits the kernel reported before it was detached and the loop had not read yet.
+        let mut last = Vec::new();
+        sources.ring.get_mut().drain(|event| last.push(event));
+        self.on_idle_hits(&last)?;
+        let totals = self.datapath.counters()?;
         log_kernel_counters("totals", &totals);
         if let HitOutput::Sink(sink) = &self.output {
             if !sink.flush(Duration::from_secs(2)).await {

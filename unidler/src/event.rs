@@ -83,3 +83,35 @@ pub fn iface_name(ifindex: u32) -> String {
         .to_string_lossy()
         .into_owned()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(vip: &Vip) -> IdleHitEvent {
+        IdleHitEvent {
+            vip: vip.key(),
+            ifindex: 1,
+            action: EventAction::Dropped as u32,
+            ..IdleHitEvent::default()
+        }
+    }
+
+    #[test]
+    fn a_hit_for_a_vip_that_left_the_map_is_not_reported() {
+        let vip = "10.96.0.10:80/tcp"
+            .parse::<crate::vip::VipSpec>()
+            .unwrap()
+            .vip;
+        let mut registry = VipRegistry::new();
+        registry.upsert(vip, 0, 0, Some("lb".into()));
+        let hit = IdleHit::resolve(&event(&vip), &registry, |_| "eth0".into()).unwrap();
+        assert_eq!(hit.load_balancer.as_deref(), Some("lb"));
+        registry.remove(&vip);
+        assert_eq!(
+            IdleHit::resolve(&event(&vip), &registry, |_| "eth0".into()),
+            None,
+            "it would name no load balancer"
+        );
+    }
+}

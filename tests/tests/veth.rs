@@ -332,3 +332,84 @@ fn an_interface_re_created_under_its_name_is_attached_again() {
     assert_event(&event, "10.77.0.2:8080", "tcp", src, &topo.server_if);
     assert_eq!(readyz().unwrap(), "ready\n");
 }
+
+/// `--iface` with a pattern follows the interfaces that match as they come and go (as pods'
+/// veths do); one that refuses the program is logged and counted, and the agent goes on.
+#[test]
+fn interfaces_matching_a_pattern_are_followed_as_they_come_and_go() {
+    require_root();
+    let topo = Topology::new("vp");
+    // New interfaces in the agent's namespace, named after the topology's tag.
+    let base = topo.server_if.trim_end_matches('s').to_owned();
+    let (first, first_peer) = (format!("{base}p1a"), format!("{base}p1b"));
+    let refusing = format!("{base}p2a");
+    let pattern = format!("{base}p*a");
+    let ip = |args: &[&str]| {
+        let status = std::process::Command::new("ip")
+            .args(["-n", &topo.server_ns])
+            .args(args)
+            .status()
+            .unwrap();
+        assert!(status.success(), "ip {args:?}");
+    };
+    let mut agent = Agent::start(
+        &topo.server_ns,
+        &[
+            "run",
+            "--iface",
+            &pattern,
+            "--xdp-mode",
+            "native",
+            "--vip",
+            "10.77.0.2:8080/tcp",
+        ],
+    );
+
+    // A veth pair appears: the matching end gets the program and catches an idle hit.
+    ip(&[
+        "link",
+        "add",
+        &first,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        &first_peer,
+    ]);
+    ip(&["link", "set", &first, "up"]);
+    ip(&["link", "set", &first_peer, "up"]);
+    let line = agent.wait_for_log("matches --iface", Duration::from_secs(5));
+    assert!(line.contains(&first), "{line}");
+    let mut syn = Frame::tcp_syn(CLIENT_V4.into(), 40000, SERVER_V4.into(), 8080);
+    syn.src_mac = CLIENT_MAC;
+    syn.dst_mac = SERVER_MAC;
+    topo.in_server(|| send_frames(&first_peer, [syn.build()]));
+    let event = agent
+        .next_event(Duration::from_secs(5))
+        .expect("an idle hit from the followed interface");
+    assert_eq!(event["iface"], first.as_str());
+
+    // A matching interface whose driver has no native XDP (a bridge): refused, counted.
+    ip(&["link", "add", &refusing, "type", "bridge"]);
+    agent.wait_for_log("could not be attached", Duration::from_secs(5));
+    let metrics = topo
+        .in_server(|| http_get("127.0.0.1:9477".parse().unwrap(), "/metrics"))
+        .unwrap();
+    assert!(
+        metrics.contains("unidler_attachments{state=\"failed\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("unidler_attachments{state=\"attached\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("unidler_attach_failures_total 1"),
+        "{metrics}"
+    );
+
+    // The veth goes: detached, nothing missing.
+    ip(&["link", "del", &first]);
+    agent.wait_for_log("interface gone: detached", Duration::from_secs(5));
+    assert!(agent.is_running());
+}

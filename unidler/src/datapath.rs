@@ -598,6 +598,28 @@ where
     T::try_from(map).map_err(|source| DatapathError::Map { map: name, source })
 }
 
+/// Every network interface of this namespace, as (ifindex, name).
+pub fn interfaces() -> Vec<(u32, String)> {
+    // SAFETY: if_nameindex returns an array ended by a zero entry, freed below.
+    unsafe {
+        let list = libc::if_nameindex();
+        if list.is_null() {
+            return Vec::new();
+        }
+        let mut out = Vec::new();
+        let mut at = list;
+        while (*at).if_index != 0 && !(*at).if_name.is_null() {
+            let name = std::ffi::CStr::from_ptr((*at).if_name)
+                .to_string_lossy()
+                .into_owned();
+            out.push(((*at).if_index, name));
+            at = at.add(1);
+        }
+        libc::if_freenameindex(list);
+        out
+    }
+}
+
 /// The index of `iface`, or a clear error.
 pub fn ifindex_of(iface: &str) -> Result<u32, DatapathError> {
     let name = std::ffi::CString::new(iface)

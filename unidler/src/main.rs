@@ -6,7 +6,7 @@ use anyhow::{Context as _, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use tracing_subscriber::{EnvFilter, filter::LevelFilter};
 use unidler::{
-    agent::{self, Agent, Config, VipSourceConfig},
+    agent::{self, Agent, Config, InterfaceSelector, VipSourceConfig},
     datapath::AttachMode,
     southbound::SouthboundConfig,
     telemetry::{self, VipRow},
@@ -77,7 +77,9 @@ enum LogFormat {
 
 #[derive(Args)]
 struct RunArgs {
-    /// Interface to attach to; repeat for several.
+    /// Interface to attach to: a name (it must exist; attached again if re-created), or a
+    /// shell-style pattern (`'veth*'`, followed as interfaces come and go; one that refuses
+    /// the program is logged and counted). Repeat for several.
     #[arg(
         long = "iface",
         required = true,
@@ -300,8 +302,13 @@ fn config(args: RunArgs) -> Result<Config> {
         }),
         None => None,
     };
+    let interfaces = args
+        .ifaces
+        .iter()
+        .map(|i| InterfaceSelector::parse(i).with_context(|| format!("--iface {i:?}")))
+        .collect::<Result<_>>()?;
     Ok(Config {
-        interfaces: args.ifaces,
+        interfaces,
         attach_mode: args.xdp_mode.into(),
         vips,
         max_vips: args.max_vips,

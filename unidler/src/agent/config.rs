@@ -10,8 +10,10 @@ use crate::{datapath::AttachMode, southbound::SouthboundConfig, vip::DesiredVip}
 /// The agent's whole configuration.
 #[derive(Clone, Debug)]
 pub struct Config {
-    /// Interfaces to attach the program to.
-    pub interfaces: Vec<String>,
+    /// Interfaces to attach the program to: names (which must exist at start, and are
+    /// attached again if re-created) and shell-style patterns (followed as interfaces come
+    /// and go).
+    pub interfaces: Vec<InterfaceSelector>,
     /// How to attach it.
     pub attach_mode: AttachMode,
     /// Where the VIPs come from.
@@ -40,6 +42,26 @@ pub struct Config {
     pub summary_interval: Duration,
     /// Most verbose aya-log level the kernel emits (1 error … 5 trace).
     pub kernel_log_level: u8,
+}
+
+/// Which interfaces the program goes on.
+#[derive(Clone, Debug)]
+pub enum InterfaceSelector {
+    /// One interface by name.
+    Name(String),
+    /// Every interface whose name matches (`*`, `?`, `[...]`).
+    Pattern(glob::Pattern),
+}
+
+impl InterfaceSelector {
+    /// A pattern if `text` has a `*`, `?` or `[`, else a name.
+    pub fn parse(text: &str) -> Result<Self, glob::PatternError> {
+        if text.contains(['*', '?', '[']) {
+            Ok(Self::Pattern(glob::Pattern::new(text)?))
+        } else {
+            Ok(Self::Name(text.to_owned()))
+        }
+    }
 }
 
 /// Where the VIPs come from.

@@ -22,7 +22,7 @@ use tokio::{io::unix::AsyncFd, sync::mpsc};
 use tracing::{debug, info, warn};
 use unidler_common::{Counter, IdleHitEvent, VipKey};
 
-pub use self::config::{Config, IdleAction, VipSourceConfig};
+pub use self::config::{Config, IdleAction, InterfaceSelector, VipSourceConfig};
 use self::sources::{Input, Signals, Sources};
 use crate::{
     datapath::{self, AttachMode, Counters, Datapath, DatapathError, LoadOptions},
@@ -81,6 +81,11 @@ pub struct Agent {
     /// Interfaces the program should be on and is not (their attachment died with them),
     /// with whether a failure to attach again was logged.
     detached: BTreeMap<String, bool>,
+    /// Interface name patterns to follow.
+    patterns: Vec<glob::Pattern>,
+    /// Interfaces matching a pattern that refused the program, by name, with the ifindex
+    /// that refused (tried again only if the interface is re-created).
+    refused: HashMap<String, u32>,
     /// Since when the agent has not vouched for the map, once it had (to log changes once).
     out_of_sync_since: Option<Instant>,
     sources: Option<Sources>,
@@ -98,8 +103,16 @@ impl Agent {
     /// unknown interface, a bad VIPs file, missing privileges).
     pub async fn start(config: Config) -> Result<Self> {
         // Fail on a typo before touching the kernel.
-        for iface in &config.interfaces {
-            datapath::ifindex_of(iface)?;
+        let mut names = Vec::new();
+        let mut patterns = Vec::new();
+        for selector in &config.interfaces {
+            match selector {
+                InterfaceSelector::Name(name) => {
+                    datapath::ifindex_of(name)?;
+                    names.push(name.clone());
+                }
+                InterfaceSelector::Pattern(pattern) => patterns.push(pattern.clone()),
+            }
         }
         let mut datapath = Datapath::load(&LoadOptions {
             rate_limits: config.rate_limits,
@@ -179,6 +192,8 @@ impl Agent {
             max_vips: config.max_vips,
             attach_mode: config.attach_mode,
             detached: BTreeMap::new(),
+            patterns: Vec::new(),
+            refused: HashMap::new(),
             out_of_sync_since: None,
             sources: None,
         };
@@ -209,11 +224,14 @@ impl Agent {
             ),
         }
 
-        for iface in &config.interfaces {
+        // Named interfaces must take the program now; patterns are followed from here on.
+        for iface in &names {
             let ifindex = agent.datapath.attach(iface, config.attach_mode)?;
             info!(iface, ifindex, mode = ?config.attach_mode, "XDP program attached");
             agent.iface_names.insert(ifindex, iface.clone());
         }
+        agent.patterns = patterns;
+        agent.follow_patterns();
         agent.readiness.attached.store(true, Ordering::Relaxed);
         if config.vips != VipSourceConfig::Ovn {
             // Static VIPs were applied before attaching.
@@ -469,12 +487,19 @@ impl Agent {
     /// wherever that name is now; until then the agent is not ready and says which.
     fn on_interfaces_due(&mut self) {
         for (iface, old, _) in self.datapath.stale_attachments() {
-            warn!(%iface, ifindex = old, "interface gone or re-created: its XDP program went with it");
             self.iface_names.remove(&old);
             self.datapath.forget_attachment(&iface);
+            if self.matches_pattern(&iface) {
+                // A followed interface that left: nothing is missing (pods come and go).
+                info!(%iface, ifindex = old, "interface gone: detached");
+                continue;
+            }
+            warn!(%iface, ifindex = old, "interface gone or re-created: its XDP program went with it");
             self.detached.insert(iface, false);
         }
+        self.follow_patterns();
         if self.detached.is_empty() {
+            self.publish_attachments();
             return;
         }
         for (iface, warned) in std::mem::take(&mut self.detached) {
@@ -490,6 +515,7 @@ impl Agent {
                 Err(e) => {
                     if !warned {
                         warn!(%iface, "the XDP program could not be attached again: {e}");
+                        self.metrics.attach_failures.inc();
                     }
                     self.detached.insert(iface, true);
                 }
@@ -501,6 +527,56 @@ impl Agent {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner) =
             self.detached.keys().cloned().collect();
+        self.publish_attachments();
+    }
+
+    fn matches_pattern(&self, iface: &str) -> bool {
+        self.patterns.iter().any(|p| p.matches(iface))
+    }
+
+    /// Attaches to every interface matching a pattern that does not have the program yet. An
+    /// interface that refuses it (a driver without XDP, someone else's program) is logged
+    /// and counted once, and tried again only if it is re-created; the agent goes on.
+    fn follow_patterns(&mut self) {
+        if self.patterns.is_empty() {
+            return;
+        }
+        let attached: std::collections::HashSet<String> = self
+            .datapath
+            .attached()
+            .map(|(name, _)| name.to_owned())
+            .collect();
+        let present = datapath::interfaces();
+        self.refused
+            .retain(|name, index| present.iter().any(|(i, n)| n == name && i == index));
+        for (ifindex, iface) in present {
+            if attached.contains(&iface)
+                || self.refused.contains_key(&iface)
+                || !self.matches_pattern(&iface)
+            {
+                continue;
+            }
+            match self.datapath.attach(&iface, self.attach_mode) {
+                Ok(ifindex) => {
+                    info!(%iface, ifindex, mode = ?self.attach_mode, "XDP program attached (the interface matches --iface)");
+                    self.iface_names.insert(ifindex, iface);
+                }
+                Err(e) => {
+                    warn!(%iface, "the XDP program could not be attached: {e}");
+                    self.metrics.attach_failures.inc();
+                    self.refused.insert(iface, ifindex);
+                }
+            }
+        }
+        self.publish_attachments();
+    }
+
+    /// The attachment gauges.
+    fn publish_attachments(&self) {
+        self.metrics.set_attachments(
+            self.datapath.attached().count(),
+            self.detached.len() + self.refused.len(),
+        );
     }
 
     fn on_reload(&self) {

@@ -32,9 +32,22 @@ pub struct AgentMetrics {
     pub vips: Family<[(&'static str, &'static str); 1], Gauge>,
     /// Idle hits the agent received from the ring buffer.
     pub events_received: Counter,
+    /// Interfaces by state: `attached`, or `failed` (should have the program and do not).
+    pub attachments: Family<[(&'static str, &'static str); 1], Gauge>,
+    /// Attempts to attach the program that failed.
+    pub attach_failures: Counter,
 }
 
 impl AgentMetrics {
+    /// Sets the attachment gauges.
+    pub fn set_attachments(&self, attached: usize, failed: usize) {
+        for (state, n) in [("attached", attached), ("failed", failed)] {
+            self.attachments
+                .get_or_create(&[("state", state)])
+                .set(n as i64);
+        }
+    }
+
     /// Sets the VIP gauges.
     pub fn set_vips(&self, idle: usize, active: usize, not_watched: usize) {
         for (state, n) in [
@@ -55,6 +68,16 @@ pub fn registry(
 ) -> Registry {
     let mut registry = Registry::default();
     registry.register_collector(Box::new(KernelCollector(kernel)));
+    registry.register(
+        "unidler_attachments",
+        "Interfaces the program should be on, by state: attached, or failed",
+        agent.attachments.clone(),
+    );
+    registry.register(
+        "unidler_attach_failures",
+        "Attempts to attach the program to an interface that failed",
+        agent.attach_failures.clone(),
+    );
     registry.register(
         "unidler_vips",
         "VIPs in the kernel map, by state",

@@ -85,7 +85,13 @@ fn unidler_writes_the_row_ovn_controller_writes_and_keeps_ovn_quiet() {
     let sb = node.central.sb.unix_remote();
     let mut agent = Agent::start(
         &node.node_ns,
-        &southbound_args(&node.node_if, &sb, state.path_str()),
+        &[
+            southbound_args(&node.node_if, &sb, state.path_str()),
+            // ovs-vswitchd's userspace datapath reads the veth through AF_PACKET, which sees
+            // a packet before TC ingress could drop it: here only XDP keeps it from OVN.
+            vec!["--hook", "xdp"],
+        ]
+        .concat(),
     );
     agent.wait_for_log("VIP map synced", Duration::from_secs(30));
     let punted = node.packets_punted_for(VIP.into());

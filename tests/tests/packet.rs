@@ -848,3 +848,62 @@ fn fuzz_randomized_frames_are_never_misclassified() {
     assert!(events > 1000, "only {events} events");
     assert!(failures > 1000, "only {failures} parse failures");
 }
+
+/// The TC hook runs the same parser on the same maps: on every frame it decides as the XDP
+/// program does (TC_ACT_OK for XDP_PASS, TC_ACT_SHOT for XDP_DROP), with the same event and
+/// the same counters.
+#[test]
+fn fuzz_the_tc_hook_decides_as_xdp_does() {
+    const TC_ACT_OK: i32 = 0;
+    const TC_ACT_SHOT: i32 = 2;
+    let mut h = Harness::new();
+    h.vip("10.96.0.10:80/tcp");
+    h.vip("10.96.0.10:53/udp");
+    h.vip("10.96.0.10:443/tcp=2");
+    h.vip("[fd00:96::10]:443/tcp");
+    let mut v6 = syn(CLIENT6, VIP6, 443);
+    v6.ipv6_ext = vec![Ipv6Ext::HopByHop { len8: 0 }];
+    let mut vlan = syn(CLIENT4, VIP4, 80);
+    vlan.vlans = vec![(0x8100, 7)];
+    let seeds: Vec<Vec<u8>> = [
+        syn(CLIENT4, VIP4, 80),
+        syn(CLIENT4, VIP4, 443),
+        tcp(CLIENT4, VIP4, 80, TCP_ACK),
+        Frame::new(CLIENT4, VIP4, L4::Udp { src: 9, dst: 53 }),
+        v6,
+        vlan,
+    ]
+    .iter()
+    .map(Frame::build)
+    .collect();
+    let mut rng = Rng(0x7c_0001);
+    for i in 0..4_000 {
+        let mut frame = seeds[i % seeds.len()].clone();
+        if i >= seeds.len() {
+            for _ in 0..1 + rng.below(3) {
+                let at = rng.below(frame.len().min(90));
+                frame[at] ^= 1 << rng.below(8);
+            }
+        }
+        let xdp = h.run(&frame);
+        let before = h.datapath.counters().unwrap();
+        let (verdict, _) = h.datapath.tc_test_run_repeat(&frame, 1).unwrap();
+        let mut events = Vec::new();
+        h.events.drain(|e| events.push(e));
+        let counters = h.datapath.counters().unwrap().since(&before);
+        let expected = if xdp.verdict == XDP_DROP {
+            TC_ACT_SHOT
+        } else {
+            TC_ACT_OK
+        };
+        assert_eq!(verdict, expected, "frame {frame:02x?}");
+        assert_eq!(events.len(), xdp.events.len(), "frame {frame:02x?}");
+        if let (Some(t), Some(x)) = (events.first(), xdp.events.first()) {
+            assert_eq!(
+                (t.vip, t.src_addr, t.src_port_be),
+                (x.vip, x.src_addr, x.src_port_be)
+            );
+        }
+        assert_eq!(counters, xdp.counters, "frame {frame:02x?}");
+    }
+}

@@ -20,10 +20,16 @@ use unidler_tests::{
 
 const QUIET: Duration = Duration::from_millis(700);
 
-/// Starts the agent on the server end of `topo` with `extra` arguments.
+/// Starts the agent on the server end of `topo` with `extra` arguments; `mode` is an
+/// `--xdp-mode` (native, generic), or `tc` or `auto` for `--hook`.
 #[track_caller]
 fn agent(topo: &Topology, mode: &str, extra: &[&str]) -> Agent {
-    let mut args = vec!["run", "--iface", &topo.server_if, "--xdp-mode", mode];
+    let flag = if matches!(mode, "tc" | "auto") {
+        "--hook"
+    } else {
+        "--xdp-mode"
+    };
+    let mut args = vec!["run", "--iface", &topo.server_if, flag, mode];
     args.extend_from_slice(extra);
     Agent::start(&topo.server_ns, &args)
 }
@@ -92,6 +98,33 @@ fn idle_tcp_connect_yields_one_event_and_no_connection(mode: &str) {
 #[test]
 fn idle_tcp_connect_native_mode() {
     idle_tcp_connect_yields_one_event_and_no_connection("native");
+}
+
+#[test]
+fn idle_tcp_connect_tc_hook() {
+    idle_tcp_connect_yields_one_event_and_no_connection("tc");
+}
+
+/// On a veth, auto means TC (native XDP would turn the peer's segmentation offloads off).
+#[test]
+fn auto_puts_tc_on_a_veth() {
+    require_root();
+    let topo = Topology::new("ua");
+    let mut agent = agent(&topo, "auto", &["--vip", "10.77.0.2:8080/tcp"]);
+    let line = agent.wait_for_log("datapath attached", Duration::from_secs(5));
+    assert!(
+        line.contains("hook=\"tc\"") || line.contains("hook=tc"),
+        "{line}"
+    );
+    assert!(topo.server_xdp().is_none(), "no XDP program on the veth");
+    let (_, ok) = connect(
+        &topo,
+        CLIENT_V4.into(),
+        SocketAddr::new(SERVER_V4.into(), 8080),
+        Duration::from_millis(300),
+    );
+    assert!(!ok);
+    assert!(agent.next_event(Duration::from_secs(5)).is_some());
 }
 
 #[test]
@@ -276,6 +309,8 @@ fn a_second_agent_on_the_same_interface_is_refused_clearly() {
             &topo.server_if,
             "--vip",
             "10.77.0.2:8080/tcp",
+            "--xdp-mode",
+            "native",
             // Its own endpoints, so that the refusal is about the interface.
             "--metrics-addr",
             "127.0.0.1:9479",
@@ -300,7 +335,7 @@ fn an_interface_re_created_under_its_name_is_attached_again() {
     let topo = Topology::new("vr");
     let vip = SocketAddr::new(SERVER_V4.into(), 8080);
     let _server = echo_server(&topo, vip);
-    let mut agent = agent(&topo, "auto", &["--vip", "10.77.0.2:8080/tcp"]);
+    let mut agent = agent(&topo, "native", &["--vip", "10.77.0.2:8080/tcp"]);
     let (_, ok) = connect(&topo, CLIENT_V4.into(), vip, Duration::from_millis(300));
     assert!(!ok);
     assert!(
@@ -412,4 +447,35 @@ fn interfaces_matching_a_pattern_are_followed_as_they_come_and_go() {
     ip(&["link", "del", &first]);
     agent.wait_for_log("interface gone: detached", Duration::from_secs(5));
     assert!(agent.is_running());
+}
+
+/// With the TC hook, which takes several programs, a second agent is refused too: it would
+/// report every hit twice.
+#[test]
+fn a_second_agent_with_the_tc_hook_is_refused_clearly() {
+    require_root();
+    let topo = Topology::new("u2");
+    let _first = agent(&topo, "tc", &["--vip", "10.77.0.2:8080/tcp"]);
+    let exit = Agent::run_to_exit(
+        &topo.server_ns,
+        &[
+            "run",
+            "--iface",
+            &topo.server_if,
+            "--hook",
+            "tc",
+            "--vip",
+            "10.77.0.2:8080/tcp",
+            "--metrics-addr",
+            "127.0.0.1:9479",
+            "--api-addr",
+            "127.0.0.1:9480",
+        ],
+    );
+    assert_eq!(exit.code, Some(1), "{}", exit.stderr);
+    assert!(
+        exit.stderr.contains("already has unidler's TC program"),
+        "{}",
+        exit.stderr
+    );
 }

@@ -23,6 +23,8 @@ pub const EVENT_RING_BYTES: u32 = 1024 * 1024;
 
 /// Name of the do-nothing XDP program in the same object, the benchmarks' baseline.
 pub const BASELINE_PROGRAM_NAME: &str = "baseline_pass";
+/// Name of the do-nothing TC program in the same object, the TC hook's baseline.
+pub const BASELINE_TC_PROGRAM_NAME: &str = "baseline_pass_tc";
 
 /// log2 of the bits in the VIP address prefilter (`VIP_ADDRESS_FILTER`).
 pub const ADDRESS_FILTER_ORDER: u32 = 20;
@@ -58,6 +60,8 @@ const fn fibonacci_bucket(folded: u32) -> u32 {
 
 /// Name of the XDP program inside the object file.
 pub const PROGRAM_NAME: &str = "unidler";
+/// Name of the TC ingress program (same parser and maps) inside the object file.
+pub const TC_PROGRAM_NAME: &str = "unidler_tc";
 
 /// Key of the VIP map: one load-balancer VIP, `address:port/protocol`.
 #[repr(C)]

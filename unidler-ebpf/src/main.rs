@@ -1,10 +1,12 @@
-//! The unidler XDP program.
+//! The unidler datapath: one parser and one set of maps behind two entry points, an XDP
+//! program (`unidler`, for physical interfaces) and a TC ingress classifier (`unidler_tc`, for
+//! veths and other virtual interfaces, where native XDP would turn segmentation offloads off).
 //!
 //! For every frame: parse Ethernet, up to two VLAN tags, IPv4 or IPv6 (with extension
 //! headers), then TCP, UDP or SCTP. A connection-opening packet (TCP SYN without ACK, any UDP
 //! datagram, SCTP INIT) whose destination is a VIP with zero backends raises an event in the
 //! `EVENTS` ring buffer, rate-limited per VIP and globally, and is dropped (or passed, if the
-//! VIP says so). Every other frame returns `XDP_PASS`. Anything the parser cannot read is
+//! VIP says so). Every other frame passes (`XDP_PASS`, `TC_ACT_OK`). Anything the parser cannot read is
 //! passed untouched and counted. All loops and offsets are bounded.
 #![no_std]
 #![no_main]
@@ -15,11 +17,12 @@
 use core::intrinsics::{AtomicOrdering, atomic_cxchg, atomic_xadd};
 
 use aya_ebpf::{
-    bindings::xdp_action,
+    EbpfContext,
+    bindings::{TC_ACT_OK, TC_ACT_SHOT, xdp_action},
     helpers::bpf_ktime_get_ns,
-    macros::{map, xdp},
+    macros::{classifier, map, xdp},
     maps::{Array, HashMap, PerCpuArray, RingBuf},
-    programs::XdpContext,
+    programs::{TcContext, XdpContext},
 };
 use aya_log_ebpf::debug;
 use network_types::{
@@ -101,16 +104,93 @@ const MAX_IPV6_EXTENSIONS: usize = 6;
 /// Furthest offset at which an L4 header may start; keeps every packet offset bounded.
 const MAX_L4_OFFSET: usize = 512;
 
-#[xdp]
-pub fn unidler(ctx: XdpContext) -> u32 {
+/// What the datapath decided for a packet; each entry point says it in its own terms.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Verdict {
+    Pass,
+    Drop,
+}
+
+/// A packet as either hook sees it: its bytes, and the interface it arrived on.
+trait Packet: EbpfContext {
+    fn data(&self) -> usize;
+    fn data_end(&self) -> usize;
+    fn ingress_ifindex(&self) -> u32;
+}
+
+impl Packet for XdpContext {
+    #[inline(always)]
+    fn data(&self) -> usize {
+        XdpContext::data(self)
+    }
+    #[inline(always)]
+    fn data_end(&self) -> usize {
+        XdpContext::data_end(self)
+    }
+    #[inline(always)]
+    fn ingress_ifindex(&self) -> u32 {
+        // SAFETY: a plain field of the context the kernel hands us.
+        unsafe { (*self.ctx).ingress_ifindex }
+    }
+}
+
+impl Packet for TcContext {
+    #[inline(always)]
+    fn data(&self) -> usize {
+        TcContext::data(self)
+    }
+    #[inline(always)]
+    fn data_end(&self) -> usize {
+        TcContext::data_end(self)
+    }
+    #[inline(always)]
+    fn ingress_ifindex(&self) -> u32 {
+        // SAFETY: a plain field of the __sk_buff the kernel hands us.
+        unsafe { (*self.skb.skb).ingress_ifindex }
+    }
+}
+
+/// The datapath for one packet, whichever the hook.
+#[inline(always)]
+fn decide<P: Packet>(ctx: &P) -> Verdict {
     count(Counter::Packets);
-    match classify(&ctx) {
-        Ok(Some(opening)) => on_opening_packet(&ctx, &opening),
-        Ok(None) => xdp_action::XDP_PASS,
+    match classify(ctx) {
+        Ok(Some(opening)) => on_opening_packet(ctx, &opening),
+        Ok(None) => Verdict::Pass,
         Err(reason) => {
             count(reason);
-            xdp_action::XDP_PASS
+            Verdict::Pass
         }
+    }
+}
+
+#[xdp]
+pub fn unidler(ctx: XdpContext) -> u32 {
+    match decide(&ctx) {
+        Verdict::Pass => xdp_action::XDP_PASS,
+        Verdict::Drop => xdp_action::XDP_DROP,
+    }
+}
+
+/// Headers the TC hook wants in the linear part of the buffer: the furthest L4 header and the
+/// bytes of it the parser reads.
+const TC_LINEAR_BYTES: u32 = (MAX_L4_OFFSET + 64) as u32;
+
+#[classifier]
+pub fn unidler_tc(ctx: TcContext) -> i32 {
+    // An skb may carry its headers outside the linear part (GRO, some drivers): pull them in
+    // when they are not all there (the common small SYN needs nothing).
+    let wanted = if ctx.len() < TC_LINEAR_BYTES {
+        ctx.len()
+    } else {
+        TC_LINEAR_BYTES
+    };
+    if ctx.data_end() - ctx.data() < wanted as usize {
+        let _ = ctx.pull_data(wanted);
+    }
+    match decide(&ctx) {
+        Verdict::Pass => TC_ACT_OK,
+        Verdict::Drop => TC_ACT_SHOT,
     }
 }
 
@@ -119,6 +199,12 @@ pub fn unidler(ctx: XdpContext) -> u32 {
 #[xdp]
 pub fn baseline_pass(_ctx: XdpContext) -> u32 {
     xdp_action::XDP_PASS
+}
+
+/// The TC hook's baseline: passes everything, does nothing else. Never attached.
+#[classifier]
+pub fn baseline_pass_tc(_ctx: TcContext) -> i32 {
+    TC_ACT_OK
 }
 
 /// Where a connection-opening packet's headers are. Addresses and ports stay in the packet
@@ -147,7 +233,7 @@ impl OpeningPacket {
 /// Parses the frame. `Ok(Some)` for a connection-opening packet, `Ok(None)` for anything
 /// that is not one (and needs nothing more), `Err(counter)` for a frame it cannot parse.
 #[inline(always)]
-fn classify(ctx: &XdpContext) -> Result<Option<OpeningPacket>, Counter> {
+fn classify<P: Packet>(ctx: &P) -> Result<Option<OpeningPacket>, Counter> {
     let eth: &EthHdr = header_at(ctx, 0).ok_or(Counter::TruncatedEthernet)?;
     let mut ether_type = eth.ether_type;
     let mut l3 = EthHdr::LEN;
@@ -221,8 +307,8 @@ fn classify(ctx: &XdpContext) -> Result<Option<OpeningPacket>, Counter> {
 /// Walks IPv6 extension headers from `next_header` at `offset`; returns the upper-layer
 /// protocol and its offset. A non-first fragment is reported as [`Counter::Fragments`].
 #[inline(always)]
-fn skip_ipv6_extensions(
-    ctx: &XdpContext,
+fn skip_ipv6_extensions<P: Packet>(
+    ctx: &P,
     mut next_header: u8,
     mut offset: usize,
 ) -> Result<(u8, usize), Counter> {
@@ -265,29 +351,29 @@ fn skip_ipv6_extensions(
 /// An opening packet: checks the prefilter, then looks the destination up and acts if the
 /// VIP is idle.
 #[inline(always)]
-fn on_opening_packet(ctx: &XdpContext, packet: &OpeningPacket) -> u32 {
+fn on_opening_packet<P: Packet>(ctx: &P, packet: &OpeningPacket) -> Verdict {
     // The prefilter first, straight from the packet; the key is built only for a hit.
     let (_, dst) = packet.address_offsets();
     let mut vip = VipKey::default();
     if packet.ipv6 {
-        let Some(addr) = header_at::<[u8; 16]>(ctx, dst) else {
-            return xdp_action::XDP_PASS;
+        let Some(addr) = header_at::<[u8; 16], P>(ctx, dst) else {
+            return Verdict::Pass;
         };
         if !maybe_vip_address(address_bucket(addr)) {
-            return xdp_action::XDP_PASS;
+            return Verdict::Pass;
         }
         // An IPv6 packet to ::ffff:a.b.c.d is not a packet to the IPv4 VIP a.b.c.d (whose
         // key has that form): no VIP has such an address.
         if addr[..12] == IPV4_MAPPED_PREFIX {
-            return xdp_action::XDP_PASS;
+            return Verdict::Pass;
         }
         vip.addr = *addr;
     } else {
-        let Some(addr) = header_at::<[u8; 4]>(ctx, dst) else {
-            return xdp_action::XDP_PASS;
+        let Some(addr) = header_at::<[u8; 4], P>(ctx, dst) else {
+            return Verdict::Pass;
         };
         if !maybe_vip_address(address_bucket_ipv4(addr)) {
-            return xdp_action::XDP_PASS;
+            return Verdict::Pass;
         }
         // An IPv4 address is keyed IPv4-mapped (::ffff:a.b.c.d).
         vip.addr[10] = 0xff;
@@ -295,13 +381,13 @@ fn on_opening_packet(ctx: &XdpContext, packet: &OpeningPacket) -> u32 {
         vip.addr[12..].copy_from_slice(addr);
     }
     // Ports sit at the same place in TCP, UDP and SCTP headers, bounds-checked by classify.
-    let Some(ports) = header_at::<[u8; 4]>(ctx, packet.l4) else {
-        return xdp_action::XDP_PASS;
+    let Some(ports) = header_at::<[u8; 4], P>(ctx, packet.l4) else {
+        return Verdict::Pass;
     };
     vip.port_be = u16::from_ne_bytes([ports[2], ports[3]]);
     vip.proto = packet.proto;
     let Some(state) = VIPS.get_ptr_mut(vip) else {
-        return xdp_action::XDP_PASS;
+        return Verdict::Pass;
     };
     count(Counter::VipHits);
     // SAFETY: a map value pointer stays valid for the whole program run.
@@ -309,21 +395,21 @@ fn on_opening_packet(ctx: &XdpContext, packet: &OpeningPacket) -> u32 {
     // SAFETY: an 8-byte aligned field of the map value; BPF_XADD.
     unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&mut state.hits, 1) };
     if state.backends != 0 {
-        return xdp_action::XDP_PASS;
+        return Verdict::Pass;
     }
     // Idle hits are not counted apart: the agent derives them from their outcomes.
     let now = unsafe { bpf_ktime_get_ns() };
     if HEARTBEAT.get(0).is_some_and(|h| h.expired(now)) {
         // Nobody vouches for the map: let OVN's own path see the packet.
         count(Counter::IdleFailedOpen);
-        return xdp_action::XDP_PASS;
+        return Verdict::Pass;
     }
     let (verdict, action) = if state.flags & VIP_FLAG_PASS_WHEN_IDLE != 0 {
         count(Counter::IdlePassed);
-        (xdp_action::XDP_PASS, EventAction::Passed)
+        (Verdict::Pass, EventAction::Passed)
     } else {
         count(Counter::IdleDropped);
-        (xdp_action::XDP_DROP, EventAction::Dropped)
+        (Verdict::Drop, EventAction::Dropped)
     };
     report(ctx, packet, &vip, state, action, now);
     verdict
@@ -339,8 +425,8 @@ fn maybe_vip_address(bucket: u32) -> bool {
 
 /// Writes an event for an idle hit seen at `now` if both rate limiters allow it.
 #[inline(always)]
-fn report(
-    ctx: &XdpContext,
+fn report<P: Packet>(
+    ctx: &P,
     packet: &OpeningPacket,
     vip: &VipKey,
     state: &mut VipState,
@@ -391,27 +477,26 @@ fn report(
     let (src, _) = packet.address_offsets();
     let mut src_addr = [0u8; 16];
     if packet.ipv6 {
-        let Some(addr) = header_at::<[u8; 16]>(ctx, src) else {
+        let Some(addr) = header_at::<[u8; 16], P>(ctx, src) else {
             return;
         };
         src_addr = *addr;
     } else {
-        let Some(addr) = header_at::<[u8; 4]>(ctx, src) else {
+        let Some(addr) = header_at::<[u8; 4], P>(ctx, src) else {
             return;
         };
         src_addr[10] = 0xff;
         src_addr[11] = 0xff;
         src_addr[12..].copy_from_slice(addr);
     }
-    let Some(ports) = header_at::<[u8; 2]>(ctx, packet.l4) else {
+    let Some(ports) = header_at::<[u8; 2], P>(ctx, packet.l4) else {
         return;
     };
     let Some(mut entry) = EVENTS.reserve::<IdleHitEvent>(0) else {
         count(Counter::RingFull);
         return;
     };
-    // SAFETY: `ingress_ifindex` is a plain field of the context the kernel hands us.
-    let ifindex = unsafe { (*ctx.ctx).ingress_ifindex };
+    let ifindex = ctx.ingress_ifindex();
     entry.write(IdleHitEvent {
         timestamp_ns: now,
         vip: *vip,
@@ -486,7 +571,7 @@ fn is_vlan(ether_type: u16) -> bool {
 /// A reference to a `T` (a header, or a byte array) in the packet at `offset`, or `None` if
 /// the packet is shorter. Every type used here has alignment 1 or 2, which packet data has.
 #[inline(always)]
-fn header_at<T>(ctx: &XdpContext, offset: usize) -> Option<&T> {
+fn header_at<T, P: Packet>(ctx: &P, offset: usize) -> Option<&T> {
     let start = ctx.data() + offset;
     if start + size_of::<T>() > ctx.data_end() {
         return None;

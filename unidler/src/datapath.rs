@@ -1,5 +1,6 @@
-//! The kernel side, seen from the agent: loads the embedded XDP program, attaches it to
-//! interfaces, and owns its maps (VIPs, counters, rate limits, event ring).
+//! The kernel side, seen from the agent: loads the embedded programs (XDP and TC ingress,
+//! one parser, shared maps), attaches them to interfaces, and owns the maps (VIPs, counters,
+//! rate limits, heartbeat, event ring).
 //!
 //! Dropping a [`Datapath`] detaches the program everywhere. Attachments are BPF links owned
 //! by this process, so a crash detaches them too and the next run starts clean.
@@ -9,40 +10,84 @@ use std::{io, os::fd::AsRawFd, sync::Arc, time::Duration};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
-    programs::{ProgramError, TestRun, TestRunOptions, Xdp, XdpMode, xdp::XdpLinkId},
+    programs::{
+        ProgramError, SchedClassifier, TcAttachType, TestRun, TestRunOptions, Xdp, XdpMode,
+        tc::SchedClassifierLinkId, xdp::XdpLinkId,
+    },
 };
 use aya_log::EbpfLogger;
 use thiserror::Error;
 use unidler_common::{
-    Counter, Heartbeat, IdleHitEvent, PROGRAM_NAME, RateLimitConfig, VipKey, VipState,
-    address_bucket,
+    Counter, Heartbeat, IdleHitEvent, PROGRAM_NAME, RateLimitConfig, TC_PROGRAM_NAME, VipKey,
+    VipState, address_bucket,
 };
 
 use crate::caps;
 
-/// The XDP object built by `build.rs` from `unidler-ebpf`, embedded in the binary.
+/// The eBPF object (XDP and TC programs, their maps) built by `build.rs` from
+/// `unidler-ebpf`, embedded in the binary.
 static PROGRAM_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/unidler"));
 
-/// How the program is attached to an interface.
+/// Where the datapath goes on an interface. Both hooks run the same parser with the same
+/// maps.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum AttachMode {
-    /// Let the kernel choose: native where the driver supports it, else generic.
+pub enum Hook {
+    /// TC ingress on virtual interfaces (veths, every pod's interface: native XDP there would
+    /// turn segmentation offloads off on the peer and slow every pod), native XDP on physical
+    /// ones.
     #[default]
     Auto,
-    /// In the driver (fastest); fails if the driver has no XDP support.
-    Native,
-    /// In the generic network stack (works on every interface, slower).
-    Generic,
+    /// XDP in the driver (fastest); fails if the driver has no XDP support.
+    Xdp,
+    /// XDP in the generic network stack (works on every interface, slower).
+    XdpGeneric,
+    /// XDP, native where the driver supports it, else generic (the kernel chooses).
+    XdpAny,
+    /// TC ingress (TCX links on kernels 6.6 and later, the clsact qdisc before).
+    Tc,
 }
 
-impl AttachMode {
-    fn xdp_mode(self) -> XdpMode {
+impl Hook {
+    /// The hook for `iface`: [`Hook::Auto`] becomes TC or XDP by the kind of interface.
+    pub fn for_interface(self, iface: &str) -> Hook {
         match self {
-            AttachMode::Auto => XdpMode::Default,
-            AttachMode::Native => XdpMode::Driver,
-            AttachMode::Generic => XdpMode::Skb,
+            Hook::Auto if is_virtual(iface) => Hook::Tc,
+            Hook::Auto => Hook::Xdp,
+            other => other,
         }
     }
+
+    /// Its name in logs and the CLI.
+    pub fn name(self) -> &'static str {
+        match self {
+            Hook::Auto => "auto",
+            Hook::Xdp => "xdp",
+            Hook::XdpGeneric => "xdp-generic",
+            Hook::XdpAny => "xdp-any",
+            Hook::Tc => "tc",
+        }
+    }
+}
+
+/// Whether `iface` is a virtual interface (no device behind it in sysfs: veth, bridge, ...).
+fn is_virtual(iface: &str) -> bool {
+    !std::path::Path::new("/sys/class/net")
+        .join(iface)
+        .join("device")
+        .exists()
+}
+
+/// One attachment of the datapath.
+struct Attachment {
+    iface: String,
+    ifindex: u32,
+    hook: Hook,
+    link: Link,
+}
+
+enum Link {
+    Xdp(XdpLinkId),
+    Tc(SchedClassifierLinkId),
 }
 
 /// Settings fixed when the program is loaded.
@@ -98,12 +143,12 @@ pub enum DatapathError {
     #[error("no network interface named {0:?} (see `ip link show`)")]
     UnknownInterface(String),
     /// Attaching to an interface failed.
-    #[error("could not attach XDP ({mode:?} mode) to {iface}: {reason}")]
+    #[error("could not attach the datapath ({} hook) to {iface}: {reason}", hook.name())]
     Attach {
         /// The interface.
         iface: String,
-        /// The mode that was asked for.
-        mode: AttachMode,
+        /// The hook that was tried.
+        hook: Hook,
         /// Why, with a hint.
         reason: String,
     },
@@ -145,7 +190,7 @@ pub struct Datapath {
     max_vips: u32,
     events: Option<RingBuf<MapData>>,
     logger: Option<KernelLogger>,
-    attached: Vec<(String, u32, XdpLinkId)>,
+    attached: Vec<Attachment>,
 }
 
 impl Datapath {
@@ -167,18 +212,22 @@ impl Datapath {
                 None
             }
         };
+        let loaded = |err: ProgramError| match privileges_error(&err) {
+            Some(msg) => DatapathError::Privileges(msg),
+            None => DatapathError::Load(Box::new(err)),
+        };
         let program: &mut Xdp = ebpf
             .program_mut(PROGRAM_NAME)
             .ok_or(DatapathError::Missing("XDP program"))?
             .try_into()
             .map_err(|e: ProgramError| DatapathError::Load(Box::new(e)))?;
-        program.load().map_err(|err| {
-            if let Some(msg) = privileges_error(&err) {
-                DatapathError::Privileges(msg)
-            } else {
-                DatapathError::Load(Box::new(err))
-            }
-        })?;
+        program.load().map_err(loaded)?;
+        let program: &mut SchedClassifier = ebpf
+            .program_mut(TC_PROGRAM_NAME)
+            .ok_or(DatapathError::Missing("TC program"))?
+            .try_into()
+            .map_err(|e: ProgramError| DatapathError::Load(Box::new(e)))?;
+        program.load().map_err(loaded)?;
 
         let mut config: Array<_, RateLimitConfig> = take_map(&mut ebpf, "CONFIG")?;
         config
@@ -210,31 +259,81 @@ impl Datapath {
         })
     }
 
-    /// Attaches the program to `iface`. Returns the interface index.
-    pub fn attach(&mut self, iface: &str, mode: AttachMode) -> Result<u32, DatapathError> {
+    /// Attaches the datapath to `iface` with `hook` ([`Hook::Auto`] chooses by the kind of
+    /// interface). Returns the interface index and the hook used.
+    pub fn attach(&mut self, iface: &str, hook: Hook) -> Result<(u32, Hook), DatapathError> {
         let ifindex = ifindex_of(iface)?;
-        let program = self.program_mut()?;
-        let link = program
-            .attach_to_if_index(ifindex, mode.xdp_mode())
-            .map_err(|err| DatapathError::Attach {
-                iface: iface.to_owned(),
-                mode,
-                reason: attach_hint(&err, mode),
-            })?;
-        self.attached.push((iface.to_owned(), ifindex, link));
-        Ok(ifindex)
+        let hook = hook.for_interface(iface);
+        let failed = |err: ProgramError| DatapathError::Attach {
+            iface: iface.to_owned(),
+            hook,
+            reason: attach_hint(&err, hook),
+        };
+        let link = match hook {
+            Hook::Tc => {
+                let tcx = aya::util::KernelVersion::new(6, 6, 0);
+                if aya::util::KernelVersion::current().is_ok_and(|v| v < tcx) {
+                    // Before TCX, TC programs hang off the clsact qdisc (may be there already).
+                    let _ = aya::programs::tc::qdisc_add_clsact(iface);
+                } else if let Ok((_, programs)) =
+                    SchedClassifier::query_tcx(iface, TcAttachType::Ingress)
+                    && programs
+                        .iter()
+                        .any(|p| p.name() == TC_PROGRAM_NAME.as_bytes())
+                {
+                    // TCX takes several programs: a second agent would report every hit twice.
+                    return Err(DatapathError::Attach {
+                        iface: iface.to_owned(),
+                        hook,
+                        reason: "the interface already has unidler's TC program (another \
+                                 unidler is running on it)"
+                            .into(),
+                    });
+                }
+                Link::Tc(
+                    self.tc_program_mut()?
+                        .attach(iface, TcAttachType::Ingress)
+                        .map_err(failed)?,
+                )
+            }
+            xdp => {
+                let mode = match xdp {
+                    Hook::XdpGeneric => XdpMode::Skb,
+                    Hook::XdpAny => XdpMode::Default,
+                    _ => XdpMode::Driver,
+                };
+                Link::Xdp(
+                    self.program_mut()?
+                        .attach_to_if_index(ifindex, mode)
+                        .map_err(failed)?,
+                )
+            }
+        };
+        self.attached.push(Attachment {
+            iface: iface.to_owned(),
+            ifindex,
+            hook,
+            link,
+        });
+        Ok((ifindex, hook))
     }
 
-    /// Detaches the program from every interface it is attached to.
+    /// Detaches the datapath from every interface it is attached to.
     pub fn detach_all(&mut self) {
-        let attached = std::mem::take(&mut self.attached);
-        if let Ok(program) = self.program_mut() {
-            for (iface, _, link) in attached {
-                if let Err(err) = program.detach(link) {
-                    tracing::warn!(iface, "detaching XDP failed: {err}");
-                }
+        for attachment in std::mem::take(&mut self.attached) {
+            let iface = attachment.iface.clone();
+            if let Err(err) = self.detach(attachment) {
+                tracing::warn!(iface, "detaching failed: {err}");
             }
         }
+    }
+
+    fn detach(&mut self, attachment: Attachment) -> Result<(), DatapathError> {
+        let result = match attachment.link {
+            Link::Xdp(link) => self.program_mut()?.detach(link),
+            Link::Tc(link) => self.tc_program_mut()?.detach(link),
+        };
+        result.map_err(|e| DatapathError::Load(Box::new(e)))
     }
 
     /// Attachments whose interface is gone, or has been re-created under its name (a new
@@ -243,27 +342,27 @@ impl Datapath {
     pub fn stale_attachments(&self) -> Vec<(String, u32, Option<u32>)> {
         self.attached
             .iter()
-            .filter_map(|(name, index, _)| {
-                let now = ifindex_of(name).ok();
-                (now != Some(*index)).then(|| (name.clone(), *index, now))
+            .filter_map(|a| {
+                let now = ifindex_of(&a.iface).ok();
+                (now != Some(a.ifindex)).then(|| (a.iface.clone(), a.ifindex, now))
             })
             .collect()
     }
 
     /// Forgets the attachment to `iface` (one that died with its interface).
     pub fn forget_attachment(&mut self, iface: &str) {
-        if let Some(at) = self.attached.iter().position(|(name, _, _)| name == iface) {
-            let (_, _, link) = self.attached.remove(at);
+        if let Some(at) = self.attached.iter().position(|a| a.iface == iface) {
+            let attachment = self.attached.remove(at);
             // The link went with its interface; detaching it is only bookkeeping.
-            if let Ok(program) = self.program_mut() {
-                let _ = program.detach(link);
-            }
+            let _ = self.detach(attachment);
         }
     }
 
-    /// Interfaces the program is attached to, as (name, ifindex).
-    pub fn attached(&self) -> impl Iterator<Item = (&str, u32)> {
-        self.attached.iter().map(|(n, i, _)| (n.as_str(), *i))
+    /// Interfaces the datapath is attached to, as (name, ifindex, hook).
+    pub fn attached(&self) -> impl Iterator<Item = (&str, u32, Hook)> {
+        self.attached
+            .iter()
+            .map(|a| (a.iface.as_str(), a.ifindex, a.hook))
     }
 
     /// Inserts or replaces a VIP. The entry's rate limiter starts full; the kernel's hit
@@ -447,6 +546,48 @@ impl Datapath {
             .and_then(|p| <&mut Xdp>::try_from(p).ok())
             .ok_or(DatapathError::Missing("XDP program"))
     }
+
+    fn tc_program_mut(&mut self) -> Result<&mut SchedClassifier, DatapathError> {
+        self.ebpf
+            .program_mut(TC_PROGRAM_NAME)
+            .and_then(|p| <&mut SchedClassifier>::try_from(p).ok())
+            .ok_or(DatapathError::Missing("TC program"))
+    }
+
+    /// Runs the TC program `repeat` times on `frame` through `BPF_PROG_TEST_RUN` (as an skb
+    /// received on loopback). Returns the TC verdict (`TC_ACT_OK` 0, `TC_ACT_SHOT` 2) and the
+    /// mean time per run in nanoseconds.
+    pub fn tc_test_run_repeat(
+        &self,
+        frame: &[u8],
+        repeat: u32,
+    ) -> Result<(i32, u64), DatapathError> {
+        let program = self
+            .ebpf
+            .program(TC_PROGRAM_NAME)
+            .and_then(|p| <&SchedClassifier>::try_from(p).ok())
+            .ok_or(DatapathError::Missing("TC program"))?;
+        tc_run_repeat(program, frame, repeat)
+    }
+
+    /// Like [`Datapath::baseline_test_run`] for the TC hook's do-nothing program.
+    pub fn tc_baseline_test_run(
+        &mut self,
+        frame: &[u8],
+        repeat: u32,
+    ) -> Result<(i32, u64), DatapathError> {
+        let program: &mut SchedClassifier = self
+            .ebpf
+            .program_mut(unidler_common::BASELINE_TC_PROGRAM_NAME)
+            .and_then(|p| <&mut SchedClassifier>::try_from(p).ok())
+            .ok_or(DatapathError::Missing("TC baseline program"))?;
+        if program.fd().is_err() {
+            program
+                .load()
+                .map_err(|e| DatapathError::Load(Box::new(e)))?;
+        }
+        tc_run_repeat(program, frame, repeat)
+    }
 }
 
 impl Drop for Datapath {
@@ -574,6 +715,24 @@ fn run_repeat(
     Ok((result.return_value, result.duration.as_nanos() as u64))
 }
 
+fn tc_run_repeat(
+    program: &SchedClassifier,
+    frame: &[u8],
+    repeat: u32,
+) -> Result<(i32, u64), DatapathError> {
+    let result = program
+        .test_run(TestRunOptions {
+            data_in: Some(frame),
+            repeat,
+            ..TestRunOptions::default()
+        })
+        .map_err(DatapathError::TestRun)?;
+    Ok((
+        result.return_value as i32,
+        result.duration.as_nanos() as u64,
+    ))
+}
+
 /// Writes a heartbeat renewed now.
 fn write_heartbeat(
     map: &mut Array<MapData, Heartbeat>,
@@ -652,18 +811,18 @@ fn privileges_error(err: &(dyn std::error::Error + 'static)) -> Option<String> {
     None
 }
 
-fn attach_hint(err: &ProgramError, mode: AttachMode) -> String {
+fn attach_hint(err: &ProgramError, hook: Hook) -> String {
     let errno = match err {
         ProgramError::SyscallError(e) => e.io_error.raw_os_error(),
         _ => None,
     };
     match errno {
-        Some(libc::EBUSY) | Some(libc::EEXIST) => format!(
+        Some(libc::EBUSY) | Some(libc::EEXIST) if hook != Hook::Tc => format!(
             "{err}: the interface already has an XDP program (another unidler, or something else: `ip link show` says which)"
         ),
-        Some(libc::EOPNOTSUPP) | Some(libc::EINVAL) if mode == AttachMode::Native => {
-            format!("{err}: the driver does not support native XDP; use --xdp-mode generic or auto")
-        }
+        Some(libc::EOPNOTSUPP) | Some(libc::EINVAL) if hook == Hook::Xdp => format!(
+            "{err}: the driver does not support native XDP; use --hook tc, xdp-generic or auto"
+        ),
         Some(libc::EPERM) | Some(libc::EACCES) => {
             caps::explain_missing().unwrap_or_else(|| err.to_string())
         }

@@ -7,7 +7,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use tracing_subscriber::{EnvFilter, filter::LevelFilter};
 use unidler::{
     agent::{self, Agent, Config, InterfaceSelector, VipSourceConfig},
-    datapath::AttachMode,
+    datapath::Hook,
     southbound::SouthboundConfig,
     telemetry::{self, VipRow},
     vip::VipSpec,
@@ -87,9 +87,15 @@ struct RunArgs {
         value_delimiter = ','
     )]
     ifaces: Vec<String>,
-    /// XDP attach mode.
-    #[arg(long, value_enum, env = "UNIDLER_XDP_MODE", default_value_t = XdpMode::Auto)]
-    xdp_mode: XdpMode,
+    /// Where the datapath goes on each interface: auto (TC ingress on virtual interfaces such
+    /// as pods' veths, where native XDP would slow every pod by turning segmentation offloads
+    /// off; native XDP on physical ones), xdp (native), xdp-generic, or tc.
+    #[arg(long, value_enum, env = "UNIDLER_HOOK")]
+    hook: Option<HookArg>,
+    /// Older spelling: native is --hook xdp, generic --hook xdp-generic, auto XDP native
+    /// where the driver supports it. --hook wins.
+    #[arg(long, value_enum, env = "UNIDLER_XDP_MODE")]
+    xdp_mode: Option<XdpMode>,
     /// A VIP, `IP:PORT/PROTO[=BACKENDS]` (IPv6 as `[IP]:PORT/PROTO`); no `=BACKENDS` means
     /// zero backends, an idle service. Repeat for several.
     #[arg(long = "vip", env = "UNIDLER_VIP", value_delimiter = ',')]
@@ -195,22 +201,35 @@ impl From<IdleAction> for agent::IdleAction {
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum XdpMode {
-    /// Let the kernel choose: native where the driver supports it, else generic.
+enum HookArg {
+    /// TC on virtual interfaces, native XDP on physical ones.
     Auto,
-    /// In the driver (fastest); fails if the driver has no XDP support.
+    /// XDP in the driver.
+    Xdp,
+    /// XDP in the generic network stack.
+    XdpGeneric,
+    /// TC ingress.
+    Tc,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum XdpMode {
+    /// Native where the driver supports it, else generic.
+    Auto,
+    /// In the driver.
     Native,
-    /// In the generic network stack (works on every interface, slower).
+    /// In the generic network stack.
     Generic,
 }
 
-impl From<XdpMode> for AttachMode {
-    fn from(mode: XdpMode) -> Self {
-        match mode {
-            XdpMode::Auto => AttachMode::Auto,
-            XdpMode::Native => AttachMode::Native,
-            XdpMode::Generic => AttachMode::Generic,
-        }
+/// The hook from `--hook`, else the older `--xdp-mode`, else auto.
+fn hook(hook: Option<HookArg>, xdp_mode: Option<XdpMode>) -> Hook {
+    match (hook, xdp_mode) {
+        (Some(HookArg::Auto), _) | (None, None) => Hook::Auto,
+        (Some(HookArg::Xdp), _) | (None, Some(XdpMode::Native)) => Hook::Xdp,
+        (Some(HookArg::XdpGeneric), _) | (None, Some(XdpMode::Generic)) => Hook::XdpGeneric,
+        (Some(HookArg::Tc), _) => Hook::Tc,
+        (None, Some(XdpMode::Auto)) => Hook::XdpAny,
     }
 }
 
@@ -309,7 +328,7 @@ fn config(args: RunArgs) -> Result<Config> {
         .collect::<Result<_>>()?;
     Ok(Config {
         interfaces,
-        attach_mode: args.xdp_mode.into(),
+        hook: hook(args.hook, args.xdp_mode),
         vips,
         max_vips: args.max_vips,
         idle_action: args.idle_action.into(),

@@ -146,6 +146,19 @@ pub(crate) fn per_packet() -> Vec<Figure> {
                 true,
             ),
         ];
+        // The TC hook (pods' veths) on a few of the same frames, beside an empty TC program.
+        let tc_cases: Vec<(&str, Vec<u8>, bool)> = cases
+            .iter()
+            .filter(|(name, _, _)| {
+                matches!(
+                    *name,
+                    "non-VIP IPv4 TCP SYN"
+                        | "VIP with backends, SYN"
+                        | "idle VIP SYN, event written"
+                )
+            })
+            .cloned()
+            .collect();
         let base_frame = syn(client4, other4, 80).build();
         out.push(figure(
             "1 per-packet",
@@ -182,6 +195,26 @@ pub(crate) fn per_packet() -> Vec<Figure> {
             } else {
                 f.target(target)
             });
+        }
+        for (name, frame, writes) in tc_cases {
+            let repeat = if writes { 5_000 } else { 200_000 };
+            let (ns, baseline) = paired(|program| {
+                if !program {
+                    return dp.tc_baseline_test_run(&frame, repeat).unwrap().1 as f64;
+                }
+                let ns = dp.tc_test_run_repeat(&frame, repeat).unwrap().1 as f64;
+                ring.drain(|_| {});
+                ns
+            });
+            out.push(
+                figure(
+                    "1 per-packet",
+                    format!("TC hook: {name} ({vips} VIPs)"),
+                    ns,
+                    "ns",
+                )
+                .vs("empty TC", baseline),
+            );
         }
         // Suppressed by the per-VIP limit: a fresh datapath with burst 1, rate 1/s.
         drop(dp);

@@ -79,6 +79,9 @@ pub(crate) fn vs_ovn() -> (Vec<Figure>, OvnFigures) {
     let state = TempDir::new("ostate");
     let mut args = southbound_args(&node.node_if, &sb, state.path_str());
     args.extend(["--event-rate", "100000", "--event-burst", "20000"]);
+    // ovs-vswitchd's userspace datapath reads the veth through AF_PACKET, before TC ingress:
+    // only XDP keeps the SYN from OVN's own path here.
+    args.extend(["--hook", "xdp"]);
     let start_agent = || {
         let mut agent = Agent::start(&node.node_ns, &args);
         agent.wait_for_log(&format!("vips={total_vips} "), Duration::from_secs(60));

@@ -5,7 +5,7 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use unidler_common::{RateLimitConfig, VIP_FLAG_PASS_WHEN_IDLE};
 
-use crate::{datapath::AttachMode, southbound::SouthboundConfig, vip::DesiredVip};
+use crate::{datapath::Hook, southbound::SouthboundConfig, vip::DesiredVip};
 
 /// The agent's whole configuration.
 #[derive(Clone, Debug)]
@@ -14,8 +14,8 @@ pub struct Config {
     /// attached again if re-created) and shell-style patterns (followed as interfaces come
     /// and go).
     pub interfaces: Vec<InterfaceSelector>,
-    /// How to attach it.
-    pub attach_mode: AttachMode,
+    /// Which hook to attach with.
+    pub hook: Hook,
     /// Where the VIPs come from.
     pub vips: VipSourceConfig,
     /// Capacity of the kernel's VIP map; VIPs beyond it are not watched (and reported).

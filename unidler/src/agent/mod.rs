@@ -25,7 +25,7 @@ use unidler_common::{Counter, IdleHitEvent, VipKey};
 pub use self::config::{Config, IdleAction, InterfaceSelector, VipSourceConfig};
 use self::sources::{Input, Signals, Sources};
 use crate::{
-    datapath::{self, AttachMode, Counters, Datapath, DatapathError, LoadOptions},
+    datapath::{self, Counters, Datapath, DatapathError, Hook, LoadOptions},
     event::{IdleHit, iface_name},
     registry::{MapChange, VipRegistry},
     sink::{ControllerEventSink, SinkOptions},
@@ -76,8 +76,8 @@ pub struct Agent {
     unfit_reported: usize,
     /// Capacity of the kernel's VIP map.
     max_vips: u32,
-    /// How the program is attached.
-    attach_mode: AttachMode,
+    /// Which hook the datapath is attached with.
+    hook: Hook,
     /// Interfaces the program should be on and is not (their attachment died with them),
     /// with whether a failure to attach again was logged.
     detached: BTreeMap<String, bool>,
@@ -190,7 +190,7 @@ impl Agent {
             unfit: HashMap::new(),
             unfit_reported: 0,
             max_vips: config.max_vips,
-            attach_mode: config.attach_mode,
+            hook: config.hook,
             detached: BTreeMap::new(),
             patterns: Vec::new(),
             refused: HashMap::new(),
@@ -226,8 +226,8 @@ impl Agent {
 
         // Named interfaces must take the program now; patterns are followed from here on.
         for iface in &names {
-            let ifindex = agent.datapath.attach(iface, config.attach_mode)?;
-            info!(iface, ifindex, mode = ?config.attach_mode, "XDP program attached");
+            let (ifindex, hook) = agent.datapath.attach(iface, config.hook)?;
+            info!(iface, ifindex, hook = hook.name(), "datapath attached");
             agent.iface_names.insert(ifindex, iface.clone());
         }
         agent.patterns = patterns;
@@ -507,9 +507,9 @@ impl Agent {
                 self.detached.insert(iface, warned);
                 continue;
             }
-            match self.datapath.attach(&iface, self.attach_mode) {
-                Ok(ifindex) => {
-                    info!(%iface, ifindex, "XDP program attached again");
+            match self.datapath.attach(&iface, self.hook) {
+                Ok((ifindex, hook)) => {
+                    info!(%iface, ifindex, hook = hook.name(), "XDP program attached again");
                     self.iface_names.insert(ifindex, iface);
                 }
                 Err(e) => {
@@ -544,7 +544,7 @@ impl Agent {
         let attached: std::collections::HashSet<String> = self
             .datapath
             .attached()
-            .map(|(name, _)| name.to_owned())
+            .map(|(name, _, _)| name.to_owned())
             .collect();
         let present = datapath::interfaces();
         self.refused
@@ -556,9 +556,9 @@ impl Agent {
             {
                 continue;
             }
-            match self.datapath.attach(&iface, self.attach_mode) {
-                Ok(ifindex) => {
-                    info!(%iface, ifindex, mode = ?self.attach_mode, "XDP program attached (the interface matches --iface)");
+            match self.datapath.attach(&iface, self.hook) {
+                Ok((ifindex, hook)) => {
+                    info!(%iface, ifindex, hook = hook.name(), "XDP program attached (the interface matches --iface)");
                     self.iface_names.insert(ifindex, iface);
                 }
                 Err(e) => {

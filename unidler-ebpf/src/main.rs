@@ -150,11 +150,10 @@ impl Packet for TcContext {
     }
 }
 
-/// The datapath for one packet, whichever the hook.
+/// What the datapath does with a classified packet, whichever the hook.
 #[inline(always)]
-fn decide<P: Packet>(ctx: &P) -> Verdict {
-    count(Counter::Packets);
-    match classify(ctx) {
+fn act<P: Packet>(ctx: &P, classified: Result<Option<OpeningPacket>, Counter>) -> Verdict {
+    match classified {
         Ok(Some(opening)) => on_opening_packet(ctx, &opening),
         Ok(None) => Verdict::Pass,
         Err(reason) => {
@@ -166,32 +165,54 @@ fn decide<P: Packet>(ctx: &P) -> Verdict {
 
 #[xdp]
 pub fn unidler(ctx: XdpContext) -> u32 {
-    match decide(&ctx) {
+    count(Counter::Packets);
+    match act(&ctx, classify(&ctx)) {
         Verdict::Pass => xdp_action::XDP_PASS,
         Verdict::Drop => xdp_action::XDP_DROP,
     }
 }
 
-/// Headers the TC hook wants in the linear part of the buffer: the furthest L4 header and the
-/// bytes of it the parser reads.
+/// Headers the TC hook pulls into the linear part of an skb when they are not all there:
+/// the furthest L4 header and the bytes of it the parser reads.
 const TC_LINEAR_BYTES: u32 = (MAX_L4_OFFSET + 64) as u32;
 
 #[classifier]
 pub fn unidler_tc(ctx: TcContext) -> i32 {
-    // An skb may carry its headers outside the linear part (GRO, some drivers): pull them in
-    // when they are not all there (the common small SYN needs nothing).
-    let wanted = if ctx.len() < TC_LINEAR_BYTES {
-        ctx.len()
-    } else {
-        TC_LINEAR_BYTES
-    };
-    if ctx.data_end() - ctx.data() < wanted as usize {
-        let _ = ctx.pull_data(wanted);
+    count(Counter::Packets);
+    let mut classified = classify(&ctx);
+    // An skb may carry headers beyond its linear part (GRO, some drivers). Only a packet
+    // whose headers ran out there is pulled and looked at again: pulling every skb would
+    // cost TCP streams dearly.
+    if let Err(reason) = classified
+        && is_cut_short(reason)
+        && ctx.len() as usize > ctx.data_end() - ctx.data()
+    {
+        let wanted = if ctx.len() < TC_LINEAR_BYTES {
+            ctx.len()
+        } else {
+            TC_LINEAR_BYTES
+        };
+        if ctx.pull_data(wanted).is_ok() {
+            classified = classify(&ctx);
+        }
     }
-    match decide(&ctx) {
+    match act(&ctx, classified) {
         Verdict::Pass => TC_ACT_OK,
         Verdict::Drop => TC_ACT_SHOT,
     }
+}
+
+/// Whether a parse failure may only mean that the headers were not all in the buffer.
+#[inline(always)]
+fn is_cut_short(reason: Counter) -> bool {
+    matches!(
+        reason,
+        Counter::TruncatedEthernet
+            | Counter::TruncatedVlan
+            | Counter::BadIpv4Header
+            | Counter::BadIpv6Header
+            | Counter::TruncatedL4
+    )
 }
 
 /// An XDP program that passes everything and does nothing else: the baseline the benchmarks

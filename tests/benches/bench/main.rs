@@ -1,13 +1,15 @@
 //! `cargo xtask bench`: how fast unidler is, each figure beside a baseline measured in the
 //! same run. Reports; never passes or fails. Writes `target/bench/results.json`.
 //!
-//! 1. per-packet cost in the kernel (BPF_PROG_TEST_RUN) against a do-nothing XDP program;
+//! 1. per-packet cost in the kernel (BPF_PROG_TEST_RUN) against a do-nothing program (XDP,
+//!    and TC for a few frames);
 //! 2. end-to-end latency, connection attempt → Controller_Event row seen by a monitoring client;
 //! 3. wake-up storm: 10,000 idle VIPs hit at once;
 //! 4. SYN floods to one and to 10,000 idle VIPs: what reaches userspace, and the CPU it costs;
 //! 5. VIP sync: 10,000 and 100,000 VIPs from the Southbound database, one incremental change,
 //!    and the agent's resident memory;
-//! 6. with `--vs-ovn`: 2 and 3 side by side with real OVN's own path on the same veth.
+//! 6. with `--vs-ovn`: 2 and 3 side by side with real OVN's own path on the same veth;
+//! 7. TCP throughput through a veth with the agent attached by each hook, against nothing.
 //!
 //! Arguments: section numbers to run (default all), e.g. `cargo xtask bench -- 1 3`, and
 //! `--vs-ovn` to add section 6 (`cargo xtask bench --vs-ovn -- 6` runs it alone).
@@ -15,6 +17,7 @@
 mod common;
 mod figure;
 mod flood;
+mod hooks;
 mod latency;
 mod per_packet;
 mod storm;
@@ -26,6 +29,7 @@ use std::collections::HashSet;
 use crate::{
     figure::{print_table, write_json},
     flood::flood,
+    hooks::hooks,
     latency::latency,
     per_packet::per_packet,
     storm::storm,
@@ -74,6 +78,9 @@ fn main() {
     }
     if run("5") {
         figures.extend(vip_sync());
+    }
+    if run("7") {
+        figures.extend(hooks());
     }
     figures.extend(side_by_side);
     print_table(&figures);

@@ -413,7 +413,7 @@ fn interfaces_matching_a_pattern_are_followed_as_they_come_and_go() {
     ]);
     ip(&["link", "set", &first, "up"]);
     ip(&["link", "set", &first_peer, "up"]);
-    let line = agent.wait_for_log("matches --iface", Duration::from_secs(5));
+    let line = agent.wait_for_log("followed interface", Duration::from_secs(5));
     assert!(line.contains(&first), "{line}");
     let mut syn = Frame::tcp_syn(CLIENT_V4.into(), 40000, SERVER_V4.into(), 8080);
     syn.src_mac = CLIENT_MAC;

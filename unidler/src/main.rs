@@ -82,11 +82,16 @@ struct RunArgs {
     /// the program is logged and counted). Repeat for several.
     #[arg(
         long = "iface",
-        required = true,
+        required_unless_present = "ovn_vifs",
         env = "UNIDLER_IFACE",
         value_delimiter = ','
     )]
     ifaces: Vec<String>,
+    /// Follow every OVN VIF of this node: the system interfaces that the local Open_vSwitch
+    /// database (--ovs-db) binds to a logical port (`external_ids:iface-id`), attached as
+    /// ports are added and detached as they go.
+    #[arg(long, env = "UNIDLER_OVN_VIFS")]
+    ovn_vifs: bool,
     /// Where the datapath goes on each interface: auto (TC ingress on virtual interfaces such
     /// as pods' veths, where native XDP would slow every pod by turning segmentation offloads
     /// off; native XDP on physical ones), xdp (native), xdp-generic, or tc.
@@ -316,7 +321,7 @@ fn config(args: RunArgs) -> Result<Config> {
                 _ => None,
             },
             chassis: args.chassis,
-            ovs_db: args.ovs_db,
+            ovs_db: args.ovs_db.clone(),
             max_message_bytes: args.ovsdb_max_message_size,
         }),
         None => None,
@@ -329,6 +334,11 @@ fn config(args: RunArgs) -> Result<Config> {
     Ok(Config {
         interfaces,
         hook: hook(args.hook, args.xdp_mode),
+        ovn_vifs: if args.ovn_vifs {
+            Some(ovsdb::Remote::parse_list(&args.ovs_db).context("--ovs-db")?)
+        } else {
+            None
+        },
         vips,
         max_vips: args.max_vips,
         idle_action: args.idle_action.into(),

@@ -27,6 +27,7 @@ use self::sources::{Input, Signals, Sources};
 use crate::{
     datapath::{self, Counters, Datapath, DatapathError, Hook, LoadOptions},
     event::{IdleHit, iface_name},
+    ovs_vifs::{self, VifNames},
     registry::{MapChange, VipRegistry},
     sink::{ControllerEventSink, SinkOptions},
     southbound::Southbound,
@@ -83,6 +84,8 @@ pub struct Agent {
     detached: BTreeMap<String, bool>,
     /// Interface name patterns to follow.
     patterns: Vec<glob::Pattern>,
+    /// The OVN VIFs to follow (from the local Open_vSwitch database).
+    vifs: VifNames,
     /// Interfaces matching a pattern that refused the program, by name, with the ifindex
     /// that refused (tried again only if the interface is re-created).
     refused: HashMap<String, u32>,
@@ -193,6 +196,7 @@ impl Agent {
             hook: config.hook,
             detached: BTreeMap::new(),
             patterns: Vec::new(),
+            vifs: VifNames::new(),
             refused: HashMap::new(),
             out_of_sync_since: None,
             sources: None,
@@ -243,6 +247,12 @@ impl Agent {
             "watching for connection attempts to idle VIPs"
         );
 
+        let (vif_tx, vifs) = mpsc::unbounded_channel();
+        if let Some(remotes) = &config.ovn_vifs {
+            ovs_vifs::spawn(remotes.clone(), vif_tx)
+                .context("following the Open_vSwitch database's VIFs")?;
+            info!("following OVN VIFs in the local Open_vSwitch database");
+        }
         agent.sources = Some(Sources {
             ring: readable(events).context("registering the event ring with epoll")?,
             vip_updates,
@@ -250,6 +260,7 @@ impl Agent {
             summary: Sources::summary_timer(config.summary_interval),
             heartbeat: tokio::time::interval(heartbeat_period(config.fail_open_after)),
             interfaces: tokio::time::interval(INTERFACES_EVERY),
+            vifs,
             signals: Signals::install()?,
         });
         Ok(agent)
@@ -266,6 +277,7 @@ impl Agent {
                 Input::SummaryDue => self.on_summary_due()?,
                 Input::HeartbeatDue => self.on_heartbeat_due()?,
                 Input::InterfacesDue => self.on_interfaces_due(),
+                Input::Vifs(names) => self.on_vifs(names),
                 Input::Reload => self.on_reload(),
                 Input::Stop(signal) => {
                     info!("{signal}: detaching");
@@ -530,15 +542,40 @@ impl Agent {
         self.publish_attachments();
     }
 
+    /// Whether `iface` is followed (a pattern or an OVN VIF) rather than named.
     fn matches_pattern(&self, iface: &str) -> bool {
-        self.patterns.iter().any(|p| p.matches(iface))
+        self.vifs.contains(iface) || self.patterns.iter().any(|p| p.matches(iface))
+    }
+
+    /// The VIFs changed: attach to new ones at once (a pod's first packet may follow its
+    /// port by milliseconds), detach from those that left OVS.
+    fn on_vifs(&mut self, names: VifNames) {
+        let left: Vec<String> = self.vifs.difference(&names).cloned().collect();
+        self.vifs = names;
+        for iface in left {
+            if self.patterns.iter().any(|p| p.matches(&iface)) {
+                continue;
+            }
+            let attached = self
+                .datapath
+                .attached()
+                .find(|(n, _, _)| *n == iface)
+                .map(|(_, ifindex, _)| ifindex);
+            if let Some(ifindex) = attached {
+                self.iface_names.remove(&ifindex);
+                self.datapath.forget_attachment(&iface);
+                info!(%iface, "no longer an OVN VIF: detached");
+            }
+            self.refused.remove(&iface);
+        }
+        self.follow_patterns();
     }
 
     /// Attaches to every interface matching a pattern that does not have the program yet. An
     /// interface that refuses it (a driver without XDP, someone else's program) is logged
     /// and counted once, and tried again only if it is re-created; the agent goes on.
     fn follow_patterns(&mut self) {
-        if self.patterns.is_empty() {
+        if self.patterns.is_empty() && self.vifs.is_empty() {
             return;
         }
         let attached: std::collections::HashSet<String> = self
@@ -558,7 +595,7 @@ impl Agent {
             }
             match self.datapath.attach(&iface, self.hook) {
                 Ok((ifindex, hook)) => {
-                    info!(%iface, ifindex, hook = hook.name(), "XDP program attached (the interface matches --iface)");
+                    info!(%iface, ifindex, hook = hook.name(), "datapath attached to a followed interface (--iface pattern or OVN VIF)");
                     self.iface_names.insert(ifindex, iface);
                 }
                 Err(e) => {

@@ -13,7 +13,7 @@ use tokio::{
 };
 use unidler_common::IdleHitEvent;
 
-use crate::{datapath::EventRing, telemetry::Query, vip::VipUpdate};
+use crate::{datapath::EventRing, ovs_vifs::VifNames, telemetry::Query, vip::VipUpdate};
 
 /// Something for the agent to handle.
 pub enum Input {
@@ -29,6 +29,8 @@ pub enum Input {
     HeartbeatDue,
     /// Time to check that the interfaces attached to are still the same ones.
     InterfacesDue,
+    /// The OVN VIFs the local Open_vSwitch database lists now.
+    Vifs(VifNames),
     /// SIGHUP: reload what can be reloaded.
     Reload,
     /// SIGINT or SIGTERM (named): detach and exit.
@@ -49,6 +51,8 @@ pub struct Sources {
     pub heartbeat: Interval,
     /// The interface check timer.
     pub interfaces: Interval,
+    /// The VIF source's updates (never ready without `--ovn-vifs`).
+    pub vifs: mpsc::UnboundedReceiver<VifNames>,
     /// Signals.
     pub signals: Signals,
 }
@@ -86,6 +90,7 @@ impl Sources {
             summary,
             heartbeat,
             interfaces,
+            vifs,
             signals,
         } = self;
         tokio::select! {
@@ -103,6 +108,7 @@ impl Sources {
             }
             _ = heartbeat.tick() => Ok(Input::HeartbeatDue),
             _ = interfaces.tick() => Ok(Input::InterfacesDue),
+            Some(names) = vifs.recv() => Ok(Input::Vifs(names)),
             _ = signals.hangup.recv() => Ok(Input::Reload),
             _ = signals.interrupt.recv() => Ok(Input::Stop("SIGINT")),
             _ = signals.terminate.recv() => Ok(Input::Stop("SIGTERM")),

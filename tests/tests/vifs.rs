@@ -1,0 +1,125 @@
+//! The datapath follows this node's OVN VIFs through the local Open_vSwitch database
+//! (`--ovn-vifs`): attached when a port with `external_ids:iface-id` is added, detached when it
+//! goes; ports without `iface-id` and non-system interfaces are left alone.
+
+use std::time::{Duration, Instant};
+
+use unidler_tests::{
+    agent::Agent,
+    frames::Frame,
+    netns::{CLIENT_MAC, CLIENT_V4, SERVER_MAC, SERVER_V4, Topology, send_frames},
+    ovsdb_server::{Listen, OvsdbServer},
+    require_root,
+};
+
+const VSWITCH_SCHEMA: &str = "/usr/share/openvswitch/vswitch.ovsschema";
+
+#[test]
+fn ovn_vifs_are_followed_through_the_open_vswitch_database() {
+    require_root();
+    let topo = Topology::new("vf");
+    let ovs = OvsdbServer::standalone("ovs", VSWITCH_SCHEMA, Listen::default());
+    let vsctl = |args: &[&str]| {
+        let mut all = vec!["--no-wait"];
+        all.extend_from_slice(args);
+        ovs.ctl("ovs-vsctl", &all)
+    };
+    vsctl(&["init"]);
+    vsctl(&["add-br", "br-int"]);
+    // Pods' interfaces, in the agent's namespace (each a veth; the peer plays the pod).
+    let base = topo.server_if.trim_end_matches('s').to_owned();
+    let (vif, pod) = (format!("{base}va"), format!("{base}vb"));
+    let (plain, plain_peer) = (format!("{base}pa"), format!("{base}pb"));
+    for (a, b) in [(&vif, &pod), (&plain, &plain_peer)] {
+        for args in [
+            vec![
+                "link",
+                "add",
+                a.as_str(),
+                "type",
+                "veth",
+                "peer",
+                "name",
+                b.as_str(),
+            ],
+            vec!["link", "set", a.as_str(), "up"],
+            vec!["link", "set", b.as_str(), "up"],
+        ] {
+            let ok = std::process::Command::new("ip")
+                .args(["-n", &topo.server_ns])
+                .args(&args)
+                .status()
+                .unwrap()
+                .success();
+            assert!(ok, "ip {args:?}");
+        }
+    }
+    let ovs_db = ovs.unix_remote();
+    let mut agent = Agent::start(
+        &topo.server_ns,
+        &[
+            "run",
+            "--ovn-vifs",
+            "--ovs-db",
+            &ovs_db,
+            "--vip",
+            "10.77.0.2:8080/tcp",
+        ],
+    );
+    agent.wait_for_log("following OVN VIFs", Duration::from_secs(5));
+
+    // A port bound to a logical port: attached, quickly.
+    let added = Instant::now();
+    vsctl(&[
+        "add-port",
+        "br-int",
+        &vif,
+        "--",
+        "set",
+        "Interface",
+        &vif,
+        "external_ids:iface-id=pod-a",
+    ]);
+    let line = agent.wait_for_log(&format!("iface={vif} "), Duration::from_secs(5));
+    assert!(line.contains("followed interface"), "{line}");
+    assert!(line.contains("hook=\"tc\""), "a veth gets TC: {line}");
+    let took = added.elapsed();
+    assert!(
+        took < Duration::from_secs(1),
+        "attached {took:?} after add-port"
+    );
+
+    // Its pod's first packet to an idle VIP is caught, named after the VIF.
+    let mut syn = Frame::tcp_syn(CLIENT_V4.into(), 40000, SERVER_V4.into(), 8080);
+    syn.src_mac = CLIENT_MAC;
+    syn.dst_mac = SERVER_MAC;
+    topo.in_server(|| send_frames(&pod, [syn.build()]));
+    let event = agent
+        .next_event(Duration::from_secs(5))
+        .expect("an idle hit from the VIF");
+    assert_eq!(event["iface"], vif.as_str());
+
+    // A port without iface-id, and an internal interface with one: left alone.
+    vsctl(&["add-port", "br-int", &plain]);
+    vsctl(&[
+        "add-port",
+        "br-int",
+        "int0",
+        "--",
+        "set",
+        "Interface",
+        "int0",
+        "type=internal",
+        "external_ids:iface-id=x",
+    ]);
+    std::thread::sleep(Duration::from_millis(1500));
+    let attached_plain = agent
+        .log_lines()
+        .any(|l| l.contains(&format!("iface={plain} ")) || l.contains("iface=int0 "));
+    assert!(!attached_plain, "only VIFs are followed");
+
+    // The port goes: detached.
+    vsctl(&["del-port", "br-int", &vif]);
+    agent.wait_for_log("no longer an OVN VIF: detached", Duration::from_secs(5));
+    assert!(agent.is_running());
+}

@@ -1,6 +1,7 @@
-//! The datapath follows this node's OVN VIFs through the local Open_vSwitch database
-//! (`--ovn-vifs`): attached when a port with `external_ids:iface-id` is added, detached when it
-//! goes; ports without `iface-id` and non-system interfaces are left alone.
+//! The datapath follows this node's OVN interfaces through the local Open_vSwitch database:
+//! VIFs (`--ovn-vifs`), attached when a port with `external_ids:iface-id` is added, detached
+//! when it goes, ports without `iface-id` and non-system interfaces left alone; and the
+//! uplinks of the bridge mappings (`--ovn-uplinks`).
 
 use std::time::{Duration, Instant};
 
@@ -26,11 +27,19 @@ fn ovn_vifs_are_followed_through_the_open_vswitch_database() {
     };
     vsctl(&["init"]);
     vsctl(&["add-br", "br-int"]);
+    vsctl(&["add-br", "br-ex"]);
+    vsctl(&[
+        "set",
+        "Open_vSwitch",
+        ".",
+        "external_ids:ovn-bridge-mappings=physnet:br-ex",
+    ]);
     // Pods' interfaces, in the agent's namespace (each a veth; the peer plays the pod).
     let base = topo.server_if.trim_end_matches('s').to_owned();
     let (vif, pod) = (format!("{base}va"), format!("{base}vb"));
     let (plain, plain_peer) = (format!("{base}pa"), format!("{base}pb"));
-    for (a, b) in [(&vif, &pod), (&plain, &plain_peer)] {
+    let (uplink, outside) = (format!("{base}ua"), format!("{base}ub"));
+    for (a, b) in [(&vif, &pod), (&plain, &plain_peer), (&uplink, &outside)] {
         for args in [
             vec![
                 "link",
@@ -60,13 +69,14 @@ fn ovn_vifs_are_followed_through_the_open_vswitch_database() {
         &[
             "run",
             "--ovn-vifs",
+            "--ovn-uplinks",
             "--ovs-db",
             &ovs_db,
             "--vip",
             "10.77.0.2:8080/tcp",
         ],
     );
-    agent.wait_for_log("following OVN VIFs", Duration::from_secs(5));
+    agent.wait_for_log("following OVN's interfaces", Duration::from_secs(5));
 
     // A port bound to a logical port: attached, quickly.
     let added = Instant::now();
@@ -118,8 +128,18 @@ fn ovn_vifs_are_followed_through_the_open_vswitch_database() {
         .any(|l| l.contains(&format!("iface={plain} ")) || l.contains("iface=int0 "));
     assert!(!attached_plain, "only VIFs are followed");
 
+    // The uplink of the bridge mapping (a veth here; a NIC on a node): attached, and an
+    // external client's SYN over it caught.
+    vsctl(&["add-port", "br-ex", &uplink]);
+    agent.wait_for_log(&format!("iface={uplink} "), Duration::from_secs(5));
+    topo.in_server(|| send_frames(&outside, [syn.build()]));
+    let event = agent
+        .next_event(Duration::from_secs(5))
+        .expect("an idle hit from the uplink");
+    assert_eq!(event["iface"], uplink.as_str());
+
     // The port goes: detached.
     vsctl(&["del-port", "br-int", &vif]);
-    agent.wait_for_log("no longer an OVN VIF: detached", Duration::from_secs(5));
+    agent.wait_for_log("detached", Duration::from_secs(5));
     assert!(agent.is_running());
 }

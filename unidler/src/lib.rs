@@ -7,7 +7,7 @@ pub mod agent;
 pub mod caps;
 pub mod datapath;
 pub mod event;
-pub mod ovs_vifs;
+pub mod ovs_interfaces;
 pub mod registry;
 pub mod sink;
 pub mod southbound;

@@ -82,7 +82,7 @@ struct RunArgs {
     /// the program is logged and counted). Repeat for several.
     #[arg(
         long = "iface",
-        required_unless_present = "ovn_vifs",
+        required_unless_present_any = ["ovn_vifs", "ovn_uplinks"],
         env = "UNIDLER_IFACE",
         value_delimiter = ','
     )]
@@ -92,6 +92,11 @@ struct RunArgs {
     /// ports are added and detached as they go.
     #[arg(long, env = "UNIDLER_OVN_VIFS")]
     ovn_vifs: bool,
+    /// Follow the uplinks of OVN's bridge mappings: the system interfaces of the bridges
+    /// named in the local Open_vSwitch database's `external_ids:ovn-bridge-mappings`, where
+    /// external traffic to NodePort and LoadBalancer VIPs arrives.
+    #[arg(long, env = "UNIDLER_OVN_UPLINKS")]
+    ovn_uplinks: bool,
     /// Where the datapath goes on each interface: auto (TC ingress on virtual interfaces such
     /// as pods' veths, where native XDP would slow every pod by turning segmentation offloads
     /// off; native XDP on physical ones), xdp (native), xdp-generic, or tc.
@@ -334,8 +339,13 @@ fn config(args: RunArgs) -> Result<Config> {
     Ok(Config {
         interfaces,
         hook: hook(args.hook, args.xdp_mode),
-        ovn_vifs: if args.ovn_vifs {
-            Some(ovsdb::Remote::parse_list(&args.ovs_db).context("--ovs-db")?)
+        ovn_interfaces: if args.ovn_vifs || args.ovn_uplinks {
+            let remotes = ovsdb::Remote::parse_list(&args.ovs_db).context("--ovs-db")?;
+            let follow = unidler::ovs_interfaces::Follow {
+                vifs: args.ovn_vifs,
+                uplinks: args.ovn_uplinks,
+            };
+            Some((remotes, follow))
         } else {
             None
         },

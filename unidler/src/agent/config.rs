@@ -16,9 +16,9 @@ pub struct Config {
     pub interfaces: Vec<InterfaceSelector>,
     /// Which hook to attach with.
     pub hook: Hook,
-    /// The local Open_vSwitch database whose OVN VIFs (`Interface` rows with
-    /// `external_ids:iface-id`) the datapath follows, if any.
-    pub ovn_vifs: Option<Vec<ovsdb::Remote>>,
+    /// The local Open_vSwitch database, and which of OVN's interfaces the datapath follows
+    /// there (VIFs, uplinks), if any.
+    pub ovn_interfaces: Option<(Vec<ovsdb::Remote>, crate::ovs_interfaces::Follow)>,
     /// Where the VIPs come from.
     pub vips: VipSourceConfig,
     /// Capacity of the kernel's VIP map; VIPs beyond it are not watched (and reported).

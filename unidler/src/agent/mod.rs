@@ -27,7 +27,7 @@ use self::sources::{Input, Signals, Sources};
 use crate::{
     datapath::{self, Counters, Datapath, DatapathError, Hook, LoadOptions},
     event::{IdleHit, iface_name},
-    ovs_vifs::{self, VifNames},
+    ovs_interfaces::{self, InterfaceNames},
     registry::{MapChange, VipRegistry},
     sink::{ControllerEventSink, SinkOptions},
     southbound::Southbound,
@@ -84,8 +84,8 @@ pub struct Agent {
     detached: BTreeMap<String, bool>,
     /// Interface name patterns to follow.
     patterns: Vec<glob::Pattern>,
-    /// The OVN VIFs to follow (from the local Open_vSwitch database).
-    vifs: VifNames,
+    /// OVN's interfaces to follow (VIFs, uplinks; from the local Open_vSwitch database).
+    vifs: InterfaceNames,
     /// Interfaces matching a pattern that refused the program, by name, with the ifindex
     /// that refused (tried again only if the interface is re-created).
     refused: HashMap<String, u32>,
@@ -196,7 +196,7 @@ impl Agent {
             hook: config.hook,
             detached: BTreeMap::new(),
             patterns: Vec::new(),
-            vifs: VifNames::new(),
+            vifs: InterfaceNames::new(),
             refused: HashMap::new(),
             out_of_sync_since: None,
             sources: None,
@@ -248,10 +248,14 @@ impl Agent {
         );
 
         let (vif_tx, vifs) = mpsc::unbounded_channel();
-        if let Some(remotes) = &config.ovn_vifs {
-            ovs_vifs::spawn(remotes.clone(), vif_tx)
-                .context("following the Open_vSwitch database's VIFs")?;
-            info!("following OVN VIFs in the local Open_vSwitch database");
+        if let Some((remotes, follow)) = &config.ovn_interfaces {
+            ovs_interfaces::spawn(remotes.clone(), *follow, vif_tx)
+                .context("following the Open_vSwitch database's interfaces")?;
+            info!(
+                vifs = follow.vifs,
+                uplinks = follow.uplinks,
+                "following OVN's interfaces in the local Open_vSwitch database"
+            );
         }
         agent.sources = Some(Sources {
             ring: readable(events).context("registering the event ring with epoll")?,
@@ -547,9 +551,9 @@ impl Agent {
         self.vifs.contains(iface) || self.patterns.iter().any(|p| p.matches(iface))
     }
 
-    /// The VIFs changed: attach to new ones at once (a pod's first packet may follow its
+    /// OVN's interfaces changed: attach to new ones at once (a pod's first packet may follow its
     /// port by milliseconds), detach from those that left OVS.
-    fn on_vifs(&mut self, names: VifNames) {
+    fn on_vifs(&mut self, names: InterfaceNames) {
         let left: Vec<String> = self.vifs.difference(&names).cloned().collect();
         self.vifs = names;
         for iface in left {
@@ -564,7 +568,7 @@ impl Agent {
             if let Some(ifindex) = attached {
                 self.iface_names.remove(&ifindex);
                 self.datapath.forget_attachment(&iface);
-                info!(%iface, "no longer an OVN VIF: detached");
+                info!(%iface, "no longer one of OVN's interfaces: detached");
             }
             self.refused.remove(&iface);
         }

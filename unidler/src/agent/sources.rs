@@ -13,7 +13,9 @@ use tokio::{
 };
 use unidler_common::IdleHitEvent;
 
-use crate::{datapath::EventRing, ovs_vifs::VifNames, telemetry::Query, vip::VipUpdate};
+use crate::{
+    datapath::EventRing, ovs_interfaces::InterfaceNames, telemetry::Query, vip::VipUpdate,
+};
 
 /// Something for the agent to handle.
 pub enum Input {
@@ -29,8 +31,8 @@ pub enum Input {
     HeartbeatDue,
     /// Time to check that the interfaces attached to are still the same ones.
     InterfacesDue,
-    /// The OVN VIFs the local Open_vSwitch database lists now.
-    Vifs(VifNames),
+    /// OVN's interfaces (VIFs, uplinks) the local Open_vSwitch database lists now.
+    Vifs(InterfaceNames),
     /// SIGHUP: reload what can be reloaded.
     Reload,
     /// SIGINT or SIGTERM (named): detach and exit.
@@ -51,8 +53,8 @@ pub struct Sources {
     pub heartbeat: Interval,
     /// The interface check timer.
     pub interfaces: Interval,
-    /// The VIF source's updates (never ready without `--ovn-vifs`).
-    pub vifs: mpsc::UnboundedReceiver<VifNames>,
+    /// Updates of OVN's interfaces (never ready without `--ovn-vifs` or `--ovn-uplinks`).
+    pub vifs: mpsc::UnboundedReceiver<InterfaceNames>,
     /// Signals.
     pub signals: Signals,
 }

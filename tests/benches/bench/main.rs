@@ -9,7 +9,8 @@
 //! 5. VIP sync: 10,000 and 100,000 VIPs from the Southbound database, one incremental change,
 //!    and the agent's resident memory;
 //! 6. with `--vs-ovn`: 2 and 3 side by side with real OVN's own path on the same veth;
-//! 7. TCP throughput through a veth with the agent attached by each hook, against nothing.
+//! 7. TCP throughput through a veth with the agent attached by each hook, against nothing;
+//! 8. following OVN's VIFs: add-port to attached, 500 VIFs at rest, churn of 100 a second.
 //!
 //! Arguments: section numbers to run (default all), e.g. `cargo xtask bench -- 1 3`, and
 //! `--vs-ovn` to add section 6 (`cargo xtask bench --vs-ovn -- 6` runs it alone).
@@ -21,6 +22,7 @@ mod hooks;
 mod latency;
 mod per_packet;
 mod storm;
+mod vifs;
 mod vip_sync;
 mod vs_ovn;
 
@@ -33,6 +35,7 @@ use crate::{
     latency::latency,
     per_packet::per_packet,
     storm::storm,
+    vifs::vifs,
     vip_sync::vip_sync,
     vs_ovn::vs_ovn,
 };
@@ -81,6 +84,9 @@ fn main() {
     }
     if run("7") {
         figures.extend(hooks());
+    }
+    if run("8") {
+        figures.extend(vifs());
     }
     figures.extend(side_by_side);
     print_table(&figures);

@@ -86,7 +86,7 @@ pub struct Agent {
     patterns: Vec<glob::Pattern>,
     /// OVN's interfaces to follow (VIFs, uplinks; from the local Open_vSwitch database).
     vifs: InterfaceNames,
-    /// Interfaces matching a pattern that refused the program, by name, with the ifindex
+    /// Followed interfaces that refused the program, by name, with the ifindex
     /// that refused (tried again only if the interface is re-created).
     refused: HashMap<String, u32>,
     /// Since when the agent has not vouched for the map, once it had (to log changes once).
@@ -235,7 +235,7 @@ impl Agent {
             agent.iface_names.insert(ifindex, iface.clone());
         }
         agent.patterns = patterns;
-        agent.follow_patterns();
+        agent.follow_interfaces();
         agent.readiness.attached.store(true, Ordering::Relaxed);
         if config.vips != VipSourceConfig::Ovn {
             // Static VIPs were applied before attaching.
@@ -505,7 +505,7 @@ impl Agent {
         for (iface, old, _) in self.datapath.stale_attachments() {
             self.iface_names.remove(&old);
             self.datapath.forget_attachment(&iface);
-            if self.matches_pattern(&iface) {
+            if self.is_followed(&iface) {
                 // A followed interface that left: nothing is missing (pods come and go).
                 info!(%iface, ifindex = old, "interface gone: detached");
                 continue;
@@ -513,7 +513,7 @@ impl Agent {
             warn!(%iface, ifindex = old, "interface gone or re-created: its XDP program went with it");
             self.detached.insert(iface, false);
         }
-        self.follow_patterns();
+        self.follow_interfaces();
         if self.detached.is_empty() {
             self.publish_attachments();
             return;
@@ -547,7 +547,7 @@ impl Agent {
     }
 
     /// Whether `iface` is followed (a pattern or an OVN VIF) rather than named.
-    fn matches_pattern(&self, iface: &str) -> bool {
+    fn is_followed(&self, iface: &str) -> bool {
         self.vifs.contains(iface) || self.patterns.iter().any(|p| p.matches(iface))
     }
 
@@ -572,13 +572,14 @@ impl Agent {
             }
             self.refused.remove(&iface);
         }
-        self.follow_patterns();
+        self.follow_interfaces();
     }
 
-    /// Attaches to every interface matching a pattern that does not have the program yet. An
-    /// interface that refuses it (a driver without XDP, someone else's program) is logged
-    /// and counted once, and tried again only if it is re-created; the agent goes on.
-    fn follow_patterns(&mut self) {
+    /// Attaches to every followed interface (matching an `--iface` pattern, or one of OVN's
+    /// interfaces) that does not have the program yet. An interface that refuses it (a
+    /// driver without XDP, someone else's program) is logged and counted once, and tried
+    /// again only if it is re-created; the agent goes on.
+    fn follow_interfaces(&mut self) {
         if self.patterns.is_empty() && self.vifs.is_empty() {
             return;
         }
@@ -593,7 +594,7 @@ impl Agent {
         for (ifindex, iface) in present {
             if attached.contains(&iface)
                 || self.refused.contains_key(&iface)
-                || !self.matches_pattern(&iface)
+                || !self.is_followed(&iface)
             {
                 continue;
             }

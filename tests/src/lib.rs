@@ -10,6 +10,7 @@ pub mod oracle;
 pub mod ovn_chassis;
 pub mod ovsdb_server;
 pub mod proxy;
+pub mod rng;
 
 /// Panics unless the process runs as root: these tests load BPF programs and create network
 /// namespaces, and CI runs them as root, so they fail loudly rather than skip.

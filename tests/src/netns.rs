@@ -152,6 +152,18 @@ impl Topology {
         self.configure_link();
     }
 
+    /// Whether a TCP connection from the client to the server's address on `port` is
+    /// established within 300 ms (with a listener there: exactly when nothing drops the SYN).
+    pub fn connects(&self, port: u16) -> bool {
+        self.in_client(|| {
+            std::net::TcpStream::connect_timeout(
+                &std::net::SocketAddr::new(SERVER_V4.into(), port),
+                std::time::Duration::from_millis(300),
+            )
+            .is_ok()
+        })
+    }
+
     /// Runs `f` on a thread that has entered the client namespace.
     pub fn in_client<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
         in_netns(&self.client_ns, f)

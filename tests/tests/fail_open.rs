@@ -2,7 +2,7 @@
 //! that OVN's own path handles them, as without us), and drop again once it can.
 
 use std::{
-    net::{SocketAddr, TcpListener, TcpStream},
+    net::{SocketAddr, TcpListener},
     time::{Duration, Instant},
 };
 
@@ -15,16 +15,6 @@ use unidler_tests::{
 };
 
 const WAIT: Duration = Duration::from_secs(40);
-
-fn connects(topo: &Topology, port: u16) -> bool {
-    topo.in_client(|| {
-        TcpStream::connect_timeout(
-            &SocketAddr::new(SERVER_V4.into(), port),
-            Duration::from_millis(300),
-        )
-        .is_ok()
-    })
-}
 
 /// The Southbound database becomes unreachable from the agent only (ovn-controller would
 /// still see it), and the service gets a backend meanwhile: the agent cannot learn it, so
@@ -52,7 +42,7 @@ fn idle_vips_fail_open_while_the_southbound_database_is_cut_off_from_the_agent()
     args.extend(["--fail-open-after", "2s"]);
     let mut agent = Agent::start(&topo.server_ns, &args);
     agent.wait_for_log("vips=1", WAIT);
-    assert!(!connects(&topo, 80), "idle and vouched for: dropped");
+    assert!(!topo.connects(80), "idle and vouched for: dropped");
 
     proxy.cut();
     let cut_at = Instant::now();
@@ -65,7 +55,7 @@ fn idle_vips_fail_open_while_the_southbound_database_is_cut_off_from_the_agent()
         "10.0.0.5:80",
         "tcp",
     ]);
-    while !connects(&topo, 80) {
+    while !topo.connects(80) {
         assert!(
             cut_at.elapsed() < WAIT,
             "still dropped {WAIT:?} after the agent lost the database"
@@ -82,7 +72,7 @@ fn idle_vips_fail_open_while_the_southbound_database_is_cut_off_from_the_agent()
     // The database is back: the agent resyncs (the VIP now has a backend) and vouches again.
     proxy.restore();
     agent.wait_for_log("idle VIPs drop again", WAIT);
-    assert!(connects(&topo, 80), "active after the resync");
+    assert!(topo.connects(80), "active after the resync");
     // Idled again: dropped again, as the map is vouched for once more.
     ovn.nbctl(&[
         "--wait=sb",
@@ -94,7 +84,7 @@ fn idle_vips_fail_open_while_the_southbound_database_is_cut_off_from_the_agent()
         "tcp",
     ]);
     let deadline = Instant::now() + WAIT;
-    while connects(&topo, 80) {
+    while topo.connects(80) {
         assert!(Instant::now() < deadline, "never dropped again");
         std::thread::sleep(Duration::from_millis(200));
     }

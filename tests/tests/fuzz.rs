@@ -14,21 +14,7 @@ use std::time::{Duration, Instant};
 use ovsdb::{Replica, Value, rpc::Framer};
 use serde_json::Value as Json;
 use unidler::vipsource::file::parse_vips_file;
-
-/// A small, fast PRNG (xorshift64*): deterministic for a seed.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
-    }
-}
+use unidler_tests::rng::Rng;
 
 /// Tokens worth splicing in: the structure of OVSDB JSON and of TOML.
 const TOKENS: &[&str] = &[
@@ -86,7 +72,7 @@ fn mutate(rng: &mut Rng, input: &[u8]) -> Vec<u8> {
                 let i = rng.below(out.len());
                 out[i] ^= 1 << rng.below(8);
             }
-            1 => out.insert(at, rng.next() as u8),
+            1 => out.insert(at, rng.next_u64() as u8),
             2 if at < out.len() => {
                 let end = (at + 1 + rng.below(8)).min(out.len());
                 out.drain(at..end);

@@ -18,6 +18,7 @@ use unidler_tests::{
     },
     oracle::{self, VipModel, XDP_DROP, XDP_PASS},
     require_root,
+    rng::Rng,
 };
 
 /// Loopback's ifindex: test runs need an existing interface.
@@ -738,20 +739,6 @@ fn a_full_ring_is_counted_not_fatal() {
     assert_eq!(h.run(&frame).events.len(), 1);
 }
 
-/// A small deterministic PRNG (xorshift64*), so a failure names a reproducible seed.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-}
-
 #[test]
 fn fuzz_randomized_frames_are_never_misclassified() {
     let mut h = Harness::new();
@@ -820,7 +807,7 @@ fn fuzz_randomized_frames_are_never_misclassified() {
         for _ in 0..1 + rng.below(3) {
             let at = rng.below(frame.len().min(90));
             frame[at] = match rng.below(4) {
-                0 => rng.next() as u8,
+                0 => rng.next_u64() as u8,
                 1 => frame[at] ^ (1 << rng.below(8)),
                 // Values the parser branches on.
                 2 => [

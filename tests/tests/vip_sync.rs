@@ -1,7 +1,7 @@
 //! The VIP map follows OVN's Load_Balancer table (through a real ovn-northd) or a static file.
 
 use std::{
-    net::{SocketAddr, TcpListener, TcpStream},
+    net::{SocketAddr, TcpListener},
     process::Command,
     time::{Duration, Instant},
 };
@@ -25,16 +25,6 @@ fn listener(topo: &Topology, port: u16) -> TcpListener {
     l
 }
 
-fn connects(topo: &Topology, port: u16) -> bool {
-    topo.in_client(|| {
-        TcpStream::connect_timeout(
-            &SocketAddr::new(SERVER_V4.into(), port),
-            Duration::from_millis(300),
-        )
-        .is_ok()
-    })
-}
-
 /// Repeats `step` until it returns true, or panics after `WAIT`.
 #[track_caller]
 fn eventually(what: &str, mut step: impl FnMut() -> bool) {
@@ -53,9 +43,9 @@ fn row_count(sb: &OvsdbServer) -> usize {
 /// made while the agent was still learning the change may have raised one: cleared first.)
 #[track_caller]
 fn passes_without_event(topo: &Topology, sb: &OvsdbServer, what: &str) {
-    eventually(what, || connects(topo, 80));
+    eventually(what, || topo.connects(80));
     sb.sbctl(&["--all", "destroy", "Controller_Event"]);
-    assert!(connects(topo, 80), "{what}: still passing");
+    assert!(topo.connects(80), "{what}: still passing");
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(row_count(sb), 0, "{what}: no event");
 }
@@ -86,7 +76,7 @@ fn load_balancers_from_ovn_northd_drive_events_and_traffic() {
     agent.wait_for_log("vips=1", WAIT);
 
     // Idle with event=true: the SYN is dropped and the row names the NB load balancer.
-    assert!(!connects(&topo, 80));
+    assert!(!topo.connects(80));
     eventually("the Controller_Event row", || row_count(&ovn.sb) == 1);
     let row = &ovn.sb.event_rows()[0];
     assert_eq!(row.event_info["load_balancer"], lb_uuid.trim());
@@ -115,7 +105,7 @@ fn load_balancers_from_ovn_northd_drive_events_and_traffic() {
         "",
         "tcp",
     ]);
-    eventually("the SYN to be dropped again", || !connects(&topo, 80));
+    eventually("the SYN to be dropped again", || !topo.connects(80));
     eventually("a new row", || row_count(&ovn.sb) == 1);
     ovn.sb.sbctl(&["--all", "destroy", "Controller_Event"]);
 
@@ -153,12 +143,12 @@ fn load_balancers_from_ovn_northd_drive_events_and_traffic() {
         ".",
         "options:controller_event=true",
     ]);
-    eventually("the global option", || !connects(&topo, 80));
+    eventually("the global option", || !topo.connects(80));
     eventually("a row again", || row_count(&ovn.sb) == 1);
 
     // The load balancer goes away: so does the VIP.
     ovn.nbctl(&["--wait=sb", "lb-del", "lb0"]);
-    eventually("the VIP to leave the map", || connects(&topo, 80));
+    eventually("the VIP to leave the map", || topo.connects(80));
 }
 
 #[test]
@@ -185,13 +175,13 @@ fn a_vips_file_is_followed_and_a_bad_one_keeps_the_last_good_state() {
             file.to_str().unwrap(),
         ],
     );
-    assert!(!connects(&topo, 80));
+    assert!(!topo.connects(80));
     let event = agent.next_event(Duration::from_secs(5)).expect("an event");
     assert_eq!(event["vip"], "10.77.0.2:80");
     assert_eq!(event["load_balancer"], "lb-file");
 
     write("[[vip]]\nvip = \"10.77.0.2:80\"\nbackends = 2\n");
-    eventually("the reload to activate the VIP", || connects(&topo, 80));
+    eventually("the reload to activate the VIP", || topo.connects(80));
 
     write("[[vip]]\nvip = \"10.77.0.2:80\"\nbackends = \"lots\"\n");
     agent.wait_for_log("VIPs file rejected", WAIT);
@@ -200,10 +190,10 @@ fn a_vips_file_is_followed_and_a_bad_one_keeps_the_last_good_state() {
         "{:?}",
         agent.log
     );
-    assert!(connects(&topo, 80), "the last good state stays");
+    assert!(topo.connects(80), "the last good state stays");
 
     write("[[vip]]\nvip = \"10.77.0.2:80\"\n");
-    eventually("idle again", || !connects(&topo, 80));
+    eventually("idle again", || !topo.connects(80));
 
     // A bad file at start is an error, with the line.
     write("[[vip]]\nvip = \"10.77.0.2\"\n");
@@ -265,7 +255,7 @@ fn a_resync_after_reconnect_removes_vips_the_database_lost() {
     let db = sb.unix_remote();
     let args = southbound_args(&topo.server_if, &db, state.path_str());
     let _agent = Agent::start(&topo.server_ns, &args);
-    eventually("the VIP to be watched", || !connects(&topo, 80));
+    eventually("the VIP to be watched", || !topo.connects(80));
     // While the agent is away from the database, the load balancer goes.
     sb.kill();
     let db_file = sb.dir.join("sb.db");
@@ -276,5 +266,5 @@ fn a_resync_after_reconnect_removes_vips_the_database_lost() {
             .arg(r#"["OVN_Southbound",{"op":"delete","table":"Load_Balancer","where":[]}]"#),
     );
     sb.start();
-    eventually("the resync to drop the VIP", || connects(&topo, 80));
+    eventually("the resync to drop the VIP", || topo.connects(80));
 }

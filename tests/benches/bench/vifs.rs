@@ -176,12 +176,20 @@ pub(crate) fn vifs() -> Vec<Figure> {
     }
     let churn = churn_started.elapsed().as_secs_f64();
     std::thread::sleep(Duration::from_secs(3));
-    out.push(figure(
-        SECTION,
-        format!("churn: 100 VIFs added and removed a second for {seconds} s, took"),
-        churn,
-        "s",
-    ));
+    // The harness (ip, ovs-vsctl with hundreds of ports) may not keep the pace: say what it
+    // achieved.
+    out.push(
+        figure(
+            SECTION,
+            format!(
+                "churn: VIFs added and removed per second ({} in all)",
+                100 * seconds
+            ),
+            f64::from(100 * seconds) / churn,
+            "VIFs/s",
+        )
+        .target("100 (if the harness keeps up)"),
+    );
     out.push(
         figure(
             SECTION,

@@ -157,6 +157,13 @@ fn metrics_health_and_inspection_during_real_traffic() {
             .is_some_and(|l| l.contains("10.77.0.2:80") && l.contains("dropped")),
         "{events}"
     );
+    // The interfaces and their hook: TC on this veth (auto).
+    let interfaces = in_ns(&topo, &["interfaces"]);
+    let row = interfaces.lines().nth(1).unwrap_or_default();
+    assert!(
+        row.contains(&topo.server_if) && row.trim_end().ends_with("tc"),
+        "{interfaces}"
+    );
 
     // Database gone: not ready, and says why.
     sb.kill();

@@ -9,7 +9,7 @@ use unidler::{
     agent::{self, Agent, Config, InterfaceSelector, VipSourceConfig},
     datapath::Hook,
     southbound::SouthboundConfig,
-    telemetry::{self, VipRow},
+    telemetry::{self, InterfaceRow, VipRow},
     vip::VipSpec,
 };
 use unidler_common::RateLimitConfig;
@@ -40,6 +40,8 @@ enum Command {
     Vips(ClientArgs),
     /// Show the most recent idle hits a running agent saw.
     Events(ClientArgs),
+    /// Show the interfaces a running agent's datapath is on, and with which hook.
+    Interfaces(ClientArgs),
 }
 
 #[derive(Args)]
@@ -272,6 +274,7 @@ fn main() -> ExitCode {
             .and_then(|rt| rt.block_on(run(*args))),
         Command::Vips(args) => show_vips(&args),
         Command::Events(args) => show_events(&args),
+        Command::Interfaces(args) => show_interfaces(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -400,6 +403,21 @@ fn show_vips(args: &ClientArgs) -> Result<()> {
         ["VIP", "PROTO", "STATE", "BACKENDS", "HITS", "LOAD BALANCER"],
         &table,
     );
+    Ok(())
+}
+
+fn show_interfaces(args: &ClientArgs) -> Result<()> {
+    let body = telemetry::http_get(args.api_addr, "/api/interfaces")?;
+    if args.json {
+        println!("{body}");
+        return Ok(());
+    }
+    let rows: Vec<InterfaceRow> = serde_json::from_str(&body).context("agent's interfaces")?;
+    let table: Vec<[String; 3]> = rows
+        .into_iter()
+        .map(|r| [r.iface, r.ifindex.to_string(), r.hook])
+        .collect();
+    print_table(["INTERFACE", "IFINDEX", "HOOK"], &table);
     Ok(())
 }
 

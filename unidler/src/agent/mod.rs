@@ -32,7 +32,7 @@ use crate::{
     sink::{ControllerEventSink, SinkOptions},
     southbound::Southbound,
     telemetry::{
-        self, Query, Readiness, VipRow,
+        self, InterfaceRow, Query, Readiness, VipRow,
         metrics::{self, AgentMetrics},
     },
     vip::{DesiredVip, Vip, VipUpdate},
@@ -170,7 +170,7 @@ impl Agent {
         let bound = telemetry::serve_api(config.api_addr, query_tx, datapath.vip_hits_reader()?)
             .await
             .with_context(|| format!("serving --api-addr {}", config.api_addr))?;
-        info!(addr = %bound, "serving /api/vips, /api/events");
+        info!(addr = %bound, "serving /api/vips, /api/events, /api/interfaces");
 
         let events = datapath.take_events().context("event ring already taken")?;
         let last_summary = datapath.counters()?;
@@ -433,6 +433,19 @@ impl Agent {
             }
             Query::Events(reply) => {
                 let _ = reply.send(self.recent.iter().cloned().collect());
+            }
+            Query::Interfaces(reply) => {
+                let mut rows: Vec<InterfaceRow> = self
+                    .datapath
+                    .attached()
+                    .map(|(iface, ifindex, hook)| InterfaceRow {
+                        iface: iface.to_owned(),
+                        ifindex,
+                        hook: hook.name().to_owned(),
+                    })
+                    .collect();
+                rows.sort_by(|a, b| a.iface.cmp(&b.iface));
+                let _ = reply.send(rows);
             }
         }
     }

@@ -26,6 +26,17 @@ use unidler_common::VipKey;
 
 use crate::{datapath::VipHitsReader, event::IdleHit, sink::ControllerEventSink};
 
+/// One row of `unidler interfaces`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct InterfaceRow {
+    /// Its name.
+    pub iface: String,
+    /// Its index.
+    pub ifindex: u32,
+    /// The hook the datapath is attached with (`xdp`, `xdp-generic`, `xdp-any`, `tc`).
+    pub hook: String,
+}
+
 /// One row of `unidler vips`.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct VipRow {
@@ -47,6 +58,8 @@ pub struct VipRow {
 pub enum Query {
     /// The VIP table, each row with the VIP's kernel key (hit counts not filled in).
     Vips(oneshot::Sender<Vec<(VipKey, VipRow)>>),
+    /// The interfaces the datapath is on.
+    Interfaces(oneshot::Sender<Vec<InterfaceRow>>),
     /// The most recent idle hits, oldest first.
     Events(oneshot::Sender<Vec<IdleHit>>),
 }
@@ -119,6 +132,7 @@ pub async fn serve_api(
     let app = Router::new()
         .route("/api/vips", get(vips))
         .route("/api/events", get(events))
+        .route("/api/interfaces", get(interfaces))
         .with_state(ApiState { queries, hits });
     serve(addr, app).await
 }
@@ -192,6 +206,13 @@ async fn vips(State(state): State<ApiState>) -> impl IntoResponse {
     match rows {
         Ok(rows) => Json(rows).into_response(),
         Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+    }
+}
+
+async fn interfaces(State(state): State<ApiState>) -> impl IntoResponse {
+    match ask(&state.queries, Query::Interfaces).await {
+        Some(rows) => Json(rows).into_response(),
+        None => StatusCode::SERVICE_UNAVAILABLE.into_response(),
     }
 }
 

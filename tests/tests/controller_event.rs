@@ -379,3 +379,54 @@ fn the_chassis_name_is_learned_when_the_open_vswitch_database_comes_up_late() {
     assert_eq!(rows[0].chassis.as_deref(), Some(chassis.trim()));
     assert_eq!(readyz().unwrap(), "ready\n");
 }
+
+/// With `--dedup cluster`, a hit for a VIP that any chassis has already reported writes no
+/// row: a wake-up storm across the cluster writes about one. The default (per chassis, as
+/// ovn-controller) writes one per node.
+#[test]
+fn cluster_wide_dedup_writes_one_row_for_many_nodes() {
+    require_root();
+    let sb = ovsdb_server::southbound_with_chassis();
+    sb.sbctl(&["chassis-add", "chassis-2", "geneve", "127.0.0.2"]);
+    let db = sb.unix_remote();
+    let vip = format!("10.77.0.2:80/tcp@{LB}");
+    let node = |prefix: &str, chassis: &str, dedup: &str| {
+        let topo = Topology::new(prefix);
+        let state = TempDir::new(&format!("{prefix}st"));
+        let args = [
+            "run",
+            "--iface",
+            &topo.server_if,
+            "--ovnsb-db",
+            &db,
+            "--chassis",
+            chassis,
+            "--state-dir",
+            state.path_str(),
+            "--vip",
+            &vip,
+            "--dedup",
+            dedup,
+        ];
+        let mut agent = Agent::start(&topo.server_ns, &args);
+        agent.wait_for_log("connected to OVN_Southbound", WAIT);
+        (topo, state, agent)
+    };
+    let (first, _s1, _a1) = node("d1", "chassis-1", "cluster");
+    let (second, _s2, _a2) = node("d2", "chassis-2", "cluster");
+    tcp_hit(&first, 80);
+    wait_rows("the first node's row", || sb.event_rows(), |r| r.len() == 1);
+    tcp_hit(&second, 80);
+    std::thread::sleep(Duration::from_millis(1000));
+    assert_eq!(sb.event_rows().len(), 1, "one row for the cluster");
+
+    // Per chassis (the default), the second node reports too.
+    sb.sbctl(&["--all", "destroy", "Controller_Event"]);
+    drop((_a1, _a2));
+    let (first, _s3, _a3) = node("d3", "chassis-1", "chassis");
+    let (second, _s4, _a4) = node("d4", "chassis-2", "chassis");
+    tcp_hit(&first, 80);
+    tcp_hit(&second, 80);
+    let rows = wait_rows("a row per node", || sb.event_rows(), |r| r.len() == 2);
+    assert_ne!(rows[0].chassis, rows[1].chassis);
+}

@@ -72,6 +72,7 @@ fn dropped_connections_never_freeze_the_runtime_and_lose_nothing() {
                     SinkOptions {
                         queue_capacity: 100_000,
                         state_dir: Some(state_dir),
+                        dedup: Default::default(),
                     },
                 );
                 let mut n = 0;

@@ -176,6 +176,11 @@ struct RunArgs {
     /// logged, and asked for again after the longest backoff.
     #[arg(long, env = "UNIDLER_OVSDB_MAX_MESSAGE_SIZE", default_value_t = 64 << 20)]
     ovsdb_max_message_size: usize,
+    /// Which existing Controller_Event rows make a hit a duplicate: this chassis' (as
+    /// ovn-controller: every node reports once) or any chassis' (a wake-up storm across the
+    /// cluster writes about one row; ovn-kubernetes consumes it unchanged).
+    #[arg(long, value_enum, env = "UNIDLER_DEDUP", default_value_t = DedupArg::Chassis)]
+    dedup: DedupArg,
     /// Most idle hits waiting for the database; beyond it they are dropped (and counted).
     #[arg(long, env = "UNIDLER_EVENT_QUEUE_SIZE", default_value_t = 10_000)]
     event_queue_size: usize,
@@ -210,6 +215,14 @@ impl From<IdleAction> for agent::IdleAction {
             IdleAction::Pass => agent::IdleAction::Pass,
         }
     }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum DedupArg {
+    /// Our chassis' rows.
+    Chassis,
+    /// Any chassis' rows.
+    Cluster,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -364,6 +377,10 @@ fn config(args: RunArgs) -> Result<Config> {
         fail_open_after: args.fail_open_after,
         southbound,
         event_queue_size: args.event_queue_size,
+        dedup: match args.dedup {
+            DedupArg::Chassis => unidler::sink::Dedup::Chassis,
+            DedupArg::Cluster => unidler::sink::Dedup::Cluster,
+        },
         state_dir: args.state_dir,
         metrics_addr: args.metrics_addr,
         api_addr: args.api_addr,

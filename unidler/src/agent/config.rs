@@ -35,6 +35,8 @@ pub struct Config {
     pub southbound: Option<SouthboundConfig>,
     /// Most idle hits waiting for the database.
     pub event_queue_size: usize,
+    /// Whose rows make a hit a duplicate: ours (as ovn-controller), or any chassis'.
+    pub dedup: crate::sink::Dedup,
     /// Where state that outlives the process is kept (the last Controller_Event seq_num).
     pub state_dir: PathBuf,
     /// Address of the metrics and health endpoint (`/metrics`, `/healthz`, `/readyz`).

@@ -150,6 +150,7 @@ impl Agent {
                 SinkOptions {
                     queue_capacity: config.event_queue_size,
                     state_dir: Some(config.state_dir.clone()),
+                    dedup: config.dedup,
                 },
             )
         });

@@ -65,6 +65,20 @@ pub struct SinkOptions {
     pub queue_capacity: usize,
     /// Where `seq_num` is kept across restarts (`<dir>/seq_num`), if anywhere.
     pub state_dir: Option<PathBuf>,
+    /// Whose rows keep a hit from being written again.
+    pub dedup: Dedup,
+}
+
+/// Which existing rows make a new hit for the same (vip, protocol, load_balancer) a
+/// duplicate.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Dedup {
+    /// Our chassis' rows, as ovn-controller does: each node reports once.
+    #[default]
+    Chassis,
+    /// Any chassis' row: a wake-up storm across many nodes writes about one row (the CMS
+    /// reads only `vip` and `protocol`, and deletes the row once it has acted).
+    Cluster,
 }
 
 /// What the sink has done, for logs and metrics.
@@ -205,6 +219,7 @@ impl ControllerEventSink {
             in_doubt: HashMap::new(),
             committed_unseen: HashMap::new(),
             ours: OurRows::default(),
+            every_chassis: (options.dedup == Dedup::Cluster).then(OurRows::every_chassis),
             warned_no_chassis: false,
         };
         tokio::spawn(writer.run());
@@ -294,6 +309,8 @@ struct Writer {
     committed_unseen: HashMap<Uuid, EventKey>,
     /// Our rows as the replica shows them.
     ours: OurRows,
+    /// With cluster-wide deduplication, every chassis' rows.
+    every_chassis: Option<OurRows>,
     warned_no_chassis: bool,
 }
 
@@ -354,6 +371,11 @@ impl Writer {
                         if self.ours.chassis.is_some() {
                             self.ours.apply(uuid, change);
                         }
+                        if let Some(all) = &mut self.every_chassis
+                            && all.chassis.is_some()
+                        {
+                            all.apply(uuid, change);
+                        }
                     }
                 }
             }
@@ -361,6 +383,9 @@ impl Writer {
             _ => {
                 self.committed_unseen.clear();
                 self.ours = OurRows::default();
+                if let Some(all) = &mut self.every_chassis {
+                    *all = OurRows::every_chassis();
+                }
             }
         }
     }
@@ -374,6 +399,9 @@ impl Writer {
         self.observe_changes();
         if self.ours.chassis.as_ref() != Some(chassis) {
             self.ours.rebuild(self.southbound.client(), chassis);
+            if let Some(all) = &mut self.every_chassis {
+                all.rebuild(self.southbound.client(), chassis);
+            }
         }
         if !self.seq.is_recovered() {
             self.seq.recover(self.ours.max_seq().unwrap_or(0));
@@ -407,7 +435,8 @@ impl Writer {
     }
 
     /// Fresh hits from the queue, up to a full batch, each with a new seq_num; VIPs whose row
-    /// is present or just committed are passed over (deduplicated).
+    /// is present (ours, or with cluster-wide deduplication anyone's) or just committed are
+    /// passed over (deduplicated).
     fn take_fresh(&mut self, batch: &mut Vec<PendingRow>) {
         let taken: Vec<EventKey> = {
             let mut queue = self.queue.lock();
@@ -418,7 +447,11 @@ impl Writer {
         };
         let just_committed: HashSet<&EventKey> = self.committed_unseen.values().collect();
         for key in taken {
-            if self.ours.contains(&key) || just_committed.contains(&key) {
+            let elsewhere = self
+                .every_chassis
+                .as_ref()
+                .is_some_and(|all| all.contains(&key));
+            if self.ours.contains(&key) || elsewhere || just_committed.contains(&key) {
                 SinkStats::add(&self.stats.deduplicated, 1);
                 self.queue.release(&key);
             } else {

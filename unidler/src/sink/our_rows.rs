@@ -14,16 +14,27 @@ use crate::southbound::CONTROLLER_EVENT;
 pub struct OurRows {
     /// The chassis the index is for; None until built.
     pub chassis: Option<Uuid>,
+    /// Index every chassis' rows, not only ours (for cluster-wide deduplication).
+    every_chassis: bool,
     by_uuid: HashMap<Uuid, (EventKey, i64)>,
     /// key → its rows (normally one): uuid, seq_num.
     by_key: HashMap<EventKey, Vec<(Uuid, i64)>>,
 }
 
 impl OurRows {
+    /// An index of every chassis' rows (built by [`OurRows::rebuild`] like ours).
+    pub fn every_chassis() -> Self {
+        Self {
+            every_chassis: true,
+            ..Self::default()
+        }
+    }
+
     /// Rebuilds the index for `chassis` from the whole replica.
     pub fn rebuild(&mut self, client: &Client, chassis: &Uuid) {
         *self = OurRows {
             chassis: Some(chassis.clone()),
+            every_chassis: self.every_chassis,
             ..OurRows::default()
         };
         let replica = client.replica();
@@ -41,14 +52,16 @@ impl OurRows {
         }
     }
 
-    /// Indexes `row` if it is ours (idempotent: a change the index already holds is harmless).
+    /// Indexes `row` if it is ours (or any, for an index of every chassis; idempotent: a
+    /// change the index already holds is harmless).
     fn insert(&mut self, uuid: &Uuid, row: &Row) {
         self.remove(uuid);
-        let ours = row
-            .get("chassis")
-            .and_then(Value::atom)
-            .and_then(Atom::as_uuid)
-            .is_some_and(|c| Some(c) == self.chassis.as_ref());
+        let ours = self.every_chassis
+            || row
+                .get("chassis")
+                .and_then(Value::atom)
+                .and_then(Atom::as_uuid)
+                .is_some_and(|c| Some(c) == self.chassis.as_ref());
         let typed = row
             .get("event_type")
             .and_then(Value::atom)

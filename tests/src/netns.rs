@@ -152,6 +152,17 @@ impl Topology {
         self.configure_link();
     }
 
+    /// A TCP listener on the server's address at `port`, accepting in the background: a
+    /// connection to it succeeds exactly when nothing drops the SYN.
+    pub fn listen(&self, port: u16) -> std::net::TcpListener {
+        let listener = self.in_server(|| {
+            std::net::TcpListener::bind(std::net::SocketAddr::new(SERVER_V4.into(), port)).unwrap()
+        });
+        let accepting = listener.try_clone().unwrap();
+        std::thread::spawn(move || for _ in accepting.incoming() {});
+        listener
+    }
+
     /// Whether a TCP connection from the client to the server's address on `port` is
     /// established within 300 ms (with a listener there: exactly when nothing drops the SYN).
     pub fn connects(&self, port: u16) -> bool {

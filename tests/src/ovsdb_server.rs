@@ -167,6 +167,36 @@ impl OvnCentral {
             .args(args))
     }
 
+    /// OVN central with chassis [`CHASSIS`], a logical switch `sw0` and on it load balancer
+    /// `lb0` with the TCP VIP `vip` (`IP:PORT`), no backends and `options:event=true`, as
+    /// ovn-kubernetes leaves an idled service; in the Southbound database once this returns.
+    #[track_caller]
+    pub fn with_idle_load_balancer(vip: &str) -> Self {
+        let ovn = Self::start();
+        ovn.sb
+            .sbctl(&["chassis-add", CHASSIS, "geneve", "127.0.0.1"]);
+        ovn.nbctl(&["ls-add", "sw0"]);
+        ovn.nbctl(&["lb-add", "lb0", vip, "", "tcp"]);
+        ovn.nbctl(&["set", "load_balancer", "lb0", "options:event=true"]);
+        ovn.nbctl(&["--wait=sb", "ls-lb-add", "sw0", "lb0"]);
+        ovn
+    }
+
+    /// Sets the backends of `lb0`'s VIP `vip` (`""` for none: idle), waiting for the
+    /// Southbound database.
+    #[track_caller]
+    pub fn set_backends(&self, vip: &str, backends: &str) {
+        self.nbctl(&[
+            "--wait=sb",
+            "--may-exist",
+            "lb-add",
+            "lb0",
+            vip,
+            backends,
+            "tcp",
+        ]);
+    }
+
     /// ovn-northd's log so far.
     pub fn northd_log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()

@@ -1,15 +1,12 @@
 //! Fail open: when the agent cannot vouch for the VIP map, idle VIPs let packets through (so
 //! that OVN's own path handles them, as without us), and drop again once it can.
 
-use std::{
-    net::{SocketAddr, TcpListener},
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use unidler_tests::{
     agent::{Agent, southbound_args},
-    netns::{SERVER_V4, Topology},
-    ovsdb_server::{OvnCentral, Southbound, TempDir},
+    netns::Topology,
+    ovsdb_server::{OvnCentral, TempDir},
     proxy::UnixProxy,
     require_root,
 };
@@ -23,17 +20,8 @@ const WAIT: Duration = Duration::from_secs(40);
 fn idle_vips_fail_open_while_the_southbound_database_is_cut_off_from_the_agent() {
     require_root();
     let topo = Topology::new("fo");
-    let ovn = OvnCentral::start();
-    ovn.sb
-        .sbctl(&["chassis-add", "chassis-1", "geneve", "127.0.0.1"]);
-    ovn.nbctl(&["ls-add", "sw0"]);
-    ovn.nbctl(&["lb-add", "lb0", "10.77.0.2:80", "", "tcp"]);
-    ovn.nbctl(&["set", "load_balancer", "lb0", "options:event=true"]);
-    ovn.nbctl(&["--wait=sb", "ls-lb-add", "sw0", "lb0"]);
-    let listener =
-        topo.in_server(|| TcpListener::bind(SocketAddr::new(SERVER_V4.into(), 80)).unwrap());
-    let accepting = listener.try_clone().unwrap();
-    std::thread::spawn(move || for _ in accepting.incoming() {});
+    let ovn = OvnCentral::with_idle_load_balancer("10.77.0.2:80");
+    let _listener = topo.listen(80);
 
     let state = TempDir::new("fostate");
     let proxy = UnixProxy::start(&state.join("sb.sock"), &ovn.sb.dir.join("sb.sock"));
@@ -46,15 +34,7 @@ fn idle_vips_fail_open_while_the_southbound_database_is_cut_off_from_the_agent()
 
     proxy.cut();
     let cut_at = Instant::now();
-    ovn.nbctl(&[
-        "--wait=sb",
-        "--may-exist",
-        "lb-add",
-        "lb0",
-        "10.77.0.2:80",
-        "10.0.0.5:80",
-        "tcp",
-    ]);
+    ovn.set_backends("10.77.0.2:80", "10.0.0.5:80");
     while !topo.connects(80) {
         assert!(
             cut_at.elapsed() < WAIT,
@@ -74,15 +54,7 @@ fn idle_vips_fail_open_while_the_southbound_database_is_cut_off_from_the_agent()
     agent.wait_for_log("idle VIPs drop again", WAIT);
     assert!(topo.connects(80), "active after the resync");
     // Idled again: dropped again, as the map is vouched for once more.
-    ovn.nbctl(&[
-        "--wait=sb",
-        "--may-exist",
-        "lb-add",
-        "lb0",
-        "10.77.0.2:80",
-        "",
-        "tcp",
-    ]);
+    ovn.set_backends("10.77.0.2:80", "");
     let deadline = Instant::now() + WAIT;
     while topo.connects(80) {
         assert!(Instant::now() < deadline, "never dropped again");

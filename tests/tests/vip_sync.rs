@@ -1,7 +1,6 @@
 //! The VIP map follows OVN's Load_Balancer table (through a real ovn-northd) or a static file.
 
 use std::{
-    net::{SocketAddr, TcpListener},
     process::Command,
     time::{Duration, Instant},
 };
@@ -9,21 +8,12 @@ use std::{
 use unidler_tests::{
     agent::{Agent, southbound_args},
     load_balancers::FollowingAgent,
-    netns::{SERVER_V4, Topology},
+    netns::Topology,
     ovsdb_server::{self, OvnCentral, OvsdbServer, Southbound, TempDir},
     require_root,
 };
 
 const WAIT: Duration = Duration::from_secs(30);
-
-/// A listener on the VIP in the server namespace, accepting in the background: a
-/// connection succeeds exactly when the datapath lets the SYN through.
-fn listener(topo: &Topology, port: u16) -> TcpListener {
-    let l = topo.in_server(|| TcpListener::bind(SocketAddr::new(SERVER_V4.into(), port)).unwrap());
-    let c = l.try_clone().unwrap();
-    std::thread::spawn(move || for _ in c.incoming() {});
-    l
-}
 
 /// Repeats `step` until it returns true, or panics after `WAIT`.
 #[track_caller]
@@ -54,13 +44,7 @@ fn passes_without_event(topo: &Topology, sb: &OvsdbServer, what: &str) {
 fn load_balancers_from_ovn_northd_drive_events_and_traffic() {
     require_root();
     let topo = Topology::new("vo");
-    let ovn = OvnCentral::start();
-    ovn.sb
-        .sbctl(&["chassis-add", "chassis-1", "geneve", "127.0.0.1"]);
-    ovn.nbctl(&["ls-add", "sw0"]);
-    ovn.nbctl(&["lb-add", "lb0", "10.77.0.2:80", "", "tcp"]);
-    ovn.nbctl(&["set", "load_balancer", "lb0", "options:event=true"]);
-    ovn.nbctl(&["--wait=sb", "ls-lb-add", "sw0", "lb0"]);
+    let ovn = OvnCentral::with_idle_load_balancer("10.77.0.2:80");
     let lb_uuid = ovn.nbctl(&[
         "--bare",
         "--columns=_uuid",
@@ -68,7 +52,7 @@ fn load_balancers_from_ovn_northd_drive_events_and_traffic() {
         "load_balancer",
         "name=lb0",
     ]);
-    let _l = listener(&topo, 80);
+    let _l = topo.listen(80);
     let state = TempDir::new("vstate");
     let db = ovn.sb.unix_remote();
     let args = southbound_args(&topo.server_if, &db, state.path_str());
@@ -84,27 +68,11 @@ fn load_balancers_from_ovn_northd_drive_events_and_traffic() {
     ovn.sb.sbctl(&["--all", "destroy", "Controller_Event"]);
 
     // Backends return: traffic flows, no event.
-    ovn.nbctl(&[
-        "--wait=sb",
-        "--may-exist",
-        "lb-add",
-        "lb0",
-        "10.77.0.2:80",
-        "10.0.0.5:80",
-        "tcp",
-    ]);
+    ovn.set_backends("10.77.0.2:80", "10.0.0.5:80");
     passes_without_event(&topo, &ovn.sb, "traffic to flow with backends");
 
     // Idled again: caught again.
-    ovn.nbctl(&[
-        "--wait=sb",
-        "--may-exist",
-        "lb-add",
-        "lb0",
-        "10.77.0.2:80",
-        "",
-        "tcp",
-    ]);
+    ovn.set_backends("10.77.0.2:80", "");
     eventually("the SYN to be dropped again", || !topo.connects(80));
     eventually("a new row", || row_count(&ovn.sb) == 1);
     ovn.sb.sbctl(&["--all", "destroy", "Controller_Event"]);
@@ -155,7 +123,7 @@ fn load_balancers_from_ovn_northd_drive_events_and_traffic() {
 fn a_vips_file_is_followed_and_a_bad_one_keeps_the_last_good_state() {
     require_root();
     let topo = Topology::new("vf");
-    let _l = listener(&topo, 80);
+    let _l = topo.listen(80);
     let dir = TempDir::new("vfile");
     let file = dir.join("vips.toml");
     let write = |text: &str| {
@@ -241,7 +209,7 @@ fn one_hundred_thousand_vips_load_from_the_southbound_database() {
 fn a_resync_after_reconnect_removes_vips_the_database_lost() {
     require_root();
     let topo = Topology::new("vr");
-    let _l = listener(&topo, 80);
+    let _l = topo.listen(80);
     let mut sb = ovsdb_server::southbound_with_chassis();
     sb.sbctl(&[
         "create",

@@ -411,10 +411,17 @@ fn interfaces_matching_a_pattern_are_followed_as_they_come_and_go() {
         "name",
         &first_peer,
     ]);
+    let created = std::time::Instant::now();
     ip(&["link", "set", &first, "up"]);
     ip(&["link", "set", &first_peer, "up"]);
     let line = agent.wait_for_log("followed interface", Duration::from_secs(5));
     assert!(line.contains(&first), "{line}");
+    // A link notification, not the (10 s) safety-net timer, brought it in.
+    let took = created.elapsed();
+    assert!(
+        took < Duration::from_millis(500),
+        "covered {took:?} after it appeared"
+    );
     let mut syn = Frame::tcp_syn(CLIENT_V4.into(), 40000, SERVER_V4.into(), 8080);
     syn.src_mac = CLIENT_MAC;
     syn.dst_mac = SERVER_MAC;

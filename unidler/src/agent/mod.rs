@@ -27,6 +27,7 @@ use self::sources::{Input, Signals, Sources};
 use crate::{
     datapath::{self, Counters, Datapath, DatapathError, Hook, LoadOptions},
     event::{IdleHit, iface_name},
+    links::LinkChanges,
     ovs_interfaces::{self, InterfaceNames},
     registry::{MapChange, VipRegistry},
     sink::{ControllerEventSink, SinkOptions},
@@ -43,8 +44,9 @@ use crate::{
 const RECENT_EVENTS: usize = 100;
 /// How often the VIPs file is checked for changes.
 const VIPS_FILE_POLL: Duration = Duration::from_secs(1);
-/// How often the attached interfaces are checked (deleted, or re-created under their name).
-const INTERFACES_EVERY: Duration = Duration::from_secs(1);
+/// How often the interfaces are looked at even without a link notification (a safety net:
+/// notifications come first, and a lost one is caught here).
+const INTERFACES_EVERY: Duration = Duration::from_secs(10);
 /// How often the kernel's heartbeat is renewed (more often for a short `--fail-open-after`).
 const HEARTBEAT_EVERY: Duration = Duration::from_secs(1);
 
@@ -265,6 +267,8 @@ impl Agent {
             summary: Sources::summary_timer(config.summary_interval),
             heartbeat: tokio::time::interval(heartbeat_period(config.fail_open_after)),
             interfaces: tokio::time::interval(INTERFACES_EVERY),
+            links: readable(LinkChanges::subscribe().context("subscribing to link notifications")?)
+                .context("registering link notifications with epoll")?,
             vifs,
             signals: Signals::install()?,
         });

@@ -14,7 +14,8 @@ use tokio::{
 use unidler_common::IdleHitEvent;
 
 use crate::{
-    datapath::EventRing, ovs_interfaces::InterfaceNames, telemetry::Query, vip::VipUpdate,
+    datapath::EventRing, links::LinkChanges, ovs_interfaces::InterfaceNames, telemetry::Query,
+    vip::VipUpdate,
 };
 
 /// Something for the agent to handle.
@@ -29,7 +30,8 @@ pub enum Input {
     SummaryDue,
     /// Time to renew the kernel's heartbeat (if the agent can vouch for the VIP map).
     HeartbeatDue,
-    /// Time to check that the interfaces attached to are still the same ones.
+    /// Time to look at the interfaces again: a link changed (or the safety-net timer): new
+    /// ones to follow, gone or re-created ones.
     InterfacesDue,
     /// OVN's interfaces (VIFs, uplinks) the local Open_vSwitch database lists now.
     Vifs(InterfaceNames),
@@ -51,8 +53,10 @@ pub struct Sources {
     pub summary: Option<Interval>,
     /// The heartbeat timer.
     pub heartbeat: Interval,
-    /// The interface check timer.
+    /// The interface check timer (a safety net: link notifications come first).
     pub interfaces: Interval,
+    /// The kernel's link notifications.
+    pub links: AsyncFd<LinkChanges>,
     /// Updates of OVN's interfaces (never ready without `--ovn-vifs` or `--ovn-uplinks`).
     pub vifs: mpsc::UnboundedReceiver<InterfaceNames>,
     /// Signals.
@@ -92,6 +96,7 @@ impl Sources {
             summary,
             heartbeat,
             interfaces,
+            links,
             vifs,
             signals,
         } = self;
@@ -110,6 +115,12 @@ impl Sources {
             }
             _ = heartbeat.tick() => Ok(Input::HeartbeatDue),
             _ = interfaces.tick() => Ok(Input::InterfacesDue),
+            guard = links.readable_mut() => {
+                let mut guard = guard.context("waiting on link notifications")?;
+                guard.get_inner_mut().drain();
+                guard.clear_ready();
+                Ok(Input::InterfacesDue)
+            }
             Some(names) = vifs.recv() => Ok(Input::Vifs(names)),
             _ = signals.hangup.recv() => Ok(Input::Reload),
             _ = signals.interrupt.recv() => Ok(Input::Stop("SIGINT")),

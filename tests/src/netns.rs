@@ -45,6 +45,15 @@ pub fn sh(args: &[&str]) -> String {
 
 pub use ovsdb_harness::unique_tag;
 
+/// A TCP SYN frame from `src:sport`, behind the client's MAC, to the server's address and MAC
+/// on `dport`: what [`send_frames`] injects as the client's connection attempt.
+pub fn syn_to_server(src: IpAddr, sport: u16, dport: u16) -> Vec<u8> {
+    let mut frame = crate::frames::Frame::tcp_syn(src, sport, SERVER_V4.into(), dport);
+    frame.src_mac = CLIENT_MAC;
+    frame.dst_mac = SERVER_MAC;
+    frame.build()
+}
+
 /// Two namespaces, a client and a server, joined by a veth pair with fixed addresses.
 pub struct Topology {
     /// Client namespace name.

@@ -11,10 +11,7 @@ use socket2::{Domain, Socket, Type};
 use unidler::telemetry::http_get;
 use unidler_tests::{
     agent::Agent,
-    frames::Frame,
-    netns::{
-        CLIENT_MAC, CLIENT_V4, CLIENT_V6, SERVER_MAC, SERVER_V4, SERVER_V6, Topology, send_frames,
-    },
+    netns::{CLIENT_V4, CLIENT_V6, SERVER_V4, SERVER_V6, Topology, send_frames, syn_to_server},
     require_root,
 };
 
@@ -229,10 +226,7 @@ fn syn_flood_to_one_idle_vip_reaches_userspace_as_a_trickle() {
         .map(|i| {
             // Spoofed sources, as a flood would have.
             let src = IpAddr::from([10, 77, 1 + (i / 250) as u8, (i % 250) as u8 + 1]);
-            let mut f = Frame::tcp_syn(src, 1024 + i as u16, SERVER_V4.into(), 8080);
-            f.src_mac = CLIENT_MAC;
-            f.dst_mac = SERVER_MAC;
-            f.build()
+            syn_to_server(src, 1024 + i as u16, 8080)
         })
         .collect();
     let started = Instant::now();
@@ -296,11 +290,14 @@ fn a_second_run_after_a_crash_starts_cleanly() {
     );
 }
 
-#[test]
-fn a_second_agent_on_the_same_interface_is_refused_clearly() {
+/// A second agent on the interface the first one is on (both with `mode`, as [`agent`]
+/// takes it) exits with a message containing `refusal`.
+#[track_caller]
+fn a_second_agent_is_refused(prefix: &str, mode: &str, refusal: &str) {
     require_root();
-    let topo = Topology::new("ub");
-    let _first = agent(&topo, "native", &["--vip", "10.77.0.2:8080/tcp"]);
+    let topo = Topology::new(prefix);
+    let _first = agent(&topo, mode, &["--vip", "10.77.0.2:8080/tcp"]);
+    let flag = if mode == "tc" { "--hook" } else { "--xdp-mode" };
     let exit = Agent::run_to_exit(
         &topo.server_ns,
         &[
@@ -309,8 +306,8 @@ fn a_second_agent_on_the_same_interface_is_refused_clearly() {
             &topo.server_if,
             "--vip",
             "10.77.0.2:8080/tcp",
-            "--xdp-mode",
-            "native",
+            flag,
+            mode,
             // Its own endpoints, so that the refusal is about the interface.
             "--metrics-addr",
             "127.0.0.1:9479",
@@ -319,11 +316,19 @@ fn a_second_agent_on_the_same_interface_is_refused_clearly() {
         ],
     );
     assert_eq!(exit.code, Some(1), "{}", exit.stderr);
-    assert!(
-        exit.stderr.contains("already has an XDP program"),
-        "{}",
-        exit.stderr
-    );
+    assert!(exit.stderr.contains(refusal), "{}", exit.stderr);
+}
+
+#[test]
+fn a_second_agent_on_the_same_interface_is_refused_clearly() {
+    a_second_agent_is_refused("ub", "native", "already has an XDP program");
+}
+
+/// With the TC hook, which takes several programs, a second agent is refused too: it would
+/// report every hit twice.
+#[test]
+fn a_second_agent_with_the_tc_hook_is_refused_clearly() {
+    a_second_agent_is_refused("u2", "tc", "already has unidler's TC program");
 }
 
 /// The interface is deleted and made again under the same name (as a pod's veth is): its
@@ -422,10 +427,8 @@ fn interfaces_matching_a_pattern_are_followed_as_they_come_and_go() {
         took < Duration::from_millis(500),
         "covered {took:?} after it appeared"
     );
-    let mut syn = Frame::tcp_syn(CLIENT_V4.into(), 40000, SERVER_V4.into(), 8080);
-    syn.src_mac = CLIENT_MAC;
-    syn.dst_mac = SERVER_MAC;
-    topo.in_server(|| send_frames(&first_peer, [syn.build()]));
+    let syn = syn_to_server(CLIENT_V4.into(), 40000, 8080);
+    topo.in_server(|| send_frames(&first_peer, [syn]));
     let event = agent
         .next_event(Duration::from_secs(5))
         .expect("an idle hit from the followed interface");
@@ -454,35 +457,4 @@ fn interfaces_matching_a_pattern_are_followed_as_they_come_and_go() {
     ip(&["link", "del", &first]);
     agent.wait_for_log("interface gone: detached", Duration::from_secs(5));
     assert!(agent.is_running());
-}
-
-/// With the TC hook, which takes several programs, a second agent is refused too: it would
-/// report every hit twice.
-#[test]
-fn a_second_agent_with_the_tc_hook_is_refused_clearly() {
-    require_root();
-    let topo = Topology::new("u2");
-    let _first = agent(&topo, "tc", &["--vip", "10.77.0.2:8080/tcp"]);
-    let exit = Agent::run_to_exit(
-        &topo.server_ns,
-        &[
-            "run",
-            "--iface",
-            &topo.server_if,
-            "--hook",
-            "tc",
-            "--vip",
-            "10.77.0.2:8080/tcp",
-            "--metrics-addr",
-            "127.0.0.1:9479",
-            "--api-addr",
-            "127.0.0.1:9480",
-        ],
-    );
-    assert_eq!(exit.code, Some(1), "{}", exit.stderr);
-    assert!(
-        exit.stderr.contains("already has unidler's TC program"),
-        "{}",
-        exit.stderr
-    );
 }

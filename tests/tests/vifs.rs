@@ -7,8 +7,7 @@ use std::time::{Duration, Instant};
 
 use unidler_tests::{
     agent::Agent,
-    frames::Frame,
-    netns::{CLIENT_MAC, CLIENT_V4, SERVER_MAC, SERVER_V4, Topology, send_frames},
+    netns::{CLIENT_V4, Topology, send_frames, syn_to_server},
     ovsdb_server::{Listen, OvsdbServer},
     require_root,
 };
@@ -100,10 +99,8 @@ fn ovn_vifs_are_followed_through_the_open_vswitch_database() {
     );
 
     // Its pod's first packet to an idle VIP is caught, named after the VIF.
-    let mut syn = Frame::tcp_syn(CLIENT_V4.into(), 40000, SERVER_V4.into(), 8080);
-    syn.src_mac = CLIENT_MAC;
-    syn.dst_mac = SERVER_MAC;
-    topo.in_server(|| send_frames(&pod, [syn.build()]));
+    let syn = syn_to_server(CLIENT_V4.into(), 40000, 8080);
+    topo.in_server(|| send_frames(&pod, [syn.clone()]));
     let event = agent
         .next_event(Duration::from_secs(5))
         .expect("an idle hit from the VIF");
@@ -132,7 +129,7 @@ fn ovn_vifs_are_followed_through_the_open_vswitch_database() {
     // external client's SYN over it caught.
     vsctl(&["add-port", "br-ex", &uplink]);
     agent.wait_for_log(&format!("iface={uplink} "), Duration::from_secs(5));
-    topo.in_server(|| send_frames(&outside, [syn.build()]));
+    topo.in_server(|| send_frames(&outside, [syn]));
     let event = agent
         .next_event(Duration::from_secs(5))
         .expect("an idle hit from the uplink");

@@ -520,11 +520,8 @@ impl Datapath {
         ifindex: u32,
         repeat: u32,
     ) -> Result<(u32, u64), DatapathError> {
-        let program: &mut Xdp = self
-            .ebpf
-            .program_mut(unidler_common::BASELINE_PROGRAM_NAME)
-            .and_then(|p| <&mut Xdp>::try_from(p).ok())
-            .ok_or(DatapathError::Missing("baseline program"))?;
+        let program: &mut Xdp =
+            self.typed_mut(unidler_common::BASELINE_PROGRAM_NAME, "baseline program")?;
         if program.fd().is_err() {
             program
                 .load()
@@ -533,25 +530,42 @@ impl Datapath {
         run_repeat(program, frame, ifindex, repeat)
     }
 
-    fn program(&self) -> Result<&Xdp, DatapathError> {
+    /// The program called `name` in the object, as a `T` (`Xdp`, `SchedClassifier`).
+    fn typed<'a, T>(&'a self, name: &str, what: &'static str) -> Result<&'a T, DatapathError>
+    where
+        &'a T: TryFrom<&'a aya::programs::Program>,
+    {
         self.ebpf
-            .program(PROGRAM_NAME)
-            .and_then(|p| <&Xdp>::try_from(p).ok())
-            .ok_or(DatapathError::Missing("XDP program"))
+            .program(name)
+            .and_then(|p| <&T>::try_from(p).ok())
+            .ok_or(DatapathError::Missing(what))
+    }
+
+    /// Like [`Datapath::typed`], mutable.
+    fn typed_mut<'a, T>(
+        &'a mut self,
+        name: &str,
+        what: &'static str,
+    ) -> Result<&'a mut T, DatapathError>
+    where
+        &'a mut T: TryFrom<&'a mut aya::programs::Program>,
+    {
+        self.ebpf
+            .program_mut(name)
+            .and_then(|p| <&mut T>::try_from(p).ok())
+            .ok_or(DatapathError::Missing(what))
+    }
+
+    fn program(&self) -> Result<&Xdp, DatapathError> {
+        self.typed(PROGRAM_NAME, "XDP program")
     }
 
     fn program_mut(&mut self) -> Result<&mut Xdp, DatapathError> {
-        self.ebpf
-            .program_mut(PROGRAM_NAME)
-            .and_then(|p| <&mut Xdp>::try_from(p).ok())
-            .ok_or(DatapathError::Missing("XDP program"))
+        self.typed_mut(PROGRAM_NAME, "XDP program")
     }
 
     fn tc_program_mut(&mut self) -> Result<&mut SchedClassifier, DatapathError> {
-        self.ebpf
-            .program_mut(TC_PROGRAM_NAME)
-            .and_then(|p| <&mut SchedClassifier>::try_from(p).ok())
-            .ok_or(DatapathError::Missing("TC program"))
+        self.typed_mut(TC_PROGRAM_NAME, "TC program")
     }
 
     /// Runs the TC program `repeat` times on `frame` through `BPF_PROG_TEST_RUN` (as an skb
@@ -562,12 +576,7 @@ impl Datapath {
         frame: &[u8],
         repeat: u32,
     ) -> Result<(i32, u64), DatapathError> {
-        let program = self
-            .ebpf
-            .program(TC_PROGRAM_NAME)
-            .and_then(|p| <&SchedClassifier>::try_from(p).ok())
-            .ok_or(DatapathError::Missing("TC program"))?;
-        tc_run_repeat(program, frame, repeat)
+        tc_run_repeat(self.typed(TC_PROGRAM_NAME, "TC program")?, frame, repeat)
     }
 
     /// Like [`Datapath::baseline_test_run`] for the TC hook's do-nothing program.
@@ -576,11 +585,10 @@ impl Datapath {
         frame: &[u8],
         repeat: u32,
     ) -> Result<(i32, u64), DatapathError> {
-        let program: &mut SchedClassifier = self
-            .ebpf
-            .program_mut(unidler_common::BASELINE_TC_PROGRAM_NAME)
-            .and_then(|p| <&mut SchedClassifier>::try_from(p).ok())
-            .ok_or(DatapathError::Missing("TC baseline program"))?;
+        let program: &mut SchedClassifier = self.typed_mut(
+            unidler_common::BASELINE_TC_PROGRAM_NAME,
+            "TC baseline program",
+        )?;
         if program.fd().is_err() {
             program
                 .load()

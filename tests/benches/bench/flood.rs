@@ -5,10 +5,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use unidler_tests::{
-    frames::Frame,
-    netns::{CLIENT_MAC, SERVER_MAC, SERVER_V4, send_frames},
-};
+use unidler_tests::netns::{send_frames, syn_to_server};
 
 use crate::{common::*, figure::*};
 
@@ -25,15 +22,11 @@ pub(crate) fn flood() -> Vec<Figure> {
         let frames: Vec<Vec<u8>> = (0..20_000u32)
             .map(|i| {
                 let src = IpAddr::from([10, 78, (i / 250 % 250) as u8, (i % 250) as u8 + 1]);
-                let mut f = Frame::tcp_syn(
+                syn_to_server(
                     src,
                     1024 + (i % 60000) as u16,
-                    SERVER_V4.into(),
                     20_000 + (i % targets) as u16,
-                );
-                f.src_mac = CLIENT_MAC;
-                f.dst_mac = SERVER_MAC;
-                f.build()
+                )
             })
             .collect();
         let (a0, s0) = (cpu_seconds(agent_pid), cpu_seconds(sb_pid));

@@ -1,9 +1,6 @@
 //! Section 3: wake-up storm, 10,000 idle VIPs hit at once.
 
-use unidler_tests::{
-    frames::Frame,
-    netns::{CLIENT_MAC, CLIENT_V4, SERVER_MAC, SERVER_V4},
-};
+use unidler_tests::netns::{CLIENT_V4, syn_to_server};
 
 use crate::{common::*, figure::*};
 
@@ -19,15 +16,11 @@ pub(crate) fn storm() -> Vec<Figure> {
     );
     let frames: Vec<Vec<u8>> = (0..n)
         .map(|i| {
-            let mut f = Frame::tcp_syn(
+            syn_to_server(
                 CLIENT_V4.into(),
                 1024 + (i % 60000) as u16,
-                SERVER_V4.into(),
                 20_000 + i as u16,
-            );
-            f.src_mac = CLIENT_MAC;
-            f.dst_mac = SERVER_MAC;
-            f.build()
+            )
         })
         .collect();
     let storm = measure_storm(

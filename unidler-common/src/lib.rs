@@ -21,6 +21,28 @@ pub const VIP_MAP_CAPACITY: u32 = 131_072;
 /// 10,000 services fits even if the agent is slow to read.
 pub const EVENT_RING_BYTES: u32 = 1024 * 1024;
 
+/// Largest frame the datapath holds for replay, in bytes: a TCP SYN with every option (60-byte
+/// header) over IPv6 with two VLAN tags (122 bytes), or a UDP datagram of 512 bytes of payload
+/// over IPv6 with two VLAN tags (590 bytes), fit. Larger frames are not held (and counted).
+pub const HELD_FRAME_MAX: usize = 640;
+
+/// Size in bytes of the held-frame ring buffer: about 6,000 frames (688 bytes each with the
+/// ring's header) between two reads of the agent, which keeps at most `--hold-total` of them.
+/// The kernel's bound on holding: a flood beyond it is counted ([`Counter::HoldRingFull`]).
+pub const HELD_RING_BYTES: u32 = 4 * 1024 * 1024;
+
+/// Capacity of the map of replayed TCP flows whose answer the kernel watches for
+/// (`ANSWERED_FLOWS`); `--hold-total` is at most this.
+pub const ANSWERED_FLOWS_CAPACITY: u32 = 16_384;
+
+/// What the XDP replay program writes in a replayed frame's metadata (in front of the
+/// frame, where the TC hook reads it): the frame is a replay, to let through as it is.
+pub const REPLAY_MARK: u32 = 0x756e_6964;
+
+/// Name of the XDP program that replays held frames (through `BPF_PROG_TEST_RUN` with live
+/// frames): marks the frame as a replay and passes it to the stack.
+pub const REPLAY_PROGRAM_NAME: &str = "unidler_replay";
+
 /// Name of the do-nothing XDP program in the same object, the benchmarks' baseline.
 pub const BASELINE_PROGRAM_NAME: &str = "baseline_pass";
 /// Name of the do-nothing TC program in the same object, the TC hook's baseline.
@@ -168,6 +190,55 @@ impl Heartbeat {
     }
 }
 
+/// Holding, one entry of the `HOLD` array, written by the agent.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HoldConfig {
+    /// Non-zero: opening packets dropped for an idle VIP are copied to the held-frame ring.
+    pub holding: u32,
+    /// Non-zero while some replayed TCP flow waits for its answer: the kernel then looks
+    /// TCP segments up in `ANSWERED_FLOWS` (otherwise they cost one load more, no lookup).
+    pub watching_answers: u32,
+}
+
+/// One TCP flow (or UDP, SCTP association) as the client sent it: the key of
+/// `ANSWERED_FLOWS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    /// Source address, IPv4-mapped for IPv4.
+    pub src_addr: [u8; 16],
+    /// Destination address (the VIP's), IPv4-mapped for IPv4.
+    pub dst_addr: [u8; 16],
+    /// Source L4 port in network byte order.
+    pub src_port_be: u16,
+    /// Destination L4 port in network byte order.
+    pub dst_port_be: u16,
+    /// IP protocol number.
+    pub proto: u8,
+    /// Padding; always zero.
+    pub _pad: [u8; 3],
+}
+
+/// One entry in the held-frame ring: an opening packet to an idle VIP, dropped and handed
+/// to the agent to replay once the VIP has a backend.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HeldFrame {
+    /// When the packet was seen, `CLOCK_MONOTONIC` nanoseconds.
+    pub timestamp_ns: u64,
+    /// The VIP the packet was sent to.
+    pub vip: VipKey,
+    /// Interface index the packet arrived on.
+    pub ifindex: u32,
+    /// Bytes of `frame` in use (the whole frame, from its Ethernet header).
+    pub len: u32,
+    /// Padding; always zero.
+    pub _pad: u32,
+    /// The frame.
+    pub frame: [u8; HELD_FRAME_MAX],
+}
+
 /// What the XDP program did with the packet that raised an event.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -227,6 +298,17 @@ pub enum Counter {
     /// Idle hits whose packet was passed because the agent's [`Heartbeat`] had expired
     /// (fail-open); no event is written for them.
     IdleFailedOpen,
+    /// Dropped opening packets handed to the agent to hold (the held-frame ring).
+    Held,
+    /// Dropped opening packets not held: longer than [`HELD_FRAME_MAX`].
+    HoldTooLarge,
+    /// Dropped opening packets not held: the held-frame ring was full.
+    HoldRingFull,
+    /// Replayed frames (recognised by [`REPLAY_MARK`]) that found their VIP idle again, let
+    /// through without being held or reported.
+    ReplayedToIdle,
+    /// TCP segments that answered a replay (the client's ACK for a replayed SYN).
+    ReplaysAnswered,
     /// Non-first IP fragments: no L4 header, so never matched against VIPs.
     Fragments,
     /// Parse failure: frame shorter than an Ethernet header.
@@ -260,6 +342,11 @@ impl Counter {
         Counter::IdleDropped,
         Counter::IdlePassed,
         Counter::IdleFailedOpen,
+        Counter::Held,
+        Counter::HoldTooLarge,
+        Counter::HoldRingFull,
+        Counter::ReplayedToIdle,
+        Counter::ReplaysAnswered,
         Counter::Fragments,
         Counter::TruncatedEthernet,
         Counter::TruncatedVlan,
@@ -282,6 +369,11 @@ impl Counter {
             Counter::IdleDropped => "idle_dropped",
             Counter::IdlePassed => "idle_passed",
             Counter::IdleFailedOpen => "idle_failed_open",
+            Counter::Held => "held",
+            Counter::HoldTooLarge => "hold_too_large",
+            Counter::HoldRingFull => "hold_ring_full",
+            Counter::ReplayedToIdle => "replayed_to_idle",
+            Counter::ReplaysAnswered => "replays_answered",
             Counter::Fragments => "fragments",
             Counter::TruncatedEthernet => "truncated_ethernet",
             Counter::TruncatedVlan => "truncated_vlan",
@@ -304,6 +396,9 @@ const _: () = assert!(core::mem::size_of::<VipState>() == 32);
 const _: () = assert!(core::mem::size_of::<RateLimitConfig>() == 32);
 const _: () = assert!(core::mem::size_of::<IdleHitEvent>() == 64);
 const _: () = assert!(core::mem::size_of::<Heartbeat>() == 16);
+const _: () = assert!(core::mem::size_of::<HoldConfig>() == 8);
+const _: () = assert!(core::mem::size_of::<FlowKey>() == 40);
+const _: () = assert!(core::mem::size_of::<HeldFrame>() == 40 + HELD_FRAME_MAX);
 
 #[cfg(feature = "user")]
 mod user {
@@ -314,6 +409,9 @@ mod user {
     unsafe impl aya::Pod for RateLimitConfig {}
     unsafe impl aya::Pod for IdleHitEvent {}
     unsafe impl aya::Pod for Heartbeat {}
+    unsafe impl aya::Pod for HoldConfig {}
+    unsafe impl aya::Pod for FlowKey {}
+    unsafe impl aya::Pod for HeldFrame {}
 }
 
 #[cfg(test)]

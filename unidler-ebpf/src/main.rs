@@ -6,7 +6,10 @@
 //! headers), then TCP, UDP or SCTP. A connection-opening packet (TCP SYN without ACK, any UDP
 //! datagram, SCTP INIT) whose destination is a VIP with zero backends raises an event in the
 //! `EVENTS` ring buffer, rate-limited per VIP and globally, and is dropped (or passed, if the
-//! VIP says so). Every other frame passes (`XDP_PASS`, `TC_ACT_OK`). Anything the parser cannot read is
+//! VIP says so). A dropped opening packet is also copied, whole, to the `HELD` ring, for the
+//! agent to replay once the VIP has a backend; a replayed frame carries [`REPLAY_MARK`] in
+//! its metadata and is let through. While replayed TCP flows wait for their answer, the
+//! client's segments of those flows are looked up and marked answered. Every other frame passes (`XDP_PASS`, `TC_ACT_OK`). Anything the parser cannot read is
 //! passed untouched and counted. All loops and offsets are bounded.
 #![no_std]
 #![no_main]
@@ -19,7 +22,7 @@ use core::intrinsics::{AtomicOrdering, atomic_cxchg, atomic_xadd};
 use aya_ebpf::{
     EbpfContext,
     bindings::{TC_ACT_OK, TC_ACT_SHOT, xdp_action},
-    helpers::bpf_ktime_get_ns,
+    helpers::{bpf_ktime_get_ns, bpf_skb_load_bytes, bpf_xdp_adjust_meta, bpf_xdp_load_bytes},
     macros::{classifier, map, xdp},
     maps::{Array, HashMap, PerCpuArray, RingBuf},
     programs::{TcContext, XdpContext},
@@ -34,7 +37,8 @@ use network_types::{
     vlan::VlanHdr,
 };
 use unidler_common::{
-    ADDRESS_FILTER_WORDS, Counter, EVENT_RING_BYTES, EventAction, Heartbeat, IdleHitEvent,
+    ADDRESS_FILTER_WORDS, ANSWERED_FLOWS_CAPACITY, Counter, EVENT_RING_BYTES, EventAction, FlowKey,
+    HELD_FRAME_MAX, HELD_RING_BYTES, Heartbeat, HeldFrame, HoldConfig, IdleHitEvent, REPLAY_MARK,
     RateLimitConfig, VIP_FLAG_PASS_WHEN_IDLE, VIP_MAP_CAPACITY, VipKey, VipState, address_bucket,
     address_bucket_ipv4,
 };
@@ -66,6 +70,22 @@ static CONFIG: Array<RateLimitConfig> = Array::with_max_entries(1, 0);
 /// open (see [`Heartbeat`]).
 #[map]
 static HEARTBEAT: Array<Heartbeat> = Array::with_max_entries(1, 0);
+
+/// Holding, one entry, written by the agent (see [`HoldConfig`]).
+#[map]
+static HOLD: Array<HoldConfig> = Array::with_max_entries(1, 0);
+
+/// Opening packets dropped for an idle VIP, whole, for the agent to hold and replay: one
+/// [`HeldFrame`] each. Its size is the kernel's bound on holding.
+#[map]
+static HELD: RingBuf = RingBuf::with_byte_size(HELD_RING_BYTES, 0);
+
+/// Replayed flows whose answer the agent waits for: the agent inserts a flow (value 0) when
+/// it replays its opening packet; the kernel sets 1 when the client sends a segment of that
+/// flow that answers the server's SYN-ACK (its ACK, or its RST if it gave up).
+#[map]
+static ANSWERED_FLOWS: HashMap<FlowKey, u32> =
+    HashMap::with_max_entries(ANSWERED_FLOWS_CAPACITY, 0);
 
 /// State of the global event rate limiter (GCRA theoretical arrival time), one entry.
 #[map]
@@ -116,6 +136,15 @@ trait Packet: EbpfContext {
     fn data(&self) -> usize;
     fn data_end(&self) -> usize;
     fn ingress_ifindex(&self) -> u32;
+    /// The whole frame's length (beyond `data_end` for an skb with paged data).
+    fn frame_len(&self) -> u32;
+    /// Copies `len` bytes of the frame from its start to `to`; false if it could not.
+    ///
+    /// # Safety
+    /// `to` is valid for `len` bytes of writes.
+    unsafe fn copy_frame(&self, to: *mut u8, len: u32) -> bool;
+    /// Whether the frame is one of the agent's replays ([`REPLAY_MARK`] in its metadata).
+    fn is_replay(&self) -> bool;
 }
 
 impl Packet for XdpContext {
@@ -131,6 +160,20 @@ impl Packet for XdpContext {
     fn ingress_ifindex(&self) -> u32 {
         // SAFETY: a plain field of the context the kernel hands us.
         unsafe { (*self.ctx).ingress_ifindex }
+    }
+    #[inline(always)]
+    fn frame_len(&self) -> u32 {
+        (self.data_end() - self.data()) as u32
+    }
+    #[inline(always)]
+    unsafe fn copy_frame(&self, to: *mut u8, len: u32) -> bool {
+        // SAFETY: as the caller promises; the helper checks the frame's bounds.
+        unsafe { bpf_xdp_load_bytes(self.ctx, 0, to.cast(), len) == 0 }
+    }
+    #[inline(always)]
+    fn is_replay(&self) -> bool {
+        // Replays enter the stack through netif_receive_skb: native XDP never sees them.
+        false
     }
 }
 
@@ -148,13 +191,38 @@ impl Packet for TcContext {
         // SAFETY: a plain field of the __sk_buff the kernel hands us.
         unsafe { (*self.skb.skb).ingress_ifindex }
     }
+    #[inline(always)]
+    fn frame_len(&self) -> u32 {
+        self.len()
+    }
+    #[inline(always)]
+    unsafe fn copy_frame(&self, to: *mut u8, len: u32) -> bool {
+        // SAFETY: as the caller promises; the helper checks the skb's bounds.
+        unsafe { bpf_skb_load_bytes(self.skb.skb.cast(), 0, to.cast(), len) == 0 }
+    }
+    #[inline(always)]
+    fn is_replay(&self) -> bool {
+        // SAFETY: a plain field of the __sk_buff; the metadata ends where the frame starts.
+        let meta = unsafe { (*self.skb.skb).data_meta } as usize;
+        let data = self.data();
+        if meta + 4 > data {
+            return false;
+        }
+        // The replay program puts the mark at the start of the metadata.
+        // SAFETY: bounds checked just above.
+        unsafe { core::ptr::read_unaligned(meta as *const u32) == REPLAY_MARK }
+    }
 }
 
 /// What the datapath does with a classified packet, whichever the hook.
 #[inline(always)]
-fn act<P: Packet>(ctx: &P, classified: Result<Option<OpeningPacket>, Counter>) -> Verdict {
+fn act<P: Packet>(ctx: &P, classified: Result<Option<L4Packet>, Counter>) -> Verdict {
     match classified {
-        Ok(Some(opening)) => on_opening_packet(ctx, &opening),
+        Ok(Some(packet)) if packet.opening => on_opening_packet(ctx, &packet),
+        Ok(Some(packet)) => {
+            on_answer(ctx, &packet);
+            Verdict::Pass
+        }
         Ok(None) => Verdict::Pass,
         Err(reason) => {
             count(reason);
@@ -228,9 +296,30 @@ pub fn baseline_pass_tc(_ctx: TcContext) -> i32 {
     TC_ACT_OK
 }
 
-/// Where a connection-opening packet's headers are. Addresses and ports stay in the packet
-/// until they are needed: most packets need none of them.
-struct OpeningPacket {
+/// Replays a held frame: run by the agent through `BPF_PROG_TEST_RUN` with live frames and
+/// the frame's ingress interface, so that `XDP_PASS` hands it to that interface's stack as
+/// if just received. Marks it as a replay ([`REPLAY_MARK`] in the metadata) so that the TC
+/// hook on the interface lets it through. Never attached.
+#[xdp]
+pub fn unidler_replay(ctx: XdpContext) -> u32 {
+    // SAFETY: the helper moves data_meta within the frame's headroom, or fails.
+    if unsafe { bpf_xdp_adjust_meta(ctx.ctx, -4) } == 0 {
+        let (meta, data) = (ctx.metadata(), ctx.data());
+        if meta + 4 <= data {
+            // SAFETY: bounds checked just above.
+            unsafe { core::ptr::write_unaligned(meta as *mut u32, REPLAY_MARK) };
+        }
+    }
+    xdp_action::XDP_PASS
+}
+
+/// Where a packet's headers are, for a connection-opening packet, or a TCP segment that may
+/// answer a replay. Addresses and ports stay in the packet until they are needed: most
+/// packets need none of them.
+struct L4Packet {
+    /// A connection-opening packet (TCP SYN, UDP, SCTP INIT); else a TCP segment to look up
+    /// in `ANSWERED_FLOWS`.
+    opening: bool,
     /// Offset of the IP header.
     l3: usize,
     /// Offset of the TCP, UDP or SCTP header.
@@ -239,7 +328,7 @@ struct OpeningPacket {
     ipv6: bool,
 }
 
-impl OpeningPacket {
+impl L4Packet {
     /// Offsets of the source and destination addresses in the packet, and their length.
     #[inline(always)]
     fn address_offsets(&self) -> (usize, usize) {
@@ -251,10 +340,11 @@ impl OpeningPacket {
     }
 }
 
-/// Parses the frame. `Ok(Some)` for a connection-opening packet, `Ok(None)` for anything
-/// that is not one (and needs nothing more), `Err(counter)` for a frame it cannot parse.
+/// Parses the frame. `Ok(Some)` for a connection-opening packet, or a TCP segment while
+/// replayed flows wait for their answer; `Ok(None)` for anything else (which needs nothing
+/// more), `Err(counter)` for a frame it cannot parse.
 #[inline(always)]
-fn classify<P: Packet>(ctx: &P) -> Result<Option<OpeningPacket>, Counter> {
+fn classify<P: Packet>(ctx: &P) -> Result<Option<L4Packet>, Counter> {
     let eth: &EthHdr = header_at(ctx, 0).ok_or(Counter::TruncatedEthernet)?;
     let mut ether_type = eth.ether_type;
     let mut l3 = EthHdr::LEN;
@@ -304,7 +394,23 @@ fn classify<P: Packet>(ctx: &P) -> Result<Option<OpeningPacket>, Counter> {
         PROTO_TCP => {
             let tcp: &[u8; TcpHdr::LEN] = header_at(ctx, l4).ok_or(Counter::TruncatedL4)?;
             let flags = tcp[TCP_FLAGS_OFFSET];
-            flags & (TCP_FLAG_SYN | TCP_FLAG_ACK | TCP_FLAG_RST | TCP_FLAG_FIN) == TCP_FLAG_SYN
+            let syn_only =
+                flags & (TCP_FLAG_SYN | TCP_FLAG_ACK | TCP_FLAG_RST | TCP_FLAG_FIN) == TCP_FLAG_SYN;
+            // The client's answer to the server's SYN-ACK: its ACK, or its RST (a client that
+            // gave up). Looked at only while replayed flows wait for one.
+            if flags & TCP_FLAG_SYN == 0
+                && flags & (TCP_FLAG_ACK | TCP_FLAG_RST) != 0
+                && watching_answers()
+            {
+                return Ok(Some(L4Packet {
+                    opening: false,
+                    l3,
+                    l4,
+                    proto,
+                    ipv6,
+                }));
+            }
+            syn_only
         }
         PROTO_UDP => {
             let _udp: &UdpHdr = header_at(ctx, l4).ok_or(Counter::TruncatedL4)?;
@@ -317,7 +423,8 @@ fn classify<P: Packet>(ctx: &P) -> Result<Option<OpeningPacket>, Counter> {
         }
         _ => false,
     };
-    Ok(opening.then_some(OpeningPacket {
+    Ok(opening.then_some(L4Packet {
+        opening: true,
         l3,
         l4,
         proto,
@@ -372,7 +479,7 @@ fn skip_ipv6_extensions<P: Packet>(
 /// An opening packet: checks the prefilter, then looks the destination up and acts if the
 /// VIP is idle.
 #[inline(always)]
-fn on_opening_packet<P: Packet>(ctx: &P, packet: &OpeningPacket) -> Verdict {
+fn on_opening_packet<P: Packet>(ctx: &P, packet: &L4Packet) -> Verdict {
     // The prefilter first, straight from the packet; the key is built only for a hit.
     let (_, dst) = packet.address_offsets();
     let mut vip = VipKey::default();
@@ -425,15 +532,119 @@ fn on_opening_packet<P: Packet>(ctx: &P, packet: &OpeningPacket) -> Verdict {
         count(Counter::IdleFailedOpen);
         return Verdict::Pass;
     }
+    if ctx.is_replay() {
+        // The agent replays only for a VIP with a backend; this one is idle again since. The
+        // replay goes on (OVN's path decides), and raises nothing here.
+        count(Counter::ReplayedToIdle);
+        return Verdict::Pass;
+    }
     let (verdict, action) = if state.flags & VIP_FLAG_PASS_WHEN_IDLE != 0 {
         count(Counter::IdlePassed);
         (Verdict::Pass, EventAction::Passed)
     } else {
         count(Counter::IdleDropped);
+        if HOLD.get(0).is_some_and(|h| h.holding != 0) {
+            hold(ctx, &vip, now);
+        }
         (Verdict::Drop, EventAction::Dropped)
     };
     report(ctx, packet, &vip, state, action, now);
     verdict
+}
+
+/// A mask over a held frame's length that keeps every length up to [`HELD_FRAME_MAX`].
+const HELD_LEN_MASK: u32 = (HELD_FRAME_MAX as u32).next_power_of_two() - 1;
+
+/// Whether replayed flows wait for their answer (the agent says so in `HOLD`).
+#[inline(always)]
+fn watching_answers() -> bool {
+    HOLD.get(0).is_some_and(|h| h.watching_answers != 0)
+}
+
+/// Copies a dropped opening packet, whole, to the held-frame ring for the agent. Not rate
+/// limited: every such packet is held (the agent bounds how many it keeps).
+#[inline(always)]
+fn hold<P: Packet>(ctx: &P, vip: &VipKey, now: u64) {
+    let frame_len = ctx.frame_len();
+    if frame_len as usize > HELD_FRAME_MAX {
+        count(Counter::HoldTooLarge);
+        return;
+    }
+    // The verifier must see what the check above proved (1..=HELD_FRAME_MAX bytes) on the
+    // register it is given: a volatile read keeps the compiler from dropping the mask.
+    // SAFETY: reads a local.
+    let len = unsafe { core::ptr::read_volatile(&frame_len) } & HELD_LEN_MASK;
+    if len == 0 || len as usize > HELD_FRAME_MAX {
+        return;
+    }
+    let Some(mut entry) = HELD.reserve::<HeldFrame>(0) else {
+        count(Counter::HoldRingFull);
+        return;
+    };
+    let held = entry.as_mut_ptr();
+    // SAFETY: `held` points to a reserved HeldFrame in the ring; fields are written one by
+    // one (the frame is larger than the BPF stack), and the copy stays within `frame`.
+    let copied = unsafe {
+        (*held).timestamp_ns = now;
+        (*held).vip = *vip;
+        (*held).ifindex = ctx.ingress_ifindex();
+        (*held).len = len;
+        (*held)._pad = 0;
+        ctx.copy_frame((*held).frame.as_mut_ptr(), len)
+    };
+    if copied {
+        entry.submit(0);
+        count(Counter::Held);
+    } else {
+        entry.discard(0);
+        count(Counter::HoldTooLarge);
+    }
+}
+
+/// A TCP segment while replayed flows wait for their answer: if it belongs to one of them
+/// (the client's ACK to the server's SYN-ACK), the flow is marked answered.
+#[inline(always)]
+fn on_answer<P: Packet>(ctx: &P, packet: &L4Packet) {
+    let mut flow = FlowKey {
+        proto: packet.proto,
+        ..FlowKey::default()
+    };
+    let (src, dst) = packet.address_offsets();
+    if packet.ipv6 {
+        let (Some(s), Some(d)) = (
+            header_at::<[u8; 16], P>(ctx, src),
+            header_at::<[u8; 16], P>(ctx, dst),
+        ) else {
+            return;
+        };
+        flow.src_addr = *s;
+        flow.dst_addr = *d;
+    } else {
+        let (Some(s), Some(d)) = (
+            header_at::<[u8; 4], P>(ctx, src),
+            header_at::<[u8; 4], P>(ctx, dst),
+        ) else {
+            return;
+        };
+        flow.src_addr[10..12].copy_from_slice(&[0xff, 0xff]);
+        flow.src_addr[12..].copy_from_slice(s);
+        flow.dst_addr[10..12].copy_from_slice(&[0xff, 0xff]);
+        flow.dst_addr[12..].copy_from_slice(d);
+    }
+    let Some(ports) = header_at::<[u8; 4], P>(ctx, packet.l4) else {
+        return;
+    };
+    flow.src_port_be = u16::from_ne_bytes([ports[0], ports[1]]);
+    flow.dst_port_be = u16::from_ne_bytes([ports[2], ports[3]]);
+    if let Some(answered) = ANSWERED_FLOWS.get_ptr_mut(flow) {
+        // SAFETY: a map value pointer, valid for the whole run.
+        unsafe {
+            if core::ptr::read_volatile(answered) == 0 {
+                core::ptr::write_volatile(answered, 1);
+                count(Counter::ReplaysAnswered);
+            }
+        }
+    }
 }
 
 /// Whether some VIP's address falls in prefilter bucket `bucket`.
@@ -448,7 +659,7 @@ fn maybe_vip_address(bucket: u32) -> bool {
 #[inline(always)]
 fn report<P: Packet>(
     ctx: &P,
-    packet: &OpeningPacket,
+    packet: &L4Packet,
     vip: &VipKey,
     state: &mut VipState,
     action: EventAction,

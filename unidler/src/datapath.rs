@@ -11,15 +11,15 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
     programs::{
-        ProgramError, SchedClassifier, TcAttachType, TestRun, TestRunOptions, Xdp, XdpMode,
-        tc::SchedClassifierLinkId, xdp::XdpLinkId,
+        ProgramError, SchedClassifier, TcAttachType, TestRun, TestRunAttrs, TestRunOptions, Xdp,
+        XdpMode, tc::SchedClassifierLinkId, xdp::XdpLinkId,
     },
 };
 use aya_log::EbpfLogger;
 use thiserror::Error;
 use unidler_common::{
-    Counter, Heartbeat, IdleHitEvent, PROGRAM_NAME, RateLimitConfig, TC_PROGRAM_NAME, VipKey,
-    VipState, address_bucket,
+    Counter, FlowKey, Heartbeat, HeldFrame, HoldConfig, IdleHitEvent, PROGRAM_NAME,
+    REPLAY_PROGRAM_NAME, RateLimitConfig, TC_PROGRAM_NAME, VipKey, VipState, address_bucket,
 };
 
 use crate::caps;
@@ -189,6 +189,10 @@ pub struct Datapath {
     fail_open_after_ns: u64,
     max_vips: u32,
     events: Option<RingBuf<MapData>>,
+    held: Option<RingBuf<MapData>>,
+    hold: Array<MapData, HoldConfig>,
+    hold_config: HoldConfig,
+    answered: HashMap<MapData, FlowKey, u32>,
     logger: Option<KernelLogger>,
     attached: Vec<Attachment>,
 }
@@ -228,6 +232,12 @@ impl Datapath {
             .try_into()
             .map_err(|e: ProgramError| DatapathError::Load(Box::new(e)))?;
         program.load().map_err(loaded)?;
+        let program: &mut Xdp = ebpf
+            .program_mut(REPLAY_PROGRAM_NAME)
+            .ok_or(DatapathError::Missing("replay program"))?
+            .try_into()
+            .map_err(|e: ProgramError| DatapathError::Load(Box::new(e)))?;
+        program.load().map_err(loaded)?;
 
         let mut config: Array<_, RateLimitConfig> = take_map(&mut ebpf, "CONFIG")?;
         config
@@ -243,6 +253,9 @@ impl Datapath {
         let address_filter = take_map(&mut ebpf, "VIP_ADDRESS_FILTER")?;
         let counters = CounterReader(Arc::new(take_map(&mut ebpf, "COUNTERS")?));
         let events = Some(take_map(&mut ebpf, "EVENTS")?);
+        let held = Some(take_map(&mut ebpf, "HELD")?);
+        let hold = take_map(&mut ebpf, "HOLD")?;
+        let answered = take_map(&mut ebpf, "ANSWERED_FLOWS")?;
         Ok(Self {
             ebpf,
             vips,
@@ -254,6 +267,10 @@ impl Datapath {
             fail_open_after_ns,
             max_vips: options.max_vips.max(1),
             events,
+            held,
+            hold,
+            hold_config: HoldConfig::default(),
+            answered,
             logger,
             attached: Vec::new(),
         })
@@ -489,6 +506,95 @@ impl Datapath {
         self.events.take().map(|ring| EventRing { ring })
     }
 
+    /// Hands out the held-frame ring buffer; only once.
+    pub fn take_held(&mut self) -> Option<HeldRing> {
+        self.held.take().map(|ring| HeldRing { ring })
+    }
+
+    /// Turns holding on or off: whether the kernel copies dropped opening packets to the
+    /// held-frame ring.
+    pub fn set_holding(&mut self, holding: bool) -> Result<(), DatapathError> {
+        self.hold_config.holding = u32::from(holding);
+        self.write_hold_config()
+    }
+
+    fn write_hold_config(&mut self) -> Result<(), DatapathError> {
+        self.hold
+            .set(0, self.hold_config, 0)
+            .map_err(|source| DatapathError::Map {
+                map: "HOLD",
+                source,
+            })
+    }
+
+    /// Starts watching for the answer to a replayed flow (the client's next segment of it).
+    pub fn watch_answer(&mut self, flow: &FlowKey) -> Result<(), DatapathError> {
+        self.answered
+            .insert(flow, 0, 0)
+            .map_err(|source| DatapathError::Map {
+                map: "ANSWERED_FLOWS",
+                source,
+            })?;
+        if self.hold_config.watching_answers == 0 {
+            self.hold_config.watching_answers = 1;
+            self.write_hold_config()?;
+        }
+        Ok(())
+    }
+
+    /// Whether the kernel has seen the answer to a watched flow.
+    pub fn is_answered(&self, flow: &FlowKey) -> bool {
+        self.answered
+            .get(flow, 0)
+            .is_ok_and(|answered| answered != 0)
+    }
+
+    /// Stops watching a flow; `none_left` says that no other flow is watched (the kernel
+    /// then stops looking TCP segments up).
+    pub fn forget_answer(&mut self, flow: &FlowKey, none_left: bool) -> Result<(), DatapathError> {
+        match self.answered.remove(flow) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+            Err(source) => {
+                return Err(DatapathError::Map {
+                    map: "ANSWERED_FLOWS",
+                    source,
+                });
+            }
+        }
+        if none_left && self.hold_config.watching_answers != 0 {
+            self.hold_config.watching_answers = 0;
+            self.write_hold_config()?;
+        }
+        Ok(())
+    }
+
+    /// Hands `frame` to the network stack of interface `ifindex` as if it had just been
+    /// received there (`BPF_PROG_TEST_RUN` of the replay program with live frames, kernel
+    /// 5.18 and later). The frame carries the replay mark, so the TC hook lets it through.
+    pub fn replay(&self, frame: &[u8], ifindex: u32) -> Result<(), DatapathError> {
+        let program: &Xdp = self.typed(REPLAY_PROGRAM_NAME, "replay program")?;
+        let ctx = xdp_md(frame, ifindex);
+        program
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                ctx_in: Some(&ctx),
+                repeat: 1,
+                attrs: TestRunAttrs::new().xdp_live_frames(1),
+                ..TestRunOptions::default()
+            })
+            .map_err(DatapathError::TestRun)?;
+        Ok(())
+    }
+
+    /// Whether this kernel can replay held frames (`BPF_F_TEST_XDP_LIVE_FRAMES`, 5.18 and
+    /// later): replays a frame no protocol takes (a local experimental EtherType) into
+    /// loopback. The error says why not.
+    pub fn probe_replay(&self) -> Result<(), DatapathError> {
+        let mut frame = [0u8; 60];
+        frame[12..14].copy_from_slice(&0x88b5u16.to_be_bytes());
+        self.replay(&frame, ifindex_of("lo")?)
+    }
+
     /// Hands out the kernel logger (forwarding aya-log records to `log`); only once.
     pub fn take_logger(&mut self) -> Option<KernelLogger> {
         self.logger.take()
@@ -598,6 +704,21 @@ impl Datapath {
     }
 }
 
+impl crate::hold::Replayer for Datapath {
+    fn replay(&mut self, frame: &[u8], ifindex: u32) -> Result<(), DatapathError> {
+        Datapath::replay(self, frame, ifindex)
+    }
+    fn watch(&mut self, flow: &FlowKey) -> Result<(), DatapathError> {
+        self.watch_answer(flow)
+    }
+    fn answered(&self, flow: &FlowKey) -> bool {
+        self.is_answered(flow)
+    }
+    fn forget(&mut self, flow: &FlowKey, none_left: bool) -> Result<(), DatapathError> {
+        self.forget_answer(flow, none_left)
+    }
+}
+
 impl Drop for Datapath {
     fn drop(&mut self) {
         self.detach_all();
@@ -702,16 +823,70 @@ impl AsRawFd for EventRing {
     }
 }
 
+/// The `struct xdp_md` of a test run of `frame` arriving on `ifindex`.
+fn xdp_md(frame: &[u8], ifindex: u32) -> [u8; 24] {
+    // struct xdp_md { data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex }
+    let mut ctx = [0u8; 24];
+    ctx[4..8].copy_from_slice(&(frame.len() as u32).to_ne_bytes());
+    ctx[12..16].copy_from_slice(&ifindex.to_ne_bytes());
+    ctx
+}
+
+/// The ring buffer of [`HeldFrame`]s written by the kernel.
+pub struct HeldRing {
+    ring: RingBuf<MapData>,
+}
+
+/// A held frame as the agent keeps it: where it arrived, when, for which VIP, and its bytes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HeldBytes {
+    /// When the kernel saw it, `CLOCK_MONOTONIC` nanoseconds.
+    pub timestamp_ns: u64,
+    /// The VIP it was sent to.
+    pub vip: VipKey,
+    /// The interface it arrived on.
+    pub ifindex: u32,
+    /// The frame, from its Ethernet header.
+    pub frame: Vec<u8>,
+}
+
+impl HeldRing {
+    /// Takes every held frame now in the ring, oldest first.
+    pub fn drain(&mut self, mut each: impl FnMut(HeldBytes)) -> usize {
+        let mut n = 0;
+        while let Some(item) = self.ring.next() {
+            if item.len() < size_of::<HeldFrame>() {
+                continue;
+            }
+            // SAFETY: the kernel wrote a whole HeldFrame; read_unaligned copes with any
+            // alignment of the ring's data.
+            let held = unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<HeldFrame>()) };
+            let len = (held.len as usize).min(held.frame.len());
+            each(HeldBytes {
+                timestamp_ns: held.timestamp_ns,
+                vip: held.vip,
+                ifindex: held.ifindex,
+                frame: held.frame[..len].to_vec(),
+            });
+            n += 1;
+        }
+        n
+    }
+}
+
+impl AsRawFd for HeldRing {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.ring.as_raw_fd()
+    }
+}
+
 fn run_repeat(
     program: &Xdp,
     frame: &[u8],
     ifindex: u32,
     repeat: u32,
 ) -> Result<(u32, u64), DatapathError> {
-    // struct xdp_md { data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex }
-    let mut ctx = [0u8; 24];
-    ctx[4..8].copy_from_slice(&(frame.len() as u32).to_ne_bytes());
-    ctx[12..16].copy_from_slice(&ifindex.to_ne_bytes());
+    let ctx = xdp_md(frame, ifindex);
     let result = program
         .test_run(TestRunOptions {
             data_in: Some(frame),

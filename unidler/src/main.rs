@@ -138,6 +138,23 @@ struct RunArgs {
     /// own path handles them (0 never fails open).
     #[arg(long, env = "UNIDLER_FAIL_OPEN_AFTER", default_value = "15s", value_parser = humantime_duration)]
     fail_open_after: Duration,
+    /// How long an opening packet to an idle VIP is held, to be replayed into the stack of the
+    /// interface it arrived on once the VIP has a backend (so the client's first attempt
+    /// succeeds instead of waiting for its retransmission); older ones are discarded. 0 turns
+    /// holding off: packets are dropped, as OVN does.
+    #[arg(long, env = "UNIDLER_HOLD_MAX_AGE", default_value = "60s", value_parser = humantime_duration)]
+    hold_max_age: Duration,
+    /// Most opening packets held for one VIP (more are dropped, and counted).
+    #[arg(long, env = "UNIDLER_HOLD_PER_VIP", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
+    hold_per_vip: u32,
+    /// Most opening packets held in all (more are dropped, and counted).
+    #[arg(long, env = "UNIDLER_HOLD_TOTAL", default_value_t = 8_192, value_parser = clap::value_parser!(u32).range(1..=unidler_common::ANSWERED_FLOWS_CAPACITY as i64))]
+    hold_total: u32,
+    /// How long after a VIP's backend appears its held packets are first replayed: the time
+    /// the node's forwarding needs to carry the backend (a TCP SYN is replayed again until
+    /// answered; a UDP datagram only once).
+    #[arg(long, env = "UNIDLER_REPLAY_AFTER", default_value = "0s", value_parser = humantime_duration)]
+    replay_after: Duration,
     /// Events all VIPs together may raise back to back.
     #[arg(long, env = "UNIDLER_EVENT_BURST", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
     event_burst: u32,
@@ -375,6 +392,12 @@ fn config(args: RunArgs) -> Result<Config> {
             args.event_burst,
         ),
         fail_open_after: args.fail_open_after,
+        hold: unidler::hold::HoldLimits {
+            per_vip: args.hold_per_vip as usize,
+            total: args.hold_total as usize,
+            max_age: args.hold_max_age,
+            replay_after: args.replay_after,
+        },
         southbound,
         event_queue_size: args.event_queue_size,
         dedup: match args.dedup {
@@ -403,7 +426,7 @@ fn show_vips(args: &ClientArgs) -> Result<()> {
         return Ok(());
     }
     let rows: Vec<VipRow> = serde_json::from_str(&body).context("agent's VIP table")?;
-    let table: Vec<[String; 6]> = rows
+    let table: Vec<[String; 7]> = rows
         .into_iter()
         .map(|r| {
             [
@@ -412,12 +435,21 @@ fn show_vips(args: &ClientArgs) -> Result<()> {
                 r.state,
                 r.backends.to_string(),
                 r.hits.to_string(),
+                r.held.to_string(),
                 r.load_balancer.unwrap_or_else(|| "-".into()),
             ]
         })
         .collect();
     print_table(
-        ["VIP", "PROTO", "STATE", "BACKENDS", "HITS", "LOAD BALANCER"],
+        [
+            "VIP",
+            "PROTO",
+            "STATE",
+            "BACKENDS",
+            "HITS",
+            "HELD",
+            "LOAD BALANCER",
+        ],
         &table,
     );
     Ok(())

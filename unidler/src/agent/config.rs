@@ -30,6 +30,8 @@ pub struct Config {
     /// How long the agent may be unable to vouch for the VIP map (its VIP source out of
     /// sync, or the agent gone) before idle VIPs fail open in the kernel; zero: never.
     pub fail_open_after: Duration,
+    /// Holding opening packets to idle VIPs and replaying them once the VIP has a backend.
+    pub hold: crate::hold::HoldLimits,
     /// The Southbound database: with it, idle hits become Controller_Event rows there;
     /// without it, they are printed on standard output as JSON lines.
     pub southbound: Option<SouthboundConfig>,

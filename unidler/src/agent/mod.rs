@@ -3,7 +3,10 @@
 //!
 //! The flows, each with one handler:
 //! - ring readable → [`Input::IdleHits`] → resolved against the registry → sink or stdout;
-//! - VIP source → [`Input::Vips`] → registry → kernel map changes;
+//! - VIP source → [`Input::Vips`] → registry → kernel map changes, and held packets of VIPs
+//!   that got a backend due for replay;
+//! - held-frame ring readable → [`Input::HeldPackets`] → [`HeldPackets`] (bounded);
+//! - replay timer → [`Input::ReplayDue`] → replays through the datapath, expiry;
 //! - HTTP endpoint → [`Input::Query`] → answers;
 //! - summary timer and signals.
 
@@ -23,10 +26,11 @@ use tracing::{debug, info, warn};
 use unidler_common::{Counter, IdleHitEvent, VipKey};
 
 pub use self::config::{Config, IdleAction, InterfaceSelector, VipSourceConfig};
-use self::sources::{Input, Signals, Sources};
+use self::sources::{Input, ReplayTimer, Signals, Sources};
 use crate::{
-    datapath::{self, Counters, Datapath, DatapathError, Hook, LoadOptions},
+    datapath::{self, Counters, Datapath, DatapathError, HeldBytes, Hook, LoadOptions},
     event::{IdleHit, iface_name},
+    hold::HeldPackets,
     links::LinkChanges,
     ovs_interfaces::{self, InterfaceNames},
     registry::{MapChange, VipRegistry},
@@ -54,6 +58,8 @@ const HEARTBEAT_EVERY: Duration = Duration::from_secs(1);
 pub struct Agent {
     datapath: Datapath,
     registry: VipRegistry,
+    /// Opening packets to idle VIPs, held until their VIP has a backend.
+    held: HeldPackets,
     /// `VIP_FLAG_*` bits every VIP gets.
     vip_flags: u32,
     /// Where idle hits go.
@@ -176,10 +182,38 @@ impl Agent {
         info!(addr = %bound, "serving /api/vips, /api/events, /api/interfaces");
 
         let events = datapath.take_events().context("event ring already taken")?;
+        let held_ring = datapath
+            .take_held()
+            .context("held-frame ring already taken")?;
+        let mut hold = config.hold;
+        if !hold.max_age.is_zero() {
+            match datapath.probe_replay() {
+                Ok(()) => {
+                    datapath.set_holding(true)?;
+                    info!(
+                        per_vip = hold.per_vip,
+                        total = hold.total,
+                        max_age = ?hold.max_age,
+                        "holding opening packets to idle VIPs, replayed once the VIP has a backend"
+                    );
+                }
+                Err(e) => {
+                    warn!(
+                        "this kernel cannot replay held packets ({e}; BPF_F_TEST_XDP_LIVE_FRAMES \
+                         needs Linux 5.18): opening packets to idle VIPs are dropped and clients \
+                         wait for their own retransmission"
+                    );
+                    hold.max_age = Duration::ZERO;
+                }
+            }
+        } else {
+            info!("holding is off (--hold-max-age 0): clients wait for their own retransmission");
+        }
         let last_summary = datapath.counters()?;
         let mut agent = Self {
             datapath,
             registry: VipRegistry::new(),
+            held: HeldPackets::new(hold, metrics.hold.clone()),
             vip_flags: config.idle_action.vip_flags(),
             output: match sink {
                 Some(sink) => HitOutput::Sink(sink),
@@ -262,6 +296,8 @@ impl Agent {
         }
         agent.sources = Some(Sources {
             ring: readable(events).context("registering the event ring with epoll")?,
+            held: readable(held_ring).context("registering the held-frame ring with epoll")?,
+            replay: ReplayTimer::new(),
             vip_updates,
             queries,
             summary: Sources::summary_timer(config.summary_interval),
@@ -281,6 +317,8 @@ impl Agent {
         loop {
             match sources.next().await? {
                 Input::IdleHits(events) => self.on_idle_hits(&events)?,
+                Input::HeldPackets(frames) => self.on_held_packets(frames),
+                Input::ReplayDue => self.on_replay_due(),
                 Input::Vips(update) => self.on_vips(update)?,
                 Input::Query(query) => self.on_query(query),
                 Input::SummaryDue => self.on_summary_due()?,
@@ -293,6 +331,10 @@ impl Agent {
                     break;
                 }
             }
+            sources.replay.arm(self.held.next_due_ns().map(|due| {
+                tokio::time::Instant::now()
+                    + Duration::from_nanos(due.saturating_sub(datapath::monotonic_ns()))
+            }));
         }
         self.shut_down(sources).await
     }
@@ -333,6 +375,41 @@ impl Agent {
         Ok(())
     }
 
+    /// Opening packets the kernel dropped for idle VIPs: held (within the limits).
+    fn on_held_packets(&mut self, frames: Vec<HeldBytes>) {
+        let now = datapath::monotonic_ns();
+        for frame in frames {
+            self.held.hold(frame, now);
+        }
+        // Frames the kernel held just before their VIP got a backend are due at once.
+        self.held.replay_due(now, &mut self.datapath);
+    }
+
+    /// Held packets due: replayed, or discarded when too old.
+    fn on_replay_due(&mut self) {
+        self.held
+            .replay_due(datapath::monotonic_ns(), &mut self.datapath);
+    }
+
+    /// Tells the held packets what the map changes mean for them: a VIP with a backend now
+    /// replays, one idle again waits, a deleted one discards.
+    fn hold_follows(&mut self, changes: &[MapChange]) {
+        if self.held.is_empty() {
+            return;
+        }
+        let now = datapath::monotonic_ns();
+        for change in changes {
+            match change {
+                MapChange::Upsert(key, state) if state.backends > 0 => {
+                    self.held.backends_appeared(key, now)
+                }
+                MapChange::Upsert(key, _) => self.held.backends_gone(key),
+                MapChange::Remove(key) => self.held.vip_removed(key, &mut self.datapath),
+            }
+        }
+        self.held.replay_due(now, &mut self.datapath);
+    }
+
     /// A VIP update: applied to the registry and the kernel map.
     fn on_vips(&mut self, update: VipUpdate) -> Result<()> {
         let started = Instant::now();
@@ -348,6 +425,7 @@ impl Agent {
         }
         let changes = self.registry.apply(update, self.vip_flags);
         let freed = self.apply_map_changes(&changes)?;
+        self.hold_follows(&changes);
         // VIPs that did not fit are tried again once others have left.
         if freed && !self.unfit.is_empty() {
             let retry = VipUpdate::Changes {
@@ -468,6 +546,7 @@ impl Agent {
                     backends: e.backends,
                     state: if e.backends == 0 { "idle" } else { "active" }.into(),
                     hits: 0,
+                    held: self.held.held_for(&e.vip.key()),
                     load_balancer: e.load_balancer.as_deref().map(str::to_owned),
                 };
                 (e.vip.key(), row)

@@ -2,19 +2,22 @@
 //! for whichever is ready first and says what happened as an [`Input`], which the agent
 //! handles. A new input is a new field here, a new variant, and a new handler.
 
-use std::time::Duration;
+use std::{pin::Pin, time::Duration};
 
 use anyhow::{Context as _, Result};
 use tokio::{
     io::unix::AsyncFd,
     signal::unix::{Signal, SignalKind, signal},
     sync::mpsc,
-    time::{Instant, Interval, interval_at},
+    time::{Instant, Interval, Sleep, interval_at},
 };
 use unidler_common::IdleHitEvent;
 
 use crate::{
-    datapath::EventRing, links::LinkChanges, ovs_interfaces::InterfaceNames, telemetry::Query,
+    datapath::{EventRing, HeldBytes, HeldRing},
+    links::LinkChanges,
+    ovs_interfaces::InterfaceNames,
+    telemetry::Query,
     vip::VipUpdate,
 };
 
@@ -22,6 +25,10 @@ use crate::{
 pub enum Input {
     /// The kernel reported idle hits (every event that was in the ring, oldest first).
     IdleHits(Vec<IdleHitEvent>),
+    /// The kernel held opening packets (every frame that was in the held ring, oldest first).
+    HeldPackets(Vec<HeldBytes>),
+    /// Time to replay held packets (or discard old ones).
+    ReplayDue,
     /// A VIP source's update.
     Vips(VipUpdate),
     /// A question from the HTTP endpoint.
@@ -45,6 +52,10 @@ pub enum Input {
 pub struct Sources {
     /// The kernel's event ring, readable when it holds events.
     pub ring: AsyncFd<EventRing>,
+    /// The kernel's held-frame ring, readable when it holds frames.
+    pub held: AsyncFd<HeldRing>,
+    /// When held packets are next due (armed by the agent after each input).
+    pub replay: ReplayTimer,
     /// VIP sources' updates.
     pub vip_updates: mpsc::UnboundedReceiver<VipUpdate>,
     /// The HTTP endpoint's questions.
@@ -61,6 +72,36 @@ pub struct Sources {
     pub vifs: mpsc::UnboundedReceiver<InterfaceNames>,
     /// Signals.
     pub signals: Signals,
+}
+
+/// A timer set to when held packets are next due, or unarmed.
+pub struct ReplayTimer {
+    sleep: Pin<Box<Sleep>>,
+    armed: bool,
+}
+
+impl ReplayTimer {
+    /// An unarmed timer.
+    pub fn new() -> Self {
+        Self {
+            sleep: Box::pin(tokio::time::sleep(Duration::ZERO)),
+            armed: false,
+        }
+    }
+
+    /// Fires at `deadline`, or never (None).
+    pub fn arm(&mut self, deadline: Option<Instant>) {
+        self.armed = deadline.is_some();
+        if let Some(deadline) = deadline {
+            self.sleep.as_mut().reset(deadline);
+        }
+    }
+}
+
+impl Default for ReplayTimer {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 /// The signals the agent acts on.
@@ -91,6 +132,8 @@ impl Sources {
     pub async fn next(&mut self) -> Result<Input> {
         let Self {
             ring,
+            held,
+            replay,
             vip_updates,
             queries,
             summary,
@@ -107,6 +150,17 @@ impl Sources {
                 guard.get_inner_mut().drain(|event| events.push(event));
                 guard.clear_ready();
                 Ok(Input::IdleHits(events))
+            }
+            guard = held.readable_mut() => {
+                let mut guard = guard.context("waiting on the held-frame ring")?;
+                let mut frames = Vec::new();
+                guard.get_inner_mut().drain(|frame| frames.push(frame));
+                guard.clear_ready();
+                Ok(Input::HeldPackets(frames))
+            }
+            _ = replay.sleep.as_mut(), if replay.armed => {
+                replay.armed = false;
+                Ok(Input::ReplayDue)
             }
             Some(update) = vip_updates.recv() => Ok(Input::Vips(update)),
             Some(query) = queries.recv() => Ok(Input::Query(query)),

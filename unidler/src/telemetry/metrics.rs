@@ -36,6 +36,8 @@ pub struct AgentMetrics {
     pub attachments: Family<[(&'static str, &'static str); 1], Gauge>,
     /// Attempts to attach the program that failed.
     pub attach_failures: Counter,
+    /// Held packets: how many now, what became of them, how long they waited.
+    pub hold: crate::hold::HoldMetrics,
 }
 
 impl AgentMetrics {
@@ -77,6 +79,23 @@ pub fn registry(
         "unidler_attach_failures",
         "Attempts to attach the program to an interface that failed",
         agent.attach_failures.clone(),
+    );
+    registry.register(
+        "unidler_held_packets",
+        "Opening packets to idle VIPs held now, to replay once the VIP has a backend",
+        agent.hold.held_now.clone(),
+    );
+    registry.register(
+        "unidler_hold_packets",
+        "Opening packets to idle VIPs, by what became of them: held, retransmission (of a held \
+         flow, not held twice), over_limit_vip, over_limit_total, replayed (each replay), \
+         answered (a replayed SYN the client acknowledged), expired, discarded (VIP deleted)",
+        agent.hold.packets.clone(),
+    );
+    registry.register(
+        "unidler_hold_wait_seconds",
+        "Time from the first packet held for a VIP to its first replay",
+        agent.hold.wait_seconds.clone(),
     );
     registry.register(
         "unidler_vips",
@@ -148,6 +167,28 @@ fn exported(counter: KernelCounter) -> Option<Exported> {
         C::RingFull => plain(
             "unidler_kernel_ring_full",
             "Events lost because the ring buffer was full",
+        ),
+        C::Held => plain(
+            "unidler_kernel_held",
+            "Dropped opening packets the kernel handed to the agent to hold",
+        ),
+        C::HoldTooLarge => labeled(
+            "unidler_kernel_not_held",
+            "Dropped opening packets the kernel could not hand to the agent, by reason",
+            ("reason", "too_large"),
+        ),
+        C::HoldRingFull => labeled(
+            "unidler_kernel_not_held",
+            "Dropped opening packets the kernel could not hand to the agent, by reason",
+            ("reason", "ring_full"),
+        ),
+        C::ReplayedToIdle => plain(
+            "unidler_kernel_replayed_to_idle",
+            "Replayed packets that found their VIP idle again (let through, not held again)",
+        ),
+        C::ReplaysAnswered => plain(
+            "unidler_kernel_replays_answered",
+            "Replayed TCP SYNs whose client answered (its ACK seen)",
         ),
         C::Fragments => plain(
             "unidler_kernel_fragments",

@@ -50,6 +50,9 @@ pub struct VipRow {
     pub state: String,
     /// Connection-opening packets the kernel saw for it.
     pub hits: u64,
+    /// Opening packets held for it now, to replay once it has a backend.
+    #[serde(default)]
+    pub held: usize,
     /// Northbound load balancer, if known.
     pub load_balancer: Option<String>,
 }

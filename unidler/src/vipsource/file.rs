@@ -169,7 +169,11 @@ impl VipsFileSource {
         if !forced && self.last_seen == Some(hash) {
             return None;
         }
-        tokio::time::sleep(SETTLE).await;
+        // A change found by polling may be half written: looked at again after a moment. A
+        // reload asked for (SIGHUP) is read as it is: the asker has finished writing.
+        if !forced {
+            tokio::time::sleep(SETTLE).await;
+        }
         if std::fs::read_to_string(&self.path)
             .ok()
             .map(|t| content_hash(&t))

@@ -1,0 +1,482 @@
+//! Held packets: the client's first connection attempt to an idle VIP is held by the agent and
+//! replayed into the server's stack once the VIP has a backend, so it succeeds then, not at the
+//! client's next SYN retransmission. Through a real veth pair, with the default hook (TC).
+
+use std::{
+    io::{Read, Write},
+    net::{IpAddr, SocketAddr, TcpStream, UdpSocket},
+    path::Path,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use unidler::telemetry::http_get;
+use unidler_tests::{
+    agent::Agent,
+    netns::{CLIENT_V4, SERVER_V4, SERVER_V6, Topology, send_frames, sh},
+    ovsdb_server::TempDir,
+    require_root,
+};
+
+const METRICS: &str = "127.0.0.1:9477";
+/// When the backend appears after the client's first SYN (the issue's example: between the
+/// client's first retransmissions with either backoff schedule).
+const BACKEND_AFTER: Duration = Duration::from_millis(1300);
+/// How soon after the backend the client must be connected.
+const WITHIN: Duration = Duration::from_millis(100);
+
+/// A VIPs file with one VIP, rewritten to give it a backend.
+struct VipsFile {
+    dir: TempDir,
+}
+
+impl VipsFile {
+    fn new(vip: &str, protocol: &str) -> Self {
+        let file = Self {
+            dir: TempDir::new("hold"),
+        };
+        file.write(vip, protocol, 0);
+        file
+    }
+
+    fn path(&self) -> String {
+        Path::new(self.dir.path_str())
+            .join("vips.toml")
+            .display()
+            .to_string()
+    }
+
+    fn write(&self, vip: &str, protocol: &str, backends: u32) {
+        let text =
+            format!("[[vip]]\nvip = \"{vip}\"\nprotocol = \"{protocol}\"\nbackends = {backends}\n");
+        let tmp = Path::new(self.dir.path_str()).join("vips.tmp");
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, Path::new(&self.path())).unwrap();
+    }
+}
+
+/// Starts the agent on the server's veth end with `vips` and extra arguments.
+#[track_caller]
+fn agent(topo: &Topology, vips: &VipsFile, extra: &[&str]) -> Agent {
+    let path = vips.path();
+    let mut args = vec![
+        "run",
+        "--iface",
+        &topo.server_if,
+        "--vips-file",
+        &path,
+        "--summary-interval",
+        "0",
+    ];
+    args.extend_from_slice(extra);
+    let mut agent = Agent::start(&topo.server_ns, &args);
+    agent.wait_for_log("holding opening packets", Duration::from_secs(5));
+    agent
+}
+
+/// Gives the VIP a backend (file rewritten, SIGHUP for an immediate reload); returns when.
+fn backend_appears(agent: &Agent, vips: &VipsFile, vip: &str, protocol: &str) -> Instant {
+    vips.write(vip, protocol, 1);
+    let at = Instant::now();
+    agent.signal(libc::SIGHUP);
+    at
+}
+
+/// The client's SYN retransmissions back off exponentially (1, 3, 7 s after the first SYN),
+/// as on the RHEL kernels most clusters run.
+fn exponential_syn_backoff(topo: &Topology) {
+    sh(&[
+        "ip",
+        "netns",
+        "exec",
+        &topo.client_ns,
+        "sysctl",
+        "-qw",
+        "net.ipv4.tcp_syn_linear_timeouts=0",
+    ]);
+}
+
+fn metrics(topo: &Topology) -> String {
+    topo.in_server(|| http_get(METRICS.parse().unwrap(), "/metrics").unwrap())
+}
+
+/// The value of the sample `series` (name and labels) in Prometheus text, 0 if absent.
+fn sample(metrics: &str, series: &str) -> f64 {
+    metrics
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(series)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0.0)
+}
+
+fn hold_count(topo: &Topology, outcome: &str) -> f64 {
+    sample(
+        &metrics(topo),
+        &format!("unidler_hold_packets_total{{outcome=\"{outcome}\"}}"),
+    )
+}
+
+/// Repeats `check` every 20 ms until it holds, or panics after `timeout`.
+#[track_caller]
+fn eventually(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A TCP echo listener on the server at `addr`, counting the connections it accepts.
+fn echo_server(topo: &Topology, addr: SocketAddr) -> Arc<AtomicUsize> {
+    let listener = topo.in_server(|| std::net::TcpListener::bind(addr).unwrap());
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { return };
+            count.fetch_add(1, Ordering::SeqCst);
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 64];
+                while let Ok(n) = stream.read(&mut buf) {
+                    if n == 0 || stream.write_all(&buf[..n]).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    accepted
+}
+
+/// The client connects to `vip` (one `connect` call, the kernel's own SYN retransmissions)
+/// while the VIP is idle; its backend appears `BACKEND_AFTER` later. The connection must be
+/// established within `WITHIN` of that, and carry data.
+#[track_caller]
+fn first_connect_succeeds(ip: IpAddr, tag: &str) {
+    let topo = Topology::new(tag);
+    exponential_syn_backoff(&topo);
+    let vip = SocketAddr::new(ip, 8080);
+    let vips = VipsFile::new(&vip.to_string(), "tcp");
+    let accepted = echo_server(&topo, vip);
+    let agent = agent(&topo, &vips, &[]);
+
+    let client = {
+        let ns = topo.client_ns.clone();
+        std::thread::spawn(move || {
+            unidler_tests::netns::in_netns(&ns, || {
+                let mut stream = TcpStream::connect_timeout(&vip, Duration::from_secs(10))
+                    .expect("the first connect succeeds");
+                let connected = Instant::now();
+                stream.write_all(b"ping").unwrap();
+                let mut reply = [0u8; 4];
+                stream.read_exact(&mut reply).unwrap();
+                assert_eq!(&reply, b"ping");
+                connected
+            })
+        })
+    };
+    std::thread::sleep(BACKEND_AFTER);
+    assert_eq!(hold_count(&topo, "held"), 1.0, "the first SYN is held");
+    let backend = backend_appears(&agent, &vips, &vip.to_string(), "tcp");
+    let connected = client.join().expect("client");
+    let after = connected.saturating_duration_since(backend);
+    assert!(
+        after < WITHIN,
+        "{ip}: connected {after:?} after the backend appeared (limit {WITHIN:?}); the next SYN \
+         retransmission was due 1.7 s after it"
+    );
+    assert_eq!(accepted.load(Ordering::SeqCst), 1, "one connection");
+    eventually("the replay answered", Duration::from_secs(3), || {
+        hold_count(&topo, "answered") == 1.0
+    });
+    let m = metrics(&topo);
+    assert_eq!(sample(&m, "unidler_held_packets"), 0.0);
+    assert_eq!(
+        sample(&m, "unidler_hold_packets_total{outcome=\"retransmission\"}"),
+        1.0,
+        "the retransmission 1 s after the first SYN is not held twice"
+    );
+}
+
+#[test]
+fn the_first_tcp_connect_succeeds_as_soon_as_the_backend_appears_ipv4() {
+    require_root();
+    first_connect_succeeds(SERVER_V4.into(), "hold4");
+}
+
+#[test]
+fn the_first_tcp_connect_succeeds_as_soon_as_the_backend_appears_ipv6() {
+    require_root();
+    first_connect_succeeds(SERVER_V6.into(), "hold6");
+}
+
+#[test]
+fn one_udp_datagram_is_answered_exactly_once() {
+    require_root();
+    let topo = Topology::new("holdu");
+    let vip = SocketAddr::new(SERVER_V4.into(), 5353);
+    let vips = VipsFile::new(&vip.to_string(), "udp");
+    let server = topo.in_server(|| UdpSocket::bind(vip).unwrap());
+    let received = Arc::new(AtomicUsize::new(0));
+    {
+        let received = received.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 1500];
+            while let Ok((n, from)) = server.recv_from(&mut buf) {
+                received.fetch_add(1, Ordering::SeqCst);
+                let _ = server.send_to(&buf[..n], from);
+            }
+        });
+    }
+    let agent = agent(&topo, &vips, &[]);
+    let client = {
+        let ns = topo.client_ns.clone();
+        std::thread::spawn(move || {
+            unidler_tests::netns::in_netns(&ns, || {
+                let socket = UdpSocket::bind((CLIENT_V4, 0)).unwrap();
+                socket
+                    .set_read_timeout(Some(Duration::from_secs(5)))
+                    .unwrap();
+                // A 512-byte query, sent once, as a DNS client's first try.
+                socket.send_to(&[7u8; 512], vip).unwrap();
+                let mut buf = [0u8; 1500];
+                let (n, _) = socket.recv_from(&mut buf).expect("answered");
+                assert_eq!(n, 512);
+                Instant::now()
+            })
+        })
+    };
+    std::thread::sleep(BACKEND_AFTER);
+    assert_eq!(
+        received.load(Ordering::SeqCst),
+        0,
+        "nothing reached the server while idle"
+    );
+    let backend = backend_appears(&agent, &vips, &vip.to_string(), "udp");
+    let answered = client.join().expect("client");
+    let after = answered.saturating_duration_since(backend);
+    assert!(
+        after < WITHIN,
+        "answered {after:?} after the backend appeared"
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(received.load(Ordering::SeqCst), 1, "delivered exactly once");
+    assert_eq!(hold_count(&topo, "replayed"), 1.0);
+}
+
+/// 100,000 spoofed SYNs while the VIP is idle: the agent holds at most its limits, and, once
+/// the backend appears, replays at most that many flows; its memory stays bounded.
+#[test]
+fn a_syn_flood_while_idle_is_held_within_the_limits() {
+    require_root();
+    let topo = Topology::new("holdf");
+    let vip = SocketAddr::new(SERVER_V4.into(), 8081);
+    let vips = VipsFile::new(&vip.to_string(), "tcp");
+    let _listener = echo_server(&topo, vip);
+    let agent = agent(
+        &topo,
+        &vips,
+        &[
+            "--hold-per-vip",
+            "64",
+            "--hold-total",
+            "100",
+            "--hold-max-age",
+            "5",
+        ],
+    );
+    let frames = (0..100_000u32).map(|i| {
+        let src = IpAddr::from([10, 78 + (i >> 16) as u8, (i >> 8) as u8, i as u8]);
+        unidler_tests::netns::syn_to_server(src, 1024 + (i % 60_000) as u16, 8081)
+    });
+    let sent = topo.in_client(|| send_frames(&topo.client_if, frames));
+    assert_eq!(sent, 100_000);
+    eventually("the flood read", Duration::from_secs(10), || {
+        let m = metrics(&topo);
+        let seen = sample(&m, "unidler_hold_packets_total{outcome=\"held\"}")
+            + sample(&m, "unidler_hold_packets_total{outcome=\"over_limit_vip\"}")
+            + sample(&m, "unidler_kernel_not_held_total{reason=\"ring_full\"}");
+        seen >= 100_000.0
+    });
+    let m = metrics(&topo);
+    assert_eq!(
+        sample(&m, "unidler_held_packets"),
+        64.0,
+        "held up to the VIP's limit"
+    );
+    assert_eq!(
+        sample(&m, "unidler_hold_packets_total{outcome=\"held\"}"),
+        64.0
+    );
+    let rss_kb = rss_kb(agent.pid());
+    assert!(rss_kb < 100_000, "agent RSS {rss_kb} kB after the flood");
+
+    backend_appears(&agent, &vips, &vip.to_string(), "tcp");
+    // Spoofed clients never answer: each flow is replayed with backoff until it is 5 s old.
+    eventually("held packets expired", Duration::from_secs(10), || {
+        sample(&metrics(&topo), "unidler_held_packets") == 0.0
+    });
+    let m = metrics(&topo);
+    assert_eq!(
+        sample(&m, "unidler_hold_packets_total{outcome=\"expired\"}"),
+        64.0
+    );
+    let replays = sample(&m, "unidler_hold_packets_total{outcome=\"replayed\"}");
+    // At most 64 flows, each at most every 50 ms doubling to 1 s, for under 5 s: ≤ 10 each.
+    assert!(
+        (64.0..=640.0).contains(&replays),
+        "{replays} replays of 64 flows"
+    );
+}
+
+fn rss_kb(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
+        .unwrap()
+}
+
+/// One SYN frame from the client to the VIP, as the client's kernel would send it.
+fn one_syn(topo: &Topology, sport: u16, dport: u16) {
+    let frame = unidler_tests::netns::syn_to_server(CLIENT_V4.into(), sport, dport);
+    topo.in_client(|| send_frames(&topo.client_if, [frame]));
+}
+
+#[test]
+fn old_packets_expire_and_a_deleted_vips_are_discarded() {
+    require_root();
+    let topo = Topology::new("holde");
+    let vip = SocketAddr::new(SERVER_V4.into(), 8082);
+    let vips = VipsFile::new(&vip.to_string(), "tcp");
+    let agent = agent(&topo, &vips, &["--hold-max-age", "1"]);
+    one_syn(&topo, 40001, 8082);
+    eventually("held", Duration::from_secs(2), || {
+        hold_count(&topo, "held") == 1.0
+    });
+    eventually("expired", Duration::from_secs(3), || {
+        hold_count(&topo, "expired") == 1.0
+    });
+    backend_appears(&agent, &vips, &vip.to_string(), "tcp");
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        hold_count(&topo, "replayed"),
+        0.0,
+        "an expired packet is never replayed"
+    );
+
+    // Idle again, a packet held, then the VIP deleted.
+    vips.write(&vip.to_string(), "tcp", 0);
+    agent.signal(libc::SIGHUP);
+    std::thread::sleep(Duration::from_millis(300));
+    one_syn(&topo, 40002, 8082);
+    eventually("held again", Duration::from_secs(2), || {
+        hold_count(&topo, "held") == 2.0
+    });
+    std::fs::write(vips.path(), "").unwrap();
+    agent.signal(libc::SIGHUP);
+    eventually("discarded", Duration::from_secs(3), || {
+        hold_count(&topo, "discarded") == 1.0
+    });
+    assert_eq!(sample(&metrics(&topo), "unidler_held_packets"), 0.0);
+}
+
+#[test]
+fn a_max_age_of_zero_holds_nothing() {
+    require_root();
+    let topo = Topology::new("hold0");
+    let vip = SocketAddr::new(SERVER_V4.into(), 8083);
+    let vips = VipsFile::new(&vip.to_string(), "tcp");
+    let path = vips.path();
+    let mut agent = Agent::start(
+        &topo.server_ns,
+        &[
+            "run",
+            "--iface",
+            &topo.server_if,
+            "--vips-file",
+            &path,
+            "--hold-max-age",
+            "0",
+        ],
+    );
+    agent.wait_for_log("holding is off", Duration::from_secs(5));
+    one_syn(&topo, 40003, 8083);
+    std::thread::sleep(Duration::from_millis(300));
+    let m = metrics(&topo);
+    assert_eq!(sample(&m, "unidler_kernel_idle_hits_total"), 1.0);
+    assert_eq!(sample(&m, "unidler_kernel_held_total"), 0.0);
+    assert_eq!(sample(&m, "unidler_held_packets"), 0.0);
+}
+
+/// A replayed SYN whose client meanwhile connected by its own retransmission, or gave up:
+/// no RST to the live connection, no second connection.
+#[test]
+fn a_replay_after_the_client_connected_or_gave_up_does_no_harm() {
+    require_root();
+    let topo = Topology::new("holdh");
+    let vip = SocketAddr::new(SERVER_V4.into(), 8084);
+    let vips = VipsFile::new(&vip.to_string(), "tcp");
+    let accepted = echo_server(&topo, vip);
+    // The replay comes 1.5 s after the backend: the client's own retransmission (linear
+    // schedule, one a second) gets there first.
+    let agent = agent(&topo, &vips, &["--replay-after", "1500ms"]);
+    let client = {
+        let ns = topo.client_ns.clone();
+        std::thread::spawn(move || {
+            unidler_tests::netns::in_netns(&ns, || {
+                let mut stream = TcpStream::connect_timeout(&vip, Duration::from_secs(10))
+                    .expect("connects by its own retransmission");
+                let connected = Instant::now();
+                // The connection outlives the replay, and carries data both ways after it.
+                std::thread::sleep(Duration::from_secs(3));
+                stream.write_all(b"after").unwrap();
+                let mut reply = [0u8; 5];
+                stream
+                    .read_exact(&mut reply)
+                    .expect("no RST: the connection lives");
+                assert_eq!(&reply, b"after");
+                connected
+            })
+        })
+    };
+    std::thread::sleep(Duration::from_millis(1500));
+    let backend = backend_appears(&agent, &vips, &vip.to_string(), "tcp");
+    let connected = client.join().expect("client");
+    assert!(
+        connected.saturating_duration_since(backend) < Duration::from_millis(1500),
+        "connected by its own retransmission, before the replay"
+    );
+    assert!(
+        hold_count(&topo, "replayed") >= 1.0,
+        "the SYN was replayed all the same"
+    );
+    assert_eq!(accepted.load(Ordering::SeqCst), 1, "no second connection");
+
+    // A client that gave up: its replayed SYN is answered by the server, refused by the
+    // client's kernel (no socket): nothing is established.
+    vips.write(&vip.to_string(), "tcp", 0);
+    agent.signal(libc::SIGHUP);
+    std::thread::sleep(Duration::from_millis(300));
+    one_syn(&topo, 40004, 8084);
+    eventually("held", Duration::from_secs(2), || {
+        hold_count(&topo, "held") == 2.0
+    });
+    backend_appears(&agent, &vips, &vip.to_string(), "tcp");
+    std::thread::sleep(Duration::from_millis(2500));
+    assert!(hold_count(&topo, "replayed") >= 2.0);
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        1,
+        "nothing established for a gone client"
+    );
+}

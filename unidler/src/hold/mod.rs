@@ -1,0 +1,549 @@
+//! Held packets: connection-opening packets to idle VIPs, kept (bounded) until their VIP has
+//! a backend, then replayed, oldest first, into the stack of the interface each arrived on.
+//!
+//! - The kernel drops an opening packet to an idle VIP and copies it, whole, to the held-frame
+//!   ring ([`HeldBytes`]); every one, not only those its event rate limiters let through.
+//! - [`HeldPackets::hold`] keeps it, unless it repeats a held flow (a SYN retransmission) or a
+//!   limit is reached (per VIP, in total): each outcome counted.
+//! - When the VIP gets a backend ([`HeldPackets::backends_appeared`]), its packets are due
+//!   after `replay_after`; [`HeldPackets::replay_due`] replays them through a [`Replayer`] (the
+//!   datapath). A TCP SYN is replayed until its flow is answered (the client's ACK, seen by
+//!   the kernel), with backoff, within the age limit: a replay that reached forwarding not yet
+//!   carrying the backend is not lost. A UDP datagram or an SCTP INIT is replayed once: it
+//!   shows no answer, and must not be delivered twice.
+//! - Packets older than `max_age`, and those of a VIP that is deleted, are discarded (counted).
+
+pub mod frame;
+
+use std::{
+    collections::{HashMap, HashSet, VecDeque},
+    time::Duration,
+};
+
+use prometheus_client::metrics::{
+    counter::Counter, family::Family, gauge::Gauge, histogram::Histogram,
+};
+use tracing::{debug, info, warn};
+use unidler_common::{FlowKey, IPPROTO_TCP, VipKey};
+
+use crate::datapath::{DatapathError, HeldBytes};
+
+/// How much may be held, and for how long.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HoldLimits {
+    /// Most packets held for one VIP.
+    pub per_vip: usize,
+    /// Most packets held in all.
+    pub total: usize,
+    /// Age (from the kernel's timestamp) after which a held packet is discarded; zero turns
+    /// holding off.
+    pub max_age: Duration,
+    /// Wait between a VIP's backend appearing in its source and the first replay (the time
+    /// the node's forwarding needs to carry it).
+    pub replay_after: Duration,
+}
+
+impl Default for HoldLimits {
+    fn default() -> Self {
+        Self {
+            per_vip: 64,
+            total: 8_192,
+            max_age: Duration::from_secs(60),
+            replay_after: Duration::ZERO,
+        }
+    }
+}
+
+/// What replays a held packet: the datapath, or a test's fake.
+pub trait Replayer {
+    /// Hands `frame` to interface `ifindex`'s stack as if just received.
+    fn replay(&mut self, frame: &[u8], ifindex: u32) -> Result<(), DatapathError>;
+    /// Starts watching for the answer to `flow`.
+    fn watch(&mut self, flow: &FlowKey) -> Result<(), DatapathError>;
+    /// Whether `flow` was answered.
+    fn answered(&self, flow: &FlowKey) -> bool;
+    /// Stops watching `flow`; `none_left`: no flow is watched any more.
+    fn forget(&mut self, flow: &FlowKey, none_left: bool) -> Result<(), DatapathError>;
+}
+
+/// What the hold counts, exported as metrics (cheap to clone: the values are shared).
+#[derive(Clone, Debug)]
+pub struct HoldMetrics {
+    /// Packets held now.
+    pub held_now: Gauge,
+    /// Held packets by what became of them (`held`, `retransmission`, `over_limit_vip`,
+    /// `over_limit_total`, `replayed`, `answered`, `expired`, `discarded`).
+    pub packets: Family<[(&'static str, &'static str); 1], Counter>,
+    /// Seconds from the first packet held for a VIP to its first replay.
+    pub wait_seconds: Histogram,
+}
+
+impl Default for HoldMetrics {
+    fn default() -> Self {
+        Self {
+            held_now: Gauge::default(),
+            packets: Family::default(),
+            wait_seconds: Histogram::new([0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]),
+        }
+    }
+}
+
+impl HoldMetrics {
+    fn count(&self, outcome: &'static str, n: u64) {
+        self.packets
+            .get_or_create(&[("outcome", outcome)])
+            .inc_by(n);
+    }
+}
+
+/// One held packet.
+#[derive(Debug)]
+struct HeldPacket {
+    flow: FlowKey,
+    frame: Vec<u8>,
+    ifindex: u32,
+    /// When the kernel saw it (`CLOCK_MONOTONIC` ns).
+    seen_ns: u64,
+    /// Replays so far.
+    replays: u32,
+    /// When it is next replayed, once its VIP has a backend.
+    next_replay_ns: u64,
+}
+
+/// The packets held for one VIP.
+#[derive(Debug, Default)]
+struct VipHold {
+    packets: VecDeque<HeldPacket>,
+    /// Since when the VIP has a backend: its packets are being replayed.
+    waking_since_ns: Option<u64>,
+    /// Whether this wake-up's first replay was measured.
+    wait_observed: bool,
+}
+
+/// The held packets of every VIP.
+pub struct HeldPackets {
+    limits: HoldLimits,
+    vips: HashMap<VipKey, VipHold>,
+    /// Flows held now (a retransmission of one is not held again).
+    flows: HashSet<FlowKey>,
+    /// Flows whose answer the kernel watches.
+    watched: HashSet<FlowKey>,
+    total: usize,
+    metrics: HoldMetrics,
+}
+
+/// Backoff between replays of an unanswered SYN: 50 ms, doubling, at most one second.
+fn backoff(replays: u32) -> Duration {
+    Duration::from_millis(50u64 << replays.min(5).saturating_sub(1)).min(Duration::from_secs(1))
+}
+
+impl HeldPackets {
+    /// An empty hold with `limits`, counting into `metrics`.
+    pub fn new(limits: HoldLimits, metrics: HoldMetrics) -> Self {
+        Self {
+            limits,
+            vips: HashMap::new(),
+            flows: HashSet::new(),
+            watched: HashSet::new(),
+            total: 0,
+            metrics,
+        }
+    }
+
+    /// Whether packets are held at all (`--hold-max-age` not zero).
+    pub fn enabled(&self) -> bool {
+        !self.limits.max_age.is_zero()
+    }
+
+    /// Packets held now.
+    pub fn len(&self) -> usize {
+        self.total
+    }
+
+    /// Whether nothing is held.
+    pub fn is_empty(&self) -> bool {
+        self.total == 0
+    }
+
+    /// Packets held now for `vip`.
+    pub fn held_for(&self, vip: &VipKey) -> usize {
+        self.vips.get(vip).map_or(0, |h| h.packets.len())
+    }
+
+    /// A dropped opening packet from the kernel: kept unless it repeats a held flow or a
+    /// limit is reached.
+    pub fn hold(&mut self, held: HeldBytes, now_ns: u64) {
+        let Some(parsed) = frame::parse(&held.frame) else {
+            debug!(
+                len = held.frame.len(),
+                "held frame not understood: not kept"
+            );
+            return;
+        };
+        if !self.enabled() {
+            return;
+        }
+        if self.flows.contains(&parsed.flow) {
+            self.metrics.count("retransmission", 1);
+            return;
+        }
+        let per_vip = self.vips.get(&held.vip).map_or(0, |h| h.packets.len());
+        if per_vip >= self.limits.per_vip {
+            self.metrics.count("over_limit_vip", 1);
+            return;
+        }
+        if self.total >= self.limits.total {
+            self.metrics.count("over_limit_total", 1);
+            return;
+        }
+        let replay_after = self.limits.replay_after.as_nanos() as u64;
+        let vip = self.vips.entry(held.vip).or_default();
+        // A packet that the kernel held just before the agent learnt of the backend is due
+        // with the others (or at once, if they are).
+        let next_replay_ns = vip
+            .waking_since_ns
+            .map_or(now_ns, |since| since + replay_after);
+        vip.packets.push_back(HeldPacket {
+            flow: parsed.flow,
+            frame: held.frame,
+            ifindex: held.ifindex,
+            seen_ns: held.timestamp_ns,
+            replays: 0,
+            next_replay_ns,
+        });
+        self.flows.insert(parsed.flow);
+        self.total += 1;
+        self.metrics.count("held", 1);
+        self.metrics.held_now.set(self.total as i64);
+    }
+
+    /// `vip` has a backend now: its packets are replayed from `replay_after` on.
+    pub fn backends_appeared(&mut self, vip: &VipKey, now_ns: u64) {
+        let Some(hold) = self.vips.get_mut(vip) else {
+            return;
+        };
+        if hold.waking_since_ns.is_some() {
+            return;
+        }
+        hold.waking_since_ns = Some(now_ns);
+        hold.wait_observed = false;
+        let first = now_ns + self.limits.replay_after.as_nanos() as u64;
+        for packet in &mut hold.packets {
+            packet.next_replay_ns = first;
+        }
+        info!(
+            vip = ?crate::vip::Vip::from_key(vip),
+            held = hold.packets.len(),
+            "VIP has a backend: replaying its held packets"
+        );
+    }
+
+    /// `vip` is idle again: its packets wait for the next backend.
+    pub fn backends_gone(&mut self, vip: &VipKey) {
+        if let Some(hold) = self.vips.get_mut(vip) {
+            hold.waking_since_ns = None;
+        }
+    }
+
+    /// `vip` was deleted: its packets are discarded.
+    pub fn vip_removed(&mut self, vip: &VipKey, replayer: &mut impl Replayer) {
+        if let Some(hold) = self.vips.remove(vip) {
+            let n = hold.packets.len();
+            for packet in hold.packets {
+                self.release(&packet, replayer);
+            }
+            self.metrics.count("discarded", n as u64);
+            self.metrics.held_now.set(self.total as i64);
+            if n > 0 {
+                info!(vip = ?crate::vip::Vip::from_key(vip), discarded = n, "VIP deleted: its held packets are discarded");
+            }
+        }
+    }
+
+    /// Replays what is due at `now_ns` and discards what is too old.
+    pub fn replay_due(&mut self, now_ns: u64, replayer: &mut impl Replayer) {
+        let max_age = self.limits.max_age.as_nanos() as u64;
+        let mut done: Vec<(VipKey, usize, &'static str)> = Vec::new();
+        for (key, hold) in &mut self.vips {
+            let first_seen = hold.packets_first_seen();
+            for (at, packet) in hold.packets.iter_mut().enumerate() {
+                let answered =
+                    self.watched.contains(&packet.flow) && replayer.answered(&packet.flow);
+                if answered {
+                    done.push((*key, at, "answered"));
+                    continue;
+                }
+                if now_ns.saturating_sub(packet.seen_ns) > max_age {
+                    done.push((*key, at, "expired"));
+                    continue;
+                }
+                let Some(waking_since) = hold.waking_since_ns else {
+                    continue;
+                };
+                if packet.next_replay_ns > now_ns {
+                    continue;
+                }
+                if !hold.wait_observed {
+                    hold.wait_observed = true;
+                    self.metrics
+                        .wait_seconds
+                        .observe(now_ns.saturating_sub(first_seen) as f64 / 1e9);
+                    debug!(
+                        since_backend_ms = (now_ns - waking_since) / 1_000_000,
+                        "first replay"
+                    );
+                }
+                let tcp = packet.flow.proto == IPPROTO_TCP;
+                if tcp
+                    && packet.replays == 0
+                    && self.watched.insert(packet.flow)
+                    && let Err(e) = replayer.watch(&packet.flow)
+                {
+                    warn!("cannot watch a replayed flow's answer: {e}");
+                }
+                let mut frame = packet.frame.clone();
+                if let Some(parsed) = frame::parse(&frame) {
+                    frame::complete_checksum(&mut frame, &parsed);
+                }
+                if let Err(e) = replayer.replay(&frame, packet.ifindex) {
+                    warn!(ifindex = packet.ifindex, "replay failed: {e}");
+                }
+                packet.replays += 1;
+                self.metrics.count("replayed", 1);
+                if tcp {
+                    packet.next_replay_ns = now_ns + backoff(packet.replays).as_nanos() as u64;
+                } else {
+                    done.push((*key, at, "delivered"));
+                }
+            }
+        }
+        // Removed back to front, so that the indexes of a VIP's earlier packets hold.
+        done.sort_by_key(|d| std::cmp::Reverse(d.1));
+        for (key, at, outcome) in done {
+            let Some(hold) = self.vips.get_mut(&key) else {
+                continue;
+            };
+            let Some(packet) = hold.packets.remove(at) else {
+                continue;
+            };
+            if outcome != "delivered" {
+                self.metrics.count(outcome, 1);
+            }
+            self.release(&packet, replayer);
+        }
+        self.vips.retain(|_, hold| !hold.packets.is_empty());
+        self.metrics.held_now.set(self.total as i64);
+    }
+
+    /// Forgets a packet that left the hold.
+    fn release(&mut self, packet: &HeldPacket, replayer: &mut impl Replayer) {
+        self.total -= 1;
+        self.flows.remove(&packet.flow);
+        if self.watched.remove(&packet.flow)
+            && let Err(e) = replayer.forget(&packet.flow, self.watched.is_empty())
+        {
+            warn!("cannot stop watching a replayed flow: {e}");
+        }
+    }
+
+    /// When [`HeldPackets::replay_due`] has something to do next (a replay, or a packet to
+    /// discard), in `CLOCK_MONOTONIC` ns; None while nothing is held.
+    pub fn next_due_ns(&self) -> Option<u64> {
+        let max_age = self.limits.max_age.as_nanos() as u64;
+        self.vips
+            .values()
+            .flat_map(|hold| {
+                hold.packets.iter().map(move |p| {
+                    let expiry = p.seen_ns + max_age + 1;
+                    match hold.waking_since_ns {
+                        Some(_) => p.next_replay_ns.min(expiry),
+                        None => expiry,
+                    }
+                })
+            })
+            .min()
+    }
+}
+
+impl VipHold {
+    fn packets_first_seen(&self) -> u64 {
+        self.packets.iter().map(|p| p.seen_ns).min().unwrap_or(0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: u64 = 1_000_000;
+
+    #[derive(Default)]
+    struct FakeReplayer {
+        replays: Vec<(Vec<u8>, u32)>,
+        watched: HashSet<FlowKey>,
+        answered: HashSet<FlowKey>,
+    }
+
+    impl Replayer for FakeReplayer {
+        fn replay(&mut self, frame: &[u8], ifindex: u32) -> Result<(), DatapathError> {
+            self.replays.push((frame.to_vec(), ifindex));
+            Ok(())
+        }
+        fn watch(&mut self, flow: &FlowKey) -> Result<(), DatapathError> {
+            self.watched.insert(*flow);
+            Ok(())
+        }
+        fn answered(&self, flow: &FlowKey) -> bool {
+            self.answered.contains(flow)
+        }
+        fn forget(&mut self, flow: &FlowKey, _none_left: bool) -> Result<(), DatapathError> {
+            self.watched.remove(flow);
+            Ok(())
+        }
+    }
+
+    fn vip() -> VipKey {
+        let mut key = VipKey {
+            port_be: 80u16.to_be(),
+            proto: 6,
+            ..VipKey::default()
+        };
+        key.addr[10..].copy_from_slice(&[0xff, 0xff, 10, 0, 0, 2]);
+        key
+    }
+
+    /// A TCP SYN (or UDP datagram, `proto` 17) from 10.0.0.1:`sport` to 10.0.0.2:80.
+    fn packet(sport: u16, proto: u8, seen_ns: u64) -> HeldBytes {
+        let l4_len: usize = if proto == 6 { 20 } else { 8 };
+        let mut f = vec![0u8; 14];
+        f[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
+        let total = (20 + l4_len) as u16;
+        f.extend_from_slice(&[
+            0x45, 0, 0, 0, 0, 0, 0x40, 0, 64, proto, 0, 0, 10, 0, 0, 1, 10, 0, 0, 2,
+        ]);
+        f[16..18].copy_from_slice(&total.to_be_bytes());
+        let mut l4 = vec![0u8; l4_len];
+        l4[0..2].copy_from_slice(&sport.to_be_bytes());
+        l4[2..4].copy_from_slice(&80u16.to_be_bytes());
+        if proto == 6 {
+            l4[12] = 0x50;
+            l4[13] = 0x02;
+        } else {
+            l4[4..6].copy_from_slice(&8u16.to_be_bytes());
+        }
+        f.extend_from_slice(&l4);
+        HeldBytes {
+            timestamp_ns: seen_ns,
+            vip: vip(),
+            ifindex: 7,
+            frame: f,
+        }
+    }
+
+    fn limits() -> HoldLimits {
+        HoldLimits {
+            per_vip: 3,
+            total: 5,
+            max_age: Duration::from_secs(60),
+            replay_after: Duration::ZERO,
+        }
+    }
+
+    fn count(hold: &HeldPackets, outcome: &'static str) -> u64 {
+        hold.metrics
+            .packets
+            .get_or_create(&[("outcome", outcome)])
+            .get()
+    }
+
+    #[test]
+    fn retransmissions_and_packets_over_the_limits_are_counted_not_held() {
+        let mut hold = HeldPackets::new(limits(), HoldMetrics::default());
+        hold.hold(packet(1000, 6, 0), 0);
+        hold.hold(packet(1000, 6, MS), MS);
+        assert_eq!((hold.len(), count(&hold, "retransmission")), (1, 1));
+        for sport in 1001..1005 {
+            hold.hold(packet(sport, 6, 2 * MS), 2 * MS);
+        }
+        assert_eq!((hold.len(), count(&hold, "over_limit_vip")), (3, 2));
+        let mut other = packet(2000, 6, 0);
+        for (i, port) in [81u16, 82, 83].iter().enumerate() {
+            other.vip.port_be = port.to_be();
+            other.frame[36..38].copy_from_slice(&(2000 + i as u16).to_be_bytes());
+            hold.hold(other.clone(), 0);
+        }
+        assert_eq!((hold.len(), count(&hold, "over_limit_total")), (5, 1));
+    }
+
+    #[test]
+    fn tcp_is_replayed_with_backoff_until_answered_udp_once() {
+        let mut hold = HeldPackets::new(limits(), HoldMetrics::default());
+        let mut kernel = FakeReplayer::default();
+        hold.hold(packet(1000, 6, 0), 0);
+        hold.hold(packet(1001, 17, 0), 0);
+        hold.replay_due(10 * MS, &mut kernel);
+        assert!(kernel.replays.is_empty(), "nothing replayed while idle");
+        hold.backends_appeared(&vip(), 100 * MS);
+        assert_eq!(hold.next_due_ns(), Some(100 * MS));
+        hold.replay_due(100 * MS, &mut kernel);
+        assert_eq!(
+            kernel.replays.len(),
+            2,
+            "both replayed at once, oldest first"
+        );
+        assert_eq!(
+            hold.len(),
+            1,
+            "the datagram is delivered once, the SYN waits for its answer"
+        );
+        hold.replay_due(120 * MS, &mut kernel);
+        assert_eq!(
+            kernel.replays.len(),
+            2,
+            "no second replay before the backoff"
+        );
+        hold.replay_due(150 * MS, &mut kernel);
+        assert_eq!(
+            kernel.replays.len(),
+            3,
+            "replayed again after 50 ms, unanswered"
+        );
+        let flow = *kernel
+            .watched
+            .iter()
+            .next()
+            .expect("the SYN's flow is watched");
+        kernel.answered.insert(flow);
+        hold.replay_due(400 * MS, &mut kernel);
+        assert_eq!(kernel.replays.len(), 3);
+        assert_eq!((hold.len(), count(&hold, "answered")), (0, 1));
+        assert!(kernel.watched.is_empty(), "no flow watched once answered");
+        assert_eq!(hold.next_due_ns(), None);
+    }
+
+    #[test]
+    fn old_packets_expire_and_a_deleted_vips_are_discarded() {
+        let mut hold = HeldPackets::new(limits(), HoldMetrics::default());
+        let mut kernel = FakeReplayer::default();
+        hold.hold(packet(1000, 6, 0), 0);
+        hold.hold(packet(1001, 6, 30_000 * MS), 30_000 * MS);
+        hold.replay_due(60_000 * MS + 1, &mut kernel);
+        assert_eq!((hold.len(), count(&hold, "expired")), (1, 1));
+        hold.vip_removed(&vip(), &mut kernel);
+        assert_eq!((hold.len(), count(&hold, "discarded")), (0, 1));
+        assert!(kernel.replays.is_empty());
+    }
+
+    #[test]
+    fn nothing_is_held_with_a_max_age_of_zero() {
+        let mut hold = HeldPackets::new(
+            HoldLimits {
+                max_age: Duration::ZERO,
+                ..limits()
+            },
+            HoldMetrics::default(),
+        );
+        hold.hold(packet(1000, 6, 0), 0);
+        assert!(hold.is_empty());
+    }
+}

@@ -216,6 +216,68 @@ pub(crate) fn per_packet() -> Vec<Figure> {
                 .vs("empty TC", baseline),
             );
         }
+        // Holding on, as the agent runs by default: an idle SYN is also copied, whole, to the
+        // held-frame ring (drained between batches, as the agent does).
+        dp.set_holding(true).unwrap();
+        let mut held = dp.take_held().unwrap();
+        let idle_syn = syn(client4, vip4, 80).build();
+        for tc in [false, true] {
+            let (ns, baseline) = paired(|program| match (program, tc) {
+                (false, false) => dp.baseline_test_run(&idle_syn, LO, 5_000).unwrap().1 as f64,
+                (false, true) => dp.tc_baseline_test_run(&idle_syn, 5_000).unwrap().1 as f64,
+                (true, _) => {
+                    let ns = if tc {
+                        dp.tc_test_run_repeat(&idle_syn, 5_000).unwrap().1
+                    } else {
+                        dp.test_run_repeat(&idle_syn, LO, 5_000).unwrap().1
+                    };
+                    ring.drain(|_| {});
+                    held.drain(|_| {});
+                    ns as f64
+                }
+            });
+            let (hook, empty) = if tc {
+                ("TC hook: ", "empty TC")
+            } else {
+                ("", "empty")
+            };
+            out.push(
+                figure(
+                    "1 per-packet",
+                    format!("{hook}idle VIP SYN, held and event written ({vips} VIPs)"),
+                    ns,
+                    "ns",
+                )
+                .vs(empty, baseline),
+            );
+        }
+        // While a replayed flow waits for its answer, every TCP segment that is not a SYN is
+        // looked up in ANSWERED_FLOWS (here: a miss, another flow).
+        let watched = unidler_common::FlowKey {
+            proto: 6,
+            ..Default::default()
+        };
+        dp.watch_answer(&watched).unwrap();
+        let ack_frame = ack.build();
+        let (ns, baseline) = paired(|program| {
+            if program {
+                dp.test_run_repeat(&ack_frame, LO, 200_000).unwrap().1 as f64
+            } else {
+                dp.baseline_test_run(&ack_frame, LO, 200_000).unwrap().1 as f64
+            }
+        });
+        out.push(
+            figure(
+                "1 per-packet",
+                format!(
+                    "VIP with backends, ACK, while a replay waits for its answer ({vips} VIPs)"
+                ),
+                ns,
+                "ns",
+            )
+            .vs("empty", baseline),
+        );
+        dp.forget_answer(&watched, true).unwrap();
         // Suppressed by the per-VIP limit: a fresh datapath with burst 1, rate 1/s.
         drop(dp);
         let mut limited = Datapath::load(&LoadOptions {

@@ -11,6 +11,7 @@ pub mod ovn_chassis;
 pub mod ovsdb_server;
 pub mod proxy;
 pub mod rng;
+pub mod vips_file;
 
 /// Panics unless the process runs as root: these tests load BPF programs and create network
 /// namespaces, and CI runs them as root, so they fail loudly rather than skip.

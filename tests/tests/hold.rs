@@ -5,7 +5,6 @@
 use std::{
     io::{Read, Write},
     net::{IpAddr, SocketAddr, TcpStream, UdpSocket},
-    path::Path,
     sync::{
         Arc,
         atomic::{AtomicUsize, Ordering},
@@ -17,8 +16,8 @@ use unidler::telemetry::http_get;
 use unidler_tests::{
     agent::Agent,
     netns::{CLIENT_V4, SERVER_V4, SERVER_V6, Topology, send_frames, sh},
-    ovsdb_server::TempDir,
     require_root,
+    vips_file::VipsFile,
 };
 
 const METRICS: &str = "127.0.0.1:9477";
@@ -28,40 +27,10 @@ const BACKEND_AFTER: Duration = Duration::from_millis(1300);
 /// How soon after the backend the client must be connected.
 const WITHIN: Duration = Duration::from_millis(100);
 
-/// A VIPs file with one VIP, rewritten to give it a backend.
-struct VipsFile {
-    dir: TempDir,
-}
-
-impl VipsFile {
-    fn new(vip: &str, protocol: &str) -> Self {
-        let file = Self {
-            dir: TempDir::new("hold"),
-        };
-        file.write(vip, protocol, 0);
-        file
-    }
-
-    fn path(&self) -> String {
-        Path::new(self.dir.path_str())
-            .join("vips.toml")
-            .display()
-            .to_string()
-    }
-
-    fn write(&self, vip: &str, protocol: &str, backends: u32) {
-        let text =
-            format!("[[vip]]\nvip = \"{vip}\"\nprotocol = \"{protocol}\"\nbackends = {backends}\n");
-        let tmp = Path::new(self.dir.path_str()).join("vips.tmp");
-        std::fs::write(&tmp, text).unwrap();
-        std::fs::rename(&tmp, Path::new(&self.path())).unwrap();
-    }
-}
-
 /// Starts the agent on the server's veth end with `vips` and extra arguments.
 #[track_caller]
 fn agent(topo: &Topology, vips: &VipsFile, extra: &[&str]) -> Agent {
-    let path = vips.path();
+    let path = vips.path_string();
     let mut args = vec![
         "run",
         "--iface",
@@ -78,8 +47,8 @@ fn agent(topo: &Topology, vips: &VipsFile, extra: &[&str]) -> Agent {
 }
 
 /// Gives the VIP a backend (file rewritten, SIGHUP for an immediate reload); returns when.
-fn backend_appears(agent: &Agent, vips: &VipsFile, vip: &str, protocol: &str) -> Instant {
-    vips.write(vip, protocol, 1);
+fn backend_appears(agent: &Agent, vips: &VipsFile) -> Instant {
+    vips.set_backends(1);
     let at = Instant::now();
     agent.signal(libc::SIGHUP);
     at
@@ -185,7 +154,7 @@ fn first_connect_succeeds(ip: IpAddr, tag: &str) {
     };
     std::thread::sleep(BACKEND_AFTER);
     assert_eq!(hold_count(&topo, "held"), 1.0, "the first SYN is held");
-    let backend = backend_appears(&agent, &vips, &vip.to_string(), "tcp");
+    let backend = backend_appears(&agent, &vips);
     let connected = client.join().expect("client");
     let after = connected.saturating_duration_since(backend);
     assert!(
@@ -260,7 +229,7 @@ fn one_udp_datagram_is_answered_exactly_once() {
         0,
         "nothing reached the server while idle"
     );
-    let backend = backend_appears(&agent, &vips, &vip.to_string(), "udp");
+    let backend = backend_appears(&agent, &vips);
     let answered = client.join().expect("client");
     let after = answered.saturating_duration_since(backend);
     assert!(
@@ -319,7 +288,7 @@ fn a_syn_flood_while_idle_is_held_within_the_limits() {
     let rss_kb = rss_kb(agent.pid());
     assert!(rss_kb < 100_000, "agent RSS {rss_kb} kB after the flood");
 
-    backend_appears(&agent, &vips, &vip.to_string(), "tcp");
+    backend_appears(&agent, &vips);
     // Spoofed clients never answer: each flow is replayed with backoff until it is 5 s old.
     eventually("held packets expired", Duration::from_secs(10), || {
         sample(&metrics(&topo), "unidler_held_packets") == 0.0
@@ -366,7 +335,7 @@ fn old_packets_expire_and_a_deleted_vips_are_discarded() {
     eventually("expired", Duration::from_secs(3), || {
         hold_count(&topo, "expired") == 1.0
     });
-    backend_appears(&agent, &vips, &vip.to_string(), "tcp");
+    backend_appears(&agent, &vips);
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(
         hold_count(&topo, "replayed"),
@@ -375,14 +344,14 @@ fn old_packets_expire_and_a_deleted_vips_are_discarded() {
     );
 
     // Idle again, a packet held, then the VIP deleted.
-    vips.write(&vip.to_string(), "tcp", 0);
+    vips.set_backends(0);
     agent.signal(libc::SIGHUP);
     std::thread::sleep(Duration::from_millis(300));
     one_syn(&topo, 40002, 8082);
     eventually("held again", Duration::from_secs(2), || {
         hold_count(&topo, "held") == 2.0
     });
-    std::fs::write(vips.path(), "").unwrap();
+    vips.replace("");
     agent.signal(libc::SIGHUP);
     eventually("discarded", Duration::from_secs(3), || {
         hold_count(&topo, "discarded") == 1.0
@@ -396,7 +365,7 @@ fn a_max_age_of_zero_holds_nothing() {
     let topo = Topology::new("hold0");
     let vip = SocketAddr::new(SERVER_V4.into(), 8083);
     let vips = VipsFile::new(&vip.to_string(), "tcp");
-    let path = vips.path();
+    let path = vips.path_string();
     let mut agent = Agent::start(
         &topo.server_ns,
         &[
@@ -450,7 +419,7 @@ fn a_replay_after_the_client_connected_or_gave_up_does_no_harm() {
         })
     };
     std::thread::sleep(Duration::from_millis(1500));
-    let backend = backend_appears(&agent, &vips, &vip.to_string(), "tcp");
+    let backend = backend_appears(&agent, &vips);
     let connected = client.join().expect("client");
     assert!(
         connected.saturating_duration_since(backend) < Duration::from_millis(1500),
@@ -464,14 +433,14 @@ fn a_replay_after_the_client_connected_or_gave_up_does_no_harm() {
 
     // A client that gave up: its replayed SYN is answered by the server, refused by the
     // client's kernel (no socket): nothing is established.
-    vips.write(&vip.to_string(), "tcp", 0);
+    vips.set_backends(0);
     agent.signal(libc::SIGHUP);
     std::thread::sleep(Duration::from_millis(300));
     one_syn(&topo, 40004, 8084);
     eventually("held", Duration::from_secs(2), || {
         hold_count(&topo, "held") == 2.0
     });
-    backend_appears(&agent, &vips, &vip.to_string(), "tcp");
+    backend_appears(&agent, &vips);
     std::thread::sleep(Duration::from_millis(2500));
     assert!(hold_count(&topo, "replayed") >= 2.0);
     assert_eq!(

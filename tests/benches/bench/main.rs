@@ -10,13 +10,16 @@
 //!    and the agent's resident memory;
 //! 6. with `--vs-ovn`: 2 and 3 side by side with real OVN's own path on the same veth;
 //! 7. TCP throughput through a veth with the agent attached by each hook, against nothing;
-//! 8. following OVN's VIFs: add-port to attached, 500 VIFs at rest, churn of 100 a second.
+//! 8. following OVN's VIFs: add-port to attached, 500 VIFs at rest, churn of 100 a second;
+//! 9. the first connection after scale-to-zero: backend to connected, held and replayed
+//!    against dropped (the client's own retransmission), for both SYN backoff schedules.
 //!
 //! Arguments: section numbers to run (default all), e.g. `cargo xtask bench -- 1 3`, and
 //! `--vs-ovn` to add section 6 (`cargo xtask bench --vs-ovn -- 6` runs it alone).
 
 mod common;
 mod figure;
+mod first_connect;
 mod flood;
 mod hooks;
 mod latency;
@@ -30,6 +33,7 @@ use std::collections::HashSet;
 
 use crate::{
     figure::{print_table, write_json},
+    first_connect::first_connect,
     flood::flood,
     hooks::hooks,
     latency::latency,
@@ -87,6 +91,9 @@ fn main() {
     }
     if run("8") {
         figures.extend(vifs());
+    }
+    if run("9") {
+        figures.extend(first_connect());
     }
     figures.extend(side_by_side);
     print_table(&figures);

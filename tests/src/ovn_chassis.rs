@@ -10,6 +10,11 @@
 //! ```
 //! Both daemons run inside the node namespace, so the bridge's own tap devices vanish with it;
 //! every file is in a temp dir; everything is stopped and removed on drop.
+//!
+//! [`OvnNode::add_backend_pod`] adds a second port on the switch, a "pod" namespace that can
+//! serve a load balancer's VIP, and a logical router as the client's gateway (as the cluster
+//! router of OVN-Kubernetes is): a packet to a VIP, load-balanced on the switch, goes to the
+//! router by its MAC and is routed back to the backend.
 
 use std::{
     net::Ipv4Addr,
@@ -39,6 +44,14 @@ pub const GATEWAY_MAC: [u8; 6] = [0x02, 0x77, 0, 0, 1, 0x01];
 const GATEWAY_V4: Ipv4Addr = Ipv4Addr::new(192, 168, 77, 1);
 /// MAC of the node's veth end (an OVS port: nothing is addressed to it).
 const NODE_MAC: [u8; 6] = [0x02, 0x77, 0, 0, 1, 0x02];
+/// The logical switch port bound to the backend pod's veth.
+pub const BACKEND_PORT: &str = "vif2";
+/// The backend pod's address.
+pub const BACKEND_V4: Ipv4Addr = Ipv4Addr::new(192, 168, 77, 12);
+/// The backend pod's MAC (its logical port's address).
+pub const BACKEND_MAC: [u8; 6] = [0x02, 0x77, 0, 0, 1, 0x12];
+/// MAC of the node's end of the backend pod's veth.
+const BACKEND_NODE_MAC: [u8; 6] = [0x02, 0x77, 0, 0, 1, 0x03];
 
 /// OVN central plus one chassis, its switch and a client namespace.
 pub struct OvnNode {
@@ -52,6 +65,9 @@ pub struct OvnNode {
     pub client_if: String,
     /// The node's veth end (an OVS port; where unidler attaches).
     pub node_if: String,
+    /// The backend pod's namespace, once added.
+    pub backend_ns: Option<String>,
+    tag: String,
     // Field order is drop order: daemons first, then the Open_vSwitch database, then files.
     controller: Option<Child>,
     vswitchd: Option<Child>,
@@ -71,6 +87,8 @@ impl OvnNode {
             node_ns: format!("{tag}-n"),
             client_if: format!("{tag}c"),
             node_if: format!("{tag}n"),
+            backend_ns: None,
+            tag: tag.clone(),
             controller: None,
             vswitchd: None,
             conf: None,
@@ -201,6 +219,128 @@ impl OvnNode {
         node
     }
 
+    /// Adds a backend pod on the switch (port [`BACKEND_PORT`], [`BACKEND_V4`]) and a logical
+    /// router with the switch's gateway address, and waits until ovn-controller has bound the
+    /// port. Both pods' veths compute full checksums (`tx off`): OVS's userspace conntrack
+    /// calls a partial one invalid. Returns the pod's namespace.
+    #[track_caller]
+    pub fn add_backend_pod(&mut self) -> String {
+        let pod_ns = format!("{}-b", self.tag);
+        let pod_if = format!("{}b", self.tag);
+        let node_side = format!("{}m", self.tag);
+        sh(&["ip", "netns", "add", &pod_ns]);
+        self.backend_ns = Some(pod_ns.clone());
+        sh(&[
+            "ip",
+            "link",
+            "add",
+            &pod_if,
+            "netns",
+            &pod_ns,
+            "address",
+            &mac(BACKEND_MAC),
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &node_side,
+            "netns",
+            &self.node_ns,
+            "address",
+            &mac(BACKEND_NODE_MAC),
+        ]);
+        let p = |args: &[&str]| {
+            let mut full = vec!["ip", "-n", pod_ns.as_str()];
+            full.extend_from_slice(args);
+            sh(&full);
+        };
+        p(&["addr", "add", &format!("{BACKEND_V4}/24"), "dev", &pod_if]);
+        p(&["link", "set", "lo", "up"]);
+        p(&["link", "set", &pod_if, "up"]);
+        p(&["route", "add", "default", "via", &GATEWAY_V4.to_string()]);
+        // The client is on-link: its MAC statically, as the logical switch knows it.
+        p(&[
+            "neigh",
+            "replace",
+            &CLIENT_V4.to_string(),
+            "lladdr",
+            &mac(CLIENT_MAC),
+            "dev",
+            &pod_if,
+        ]);
+        sh(&["ip", "-n", &self.node_ns, "link", "set", &node_side, "up"]);
+        for (ns, iface) in [(&pod_ns, &pod_if), (&self.client_ns, &self.client_if)] {
+            sh(&[
+                "ip", "netns", "exec", ns, "ethtool", "-K", iface, "tx", "off",
+            ]);
+        }
+        self.central.nbctl(&[
+            "lsp-add",
+            SWITCH,
+            BACKEND_PORT,
+            "--",
+            "lsp-set-addresses",
+            BACKEND_PORT,
+            &format!("{} {BACKEND_V4}", mac(BACKEND_MAC)),
+            "--",
+            "lr-add",
+            "lr0",
+            "--",
+            "lrp-add",
+            "lr0",
+            "lr0-sw0",
+            &mac(GATEWAY_MAC),
+            &format!("{GATEWAY_V4}/24"),
+            "--",
+            "lsp-add",
+            SWITCH,
+            "sw0-lr0",
+            "--",
+            "lsp-set-type",
+            "sw0-lr0",
+            "router",
+            "--",
+            "lsp-set-addresses",
+            "sw0-lr0",
+            "router",
+            "--",
+            "lsp-set-options",
+            "sw0-lr0",
+            "router-port=lr0-sw0",
+        ]);
+        self.vsctl(&[
+            "add-port",
+            "br-int",
+            &node_side,
+            "--",
+            "set",
+            "Interface",
+            &node_side,
+            &format!("external_ids:iface-id={BACKEND_PORT}"),
+        ]);
+        self.wait_until("ovn-controller binds the backend port", || {
+            !self
+                .central
+                .sb
+                .sbctl(&[
+                    "--bare",
+                    "--columns=chassis",
+                    "find",
+                    "Port_Binding",
+                    &format!("logical_port={BACKEND_PORT}"),
+                ])
+                .trim()
+                .is_empty()
+        });
+        self.central.nbctl(&["--timeout=120", "--wait=hv", "sync"]);
+        pod_ns
+    }
+
+    /// Runs `f` on a thread inside the backend pod's namespace.
+    pub fn in_backend<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
+        in_netns(self.backend_ns.as_deref().expect("a backend pod"), f)
+    }
+
     /// Adds load balancer `name` with `vips` (`IP:PORT`, no backends, TCP) and
     /// `options:event=true` to the switch, and waits until the chassis has its flows.
     #[track_caller]
@@ -254,6 +394,22 @@ impl OvnNode {
                     .and_then(|n| n.parse::<u64>().ok())
             })
             .sum()
+    }
+
+    /// br-int's OpenFlow flows that match `needle`, as `ovs-ofctl dump-flows` prints them.
+    pub fn flows_matching(&self, needle: &str) -> Vec<String> {
+        run(Command::new("ovs-ofctl")
+            .args(["-O", "OpenFlow15", "dump-flows"])
+            .arg(format!("unix:{}", self.file("br-int.mgmt").display())))
+        .lines()
+        .filter(|l| l.contains(needle))
+        .map(str::to_owned)
+        .collect()
+    }
+
+    /// br-int's OpenFlow management socket (`unix:PATH`), for `ovs-ofctl`.
+    pub fn openflow_target(&self) -> String {
+        format!("unix:{}", self.file("br-int.mgmt").display())
     }
 
     /// Runs `f` on a thread inside the client namespace.
@@ -330,7 +486,14 @@ impl Drop for OvnNode {
         }
         self.conf = None;
         // Deleting the namespaces deletes the veth pair and the bridge's tap devices.
-        for ns in [&self.client_ns, &self.node_ns] {
+        for ns in [
+            Some(&self.client_ns),
+            Some(&self.node_ns),
+            self.backend_ns.as_ref(),
+        ]
+        .into_iter()
+        .flatten()
+        {
             let _ = Command::new("ip").args(["netns", "delete", ns]).output();
         }
     }

@@ -7,6 +7,7 @@ pub mod agent;
 pub mod caps;
 pub mod datapath;
 pub mod event;
+pub mod forwarding;
 pub mod hold;
 pub mod links;
 pub mod ovs_interfaces;

@@ -155,6 +155,17 @@ struct RunArgs {
     /// answered; a UDP datagram only once).
     #[arg(long, env = "UNIDLER_REPLAY_AFTER", default_value = "0s", value_parser = humantime_duration)]
     replay_after: Duration,
+    /// The OVN integration bridge's OpenFlow management socket (`ovs-ofctl` target). With VIPs
+    /// from OVN, held packets of a VIP are replayed once the bridge's flows carry its new
+    /// backend (read with `ovs-ofctl`): a replay that met ovn-controller's old flows would be
+    /// dropped and punted to ovn-controller. Empty: replay as soon as the Southbound database
+    /// has the backend.
+    #[arg(
+        long,
+        env = "UNIDLER_OPENFLOW_BRIDGE",
+        default_value = "unix:/var/run/openvswitch/br-int.mgmt"
+    )]
+    openflow_bridge: String,
     /// Events all VIPs together may raise back to back.
     #[arg(long, env = "UNIDLER_EVENT_BURST", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
     event_burst: u32,
@@ -398,6 +409,10 @@ fn config(args: RunArgs) -> Result<Config> {
             max_age: args.hold_max_age,
             replay_after: args.replay_after,
         },
+        forwarding: (!args.openflow_bridge.is_empty()).then(|| unidler::forwarding::FlowReader {
+            target: args.openflow_bridge.clone(),
+            max_wait: Duration::from_secs(10),
+        }),
         southbound,
         event_queue_size: args.event_queue_size,
         dedup: match args.dedup {

@@ -23,8 +23,10 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 const NIGHTLY: &str = "nightly";
 /// Debian packages the tests need: `ip` for namespaces and veths; OVN and OVS for the
 /// database tests (`ovsdb-server`, `ovsdb-tool`, `ovn-sbctl`, the OVN schemas); OVS's switch
-/// (`ovs-vswitchd`) and `ovn-controller` for the benchmarks' side by side with OVN.
+/// (`ovs-vswitchd`) and `ovn-controller` for the benchmarks' side by side with OVN; `ethtool`
+/// for the pods' checksum offloads in the tests with a real OVN node.
 const DEBIAN_PACKAGES: &[&str] = &[
+    "ethtool",
     "iproute2",
     "ovn-central",
     "ovn-host",

@@ -32,6 +32,10 @@ pub struct Config {
     pub fail_open_after: Duration,
     /// Holding opening packets to idle VIPs and replaying them once the VIP has a backend.
     pub hold: crate::hold::HoldLimits,
+    /// Where the node's forwarding is read before a replay, with VIPs from OVN: held packets
+    /// of a VIP are replayed once the integration bridge's flows carry its backend. None:
+    /// replayed as soon as the VIP source says so.
+    pub forwarding: Option<crate::forwarding::FlowReader>,
     /// The Southbound database: with it, idle hits become Controller_Event rows there;
     /// without it, they are printed on standard output as JSON lines.
     pub southbound: Option<SouthboundConfig>,

@@ -7,6 +7,8 @@
 //!   that got a backend due for replay;
 //! - held-frame ring readable → [`Input::HeldPackets`] → [`HeldPackets`] (bounded);
 //! - replay timer → [`Input::ReplayDue`] → replays through the datapath, expiry;
+//! - forwarding check of a VIP that got a backend (OVN) → [`Input::ForwardingChecked`] → its
+//!   held packets due;
 //! - HTTP endpoint → [`Input::Query`] → answers;
 //! - summary timer and signals.
 
@@ -14,7 +16,7 @@ mod config;
 mod sources;
 
 use std::{
-    collections::{BTreeMap, HashMap, VecDeque},
+    collections::{BTreeMap, HashMap, HashSet, VecDeque},
     io::{self, Write as _},
     sync::{Arc, atomic::Ordering},
     time::{Duration, Instant},
@@ -30,6 +32,7 @@ use self::sources::{Input, ReplayTimer, Signals, Sources};
 use crate::{
     datapath::{self, Counters, Datapath, DatapathError, HeldBytes, Hook, LoadOptions},
     event::{IdleHit, iface_name},
+    forwarding::{self, FlowReader, ForwardingCheck},
     hold::HeldPackets,
     links::LinkChanges,
     ovs_interfaces::{self, InterfaceNames},
@@ -60,6 +63,12 @@ pub struct Agent {
     registry: VipRegistry,
     /// Opening packets to idle VIPs, held until their VIP has a backend.
     held: HeldPackets,
+    /// Reads the node's forwarding before a replay (VIPs from OVN), and where it says so.
+    forwarding: Option<(FlowReader, mpsc::UnboundedSender<(VipKey, ForwardingCheck)>)>,
+    /// VIPs whose forwarding is being checked.
+    forwarding_pending: HashSet<VipKey>,
+    /// Whether unreadable forwarding was logged.
+    forwarding_warned: bool,
     /// `VIP_FLAG_*` bits every VIP gets.
     vip_flags: u32,
     /// Where idle hits go.
@@ -210,10 +219,18 @@ impl Agent {
             info!("holding is off (--hold-max-age 0): clients wait for their own retransmission");
         }
         let last_summary = datapath.counters()?;
+        let (forwarding_tx, forwarding_rx) = mpsc::unbounded_channel();
         let mut agent = Self {
             datapath,
             registry: VipRegistry::new(),
             held: HeldPackets::new(hold, metrics.hold.clone()),
+            forwarding: config
+                .forwarding
+                .clone()
+                .filter(|_| config.vips == VipSourceConfig::Ovn)
+                .map(|reader| (reader, forwarding_tx)),
+            forwarding_pending: HashSet::new(),
+            forwarding_warned: false,
             vip_flags: config.idle_action.vip_flags(),
             output: match sink {
                 Some(sink) => HitOutput::Sink(sink),
@@ -298,6 +315,7 @@ impl Agent {
             ring: readable(events).context("registering the event ring with epoll")?,
             held: readable(held_ring).context("registering the held-frame ring with epoll")?,
             replay: ReplayTimer::new(),
+            forwarding: forwarding_rx,
             vip_updates,
             queries,
             summary: Sources::summary_timer(config.summary_interval),
@@ -319,6 +337,9 @@ impl Agent {
                 Input::IdleHits(events) => self.on_idle_hits(&events)?,
                 Input::HeldPackets(frames) => self.on_held_packets(frames),
                 Input::ReplayDue => self.on_replay_due(),
+                Input::ForwardingChecked(vip, readiness) => {
+                    self.on_forwarding_checked(vip, readiness)
+                }
                 Input::Vips(update) => self.on_vips(update)?,
                 Input::Query(query) => self.on_query(query),
                 Input::SummaryDue => self.on_summary_due()?,
@@ -378,11 +399,63 @@ impl Agent {
     /// Opening packets the kernel dropped for idle VIPs: held (within the limits).
     fn on_held_packets(&mut self, frames: Vec<HeldBytes>) {
         let now = datapath::monotonic_ns();
+        let vips: HashSet<VipKey> = frames.iter().map(|f| f.vip).collect();
         for frame in frames {
             self.held.hold(frame, now);
         }
-        // Frames the kernel held just before their VIP got a backend are due at once.
+        // Frames the kernel held just before their VIP got a backend.
+        for vip in vips {
+            if self.has_backends(&vip) {
+                self.backends_appeared(vip);
+            }
+        }
         self.held.replay_due(now, &mut self.datapath);
+    }
+
+    /// Whether the registry gives `vip` backends now.
+    fn has_backends(&self, vip: &VipKey) -> bool {
+        Vip::from_key(vip)
+            .and_then(|v| self.registry.get(&v))
+            .is_some_and(|e| e.backends > 0)
+    }
+
+    /// `vip` has a backend: its held packets are due once the node's forwarding carries it
+    /// (checked off the loop, with VIPs from OVN), else at once.
+    fn backends_appeared(&mut self, vip: VipKey) {
+        if self.held.held_for(&vip) == 0 {
+            return;
+        }
+        match &self.forwarding {
+            Some((reader, done)) => {
+                if self.forwarding_pending.insert(vip) {
+                    reader.wait_for(vip, done.clone());
+                }
+            }
+            None => self.held.backends_appeared(&vip, datapath::monotonic_ns()),
+        }
+    }
+
+    /// The node's forwarding was checked for `vip`: its held packets are due (if it still has
+    /// a backend).
+    fn on_forwarding_checked(&mut self, vip: VipKey, readiness: ForwardingCheck) {
+        self.forwarding_pending.remove(&vip);
+        match readiness {
+            ForwardingCheck::Ready => {}
+            ForwardingCheck::TimedOut => warn!(
+                vip = ?Vip::from_key(&vip).map(|v| v.to_string()),
+                "the integration bridge's flows do not carry the backend yet: replaying anyway"
+            ),
+            ForwardingCheck::Unknown => {
+                if let Some((reader, _)) = &self.forwarding {
+                    forwarding::warn_unknown_once(&mut self.forwarding_warned, &reader.target);
+                }
+            }
+        }
+        if self.has_backends(&vip) {
+            let now = datapath::monotonic_ns();
+            self.held.backends_appeared(&vip, now);
+            self.held.replay_due(now, &mut self.datapath);
+        }
     }
 
     /// Held packets due: replayed, or discarded when too old.
@@ -400,9 +473,7 @@ impl Agent {
         let now = datapath::monotonic_ns();
         for change in changes {
             match change {
-                MapChange::Upsert(key, state) if state.backends > 0 => {
-                    self.held.backends_appeared(key, now)
-                }
+                MapChange::Upsert(key, state) if state.backends > 0 => self.backends_appeared(*key),
                 MapChange::Upsert(key, _) => self.held.backends_gone(key),
                 MapChange::Remove(key) => self.held.vip_removed(key, &mut self.datapath),
             }

@@ -11,10 +11,11 @@ use tokio::{
     sync::mpsc,
     time::{Instant, Interval, Sleep, interval_at},
 };
-use unidler_common::IdleHitEvent;
+use unidler_common::{IdleHitEvent, VipKey};
 
 use crate::{
     datapath::{EventRing, HeldBytes, HeldRing},
+    forwarding::ForwardingCheck,
     links::LinkChanges,
     ovs_interfaces::InterfaceNames,
     telemetry::Query,
@@ -29,6 +30,8 @@ pub enum Input {
     HeldPackets(Vec<HeldBytes>),
     /// Time to replay held packets (or discard old ones).
     ReplayDue,
+    /// The node's forwarding was checked for a VIP that got a backend.
+    ForwardingChecked(VipKey, ForwardingCheck),
     /// A VIP source's update.
     Vips(VipUpdate),
     /// A question from the HTTP endpoint.
@@ -56,6 +59,8 @@ pub struct Sources {
     pub held: AsyncFd<HeldRing>,
     /// When held packets are next due (armed by the agent after each input).
     pub replay: ReplayTimer,
+    /// Results of forwarding checks.
+    pub forwarding: mpsc::UnboundedReceiver<(VipKey, ForwardingCheck)>,
     /// VIP sources' updates.
     pub vip_updates: mpsc::UnboundedReceiver<VipUpdate>,
     /// The HTTP endpoint's questions.
@@ -134,6 +139,7 @@ impl Sources {
             ring,
             held,
             replay,
+            forwarding,
             vip_updates,
             queries,
             summary,
@@ -162,6 +168,7 @@ impl Sources {
                 replay.armed = false;
                 Ok(Input::ReplayDue)
             }
+            Some((vip, readiness)) = forwarding.recv() => Ok(Input::ForwardingChecked(vip, readiness)),
             Some(update) = vip_updates.recv() => Ok(Input::Vips(update)),
             Some(query) = queries.recv() => Ok(Input::Query(query)),
             _ = async { summary.as_mut().expect("guarded by if").tick().await }, if summary.is_some() => {

@@ -1,0 +1,148 @@
+//! On a real OVN node (ovn-northd, ovs-vswitchd with the userspace datapath, ovn-controller),
+//! the test acting as the CMS: a client's first connection to an idle service is held by
+//! unidler, the CMS reads and deletes the Controller_Event row and, a moment later, adds the
+//! backend in the Northbound database; the held SYN is replayed through OVN's own forwarding
+//! (load balancer, router, ACLs as configured) and the connection succeeds within 200 ms of
+//! that commit. OVN writes no row of its own for the replayed packet.
+
+use std::{
+    io::{Read, Write},
+    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use unidler_tests::{
+    agent::{Agent, southbound_args},
+    netns::sh,
+    ovn_chassis::{BACKEND_V4, OvnNode},
+    ovsdb_server::{Southbound, TempDir},
+    require_root,
+};
+
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 9, 9);
+const PORT: u16 = 8080;
+/// When the CMS adds the backend, after the client's first SYN (its next retransmission, on
+/// the exponential schedule, is due at 3 s).
+const BACKEND_AFTER: Duration = Duration::from_millis(1300);
+/// How soon after the Northbound commit the client must be connected.
+const WITHIN: Duration = Duration::from_millis(200);
+
+#[test]
+fn the_first_connection_succeeds_through_ovn_once_the_cms_adds_the_backend() {
+    require_root();
+    let mut node = OvnNode::start("oh");
+    node.add_backend_pod();
+    node.add_idle_load_balancer("web", &[format!("{VIP}:{PORT}")]);
+    let listener = node.in_backend(|| TcpListener::bind((BACKEND_V4, PORT)).unwrap());
+    let accepted = Arc::new(AtomicUsize::new(0));
+    {
+        let accepted = accepted.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { return };
+                accepted.fetch_add(1, Ordering::SeqCst);
+                std::thread::spawn(move || {
+                    let mut buf = [0u8; 64];
+                    while let Ok(n) = stream.read(&mut buf) {
+                        if n == 0 || stream.write_all(&buf[..n]).is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+    }
+    sh(&[
+        "ip",
+        "netns",
+        "exec",
+        &node.client_ns,
+        "sysctl",
+        "-qw",
+        "net.ipv4.tcp_syn_linear_timeouts=0",
+    ]);
+
+    let state = TempDir::new("ohstate");
+    let sb = node.central.sb.unix_remote();
+    let openflow = node.openflow_target();
+    let mut agent = Agent::start(
+        &node.node_ns,
+        &[
+            southbound_args(&node.node_if, &sb, state.path_str()),
+            // ovs-vswitchd's userspace datapath reads the veth through AF_PACKET, before TC
+            // ingress: here only XDP keeps the SYN from OVN.
+            vec!["--hook", "xdp", "--openflow-bridge", &openflow],
+        ]
+        .concat(),
+    );
+    agent.wait_for_log("VIP map synced", Duration::from_secs(30));
+
+    let vip = SocketAddr::new(VIP.into(), PORT);
+    let client = {
+        let ns = node.client_ns.clone();
+        std::thread::spawn(move || {
+            unidler_tests::netns::in_netns(&ns, || {
+                let mut stream = TcpStream::connect_timeout(&vip, Duration::from_secs(10))
+                    .expect("the first connect succeeds");
+                let connected = Instant::now();
+                stream.write_all(b"ping").unwrap();
+                let mut reply = [0u8; 4];
+                stream.read_exact(&mut reply).expect("the backend answers");
+                connected
+            })
+        })
+    };
+    let started = Instant::now();
+
+    // The CMS: reads the row, deletes it (as ovn-kubernetes does), scales the workload up.
+    let deadline = started + Duration::from_secs(1);
+    let row = loop {
+        if let Some(row) = node.central.sb.event_rows().into_iter().next() {
+            break row;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no Controller_Event row for the first SYN"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(row.event_info["vip"], format!("{VIP}:{PORT}"));
+    std::thread::sleep(BACKEND_AFTER.saturating_sub(started.elapsed()));
+    // Rows of the client's retransmission at 1 s, deleted as the CMS does.
+    node.central
+        .sb
+        .sbctl(&["--all", "destroy", "Controller_Event"]);
+    assert_eq!(
+        node.packets_punted_for(VIP.into()),
+        0,
+        "while idle, every SYN was held by unidler, none punted by OVN"
+    );
+    node.central.nbctl(&[
+        "set",
+        "Load_Balancer",
+        "web",
+        &format!("vips:\"{VIP}:{PORT}\"=\"{BACKEND_V4}:{PORT}\""),
+    ]);
+    let committed = Instant::now();
+
+    let connected = client.join().expect("client");
+    let after = connected.saturating_duration_since(committed);
+    assert!(
+        after < WITHIN,
+        "connected {after:?} after the Northbound commit (limit {WITHIN:?}); agent log:\n{}",
+        agent.log_lines().cloned().collect::<Vec<_>>().join("\n")
+    );
+    assert_eq!(accepted.load(Ordering::SeqCst), 1, "one connection");
+    std::thread::sleep(Duration::from_secs(1));
+    eprintln!("connected {after:?} after the Northbound commit");
+    assert_eq!(
+        node.central.sb.event_rows(),
+        Vec::new(),
+        "no row for a service that is waking; the VIP's flows:\n{}",
+        node.flows_matching(&format!("nw_dst={VIP},")).join("\n")
+    );
+}

@@ -3,16 +3,19 @@
 //! later. Measured: from the backend appearing (the VIP source's change reaching the agent) to
 //! the client's connection established, with holding (the agent replays the held SYN) and
 //! without (`--hold-max-age 0`: dropped, as OVN does, so the client waits for its next
-//! retransmission), for both SYN backoff schedules.
+//! retransmission), for both SYN backoff schedules. With `--vs-ovn`, the same on a real OVN
+//! node: OVN alone against unidler, from the Northbound commit that adds the backend.
 
 use std::{
-    net::{SocketAddr, TcpListener, TcpStream},
+    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
     time::{Duration, Instant},
 };
 
 use unidler_tests::{
-    agent::Agent,
+    agent::{Agent, southbound_args},
     netns::{SERVER_V4, Topology, in_netns, sh},
+    ovn_chassis::{BACKEND_V4, OvnNode},
+    ovsdb_server::{Southbound as _, TempDir},
     vips_file::VipsFile,
 };
 
@@ -89,4 +92,94 @@ pub(crate) fn first_connect() -> Vec<Figure> {
         }
     }
     out
+}
+
+/// The same on a real OVN node (with `--vs-ovn`): OVN alone against unidler on the client's
+/// veth, the benchmark acting as the CMS (reads and deletes the row, then adds the backend in
+/// the Northbound database); measured from that commit to the client's connection.
+pub(crate) fn first_connect_on_ovn() -> Vec<Figure> {
+    let mut node = OvnNode::start("fco");
+    node.add_backend_pod();
+    let vip = SocketAddr::new(Ipv4Addr::new(10, 96, 9, 9).into(), 8080);
+    node.add_idle_load_balancer("web", &[vip.to_string()]);
+    let listener = node.in_backend(|| TcpListener::bind((BACKEND_V4, vip.port())).unwrap());
+    std::thread::spawn(move || for _ in listener.incoming() {});
+    let state = TempDir::new("fcostate");
+    let sb = node.central.sb.unix_remote();
+    let openflow = node.openflow_target();
+    let mut out = Vec::new();
+    for (schedule, name) in [(0u8, "exponential (RHEL)"), (4, "linear (6.5+ default)")] {
+        sh(&[
+            "ip",
+            "netns",
+            "exec",
+            &node.client_ns,
+            "sysctl",
+            "-qw",
+            &format!("net.ipv4.tcp_syn_linear_timeouts={schedule}"),
+        ]);
+        for ready_after in READY_AFTER {
+            let ovn = commit_to_connect(&node, vip, ready_after);
+            let mut agent = Agent::start(
+                &node.node_ns,
+                &[
+                    southbound_args(&node.node_if, &sb, state.path_str()),
+                    // The userspace datapath reads the veth before TC: XDP here.
+                    vec!["--hook", "xdp", "--openflow-bridge", &openflow],
+                    vec!["--summary-interval", "0"],
+                ]
+                .concat(),
+            );
+            agent.wait_for_log("VIP map synced", Duration::from_secs(30));
+            let held = commit_to_connect(&node, vip, ready_after);
+            agent.signal(libc::SIGTERM);
+            agent.wait(Duration::from_secs(10));
+            out.push(
+                figure(
+                    "9 first connect",
+                    format!("OVN node: backend {ready_after} s after the SYN, {name}: unidler"),
+                    held * 1000.0,
+                    "ms",
+                )
+                .vs("OVN alone", ovn * 1000.0)
+                .target("within 100 ms of the commit"),
+            );
+        }
+    }
+    out
+}
+
+/// One run on the OVN node: the VIP idle, the client connects, the CMS consumes the rows and
+/// adds the backend `ready_after` seconds later; seconds from that commit to the connection.
+fn commit_to_connect(node: &OvnNode, vip: SocketAddr, ready_after: f64) -> f64 {
+    let set_vip = |backend: &str| format!("vips:\"{vip}\"=\"{backend}\"");
+    node.central
+        .nbctl(&["--wait=hv", "set", "Load_Balancer", "web", &set_vip("")]);
+    node.central
+        .sb
+        .sbctl(&["--all", "destroy", "Controller_Event"]);
+    let client = {
+        let ns = node.client_ns.clone();
+        std::thread::spawn(move || {
+            in_netns(&ns, || {
+                let stream = TcpStream::connect_timeout(&vip, Duration::from_secs(30));
+                let at = Instant::now();
+                stream.expect("connects");
+                at
+            })
+        })
+    };
+    std::thread::sleep(Duration::from_secs_f64(ready_after));
+    node.central
+        .sb
+        .sbctl(&["--all", "destroy", "Controller_Event"]);
+    node.central.nbctl(&[
+        "set",
+        "Load_Balancer",
+        "web",
+        &set_vip(&format!("{BACKEND_V4}:{}", vip.port())),
+    ]);
+    let committed = Instant::now();
+    let connected = client.join().expect("client");
+    connected.saturating_duration_since(committed).as_secs_f64()
 }

@@ -12,7 +12,8 @@
 //! 7. TCP throughput through a veth with the agent attached by each hook, against nothing;
 //! 8. following OVN's VIFs: add-port to attached, 500 VIFs at rest, churn of 100 a second;
 //! 9. the first connection after scale-to-zero: backend to connected, held and replayed
-//!    against dropped (the client's own retransmission), for both SYN backoff schedules.
+//!    against dropped (the client's own retransmission), for both SYN backoff schedules; with
+//!    `--vs-ovn` also on a real OVN node, unidler against OVN alone.
 //!
 //! Arguments: section numbers to run (default all), e.g. `cargo xtask bench -- 1 3`, and
 //! `--vs-ovn` to add section 6 (`cargo xtask bench --vs-ovn -- 6` runs it alone).
@@ -33,7 +34,7 @@ use std::collections::HashSet;
 
 use crate::{
     figure::{print_table, write_json},
-    first_connect::first_connect,
+    first_connect::{first_connect, first_connect_on_ovn},
     flood::flood,
     hooks::hooks,
     latency::latency,
@@ -94,6 +95,9 @@ fn main() {
     }
     if run("9") {
         figures.extend(first_connect());
+        if with_ovn {
+            figures.extend(first_connect_on_ovn());
+        }
     }
     figures.extend(side_by_side);
     print_table(&figures);

@@ -72,7 +72,7 @@ pub struct HoldMetrics {
     /// Packets held now.
     pub held_now: Gauge,
     /// Held packets by what became of them (`held`, `retransmission`, `over_limit_vip`,
-    /// `over_limit_total`, `replayed`, `answered`, `expired`, `discarded`).
+    /// `over_limit_total`, `replayed`, `answered`, `expired`, `discarded`, `replay_failed`).
     pub packets: Family<[(&'static str, &'static str); 1], Counter>,
     /// Seconds from the first packet held for a VIP to its first replay.
     pub wait_seconds: Histogram,
@@ -306,7 +306,14 @@ impl HeldPackets {
                     frame::complete_checksum(&mut frame, &parsed);
                 }
                 if let Err(e) = replayer.replay(&frame, packet.ifindex) {
-                    warn!(ifindex = packet.ifindex, "replay failed: {e}");
+                    // Its interface is gone (a pod deleted meanwhile), or the kernel refused:
+                    // another try would fare no better.
+                    warn!(
+                        ifindex = packet.ifindex,
+                        "replay failed, packet discarded: {e}"
+                    );
+                    done.push((*key, at, "replay_failed"));
+                    continue;
                 }
                 packet.replays += 1;
                 self.metrics.count("replayed", 1);

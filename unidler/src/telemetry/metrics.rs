@@ -89,7 +89,8 @@ pub fn registry(
         "unidler_hold_packets",
         "Opening packets to idle VIPs, by what became of them: held, retransmission (of a held \
          flow, not held twice), over_limit_vip, over_limit_total, replayed (each replay), \
-         answered (a replayed SYN the client acknowledged), expired, discarded (VIP deleted)",
+         answered (a replayed SYN the client acknowledged), expired, discarded (VIP deleted), \
+         replay_failed (its interface gone)",
         agent.hold.packets.clone(),
     );
     registry.register(

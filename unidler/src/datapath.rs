@@ -704,21 +704,6 @@ impl Datapath {
     }
 }
 
-impl crate::hold::Replayer for Datapath {
-    fn replay(&mut self, frame: &[u8], ifindex: u32) -> Result<(), DatapathError> {
-        Datapath::replay(self, frame, ifindex)
-    }
-    fn watch(&mut self, flow: &FlowKey) -> Result<(), DatapathError> {
-        self.watch_answer(flow)
-    }
-    fn answered(&self, flow: &FlowKey) -> bool {
-        self.is_answered(flow)
-    }
-    fn forget(&mut self, flow: &FlowKey, none_left: bool) -> Result<(), DatapathError> {
-        self.forget_answer(flow, none_left)
-    }
-}
-
 impl Drop for Datapath {
     fn drop(&mut self) {
         self.detach_all();

@@ -13,6 +13,7 @@
 //! - summary timer and signals.
 
 mod config;
+mod replay;
 mod sources;
 
 use std::{
@@ -30,9 +31,9 @@ use unidler_common::{Counter, IdleHitEvent, VipKey};
 pub use self::config::{Config, IdleAction, InterfaceSelector, VipSourceConfig};
 use self::sources::{Input, ReplayTimer, Signals, Sources};
 use crate::{
-    datapath::{self, Counters, Datapath, DatapathError, HeldBytes, Hook, LoadOptions},
+    datapath::{self, Counters, Datapath, DatapathError, Hook, LoadOptions},
     event::{IdleHit, iface_name},
-    forwarding::{self, FlowReader, ForwardingCheck},
+    forwarding::{FlowReader, ForwardingCheck},
     hold::HeldPackets,
     links::LinkChanges,
     ovs_interfaces::{self, InterfaceNames},
@@ -394,91 +395,6 @@ impl Agent {
                 .context("writing events to standard output")?;
         }
         Ok(())
-    }
-
-    /// Opening packets the kernel dropped for idle VIPs: held (within the limits).
-    fn on_held_packets(&mut self, frames: Vec<HeldBytes>) {
-        let now = datapath::monotonic_ns();
-        let vips: HashSet<VipKey> = frames.iter().map(|f| f.vip).collect();
-        for frame in frames {
-            self.held.hold(frame, now);
-        }
-        // Frames the kernel held just before their VIP got a backend.
-        for vip in vips {
-            if self.has_backends(&vip) {
-                self.backends_appeared(vip);
-            }
-        }
-        self.held.replay_due(now, &mut self.datapath);
-    }
-
-    /// Whether the registry gives `vip` backends now.
-    fn has_backends(&self, vip: &VipKey) -> bool {
-        Vip::from_key(vip)
-            .and_then(|v| self.registry.get(&v))
-            .is_some_and(|e| e.backends > 0)
-    }
-
-    /// `vip` has a backend: its held packets are due once the node's forwarding carries it
-    /// (checked off the loop, with VIPs from OVN), else at once.
-    fn backends_appeared(&mut self, vip: VipKey) {
-        if self.held.held_for(&vip) == 0 {
-            return;
-        }
-        match &self.forwarding {
-            Some((reader, done)) => {
-                if self.forwarding_pending.insert(vip) {
-                    reader.wait_for(vip, done.clone());
-                }
-            }
-            None => self.held.backends_appeared(&vip, datapath::monotonic_ns()),
-        }
-    }
-
-    /// The node's forwarding was checked for `vip`: its held packets are due (if it still has
-    /// a backend).
-    fn on_forwarding_checked(&mut self, vip: VipKey, readiness: ForwardingCheck) {
-        self.forwarding_pending.remove(&vip);
-        match readiness {
-            ForwardingCheck::Ready => {}
-            ForwardingCheck::TimedOut => warn!(
-                vip = ?Vip::from_key(&vip).map(|v| v.to_string()),
-                "the integration bridge's flows do not carry the backend yet: replaying anyway"
-            ),
-            ForwardingCheck::Unknown => {
-                if let Some((reader, _)) = &self.forwarding {
-                    forwarding::warn_unknown_once(&mut self.forwarding_warned, &reader.target);
-                }
-            }
-        }
-        if self.has_backends(&vip) {
-            let now = datapath::monotonic_ns();
-            self.held.backends_appeared(&vip, now);
-            self.held.replay_due(now, &mut self.datapath);
-        }
-    }
-
-    /// Held packets due: replayed, or discarded when too old.
-    fn on_replay_due(&mut self) {
-        self.held
-            .replay_due(datapath::monotonic_ns(), &mut self.datapath);
-    }
-
-    /// Tells the held packets what the map changes mean for them: a VIP with a backend now
-    /// replays, one idle again waits, a deleted one discards.
-    fn hold_follows(&mut self, changes: &[MapChange]) {
-        if self.held.is_empty() {
-            return;
-        }
-        let now = datapath::monotonic_ns();
-        for change in changes {
-            match change {
-                MapChange::Upsert(key, state) if state.backends > 0 => self.backends_appeared(*key),
-                MapChange::Upsert(key, _) => self.held.backends_gone(key),
-                MapChange::Remove(key) => self.held.vip_removed(key, &mut self.datapath),
-            }
-        }
-        self.held.replay_due(now, &mut self.datapath);
     }
 
     /// A VIP update: applied to the registry and the kernel map.

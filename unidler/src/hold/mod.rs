@@ -26,7 +26,7 @@ use prometheus_client::metrics::{
 use tracing::{debug, info, warn};
 use unidler_common::{FlowKey, IPPROTO_TCP, VipKey};
 
-use crate::datapath::{DatapathError, HeldBytes};
+use crate::datapath::{Datapath, DatapathError, HeldBytes};
 
 /// How much may be held, and for how long.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -64,6 +64,21 @@ pub trait Replayer {
     fn answered(&self, flow: &FlowKey) -> bool;
     /// Stops watching `flow`; `none_left`: no flow is watched any more.
     fn forget(&mut self, flow: &FlowKey, none_left: bool) -> Result<(), DatapathError>;
+}
+
+impl Replayer for Datapath {
+    fn replay(&mut self, frame: &[u8], ifindex: u32) -> Result<(), DatapathError> {
+        Datapath::replay(self, frame, ifindex)
+    }
+    fn watch(&mut self, flow: &FlowKey) -> Result<(), DatapathError> {
+        self.watch_answer(flow)
+    }
+    fn answered(&self, flow: &FlowKey) -> bool {
+        self.is_answered(flow)
+    }
+    fn forget(&mut self, flow: &FlowKey, none_left: bool) -> Result<(), DatapathError> {
+        self.forget_answer(flow, none_left)
+    }
 }
 
 /// What the hold counts, exported as metrics (cheap to clone: the values are shared).

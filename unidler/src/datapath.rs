@@ -2,14 +2,21 @@
 //! one parser, shared maps), attaches them to interfaces, and owns the maps (VIPs, counters,
 //! rate limits, heartbeat, event ring).
 //!
-//! Dropping a [`Datapath`] detaches the program everywhere. Attachments are BPF links owned
-//! by this process, so a crash detaches them too and the next run starts clean.
+//! Without a pin directory, dropping a [`Datapath`] detaches the program everywhere:
+//! attachments are BPF links owned by this process, so a crash detaches them too and the next
+//! run starts clean. With one ([`LoadOptions::pin_dir`], see [`crate::pinning`]), maps and
+//! links are pinned: they outlive the process, and the next [`Datapath::load`] adopts them.
 
-use std::{io, os::fd::AsRawFd, sync::Arc, time::Duration};
+use std::{
+    io,
+    os::fd::{AsFd as _, AsRawFd},
+    sync::Arc,
+    time::Duration,
+};
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, MapData, MapType, PerCpuArray, RingBuf},
     programs::{
         ProgramError, SchedClassifier, TcAttachType, TestRun, TestRunAttrs, TestRunOptions, Xdp,
         XdpMode, tc::SchedClassifierLinkId, xdp::XdpLinkId,
@@ -22,7 +29,10 @@ use unidler_common::{
     REPLAY_PROGRAM_NAME, RateLimitConfig, TC_PROGRAM_NAME, VipKey, VipState, address_bucket,
 };
 
-use crate::caps;
+use crate::{
+    caps,
+    pinning::{self, MapFate, MapShape, PinDir, PinnedAttachment},
+};
 
 /// The eBPF object (XDP and TC programs, their maps) built by `build.rs` from
 /// `unidler-ebpf`, embedded in the binary.
@@ -88,10 +98,12 @@ struct Attachment {
 enum Link {
     Xdp(XdpLinkId),
     Tc(SchedClassifierLinkId),
+    /// A link pinned in the pin directory: outlives the process.
+    Pinned(PinnedAttachment),
 }
 
 /// Settings fixed when the program is loaded.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct LoadOptions {
     /// Event rate limits enforced in the kernel.
     pub rate_limits: RateLimitConfig,
@@ -102,6 +114,9 @@ pub struct LoadOptions {
     pub fail_open_after: Duration,
     /// Capacity of the VIP map (each entry costs the kernel about 100 bytes).
     pub max_vips: u32,
+    /// Where maps and links are pinned (on a bpffs), so that the datapath outlives the
+    /// process; None: it goes with the process.
+    pub pin_dir: Option<std::path::PathBuf>,
 }
 
 impl Default for LoadOptions {
@@ -111,8 +126,62 @@ impl Default for LoadOptions {
             kernel_log_level: 3,
             fail_open_after: Duration::ZERO,
             max_vips: unidler_common::VIP_MAP_CAPACITY,
+            pin_dir: None,
         }
     }
+}
+
+/// The maps pinned with `--pin-dir`, by name, with the shape the program needs.
+fn pinned_maps(max_vips: u32) -> [(&'static str, MapShape); 10] {
+    use unidler_common::{
+        ADDRESS_FILTER_WORDS, ANSWERED_FLOWS_CAPACITY, EVENT_RING_BYTES, HELD_RING_BYTES,
+    };
+    let shape = |map_type, key_size: usize, value_size: usize, max_entries| MapShape {
+        map_type,
+        key_size: key_size as u32,
+        value_size: value_size as u32,
+        max_entries,
+    };
+    [
+        (
+            "VIPS",
+            shape(
+                MapType::Hash,
+                size_of::<VipKey>(),
+                size_of::<VipState>(),
+                max_vips,
+            ),
+        ),
+        (
+            "VIP_ADDRESS_FILTER",
+            shape(MapType::Array, 4, 8, ADDRESS_FILTER_WORDS),
+        ),
+        ("EVENTS", shape(MapType::RingBuf, 0, 0, EVENT_RING_BYTES)),
+        ("HELD", shape(MapType::RingBuf, 0, 0, HELD_RING_BYTES)),
+        (
+            "COUNTERS",
+            shape(MapType::PerCpuArray, 4, 8, Counter::COUNT),
+        ),
+        (
+            "CONFIG",
+            shape(MapType::Array, 4, size_of::<RateLimitConfig>(), 1),
+        ),
+        (
+            "HEARTBEAT",
+            shape(MapType::Array, 4, size_of::<Heartbeat>(), 1),
+        ),
+        ("GLOBAL_LIMITER", shape(MapType::Array, 4, 8, 1)),
+        ("HOLD", shape(MapType::Array, 4, size_of::<HoldConfig>(), 1)),
+        (
+            "ANSWERED_FLOWS",
+            shape(
+                MapType::Hash,
+                size_of::<FlowKey>(),
+                4,
+                ANSWERED_FLOWS_CAPACITY,
+            ),
+        ),
+    ]
 }
 
 /// `CLOCK_MONOTONIC` now, in nanoseconds: the clock of the kernel's timestamps
@@ -170,6 +239,9 @@ pub enum DatapathError {
     /// A test run of the program failed.
     #[error("BPF_PROG_TEST_RUN failed: {0}")]
     TestRun(#[source] ProgramError),
+    /// The pin directory could not be used.
+    #[error("--pin-dir: {0}")]
+    Pin(String),
 }
 
 /// Forwards the program's aya-log records to `log` (and so to the agent's log).
@@ -188,6 +260,8 @@ pub struct Datapath {
     heartbeat: Array<MapData, Heartbeat>,
     fail_open_after_ns: u64,
     max_vips: u32,
+    /// The pin directory, if the datapath outlives the process.
+    pins: Option<PinDir>,
     events: Option<RingBuf<MapData>>,
     held: Option<RingBuf<MapData>>,
     hold: Array<MapData, HoldConfig>,
@@ -200,9 +274,40 @@ pub struct Datapath {
 impl Datapath {
     /// Loads the program into the kernel (without attaching it) and writes its configuration.
     pub fn load(options: &LoadOptions) -> Result<Self, DatapathError> {
-        let mut ebpf = EbpfLoader::new()
+        let max_vips = options.max_vips.max(1);
+        let pins = match &options.pin_dir {
+            Some(dir) => Some(PinDir::open(dir).map_err(|e| DatapathError::Pin(e.to_string()))?),
+            None => None,
+        };
+        let mut loader = EbpfLoader::new();
+        loader
             .override_global("AYA_LOG_LEVEL", &options.kernel_log_level, false)
-            .map_max_entries("VIPS", options.max_vips.max(1))
+            .map_max_entries("VIPS", max_vips);
+        let mut adopted_vips = false;
+        let mut adopted_heartbeat = false;
+        if let Some(pins) = &pins {
+            for (name, shape) in pinned_maps(max_vips) {
+                if name == "VIP_ADDRESS_FILTER" && !adopted_vips {
+                    // The prefilter describes the VIP map: a new VIP map gets a new one.
+                    let _ = std::fs::remove_file(pins.map_path(name));
+                }
+                let fate = pins
+                    .prepare_map(name, shape)
+                    .map_err(|e| DatapathError::Pin(format!("map {name}: {e}")))?;
+                match &fate {
+                    MapFate::Adopted => tracing::debug!(map = name, "pinned map adopted"),
+                    MapFate::Created => tracing::debug!(map = name, "map created and pinned"),
+                    MapFate::Recreated(why) => tracing::warn!(
+                        map = name,
+                        "pinned map has another shape: re-created empty ({why})"
+                    ),
+                }
+                adopted_vips |= name == "VIPS" && fate == MapFate::Adopted;
+                adopted_heartbeat |= name == "HEARTBEAT" && fate == MapFate::Adopted;
+                loader.map_pin_path(name, pins.map_path(name));
+            }
+        }
+        let mut ebpf = loader
             .load(PROGRAM_OBJECT)
             .map_err(|err| match privileges_error(&err) {
                 Some(msg) => DatapathError::Privileges(msg),
@@ -248,8 +353,38 @@ impl Datapath {
             })?;
         let mut heartbeat: Array<_, Heartbeat> = take_map(&mut ebpf, "HEARTBEAT")?;
         let fail_open_after_ns = options.fail_open_after.as_nanos() as u64;
-        write_heartbeat(&mut heartbeat, fail_open_after_ns)?;
-        let vips = take_map(&mut ebpf, "VIPS")?;
+        if adopted_heartbeat {
+            // The map is adopted: the last agent's heartbeat stands (idle VIPs keep failing
+            // open if it is old) until this agent can vouch for the map.
+            let renewed_ns = heartbeat.get(&0, 0).map_or(0, |h| h.renewed_ns);
+            heartbeat
+                .set(
+                    0,
+                    Heartbeat {
+                        renewed_ns,
+                        fail_open_after_ns,
+                    },
+                    0,
+                )
+                .map_err(|source| DatapathError::Map {
+                    map: "HEARTBEAT",
+                    source,
+                })?;
+        } else {
+            write_heartbeat(&mut heartbeat, fail_open_after_ns)?;
+        }
+        let vips: HashMap<MapData, VipKey, VipState> = take_map(&mut ebpf, "VIPS")?;
+        let mut keys = std::collections::HashSet::new();
+        let mut bucket_counts = std::collections::HashMap::new();
+        if adopted_vips {
+            // What the last agent left in the map: the prefilter already has these bits.
+            for key in vips.keys().flatten() {
+                *bucket_counts
+                    .entry(address_bucket(&key.addr))
+                    .or_insert(0u32) += 1;
+                keys.insert(key);
+            }
+        }
         let address_filter = take_map(&mut ebpf, "VIP_ADDRESS_FILTER")?;
         let counters = CounterReader(Arc::new(take_map(&mut ebpf, "COUNTERS")?));
         let events = Some(take_map(&mut ebpf, "EVENTS")?);
@@ -260,12 +395,13 @@ impl Datapath {
             ebpf,
             vips,
             address_filter,
-            keys: Default::default(),
-            bucket_counts: Default::default(),
+            keys,
+            bucket_counts,
             counters,
             heartbeat,
             fail_open_after_ns,
-            max_vips: options.max_vips.max(1),
+            max_vips,
+            pins,
             events,
             held,
             hold,
@@ -326,6 +462,7 @@ impl Datapath {
                 )
             }
         };
+        let link = self.pin_link(iface, hook, link)?;
         self.attached.push(Attachment {
             iface: iface.to_owned(),
             ifindex,
@@ -335,11 +472,126 @@ impl Datapath {
         Ok((ifindex, hook))
     }
 
-    /// Detaches the datapath from every interface it is attached to.
+    /// With a pin directory, pins a new attachment's link so that it outlives the process.
+    fn pin_link(&mut self, iface: &str, hook: Hook, link: Link) -> Result<Link, DatapathError> {
+        let Some(pins) = self.pins.clone() else {
+            return Ok(link);
+        };
+        let path = pins.link_path(hook.name(), iface);
+        let fd_link: Result<aya::programs::links::FdLink, _> = match link {
+            Link::Xdp(id) => self
+                .program_mut()?
+                .take_link(id)
+                .map_err(|e| DatapathError::Pin(e.to_string()))
+                .and_then(|l| {
+                    l.try_into().map_err(|e: aya::programs::links::LinkError| {
+                        DatapathError::Pin(e.to_string())
+                    })
+                }),
+            Link::Tc(id) => self
+                .tc_program_mut()?
+                .take_link(id)
+                .map_err(|e| DatapathError::Pin(e.to_string()))
+                .and_then(|l| {
+                    l.try_into().map_err(|e: aya::programs::links::LinkError| {
+                        DatapathError::Pin(e.to_string())
+                    })
+                }),
+            pinned @ Link::Pinned(_) => return Ok(pinned),
+        };
+        let pinned = fd_link?
+            .pin(&path)
+            .map_err(|e| DatapathError::Pin(format!("{}: {e}", path.display())))?;
+        // The pin holds the link from here on; our handle on it is the pin's.
+        drop(pinned);
+        PinnedAttachment::open(path)
+            .map(Link::Pinned)
+            .map_err(|e| DatapathError::Pin(e.to_string()))
+    }
+
+    /// Adopts the attachments pinned by an earlier agent: each whose interface is still the
+    /// one it was attached to gets this agent's program, swapped in atomically; one whose
+    /// interface is gone is unpinned. Returns the adopted ones as (interface, ifindex, hook).
+    pub fn adopt_pinned_links(&mut self) -> Vec<(String, u32, Hook)> {
+        let Some(pins) = self.pins.clone() else {
+            return Vec::new();
+        };
+        let links = match pins.links() {
+            Ok(links) => links,
+            Err(e) => {
+                tracing::warn!("cannot read the pinned attachments: {e}");
+                return Vec::new();
+            }
+        };
+        let mut adopted = Vec::new();
+        for (hook_name, iface, path) in links {
+            let hook = match hook_name.as_str() {
+                "tc" => Hook::Tc,
+                "xdp-generic" => Hook::XdpGeneric,
+                "xdp-any" => Hook::XdpAny,
+                _ => Hook::Xdp,
+            };
+            let result = (|| -> Result<u32, String> {
+                let attachment = PinnedAttachment::open(path.clone()).map_err(|e| e.to_string())?;
+                let linked = pinning::link_ifindex(attachment.fd()).map_err(|e| e.to_string())?;
+                let now = ifindex_of(&iface).ok();
+                if linked == 0 || now != Some(linked) {
+                    let _ = attachment.unpin();
+                    return Err("its interface is gone".into());
+                }
+                let program = match hook {
+                    Hook::Tc => self
+                        .typed::<SchedClassifier>(TC_PROGRAM_NAME, "TC program")
+                        .map_err(|e| e.to_string())?
+                        .fd(),
+                    _ => self.program().map_err(|e| e.to_string())?.fd(),
+                }
+                .map_err(|e| e.to_string())?;
+                pinning::update_link(attachment.fd(), program.as_fd())
+                    .map_err(|e| e.to_string())?;
+                self.attached.push(Attachment {
+                    iface: iface.clone(),
+                    ifindex: linked,
+                    hook,
+                    link: Link::Pinned(attachment),
+                });
+                Ok(linked)
+            })();
+            match result {
+                Ok(ifindex) => adopted.push((iface, ifindex, hook)),
+                Err(why) => {
+                    tracing::info!(%iface, hook = hook.name(), "pinned attachment dropped: {why}")
+                }
+            }
+        }
+        adopted
+    }
+
+    /// Whether maps and links are pinned (the datapath outlives the process).
+    pub fn is_pinned(&self) -> bool {
+        self.pins.is_some()
+    }
+
+    /// Removes from the VIP map every VIP that `keep` does not want (what an earlier agent
+    /// left there, once this agent's VIP source has synced).
+    pub fn retain_vips(&mut self, keep: impl Fn(&VipKey) -> bool) -> Result<usize, DatapathError> {
+        let stale: Vec<VipKey> = self.keys.iter().filter(|k| !keep(k)).copied().collect();
+        for key in &stale {
+            self.remove_vip(key)?;
+        }
+        Ok(stale.len())
+    }
+
+    /// Detaches the datapath from every interface it is attached to; pinned attachments are
+    /// only let go of (they stay attached: see [`crate::pinning`]).
     pub fn detach_all(&mut self) {
         for attachment in std::mem::take(&mut self.attached) {
             let iface = attachment.iface.clone();
-            if let Err(err) = self.detach(attachment) {
+            let result = match attachment.link {
+                Link::Pinned(_) => Ok(()),
+                _ => self.detach(attachment),
+            };
+            if let Err(err) = result {
                 tracing::warn!(iface, "detaching failed: {err}");
             }
         }
@@ -349,6 +601,11 @@ impl Datapath {
         let result = match attachment.link {
             Link::Xdp(link) => self.program_mut()?.detach(link),
             Link::Tc(link) => self.tc_program_mut()?.detach(link),
+            Link::Pinned(pinned) => {
+                return pinned
+                    .unpin()
+                    .map_err(|e| DatapathError::Pin(e.to_string()));
+            }
         };
         result.map_err(|e| DatapathError::Load(Box::new(e)))
     }

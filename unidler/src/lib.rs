@@ -11,6 +11,7 @@ pub mod forwarding;
 pub mod hold;
 pub mod links;
 pub mod ovs_interfaces;
+pub mod pinning;
 pub mod registry;
 pub mod sink;
 pub mod southbound;

@@ -42,6 +42,16 @@ enum Command {
     Events(ClientArgs),
     /// Show the interfaces a running agent's datapath is on, and with which hook.
     Interfaces(ClientArgs),
+    /// Remove a datapath left pinned by `run --pin-dir`: its attachments (detached once no agent
+    /// holds them: stop the agent first) and its maps, and the directory.
+    Detach(DetachArgs),
+}
+
+#[derive(Args)]
+struct DetachArgs {
+    /// The agent's --pin-dir.
+    #[arg(long, env = "UNIDLER_PIN_DIR")]
+    pin_dir: PathBuf,
 }
 
 #[derive(Args)]
@@ -120,6 +130,13 @@ struct RunArgs {
     /// it are not watched, and reported (log, metric, /readyz); the agent keeps running.
     #[arg(long, env = "UNIDLER_MAX_VIPS", default_value_t = unidler_common::VIP_MAP_CAPACITY, value_parser = clap::value_parser!(u32).range(1..))]
     max_vips: u32,
+    /// A directory on a BPF file system where the datapath's maps and attachments are pinned:
+    /// it then outlives the agent (SIGTERM and crashes leave it attached and dropping), and
+    /// the next agent with the same directory adopts it, swapping its program in atomically,
+    /// keeping the VIP map, counters and rate limiters, and reporting the hits the kernel saw
+    /// meanwhile. Without it, the datapath goes with the agent.
+    #[arg(long, env = "UNIDLER_PIN_DIR")]
+    pin_dir: Option<PathBuf>,
     /// What to do with the opening packet to an idle VIP: drop it (as OVN does) or pass it on.
     #[arg(long, value_enum, env = "UNIDLER_IDLE_ACTION", default_value_t = IdleAction::Drop)]
     idle_action: IdleAction,
@@ -316,6 +333,7 @@ fn main() -> ExitCode {
         Command::Vips(args) => show_vips(&args),
         Command::Events(args) => show_events(&args),
         Command::Interfaces(args) => show_interfaces(&args),
+        Command::Detach(args) => detach(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -395,6 +413,7 @@ fn config(args: RunArgs) -> Result<Config> {
         },
         vips,
         max_vips: args.max_vips,
+        pin_dir: args.pin_dir,
         idle_action: args.idle_action.into(),
         rate_limits: RateLimitConfig::new(
             args.vip_event_rate,
@@ -432,6 +451,20 @@ fn config(args: RunArgs) -> Result<Config> {
 
 async fn run(args: RunArgs) -> Result<()> {
     Agent::start(config(args)?).await?.run().await
+}
+
+fn detach(args: &DetachArgs) -> Result<()> {
+    let detached = unidler::pinning::remove(&args.pin_dir)
+        .with_context(|| format!("--pin-dir {}", args.pin_dir.display()))?;
+    for iface in &detached {
+        println!("detached from {iface}");
+    }
+    println!(
+        "removed {} ({} attachments, and the maps)",
+        args.pin_dir.display(),
+        detached.len()
+    );
+    Ok(())
 }
 
 fn show_vips(args: &ClientArgs) -> Result<()> {

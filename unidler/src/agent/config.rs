@@ -23,6 +23,9 @@ pub struct Config {
     pub vips: VipSourceConfig,
     /// Capacity of the kernel's VIP map; VIPs beyond it are not watched (and reported).
     pub max_vips: u32,
+    /// Where the datapath's maps and links are pinned (a bpffs directory), so that it outlives
+    /// the agent and the next agent adopts it; None: it goes with the agent.
+    pub pin_dir: Option<PathBuf>,
     /// What the datapath does with an opening packet to an idle VIP.
     pub idle_action: IdleAction,
     /// Event rate limits enforced in the kernel.

@@ -50,6 +50,8 @@ use crate::{
 
 /// Idle hits kept for `unidler events`.
 const RECENT_EVENTS: usize = 100;
+/// Most idle hits kept while the VIP source has not synced yet (an adopted ring's hits).
+const PENDING_HITS: usize = 16_384;
 /// How often the VIPs file is checked for changes.
 const VIPS_FILE_POLL: Duration = Duration::from_secs(1);
 /// How often the interfaces are looked at even without a link notification (a safety net:
@@ -76,6 +78,8 @@ pub struct Agent {
     output: HitOutput,
     /// The last idle hits, for `unidler events`.
     recent: VecDeque<IdleHit>,
+    /// Idle hits read before the VIP source synced, reported once it has.
+    pending_hits: Vec<IdleHitEvent>,
     /// Names of the interfaces we attached to, by ifindex.
     iface_names: HashMap<u32, String>,
     readiness: Arc<Readiness>,
@@ -123,6 +127,9 @@ impl Agent {
     /// source and the HTTP endpoint. Fails on anything the operator must fix first (an
     /// unknown interface, a bad VIPs file, missing privileges).
     pub async fn start(config: Config) -> Result<Self> {
+        // Signals first: a SIGTERM from here on stops the agent in order (detaching, or, with
+        // --pin-dir, leaving the datapath pinned), never by the default action.
+        let signals = Signals::install()?;
         // Fail on a typo before touching the kernel.
         let mut names = Vec::new();
         let mut patterns = Vec::new();
@@ -140,6 +147,7 @@ impl Agent {
             kernel_log_level: config.kernel_log_level,
             fail_open_after: config.fail_open_after,
             max_vips: config.max_vips,
+            pin_dir: config.pin_dir.clone(),
         })?;
         if let Some(logger) = datapath.take_logger() {
             spawn_kernel_log_pump(logger)?;
@@ -238,6 +246,7 @@ impl Agent {
                 None => HitOutput::Stdout(io::stdout()),
             },
             recent: VecDeque::with_capacity(RECENT_EVENTS),
+            pending_hits: Vec::new(),
             iface_names: HashMap::new(),
             readiness,
             metrics,
@@ -283,8 +292,16 @@ impl Agent {
             ),
         }
 
+        // What an earlier agent left pinned: this agent's program swapped in, no gap.
+        for (iface, ifindex, hook) in agent.datapath.adopt_pinned_links() {
+            info!(%iface, ifindex, hook = hook.name(), "adopted the pinned attachment (program replaced atomically)");
+            agent.iface_names.insert(ifindex, iface);
+        }
         // Named interfaces must take the program now; patterns are followed from here on.
         for iface in &names {
+            if agent.iface_names.values().any(|n| n == iface) {
+                continue;
+            }
             let (ifindex, hook) = agent.datapath.attach(iface, config.hook)?;
             info!(iface, ifindex, hook = hook.name(), "datapath attached");
             agent.iface_names.insert(ifindex, iface.clone());
@@ -325,7 +342,7 @@ impl Agent {
             links: readable(LinkChanges::subscribe().context("subscribing to link notifications")?)
                 .context("registering link notifications with epoll")?,
             vifs,
-            signals: Signals::install()?,
+            signals,
         });
         Ok(agent)
     }
@@ -361,8 +378,20 @@ impl Agent {
         self.shut_down(sources).await
     }
 
-    /// Kernel events: resolved against the registry, remembered, and sent on.
+    /// Kernel events: resolved against the registry, remembered, and sent on. Until the VIP
+    /// source has synced (an adopted ring holds hits from before this agent), they wait.
     fn on_idle_hits(&mut self, events: &[IdleHitEvent]) -> Result<()> {
+        if !self.readiness.vips_synced.load(Ordering::Relaxed) {
+            let room = PENDING_HITS.saturating_sub(self.pending_hits.len());
+            self.pending_hits.extend(events.iter().take(room).copied());
+            if events.len() > room {
+                warn!(
+                    lost = events.len() - room,
+                    "idle hits before the VIP sync beyond {PENDING_HITS}: not reported"
+                );
+            }
+            return Ok(());
+        }
         for event in events {
             let Some(hit) = IdleHit::resolve(event, &self.registry, |i| {
                 self.iface_names
@@ -433,7 +462,22 @@ impl Agent {
             .store(self.unfit.len() as u64, Ordering::Relaxed);
         let elapsed_us = started.elapsed().as_micros() as u64;
         if full {
+            // What an earlier agent left in an adopted map and the source no longer has.
+            let stale = self.datapath.retain_vips(|key| {
+                Vip::from_key(key).is_some_and(|v| self.registry.get(&v).is_some())
+            })?;
+            if stale > 0 {
+                info!(stale, "VIPs left in the adopted map removed");
+            }
             self.readiness.vips_synced.store(true, Ordering::Relaxed);
+            let pending = std::mem::take(&mut self.pending_hits);
+            if !pending.is_empty() {
+                info!(
+                    hits = pending.len(),
+                    "reporting idle hits seen before the VIP sync"
+                );
+                self.on_idle_hits(&pending)?;
+            }
             trim_heap_soon();
             info!(
                 vips = self.registry.len(),
@@ -718,6 +762,12 @@ impl Agent {
     /// Detaches, reads what the ring still holds, logs the totals, and gives the sink a
     /// moment to write what is queued.
     async fn shut_down(mut self, mut sources: Sources) -> Result<()> {
+        if self.datapath.is_pinned() {
+            info!(
+                "leaving the datapath attached and pinned: the next agent with the same \
+                 --pin-dir adopts it (`unidler detach --pin-dir DIR` removes it)"
+            );
+        }
         self.datapath.detach_all();
         // Hits the kernel reported before it was detached and the loop had not read yet.
         let mut last = Vec::new();

@@ -1,0 +1,333 @@
+//! A datapath that outlives the agent (`--pin-dir`): SIGKILL leaves it attached and dropping,
+//! the next agent adopts it and reports the hits of the gap, each once; an agent that takes
+//! over from another while traffic runs loses nothing; `unidler detach` leaves the interface
+//! clean.
+
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use unidler_tests::{
+    agent::{Agent, agent_binary, southbound_args},
+    netns::{SERVER_V4, Topology, send_frames, syn_to_server},
+    ovsdb_server::{self, Southbound, TempDir},
+    require_root,
+    vips_file::VipsFile,
+};
+
+/// A BPF file system of the test's own, mounted on a temp dir (outside /sys, which
+/// `ip netns exec` remounts), unmounted on drop: whatever is pinned there goes with it.
+struct BpfFs {
+    dir: TempDir,
+}
+
+impl BpfFs {
+    #[track_caller]
+    fn mount() -> Self {
+        let dir = TempDir::new("bpffs");
+        let out = Command::new("mount")
+            .args(["-t", "bpf", "bpf", dir.path_str()])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "mount -t bpf: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Self { dir }
+    }
+
+    /// The pin directory inside it.
+    fn pin_dir(&self) -> String {
+        format!("{}/unidler", self.dir.path_str())
+    }
+}
+
+impl Drop for BpfFs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(self.dir.path_str()).output();
+    }
+}
+
+/// A VIPs file with idle VIPs on the server's address at `ports`, and `active` with a backend.
+fn vips_file(ports: std::ops::Range<u16>, active: Option<u16>) -> VipsFile {
+    let file = VipsFile::new("10.77.0.2:1", "tcp");
+    let mut text = String::new();
+    for port in ports {
+        text += &format!("[[vip]]\nvip = \"{SERVER_V4}:{port}\"\n\n");
+    }
+    if let Some(port) = active {
+        text += &format!("[[vip]]\nvip = \"{SERVER_V4}:{port}\"\nbackends = 1\n");
+    }
+    file.replace(&text);
+    file
+}
+
+/// Listeners on the server's address at `ports`: a SYN that gets through connects.
+fn listeners(topo: &Topology, ports: impl IntoIterator<Item = u16>) -> Vec<std::net::TcpListener> {
+    ports.into_iter().map(|p| topo.listen(p)).collect()
+}
+
+/// Rows per VIP (`IP:PORT`) in the Southbound database.
+fn rows_per_vip(sb: &impl Southbound) -> BTreeMap<String, usize> {
+    let mut out = BTreeMap::new();
+    for row in sb.event_rows() {
+        *out.entry(row.event_info["vip"].clone()).or_default() += 1;
+    }
+    out
+}
+
+#[test]
+fn after_sigkill_the_datapath_keeps_dropping_and_the_next_agent_reports_the_gap_once() {
+    require_root();
+    let topo = Topology::new("pk");
+    let fs = BpfFs::mount();
+    let pin_dir = fs.pin_dir();
+    let sb = ovsdb_server::southbound_with_chassis();
+    let db = sb.unix_remote();
+    let state = TempDir::new("pkstate");
+    let vips = vips_file(9001..9011, None);
+    let _l = listeners(&topo, 9001..9011);
+    let path = vips.path_string();
+    let args = [
+        southbound_args(&topo.server_if, &db, state.path_str()),
+        vec!["--vips-file", &path, "--pin-dir", &pin_dir],
+    ]
+    .concat();
+    let first = Agent::start(&topo.server_ns, &args);
+    assert!(!topo.connects(9001), "an idle VIP drops");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while rows_per_vip(&sb).is_empty() {
+        assert!(Instant::now() < deadline, "no row for the first hit");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    first.signal(libc::SIGKILL);
+    first.wait(Duration::from_secs(5));
+    // No agent: the pinned program still drops every attempt (the fail-open time, 15 s, is
+    // far off) and records it.
+    for port in 9001..9007 {
+        assert!(
+            !topo.connects(port),
+            "{port}: a SYN passed while no agent ran"
+        );
+    }
+
+    let mut second = Agent::start(&topo.server_ns, &args);
+    second.wait_for_log("adopted the pinned attachment", Duration::from_secs(1));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let expected: BTreeMap<String, usize> = (9001..9007)
+        .map(|p| (format!("{SERVER_V4}:{p}"), 1))
+        .collect();
+    loop {
+        let rows = rows_per_vip(&sb);
+        if rows == expected {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline && rows.values().all(|n| *n == 1),
+            "rows per VIP {rows:?}, expected {expected:?}; log:\n{}",
+            second.log_lines().cloned().collect::<Vec<_>>().join("\n")
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Still dropping, and still one row each.
+    assert!(!topo.connects(9002));
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(rows_per_vip(&sb), expected);
+    // The VIP map was adopted, not re-created: the hits before the kill are still counted.
+    let vips_json = topo.in_server(|| {
+        unidler::telemetry::http_get("127.0.0.1:9478".parse().unwrap(), "/api/vips").unwrap()
+    });
+    let rows: Vec<serde_json::Value> = serde_json::from_str(&vips_json).unwrap();
+    let hits = rows
+        .iter()
+        .find(|r| r["vip"] == format!("{SERVER_V4}:9001"))
+        .and_then(|r| r["hits"].as_u64())
+        .unwrap();
+    assert!(hits >= 2, "9001 was hit before and during the gap: {hits}");
+}
+
+#[test]
+fn an_agent_taking_over_while_traffic_runs_loses_nothing() {
+    require_root();
+    let topo = Topology::new("pt");
+    let fs = BpfFs::mount();
+    let pin_dir = fs.pin_dir();
+    let vips = vips_file(9200..9240, Some(9300));
+    let idle_listeners = listeners(&topo, 9200..9240);
+    let _active = listeners(&topo, [9300]);
+    let path = vips.path_string();
+    // Native XDP here (the other tests adopt TC links).
+    let args = [
+        "run",
+        "--iface",
+        &topo.server_if,
+        "--hook",
+        "xdp",
+        "--vips-file",
+        &path,
+        "--pin-dir",
+        &pin_dir,
+    ];
+    let mut first = Agent::start(&topo.server_ns, &args);
+
+    // One SYN to each idle VIP, 50 ms apart, while the client keeps connecting to the
+    // active VIP; the agents change over in the middle.
+    let traffic = {
+        let client_if = topo.client_if.clone();
+        let client_ns = topo.client_ns.clone();
+        std::thread::spawn(move || {
+            let mut failed = 0;
+            for port in 9200..9240u16 {
+                unidler_tests::netns::in_netns(&client_ns, || {
+                    send_frames(
+                        &client_if,
+                        [syn_to_server(
+                            "10.77.0.1".parse().unwrap(),
+                            40_000 + port - 9200,
+                            port,
+                        )],
+                    );
+                    let active = SocketAddr::new(SERVER_V4.into(), 9300);
+                    if std::net::TcpStream::connect_timeout(&active, Duration::from_millis(200))
+                        .is_err()
+                    {
+                        failed += 1;
+                    }
+                });
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            failed
+        })
+    };
+    std::thread::sleep(Duration::from_millis(800));
+    first.signal(libc::SIGTERM);
+    let mut reported: Vec<String> = first
+        .events_until_quiet(Duration::from_millis(300), Duration::from_secs(5))
+        .iter()
+        .map(|e| e["vip"].as_str().unwrap().to_owned())
+        .collect();
+    first.wait(Duration::from_secs(5));
+    let mut second = Agent::start(&topo.server_ns, &args);
+    let failed = traffic.join().unwrap();
+    reported.extend(
+        second
+            .events_until_quiet(Duration::from_millis(500), Duration::from_secs(5))
+            .iter()
+            .map(|e| e["vip"].as_str().unwrap().to_owned()),
+    );
+    assert_eq!(
+        failed, 0,
+        "connections to the active VIP failed during the change-over"
+    );
+    reported.sort();
+    let expected: Vec<String> = (9200..9240).map(|p| format!("{SERVER_V4}:{p}")).collect();
+    assert_eq!(
+        reported, expected,
+        "every idle hit reported once, by one agent or the other"
+    );
+    for listener in &idle_listeners {
+        listener.set_nonblocking(true).unwrap();
+        assert!(
+            listener.accept().is_err(),
+            "a SYN to an idle VIP got through"
+        );
+    }
+}
+
+#[test]
+fn detach_removes_a_pinned_datapath_and_leaves_the_interface_clean() {
+    require_root();
+    let topo = Topology::new("pd");
+    let fs = BpfFs::mount();
+    let pin_dir = fs.pin_dir();
+    let vips = vips_file(9400..9401, None);
+    let _l = listeners(&topo, [9400]);
+    let path = vips.path_string();
+    let agent = Agent::start(
+        &topo.server_ns,
+        &[
+            "run",
+            "--iface",
+            &topo.server_if,
+            "--vips-file",
+            &path,
+            "--pin-dir",
+            &pin_dir,
+        ],
+    );
+    agent.signal(libc::SIGTERM);
+    let exit = agent.wait(Duration::from_secs(5));
+    assert!(
+        exit.stderr.contains("leaving the datapath attached"),
+        "{}",
+        exit.stderr
+    );
+    assert!(
+        !topo.connects(9400),
+        "after SIGTERM the pinned datapath still drops"
+    );
+
+    let out = Command::new("ip")
+        .args(["netns", "exec", &topo.server_ns])
+        .arg(agent_binary())
+        .args(["detach", "--pin-dir", &pin_dir])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.contains(&topo.server_if), "{said}");
+    assert!(topo.connects(9400), "after detach nothing drops");
+    assert!(
+        !std::path::Path::new(&pin_dir).exists(),
+        "the pin directory is gone"
+    );
+}
+
+#[test]
+fn a_pinned_map_of_another_shape_is_recreated_and_said_so() {
+    require_root();
+    let topo = Topology::new("pm");
+    let fs = BpfFs::mount();
+    let pin_dir = fs.pin_dir();
+    let vips = vips_file(9500..9501, None);
+    let path = vips.path_string();
+    let args = |max_vips: &'static str| {
+        vec![
+            "run".to_owned(),
+            "--iface".into(),
+            topo.server_if.clone(),
+            "--vips-file".into(),
+            path.clone(),
+            "--pin-dir".into(),
+            pin_dir.clone(),
+            "--max-vips".into(),
+            max_vips.into(),
+        ]
+    };
+    let first = Agent::start(
+        &topo.server_ns,
+        &args("100").iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    first.signal(libc::SIGTERM);
+    first.wait(Duration::from_secs(5));
+    let mut second = Agent::start(
+        &topo.server_ns,
+        &args("200").iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    let line = second.wait_for_log("re-created empty", Duration::from_secs(1));
+    assert!(line.contains("VIPS"), "{line}");
+    second.wait_for_log("adopted the pinned attachment", Duration::from_secs(1));
+    assert!(
+        !topo.connects(9500),
+        "the re-created map has the idle VIP again"
+    );
+}

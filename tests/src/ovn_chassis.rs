@@ -227,7 +227,7 @@ impl OvnNode {
     pub fn add_backend_pod(&mut self) -> String {
         let pod_ns = format!("{}-b", self.tag);
         let pod_if = format!("{}b", self.tag);
-        let node_side = format!("{}m", self.tag);
+        let node_side = self.backend_node_if();
         sh(&["ip", "netns", "add", &pod_ns]);
         self.backend_ns = Some(pod_ns.clone());
         sh(&[
@@ -336,6 +336,11 @@ impl OvnNode {
         pod_ns
     }
 
+    /// The node's end of the backend pod's veth (an OVS port with `iface-id` [`BACKEND_PORT`]).
+    pub fn backend_node_if(&self) -> String {
+        format!("{}m", self.tag)
+    }
+
     /// Runs `f` on a thread inside the backend pod's namespace.
     pub fn in_backend<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
         in_netns(self.backend_ns.as_deref().expect("a backend pod"), f)
@@ -432,7 +437,8 @@ impl OvnNode {
         std::fs::read_to_string(self.file("controller.log")).unwrap_or_default()
     }
 
-    fn conf_remote(&self) -> String {
+    /// The node's Open_vSwitch database (`unix:PATH`), for an agent's `--ovs-db`.
+    pub fn conf_remote(&self) -> String {
         self.conf
             .as_ref()
             .expect("Open_vSwitch database running")

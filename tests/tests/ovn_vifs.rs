@@ -1,0 +1,87 @@
+//! `--ovn-vifs` on a real OVN node (ovs-vswitchd with the userspace datapath, ovn-controller):
+//! the VIF present when the agent starts and one added later (a pod created) are covered, each
+//! proved by real traffic from its pod to an idle VIP (an event naming the interface), and a
+//! removed port (the pod deleted) is detached.
+
+use std::{
+    net::{Ipv4Addr, SocketAddr},
+    time::Duration,
+};
+
+use unidler_tests::{agent::Agent, ovn_chassis::OvnNode, require_root};
+
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 8, 8);
+const PORT: u16 = 8080;
+
+/// One TCP connection attempt to the VIP from namespace `ns`.
+fn knock(ns: &str) {
+    unidler_tests::netns::in_netns(ns, || {
+        let _ = std::net::TcpStream::connect_timeout(
+            &SocketAddr::new(VIP.into(), PORT),
+            Duration::from_millis(200),
+        );
+    });
+}
+
+/// Knocks from `ns` until the agent reports an event from `iface`, or panics after 10 s.
+#[track_caller]
+fn covered(agent: &mut Agent, ns: &str, iface: &str) {
+    for _ in 0..20 {
+        knock(ns);
+        while let Some(event) = agent.next_event(Duration::from_millis(300)) {
+            if event["iface"] == iface {
+                return;
+            }
+        }
+    }
+    panic!(
+        "no event from {iface}; agent log:\n{}",
+        agent.log_lines().cloned().collect::<Vec<_>>().join("\n")
+    );
+}
+
+#[test]
+fn vifs_of_a_real_ovs_are_covered_as_pods_come_and_go() {
+    require_root();
+    let mut node = OvnNode::start("ov");
+    let ovs_db = node.conf_remote();
+    let vip = format!("{VIP}:{PORT}/tcp");
+    let mut agent = Agent::start(
+        &node.node_ns,
+        &[
+            "run",
+            "--ovn-vifs",
+            "--ovs-db",
+            &ovs_db,
+            "--vip",
+            &vip,
+            "--vip-event-rate",
+            "100",
+            "--vip-event-burst",
+            "100",
+        ],
+    );
+    // The client's VIF was there before the agent.
+    agent.wait_for_log(&format!("iface={}", node.node_if), Duration::from_secs(10));
+    let client_ns = node.client_ns.clone();
+    let client_if = node.node_if.clone();
+    covered(&mut agent, &client_ns, &client_if);
+
+    // A pod created: its port added to br-int with an iface-id.
+    let pod_ns = node.add_backend_pod();
+    let pod_if = node.backend_node_if();
+    agent.wait_for_log(&format!("iface={pod_if}"), Duration::from_secs(10));
+    covered(&mut agent, &pod_ns, &pod_if);
+
+    // The pod deleted: its port leaves OVS, the agent detaches.
+    node.vsctl(&["del-port", "br-int", &pod_if]);
+    agent.wait_for_log("no longer one of OVN's interfaces", Duration::from_secs(10));
+    for _ in 0..3 {
+        knock(&pod_ns);
+    }
+    while let Some(event) = agent.next_event(Duration::from_millis(500)) {
+        assert_ne!(event["iface"], pod_if, "an event from a detached interface");
+    }
+    // The client's VIF is still covered.
+    covered(&mut agent, &client_ns, &client_if);
+}

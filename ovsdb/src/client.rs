@@ -1,6 +1,6 @@
 //! A long-lived client of one database: picks a usable server among several remotes (the
 //! leader, for a clustered database), keeps monitors and a replica current, follows leader
-//! changes, and reconnects with exponential backoff.
+//! changes, and reconnects with exponential backoff and jitter.
 
 use std::{
     sync::{
@@ -280,6 +280,12 @@ async fn session_loop(shared: Arc<Shared>, tls: Option<Tls>, mut stop: mpsc::Rec
     let mut failures_this_round = 0usize;
     // monitor_cond_since lets a reconnect fetch only what changed since this transaction.
     let mut last_txn_id: Option<String> = None;
+    // Seeded per client: the clock and this client's address.
+    let mut rng = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+        ^ (Arc::as_ptr(&shared) as u64)
+        | 1;
     loop {
         let remote = &remotes[next % remotes.len()];
         next += 1;
@@ -322,22 +328,39 @@ async fn session_loop(shared: Arc<Shared>, tls: Option<Tls>, mut stop: mpsc::Rec
         if was_connected {
             shared.stats.disconnects.fetch_add(1, Ordering::Relaxed);
             tracing::warn!("OVSDB connection lost: {reason}");
-            // A session that worked: try the others right away, no backoff.
+            // A session that worked: try the others at once, no backoff, but not all clients
+            // of a server that went away in the same millisecond: a jitter of up to the
+            // shortest backoff spreads the reconnect storm.
             backoff = shared.options.backoff_min;
             failures_this_round = 0;
+            tokio::select! {
+                _ = tokio::time::sleep(jitter(shared.options.backoff_min, &mut rng)) => {}
+                _ = stop.recv() => return,
+            }
             continue;
         }
         tracing::debug!("OVSDB connection attempt failed: {reason}");
         failures_this_round += 1;
         if failures_this_round >= remotes.len() {
             failures_this_round = 0;
+            // Half the backoff, plus a random share of the other half: clients that failed
+            // together do not retry together.
+            let wait = backoff / 2 + jitter(backoff / 2, &mut rng);
             tokio::select! {
-                _ = tokio::time::sleep(backoff) => {}
+                _ = tokio::time::sleep(wait) => {}
                 _ = stop.recv() => return,
             }
             backoff = (backoff * 2).min(shared.options.backoff_max);
         }
     }
+}
+
+/// A random duration up to `max` (xorshift64 on `state`).
+fn jitter(max: Duration, state: &mut u64) -> Duration {
+    *state ^= *state << 13;
+    *state ^= *state >> 7;
+    *state ^= *state << 17;
+    max.mul_f64((*state >> 11) as f64 / (1u64 << 53) as f64)
 }
 
 const DATA_MONITOR: &str = "data";

@@ -9,6 +9,7 @@ pub mod netns;
 pub mod oracle;
 pub mod ovn_chassis;
 pub mod ovsdb_server;
+pub mod process;
 pub mod proxy;
 pub mod rng;
 pub mod vips_file;

@@ -249,25 +249,7 @@ pub(crate) fn latency_breakdown(section: &'static str, totals: [(f64, f64); 2]) 
     })
 }
 
-pub(crate) fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .map(|(_, r)| r)
-        .unwrap_or("")
-        .split_whitespace()
-        .collect();
-    let ticks: f64 = fields
-        .get(11)
-        .and_then(|u| u.parse::<f64>().ok())
-        .unwrap_or(0.0)
-        + fields
-            .get(12)
-            .and_then(|s| s.parse::<f64>().ok())
-            .unwrap_or(0.0);
-    // SAFETY: sysconf has no preconditions.
-    ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
-}
+pub(crate) use unidler_tests::process::cpu_seconds;
 
 pub(crate) fn pid_of(pattern: &str) -> Option<u32> {
     let out = std::process::Command::new("pgrep")

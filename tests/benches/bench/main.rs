@@ -13,7 +13,10 @@
 //! 8. following OVN's VIFs: add-port to attached, 500 VIFs at rest, churn of 100 a second;
 //! 9. the first connection after scale-to-zero: backend to connected, held and replayed
 //!    against dropped (the client's own retransmission), for both SYN backoff schedules; with
-//!    `--vs-ovn` also on a real OVN node, unidler against OVN alone.
+//!    `--vs-ovn` also on a real OVN node, unidler against OVN alone;
+//! 10. many agents (200, `UNIDLER_BENCH_AGENTS`) on one 3-member RAFT Southbound cluster with
+//!     10,000 load balancers: sync, wake-up storm (per chassis, cluster-wide), cluster restart,
+//!     leader failover.
 //!
 //! Arguments: section numbers to run (default all), e.g. `cargo xtask bench -- 1 3`, and
 //! `--vs-ovn` to add section 6 (`cargo xtask bench --vs-ovn -- 6` runs it alone).
@@ -21,6 +24,7 @@
 mod common;
 mod figure;
 mod first_connect;
+mod fleet_bench;
 mod flood;
 mod hooks;
 mod latency;
@@ -35,6 +39,7 @@ use std::collections::HashSet;
 use crate::{
     figure::{print_table, write_json},
     first_connect::{first_connect, first_connect_on_ovn},
+    fleet_bench::fleet_bench,
     flood::flood,
     hooks::hooks,
     latency::latency,
@@ -92,6 +97,9 @@ fn main() {
     }
     if run("8") {
         figures.extend(vifs());
+    }
+    if run("10") {
+        figures.extend(fleet_bench());
     }
     if run("9") {
         figures.extend(first_connect());

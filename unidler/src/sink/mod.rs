@@ -460,26 +460,60 @@ impl Writer {
         }
     }
 
-    /// Inserts `batch` in one transaction and sorts out the outcome.
-    async fn commit(&mut self, chassis: &Uuid, batch: Vec<PendingRow>) {
+    /// Inserts `batch` in one transaction and sorts out the outcome. With cluster-wide
+    /// deduplication each insert is guarded, in the same transaction, by a `wait` that no row
+    /// for the same VIP exists: the database itself keeps agents that hit the same VIP at the
+    /// same moment (a wake-up storm across the cluster) from each writing one. A guarded insert
+    /// that meets a row is deduplicated, and the rest of the batch tried again.
+    async fn commit(&mut self, chassis: &Uuid, mut batch: Vec<PendingRow>) {
+        let guarded = self.every_chassis.is_some();
         let ops: Vec<Operation> = batch
             .iter()
-            .map(|(key, seq)| Operation::Insert {
-                table: CONTROLLER_EVENT.into(),
-                row: Row::from([
-                    ("event_type".to_owned(), Value::from(EVENT_TYPE)),
-                    ("event_info".to_owned(), key.event_info()),
-                    ("chassis".to_owned(), Value::from(chassis.clone())),
-                    ("seq_num".to_owned(), Value::from(*seq)),
-                ]),
-                uuid_name: None,
+            .flat_map(|(key, seq)| {
+                let guard = guarded.then(|| Operation::Wait {
+                    table: CONTROLLER_EVENT.into(),
+                    conditions: vec![ovsdb::Condition::eq("event_info", key.event_info())],
+                    columns: vec!["event_info".into()],
+                    equal: true,
+                    rows: Vec::new(),
+                    timeout: Duration::ZERO,
+                });
+                let insert = Operation::Insert {
+                    table: CONTROLLER_EVENT.into(),
+                    row: Row::from([
+                        ("event_type".to_owned(), Value::from(EVENT_TYPE)),
+                        ("event_info".to_owned(), key.event_info()),
+                        ("chassis".to_owned(), Value::from(chassis.clone())),
+                        ("seq_num".to_owned(), Value::from(*seq)),
+                    ]),
+                    uuid_name: None,
+                };
+                guard.into_iter().chain([insert])
             })
             .collect();
         let client = self.southbound.client().clone();
         let session = client.session_count();
         let started = std::time::Instant::now();
         match client.transact(&ops).await {
+            Ok(results) if guarded => {
+                let inserts: Vec<OpResult> = results.into_iter().skip(1).step_by(2).collect();
+                self.committed(&batch, &inserts, started)
+            }
             Ok(results) => self.committed(&batch, &results, started),
+            Err(DbError::Transaction {
+                index: Some(at),
+                kind: ovsdb::ErrorKind::TimedOut,
+                ..
+            }) if guarded && at % 2 == 0 && at / 2 < batch.len() => {
+                // Another chassis' row for this VIP: nothing was written; the rest again.
+                let (key, _) = batch.remove(at / 2);
+                debug!(vip = %key.vip, "a row for this VIP exists (another chassis): deduplicated");
+                SinkStats::add(&self.stats.deduplicated, 1);
+                self.queue.release(&key);
+                if !batch.is_empty() {
+                    Box::pin(self.commit(chassis, batch)).await;
+                }
+            }
             Err(err) if err.outcome_unknown() => {
                 warn!(
                     rows = batch.len(),

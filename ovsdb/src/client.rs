@@ -4,8 +4,8 @@
 
 use std::{
     sync::{
-        Arc, PoisonError, RwLock, RwLockReadGuard,
-        atomic::{AtomicU64, Ordering},
+        Arc, Mutex, PoisonError, RwLock, RwLockReadGuard,
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::Duration,
 };
@@ -133,6 +133,12 @@ pub struct Stats {
 
 struct Shared {
     options: ClientOptions,
+    /// The monitors as they are now: [`ClientOptions::monitors`], with the conditions
+    /// [`Client::set_conditions`] changed since.
+    monitors: Mutex<Vec<MonitorRequest>>,
+    /// Set when conditions changed: the next session cannot resume from the last
+    /// transaction (rows that match only now would be missing), it loads afresh.
+    conditions_changed: AtomicBool,
     replica: RwLock<Replica>,
     conn: watch::Sender<Option<Connection>>,
     status: watch::Sender<Status>,
@@ -157,6 +163,8 @@ impl Client {
         let tls = options.tls.as_ref().map(Tls::load).transpose()?;
         let (changes, _) = broadcast::channel(1024);
         let shared = Arc::new(Shared {
+            monitors: Mutex::new(options.monitors.clone()),
+            conditions_changed: AtomicBool::new(false),
             options,
             replica: RwLock::new(Replica::default()),
             conn: watch::channel(None).0,
@@ -198,6 +206,59 @@ impl Client {
     /// The schema of `database`, as JSON.
     pub async fn get_schema(&self, database: &str) -> Result<Json, Error> {
         self.call("get_schema", json!([database])).await
+    }
+
+    /// Changes which rows of a monitored table are replicated (conditional monitoring): from
+    /// now on only rows matching all of `conditions` (every row for none). Sent to the server
+    /// at once if connected (`monitor_cond_change`: rows that stop matching leave the replica,
+    /// rows that start matching enter it, as a change set), and used by every later session.
+    pub async fn set_conditions(
+        &self,
+        table: &str,
+        conditions: Vec<Condition>,
+    ) -> Result<(), Error> {
+        {
+            let mut monitors = self
+                .shared
+                .monitors
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            let Some(monitor) = monitors.iter_mut().find(|m| m.table == table) else {
+                return Err(Error::Protocol(format!("{table} is not monitored")));
+            };
+            if monitor.conditions == conditions {
+                return Ok(());
+            }
+            monitor.conditions = conditions.clone();
+        }
+        let Ok(conn) = self.connection() else {
+            // The next session asks with the new conditions, and loads afresh: resuming from
+            // the last transaction would miss rows that match only now.
+            self.shared
+                .conditions_changed
+                .store(true, Ordering::Relaxed);
+            return Ok(());
+        };
+        let mut request = json!({});
+        request["where"] = if conditions.is_empty() {
+            json!([true])
+        } else {
+            Json::Array(conditions.iter().map(Condition::to_json).collect())
+        };
+        // Sent on the live session, the server sends the rows that start or stop matching,
+        // and later transactions count from there: a resumed session stays exact.
+        let changed = conn
+            .call(
+                "monitor_cond_change",
+                json!([DATA_MONITOR, DATA_MONITOR, { table: [request] }]),
+            )
+            .await;
+        if changed.is_err() {
+            self.shared
+                .conditions_changed
+                .store(true, Ordering::Relaxed);
+        }
+        changed.map(|_| ())
     }
 
     /// The replica of the monitored tables.
@@ -289,6 +350,9 @@ async fn session_loop(shared: Arc<Shared>, tls: Option<Tls>, mut stop: mpsc::Rec
     loop {
         let remote = &remotes[next % remotes.len()];
         next += 1;
+        if shared.conditions_changed.swap(false, Ordering::Relaxed) {
+            last_txn_id = None;
+        }
         let end = tokio::select! {
             end = session(&shared, remote, tls.as_ref(), &mut last_txn_id) => end,
             _ = stop.recv() => SessionEnd::Stopped,
@@ -398,15 +462,20 @@ async fn session(
     }
 
     // Data monitors: monitor_cond_since where the server has it, else monitor_cond.
+    let monitors = shared
+        .monitors
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .clone();
     let requests = Json::Object(
-        opts.monitors
+        monitors
             .iter()
             .map(|m| (m.table.clone(), m.to_json()))
             .collect(),
     );
     let zero = "00000000-0000-0000-0000-000000000000".to_owned();
     let since = last_txn_id.clone().unwrap_or(zero);
-    let (found, updates, reply_txn) = if opts.monitors.is_empty() {
+    let (found, updates, reply_txn) = if monitors.is_empty() {
         (false, json!({}), None)
     } else {
         match conn

@@ -309,6 +309,57 @@ async fn monitor_keeps_a_replica_of_changes_made_by_others() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conditions_changed_at_run_time_narrow_the_replica_and_survive_a_reconnect() {
+    let mut server = southbound(Listen::default());
+    for (name, ip) in [
+        ("ch-a", "127.0.0.1"),
+        ("ch-b", "127.0.0.2"),
+        ("ch-c", "127.0.0.3"),
+    ] {
+        server.sbctl(&["chassis-add", name, "geneve", ip]);
+    }
+    let mut opts = options(&server.unix_remote());
+    opts.monitors = vec![MonitorRequest::table("Chassis").columns(&["name"])];
+    let client = Client::start(opts).unwrap();
+    client.wait_connected(WAIT).await.unwrap();
+    assert_eq!(client.replica().len("Chassis"), 3);
+    let names = |client: &Client| {
+        let mut names: Vec<String> = client
+            .replica()
+            .rows("Chassis")
+            .filter_map(|(_, r)| r.get("name")?.atom()?.as_str().map(str::to_owned))
+            .collect();
+        names.sort();
+        names
+    };
+
+    client
+        .set_conditions("Chassis", vec![Condition::eq("name", "ch-b")])
+        .await
+        .unwrap();
+    eventually("rows that no longer match to leave", || {
+        names(&client) == ["ch-b"]
+    })
+    .await;
+    // Rows that start matching later enter; others do not.
+    server.sbctl(&["set", "Chassis", "ch-c", "hostname=x"]);
+    server.sbctl(&["chassis-add", "ch-d", "geneve", "127.0.0.4"]);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(names(&client), ["ch-b"]);
+
+    // A new session asks with the conditions as they are now.
+    server.kill();
+    eventually("the client to notice", || !client.is_connected()).await;
+    server.start();
+    client.wait_connected(WAIT).await.unwrap();
+    assert_eq!(names(&client), ["ch-b"]);
+    // Back to every row, loaded afresh.
+    client.set_conditions("Chassis", Vec::new()).await.unwrap();
+    eventually("every row again", || names(&client).len() == 4).await;
+    assert!(client.set_conditions("Nope", Vec::new()).await.is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reconnects_after_a_restart_and_resyncs() {
     let mut server = southbound(Listen::default());
     let mut opts = options(&server.unix_remote());

@@ -220,6 +220,7 @@ impl ControllerEventSink {
             committed_unseen: HashMap::new(),
             ours: OurRows::default(),
             every_chassis: (options.dedup == Dedup::Cluster).then(OurRows::every_chassis),
+            monitoring_for: None,
             warned_no_chassis: false,
         };
         tokio::spawn(writer.run());
@@ -311,6 +312,11 @@ struct Writer {
     ours: OurRows,
     /// With cluster-wide deduplication, every chassis' rows.
     every_chassis: Option<OurRows>,
+    /// Whose Controller_Event rows the monitor asks for, once set: `Some(None)` every
+    /// chassis' (cluster-wide deduplication), `Some(Some(chassis))` only ours (per-chassis
+    /// deduplication needs no other rows: a wake-up storm across N nodes is not fanned out to
+    /// every node).
+    monitoring_for: Option<Option<Uuid>>,
     warned_no_chassis: bool,
 }
 
@@ -318,6 +324,7 @@ impl Writer {
     async fn run(mut self) {
         loop {
             self.observe_changes();
+            self.monitor_only_ours().await;
             // Wait for work and a connection; replica changes can settle earlier writes.
             if !self.southbound.client().is_connected() || self.nothing_to_do() {
                 tokio::select! {
@@ -340,6 +347,41 @@ impl Writer {
             };
             self.warned_no_chassis = false;
             self.write_batch(&chassis).await;
+        }
+    }
+
+    /// With per-chassis deduplication, narrows the Controller_Event monitor to our Chassis'
+    /// rows once that row is known (again when it changes).
+    async fn monitor_only_ours(&mut self) {
+        if !self.southbound.client().is_connected() {
+            return;
+        }
+        let wanted = if self.every_chassis.is_some() {
+            None
+        } else {
+            let Some(chassis) = self.southbound.chassis_uuid() else {
+                return;
+            };
+            Some(chassis)
+        };
+        if self.monitoring_for.as_ref() == Some(&wanted) {
+            return;
+        }
+        let conditions = wanted
+            .iter()
+            .map(|chassis| ovsdb::Condition::eq("chassis", Value::from(chassis.clone())))
+            .collect();
+        match self
+            .southbound
+            .client()
+            .set_conditions(CONTROLLER_EVENT, conditions)
+            .await
+        {
+            Ok(()) => {
+                debug!(only_ours = wanted.is_some(), "Controller_Event monitor set");
+                self.monitoring_for = Some(wanted);
+            }
+            Err(e) => debug!("setting the Controller_Event monitor failed (tried again): {e}"),
         }
     }
 

@@ -449,3 +449,51 @@ fn a_replay_after_the_client_connected_or_gave_up_does_no_harm() {
         "nothing established for a gone client"
     );
 }
+
+/// A replayed frame enters its interface's stack through `netif_receive_skb` and so passes the
+/// TC hook again: the mark the replay program writes in its metadata lets it through there,
+/// unheld and unreported, even if its VIP is idle (again) by then; an unmarked copy of the
+/// same frame is dropped and held.
+#[test]
+fn a_replayed_frame_is_let_through_by_the_tc_hook_and_never_held_again() {
+    use unidler::{
+        datapath::{Datapath, Hook, LoadOptions},
+        vip::VipSpec,
+    };
+    use unidler_common::{Counter, VipState};
+
+    require_root();
+    let topo = Topology::new("holdm");
+    let vip = SocketAddr::new(SERVER_V4.into(), 8085);
+    let listener = topo.listen(8085);
+    listener.set_nonblocking(true).unwrap();
+    let frame = unidler_tests::netns::syn_to_server(CLIENT_V4.into(), 40_100, 8085);
+    topo.in_server(|| {
+        let mut dp = Datapath::load(&LoadOptions::default()).expect("load");
+        let spec: VipSpec = format!("{vip}/tcp").parse().unwrap();
+        dp.upsert_vip(spec.vip.key(), VipState::default()).unwrap();
+        dp.set_holding(true).unwrap();
+        let (ifindex, hook) = dp.attach(&topo.server_if, Hook::Tc).unwrap();
+        assert_eq!(hook, Hook::Tc);
+
+        // The replay: through the stack of the server's veth, marked.
+        dp.replay(&frame, ifindex).unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        let c = dp.counters().unwrap();
+        assert_eq!(c.get(Counter::ReplayedToIdle), 1, "the TC hook saw the replay");
+        assert_eq!(c.get(Counter::Held), 0, "a replay is not held");
+        assert_eq!(c.get(Counter::EventsWritten), 0, "a replay is not reported");
+        assert_eq!(c.get(Counter::IdleDropped), 0, "a replay is not dropped");
+
+        // The same frame from the wire, unmarked: dropped, held, reported.
+        send_frames_in(&topo.client_ns, &topo.client_if, frame.clone());
+        std::thread::sleep(Duration::from_millis(100));
+        let c = dp.counters().unwrap();
+        assert_eq!(c.get(Counter::IdleDropped), 1);
+        assert_eq!(c.get(Counter::Held), 1);
+    });
+}
+
+fn send_frames_in(ns: &str, iface: &str, frame: Vec<u8>) {
+    unidler_tests::netns::in_netns(ns, || send_frames(iface, [frame]));
+}

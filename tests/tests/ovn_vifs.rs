@@ -1,14 +1,21 @@
 //! `--ovn-vifs` on a real OVN node (ovs-vswitchd with the userspace datapath, ovn-controller):
 //! the VIF present when the agent starts and one added later (a pod created) are covered, each
 //! proved by real traffic from its pod to an idle VIP (an event naming the interface), and a
-//! removed port (the pod deleted) is detached.
+//! removed port (the pod deleted) is detached; with `--ovn-uplinks`, the system interface of the
+//! bridge in `ovn-bridge-mappings` is covered too.
 
 use std::{
     net::{Ipv4Addr, SocketAddr},
     time::Duration,
 };
 
-use unidler_tests::{agent::Agent, ovn_chassis::OvnNode, require_root};
+use unidler_tests::{
+    agent::Agent,
+    frames::Frame,
+    netns::{in_netns, send_frames, sh},
+    ovn_chassis::OvnNode,
+    require_root,
+};
 
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 8, 8);
 const PORT: u16 = 8080;
@@ -51,6 +58,7 @@ fn vifs_of_a_real_ovs_are_covered_as_pods_come_and_go() {
         &[
             "run",
             "--ovn-vifs",
+            "--ovn-uplinks",
             "--ovs-db",
             &ovs_db,
             "--vip",
@@ -84,4 +92,55 @@ fn vifs_of_a_real_ovs_are_covered_as_pods_come_and_go() {
     }
     // The client's VIF is still covered.
     covered(&mut agent, &client_ns, &client_if);
+
+    // An uplink: a veth in a bridge named in ovn-bridge-mappings; a SYN from outside arrives
+    // on it.
+    let uplink = format!("{}u", client_if.trim_end_matches('n'));
+    let outside = format!("{}o", client_if.trim_end_matches('n'));
+    sh(&[
+        "ip",
+        "-n",
+        &node.node_ns,
+        "link",
+        "add",
+        &uplink,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        &outside,
+    ]);
+    for iface in [&uplink, &outside] {
+        sh(&["ip", "-n", &node.node_ns, "link", "set", iface, "up"]);
+    }
+    node.vsctl(&[
+        "add-br",
+        "br-ex",
+        "--",
+        "set",
+        "Bridge",
+        "br-ex",
+        "datapath_type=netdev",
+        "--",
+        "add-port",
+        "br-ex",
+        &uplink,
+        "--",
+        "set",
+        "Open_vSwitch",
+        ".",
+        "external_ids:ovn-bridge-mappings=physnet:br-ex",
+    ]);
+    agent.wait_for_log(&format!("iface={uplink}"), Duration::from_secs(10));
+    let syn = Frame::tcp_syn("192.0.2.7".parse().unwrap(), 40_000, VIP.into(), PORT).build();
+    let node_ns = node.node_ns.clone();
+    for _ in 0..20 {
+        in_netns(&node_ns, || send_frames(&outside, [syn.clone()]));
+        if let Some(event) = agent.next_event(Duration::from_millis(300))
+            && event["iface"] == uplink
+        {
+            return;
+        }
+    }
+    panic!("no event from the uplink {uplink}");
 }

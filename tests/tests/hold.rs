@@ -480,7 +480,11 @@ fn a_replayed_frame_is_let_through_by_the_tc_hook_and_never_held_again() {
         dp.replay(&frame, ifindex).unwrap();
         std::thread::sleep(Duration::from_millis(100));
         let c = dp.counters().unwrap();
-        assert_eq!(c.get(Counter::ReplayedToIdle), 1, "the TC hook saw the replay");
+        assert_eq!(
+            c.get(Counter::ReplayedToIdle),
+            1,
+            "the TC hook saw the replay"
+        );
         assert_eq!(c.get(Counter::Held), 0, "a replay is not held");
         assert_eq!(c.get(Counter::EventsWritten), 0, "a replay is not reported");
         assert_eq!(c.get(Counter::IdleDropped), 0, "a replay is not dropped");

@@ -1,8 +1,9 @@
 //! `--ovn-vifs` on a real OVN node (ovs-vswitchd with the userspace datapath, ovn-controller):
 //! the VIF present when the agent starts and one added later (a pod created) are covered, each
 //! proved by real traffic from its pod to an idle VIP (an event naming the interface), and a
-//! removed port (the pod deleted) is detached; with `--ovn-uplinks`, the system interface of the
-//! bridge in `ovn-bridge-mappings` is covered too.
+//! removed port (the pod deleted) is detached, the same interface in br-int without an iface-id
+//! is left alone, and one re-created under the same name is covered again; with
+//! `--ovn-uplinks`, the system interface of the bridge in `ovn-bridge-mappings` is covered too.
 
 use std::{
     net::{Ipv4Addr, SocketAddr},
@@ -12,8 +13,8 @@ use std::{
 use unidler_tests::{
     agent::Agent,
     frames::Frame,
-    netns::{in_netns, send_frames, sh},
-    ovn_chassis::OvnNode,
+    netns::{in_netns, mac, send_frames, sh},
+    ovn_chassis::{BACKEND_MAC, OvnNode},
     require_root,
 };
 
@@ -92,6 +93,63 @@ fn vifs_of_a_real_ovs_are_covered_as_pods_come_and_go() {
     }
     // The client's VIF is still covered.
     covered(&mut agent, &client_ns, &client_if);
+
+    // The same interface back in br-int without an iface-id: not an OVN VIF, left alone.
+    node.vsctl(&["add-port", "br-int", &pod_if]);
+    std::thread::sleep(Duration::from_millis(500));
+    for _ in 0..3 {
+        knock(&pod_ns);
+    }
+    while let Some(event) = agent.next_event(Duration::from_millis(500)) {
+        assert_ne!(
+            event["iface"], pod_if,
+            "an event from a port without iface-id"
+        );
+    }
+
+    // The pod's interface re-created under the same name (a new ifindex) and bound again.
+    node.vsctl(&["del-port", "br-int", &pod_if]);
+    sh(&["ip", "-n", &node.node_ns, "link", "del", &pod_if]);
+    let pod_side = format!("{}b", pod_if.trim_end_matches('m'));
+    sh(&[
+        "ip",
+        "-n",
+        &node.node_ns,
+        "link",
+        "add",
+        &pod_if,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        &pod_side,
+        "netns",
+        &pod_ns,
+        "address",
+        &mac(BACKEND_MAC),
+    ]);
+    sh(&["ip", "-n", &node.node_ns, "link", "set", &pod_if, "up"]);
+    for args in [
+        vec!["addr", "add", "192.168.77.12/24", "dev", pod_side.as_str()],
+        vec!["link", "set", pod_side.as_str(), "up"],
+        vec!["route", "replace", "default", "via", "192.168.77.1"],
+    ] {
+        let mut full = vec!["ip", "-n", pod_ns.as_str()];
+        full.extend(args);
+        sh(&full);
+    }
+    node.vsctl(&[
+        "add-port",
+        "br-int",
+        &pod_if,
+        "--",
+        "set",
+        "Interface",
+        &pod_if,
+        "external_ids:iface-id=vif2",
+    ]);
+    // (Attached on the port's appearance: `covered` knocks until the event comes.)
+    covered(&mut agent, &pod_ns, &pod_if);
 
     // An uplink: a veth in a bridge named in ovn-bridge-mappings; a SYN from outside arrives
     // on it.

@@ -320,3 +320,64 @@ pub fn send_frames(ifname: &str, frames: impl IntoIterator<Item = Vec<u8>>) -> u
 pub fn server_addrs() -> [IpAddr; 2] {
     [IpAddr::V4(SERVER_V4), IpAddr::V6(SERVER_V6)]
 }
+
+/// Sets the TCP SYN retransmission schedule of namespace `ns`: `linear_timeouts` 0 backs off
+/// exponentially (1, 3, 7, 15 s after the first SYN: RHEL 8/9 kernels); 4 is this kernel's
+/// default (1, 2, 3, 4, 5 s, then exponential).
+#[track_caller]
+pub fn syn_backoff(ns: &str, linear_timeouts: u8) {
+    sh(&[
+        "ip",
+        "netns",
+        "exec",
+        ns,
+        "sysctl",
+        "-qw",
+        &format!("net.ipv4.tcp_syn_linear_timeouts={linear_timeouts}"),
+    ]);
+}
+
+/// A TCP echo server on `addr` in namespace `ns`, in the background; returns how many
+/// connections it has accepted.
+pub fn tcp_echo_server(
+    ns: &str,
+    addr: std::net::SocketAddr,
+) -> std::sync::Arc<std::sync::atomic::AtomicUsize> {
+    use std::io::{Read as _, Write as _};
+    let listener = in_netns(ns, || std::net::TcpListener::bind(addr).unwrap());
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = accepted.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { return };
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 64];
+                while let Ok(n) = stream.read(&mut buf) {
+                    if n == 0 || stream.write_all(&buf[..n]).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    accepted
+}
+
+/// One `connect` to `to` from namespace `ns` (the kernel retransmits the SYN on its own
+/// schedule), in the background, waiting up to `timeout`; the thread returns when the
+/// connection was established, and the stream.
+pub fn connect_in_background(
+    ns: &str,
+    to: std::net::SocketAddr,
+    timeout: std::time::Duration,
+) -> std::thread::JoinHandle<(std::time::Instant, std::net::TcpStream)> {
+    let ns = ns.to_owned();
+    std::thread::spawn(move || {
+        in_netns(&ns, || {
+            let stream = std::net::TcpStream::connect_timeout(&to, timeout)
+                .unwrap_or_else(|e| panic!("connect to {to}: {e}"));
+            (std::time::Instant::now(), stream)
+        })
+    })
+}

@@ -15,7 +15,7 @@ use std::{
 use unidler::telemetry::http_get;
 use unidler_tests::{
     agent::Agent,
-    netns::{CLIENT_V4, SERVER_V4, SERVER_V6, Topology, send_frames, sh},
+    netns::{CLIENT_V4, SERVER_V4, SERVER_V6, Topology, send_frames},
     require_root,
     vips_file::VipsFile,
 };
@@ -57,15 +57,7 @@ fn backend_appears(agent: &Agent, vips: &VipsFile) -> Instant {
 /// The client's SYN retransmissions back off exponentially (1, 3, 7 s after the first SYN),
 /// as on the RHEL kernels most clusters run.
 fn exponential_syn_backoff(topo: &Topology) {
-    sh(&[
-        "ip",
-        "netns",
-        "exec",
-        &topo.client_ns,
-        "sysctl",
-        "-qw",
-        "net.ipv4.tcp_syn_linear_timeouts=0",
-    ]);
+    unidler_tests::netns::syn_backoff(&topo.client_ns, 0);
 }
 
 fn metrics(topo: &Topology) -> String {
@@ -105,24 +97,7 @@ fn eventually(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
 
 /// A TCP echo listener on the server at `addr`, counting the connections it accepts.
 fn echo_server(topo: &Topology, addr: SocketAddr) -> Arc<AtomicUsize> {
-    let listener = topo.in_server(|| std::net::TcpListener::bind(addr).unwrap());
-    let accepted = Arc::new(AtomicUsize::new(0));
-    let count = accepted.clone();
-    std::thread::spawn(move || {
-        for stream in listener.incoming() {
-            let Ok(mut stream) = stream else { return };
-            count.fetch_add(1, Ordering::SeqCst);
-            std::thread::spawn(move || {
-                let mut buf = [0u8; 64];
-                while let Ok(n) = stream.read(&mut buf) {
-                    if n == 0 || stream.write_all(&buf[..n]).is_err() {
-                        return;
-                    }
-                }
-            });
-        }
-    });
-    accepted
+    unidler_tests::netns::tcp_echo_server(&topo.server_ns, addr)
 }
 
 /// The client connects to `vip` (one `connect` call, the kernel's own SYN retransmissions)

@@ -7,17 +7,14 @@
 
 use std::{
     io::{Read, Write},
-    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
-    sync::{
-        Arc,
-        atomic::{AtomicUsize, Ordering},
-    },
+    net::{Ipv4Addr, SocketAddr, TcpStream},
+    sync::atomic::Ordering,
     time::{Duration, Instant},
 };
 
 use unidler_tests::{
     agent::{Agent, southbound_args},
-    netns::sh,
+    netns::{syn_backoff, tcp_echo_server},
     ovn_chassis::{BACKEND_V4, OvnNode},
     ovsdb_server::{Southbound, TempDir},
     require_root,
@@ -37,34 +34,9 @@ fn the_first_connection_succeeds_through_ovn_once_the_cms_adds_the_backend() {
     let mut node = OvnNode::start("oh");
     node.add_backend_pod();
     node.add_idle_load_balancer("web", &[format!("{VIP}:{PORT}")]);
-    let listener = node.in_backend(|| TcpListener::bind((BACKEND_V4, PORT)).unwrap());
-    let accepted = Arc::new(AtomicUsize::new(0));
-    {
-        let accepted = accepted.clone();
-        std::thread::spawn(move || {
-            for stream in listener.incoming() {
-                let Ok(mut stream) = stream else { return };
-                accepted.fetch_add(1, Ordering::SeqCst);
-                std::thread::spawn(move || {
-                    let mut buf = [0u8; 64];
-                    while let Ok(n) = stream.read(&mut buf) {
-                        if n == 0 || stream.write_all(&buf[..n]).is_err() {
-                            return;
-                        }
-                    }
-                });
-            }
-        });
-    }
-    sh(&[
-        "ip",
-        "netns",
-        "exec",
-        &node.client_ns,
-        "sysctl",
-        "-qw",
-        "net.ipv4.tcp_syn_linear_timeouts=0",
-    ]);
+    let backend_ns = node.backend_ns.clone().expect("a backend pod");
+    let accepted = tcp_echo_server(&backend_ns, SocketAddr::new(BACKEND_V4.into(), PORT));
+    syn_backoff(&node.client_ns, 0);
 
     let state = TempDir::new("ohstate");
     let sb = node.central.sb.unix_remote();

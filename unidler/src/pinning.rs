@@ -169,49 +169,34 @@ pub fn remove(root: &Path) -> io::Result<Vec<String>> {
     Ok(detached)
 }
 
+/// The `bpf_attr` of `BPF_OBJ_GET`.
+#[repr(C)]
+struct ObjAttr {
+    pathname: u64,
+    bpf_fd: u32,
+    file_flags: u32,
+    path_fd: i32,
+    _pad: u32,
+}
+
+impl ObjAttr {
+    fn new(path: &CString, fd: u32) -> Self {
+        Self {
+            pathname: path.as_ptr() as u64,
+            bpf_fd: fd,
+            file_flags: 0,
+            path_fd: 0,
+            _pad: 0,
+        }
+    }
+}
+
 /// Opens a pinned BPF object.
 pub fn open_pinned(path: &Path) -> io::Result<OwnedFd> {
     let path = CString::new(path.as_os_str().as_bytes()).map_err(io::Error::other)?;
-    #[repr(C)]
-    struct ObjGet {
-        pathname: u64,
-        bpf_fd: u32,
-        file_flags: u32,
-        path_fd: i32,
-        _pad: u32,
-    }
-    let attr = ObjGet {
-        pathname: path.as_ptr() as u64,
-        bpf_fd: 0,
-        file_flags: 0,
-        path_fd: 0,
-        _pad: 0,
-    };
-    let fd = bpf(BPF_OBJ_GET, &attr)?;
+    let fd = bpf(BPF_OBJ_GET, &ObjAttr::new(&path, 0))?;
     // SAFETY: the kernel returned a new file descriptor that nothing else owns.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-/// Pins `fd` at `path` (`BPF_OBJ_PIN`).
-pub fn pin(fd: BorrowedFd<'_>, path: &Path) -> io::Result<()> {
-    const BPF_OBJ_PIN: libc::c_long = 6;
-    let path = CString::new(path.as_os_str().as_bytes()).map_err(io::Error::other)?;
-    #[repr(C)]
-    struct ObjPin {
-        pathname: u64,
-        bpf_fd: u32,
-        file_flags: u32,
-        path_fd: i32,
-        _pad: u32,
-    }
-    let attr = ObjPin {
-        pathname: path.as_ptr() as u64,
-        bpf_fd: fd.as_raw_fd() as u32,
-        file_flags: 0,
-        path_fd: 0,
-        _pad: 0,
-    };
-    bpf(BPF_OBJ_PIN, &attr).map(|_| ())
 }
 
 /// The interface a link is attached to (XDP and TCX links), 0 if it is attached to none any

@@ -7,13 +7,13 @@
 //! node: OVN alone against unidler, from the Northbound commit that adds the backend.
 
 use std::{
-    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
+    net::{Ipv4Addr, SocketAddr, TcpListener},
     time::{Duration, Instant},
 };
 
 use unidler_tests::{
     agent::{Agent, southbound_args},
-    netns::{SERVER_V4, Topology, in_netns, sh},
+    netns::{SERVER_V4, Topology, connect_in_background, syn_backoff},
     ovn_chassis::{BACKEND_V4, OvnNode},
     ovsdb_server::{Southbound as _, TempDir},
     vips_file::VipsFile,
@@ -27,15 +27,7 @@ const READY_AFTER: [f64; 5] = [0.2, 0.5, 1.3, 2.5, 5.0];
 /// Seconds from the backend appearing to the client connected, for one run.
 fn time_to_connect(schedule: u8, ready_after: f64, hold: bool) -> f64 {
     let topo = Topology::new("fc");
-    sh(&[
-        "ip",
-        "netns",
-        "exec",
-        &topo.client_ns,
-        "sysctl",
-        "-qw",
-        &format!("net.ipv4.tcp_syn_linear_timeouts={schedule}"),
-    ]);
+    syn_backoff(&topo.client_ns, schedule);
     let vip = SocketAddr::new(SERVER_V4.into(), 8090);
     let vips = VipsFile::new(&vip.to_string(), "tcp");
     let listener = topo.in_server(|| TcpListener::bind(vip).unwrap());
@@ -53,22 +45,12 @@ fn time_to_connect(schedule: u8, ready_after: f64, hold: bool) -> f64 {
         "0",
     ];
     let agent = Agent::start(&topo.server_ns, &args);
-    let client = {
-        let ns = topo.client_ns.clone();
-        std::thread::spawn(move || {
-            in_netns(&ns, || {
-                let stream = TcpStream::connect_timeout(&vip, Duration::from_secs(30));
-                let at = Instant::now();
-                stream.expect("connects");
-                at
-            })
-        })
-    };
+    let client = connect_in_background(&topo.client_ns, vip, Duration::from_secs(30));
     std::thread::sleep(Duration::from_secs_f64(ready_after));
     vips.set_backends(1);
     let backend = Instant::now();
     agent.signal(libc::SIGHUP);
-    let connected = client.join().expect("client");
+    let (connected, _stream) = client.join().expect("client");
     drop(listener);
     connected.saturating_duration_since(backend).as_secs_f64()
 }
@@ -109,15 +91,7 @@ pub(crate) fn first_connect_on_ovn() -> Vec<Figure> {
     let openflow = node.openflow_target();
     let mut out = Vec::new();
     for (schedule, name) in [(0u8, "exponential (RHEL)"), (4, "linear (6.5+ default)")] {
-        sh(&[
-            "ip",
-            "netns",
-            "exec",
-            &node.client_ns,
-            "sysctl",
-            "-qw",
-            &format!("net.ipv4.tcp_syn_linear_timeouts={schedule}"),
-        ]);
+        syn_backoff(&node.client_ns, schedule);
         for ready_after in READY_AFTER {
             let ovn = commit_to_connect(&node, vip, ready_after);
             let mut agent = Agent::start(
@@ -158,17 +132,7 @@ fn commit_to_connect(node: &OvnNode, vip: SocketAddr, ready_after: f64) -> f64 {
     node.central
         .sb
         .sbctl(&["--all", "destroy", "Controller_Event"]);
-    let client = {
-        let ns = node.client_ns.clone();
-        std::thread::spawn(move || {
-            in_netns(&ns, || {
-                let stream = TcpStream::connect_timeout(&vip, Duration::from_secs(30));
-                let at = Instant::now();
-                stream.expect("connects");
-                at
-            })
-        })
-    };
+    let client = connect_in_background(&node.client_ns, vip, Duration::from_secs(30));
     std::thread::sleep(Duration::from_secs_f64(ready_after));
     node.central
         .sb
@@ -180,6 +144,6 @@ fn commit_to_connect(node: &OvnNode, vip: SocketAddr, ready_after: f64) -> f64 {
         &set_vip(&format!("{BACKEND_V4}:{}", vip.port())),
     ]);
     let committed = Instant::now();
-    let connected = client.join().expect("client");
+    let (connected, _stream) = client.join().expect("client");
     connected.saturating_duration_since(committed).as_secs_f64()
 }

@@ -347,6 +347,10 @@ async fn session_loop(shared: Arc<Shared>, tls: Option<Tls>, mut stop: mpsc::Rec
         .map_or(0, |d| d.as_nanos() as u64)
         ^ (Arc::as_ptr(&shared) as u64)
         | 1;
+    if !shared.options.leader_only {
+        // Any member serves: clients that start together spread over the members.
+        next = (jitter(Duration::from_secs(1), &mut rng).as_nanos() as usize) % remotes.len();
+    }
     loop {
         let remote = &remotes[next % remotes.len()];
         next += 1;

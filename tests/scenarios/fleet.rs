@@ -36,6 +36,8 @@ pub struct Cost {
     pub seconds: f64,
     /// CPU seconds of the three `ovsdb-server`s meanwhile.
     pub db_cpu_seconds: f64,
+    /// CPU seconds of the busiest of them meanwhile.
+    pub busiest_cpu_seconds: f64,
     /// Resident memory of the three `ovsdb-server`s afterwards, MB.
     pub db_rss_mb: f64,
 }
@@ -57,9 +59,10 @@ const WAIT: Duration = Duration::from_secs(600);
 
 impl Fleet {
     /// Starts the cluster, inserts `lbs` load balancers (one VIP each) and `n` Chassis rows,
-    /// then connects the `n` agents; returns once every agent has every load balancer and its
-    /// Chassis row, with what that cost.
-    pub fn start(n: usize, lbs: u32) -> (Self, Cost) {
+    /// then connects the `n` agents (to the leader only, or with `any_member` to any member);
+    /// returns once every agent has every load balancer and its Chassis row, with what that
+    /// cost.
+    pub fn start(n: usize, lbs: u32, any_member: bool) -> (Self, Cost) {
         let cluster = southbound_cluster(3);
         cluster.wait_for_leader(Duration::from_secs(30));
         let load_balancers = LoadBalancers::insert(&cluster.servers[0], lbs, 1);
@@ -92,7 +95,7 @@ impl Fleet {
             c.wait_connected(Duration::from_secs(30)).await.unwrap();
             c
         });
-        let cpu_before = db_cpu(&cluster);
+        let cpu_before = per_server_cpu(&cluster);
         let started = Instant::now();
         let agents = rt.block_on(async {
             let mut agents = Vec::new();
@@ -103,6 +106,7 @@ impl Fleet {
                     chassis: Some(format!("fleet-{i}")),
                     ovs_db: String::new(),
                     max_message_bytes: 64 << 20,
+                    leader_only: !any_member,
                 };
                 agents.push(Southbound::connect(&config, true).await.unwrap());
             }
@@ -142,10 +146,16 @@ impl Fleet {
         }
     }
 
-    fn cost(&self, started: Instant, cpu_before: f64) -> Cost {
+    fn cost(&self, started: Instant, cpu_before: Vec<f64>) -> Cost {
+        let spent: Vec<f64> = per_server_cpu(&self.cluster)
+            .iter()
+            .zip(&cpu_before)
+            .map(|(now, before)| (now - before).max(0.0))
+            .collect();
         Cost {
             seconds: started.elapsed().as_secs_f64(),
-            db_cpu_seconds: db_cpu(&self.cluster) - cpu_before,
+            db_cpu_seconds: spent.iter().sum(),
+            busiest_cpu_seconds: spent.iter().copied().fold(0.0, f64::max),
             db_rss_mb: self
                 .cluster
                 .servers
@@ -251,7 +261,7 @@ impl Fleet {
             server.start();
         }
         let started = Instant::now();
-        let cpu_before = db_cpu(&self.cluster);
+        let cpu_before = per_server_cpu(&self.cluster);
         let mut killed = None;
         if failover {
             let leader = self.cluster.wait_for_leader(Duration::from_secs(60));
@@ -270,10 +280,14 @@ impl Fleet {
 
 /// CPU seconds of the cluster's servers so far.
 fn db_cpu(cluster: &Cluster) -> f64 {
+    per_server_cpu(cluster).iter().sum()
+}
+
+/// CPU seconds of each of the cluster's servers so far (0 for one that is down).
+fn per_server_cpu(cluster: &Cluster) -> Vec<f64> {
     cluster
         .servers
         .iter()
-        .filter_map(|s| s.pid())
-        .map(cpu_seconds)
-        .sum()
+        .map(|s| s.pid().map_or(0.0, cpu_seconds))
+        .collect()
 }

@@ -14,7 +14,7 @@ use unidler::sink::Dedup;
 
 #[test]
 fn agents_sync_deduplicate_cluster_wide_and_resync_after_cluster_restarts() {
-    let (mut fleet, sync) = fleet::Fleet::start(20, 1_000);
+    let (mut fleet, sync) = fleet::Fleet::start(20, 1_000, false);
     eprintln!("sync: {sync:?}");
     let per_chassis = fleet.wake_up(Dedup::Chassis);
     eprintln!("wake-up, per chassis: {per_chassis:?}");
@@ -33,4 +33,13 @@ fn agents_sync_deduplicate_cluster_wide_and_resync_after_cluster_restarts() {
     assert!(failover.seconds < 30.0, "resync took {failover:?}");
     // Still writing after all that.
     assert_eq!(fleet.wake_up(Dedup::Cluster).rows, 1);
+}
+
+#[test]
+fn agents_connected_to_any_member_sync_and_write_through_followers() {
+    let (fleet, sync) = fleet::Fleet::start(20, 1_000, true);
+    eprintln!("sync through any member: {sync:?}");
+    // Writes sent to followers are forwarded to the leader; the guard still holds.
+    assert_eq!(fleet.wake_up(Dedup::Cluster).rows, 1);
+    assert_eq!(fleet.wake_up(Dedup::Chassis).rows, 20);
 }

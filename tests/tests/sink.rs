@@ -65,6 +65,7 @@ fn dropped_connections_never_freeze_the_runtime_and_lose_nothing() {
                     chassis: Some(CHASSIS.into()),
                     ovs_db: "unix:/nonexistent".into(),
                     max_message_bytes: 64 << 20,
+                    leader_only: true,
                 };
                 let southbound = Southbound::connect(&config, false).await.unwrap();
                 let sink = ControllerEventSink::start(

@@ -221,6 +221,11 @@ struct RunArgs {
     /// logged, and asked for again after the longest backoff.
     #[arg(long, env = "UNIDLER_OVSDB_MAX_MESSAGE_SIZE", default_value_t = 64 << 20)]
     ovsdb_max_message_size: usize,
+    /// With a clustered Southbound database, connect to any member instead of the leader only:
+    /// the members (or OVSDB relays) share the load of every node's monitors; writes are
+    /// forwarded to the leader. (ovn-controller connects this way too.)
+    #[arg(long, env = "UNIDLER_OVNSB_ANY_MEMBER")]
+    ovnsb_any_member: bool,
     /// Which existing Controller_Event rows make a hit a duplicate: this chassis' (as
     /// ovn-controller: every node reports once) or any chassis' (a wake-up storm across the
     /// cluster writes about one row; ovn-kubernetes consumes it unchanged).
@@ -390,6 +395,7 @@ fn config(args: RunArgs) -> Result<Config> {
             chassis: args.chassis,
             ovs_db: args.ovs_db.clone(),
             max_message_bytes: args.ovsdb_max_message_size,
+            leader_only: !args.ovnsb_any_member,
         }),
         None => None,
     };

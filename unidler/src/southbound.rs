@@ -31,6 +31,9 @@ pub struct SouthboundConfig {
     /// Largest message accepted from the database (the first monitor reply carries every
     /// load balancer).
     pub max_message_bytes: usize,
+    /// Talk only to the leader of a clustered database (true), or to any member (false: the
+    /// members share the monitors' load; writes are forwarded to the leader).
+    pub leader_only: bool,
 }
 
 /// The Southbound client and our chassis name. Cheap to clone.
@@ -53,6 +56,7 @@ impl Southbound {
         options.tls = config.tls.clone();
         options.rpc.max_message_bytes = config.max_message_bytes;
         options.monitors = monitors(with_vips);
+        options.leader_only = config.leader_only;
         let client = Client::start(options)?;
         let chassis = match &config.chassis {
             Some(name) => watch::channel(name.clone()).1,

@@ -20,7 +20,7 @@ pub(crate) fn fleet_bench() -> Vec<Figure> {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(200);
-    let (mut fleet, sync) = fleet::Fleet::start(n, LOAD_BALANCERS);
+    let (mut fleet, sync) = fleet::Fleet::start(n, LOAD_BALANCERS, false);
     let mut out = vec![
         figure(
             S,
@@ -32,6 +32,12 @@ pub(crate) fn fleet_bench() -> Vec<Figure> {
             S,
             "  Southbound CPU for the sync (3 servers)",
             sync.db_cpu_seconds,
+            "s",
+        ),
+        figure(
+            S,
+            "  busiest server's CPU (the leader)",
+            sync.busiest_cpu_seconds,
             "s",
         ),
         figure(
@@ -89,5 +95,25 @@ pub(crate) fn fleet_bench() -> Vec<Figure> {
             ),
         ]);
     }
+    drop(fleet);
+    // The same cold start with the agents connected to any member (--ovnsb-any-member).
+    let (_fleet, any) = fleet::Fleet::start(n, LOAD_BALANCERS, true);
+    out.extend([
+        figure(
+            S,
+            format!("{n} agents via any member: all synced"),
+            any.seconds,
+            "s",
+        )
+        .vs("leader only", sync.seconds),
+        figure(
+            S,
+            "  Southbound CPU for the sync (3 servers)",
+            any.db_cpu_seconds,
+            "s",
+        ),
+        figure(S, "  busiest server's CPU", any.busiest_cpu_seconds, "s")
+            .vs("leader only", sync.busiest_cpu_seconds),
+    ]);
     out
 }

@@ -331,3 +331,69 @@ fn a_pinned_map_of_another_shape_is_recreated_and_said_so() {
         "the re-created map has the idle VIP again"
     );
 }
+
+#[test]
+fn an_attachment_the_next_agent_does_not_want_is_removed() {
+    require_root();
+    let topo = Topology::new("pw");
+    let fs = BpfFs::mount();
+    let pin_dir = fs.pin_dir();
+    let vips = vips_file(9600..9601, None);
+    let path = vips.path_string();
+    // A second interface in the server's namespace.
+    let extra = format!("{}x", topo.server_if);
+    let peer = format!("{}y", topo.server_if);
+    unidler_tests::netns::sh(&[
+        "ip",
+        "-n",
+        &topo.server_ns,
+        "link",
+        "add",
+        &extra,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        &peer,
+    ]);
+    unidler_tests::netns::sh(&["ip", "-n", &topo.server_ns, "link", "set", &extra, "up"]);
+    let first = Agent::start(
+        &topo.server_ns,
+        &[
+            "run",
+            "--iface",
+            &topo.server_if,
+            "--iface",
+            &extra,
+            "--vips-file",
+            &path,
+            "--pin-dir",
+            &pin_dir,
+        ],
+    );
+    first.signal(libc::SIGTERM);
+    first.wait(Duration::from_secs(5));
+    let pinned =
+        |iface: &str| std::path::Path::new(&format!("{pin_dir}/links/tc@{iface}")).exists();
+    assert!(
+        pinned(&extra) && pinned(&topo.server_if),
+        "both attachments pinned"
+    );
+
+    let mut second = Agent::start(
+        &topo.server_ns,
+        &[
+            "run",
+            "--iface",
+            &topo.server_if,
+            "--vips-file",
+            &path,
+            "--pin-dir",
+            &pin_dir,
+        ],
+    );
+    second.wait_for_log("not wanted here: detached", Duration::from_secs(1));
+    assert!(!pinned(&extra), "the unwanted attachment is unpinned");
+    assert!(pinned(&topo.server_if), "the wanted one stays");
+    assert!(!topo.connects(9600), "and still drops");
+}

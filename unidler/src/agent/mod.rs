@@ -106,6 +106,8 @@ pub struct Agent {
     detached: BTreeMap<String, bool>,
     /// Interface name patterns to follow.
     patterns: Vec<glob::Pattern>,
+    /// Interfaces named with `--iface`.
+    named: Vec<String>,
     /// OVN's interfaces to follow (VIFs, uplinks; from the local Open_vSwitch database).
     vifs: InterfaceNames,
     /// Followed interfaces that refused the program, by name, with the ifindex
@@ -260,6 +262,7 @@ impl Agent {
             hook: config.hook,
             detached: BTreeMap::new(),
             patterns: Vec::new(),
+            named: names.clone(),
             vifs: InterfaceNames::new(),
             refused: HashMap::new(),
             out_of_sync_since: None,
@@ -307,6 +310,10 @@ impl Agent {
             agent.iface_names.insert(ifindex, iface.clone());
         }
         agent.patterns = patterns;
+        if config.ovn_interfaces.is_none() {
+            // Every source of interfaces is known now (OVN's arrive later, and prune then).
+            agent.prune_adopted();
+        }
         agent.follow_interfaces();
         agent.readiness.attached.store(true, Ordering::Relaxed);
         if config.vips != VipSourceConfig::Ovn {
@@ -700,7 +707,26 @@ impl Agent {
             }
             self.refused.remove(&iface);
         }
+        self.prune_adopted();
         self.follow_interfaces();
+    }
+
+    /// Detaches what an earlier agent left pinned on interfaces this one does not want (not
+    /// named, matching no pattern, not one of OVN's interfaces now).
+    fn prune_adopted(&mut self) {
+        let unwanted: Vec<(String, u32)> = self
+            .datapath
+            .attached()
+            .filter(|(iface, _, _)| {
+                !self.named.iter().any(|n| n == iface) && !self.is_followed(iface)
+            })
+            .map(|(iface, ifindex, _)| (iface.to_owned(), ifindex))
+            .collect();
+        for (iface, ifindex) in unwanted {
+            self.iface_names.remove(&ifindex);
+            self.datapath.forget_attachment(&iface);
+            info!(%iface, "attachment left by an earlier agent is not wanted here: detached");
+        }
     }
 
     /// Attaches to every followed interface (matching an `--iface` pattern, or one of OVN's

@@ -129,6 +129,11 @@ fn first_connect_succeeds(ip: IpAddr, tag: &str) {
     };
     std::thread::sleep(BACKEND_AFTER);
     assert_eq!(hold_count(&topo, "held"), 1.0, "the first SYN is held");
+    // `unidler vips` shows it beside its VIP.
+    let table =
+        topo.in_server(|| http_get("127.0.0.1:9478".parse().unwrap(), "/api/vips").unwrap());
+    let rows: Vec<serde_json::Value> = serde_json::from_str(&table).unwrap();
+    assert_eq!(rows[0]["held"], 1, "{table}");
     let backend = backend_appears(&agent, &vips);
     let connected = client.join().expect("client");
     let after = connected.saturating_duration_since(backend);

@@ -381,3 +381,16 @@ pub fn connect_in_background(
         })
     })
 }
+
+/// Sends a few bytes on `stream` and reads them back (from a [`tcp_echo_server`]): whether the
+/// connection carries data both ways.
+pub fn echoes(stream: &mut std::net::TcpStream) -> bool {
+    use std::io::{Read as _, Write as _};
+    let mut reply = [0u8; 4];
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .is_ok()
+        && stream.write_all(b"ping").is_ok()
+        && stream.read_exact(&mut reply).is_ok()
+        && &reply == b"ping"
+}

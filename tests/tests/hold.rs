@@ -15,7 +15,9 @@ use std::{
 use unidler::telemetry::http_get;
 use unidler_tests::{
     agent::Agent,
-    netns::{CLIENT_V4, SERVER_V4, SERVER_V6, Topology, send_frames},
+    netns::{
+        CLIENT_V4, SERVER_V4, SERVER_V6, Topology, connect_in_background, echoes, send_frames,
+    },
     require_root,
     vips_file::VipsFile,
 };
@@ -112,21 +114,7 @@ fn first_connect_succeeds(ip: IpAddr, tag: &str) {
     let accepted = echo_server(&topo, vip);
     let agent = agent(&topo, &vips, &[]);
 
-    let client = {
-        let ns = topo.client_ns.clone();
-        std::thread::spawn(move || {
-            unidler_tests::netns::in_netns(&ns, || {
-                let mut stream = TcpStream::connect_timeout(&vip, Duration::from_secs(10))
-                    .expect("the first connect succeeds");
-                let connected = Instant::now();
-                stream.write_all(b"ping").unwrap();
-                let mut reply = [0u8; 4];
-                stream.read_exact(&mut reply).unwrap();
-                assert_eq!(&reply, b"ping");
-                connected
-            })
-        })
-    };
+    let client = connect_in_background(&topo.client_ns, vip, Duration::from_secs(10));
     std::thread::sleep(BACKEND_AFTER);
     assert_eq!(hold_count(&topo, "held"), 1.0, "the first SYN is held");
     // `unidler vips` shows it beside its VIP.
@@ -135,7 +123,8 @@ fn first_connect_succeeds(ip: IpAddr, tag: &str) {
     let rows: Vec<serde_json::Value> = serde_json::from_str(&table).unwrap();
     assert_eq!(rows[0]["held"], 1, "{table}");
     let backend = backend_appears(&agent, &vips);
-    let connected = client.join().expect("client");
+    let (connected, mut stream) = client.join().expect("client");
+    assert!(echoes(&mut stream), "the connection carries data");
     let after = connected.saturating_duration_since(backend);
     assert!(
         after < WITHIN,

@@ -6,15 +6,14 @@
 //! that commit. OVN writes no row of its own for the replayed packet.
 
 use std::{
-    io::{Read, Write},
-    net::{Ipv4Addr, SocketAddr, TcpStream},
+    net::{Ipv4Addr, SocketAddr},
     sync::atomic::Ordering,
     time::{Duration, Instant},
 };
 
 use unidler_tests::{
     agent::{Agent, southbound_args},
-    netns::{syn_backoff, tcp_echo_server},
+    netns::{connect_in_background, echoes, syn_backoff, tcp_echo_server},
     ovn_chassis::{BACKEND_V4, OvnNode},
     ovsdb_server::{Southbound, TempDir},
     require_root,
@@ -54,20 +53,7 @@ fn the_first_connection_succeeds_through_ovn_once_the_cms_adds_the_backend() {
     agent.wait_for_log("VIP map synced", Duration::from_secs(30));
 
     let vip = SocketAddr::new(VIP.into(), PORT);
-    let client = {
-        let ns = node.client_ns.clone();
-        std::thread::spawn(move || {
-            unidler_tests::netns::in_netns(&ns, || {
-                let mut stream = TcpStream::connect_timeout(&vip, Duration::from_secs(10))
-                    .expect("the first connect succeeds");
-                let connected = Instant::now();
-                stream.write_all(b"ping").unwrap();
-                let mut reply = [0u8; 4];
-                stream.read_exact(&mut reply).expect("the backend answers");
-                connected
-            })
-        })
-    };
+    let client = connect_in_background(&node.client_ns, vip, Duration::from_secs(10));
     let started = Instant::now();
 
     // The CMS: reads the row, deletes it (as ovn-kubernetes does), scales the workload up.
@@ -101,7 +87,8 @@ fn the_first_connection_succeeds_through_ovn_once_the_cms_adds_the_backend() {
     ]);
     let committed = Instant::now();
 
-    let connected = client.join().expect("client");
+    let (connected, mut stream) = client.join().expect("client");
+    assert!(echoes(&mut stream), "the backend answers");
     let after = connected.saturating_duration_since(committed);
     assert!(
         after < WITHIN,

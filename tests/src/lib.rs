@@ -10,6 +10,7 @@ pub mod oracle;
 pub mod ovn_chassis;
 pub mod ovsdb_server;
 pub mod process;
+pub mod prometheus;
 pub mod proxy;
 pub mod rng;
 pub mod vips_file;

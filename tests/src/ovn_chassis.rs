@@ -201,20 +201,7 @@ impl OvnNode {
             &node.node_if,
             &format!("external_ids:iface-id={CLIENT_PORT}"),
         ]);
-        node.wait_until("ovn-controller binds the client port", || {
-            !node
-                .central
-                .sb
-                .sbctl(&[
-                    "--bare",
-                    "--columns=chassis",
-                    "find",
-                    "Port_Binding",
-                    &format!("logical_port={CLIENT_PORT}"),
-                ])
-                .trim()
-                .is_empty()
-        });
+        node.wait_until_bound(CLIENT_PORT);
         node.central.nbctl(&["--wait=hv", "sync"]);
         node
     }
@@ -318,20 +305,7 @@ impl OvnNode {
             &node_side,
             &format!("external_ids:iface-id={BACKEND_PORT}"),
         ]);
-        self.wait_until("ovn-controller binds the backend port", || {
-            !self
-                .central
-                .sb
-                .sbctl(&[
-                    "--bare",
-                    "--columns=chassis",
-                    "find",
-                    "Port_Binding",
-                    &format!("logical_port={BACKEND_PORT}"),
-                ])
-                .trim()
-                .is_empty()
-        });
+        self.wait_until_bound(BACKEND_PORT);
         self.central.nbctl(&["--timeout=120", "--wait=hv", "sync"]);
         pod_ns
     }
@@ -464,6 +438,25 @@ impl OvnNode {
         crate::die_with_parent(&mut cmd)
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {program}: {e}"))
+    }
+
+    /// Waits until ovn-controller has bound logical port `port` to this chassis.
+    #[track_caller]
+    fn wait_until_bound(&self, port: &str) {
+        self.wait_until(&format!("ovn-controller binds {port}"), || {
+            !self
+                .central
+                .sb
+                .sbctl(&[
+                    "--bare",
+                    "--columns=chassis",
+                    "find",
+                    "Port_Binding",
+                    &format!("logical_port={port}"),
+                ])
+                .trim()
+                .is_empty()
+        });
     }
 
     #[track_caller]

@@ -68,16 +68,7 @@ fn metrics(topo: &Topology) -> String {
 
 /// The value of the sample `series` (name and labels) in Prometheus text, 0 if absent.
 fn sample(metrics: &str, series: &str) -> f64 {
-    metrics
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix(series)?
-                .strip_prefix(' ')?
-                .trim()
-                .parse()
-                .ok()
-        })
-        .unwrap_or(0.0)
+    unidler_tests::prometheus::sample(metrics, series).unwrap_or(0.0)
 }
 
 fn hold_count(topo: &Topology, outcome: &str) -> f64 {

@@ -24,15 +24,7 @@ fn get(topo: &Topology, path: &str) -> Result<String, String> {
 /// The value of one sample line `name{labels} value` in Prometheus text.
 #[track_caller]
 fn sample(metrics: &str, series: &str) -> f64 {
-    metrics
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix(series)?
-                .strip_prefix(' ')?
-                .trim()
-                .parse()
-                .ok()
-        })
+    unidler_tests::prometheus::sample(metrics, series)
         .unwrap_or_else(|| panic!("no sample {series} in:\n{metrics}"))
 }
 

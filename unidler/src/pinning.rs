@@ -87,11 +87,6 @@ impl PinDir {
         })
     }
 
-    /// The directory.
-    pub fn root(&self) -> &Path {
-        &self.root
-    }
-
     /// Where map `name` is pinned.
     pub fn map_path(&self, name: &str) -> PathBuf {
         self.root.join("maps").join(name)

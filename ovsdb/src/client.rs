@@ -17,8 +17,13 @@ use crate::{
     error::{Error, ErrorKind},
     op::{Condition, OpResult, Operation, parse_results},
     remote::{self, Remote, Tls, TlsFiles},
-    replica::{ChangeSet, Replica},
+    replica::{ChangeSet, Replica, RowChange},
     rpc::{Connection, Notification, RpcOptions},
+    update::{
+        ConsumerHandle, RowSink, RowUpdate, TableConsumer, UpdateParams, parse_monitor_since_reply,
+        parse_table_updates, parse_update_params,
+    },
+    value::Uuid,
 };
 
 /// A table to monitor.
@@ -30,6 +35,9 @@ pub struct MonitorRequest {
     pub columns: Option<Vec<String>>,
     /// Only rows matching all of these (conditional monitoring); empty for all rows.
     pub conditions: Vec<Condition>,
+    /// Where the table's rows go instead of the replica (see [`TableConsumer`]); `None`
+    /// replicates them.
+    pub consumer: Option<ConsumerHandle>,
 }
 
 impl MonitorRequest {
@@ -39,6 +47,7 @@ impl MonitorRequest {
             table: table.to_owned(),
             columns: None,
             conditions: Vec::new(),
+            consumer: None,
         }
     }
 
@@ -51,6 +60,13 @@ impl MonitorRequest {
     /// Only rows matching `condition` (repeatable: all must hold).
     pub fn matching(mut self, condition: Condition) -> Self {
         self.conditions.push(condition);
+        self
+    }
+
+    /// Hands the table's rows to `consumer` as they arrive, instead of replicating them: the
+    /// replica and change sets leave the table out.
+    pub fn consumed_by(mut self, consumer: ConsumerHandle) -> Self {
+        self.consumer = Some(consumer);
         self
     }
 
@@ -479,64 +495,47 @@ async fn session(
     );
     let zero = "00000000-0000-0000-0000-000000000000".to_owned();
     let since = last_txn_id.clone().unwrap_or(zero);
-    let (found, updates, reply_txn) = if monitors.is_empty() {
-        (false, json!({}), None)
+    // Until this reply is applied whole, a reconnect must not resume from an older
+    // transaction: what was cleared or half applied would stay missing.
+    let resume_from = last_txn_id.take();
+    let applied = if monitors.is_empty() {
+        Ok((false, Vec::new(), None))
     } else {
         match conn
-            .call(
+            .call_raw(
                 "monitor_cond_since",
                 json!([opts.database, DATA_MONITOR, requests, since]),
             )
             .await
         {
-            // Taken apart, not copied: with 100,000s of rows the reply is large.
-            Ok(Json::Array(mut reply)) if reply.len() == 3 => {
-                let updates = reply.pop().expect("three elements");
-                let txn = reply.pop().expect("three elements");
-                (
-                    reply[0].as_bool() == Some(true),
-                    updates,
-                    txn.as_str().map(str::to_owned),
-                )
-            }
-            Ok(reply) => {
-                return fail(Error::Protocol(format!("monitor_cond_since reply {reply}"))).await;
-            }
+            // Parsed row by row into the replica and the consumers: with 100,000s of rows
+            // the reply is large, and never becomes a JSON tree.
+            Ok(reply) => Applier::lock(shared, &monitors).load(|applier| {
+                let txn = parse_monitor_since_reply(reply.get(), applier)?;
+                Ok((applier.found, txn))
+            }),
             Err(Error::Rpc {
                 kind: ErrorKind::UnknownMethod,
                 ..
             }) => match conn
-                .call(
+                .call_raw(
                     "monitor_cond",
                     json!([opts.database, DATA_MONITOR, requests]),
                 )
                 .await
             {
-                Ok(updates) => (false, updates, None),
+                Ok(reply) => Applier::lock(shared, &monitors).load(|applier| {
+                    applier.begin(false)?;
+                    parse_table_updates(reply.get(), applier)?;
+                    Ok((false, None))
+                }),
                 Err(e) => return fail(e).await,
             },
             Err(e) => return fail(e).await,
         }
     };
-    let applied = {
-        let mut replica = shared
-            .replica
-            .write()
-            .unwrap_or_else(PoisonError::into_inner);
-        if !found {
-            replica.clear();
-        }
-        // A full load is announced as a resync, without a copy of every row.
-        if found {
-            replica.apply_update2(&updates)
-        } else {
-            replica.load_update2(&updates).map(|()| Vec::new())
-        }
-    };
-    // Everything the reply says is in the replica now: free it for the session's lifetime.
-    drop(updates);
-    match applied {
-        Ok(changes) => {
+    let found = match applied {
+        Ok((found, changes, reply_txn)) => {
             // Only now: a reconnect asks for changes since the last update applied.
             *last_txn_id = reply_txn;
             let _ = shared.changes.send(Arc::new(ChangeSet {
@@ -544,9 +543,13 @@ async fn session(
                 changes,
                 applied_at: Some(std::time::Instant::now()),
             }));
+            found
         }
-        Err(e) => return fail(e).await,
-    }
+        Err(e) => {
+            drop(resume_from);
+            return fail(e).await;
+        }
+    };
     shared.conn.send_replace(Some(conn.clone()));
     shared.stats.connects.fetch_add(1, Ordering::Relaxed);
     shared
@@ -558,7 +561,7 @@ async fn session(
         tokio::select! {
             n = notifications.recv() => {
                 let Some(n) = n else { return fail(Error::Disconnected).await };
-                match handle_notification(shared, &opts.database, n, last_txn_id) {
+                match handle_notification(shared, &monitors, &opts.database, n, last_txn_id) {
                     Ok(true) => {}
                     Ok(false) => return SessionEnd::NotLeader,
                     Err(e) => return fail(e).await,
@@ -618,23 +621,17 @@ fn is_usable(row: &Json) -> bool {
 /// Applies one notification. Ok(false) means the server is no longer the leader.
 fn handle_notification(
     shared: &Shared,
+    monitors: &[MonitorRequest],
     database: &str,
     n: Notification,
     last_txn_id: &mut Option<String>,
 ) -> Result<bool, Error> {
-    let params = n.params.as_array().map(Vec::as_slice).unwrap_or_default();
-    let (monitor, updates, txn) = match (n.method.as_str(), params) {
-        ("update2", [id, updates]) => (id, updates, None),
-        ("update3", [id, txn, updates]) => (id, updates, txn.as_str()),
-        ("update2" | "update3", _) => {
-            return Err(Error::Protocol(format!(
-                "bad {} params {}",
-                n.method, n.params
-            )));
-        }
+    let with_txn = match n.method.as_str() {
+        "update2" => false,
+        "update3" => true,
         // The server dropped our monitors (it converted or replaced the database): the
         // replica would go stale, so the session ends and the next one monitors afresh.
-        ("monitor_canceled", _) => {
+        "monitor_canceled" => {
             return Err(Error::Protocol(format!(
                 "the server canceled monitor {}",
                 n.params
@@ -642,35 +639,24 @@ fn handle_notification(
         }
         _ => return Ok(true),
     };
-    if monitor.as_str() == Some(SERVER_MONITOR) {
-        let still_leader = updates
-            .get("Database")
-            .and_then(Json::as_object)
-            .map(|rows| {
-                rows.values().all(|u| {
-                    if let Some(diff) = u.get("modify") {
-                        // A modify carries only changed columns: absent ones keep their value.
-                        diff.get("leader").and_then(Json::as_bool) != Some(false)
-                            && diff.get("connected").and_then(Json::as_bool) != Some(false)
-                    } else if let Some(row) = u.get("insert").or(u.get("initial")) {
-                        row.get("name").and_then(Json::as_str) != Some(database) || is_usable(row)
-                    } else {
-                        u.get("delete").is_none()
-                    }
-                })
-            })
-            .unwrap_or(true);
-        return Ok(still_leader);
-    }
-    let mut replica = shared
-        .replica
-        .write()
-        .unwrap_or_else(PoisonError::into_inner);
-    let changes = replica.apply_update2(updates)?;
-    drop(replica);
+    let mut applier = Applier::lock(shared, monitors);
+    let parsed = parse_update_params(n.params.get(), with_txn, DATA_MONITOR, &mut applier);
+    let txn = match parsed {
+        Ok(UpdateParams::Streamed { txn }) => txn,
+        Ok(UpdateParams::Other { updates }) => {
+            drop(applier);
+            return Ok(still_leader(&updates, database));
+        }
+        Err(e) => {
+            // Half applied: the next session loads afresh.
+            *last_txn_id = None;
+            return Err(e);
+        }
+    };
+    let changes = applier.finish();
     // Recorded once applied: after a failed apply, a reconnect asks for this update again.
     if let Some(txn) = txn {
-        *last_txn_id = Some(txn.to_owned());
+        *last_txn_id = Some(txn);
     }
     let _ = shared.changes.send(Arc::new(ChangeSet {
         resync: false,
@@ -678,4 +664,111 @@ fn handle_notification(
         applied_at: Some(std::time::Instant::now()),
     }));
     Ok(true)
+}
+
+/// Whether an update of the `_Server` monitor leaves the server usable as leader.
+fn still_leader(updates: &Json, database: &str) -> bool {
+    updates
+        .get("Database")
+        .and_then(Json::as_object)
+        .map(|rows| {
+            rows.values().all(|u| {
+                if let Some(diff) = u.get("modify") {
+                    // A modify carries only changed columns: absent ones keep their value.
+                    diff.get("leader").and_then(Json::as_bool) != Some(false)
+                        && diff.get("connected").and_then(Json::as_bool) != Some(false)
+                } else if let Some(row) = u.get("insert").or(u.get("initial")) {
+                    row.get("name").and_then(Json::as_str) != Some(database) || is_usable(row)
+                } else {
+                    u.get("delete").is_none()
+                }
+            })
+        })
+        .unwrap_or(true)
+}
+
+/// Applies parsed rows of one batch (a monitor reply or a notification): rows of consumed
+/// tables to their consumer, the others to the replica. Holds the replica's write lock and
+/// the consumers' locks for the batch, so readers never see half of one.
+struct Applier<'a> {
+    replica: std::sync::RwLockWriteGuard<'a, Replica>,
+    consumers: Vec<(
+        &'a str,
+        std::sync::MutexGuard<'a, dyn TableConsumer + 'static>,
+    )>,
+    /// Whether the server resumed from our last transaction (a monitor reply), or sends
+    /// changes (a notification): then the replica's changes are recorded.
+    found: bool,
+    changes: Vec<(String, Uuid, RowChange)>,
+}
+
+impl<'a> Applier<'a> {
+    fn lock(shared: &'a Shared, monitors: &'a [MonitorRequest]) -> Self {
+        let replica = shared
+            .replica
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        let consumers = monitors
+            .iter()
+            .filter_map(|m| {
+                let consumer = m.consumer.as_ref()?;
+                Some((
+                    m.table.as_str(),
+                    consumer.0.lock().unwrap_or_else(PoisonError::into_inner),
+                ))
+            })
+            .collect();
+        Self {
+            replica,
+            consumers,
+            found: true,
+            changes: Vec::new(),
+        }
+    }
+
+    /// Applies a monitor reply with `parse`, and tells the consumers the batch is done.
+    /// Returns (found, replica changes, last transaction id).
+    #[allow(clippy::type_complexity)]
+    fn load(
+        mut self,
+        parse: impl FnOnce(&mut Self) -> Result<(bool, Option<String>), Error>,
+    ) -> Result<(bool, Vec<(String, Uuid, RowChange)>, Option<String>), Error> {
+        let (found, txn) = parse(&mut self)?;
+        Ok((found, self.finish(), txn))
+    }
+
+    /// Tells the consumers the batch is done; returns the replica's changes.
+    fn finish(mut self) -> Vec<(String, Uuid, RowChange)> {
+        for (_, consumer) in &mut self.consumers {
+            consumer.batch_done(&self.replica);
+        }
+        self.changes
+    }
+}
+
+impl RowSink for Applier<'_> {
+    fn begin(&mut self, found: bool) -> Result<(), Error> {
+        self.found = found;
+        if !found {
+            // A full load is announced as a resync, without a copy of every row.
+            self.replica.clear();
+            for (_, consumer) in &mut self.consumers {
+                consumer.reset();
+            }
+        }
+        Ok(())
+    }
+
+    fn row(&mut self, table: &str, uuid: Uuid, update: RowUpdate) -> Result<(), Error> {
+        if let Some((_, consumer)) = self.consumers.iter_mut().find(|(t, _)| *t == table) {
+            return consumer.row(&uuid, update);
+        }
+        if let Some(change) = self
+            .replica
+            .apply_row(table, uuid.clone(), update, self.found)?
+        {
+            self.changes.push((table.to_owned(), uuid, change));
+        }
+        Ok(())
+    }
 }

@@ -16,6 +16,7 @@ pub mod op;
 pub mod remote;
 pub mod replica;
 pub mod rpc;
+pub mod update;
 pub mod value;
 
 pub use client::{Client, ClientOptions, MonitorRequest, Status};
@@ -23,4 +24,5 @@ pub use error::{Error, ErrorKind};
 pub use op::{Condition, Mutation, OpResult, Operation};
 pub use remote::{Endpoint, Remote, TlsFiles};
 pub use replica::{ChangeSet, Replica, RowChange};
+pub use update::{ConsumerHandle, RowUpdate, TableConsumer};
 pub use value::{Atom, Row, Uuid, Value};

@@ -6,7 +6,8 @@ use serde_json::Value as Json;
 
 use crate::{
     error::Error,
-    value::{Row, Uuid, row_from_json},
+    update::{RowSink, RowUpdate},
+    value::{Row, Uuid},
 };
 
 /// What happened to one row.
@@ -90,63 +91,84 @@ impl Replica {
         updates: &Json,
         record: bool,
     ) -> Result<Vec<(String, Uuid, RowChange)>, Error> {
-        let tables = updates.as_object().ok_or_else(|| {
-            Error::Protocol(format!("table-updates2 is not an object: {updates}"))
-        })?;
         let mut changes = Vec::new();
-        for (table, rows) in tables {
-            let rows = rows.as_object().ok_or_else(|| {
-                Error::Protocol(format!("table-update2 is not an object: {rows}"))
-            })?;
-            let replica = self.tables.entry(table.clone()).or_default();
-            for (uuid, update) in rows {
-                let uuid = Uuid::parse(uuid)?;
-                let (kind, body) = update
-                    .as_object()
-                    .and_then(|o| o.iter().next())
-                    .ok_or_else(|| Error::Protocol(format!("bad row-update2 {update}")))?;
-                let change = match kind.as_str() {
-                    "initial" | "insert" => {
-                        let row = row_from_json(body)?;
-                        if !record {
-                            replica.insert(uuid, row);
-                            continue;
-                        }
-                        replica.insert(uuid.clone(), row.clone());
-                        RowChange::Insert(row)
-                    }
-                    "modify" => {
-                        let diff = row_from_json(body)?;
-                        let row = replica.get_mut(&uuid).ok_or_else(|| {
-                            Error::Protocol(format!("modify of unknown row {uuid} in {table}"))
-                        })?;
-                        let old = record.then(|| row.clone());
-                        for (column, d) in diff {
-                            match row.get_mut(&column) {
-                                Some(value) => value.apply_diff(&d),
-                                None => {
-                                    row.insert(column, d);
-                                }
-                            }
-                        }
-                        let Some(old) = old else { continue };
-                        RowChange::Modify {
-                            old,
-                            new: row.clone(),
-                        }
-                    }
-                    "delete" => match replica.remove(&uuid) {
-                        Some(old) if record => RowChange::Delete(old),
-                        _ => continue,
-                    },
-                    other => {
-                        return Err(Error::Protocol(format!("unknown row update {other:?}")));
-                    }
-                };
-                changes.push((table.clone(), uuid, change));
-            }
-        }
+        crate::update::parse_table_updates(
+            &updates.to_string(),
+            &mut RecordingSink {
+                replica: self,
+                record,
+                changes: &mut changes,
+            },
+        )?;
         Ok(changes)
+    }
+
+    /// Applies one row's update; with `record`, returns the change (with the old and new rows).
+    pub fn apply_row(
+        &mut self,
+        table: &str,
+        uuid: Uuid,
+        update: RowUpdate,
+        record: bool,
+    ) -> Result<Option<RowChange>, Error> {
+        let replica = match self.tables.get_mut(table) {
+            Some(t) => t,
+            None => self.tables.entry(table.to_owned()).or_default(),
+        };
+        Ok(match update {
+            RowUpdate::Initial(row) | RowUpdate::Insert(row) => {
+                if !record {
+                    replica.insert(uuid, row);
+                    return Ok(None);
+                }
+                replica.insert(uuid, row.clone());
+                Some(RowChange::Insert(row))
+            }
+            RowUpdate::Modify(diff) => {
+                let row = replica.get_mut(&uuid).ok_or_else(|| {
+                    Error::Protocol(format!("modify of unknown row {uuid} in {table}"))
+                })?;
+                let old = record.then(|| row.clone());
+                for (column, d) in diff {
+                    match row.get_mut(&column) {
+                        Some(value) => value.apply_diff(&d),
+                        None => {
+                            row.insert(column, d);
+                        }
+                    }
+                }
+                old.map(|old| RowChange::Modify {
+                    old,
+                    new: row.clone(),
+                })
+            }
+            RowUpdate::Delete => match replica.remove(&uuid) {
+                Some(old) if record => Some(RowChange::Delete(old)),
+                _ => None,
+            },
+        })
+    }
+}
+
+/// Applies parsed rows to a replica, recording the changes.
+struct RecordingSink<'a> {
+    replica: &'a mut Replica,
+    record: bool,
+    changes: &'a mut Vec<(String, Uuid, RowChange)>,
+}
+
+impl RowSink for RecordingSink<'_> {
+    fn begin(&mut self, _found: bool) -> Result<(), Error> {
+        Ok(())
+    }
+    fn row(&mut self, table: &str, uuid: Uuid, update: RowUpdate) -> Result<(), Error> {
+        if let Some(change) = self
+            .replica
+            .apply_row(table, uuid.clone(), update, self.record)?
+        {
+            self.changes.push((table.to_owned(), uuid, change));
+        }
+        Ok(())
     }
 }
 

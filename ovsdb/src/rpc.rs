@@ -46,14 +46,61 @@ impl Default for RpcOptions {
 pub struct Notification {
     /// The method name.
     pub method: String,
-    /// Its params array.
-    pub params: Json,
+    /// Its params array, unparsed.
+    pub params: RawJson,
 }
+
+/// A JSON text from the server, kept unparsed: part of one message, which it owns. Large
+/// replies (a monitor's first one carries whole tables) can so be parsed as a stream.
+#[derive(Clone)]
+pub struct RawJson {
+    message: Arc<String>,
+    span: std::ops::Range<usize>,
+}
+
+impl RawJson {
+    /// The JSON text.
+    pub fn get(&self) -> &str {
+        &self.message[self.span.clone()]
+    }
+
+    /// Parses it into a tree.
+    pub fn parse(&self) -> Result<Json, Error> {
+        serde_json::from_str(self.get())
+            .map_err(|e| Error::Protocol(format!("invalid JSON from server: {e}")))
+    }
+
+    /// `null`.
+    fn null() -> Self {
+        Self {
+            message: Arc::new("null".to_owned()),
+            span: 0..4,
+        }
+    }
+}
+
+impl std::fmt::Debug for RawJson {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let text = self.get();
+        match text.char_indices().nth(200) {
+            Some((at, _)) => write!(f, "{}...", &text[..at]),
+            None => f.write_str(text),
+        }
+    }
+}
+
+impl std::fmt::Display for RawJson {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(self, f)
+    }
+}
+
+type Reply = oneshot::Sender<Result<RawJson, Error>>;
 
 struct Request {
     method: String,
     params: Json,
-    reply: oneshot::Sender<Result<Json, Error>>,
+    reply: Reply,
 }
 
 /// A handle to a running session. Cheap to clone.
@@ -88,6 +135,11 @@ impl Connection {
 
     /// Sends a request and waits for its result.
     pub async fn call(&self, method: &str, params: Json) -> Result<Json, Error> {
+        self.call_raw(method, params).await?.parse()
+    }
+
+    /// Sends a request and waits for its result, unparsed.
+    pub async fn call_raw(&self, method: &str, params: Json) -> Result<RawJson, Error> {
         let (reply, result) = oneshot::channel();
         self.requests
             .send(Request {
@@ -132,7 +184,7 @@ async fn run(
     // has a backlog for us) must not stop us reading its messages or keeping time.
     let (outgoing, writer_failed, _writer) = spawn_writer(writer);
     let mut writer_failed = std::pin::pin!(writer_failed);
-    let mut pending: HashMap<u64, oneshot::Sender<Result<Json, Error>>> = HashMap::new();
+    let mut pending: HashMap<u64, Reply> = HashMap::new();
     let mut next_id: u64 = 1;
     let mut framer = Framer::default();
     let mut chunk = vec![0u8; 64 * 1024];
@@ -248,9 +300,9 @@ fn send(outgoing: &Outgoing, msg: &Json) {
     let _ = outgoing.send(bytes);
 }
 
-/// Cuts the byte stream from the server into JSON messages. Each byte is scanned once, and a
-/// message is parsed only once it is complete: a large monitor reply arriving in many reads
-/// costs one parse, not one per read.
+/// Cuts the byte stream from the server into messages. Each byte is scanned once, and a
+/// message is handed out only once it is complete: a large monitor reply arriving in many
+/// reads is parsed once, by whoever takes it, not once per read.
 #[derive(Default)]
 pub struct Framer {
     buf: Vec<u8>,
@@ -264,18 +316,20 @@ pub struct Framer {
 
 impl Framer {
     /// Keeps at most this much buffer capacity between messages (a large reply's buffer is
-    /// given back once it has been parsed).
+    /// handed over with it).
     const KEEP_CAPACITY: usize = 64 * 1024;
 
-    /// Appends `bytes` and returns the messages now complete; a partial one stays buffered.
-    /// A message (whole or partial) longer than `limit` is an error, as is anything that is
-    /// not JSON objects and arrays separated by white space.
-    pub fn push(&mut self, bytes: &[u8], limit: usize) -> Result<Vec<Json>, Error> {
+    /// Appends `bytes` and returns the messages now complete (each a JSON object or array,
+    /// not yet checked further); a partial one stays buffered. A message (whole or partial)
+    /// longer than `limit` is an error, as is anything between messages but white space.
+    pub fn push(&mut self, bytes: &[u8], limit: usize) -> Result<Vec<Vec<u8>>, Error> {
         self.buf.extend_from_slice(bytes);
         let mut messages = Vec::new();
         let mut start = 0;
-        for i in self.scanned..self.buf.len() {
+        let mut i = self.scanned;
+        while i < self.buf.len() {
             let b = self.buf[i];
+            i += 1;
             if self.in_string {
                 if self.escaped {
                     self.escaped = false;
@@ -293,17 +347,21 @@ impl Framer {
                     self.depth -= 1;
                     if self.depth == 0 {
                         // Whole or not, a message over the limit is refused.
-                        if i + 1 - start > limit {
+                        if i - start > limit {
                             return Err(Error::Oversized { limit });
                         }
-                        let msg = serde_json::from_slice(&self.buf[start..=i]).map_err(|e| {
-                            Error::Protocol(format!("invalid JSON from server: {e}"))
-                        })?;
-                        messages.push(msg);
-                        start = i + 1;
+                        if start == 0 && i == self.buf.len() {
+                            // The whole buffer (a large reply, typically): handed over, not copied.
+                            messages.push(std::mem::take(&mut self.buf));
+                            start = 0;
+                            i = 0;
+                        } else {
+                            messages.push(self.buf[start..i].to_vec());
+                            start = i;
+                        }
                     }
                 }
-                b' ' | b'\t' | b'\r' | b'\n' if self.depth == 0 => start = i + 1,
+                b' ' | b'\t' | b'\r' | b'\n' if self.depth == 0 => start = i,
                 _ if self.depth == 0 => {
                     return Err(Error::Protocol(format!(
                         "invalid JSON from server: unexpected byte {:?} between messages",
@@ -313,7 +371,7 @@ impl Framer {
                 _ => {}
             }
         }
-        self.buf.drain(..start);
+        self.buf.drain(..start.min(self.buf.len()));
         self.scanned = self.buf.len();
         if self.buf.len() > limit {
             return Err(Error::Oversized { limit });
@@ -325,59 +383,91 @@ impl Framer {
     }
 }
 
+/// The envelope of a message: its members, the large ones (`params`, `result`) unparsed.
+#[derive(serde::Deserialize)]
+struct Envelope<'a> {
+    #[serde(default)]
+    id: Json,
+    #[serde(default)]
+    method: Option<String>,
+    #[serde(default, borrow)]
+    params: Option<&'a serde_json::value::RawValue>,
+    #[serde(default, borrow)]
+    result: Option<&'a serde_json::value::RawValue>,
+    #[serde(default)]
+    error: Json,
+}
+
+/// The part of `message` that `part` (borrowed from it) is.
+fn raw_part(message: &Arc<String>, part: Option<&serde_json::value::RawValue>) -> RawJson {
+    match part {
+        Some(part) => {
+            let at = part.get().as_ptr() as usize - message.as_ptr() as usize;
+            RawJson {
+                message: message.clone(),
+                span: at..at + part.get().len(),
+            }
+        }
+        None => RawJson::null(),
+    }
+}
+
 /// Handles one message from the server: answers its `echo` and unknown requests, hands out
 /// notifications, and completes the request a reply is for.
 fn dispatch(
-    msg: Json,
-    pending: &mut HashMap<u64, oneshot::Sender<Result<Json, Error>>>,
+    msg: Vec<u8>,
+    pending: &mut HashMap<u64, Reply>,
     notify: &mpsc::UnboundedSender<Notification>,
     outgoing: &Outgoing,
 ) -> Result<(), Error> {
-    let obj = msg
-        .as_object()
-        .ok_or_else(|| Error::Protocol(format!("message is not an object: {msg}")))?;
-    match obj.get("method").and_then(Json::as_str) {
+    let message = Arc::new(
+        String::from_utf8(msg)
+            .map_err(|_| Error::Protocol("message from server is not UTF-8".into()))?,
+    );
+    let envelope: Envelope = serde_json::from_str(&message)
+        .map_err(|e| Error::Protocol(format!("invalid JSON from server: {e}")))?;
+    match envelope.method.as_deref() {
         Some("echo") => {
-            let id = obj.get("id").cloned().unwrap_or(Json::Null);
-            let params = obj.get("params").cloned().unwrap_or(json!([]));
+            let params = match envelope.params {
+                Some(p) => serde_json::from_str(p.get())
+                    .map_err(|e| Error::Protocol(format!("echo params: {e}")))?,
+                None => json!([]),
+            };
             send(
                 outgoing,
-                &json!({"id": id, "result": params, "error": null}),
+                &json!({"id": envelope.id, "result": params, "error": null}),
             );
             Ok(())
         }
         Some(method) => {
-            let params = obj.get("params").cloned().unwrap_or(json!([]));
-            if obj.get("id").is_none_or(Json::is_null) {
+            if envelope.id.is_null() {
                 let _ = notify.send(Notification {
                     method: method.to_owned(),
-                    params,
+                    params: raw_part(&message, envelope.params),
                 });
-                Ok(())
             } else {
                 // A request we do not serve: say so rather than leave the server waiting.
-                let id = obj["id"].clone();
                 send(
                     outgoing,
-                    &json!({"id": id, "result": null, "error": "unknown method"}),
+                    &json!({"id": envelope.id, "result": null, "error": "unknown method"}),
                 );
-                Ok(())
             }
+            Ok(())
         }
         None => {
-            let id = obj.get("id");
-            if id.and_then(Json::as_str) == Some(PROBE_ID) {
+            if envelope.id.as_str() == Some(PROBE_ID) {
                 return Ok(());
             }
-            let id = id
-                .and_then(Json::as_u64)
-                .ok_or_else(|| Error::Protocol(format!("reply with an id we never sent: {msg}")))?;
+            let id = envelope.id.as_u64().ok_or_else(|| {
+                Error::Protocol(format!("reply with an id we never sent: {}", envelope.id))
+            })?;
             let reply = pending
                 .remove(&id)
                 .ok_or_else(|| Error::Protocol(format!("reply to unknown request {id}")))?;
-            let result = match obj.get("error") {
-                Some(err) if !err.is_null() => Err(rpc_error(err)),
-                _ => Ok(obj.get("result").cloned().unwrap_or(Json::Null)),
+            let result = if envelope.error.is_null() {
+                Ok(raw_part(&message, envelope.result))
+            } else {
+                Err(rpc_error(&envelope.error))
             };
             let _ = reply.send(result);
             Ok(())
@@ -407,6 +497,13 @@ fn rpc_error(err: &Json) -> Error {
 mod tests {
     use super::*;
 
+    fn parsed(messages: Vec<Vec<u8>>) -> Vec<Json> {
+        messages
+            .iter()
+            .map(|m| serde_json::from_slice(m).unwrap())
+            .collect()
+    }
+
     #[test]
     fn splits_concatenated_and_partial_messages() {
         let mut framer = Framer::default();
@@ -416,19 +513,28 @@ mod tests {
                 1 << 20,
             )
             .unwrap();
+        assert_eq!(msgs[1], br#"{"method":"update2","params":[1]}"#);
         assert_eq!(msgs.len(), 2);
         assert_eq!(framer.buf, br#"{"id":2,"res"#);
-        let msgs = framer.push(br#"ult":"a \"}]\\"}"#, 1 << 20).unwrap();
+        let msgs = parsed(framer.push(br#"ult":"a \"}]\\"}"#, 1 << 20).unwrap());
         assert_eq!(msgs, vec![json!({"id": 2, "result": "a \"}]\\"})]);
         assert!(framer.buf.is_empty());
     }
 
     #[test]
     fn rejects_garbage_and_oversized() {
-        for garbage in [&b"{]"[..], b"x{}", b"{\"a\":}"] {
+        assert!(matches!(
+            Framer::default().push(b"x{}", 1 << 20),
+            Err(Error::Protocol(_))
+        ));
+        // Framed, then refused when read.
+        let (notify, _notifications) = mpsc::unbounded_channel();
+        let (outgoing, _sent) = mpsc::unbounded_channel();
+        for garbage in [&b"{]"[..], b"{\"a\":}", b"[1]", b"{\"id\":9,\"result\":1}"] {
+            let framed = Framer::default().push(garbage, 1 << 20).unwrap();
             assert!(
                 matches!(
-                    Framer::default().push(garbage, 1 << 20),
+                    dispatch(framed[0].clone(), &mut HashMap::new(), &notify, &outgoing),
                     Err(Error::Protocol(_))
                 ),
                 "{garbage:?}"
@@ -449,13 +555,33 @@ mod tests {
     }
 
     #[test]
+    fn replies_and_notifications_keep_their_part_unparsed() {
+        let (notify, mut notifications) = mpsc::unbounded_channel();
+        let (outgoing, _sent) = mpsc::unbounded_channel();
+        let (reply, mut result) = oneshot::channel();
+        let mut pending = HashMap::from([(3, reply)]);
+        let reply = br#"{"id":3,"result":[true, {"a":1}],"error":null}"#.to_vec();
+        dispatch(reply, &mut pending, &notify, &outgoing).unwrap();
+        let raw = result.try_recv().unwrap().unwrap();
+        assert_eq!(raw.get(), r#"[true, {"a":1}]"#);
+        assert_eq!(raw.parse().unwrap(), json!([true, {"a": 1}]));
+        let note = br#"{"id":null,"method":"update3","params":["data","t",{}]}"#.to_vec();
+        dispatch(note, &mut pending, &notify, &outgoing).unwrap();
+        let n = notifications.try_recv().unwrap();
+        assert_eq!(
+            (n.method.as_str(), n.params.get()),
+            ("update3", r#"["data","t",{}]"#)
+        );
+    }
+
+    #[test]
     fn a_message_split_at_every_byte_is_parsed_once_whole() {
         let text =
             br#" {"id":7,"result":{"t":{"u":{"new":{"s":"x\\\"{[","m":["map",[["k","}"]]]}}}}}"#;
         let mut framer = Framer::default();
         let mut got = Vec::new();
         for b in text {
-            got.extend(framer.push(&[*b], 1 << 20).unwrap());
+            got.extend(parsed(framer.push(&[*b], 1 << 20).unwrap()));
         }
         assert_eq!(got.len(), 1);
         assert_eq!(got[0]["result"]["t"]["u"]["new"]["s"], "x\\\"{[");

@@ -108,7 +108,10 @@ impl Fleet {
                     max_message_bytes: 64 << 20,
                     leader_only: !any_member,
                 };
-                agents.push(Southbound::connect(&config, true).await.unwrap());
+                // Each agent's VIP source, its updates drained.
+                let (vips, mut updates) = tokio::sync::mpsc::unbounded_channel();
+                tokio::spawn(async move { while updates.recv().await.is_some() {} });
+                agents.push(Southbound::connect(&config, Some(vips)).await.unwrap());
             }
             agents
         });
@@ -132,7 +135,7 @@ impl Fleet {
         let client = sb.client();
         client.is_connected()
             && client.session_count() > after
-            && client.replica().len("Load_Balancer") == self.lbs as usize
+            && sb.load_balancers() == Some(self.lbs as usize)
             && sb.chassis_uuid().is_some()
     }
 

@@ -3,13 +3,19 @@
 //! local Open_vSwitch database, as ovn-controller names it). One connection serves both the
 //! event sink and the OVN VIP source.
 
+use std::sync::{
+    Arc,
+    atomic::{AtomicUsize, Ordering},
+};
 use std::time::Duration;
 
 use ovsdb::{
-    Atom, Client, ClientOptions, Error as DbError, MonitorRequest, Operation, Remote, TlsFiles,
-    Uuid, Value,
+    Atom, Client, ClientOptions, ConsumerHandle, Error as DbError, MonitorRequest, Operation,
+    Remote, TlsFiles, Uuid, Value,
 };
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
+
+use crate::vip::VipUpdate;
 use tracing::{info, warn};
 
 /// The Southbound database's name.
@@ -43,19 +49,32 @@ pub struct Southbound {
     /// Our Chassis row's name: `--chassis`, else `system-id` once the local Open_vSwitch
     /// database has answered (the hostname until then).
     chassis: watch::Receiver<String>,
+    /// How many load balancers the OVN VIP source knows, if it runs.
+    load_balancers: Option<Arc<AtomicUsize>>,
 }
 
 impl Southbound {
     /// Resolves our chassis name and starts the client (connecting in the background),
-    /// monitoring what the sink needs and, with `with_vips`, what the OVN VIP source reads.
+    /// monitoring what the sink needs and, with `vips`, the Load_Balancer table for the OVN
+    /// VIP source, which sends its updates there.
     /// Without `--chassis`, the name is `system-id` from the local Open_vSwitch database; if
     /// that does not answer within a second or two, the hostname stands in while a
     /// background task keeps asking (the database may simply not be up yet).
-    pub async fn connect(config: &SouthboundConfig, with_vips: bool) -> Result<Self, DbError> {
+    pub async fn connect(
+        config: &SouthboundConfig,
+        vips: Option<mpsc::UnboundedSender<VipUpdate>>,
+    ) -> Result<Self, DbError> {
         let mut options = ClientOptions::new(config.remotes.clone(), DATABASE);
         options.tls = config.tls.clone();
         options.rpc.max_message_bytes = config.max_message_bytes;
-        options.monitors = monitors(with_vips);
+        let (source, load_balancers) = match vips {
+            Some(updates) => {
+                let (source, count) = crate::vipsource::ovn::LoadBalancerSource::start(updates);
+                (Some(source), Some(count))
+            }
+            None => (None, None),
+        };
+        options.monitors = monitors(source);
         options.leader_only = config.leader_only;
         let client = Client::start(options)?;
         let chassis = match &config.chassis {
@@ -76,7 +95,18 @@ impl Southbound {
                 }
             },
         };
-        Ok(Self { client, chassis })
+        Ok(Self {
+            client,
+            chassis,
+            load_balancers,
+        })
+    }
+
+    /// How many load balancers the OVN VIP source knows (None if it does not run).
+    pub fn load_balancers(&self) -> Option<usize> {
+        self.load_balancers
+            .as_ref()
+            .map(|n| n.load(Ordering::Relaxed))
     }
 
     /// The database client.
@@ -126,21 +156,19 @@ fn hostname() -> String {
 
 /// What the agent monitors: the Chassis names (ours may be learned late, and a condition
 /// on it could not follow; a name per node is little) and the Controller_Event table for the
-/// sink; with `with_vips`, the Load_Balancer columns the OVN VIP source reads and
-/// `SB_Global:options`.
-pub fn monitors(with_vips: bool) -> Vec<MonitorRequest> {
+/// sink; with a VIP source, the Load_Balancer columns it reads (given to it, not replicated)
+/// and `SB_Global:options`.
+pub fn monitors(vip_source: Option<ConsumerHandle>) -> Vec<MonitorRequest> {
     let mut monitors = vec![
         MonitorRequest::table("Chassis").columns(&["name"]),
         MonitorRequest::table(CONTROLLER_EVENT),
     ];
-    if with_vips {
+    if let Some(source) = vip_source {
+        use crate::vipsource::ovn::{COLUMNS, TABLE};
         monitors.extend([
-            MonitorRequest::table("Load_Balancer").columns(&[
-                "vips",
-                "protocol",
-                "options",
-                "external_ids",
-            ]),
+            MonitorRequest::table(TABLE)
+                .columns(&COLUMNS)
+                .consumed_by(source),
             MonitorRequest::table("SB_Global").columns(&["options"]),
         ]);
     }

@@ -156,10 +156,11 @@ impl Agent {
         }
 
         // The Southbound connection, shared by the event sink and the OVN VIP source.
+        let (vip_tx, vip_updates) = mpsc::unbounded_channel();
         let southbound = match &config.southbound {
             Some(sb) => {
                 let with_vips = config.vips == VipSourceConfig::Ovn;
-                let southbound = Southbound::connect(sb, with_vips)
+                let southbound = Southbound::connect(sb, with_vips.then(|| vip_tx.clone()))
                     .await
                     .context("connecting to the Southbound database")?;
                 info!(
@@ -270,7 +271,6 @@ impl Agent {
         };
 
         // VIPs: static ones go in before attaching; a bad file fails the start.
-        let (vip_tx, vip_updates) = mpsc::unbounded_channel();
         match &config.vips {
             VipSourceConfig::File(path) => {
                 let mut file = vipsource::file::VipsFileSource::new(path.clone());
@@ -284,10 +284,10 @@ impl Agent {
             }
             VipSourceConfig::Static(vips) => agent.on_vips(VipUpdate::Replace(vips.clone()))?,
             VipSourceConfig::Ovn => {
+                // The source runs in the Southbound client (Southbound::connect above).
                 let southbound = southbound
                     .as_ref()
                     .context("VIPs from OVN need the Southbound database")?;
-                vipsource::ovn::spawn(southbound.client().clone(), vip_tx);
                 agent.ovn_vips = Some(southbound.clone());
             }
             VipSourceConfig::None => warn!(

@@ -1,161 +1,312 @@
 //! VIPs from the OVN Southbound `Load_Balancer` table: every VIP OVN itself would report an
-//! empty-backend event for, kept incrementally per load balancer.
+//! empty-backend event for.
+//!
+//! The table is followed as an [`ovsdb::TableConsumer`], not replicated: per load balancer the
+//! source keeps a compact record of the few facts it needs ([`LbRecord`]), updated in place
+//! from the server's diffs, and the rows of the first monitor reply are taken one by one as
+//! the client parses them. 100,000 load balancers cost a few hundred bytes each.
 
 use std::{
-    collections::{BTreeSet, HashMap, hash_map::Entry},
+    collections::{HashMap, HashSet, hash_map::Entry},
+    hash::{DefaultHasher, Hash, Hasher},
     net::SocketAddr,
-    sync::Arc,
+    num::NonZeroU64,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
 };
 
-use ovsdb::{ChangeSet, Client, Row, RowChange, Uuid, Value};
+use ovsdb::{
+    Atom, ConsumerHandle, Error as DbError, Replica, Row, RowUpdate, TableConsumer, Uuid, Value,
+};
 use tokio::sync::mpsc;
 use tracing::warn;
 
 use crate::vip::{DesiredVip, Protocol, Vip, VipUpdate};
 
-/// What the agent needs of one Southbound Load_Balancer row.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct LoadBalancerVips {
+/// The Southbound table the source follows.
+pub const TABLE: &str = "Load_Balancer";
+/// Its columns the source reads.
+pub const COLUMNS: [&str; 4] = ["vips", "protocol", "options", "external_ids"];
+
+/// A Southbound Load_Balancer UUID, as two words (8-byte aligned: smaller tables than `u128`).
+/// Ordered as the UUID's text is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+struct LbKey([u64; 2]);
+
+impl LbKey {
+    fn new(uuid: &Uuid) -> Self {
+        let n = uuid.as_u128();
+        Self([(n >> 64) as u64, n as u64])
+    }
+
+    fn uuid(self) -> Uuid {
+        Uuid::from_u128((u128::from(self.0[0]) << 64) | u128::from(self.0[1]))
+    }
+}
+
+/// A hash of a text: what applying a map diff needs of a value kept only as a fact (a diff
+/// pair whose value equals the current one removes the key). Never zero.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct TextHash(NonZeroU64);
+
+impl TextHash {
+    fn of(text: &str) -> Self {
+        let mut h = DefaultHasher::new();
+        text.hash(&mut h);
+        Self(NonZeroU64::new(h.finish() | 1).expect("odd"))
+    }
+}
+
+/// One VIP of a load balancer: the `vips` map's key and value, kept as facts.
+#[derive(Clone, Debug)]
+struct VipRecord {
+    /// Hash of the key text (`10.0.0.5:80`).
+    key: TextHash,
+    /// Hash of the value text (the backends).
+    value: TextHash,
+    /// The VIP; None for keys the datapath cannot watch (no port, templates).
+    vip: Option<Vip>,
+    /// Number of backends.
+    backends: u32,
+}
+
+impl VipRecord {
+    fn new(key: &str, backends: &str, protocol: Protocol) -> Self {
+        Self {
+            key: TextHash::of(key),
+            value: TextHash::of(backends),
+            vip: key
+                .parse::<SocketAddr>()
+                .ok()
+                .map(|addr| Vip::new(addr, protocol)),
+            backends: count_backends(backends),
+        }
+    }
+}
+
+fn count_backends(backends: &str) -> u32 {
+    backends.split(',').filter(|b| !b.trim().is_empty()).count() as u32
+}
+
+/// What the source keeps of one Southbound Load_Balancer row: enough to tell its VIPs and
+/// whether OVN reports them, and to apply the server's diffs of the columns it reads.
+#[derive(Clone, Debug, Default)]
+struct LbRecord {
+    /// `external_ids:lb_id`, the Northbound load balancer events name (absent: the
+    /// Southbound UUID).
+    lb_id: Option<Arc<str>>,
+    /// `options:event` and `options:reject`, as hashes of their values.
+    event: Option<TextHash>,
+    reject: Option<TextHash>,
+    /// The `protocol` column (absent: TCP).
+    protocol: Option<Protocol>,
+    vips: Box<[VipRecord]>,
+}
+
+impl LbRecord {
+    fn from_row(row: &Row) -> Self {
+        let mut record = Self::default();
+        record.apply_diff(row);
+        record
+    }
+
+    /// Applies an `update2` modify (only the changed columns, maps as diffs); from an empty
+    /// record, a whole row applies the same way.
+    fn apply_diff(&mut self, diff: &Row) {
+        if let Some(protocol) = diff.get("protocol") {
+            let mut current = Value::Set(
+                self.protocol
+                    .map(|p| Atom::from(p.as_str()))
+                    .into_iter()
+                    .collect(),
+            );
+            current.apply_diff(protocol);
+            let protocol = current
+                .atom()
+                .and_then(Atom::as_str)
+                .and_then(|p| p.parse().ok());
+            if protocol != self.protocol {
+                self.protocol = protocol;
+                let protocol = self.protocol();
+                for v in &mut self.vips {
+                    if let Some(vip) = &mut v.vip {
+                        vip.protocol = protocol;
+                    }
+                }
+            }
+        }
+        for (key, value) in diff.get("options").map(Value::pairs).unwrap_or_default() {
+            let slot = match key.as_str() {
+                Some("event") => &mut self.event,
+                Some("reject") => &mut self.reject,
+                _ => continue,
+            };
+            toggle(slot, value.as_str().unwrap_or_default());
+        }
+        for (key, value) in diff
+            .get("external_ids")
+            .map(Value::pairs)
+            .unwrap_or_default()
+        {
+            if key.as_str() != Some("lb_id") {
+                continue;
+            }
+            let value = value.as_str().unwrap_or_default();
+            self.lb_id = match &self.lb_id {
+                Some(old) if &**old == value => None,
+                _ => Some(value.into()),
+            };
+        }
+        if let Some(vips) = diff.get("vips") {
+            let protocol = self.protocol();
+            let mut all = std::mem::take(&mut self.vips).into_vec();
+            for (key, value) in vips.pairs() {
+                let (key, value) = (
+                    key.as_str().unwrap_or_default(),
+                    value.as_str().unwrap_or_default(),
+                );
+                let hash = TextHash::of(key);
+                match all.iter().position(|v| v.key == hash) {
+                    Some(i) if all[i].value == TextHash::of(value) => {
+                        all.swap_remove(i);
+                    }
+                    Some(i) => {
+                        all[i].value = TextHash::of(value);
+                        all[i].backends = count_backends(value);
+                    }
+                    None => all.push(VipRecord::new(key, value, protocol)),
+                }
+            }
+            self.vips = all.into_boxed_slice();
+        }
+    }
+
+    fn protocol(&self) -> Protocol {
+        self.protocol.unwrap_or(Protocol::Tcp)
+    }
+
     /// Whether OVN reports this load balancer's empty VIPs: it has `options:event=true` or
     /// the global `options:controller_event=true` is set, and not `options:reject=true`
     /// (reject wins: the packet goes on to OVN, which rejects it).
-    pub reports: bool,
+    fn reports(&self, global_event: bool) -> bool {
+        let is_true = |h: Option<TextHash>| h == Some(TextHash::of("true"));
+        !is_true(self.reject) && (is_true(self.event) || global_event)
+    }
+
     /// Its VIPs that matter: all of them if it reports; otherwise only those with backends,
     /// which make a VIP it shares with a reporting load balancer active.
-    pub vips: Vec<DesiredVip>,
-}
-
-/// The VIPs of one Southbound Load_Balancer row. A VIP no reporting load balancer has stays
-/// out of the map, so the datapath passes its packets. VIPs without a port (and templates,
-/// `^VAR`) cannot be keyed by the datapath: they are left out, with a warning.
-pub fn load_balancer_vips(uuid: &Uuid, row: &Row, global_event: bool) -> LoadBalancerVips {
-    let map = |c: &str| row.get(c).map(Value::as_string_map).unwrap_or_default();
-    let options = map("options");
-    let flag = |k: &str| options.get(k).is_some_and(|v| v == "true");
-    let reports = !flag("reject") && (flag("event") || global_event);
-    let protocol = row
-        .get("protocol")
-        .and_then(Value::atom)
-        .and_then(|a| a.as_str())
-        .and_then(|p| p.parse::<Protocol>().ok())
-        .unwrap_or(Protocol::Tcp);
-    let load_balancer: Arc<str> = map("external_ids")
-        .remove("lb_id")
-        .unwrap_or_else(|| uuid.to_string())
-        .into();
-    let Some(vips) = row.get("vips") else {
-        return LoadBalancerVips::default();
-    };
-    let mut unwatchable = Vec::new();
-    let vips = vips
-        .pairs()
-        .iter()
-        .filter_map(|(vip, backends)| {
-            let (vip, backends) = (vip.as_str()?, backends.as_str()?);
-            let backends = backends.split(',').filter(|b| !b.trim().is_empty()).count() as u32;
-            if !reports && backends == 0 {
-                return None;
-            }
-            let Ok(addr) = vip.parse::<SocketAddr>() else {
-                unwatchable.push(vip);
-                return None;
-            };
-            Some(DesiredVip {
-                vip: Vip::new(addr, protocol),
-                backends,
-                load_balancer: Some(load_balancer.clone()),
-            })
-        })
-        .collect();
-    if reports && !unwatchable.is_empty() {
-        warn!(
-            %load_balancer,
-            vips = ?unwatchable,
-            "VIPs without a port (or templates) are not watched: OVN, not unidler, reports them"
-        );
+    fn vips_that_matter(&self, global_event: bool) -> impl Iterator<Item = &VipRecord> {
+        let reports = self.reports(global_event);
+        self.vips
+            .iter()
+            .filter(move |v| v.vip.is_some() && (reports || v.backends > 0))
     }
-    LoadBalancerVips { reports, vips }
+
+    /// The name events give: `lb_id`, else the Southbound UUID.
+    fn name(&self, key: LbKey) -> Arc<str> {
+        self.lb_id
+            .clone()
+            .unwrap_or_else(|| key.uuid().to_string().into())
+    }
 }
 
-/// The OVN source's state: every load balancer's VIPs, and which load balancers share a VIP.
-/// Sized for 100,000s of VIPs: a load balancer's id is allocated once and shared.
+/// Applies a map diff pair to one key kept as a hash: the same value removes it.
+fn toggle(slot: &mut Option<TextHash>, value: &str) {
+    let hash = TextHash::of(value);
+    *slot = if *slot == Some(hash) {
+        None
+    } else {
+        Some(hash)
+    };
+}
+
+/// Every load balancer's record, and which load balancers have each VIP that matters.
 #[derive(Default)]
 struct OvnVips {
     global_event: bool,
-    /// Southbound Load_Balancer UUID → its VIPs (load balancers with none left out).
-    by_lb: HashMap<Arc<str>, LoadBalancerVips>,
-    /// The load balancers having each VIP.
+    by_lb: HashMap<LbKey, LbRecord>,
+    /// The load balancers having each VIP (only where it matters, see
+    /// [`LbRecord::vips_that_matter`]).
     lbs_of: HashMap<Vip, LbSet>,
 }
 
 impl OvnVips {
-    /// Rebuilds everything from the replica.
-    fn rebuild(&mut self, client: &Client) -> Vec<DesiredVip> {
-        let replica = client.replica();
-        self.global_event = global_event(replica.rows("SB_Global").map(|(_, r)| r));
-        self.by_lb.clear();
+    /// Re-indexes every record (after a full load, or when the global option changed) and
+    /// returns every VIP.
+    fn reindex(&mut self) -> Vec<DesiredVip> {
         self.lbs_of.clear();
-        for (uuid, row) in replica.rows("Load_Balancer") {
-            let lb_vips = load_balancer_vips(uuid, row, self.global_event);
-            if lb_vips.vips.is_empty() {
-                continue;
+        let mut index: HashMap<Vip, LbSet> = HashMap::with_capacity(self.by_lb.len());
+        let mut unwatchable = 0usize;
+        for (key, record) in &self.by_lb {
+            for v in record.vips_that_matter(self.global_event) {
+                add_lb_of(&mut index, v.vip.expect("filtered"), *key);
             }
-            let lb: Arc<str> = uuid.0.as_str().into();
-            for d in &lb_vips.vips {
-                self.add_lb_of(d.vip, &lb);
+            if record.reports(self.global_event) {
+                unwatchable += record.vips.iter().filter(|v| v.vip.is_none()).count();
             }
-            self.by_lb.insert(lb, lb_vips);
         }
+        if unwatchable > 0 {
+            warn!(
+                vips = unwatchable,
+                "VIPs without a port (or templates) are not watched: OVN, not unidler, reports them"
+            );
+        }
+        index.shrink_to_fit();
+        self.lbs_of = index;
         self.by_lb.shrink_to_fit();
-        self.lbs_of.shrink_to_fit();
         self.lbs_of
             .keys()
             .filter_map(|v| self.combined(v))
             .collect()
     }
 
-    fn add_lb_of(&mut self, vip: Vip, lb: &Arc<str>) {
-        match self.lbs_of.entry(vip) {
-            Entry::Vacant(e) => {
-                e.insert(LbSet::One(lb.clone()));
+    /// Applies one row's update incrementally; adds the VIPs whose state may have changed
+    /// to `touched`.
+    fn update(
+        &mut self,
+        key: LbKey,
+        update: RowUpdate,
+        touched: &mut HashSet<Vip>,
+    ) -> Result<(), DbError> {
+        let global = self.global_event;
+        if let Some(old) = self.by_lb.get(&key) {
+            for v in old.vips_that_matter(global) {
+                let vip = v.vip.expect("filtered");
+                touched.insert(vip);
+                if let Some(lbs) = self.lbs_of.get_mut(&vip)
+                    && lbs.remove(key)
+                {
+                    self.lbs_of.remove(&vip);
+                }
             }
-            Entry::Occupied(mut e) => e.get_mut().insert(lb),
         }
-    }
-
-    /// Applies one load balancer's new row (None: deleted); returns the changed VIPs.
-    fn update_lb(&mut self, uuid: &Uuid, row: Option<&Row>) -> (Vec<DesiredVip>, Vec<Vip>) {
-        let new = row.map_or_else(LoadBalancerVips::default, |r| {
-            load_balancer_vips(uuid, r, self.global_event)
-        });
-        let (lb, old) = match self.by_lb.remove_entry(uuid.0.as_str()) {
-            Some((lb, old)) => (lb, old.vips),
-            None => (uuid.0.as_str().into(), Vec::new()),
+        let record = match update {
+            RowUpdate::Initial(row) | RowUpdate::Insert(row) => {
+                self.by_lb.insert(key, LbRecord::from_row(&row));
+                self.by_lb.get(&key)
+            }
+            RowUpdate::Modify(diff) => {
+                let record = self.by_lb.get_mut(&key).ok_or_else(|| {
+                    DbError::Protocol(format!("modify of unknown Load_Balancer {}", key.uuid()))
+                })?;
+                record.apply_diff(&diff);
+                Some(&*record)
+            }
+            RowUpdate::Delete => {
+                self.by_lb.remove(&key);
+                None
+            }
         };
-        let mut affected: BTreeSet<Vip> = old.iter().map(|d| d.vip).collect();
-        for d in &old {
-            if let Some(lbs) = self.lbs_of.get_mut(&d.vip)
-                && lbs.remove(&lb)
-            {
-                self.lbs_of.remove(&d.vip);
+        if let Some(record) = record {
+            for v in record.vips_that_matter(global) {
+                let vip = v.vip.expect("filtered");
+                touched.insert(vip);
+                add_lb_of(&mut self.lbs_of, vip, key);
             }
         }
-        for d in &new.vips {
-            affected.insert(d.vip);
-            self.add_lb_of(d.vip, &lb);
-        }
-        if !new.vips.is_empty() {
-            self.by_lb.insert(lb, new);
-        }
-        let mut upsert = Vec::new();
-        let mut remove = Vec::new();
-        for vip in affected {
-            match self.combined(&vip) {
-                Some(d) => upsert.push(d),
-                None => remove.push(vip),
-            }
-        }
-        (upsert, remove)
+        Ok(())
     }
 
     /// One VIP over every load balancer that has it: in the map only if a reporting one has
@@ -163,62 +314,75 @@ impl OvnVips {
     /// UUID) idle reporting load balancer is the one events name.
     fn combined(&self, vip: &Vip) -> Option<DesiredVip> {
         let lbs = self.lbs_of.get(vip)?;
-        let entries: Vec<(bool, &DesiredVip)> = lbs
-            .iter()
-            .filter_map(|lb| {
-                let lb = self.by_lb.get(lb)?;
-                Some((lb.reports, lb.vips.iter().find(|d| d.vip == *vip)?))
-            })
-            .collect();
-        let reporting = || entries.iter().filter(|(reports, _)| *reports).map(|e| e.1);
-        let named = reporting()
-            .find(|d| d.backends == 0)
-            .or_else(|| reporting().next())?;
-        let backends = entries.iter().map(|(_, d)| d.backends).max()?;
+        let mut backends = 0;
+        let mut named: Option<(LbKey, &LbRecord, u32)> = None;
+        for key in lbs.iter() {
+            let Some(record) = self.by_lb.get(key) else {
+                continue;
+            };
+            let Some(v) = record.vips.iter().find(|v| v.vip == Some(*vip)) else {
+                continue;
+            };
+            backends = backends.max(v.backends);
+            if record.reports(self.global_event)
+                && named.is_none_or(|(_, _, b)| b > 0 && v.backends == 0)
+            {
+                named = Some((*key, record, v.backends));
+            }
+        }
+        let (key, record, _) = named?;
         Some(DesiredVip {
             vip: *vip,
             backends,
-            load_balancer: named.load_balancer.clone(),
+            load_balancer: Some(record.name(key)),
         })
     }
 }
 
-/// The load balancers (Southbound UUIDs) having one VIP, sorted: almost always exactly one,
-/// which is kept without an allocation of its own.
+fn add_lb_of(index: &mut HashMap<Vip, LbSet>, vip: Vip, lb: LbKey) {
+    match index.entry(vip) {
+        Entry::Vacant(e) => {
+            e.insert(LbSet::One(lb));
+        }
+        Entry::Occupied(mut e) => e.get_mut().insert(lb),
+    }
+}
+
+/// The load balancers having one VIP, sorted: almost always exactly one, kept without an
+/// allocation of its own.
 #[derive(Debug)]
 enum LbSet {
-    One(Arc<str>),
-    Many(Vec<Arc<str>>),
+    One(LbKey),
+    Many(Vec<LbKey>),
 }
 
 impl LbSet {
-    fn insert(&mut self, lb: &Arc<str>) {
+    fn insert(&mut self, lb: LbKey) {
         match self {
-            LbSet::One(only) if only == lb => {}
+            LbSet::One(only) if *only == lb => {}
             LbSet::One(only) => {
-                let mut all = vec![only.clone(), lb.clone()];
+                let mut all = vec![*only, lb];
                 all.sort();
                 *self = LbSet::Many(all);
             }
             LbSet::Many(all) => {
-                if let Err(at) = all.binary_search(lb) {
-                    all.insert(at, lb.clone());
+                if let Err(at) = all.binary_search(&lb) {
+                    all.insert(at, lb);
                 }
             }
         }
     }
 
     /// Removes `lb`; true when no load balancer is left.
-    fn remove(&mut self, lb: &str) -> bool {
+    fn remove(&mut self, lb: LbKey) -> bool {
         match self {
-            LbSet::One(only) => &**only == lb,
+            LbSet::One(only) => *only == lb,
             LbSet::Many(all) => {
-                all.retain(|l| &**l != lb);
-                match all.len() {
-                    0 => true,
-                    1 => {
-                        let only = all[0].clone();
-                        *self = LbSet::One(only);
+                all.retain(|l| *l != lb);
+                match all.as_slice() {
+                    [] => true,
+                    [only] => {
+                        *self = LbSet::One(*only);
                         false
                     }
                     _ => false,
@@ -227,7 +391,7 @@ impl LbSet {
         }
     }
 
-    fn iter(&self) -> impl Iterator<Item = &Arc<str>> {
+    fn iter(&self) -> impl Iterator<Item = &LbKey> {
         match self {
             LbSet::One(only) => std::slice::from_ref(only).iter(),
             LbSet::Many(all) => all.iter(),
@@ -235,8 +399,8 @@ impl LbSet {
     }
 }
 
-fn global_event<'a>(mut rows: impl Iterator<Item = &'a Row>) -> bool {
-    rows.any(|r| {
+fn global_event(replica: &Replica) -> bool {
+    replica.rows("SB_Global").any(|(_, r)| {
         r.get("options")
             .map(Value::as_string_map)
             .and_then(|o| o.get("controller_event").cloned())
@@ -244,70 +408,93 @@ fn global_event<'a>(mut rows: impl Iterator<Item = &'a Row>) -> bool {
     })
 }
 
-/// Follows the Southbound Load_Balancer table through `client` (which must monitor what
-/// [`crate::southbound::monitors`] asks for VIPs) and sends updates until the receiver goes away.
-pub fn spawn(client: Client, updates: mpsc::UnboundedSender<VipUpdate>) {
-    tokio::spawn(async move {
-        let mut changes = client.subscribe();
-        let mut state = OvnVips::default();
-        // A session may already be up (its first change set sent before we subscribed).
-        if client.is_connected() {
-            let all = state.rebuild(&client);
-            if updates.send(VipUpdate::Replace(all)).is_err() {
-                return;
+/// Follows the Southbound Load_Balancer table (as the client's consumer of it) and sends the
+/// VIP map's updates: the whole set after each full load (and when `SB_Global`'s
+/// `options:controller_event` changes), the VIPs a batch changed otherwise. `SB_Global` must
+/// be monitored (replicated) by the same client.
+pub struct LoadBalancerSource {
+    vips: OvnVips,
+    updates: mpsc::UnboundedSender<VipUpdate>,
+    /// A full load is under way: rows are recorded, and indexed once it is complete.
+    loading: bool,
+    /// VIPs this batch may have changed.
+    touched: HashSet<Vip>,
+    load_balancers: Arc<AtomicUsize>,
+}
+
+impl LoadBalancerSource {
+    /// A source sending to `updates`; register the handle with the client's Load_Balancer
+    /// monitor ([`ovsdb::MonitorRequest::consumed_by`]). The counter follows how many load
+    /// balancers it knows.
+    pub fn start(updates: mpsc::UnboundedSender<VipUpdate>) -> (ConsumerHandle, Arc<AtomicUsize>) {
+        let load_balancers = Arc::new(AtomicUsize::new(0));
+        let source = Self {
+            vips: OvnVips::default(),
+            updates,
+            loading: false,
+            touched: HashSet::new(),
+            load_balancers: load_balancers.clone(),
+        };
+        (ConsumerHandle::new(source), load_balancers)
+    }
+}
+
+impl TableConsumer for LoadBalancerSource {
+    fn reset(&mut self) {
+        self.vips.by_lb.clear();
+        self.vips.lbs_of.clear();
+        self.touched.clear();
+        self.loading = true;
+    }
+
+    fn row(&mut self, uuid: &Uuid, update: RowUpdate) -> Result<(), DbError> {
+        let key = LbKey::new(uuid);
+        if self.loading {
+            // Indexed once the load is complete.
+            match update {
+                RowUpdate::Initial(row) | RowUpdate::Insert(row) => {
+                    self.vips.by_lb.insert(key, LbRecord::from_row(&row));
+                }
+                RowUpdate::Modify(_) | RowUpdate::Delete => {
+                    return Err(DbError::Protocol(format!(
+                        "a full load of {TABLE} modified or deleted {uuid}"
+                    )));
+                }
             }
+            return Ok(());
         }
-        loop {
-            let set: Arc<ChangeSet> = match changes.recv().await {
-                Ok(set) => set,
-                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
-                    warn!(
-                        missed = n,
-                        "VIP source fell behind; rebuilding from the replica"
-                    );
-                    Arc::new(ChangeSet {
-                        resync: true,
-                        ..ChangeSet::default()
-                    })
+        self.vips.update(key, update, &mut self.touched)
+    }
+
+    fn batch_done(&mut self, replica: &Replica) {
+        let global = global_event(replica);
+        let update = if self.loading || global != self.vips.global_event {
+            self.vips.global_event = global;
+            self.loading = false;
+            self.touched = HashSet::new();
+            VipUpdate::Replace(self.vips.reindex())
+        } else if self.touched.is_empty() {
+            return;
+        } else {
+            let mut upsert = Vec::new();
+            let mut remove = Vec::new();
+            for vip in self.touched.drain() {
+                match self.vips.combined(&vip) {
+                    Some(d) => upsert.push(d),
+                    None => remove.push(vip),
                 }
-                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
-            };
-            let global_changed = set.changes.iter().any(|(t, _, _)| t == "SB_Global")
-                && global_event(client.replica().rows("SB_Global").map(|(_, r)| r))
-                    != state.global_event;
-            let update = if set.resync || global_changed {
-                VipUpdate::Replace(state.rebuild(&client))
-            } else {
-                let mut upsert = Vec::new();
-                let mut remove = Vec::new();
-                for (table, uuid, change) in &set.changes {
-                    if table != "Load_Balancer" {
-                        continue;
-                    }
-                    let row = match change {
-                        RowChange::Insert(r) | RowChange::Modify { new: r, .. } => Some(r),
-                        RowChange::Delete(_) => None,
-                    };
-                    let (u, r) = state.update_lb(uuid, row);
-                    upsert.extend(u);
-                    remove.extend(r);
-                }
-                if upsert.is_empty() && remove.is_empty() {
-                    continue;
-                }
-                VipUpdate::Changes { upsert, remove }
-            };
-            if updates.send(update).is_err() {
-                return;
             }
-        }
-    });
+            VipUpdate::Changes { upsert, remove }
+        };
+        self.load_balancers
+            .store(self.vips.by_lb.len(), Ordering::Relaxed);
+        // The receiver gone means the agent is stopping.
+        let _ = self.updates.send(update);
+    }
 }
 
 #[cfg(test)]
 mod tests {
-    use ovsdb::Atom;
-
     use super::*;
 
     fn lb_row(vips: &[(&str, &str)], options: &[(&str, &str)], protocol: &str) -> Row {
@@ -329,6 +516,87 @@ mod tests {
         Uuid::parse(&format!("00000000-0000-0000-0000-0000000000{n:02x}")).unwrap()
     }
 
+    /// The source as the client drives it, with the replica's SB_Global.
+    struct Driven {
+        source: LoadBalancerSource,
+        updates: mpsc::UnboundedReceiver<VipUpdate>,
+        replica: Replica,
+    }
+
+    impl Driven {
+        fn new() -> Self {
+            let (tx, updates) = mpsc::unbounded_channel();
+            Self {
+                source: LoadBalancerSource {
+                    vips: OvnVips::default(),
+                    updates: tx,
+                    loading: false,
+                    touched: HashSet::new(),
+                    load_balancers: Arc::default(),
+                },
+                updates,
+                replica: Replica::default(),
+            }
+        }
+
+        /// A full load of these rows; returns the whole VIP set.
+        #[track_caller]
+        fn load(&mut self, rows: &[(u8, Row)]) -> Vec<DesiredVip> {
+            self.source.reset();
+            for (n, row) in rows {
+                self.source
+                    .row(&uuid(*n), RowUpdate::Initial(row.clone()))
+                    .unwrap();
+            }
+            match self.done() {
+                Some(VipUpdate::Replace(mut all)) => {
+                    all.sort_by_key(|d| d.vip);
+                    all
+                }
+                other => panic!("a full load sends the whole set, not {other:?}"),
+            }
+        }
+
+        /// One batch of one row's update; returns (upserted, removed), sorted.
+        #[track_caller]
+        fn batch(&mut self, n: u8, update: RowUpdate) -> (Vec<DesiredVip>, Vec<Vip>) {
+            self.source.row(&uuid(n), update).unwrap();
+            match self.done() {
+                Some(VipUpdate::Changes {
+                    mut upsert,
+                    mut remove,
+                }) => {
+                    upsert.sort_by_key(|d| d.vip);
+                    remove.sort();
+                    (upsert, remove)
+                }
+                None => (Vec::new(), Vec::new()),
+                other => panic!("an incremental batch sends changes, not {other:?}"),
+            }
+        }
+
+        fn done(&mut self) -> Option<VipUpdate> {
+            self.source.batch_done(&self.replica);
+            self.updates.try_recv().ok()
+        }
+
+        fn set_global_event(&mut self, on: bool) {
+            let row = Row::from([(
+                "options".to_owned(),
+                Value::string_map([("controller_event", if on { "true" } else { "false" })]),
+            )]);
+            self.replica
+                .apply_row("SB_Global", uuid(99), RowUpdate::Insert(row), false)
+                .unwrap();
+        }
+    }
+
+    fn endpoints(vips: &[DesiredVip]) -> Vec<(String, u32)> {
+        vips.iter()
+            .map(|d| (d.vip.to_string(), d.backends))
+            .collect()
+    }
+
     #[test]
     fn only_what_ovn_would_report() {
         let vips = [
@@ -336,104 +604,150 @@ mod tests {
             ("[fd00::1]:53", "10.0.0.1:53,10.0.0.2:53"),
             ("10.0.0.9", ""),
         ];
-        let event = lb_row(&vips, &[("event", "true")], "udp");
-        let got = load_balancer_vips(&uuid(1), &event, false);
-        assert!(got.reports);
-        let got = got.vips;
-        assert_eq!(got.len(), 2, "the port-less VIP is left out: {got:?}");
-        let idle = got
-            .iter()
-            .find(|d| d.vip.endpoint() == "192.168.1.100:80")
-            .unwrap();
-        assert_eq!(idle.backends, 0);
-        assert_eq!(idle.vip.protocol, Protocol::Udp);
-        assert_eq!(idle.load_balancer.as_deref(), Some("nb-uuid"));
-        let active = got
-            .iter()
-            .find(|d| d.vip.endpoint() == "[fd00::1]:53")
-            .unwrap();
-        assert_eq!(active.backends, 2);
+        let mut d = Driven::new();
+        let all = d.load(&[(1, lb_row(&vips, &[("event", "true")], "udp"))]);
+        assert_eq!(
+            endpoints(&all),
+            [
+                ("192.168.1.100:80/udp".to_owned(), 0),
+                ("[fd00::1]:53/udp".to_owned(), 2)
+            ],
+            "the port-less VIP is left out"
+        );
+        assert_eq!(all[0].load_balancer.as_deref(), Some("nb-uuid"));
+        assert_eq!(d.source.load_balancers.load(Ordering::Relaxed), 1);
 
         // Without event, only the VIPs with backends matter (they can make a shared VIP
-        // active); the idle one is left out.
+        // active), and they are not in the map unless a reporting load balancer has them.
         let no_event = lb_row(&vips, &[], "tcp");
-        let got = load_balancer_vips(&uuid(1), &no_event, false);
-        assert!(!got.reports);
-        assert_eq!(
-            got.vips
-                .iter()
-                .map(|d| d.vip.endpoint())
-                .collect::<Vec<_>>(),
-            ["[fd00::1]:53"]
-        );
-        let global = load_balancer_vips(&uuid(1), &no_event, true);
-        assert!(global.reports, "global option");
-        assert_eq!(global.vips.len(), 2);
+        assert!(d.load(&[(1, no_event.clone())]).is_empty());
+        // The global option makes every load balancer report...
+        d.set_global_event(true);
+        assert_eq!(d.load(&[(1, no_event)]).len(), 2);
+        // ... but reject wins.
         let reject = lb_row(&vips, &[("event", "true"), ("reject", "true")], "tcp");
-        assert!(
-            !load_balancer_vips(&uuid(1), &reject, true).reports,
-            "reject wins"
-        );
+        assert!(d.load(&[(1, reject)]).is_empty());
     }
 
     #[test]
     fn a_vip_with_backends_through_a_load_balancer_without_event_is_active() {
-        let mut s = OvnVips::default();
+        let mut d = Driven::new();
+        d.load(&[]);
         let idle = lb_row(&[("10.0.0.5:80", "")], &[("event", "true")], "tcp");
-        let (up, _) = s.update_lb(&uuid(1), Some(&idle));
-        assert_eq!((up.len(), up[0].backends), (1, 0));
+        let (up, _) = d.batch(1, RowUpdate::Insert(idle));
+        assert_eq!(endpoints(&up), [("10.0.0.5:80/tcp".to_owned(), 0)]);
         // The same VIP with backends in a load balancer that reports nothing (as most
         // services are): OVN forwards, so the VIP must not be idle.
         let active = lb_row(&[("10.0.0.5:80", "10.1.1.1:8080")], &[], "tcp");
-        let (up, rm) = s.update_lb(&uuid(2), Some(&active));
+        let (up, rm) = d.batch(2, RowUpdate::Insert(active));
         assert!(rm.is_empty());
-        assert_eq!(up.len(), 1);
-        assert_eq!(up[0].backends, 1, "{up:?}");
-        // Its backends go: idle again, named after the reporting load balancer.
-        let drained = lb_row(&[("10.0.0.5:80", "")], &[], "tcp");
-        let (up, _) = s.update_lb(&uuid(2), Some(&drained));
-        assert_eq!((up.len(), up[0].backends), (1, 0));
+        assert_eq!(endpoints(&up), [("10.0.0.5:80/tcp".to_owned(), 1)]);
+        // Its backends go (a diff: the same key with another value): idle again.
+        let drained = Row::from([("vips".to_owned(), Value::string_map([("10.0.0.5:80", "")]))]);
+        let (up, _) = d.batch(2, RowUpdate::Modify(drained));
+        assert_eq!(endpoints(&up), [("10.0.0.5:80/tcp".to_owned(), 0)]);
         // A VIP only a non-reporting load balancer has stays out of the map.
         let other = lb_row(&[("10.0.0.6:80", "10.1.1.2:80")], &[], "tcp");
-        let (up, rm) = s.update_lb(&uuid(3), Some(&other));
+        let (up, rm) = d.batch(3, RowUpdate::Insert(other));
         assert!(up.is_empty() && rm.len() == 1, "{up:?} {rm:?}");
     }
 
     #[test]
     fn incremental_updates_touch_only_their_vips_and_shared_vips_combine() {
-        let mut s = OvnVips::default();
+        let mut d = Driven::new();
         let a = lb_row(
             &[("10.0.0.1:80", ""), ("10.0.0.2:80", "")],
             &[("event", "true")],
             "tcp",
         );
-        let (up, rm) = s.update_lb(&uuid(1), Some(&a));
-        assert_eq!((up.len(), rm.len()), (2, 0));
+        assert_eq!(d.load(&[(1, a)]).len(), 2);
         // A second LB with one of the VIPs, with backends: that VIP is active.
         let b = lb_row(
             &[("10.0.0.2:80", "10.1.1.1:80")],
             &[("event", "true")],
             "tcp",
         );
-        let (up, rm) = s.update_lb(&uuid(2), Some(&b));
-        assert_eq!(rm.len(), 0);
-        assert_eq!(up.len(), 1);
-        assert_eq!(up[0].backends, 1);
-        // The first LB drops a VIP.
-        let a2 = lb_row(&[("10.0.0.2:80", "")], &[("event", "true")], "tcp");
-        let (up, rm) = s.update_lb(&uuid(1), Some(&a2));
+        let (up, rm) = d.batch(2, RowUpdate::Insert(b));
+        assert!(rm.is_empty());
+        assert_eq!(endpoints(&up), [("10.0.0.2:80/tcp".to_owned(), 1)]);
+        // The first LB drops a VIP: a diff pair with the current value removes the key.
+        let drop_one = Row::from([("vips".to_owned(), Value::string_map([("10.0.0.1:80", "")]))]);
+        let (up, rm) = d.batch(1, RowUpdate::Modify(drop_one));
         assert_eq!(
             rm.iter().map(Vip::endpoint).collect::<Vec<_>>(),
             ["10.0.0.1:80"]
         );
-        assert_eq!(up.len(), 1);
+        assert_eq!(up.len(), 1, "the shared VIP is recomputed: {up:?}");
         // The second LB goes away: the shared VIP is idle again.
-        let (up, rm) = s.update_lb(&uuid(2), None);
+        let (up, rm) = d.batch(2, RowUpdate::Delete);
         assert!(rm.is_empty());
-        assert_eq!((up.len(), up[0].backends), (1, 0));
+        assert_eq!(endpoints(&up), [("10.0.0.2:80/tcp".to_owned(), 0)]);
         // And the first: nothing is left.
-        let (up, rm) = s.update_lb(&uuid(1), None);
+        let (up, rm) = d.batch(1, RowUpdate::Delete);
         assert_eq!((up.len(), rm.len()), (0, 1));
-        assert!(s.lbs_of.is_empty() && s.by_lb.is_empty());
+        assert!(d.source.vips.lbs_of.is_empty() && d.source.vips.by_lb.is_empty());
+    }
+
+    #[test]
+    fn diffs_of_every_column_apply_as_the_server_sends_them() {
+        let mut d = Driven::new();
+        let row = lb_row(&[("10.0.0.1:80", "")], &[("event", "true")], "tcp");
+        d.load(&[(1, row)]);
+        // event removed (the same value in the diff): no longer reported.
+        let (_, rm) = d.batch(
+            1,
+            RowUpdate::Modify(Row::from([(
+                "options".to_owned(),
+                Value::string_map([("event", "true")]),
+            )])),
+        );
+        assert_eq!(rm.len(), 1);
+        // event back, the protocol changed (a set diff: both elements toggled), lb_id
+        // changed (another value replaces it).
+        let (up, rm) = d.batch(
+            1,
+            RowUpdate::Modify(Row::from([
+                ("options".to_owned(), Value::string_map([("event", "true")])),
+                (
+                    "protocol".to_owned(),
+                    Value::set([Atom::from("tcp"), Atom::from("udp")]),
+                ),
+                (
+                    "external_ids".to_owned(),
+                    Value::string_map([("lb_id", "other")]),
+                ),
+            ])),
+        );
+        assert!(rm.is_empty());
+        assert_eq!(endpoints(&up), [("10.0.0.1:80/udp".to_owned(), 0)]);
+        assert_eq!(up[0].load_balancer.as_deref(), Some("other"));
+        // lb_id removed: events name the Southbound UUID.
+        let (up, _) = d.batch(
+            1,
+            RowUpdate::Modify(Row::from([(
+                "external_ids".to_owned(),
+                Value::string_map([("lb_id", "other")]),
+            )])),
+        );
+        assert_eq!(up[0].load_balancer.as_deref(), Some(uuid(1).0.as_str()));
+        // A modify of a row never seen fails the batch (the client loads afresh).
+        assert!(
+            d.source
+                .row(&uuid(7), RowUpdate::Modify(Row::new()))
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn the_global_option_changing_sends_the_whole_set() {
+        let mut d = Driven::new();
+        let quiet = lb_row(&[("10.0.0.1:80", "")], &[], "tcp");
+        assert!(d.load(&[(1, quiet)]).is_empty());
+        d.set_global_event(true);
+        match d.done() {
+            Some(VipUpdate::Replace(all)) => assert_eq!(all.len(), 1),
+            other => panic!("{other:?}"),
+        }
+        assert!(d.done().is_none(), "nothing more without a change");
     }
 }

@@ -498,6 +498,7 @@ async fn session(
     // Until this reply is applied whole, a reconnect must not resume from an older
     // transaction: what was cleared or half applied would stay missing.
     let resume_from = last_txn_id.take();
+    let asked = std::time::Instant::now();
     let applied = if monitors.is_empty() {
         Ok((false, Vec::new(), None))
     } else {
@@ -510,10 +511,20 @@ async fn session(
         {
             // Parsed row by row into the replica and the consumers: with 100,000s of rows
             // the reply is large, and never becomes a JSON tree.
-            Ok(reply) => Applier::lock(shared, &monitors).load(|applier| {
-                let txn = parse_monitor_since_reply(reply.get(), applier)?;
-                Ok((applier.found, txn))
-            }),
+            Ok(reply) => {
+                let received = std::time::Instant::now();
+                let applied = Applier::lock(shared, &monitors).load(|applier| {
+                    let txn = parse_monitor_since_reply(reply.get(), applier)?;
+                    Ok((applier.found, txn))
+                });
+                tracing::debug!(
+                    bytes = reply.get().len(),
+                    waited = ?received - asked,
+                    applied_in = ?received.elapsed(),
+                    "monitor reply"
+                );
+                applied
+            }
             Err(Error::Rpc {
                 kind: ErrorKind::UnknownMethod,
                 ..

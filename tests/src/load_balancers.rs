@@ -93,6 +93,8 @@ pub struct FollowingAgent {
     pub topo: Topology,
     /// Time from the agent's start to its map synced with every VIP.
     pub sync_time: Duration,
+    /// The Southbound database's remote.
+    pub db: String,
     _state: TempDir,
     _sb: OvsdbServer,
 }
@@ -109,11 +111,12 @@ impl FollowingAgent {
         let db = sb.unix_remote();
         let started = Instant::now();
         let mut args = southbound_args(&topo.server_if, &db, state.path_str());
-        args.extend(["--log-level", "info,unidler=debug"]);
+        args.extend(["--log-level", "info,unidler=debug,ovsdb=debug"]);
         let mut agent = Agent::start(&topo.server_ns, &args);
         agent.wait_for_log(&format!("vips={total} "), Duration::from_secs(60));
         Self {
             sync_time: started.elapsed(),
+            db,
             agent,
             lbs,
             topo,

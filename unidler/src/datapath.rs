@@ -25,8 +25,9 @@ use aya::{
 use aya_log::EbpfLogger;
 use thiserror::Error;
 use unidler_common::{
-    Counter, FlowKey, Heartbeat, HeldFrame, HoldConfig, IdleHitEvent, PROGRAM_NAME,
-    REPLAY_PROGRAM_NAME, RateLimitConfig, TC_PROGRAM_NAME, VipKey, VipState, address_bucket,
+    ADDRESS_FILTER_WORDS, Counter, FlowKey, Heartbeat, HeldFrame, HoldConfig, IdleHitEvent,
+    PROGRAM_NAME, REPLAY_PROGRAM_NAME, RateLimitConfig, TC_PROGRAM_NAME, VipKey, VipState,
+    address_bucket,
 };
 
 use crate::{
@@ -256,6 +257,8 @@ pub struct Datapath {
     /// bit for a bucket is set exactly while its count is non-zero.
     keys: std::collections::HashSet<VipKey>,
     bucket_counts: std::collections::HashMap<u32, u32>,
+    /// The prefilter's words as written to the kernel (`ADDRESS_FILTER_WORDS` of them).
+    filter_words: Vec<u64>,
     counters: CounterReader,
     heartbeat: Array<MapData, Heartbeat>,
     fail_open_after_ns: u64,
@@ -385,6 +388,10 @@ impl Datapath {
                 keys.insert(key);
             }
         }
+        let mut filter_words = vec![0u64; ADDRESS_FILTER_WORDS as usize];
+        for bucket in bucket_counts.keys() {
+            filter_words[(bucket / 64) as usize] |= 1 << (bucket % 64);
+        }
         let address_filter = take_map(&mut ebpf, "VIP_ADDRESS_FILTER")?;
         let counters = CounterReader(Arc::new(take_map(&mut ebpf, "COUNTERS")?));
         let events = Some(take_map(&mut ebpf, "EVENTS")?);
@@ -397,6 +404,7 @@ impl Datapath {
             address_filter,
             keys,
             bucket_counts,
+            filter_words,
             counters,
             heartbeat,
             fail_open_after_ns,
@@ -576,9 +584,7 @@ impl Datapath {
     /// left there, once this agent's VIP source has synced).
     pub fn retain_vips(&mut self, keep: impl Fn(&VipKey) -> bool) -> Result<usize, DatapathError> {
         let stale: Vec<VipKey> = self.keys.iter().filter(|k| !keep(k)).copied().collect();
-        for key in &stale {
-            self.remove_vip(key)?;
-        }
+        self.apply_vips(&[], &stale)?;
         Ok(stale.len())
     }
 
@@ -642,87 +648,123 @@ impl Datapath {
     /// Inserts or replaces a VIP. The entry's rate limiter starts full; the kernel's hit
     /// count of an entry being replaced is kept (`state.hits` is ignored).
     pub fn upsert_vip(&mut self, key: VipKey, state: VipState) -> Result<(), DatapathError> {
-        let hits = if self.keys.contains(&key) {
-            self.vip(&key).map_or(0, |old| old.hits)
-        } else {
-            0
-        };
-        let state = VipState { hits, ..state };
-        // The filter bit goes up before the entry goes in (and comes down after it is gone):
-        // the filter may pass a packet whose lookup then misses, but never hides a VIP.
-        let new = self.keys.insert(key);
-        if new {
-            self.count_in_bucket(&key, 1)?;
+        match self.apply_vips(&[(key, state)], &[])?.as_slice() {
+            [] => Ok(()),
+            _ => Err(DatapathError::VipMapFull {
+                capacity: self.max_vips,
+            }),
         }
-        match self.vips.insert(key, state, 0) {
-            Ok(()) => Ok(()),
-            Err(source) => {
-                if new {
-                    self.keys.remove(&key);
-                    self.count_in_bucket(&key, -1)?;
-                }
-                Err(match &source {
-                    aya::maps::MapError::SyscallError(e)
-                        if e.io_error.raw_os_error() == Some(libc::E2BIG) =>
-                    {
-                        DatapathError::VipMapFull {
-                            capacity: self.max_vips,
-                        }
-                    }
-                    _ => DatapathError::Map {
-                        map: "VIPS",
-                        source,
-                    },
-                })
-            }
-        }
-    }
-
-    /// Counts `key`'s address in (`delta` 1) or out of (-1) its prefilter bucket, rewriting
-    /// the bucket's filter word when the bucket turns non-empty or empty.
-    fn count_in_bucket(&mut self, key: &VipKey, delta: i32) -> Result<(), DatapathError> {
-        let bucket = address_bucket(&key.addr);
-        let count = self.bucket_counts.entry(bucket).or_default();
-        *count = count.saturating_add_signed(delta);
-        let changed = (delta > 0 && *count == 1) || *count == 0;
-        if *count == 0 {
-            self.bucket_counts.remove(&bucket);
-        }
-        if changed {
-            self.write_filter_word(bucket)?;
-        }
-        Ok(())
     }
 
     /// Removes a VIP; removing one that is not there is not an error.
     pub fn remove_vip(&mut self, key: &VipKey) -> Result<(), DatapathError> {
-        match self.vips.remove(key) {
-            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
-            Err(source) => {
-                return Err(DatapathError::Map {
-                    map: "VIPS",
-                    source,
-                });
-            }
-        }
-        if self.keys.remove(key) {
-            self.count_in_bucket(key, -1)?;
-        }
-        Ok(())
+        self.apply_vips(&[], std::slice::from_ref(key)).map(drop)
     }
 
-    /// Rewrites the prefilter word holding `bucket` from the bucket counts.
-    fn write_filter_word(&mut self, bucket: u32) -> Result<(), DatapathError> {
-        let word_index = bucket / 64;
-        let word = (0..64u32)
-            .filter(|bit| self.bucket_counts.contains_key(&(word_index * 64 + bit)))
-            .fold(0u64, |w, bit| w | (1 << bit));
-        self.address_filter
-            .set(word_index, word, 0)
-            .map_err(|source| DatapathError::Map {
-                map: "VIP_ADDRESS_FILTER",
-                source,
+    /// Removes `removes`, then inserts or replaces `upserts` (as [`Datapath::upsert_vip`]
+    /// does); returns the keys that did not fit (the map is full). The prefilter's words are
+    /// written once per batch: each bit goes up before its entry goes in and comes down after
+    /// it is gone, so the filter may pass a packet whose lookup then misses, but never hides a
+    /// VIP.
+    pub fn apply_vips(
+        &mut self,
+        upserts: &[(VipKey, VipState)],
+        removes: &[VipKey],
+    ) -> Result<Vec<VipKey>, DatapathError> {
+        let mut dirty = std::collections::BTreeSet::new();
+        for key in removes {
+            match self.vips.remove(key) {
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(source) => {
+                    return Err(DatapathError::Map {
+                        map: "VIPS",
+                        source,
+                    });
+                }
+            }
+            if self.keys.remove(key) {
+                self.count_in_bucket(key, -1, &mut dirty);
+            }
+        }
+        self.write_filter_words(&mut dirty)?;
+        let new: Vec<bool> = upserts
+            .iter()
+            .map(|(key, _)| {
+                let new = self.keys.insert(*key);
+                if new {
+                    self.count_in_bucket(key, 1, &mut dirty);
+                }
+                new
             })
+            .collect();
+        self.write_filter_words(&mut dirty)?;
+        let mut unfit = Vec::new();
+        for (&(key, state), new) in upserts.iter().zip(new) {
+            let hits = if new {
+                0
+            } else {
+                self.vip(&key).map_or(0, |old| old.hits)
+            };
+            match self.vips.insert(key, VipState { hits, ..state }, 0) {
+                Ok(()) => {}
+                Err(aya::maps::MapError::SyscallError(e))
+                    if e.io_error.raw_os_error() == Some(libc::E2BIG) =>
+                {
+                    unfit.push(key);
+                    if new {
+                        self.keys.remove(&key);
+                        self.count_in_bucket(&key, -1, &mut dirty);
+                    }
+                }
+                Err(source) => {
+                    self.write_filter_words(&mut dirty)?;
+                    return Err(DatapathError::Map {
+                        map: "VIPS",
+                        source,
+                    });
+                }
+            }
+        }
+        self.write_filter_words(&mut dirty)?;
+        Ok(unfit)
+    }
+
+    /// Counts `key`'s address in (`delta` 1) or out of (-1) its prefilter bucket; when the
+    /// bucket turns non-empty or empty, flips its bit and marks its word `dirty`.
+    fn count_in_bucket(
+        &mut self,
+        key: &VipKey,
+        delta: i32,
+        dirty: &mut std::collections::BTreeSet<u32>,
+    ) {
+        let bucket = address_bucket(&key.addr);
+        let count = self.bucket_counts.entry(bucket).or_default();
+        *count = count.saturating_add_signed(delta);
+        let bit = 1u64 << (bucket % 64);
+        let word = &mut self.filter_words[(bucket / 64) as usize];
+        if *count == 0 {
+            self.bucket_counts.remove(&bucket);
+            *word &= !bit;
+        } else {
+            *word |= bit;
+        }
+        dirty.insert(bucket / 64);
+    }
+
+    /// Writes the prefilter's `dirty` words to the kernel.
+    fn write_filter_words(
+        &mut self,
+        dirty: &mut std::collections::BTreeSet<u32>,
+    ) -> Result<(), DatapathError> {
+        for word_index in std::mem::take(dirty) {
+            self.address_filter
+                .set(word_index, self.filter_words[word_index as usize], 0)
+                .map_err(|source| DatapathError::Map {
+                    map: "VIP_ADDRESS_FILTER",
+                    source,
+                })?;
+        }
+        Ok(())
     }
 
     /// Vouches for the VIP map now: idle VIPs keep dropping for another `fail_open_after`.

@@ -47,8 +47,8 @@ impl IdleHit {
         let load_balancer = registry
             .get(&vip)?
             .load_balancer
-            .as_deref()
-            .map(str::to_owned);
+            .as_ref()
+            .map(ToString::to_string);
         let src = SocketAddr::new(
             ip_from_bytes(event.src_addr),
             u16::from_be(event.src_port_be),

@@ -3,11 +3,11 @@
 //! The kernel keys VIPs by [`VipKey`] and reports a `vip_id`; this registry hands out those ids
 //! and turns them back into the VIP and its load balancer when an event arrives.
 
-use std::{collections::HashMap, sync::Arc};
+use std::collections::HashMap;
 
 use unidler_common::{VipKey, VipState};
 
-use crate::vip::{DesiredVip, Vip, VipUpdate};
+use crate::vip::{DesiredVip, LoadBalancerName, Vip, VipUpdate};
 
 /// A change the kernel's VIP map needs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -29,8 +29,8 @@ pub struct VipEntry {
     pub backends: u32,
     /// `VIP_FLAG_*` bits written to the kernel.
     pub flags: u32,
-    /// UUID of the Northbound Load_Balancer the VIP belongs to, when known.
-    pub load_balancer: Option<Arc<str>>,
+    /// The load balancer its events name (the Northbound Load_Balancer's UUID), when known.
+    pub load_balancer: Option<LoadBalancerName>,
 }
 
 impl VipEntry {
@@ -56,7 +56,7 @@ struct Slot {
     vip_id: u32,
     backends: u32,
     flags: u32,
-    load_balancer: Option<Arc<str>>,
+    load_balancer: Option<LoadBalancerName>,
 }
 
 impl Slot {
@@ -94,7 +94,7 @@ impl VipRegistry {
         vip: Vip,
         backends: u32,
         flags: u32,
-        load_balancer: Option<Arc<str>>,
+        load_balancer: Option<LoadBalancerName>,
     ) -> VipEntry {
         let slot = self.slots.entry(vip).or_insert_with(|| {
             let vip_id = self.next_id;
@@ -165,6 +165,11 @@ impl VipRegistry {
     /// Forgets a VIP; returns its entry if it was known.
     pub fn remove(&mut self, vip: &Vip) -> Option<VipEntry> {
         self.slots.remove(vip).map(|s| s.entry(*vip))
+    }
+
+    /// Whether `vip` is known.
+    pub fn contains(&self, vip: &Vip) -> bool {
+        self.slots.contains_key(vip)
     }
 
     /// The entry of `vip`, if known.

@@ -206,7 +206,7 @@ impl VipSpec {
         DesiredVip {
             vip: self.vip,
             backends: self.backends,
-            load_balancer: self.load_balancer.as_deref().map(Into::into),
+            load_balancer: self.load_balancer.as_deref().map(LoadBalancerName::new),
         }
     }
 }
@@ -218,8 +218,87 @@ pub struct DesiredVip {
     pub vip: Vip,
     /// Its backend count.
     pub backends: u32,
-    /// The Northbound Load_Balancer UUID its events name (shared by all of its VIPs).
-    pub load_balancer: Option<Arc<str>>,
+    /// The load balancer its events name (in OVN, the Northbound Load_Balancer's UUID).
+    pub load_balancer: Option<LoadBalancerName>,
+}
+
+/// The name a VIP's events give its load balancer (`event_info:load_balancer`). OVN's are
+/// UUIDs: kept as 16 bytes, without an allocation (the agent holds one per VIP, 100,000s);
+/// any other text is kept as is, shared.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub enum LoadBalancerName {
+    /// A UUID written in its canonical form (lowercase `8-4-4-4-12` hex), as a number.
+    Uuid([u64; 2]),
+    /// Any other text.
+    Text(Arc<str>),
+}
+
+impl LoadBalancerName {
+    /// The name `text`; a canonical UUID is kept as a number (and written back the same).
+    pub fn new(text: &str) -> Self {
+        match canonical_uuid(text) {
+            Some(n) => Self::from_uuid(n),
+            None => Self::Text(text.into()),
+        }
+    }
+
+    /// The UUID `n`.
+    pub fn from_uuid(n: u128) -> Self {
+        Self::Uuid([(n >> 64) as u64, n as u64])
+    }
+}
+
+/// The UUID `text` spells in canonical form (lowercase `8-4-4-4-12` hex), if it does.
+fn canonical_uuid(text: &str) -> Option<u128> {
+    let canonical = text.len() == 36
+        && text.bytes().enumerate().all(|(i, b)| match i {
+            8 | 13 | 18 | 23 => b == b'-',
+            _ => b.is_ascii_digit() || (b'a'..=b'f').contains(&b),
+        });
+    if !canonical {
+        return None;
+    }
+    let hex: String = text.chars().filter(|c| *c != '-').collect();
+    u128::from_str_radix(&hex, 16).ok()
+}
+
+impl fmt::Display for LoadBalancerName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Uuid([high, low]) => {
+                let n = (u128::from(*high) << 64) | u128::from(*low);
+                let h = format!("{n:032x}");
+                write!(
+                    f,
+                    "{}-{}-{}-{}-{}",
+                    &h[..8],
+                    &h[8..12],
+                    &h[12..16],
+                    &h[16..20],
+                    &h[20..]
+                )
+            }
+            Self::Text(text) => f.write_str(text),
+        }
+    }
+}
+
+impl fmt::Debug for LoadBalancerName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", self.to_string())
+    }
+}
+
+impl From<&str> for LoadBalancerName {
+    fn from(text: &str) -> Self {
+        Self::new(text)
+    }
+}
+
+impl From<String> for LoadBalancerName {
+    fn from(text: String) -> Self {
+        Self::new(&text)
+    }
 }
 
 /// A change of the desired VIP set, as a VIP source sends it.
@@ -277,6 +356,27 @@ mod tests {
         assert_eq!(spec.backends, 3);
         assert_eq!(spec.vip.endpoint(), "[fd00::10]:53");
         assert_eq!(spec.vip.protocol, Protocol::Udp);
+    }
+
+    #[test]
+    fn load_balancer_names_keep_their_text() {
+        let uuid = "5b3cfb03-2143-4e8a-9067-dac1ef7ec6d7";
+        for text in [uuid, "5B3CFB03-2143-4e8a-9067-dac1ef7ec6d7", "lb-1", ""] {
+            assert_eq!(LoadBalancerName::new(text).to_string(), text);
+        }
+        assert!(matches!(
+            LoadBalancerName::new(uuid),
+            LoadBalancerName::Uuid(_)
+        ));
+        assert!(matches!(
+            LoadBalancerName::new(&uuid.to_uppercase()),
+            LoadBalancerName::Text(_)
+        ));
+        assert_eq!(
+            LoadBalancerName::from_uuid(1).to_string(),
+            "00000000-0000-0000-0000-000000000001"
+        );
+        assert_eq!(size_of::<Option<LoadBalancerName>>(), 24);
     }
 
     #[test]

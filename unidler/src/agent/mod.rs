@@ -31,7 +31,7 @@ use unidler_common::{Counter, IdleHitEvent, VipKey};
 pub use self::config::{Config, IdleAction, InterfaceSelector, VipSourceConfig};
 use self::sources::{Input, ReplayTimer, Signals, Sources};
 use crate::{
-    datapath::{self, Counters, Datapath, DatapathError, Hook, LoadOptions},
+    datapath::{self, Counters, Datapath, Hook, LoadOptions},
     event::{IdleHit, iface_name},
     forwarding::{FlowReader, ForwardingCheck},
     hold::HeldPackets,
@@ -144,18 +144,9 @@ impl Agent {
                 InterfaceSelector::Pattern(pattern) => patterns.push(pattern.clone()),
             }
         }
-        let mut datapath = Datapath::load(&LoadOptions {
-            rate_limits: config.rate_limits,
-            kernel_log_level: config.kernel_log_level,
-            fail_open_after: config.fail_open_after,
-            max_vips: config.max_vips,
-            pin_dir: config.pin_dir.clone(),
-        })?;
-        if let Some(logger) = datapath.take_logger() {
-            spawn_kernel_log_pump(logger)?;
-        }
-
-        // The Southbound connection, shared by the event sink and the OVN VIP source.
+        // The Southbound connection, shared by the event sink and the OVN VIP source, first:
+        // the database composing its first monitor reply (seconds, with 100,000s of load
+        // balancers) overlaps with loading the datapath; VIP updates wait in the channel.
         let (vip_tx, vip_updates) = mpsc::unbounded_channel();
         let southbound = match &config.southbound {
             Some(sb) => {
@@ -173,6 +164,21 @@ impl Agent {
             }
             None => None,
         };
+        // Off the runtime's thread, so the Southbound client sets up its monitors meanwhile.
+        let load = LoadOptions {
+            rate_limits: config.rate_limits,
+            kernel_log_level: config.kernel_log_level,
+            fail_open_after: config.fail_open_after,
+            max_vips: config.max_vips,
+            pin_dir: config.pin_dir.clone(),
+        };
+        let mut datapath = tokio::task::spawn_blocking(move || Datapath::load(&load))
+            .await
+            .context("loading the datapath")??;
+        if let Some(logger) = datapath.take_logger() {
+            spawn_kernel_log_pump(logger)?;
+        }
+
         let sink = southbound.clone().map(|southbound| {
             ControllerEventSink::start(
                 southbound,
@@ -471,7 +477,7 @@ impl Agent {
         if full {
             // What an earlier agent left in an adopted map and the source no longer has.
             let stale = self.datapath.retain_vips(|key| {
-                Vip::from_key(key).is_some_and(|v| self.registry.get(&v).is_some())
+                Vip::from_key(key).is_some_and(|v| self.registry.contains(&v))
             })?;
             if stale > 0 {
                 info!(stale, "VIPs left in the adopted map removed");
@@ -516,34 +522,29 @@ impl Agent {
     /// registry and waits in `unfit` (the agent keeps running with what fits). Returns
     /// whether any VIP left the map.
     fn apply_map_changes(&mut self, changes: &[MapChange]) -> Result<bool> {
-        let mut freed = false;
+        let mut upserts = Vec::new();
+        let mut removes = Vec::new();
         for change in changes {
-            match change {
-                MapChange::Upsert(key, state) => match self.datapath.upsert_vip(*key, *state) {
-                    Ok(()) => {}
-                    Err(DatapathError::VipMapFull { .. }) => {
-                        if let Some(vip) = Vip::from_key(key)
-                            && let Some(entry) = self.registry.remove(&vip)
-                        {
-                            self.unfit.insert(
-                                vip,
-                                DesiredVip {
-                                    vip,
-                                    backends: entry.backends,
-                                    load_balancer: entry.load_balancer,
-                                },
-                            );
-                        }
-                    }
-                    Err(e) => return Err(e.into()),
-                },
-                MapChange::Remove(key) => {
-                    self.datapath.remove_vip(key)?;
-                    freed = true;
-                }
+            match *change {
+                MapChange::Upsert(key, state) => upserts.push((key, state)),
+                MapChange::Remove(key) => removes.push(key),
             }
         }
-        Ok(freed)
+        for key in self.datapath.apply_vips(&upserts, &removes)? {
+            if let Some(vip) = Vip::from_key(&key)
+                && let Some(entry) = self.registry.remove(&vip)
+            {
+                self.unfit.insert(
+                    vip,
+                    DesiredVip {
+                        vip,
+                        backends: entry.backends,
+                        load_balancer: entry.load_balancer,
+                    },
+                );
+            }
+        }
+        Ok(!removes.is_empty())
     }
 
     /// A question from the HTTP endpoint. (A gone asker is not an error.)
@@ -585,7 +586,7 @@ impl Agent {
                     state: if e.backends == 0 { "idle" } else { "active" }.into(),
                     hits: 0,
                     held: self.held.held_for(&e.vip.key()),
-                    load_balancer: e.load_balancer.as_deref().map(str::to_owned),
+                    load_balancer: e.load_balancer.as_ref().map(ToString::to_string),
                 };
                 (e.vip.key(), row)
             })

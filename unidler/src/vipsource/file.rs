@@ -223,7 +223,7 @@ load_balancer = "lb-1"
         assert_eq!(vips.len(), 2);
         assert_eq!(vips[0].backends, 0);
         assert_eq!(vips[0].vip.protocol, Protocol::Tcp);
-        assert_eq!(vips[1].load_balancer.as_deref(), Some("lb-1"));
+        assert_eq!(vips[1].load_balancer, Some("lb-1".into()));
 
         let bad_vip = "[[vip]]\nvip = \"10.0.0.1\"\n";
         let err = parse_vips_file(bad_vip).unwrap_err().to_string();

@@ -23,7 +23,7 @@ use ovsdb::{
 use tokio::sync::mpsc;
 use tracing::warn;
 
-use crate::vip::{DesiredVip, Protocol, Vip, VipUpdate};
+use crate::vip::{DesiredVip, LoadBalancerName, Protocol, Vip, VipUpdate};
 
 /// The Southbound table the source follows.
 pub const TABLE: &str = "Load_Balancer";
@@ -96,13 +96,58 @@ fn count_backends(backends: &str) -> u32 {
 struct LbRecord {
     /// `external_ids:lb_id`, the Northbound load balancer events name (absent: the
     /// Southbound UUID).
-    lb_id: Option<Arc<str>>,
+    lb_id: Option<LoadBalancerName>,
     /// `options:event` and `options:reject`, as hashes of their values.
     event: Option<TextHash>,
     reject: Option<TextHash>,
     /// The `protocol` column (absent: TCP).
     protocol: Option<Protocol>,
-    vips: Box<[VipRecord]>,
+    vips: VipRecords,
+}
+
+/// A load balancer's VIPs. One (as ovn-kubernetes makes them: a load balancer per service)
+/// is kept inline: no allocation per load balancer, and none left scattered over the heap
+/// between the transient ones of parsing a large monitor reply.
+#[derive(Clone, Debug)]
+enum VipRecords {
+    One(VipRecord),
+    Many(Box<[VipRecord]>),
+}
+
+impl Default for VipRecords {
+    fn default() -> Self {
+        Self::Many(Box::default())
+    }
+}
+
+impl VipRecords {
+    fn as_slice(&self) -> &[VipRecord] {
+        match self {
+            Self::One(one) => std::slice::from_ref(one),
+            Self::Many(all) => all,
+        }
+    }
+
+    fn as_mut_slice(&mut self) -> &mut [VipRecord] {
+        match self {
+            Self::One(one) => std::slice::from_mut(one),
+            Self::Many(all) => all,
+        }
+    }
+
+    fn into_vec(self) -> Vec<VipRecord> {
+        match self {
+            Self::One(one) => vec![one],
+            Self::Many(all) => all.into_vec(),
+        }
+    }
+
+    fn from_vec(mut all: Vec<VipRecord>) -> Self {
+        match all.len() {
+            1 => Self::One(all.pop().expect("one")),
+            _ => Self::Many(all.into_boxed_slice()),
+        }
+    }
 }
 
 impl LbRecord {
@@ -130,7 +175,7 @@ impl LbRecord {
             if protocol != self.protocol {
                 self.protocol = protocol;
                 let protocol = self.protocol();
-                for v in &mut self.vips {
+                for v in self.vips.as_mut_slice() {
                     if let Some(vip) = &mut v.vip {
                         vip.protocol = protocol;
                     }
@@ -153,10 +198,10 @@ impl LbRecord {
             if key.as_str() != Some("lb_id") {
                 continue;
             }
-            let value = value.as_str().unwrap_or_default();
+            let value = LoadBalancerName::new(value.as_str().unwrap_or_default());
             self.lb_id = match &self.lb_id {
-                Some(old) if &**old == value => None,
-                _ => Some(value.into()),
+                Some(old) if *old == value => None,
+                _ => Some(value),
             };
         }
         if let Some(vips) = diff.get("vips") {
@@ -179,7 +224,7 @@ impl LbRecord {
                     None => all.push(VipRecord::new(key, value, protocol)),
                 }
             }
-            self.vips = all.into_boxed_slice();
+            self.vips = VipRecords::from_vec(all);
         }
     }
 
@@ -200,15 +245,14 @@ impl LbRecord {
     fn vips_that_matter(&self, global_event: bool) -> impl Iterator<Item = &VipRecord> {
         let reports = self.reports(global_event);
         self.vips
+            .as_slice()
             .iter()
             .filter(move |v| v.vip.is_some() && (reports || v.backends > 0))
     }
 
     /// The name events give: `lb_id`, else the Southbound UUID.
-    fn name(&self, key: LbKey) -> Arc<str> {
-        self.lb_id
-            .clone()
-            .unwrap_or_else(|| key.uuid().to_string().into())
+    fn name(&self, key: LbKey) -> LoadBalancerName {
+        self.lb_id.clone().unwrap_or(LoadBalancerName::Uuid(key.0))
     }
 }
 
@@ -244,7 +288,12 @@ impl OvnVips {
                 add_lb_of(&mut index, v.vip.expect("filtered"), *key);
             }
             if record.reports(self.global_event) {
-                unwatchable += record.vips.iter().filter(|v| v.vip.is_none()).count();
+                unwatchable += record
+                    .vips
+                    .as_slice()
+                    .iter()
+                    .filter(|v| v.vip.is_none())
+                    .count();
             }
         }
         if unwatchable > 0 {
@@ -320,7 +369,7 @@ impl OvnVips {
             let Some(record) = self.by_lb.get(key) else {
                 continue;
             };
-            let Some(v) = record.vips.iter().find(|v| v.vip == Some(*vip)) else {
+            let Some(v) = record.vips.as_slice().iter().find(|v| v.vip == Some(*vip)) else {
                 continue;
             };
             backends = backends.max(v.backends);
@@ -591,6 +640,13 @@ mod tests {
         }
     }
 
+    fn name(d: &DesiredVip) -> String {
+        d.load_balancer
+            .as_ref()
+            .map(ToString::to_string)
+            .unwrap_or_default()
+    }
+
     fn endpoints(vips: &[DesiredVip]) -> Vec<(String, u32)> {
         vips.iter()
             .map(|d| (d.vip.to_string(), d.backends))
@@ -614,7 +670,7 @@ mod tests {
             ],
             "the port-less VIP is left out"
         );
-        assert_eq!(all[0].load_balancer.as_deref(), Some("nb-uuid"));
+        assert_eq!(name(&all[0]), "nb-uuid");
         assert_eq!(d.source.load_balancers.load(Ordering::Relaxed), 1);
 
         // Without event, only the VIPs with backends matter (they can make a shared VIP
@@ -720,7 +776,7 @@ mod tests {
         );
         assert!(rm.is_empty());
         assert_eq!(endpoints(&up), [("10.0.0.1:80/udp".to_owned(), 0)]);
-        assert_eq!(up[0].load_balancer.as_deref(), Some("other"));
+        assert_eq!(name(&up[0]), "other");
         // lb_id removed: events name the Southbound UUID.
         let (up, _) = d.batch(
             1,
@@ -729,7 +785,7 @@ mod tests {
                 Value::string_map([("lb_id", "other")]),
             )])),
         );
-        assert_eq!(up[0].load_balancer.as_deref(), Some(uuid(1).0.as_str()));
+        assert_eq!(name(&up[0]), uuid(1).0);
         // A modify of a row never seen fails the batch (the client loads afresh).
         assert!(
             d.source

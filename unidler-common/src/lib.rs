@@ -26,10 +26,17 @@ pub const EVENT_RING_BYTES: u32 = 1024 * 1024;
 /// over IPv6 with two VLAN tags (590 bytes), fit. Larger frames are not held (and counted).
 pub const HELD_FRAME_MAX: usize = 640;
 
-/// Size in bytes of the held-frame ring buffer: about 6,000 frames (688 bytes each with the
-/// ring's header) between two reads of the agent, which keeps at most `--hold-total` of them.
-/// The kernel's bound on holding: a flood beyond it is counted ([`Counter::HoldRingFull`]).
-pub const HELD_RING_BYTES: u32 = 4 * 1024 * 1024;
+/// Frames shorter than this are held in a small entry ([`HeldFrame<HELD_FRAME_SMALL>`], 176
+/// bytes in the ring): every TCP SYN (74-98 bytes with options and VLAN tags, IPv6 included)
+/// and most small datagrams. A power of two, which the kernel's length mask relies on.
+pub const HELD_FRAME_SMALL: usize = 128;
+
+/// Size in bytes of the held-frame ring buffer: about 5,900 SYNs (176 bytes each with the
+/// ring's header), or 1,500 frames of up to [`HELD_FRAME_MAX`] bytes (688), between two reads
+/// of the agent, which keeps at most `--hold-total` of them. The kernel's bound on holding: a
+/// flood beyond it is counted ([`Counter::HoldRingFull`]). The agent maps it twice (as every
+/// ring buffer reader does), so it counts double in the agent's resident memory.
+pub const HELD_RING_BYTES: u32 = 1024 * 1024;
 
 /// Capacity of the map of replayed TCP flows whose answer the kernel watches for
 /// (`ANSWERED_FLOWS`); `--hold-total` is at most this.
@@ -220,23 +227,33 @@ pub struct FlowKey {
     pub _pad: [u8; 3],
 }
 
-/// One entry in the held-frame ring: an opening packet to an idle VIP, dropped and handed
-/// to the agent to replay once the VIP has a backend.
+/// What leads every entry of the held-frame ring (see [`HeldFrame`]).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct HeldFrame {
+pub struct HeldHeader {
     /// When the packet was seen, `CLOCK_MONOTONIC` nanoseconds.
     pub timestamp_ns: u64,
     /// The VIP the packet was sent to.
     pub vip: VipKey,
     /// Interface index the packet arrived on.
     pub ifindex: u32,
-    /// Bytes of `frame` in use (the whole frame, from its Ethernet header).
+    /// Bytes of the frame that follows (the whole frame, from its Ethernet header).
     pub len: u32,
     /// Padding; always zero.
     pub _pad: u32,
-    /// The frame.
-    pub frame: [u8; HELD_FRAME_MAX],
+}
+
+/// One entry in the held-frame ring: an opening packet to an idle VIP, dropped and handed
+/// to the agent to replay once the VIP has a backend. Entries come in two sizes, `N` of
+/// [`HELD_FRAME_SMALL`] or [`HELD_FRAME_MAX`] bytes: the ring's reserve needs a constant size,
+/// and most held frames are SYNs of under 100 bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HeldFrame<const N: usize> {
+    /// Where, when and for which VIP; how long the frame is.
+    pub header: HeldHeader,
+    /// The frame (its first `header.len` bytes).
+    pub frame: [u8; N],
 }
 
 /// What the XDP program did with the packet that raised an event.
@@ -398,7 +415,10 @@ const _: () = assert!(core::mem::size_of::<IdleHitEvent>() == 64);
 const _: () = assert!(core::mem::size_of::<Heartbeat>() == 16);
 const _: () = assert!(core::mem::size_of::<HoldConfig>() == 8);
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 40);
-const _: () = assert!(core::mem::size_of::<HeldFrame>() == 40 + HELD_FRAME_MAX);
+const _: () = assert!(core::mem::size_of::<HeldHeader>() == 40);
+const _: () = assert!(core::mem::size_of::<HeldFrame<HELD_FRAME_SMALL>>() == 40 + HELD_FRAME_SMALL);
+const _: () = assert!(core::mem::size_of::<HeldFrame<HELD_FRAME_MAX>>() == 40 + HELD_FRAME_MAX);
+const _: () = assert!(HELD_FRAME_SMALL.is_power_of_two() && HELD_FRAME_SMALL < HELD_FRAME_MAX);
 
 #[cfg(feature = "user")]
 mod user {
@@ -411,7 +431,7 @@ mod user {
     unsafe impl aya::Pod for Heartbeat {}
     unsafe impl aya::Pod for HoldConfig {}
     unsafe impl aya::Pod for FlowKey {}
-    unsafe impl aya::Pod for HeldFrame {}
+    unsafe impl aya::Pod for HeldHeader {}
 }
 
 #[cfg(test)]

@@ -38,9 +38,9 @@ use network_types::{
 };
 use unidler_common::{
     ADDRESS_FILTER_WORDS, ANSWERED_FLOWS_CAPACITY, Counter, EVENT_RING_BYTES, EventAction, FlowKey,
-    HELD_FRAME_MAX, HELD_RING_BYTES, Heartbeat, HeldFrame, HoldConfig, IdleHitEvent, REPLAY_MARK,
-    RateLimitConfig, VIP_FLAG_PASS_WHEN_IDLE, VIP_MAP_CAPACITY, VipKey, VipState, address_bucket,
-    address_bucket_ipv4,
+    HELD_FRAME_MAX, HELD_FRAME_SMALL, HELD_RING_BYTES, Heartbeat, HeldFrame, HeldHeader,
+    HoldConfig, IdleHitEvent, REPLAY_MARK, RateLimitConfig, VIP_FLAG_PASS_WHEN_IDLE,
+    VIP_MAP_CAPACITY, VipKey, VipState, address_bucket, address_bucket_ipv4,
 };
 
 /// VIP → backend count, id and flags. Written by the agent; the kernel only updates the
@@ -76,7 +76,7 @@ static HEARTBEAT: Array<Heartbeat> = Array::with_max_entries(1, 0);
 static HOLD: Array<HoldConfig> = Array::with_max_entries(1, 0);
 
 /// Opening packets dropped for an idle VIP, whole, for the agent to hold and replay: one
-/// [`HeldFrame`] each. Its size is the kernel's bound on holding.
+/// [`HeldFrame`] each, small or large. Its size is the kernel's bound on holding.
 #[map]
 static HELD: RingBuf = RingBuf::with_byte_size(HELD_RING_BYTES, 0);
 
@@ -561,7 +561,8 @@ fn watching_answers() -> bool {
     HOLD.get(0).is_some_and(|h| h.watching_answers != 0)
 }
 
-/// Copies a dropped opening packet, whole, to the held-frame ring for the agent. Not rate
+/// Copies a dropped opening packet, whole, to the held-frame ring for the agent: in a small
+/// entry if it is shorter than [`HELD_FRAME_SMALL`] (every SYN), else in a large one. Not rate
 /// limited: every such packet is held (the agent bounds how many it keeps).
 #[inline(always)]
 fn hold<P: Packet>(ctx: &P, vip: &VipKey, now: u64) {
@@ -570,14 +571,30 @@ fn hold<P: Packet>(ctx: &P, vip: &VipKey, now: u64) {
         count(Counter::HoldTooLarge);
         return;
     }
-    // The verifier must see what the check above proved (1..=HELD_FRAME_MAX bytes) on the
-    // register it is given: a volatile read keeps the compiler from dropping the mask.
+    // The verifier must see what the checks prove (1..HELD_FRAME_SMALL, or
+    // 1..=HELD_FRAME_MAX bytes) on the register it is given: a volatile read keeps the
+    // compiler from dropping the masks.
     // SAFETY: reads a local.
-    let len = unsafe { core::ptr::read_volatile(&frame_len) } & HELD_LEN_MASK;
-    if len == 0 || len as usize > HELD_FRAME_MAX {
-        return;
+    let len = unsafe { core::ptr::read_volatile(&frame_len) };
+    if (len as usize) < HELD_FRAME_SMALL {
+        let len = len & (HELD_FRAME_SMALL as u32 - 1);
+        if len == 0 {
+            return;
+        }
+        hold_in::<HELD_FRAME_SMALL, P>(ctx, vip, now, len);
+    } else {
+        let len = len & HELD_LEN_MASK;
+        if len == 0 || len as usize > HELD_FRAME_MAX {
+            return;
+        }
+        hold_in::<HELD_FRAME_MAX, P>(ctx, vip, now, len);
     }
-    let Some(mut entry) = HELD.reserve::<HeldFrame>(0) else {
+}
+
+/// Writes one held-frame entry of `N` bytes of frame; `len` is at most `N`.
+#[inline(always)]
+fn hold_in<const N: usize, P: Packet>(ctx: &P, vip: &VipKey, now: u64, len: u32) {
+    let Some(mut entry) = HELD.reserve::<HeldFrame<N>>(0) else {
         count(Counter::HoldRingFull);
         return;
     };
@@ -585,11 +602,13 @@ fn hold<P: Packet>(ctx: &P, vip: &VipKey, now: u64) {
     // SAFETY: `held` points to a reserved HeldFrame in the ring; fields are written one by
     // one (the frame is larger than the BPF stack), and the copy stays within `frame`.
     let copied = unsafe {
-        (*held).timestamp_ns = now;
-        (*held).vip = *vip;
-        (*held).ifindex = ctx.ingress_ifindex();
-        (*held).len = len;
-        (*held)._pad = 0;
+        (*held).header = HeldHeader {
+            timestamp_ns: now,
+            vip: *vip,
+            ifindex: ctx.ingress_ifindex(),
+            len,
+            _pad: 0,
+        };
         ctx.copy_frame((*held).frame.as_mut_ptr(), len)
     };
     if copied {

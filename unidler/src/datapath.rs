@@ -25,7 +25,7 @@ use aya::{
 use aya_log::EbpfLogger;
 use thiserror::Error;
 use unidler_common::{
-    ADDRESS_FILTER_WORDS, Counter, FlowKey, Heartbeat, HeldFrame, HoldConfig, IdleHitEvent,
+    ADDRESS_FILTER_WORDS, Counter, FlowKey, Heartbeat, HeldHeader, HoldConfig, IdleHitEvent,
     PROGRAM_NAME, REPLAY_PROGRAM_NAME, RateLimitConfig, TC_PROGRAM_NAME, VipKey, VipState,
     address_bucket,
 };
@@ -1116,7 +1116,8 @@ fn xdp_md(frame: &[u8], ifindex: u32) -> [u8; 24] {
     ctx
 }
 
-/// The ring buffer of [`HeldFrame`]s written by the kernel.
+/// The ring buffer of held frames written by the kernel ([`unidler_common::HeldFrame`]s of
+/// two sizes).
 pub struct HeldRing {
     ring: RingBuf<MapData>,
 }
@@ -1138,19 +1139,22 @@ impl HeldRing {
     /// Takes every held frame now in the ring, oldest first.
     pub fn drain(&mut self, mut each: impl FnMut(HeldBytes)) -> usize {
         let mut n = 0;
+        let header_len = size_of::<HeldHeader>();
         while let Some(item) = self.ring.next() {
-            if item.len() < size_of::<HeldFrame>() {
+            if item.len() < header_len {
                 continue;
             }
-            // SAFETY: the kernel wrote a whole HeldFrame; read_unaligned copes with any
+            // SAFETY: every entry starts with a HeldHeader; read_unaligned copes with any
             // alignment of the ring's data.
-            let held = unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<HeldFrame>()) };
-            let len = (held.len as usize).min(held.frame.len());
+            let header = unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<HeldHeader>()) };
+            let Some(frame) = item.get(header_len..header_len + header.len as usize) else {
+                continue;
+            };
             each(HeldBytes {
-                timestamp_ns: held.timestamp_ns,
-                vip: held.vip,
-                ifindex: held.ifindex,
-                frame: held.frame[..len].to_vec(),
+                timestamp_ns: header.timestamp_ns,
+                vip: header.vip,
+                ifindex: header.ifindex,
+                frame: frame.to_vec(),
             });
             n += 1;
         }

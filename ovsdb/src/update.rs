@@ -16,7 +16,7 @@ use serde_json::Value as Json;
 use crate::{
     error::Error,
     replica::Replica,
-    value::{Row, Uuid, row_from_json},
+    value::{Row, Uuid},
 };
 
 /// One row's update, as the server sent it.
@@ -34,22 +34,39 @@ pub enum RowUpdate {
     Delete,
 }
 
-impl RowUpdate {
-    /// Parses `{"initial"|"insert"|"modify"|"delete": ...}`.
-    fn from_json(update: Json) -> Result<Self, Error> {
-        let Json::Object(update) = update else {
-            return Err(Error::Protocol(format!("bad row-update2 {update}")));
+/// Reads `{"initial"|"insert"|"modify": <row>}` or `{"delete": null}` straight from the
+/// parser.
+impl<'de> serde::Deserialize<'de> for RowUpdate {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_map(RowUpdateVisitor)
+    }
+}
+
+struct RowUpdateVisitor;
+
+impl<'de> Visitor<'de> for RowUpdateVisitor {
+    type Value = RowUpdate;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a row-update2 object")
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<RowUpdate, A::Error> {
+        let kind: String = map
+            .next_key()?
+            .ok_or_else(|| de::Error::custom("empty row-update2"))?;
+        let update = match kind.as_str() {
+            "initial" => RowUpdate::Initial(map.next_value()?),
+            "insert" => RowUpdate::Insert(map.next_value()?),
+            "modify" => RowUpdate::Modify(map.next_value()?),
+            "delete" => {
+                map.next_value::<de::IgnoredAny>()?;
+                RowUpdate::Delete
+            }
+            other => return Err(de::Error::custom(format!("unknown row update {other:?}"))),
         };
-        let Some((kind, body)) = update.into_iter().next() else {
-            return Err(Error::Protocol("empty row-update2".into()));
-        };
-        Ok(match kind.as_str() {
-            "initial" => RowUpdate::Initial(row_from_json(&body)?),
-            "insert" => RowUpdate::Insert(row_from_json(&body)?),
-            "modify" => RowUpdate::Modify(row_from_json(&body)?),
-            "delete" => RowUpdate::Delete,
-            other => return Err(Error::Protocol(format!("unknown row update {other:?}"))),
-        })
+        if map.next_key::<de::IgnoredAny>()?.is_some() {
+            return Err(de::Error::custom("row-update2 with more than one member"));
+        }
+        Ok(update)
     }
 }
 
@@ -223,12 +240,10 @@ impl<'de> Visitor<'de> for TableRows<'_, '_> {
     }
     fn visit_map<A: MapAccess<'de>>(self, mut rows: A) -> Result<(), A::Error> {
         while let Some(uuid) = rows.next_key::<String>()? {
-            // One row's tree at a time.
-            let update: Json = rows.next_value()?;
-            let applied = Uuid::parse(&uuid).and_then(|uuid| {
-                let update = RowUpdate::from_json(update)?;
-                self.sink.row(self.table, uuid, update)
-            });
+            // One row at a time, read straight into its values.
+            let update: RowUpdate = rows.next_value()?;
+            let applied =
+                Uuid::parse(&uuid).and_then(|uuid| self.sink.row(self.table, uuid, update));
             if let Err(e) = applied {
                 return Err(stash(self.failure, e));
             }

@@ -330,6 +330,91 @@ impl From<Uuid> for Value {
     }
 }
 
+/// Reads OVSDB's JSON notation straight from the parser (RFC 7047 §5.1), without a JSON tree:
+/// a string, number or boolean is an atom; `["uuid", U]` and `["named-uuid", N]` are atoms;
+/// `["set", [...]]` and `["map", [[k, v], ...]]` are sets and maps.
+impl<'de> serde::Deserialize<'de> for Value {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(NotationVisitor)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Atom {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        match d.deserialize_any(NotationVisitor)? {
+            Value::Atom(atom) => Ok(atom),
+            _ => Err(serde::de::Error::custom(
+                "a set or map where an atom belongs",
+            )),
+        }
+    }
+}
+
+struct NotationVisitor;
+
+impl<'de> serde::de::Visitor<'de> for NotationVisitor {
+    type Value = Value;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("an OVSDB atom, set or map")
+    }
+    fn visit_bool<E>(self, b: bool) -> Result<Value, E> {
+        Ok(Value::Atom(Atom::Boolean(b)))
+    }
+    fn visit_i64<E>(self, i: i64) -> Result<Value, E> {
+        Ok(Value::Atom(Atom::Integer(i)))
+    }
+    fn visit_u64<E: serde::de::Error>(self, u: u64) -> Result<Value, E> {
+        i64::try_from(u)
+            .map(|i| Value::Atom(Atom::Integer(i)))
+            .map_err(|_| E::custom(format!("integer {u} out of range")))
+    }
+    fn visit_f64<E>(self, r: f64) -> Result<Value, E> {
+        Ok(Value::Atom(Atom::Real(r)))
+    }
+    fn visit_str<E>(self, s: &str) -> Result<Value, E> {
+        Ok(Value::Atom(Atom::String(s.to_owned())))
+    }
+    fn visit_string<E>(self, s: String) -> Result<Value, E> {
+        Ok(Value::Atom(Atom::String(s)))
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        use serde::de::Error as _;
+        let tag: String = seq
+            .next_element()?
+            .ok_or_else(|| A::Error::custom("empty array"))?;
+        let value = match tag.as_str() {
+            "uuid" => {
+                let u: String = seq
+                    .next_element()?
+                    .ok_or_else(|| A::Error::custom("uuid without its value"))?;
+                Value::Atom(Atom::Uuid(Uuid::parse(&u).map_err(A::Error::custom)?))
+            }
+            "named-uuid" => Value::Atom(Atom::NamedUuid(
+                seq.next_element()?
+                    .ok_or_else(|| A::Error::custom("named-uuid without its name"))?,
+            )),
+            "set" => Value::Set(
+                seq.next_element()?
+                    .ok_or_else(|| A::Error::custom("set without its elements"))?,
+            ),
+            "map" => {
+                let pairs: Vec<(Atom, Atom)> = seq
+                    .next_element()?
+                    .ok_or_else(|| A::Error::custom("map without its pairs"))?;
+                Value::Map(pairs)
+            }
+            other => return Err(A::Error::custom(format!("not an atom: [{other:?}, ...]"))),
+        };
+        if seq.next_element::<serde::de::IgnoredAny>()?.is_some() {
+            return Err(A::Error::custom(format!(
+                "{tag} with more than one operand"
+            )));
+        }
+        Ok(value)
+    }
+}
+
 /// A row: column name → value.
 pub type Row = BTreeMap<String, Value>;
 
@@ -381,6 +466,39 @@ mod tests {
         assert_eq!(Uuid::from_u128(a.as_u128()), a);
         assert!(a.as_u128() < b.as_u128() && a < b);
         assert_eq!(Uuid::from_u128(1).0, "00000000-0000-0000-0000-000000000001");
+    }
+
+    #[test]
+    fn the_notation_reads_the_same_from_the_parser_as_from_a_tree() {
+        let texts = [
+            r#""x""#,
+            "42",
+            "-7",
+            "1.5",
+            "true",
+            r#"["uuid","5b3cfb03-2143-4e8a-9067-dac1ef7ec6d7"]"#,
+            r#"["named-uuid","row1"]"#,
+            r#"["set",[]]"#,
+            r#"["set",["a",1,["uuid","5b3cfb03-2143-4e8a-9067-dac1ef7ec6d7"]]]"#,
+            r#"["map",[["vip","10.0.0.1:80"],[1,true]]]"#,
+        ];
+        for text in texts {
+            let tree = Value::from_json(&serde_json::from_str(text).unwrap()).unwrap();
+            let direct: Value = serde_json::from_str(text).unwrap();
+            assert_eq!(direct, tree, "{text}");
+        }
+        for bad in [
+            r#"{"a":1}"#,
+            "[]",
+            r#"["uuid","nope"]"#,
+            r#"["set",[["set",[]]]]"#,
+            r#"["map",[["k"]]]"#,
+            r#"["map",[],1]"#,
+            r#"["bag",[]]"#,
+            "18446744073709551615",
+        ] {
+            assert!(serde_json::from_str::<Value>(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -91,12 +91,22 @@ pub struct FollowingAgent {
     pub lbs: LoadBalancers,
     /// Its namespaces.
     pub topo: Topology,
-    /// Time from the agent's start to its map synced with every VIP.
-    pub sync_time: Duration,
-    /// The Southbound database's remote.
-    pub db: String,
-    _state: TempDir,
+    /// How long the agent took to sync.
+    pub sync: SyncTime,
+    total: u32,
+    db: String,
+    state: TempDir,
     _sb: OvsdbServer,
+}
+
+/// How long an agent took from its start to its map synced with every VIP, and how much of
+/// that the database spent answering its monitor request (composing and sending the reply).
+#[derive(Clone, Copy, Debug)]
+pub struct SyncTime {
+    /// Start to synced.
+    pub total: Duration,
+    /// From the monitor request to its reply, as the agent logged it.
+    pub server: Option<Duration>,
 }
 
 impl FollowingAgent {
@@ -109,19 +119,55 @@ impl FollowingAgent {
         let lbs = LoadBalancers::insert(&sb, total, per_lb);
         let state = TempDir::new("fstate");
         let db = sb.unix_remote();
-        let started = Instant::now();
-        let mut args = southbound_args(&topo.server_if, &db, state.path_str());
-        args.extend(["--log-level", "info,unidler=debug,ovsdb=debug"]);
-        let mut agent = Agent::start(&topo.server_ns, &args);
-        agent.wait_for_log(&format!("vips={total} "), Duration::from_secs(60));
+        let (agent, sync) = Self::run_agent(&topo, &db, &state, total);
         Self {
-            sync_time: started.elapsed(),
-            db,
             agent,
             lbs,
             topo,
-            _state: state,
+            sync,
+            total,
+            db,
+            state,
             _sb: sb,
         }
     }
+
+    /// Stops the agent (SIGTERM) and starts another against the same database; returns how
+    /// long the new one took to sync.
+    #[track_caller]
+    pub fn restart(&mut self) -> SyncTime {
+        self.agent.signal(libc::SIGTERM);
+        let (agent, sync) = Self::run_agent(&self.topo, &self.db, &self.state, self.total);
+        let old = std::mem::replace(&mut self.agent, agent);
+        old.wait(Duration::from_secs(10));
+        self.sync = sync;
+        sync
+    }
+
+    #[track_caller]
+    fn run_agent(topo: &Topology, db: &str, state: &TempDir, total: u32) -> (Agent, SyncTime) {
+        let started = Instant::now();
+        let mut args = southbound_args(&topo.server_if, db, state.path_str());
+        args.extend(["--log-level", "info,unidler=debug,ovsdb=debug"]);
+        let mut agent = Agent::start(&topo.server_ns, &args);
+        agent.wait_for_log(&format!("vips={total} "), Duration::from_secs(60));
+        let total = started.elapsed();
+        let server = agent
+            .log_lines()
+            .find(|l| l.contains("monitor reply"))
+            .and_then(|l| l.split("waited=").nth(1))
+            .and_then(|w| w.split_whitespace().next())
+            .and_then(parse_debug_duration);
+        (agent, SyncTime { total, server })
+    }
+}
+
+/// Parses a `Duration`'s `Debug` form (`1.5s`, `823.4ms`, `12µs`, `7ns`).
+fn parse_debug_duration(text: &str) -> Option<Duration> {
+    let (number, unit_secs) = [("ms", 1e-3), ("µs", 1e-6), ("ns", 1e-9), ("s", 1.0)]
+        .iter()
+        .find_map(|(unit, secs)| Some((text.strip_suffix(unit)?, *secs)))?;
+    Some(Duration::from_secs_f64(
+        number.parse::<f64>().ok()? * unit_secs,
+    ))
 }

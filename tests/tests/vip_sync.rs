@@ -190,7 +190,7 @@ fn one_hundred_thousand_vips_load_from_the_southbound_database() {
     let per_lb = 100;
     // Kept whole: its namespaces and server live as long as it does.
     let mut following = FollowingAgent::start("vs", 100_000, per_lb);
-    let sync_time = following.sync_time;
+    let sync_time = following.sync.total;
     println!("100,000 VIPs: agent start to map synced in {sync_time:?}");
 
     // One incremental change: one load balancer gets backends.

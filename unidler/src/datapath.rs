@@ -16,7 +16,7 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, MapData, MapType, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, IterableMap, MapData, MapType, PerCpuArray, RingBuf},
     programs::{
         ProgramError, SchedClassifier, TcAttachType, TestRun, TestRunAttrs, TestRunOptions, Xdp,
         XdpMode, tc::SchedClassifierLinkId, xdp::XdpLinkId,
@@ -32,6 +32,8 @@ use unidler_common::{
 
 use crate::{
     caps,
+    fast_hash::{FastMap, FastSet},
+    map_batch,
     pinning::{self, MapFate, MapShape, PinDir, PinnedAttachment},
 };
 
@@ -255,10 +257,12 @@ pub struct Datapath {
     address_filter: Array<MapData, u64>,
     /// Keys in `vips`, and how many of them fall in each address bucket: the prefilter's
     /// bit for a bucket is set exactly while its count is non-zero.
-    keys: std::collections::HashSet<VipKey>,
-    bucket_counts: std::collections::HashMap<u32, u32>,
+    keys: FastSet<VipKey>,
+    bucket_counts: FastMap<u32, u32>,
     /// The prefilter's words as written to the kernel (`ADDRESS_FILTER_WORDS` of them).
     filter_words: Vec<u64>,
+    /// Whether the kernel takes batch updates (until it says it does not).
+    batch_updates: bool,
     counters: CounterReader,
     heartbeat: Array<MapData, Heartbeat>,
     fail_open_after_ns: u64,
@@ -377,8 +381,8 @@ impl Datapath {
             write_heartbeat(&mut heartbeat, fail_open_after_ns)?;
         }
         let vips: HashMap<MapData, VipKey, VipState> = take_map(&mut ebpf, "VIPS")?;
-        let mut keys = std::collections::HashSet::new();
-        let mut bucket_counts = std::collections::HashMap::new();
+        let mut keys = FastSet::default();
+        let mut bucket_counts = FastMap::default();
         if adopted_vips {
             // What the last agent left in the map: the prefilter already has these bits.
             for key in vips.keys().flatten() {
@@ -405,6 +409,7 @@ impl Datapath {
             keys,
             bucket_counts,
             filter_words,
+            batch_updates: true,
             counters,
             heartbeat,
             fail_open_after_ns,
@@ -699,34 +704,89 @@ impl Datapath {
             .collect();
         self.write_filter_words(&mut dirty)?;
         let mut unfit = Vec::new();
+        // New entries in batches; replaced ones one by one, keeping their hit counts.
+        let mut batch_keys = Vec::new();
+        let mut batch_values = Vec::new();
         for (&(key, state), new) in upserts.iter().zip(new) {
-            let hits = if new {
-                0
+            if new {
+                batch_keys.push(key);
+                batch_values.push(VipState { hits: 0, ..state });
             } else {
-                self.vip(&key).map_or(0, |old| old.hits)
-            };
-            match self.vips.insert(key, VipState { hits, ..state }, 0) {
-                Ok(()) => {}
-                Err(aya::maps::MapError::SyscallError(e))
-                    if e.io_error.raw_os_error() == Some(libc::E2BIG) =>
-                {
-                    unfit.push(key);
-                    if new {
-                        self.keys.remove(&key);
-                        self.count_in_bucket(&key, -1, &mut dirty);
-                    }
+                let hits = self.vip(&key).map_or(0, |old| old.hits);
+                self.insert_vip(
+                    key,
+                    VipState { hits, ..state },
+                    false,
+                    &mut unfit,
+                    &mut dirty,
+                )?;
+            }
+        }
+        let mut from = 0;
+        while from < batch_keys.len() {
+            if !self.batch_updates {
+                for (key, state) in batch_keys[from..].iter().zip(&batch_values[from..]) {
+                    self.insert_vip(*key, *state, true, &mut unfit, &mut dirty)?;
                 }
-                Err(source) => {
-                    self.write_filter_words(&mut dirty)?;
-                    return Err(DatapathError::Map {
-                        map: "VIPS",
-                        source,
-                    });
+                break;
+            }
+            let fd = IterableMap::map(&self.vips).fd().as_fd();
+            match map_batch::update(fd, &batch_keys[from..], &batch_values[from..]) {
+                Ok(()) => break,
+                Err(failed) => {
+                    if failed.done == 0 && failed.error.raw_os_error() == Some(libc::EINVAL) {
+                        // A kernel without batch updates (before 5.6): one by one.
+                        tracing::debug!("no BPF_MAP_UPDATE_BATCH: VIPs written one by one");
+                        self.batch_updates = false;
+                        continue;
+                    }
+                    // The entry that failed, alone: it says why (a full map, typically).
+                    let at = from + failed.done;
+                    self.insert_vip(
+                        batch_keys[at],
+                        batch_values[at],
+                        true,
+                        &mut unfit,
+                        &mut dirty,
+                    )?;
+                    from = at + 1;
                 }
             }
         }
         self.write_filter_words(&mut dirty)?;
         Ok(unfit)
+    }
+
+    /// Writes one entry; a full map adds `key` to `unfit` (and, for a `new` key, takes it back
+    /// out of the keys and the prefilter count).
+    fn insert_vip(
+        &mut self,
+        key: VipKey,
+        state: VipState,
+        new: bool,
+        unfit: &mut Vec<VipKey>,
+        dirty: &mut std::collections::BTreeSet<u32>,
+    ) -> Result<(), DatapathError> {
+        match self.vips.insert(key, state, 0) {
+            Ok(()) => Ok(()),
+            Err(aya::maps::MapError::SyscallError(e))
+                if e.io_error.raw_os_error() == Some(libc::E2BIG) =>
+            {
+                unfit.push(key);
+                if new {
+                    self.keys.remove(&key);
+                    self.count_in_bucket(&key, -1, dirty);
+                }
+                Ok(())
+            }
+            Err(source) => {
+                self.write_filter_words(dirty)?;
+                Err(DatapathError::Map {
+                    map: "VIPS",
+                    source,
+                })
+            }
+        }
     }
 
     /// Counts `key`'s address in (`delta` 1) or out of (-1) its prefilter bucket; when the
@@ -756,7 +816,19 @@ impl Datapath {
         &mut self,
         dirty: &mut std::collections::BTreeSet<u32>,
     ) -> Result<(), DatapathError> {
-        for word_index in std::mem::take(dirty) {
+        let indexes: Vec<u32> = std::mem::take(dirty).into_iter().collect();
+        if indexes.len() > 1 && self.batch_updates {
+            let words: Vec<u64> = indexes
+                .iter()
+                .map(|i| self.filter_words[*i as usize])
+                .collect();
+            let fd = self.address_filter.map().fd().as_fd();
+            if map_batch::update(fd, &indexes, &words).is_ok() {
+                return Ok(());
+            }
+            // Written one by one below (again, for any the batch did write).
+        }
+        for word_index in indexes {
             self.address_filter
                 .set(word_index, self.filter_words[word_index as usize], 0)
                 .map_err(|source| DatapathError::Map {
@@ -774,7 +846,6 @@ impl Datapath {
 
     /// A second, read-only handle on the VIP map, for reading hit counts off the agent's loop.
     pub fn vip_hits_reader(&self) -> Result<VipHitsReader, DatapathError> {
-        use aya::maps::IterableMap as _;
         let map_error = |source| DatapathError::Map {
             map: "VIPS",
             source,

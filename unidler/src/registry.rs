@@ -3,11 +3,12 @@
 //! The kernel keys VIPs by [`VipKey`] and reports a `vip_id`; this registry hands out those ids
 //! and turns them back into the VIP and its load balancer when an event arrives.
 
-use std::collections::HashMap;
-
 use unidler_common::{VipKey, VipState};
 
-use crate::vip::{DesiredVip, LoadBalancerName, Vip, VipUpdate};
+use crate::{
+    fast_hash::{FastMap, FastSet},
+    vip::{DesiredVip, LoadBalancerName, Vip, VipUpdate},
+};
 
 /// A change the kernel's VIP map needs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -75,7 +76,7 @@ impl Slot {
 /// it holds every VIP of the cluster (100,000s).
 #[derive(Debug, Default)]
 pub struct VipRegistry {
-    slots: HashMap<Vip, Slot>,
+    slots: FastMap<Vip, Slot>,
     next_id: u32,
 }
 
@@ -119,13 +120,16 @@ impl VipRegistry {
         let full = matches!(update, VipUpdate::Replace(_));
         let (upsert, remove) = match update {
             VipUpdate::Replace(all) => {
-                let wanted: std::collections::HashSet<Vip> = all.iter().map(|d| d.vip).collect();
-                let gone: Vec<Vip> = self
-                    .slots
-                    .keys()
-                    .filter(|v| !wanted.contains(v))
-                    .copied()
-                    .collect();
+                let gone: Vec<Vip> = if self.slots.is_empty() {
+                    Vec::new()
+                } else {
+                    let wanted: FastSet<Vip> = all.iter().map(|d| d.vip).collect();
+                    self.slots
+                        .keys()
+                        .filter(|v| !wanted.contains(v))
+                        .copied()
+                        .collect()
+                };
                 (all, gone)
             }
             VipUpdate::Changes { upsert, remove } => (upsert, remove),

@@ -44,18 +44,56 @@ pub(crate) fn vip_sync() -> Vec<Figure> {
         let shape = format!("{total} VIPs in {} LBs", total / per_lb);
         // Kept whole: its namespaces and server live as long as it does.
         let mut following = FollowingAgent::start("bv", total, per_lb);
-        let sync_time = following.sync_time;
+        // Four more starts against the same database: the target is for the worst of five.
+        let mut syncs = vec![following.sync];
+        if total == 100_000 {
+            syncs.extend((0..4).map(|_| following.restart()));
+        }
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        let worst = syncs.iter().map(|s| s.total).max().expect("one");
+        let best = syncs.iter().map(|s| s.total).min().expect("one");
         let load = figure(
             "5 VIP sync",
-            format!("{shape}: agent start to map synced"),
-            sync_time.as_secs_f64() * 1e3,
+            format!(
+                "{shape}: agent start to map synced (worst of {})",
+                syncs.len()
+            ),
+            ms(worst),
             "ms",
-        );
+        )
+        .vs("best", ms(best));
         out.push(if total == 100_000 {
-            load.target("within 3,000 ms")
+            load.target("within 2,000 ms")
         } else {
             load
         });
+        // The database's share: from the monitor request to its reply (ovsdb-server composes
+        // the whole reply first; ovn-controller waits for the same reply).
+        let servers: Vec<f64> = syncs.iter().filter_map(|s| s.server).map(ms).collect();
+        if !servers.is_empty() {
+            let ours: Vec<f64> = syncs
+                .iter()
+                .filter_map(|s| Some(ms(s.total) - ms(s.server?)))
+                .collect();
+            out.push(
+                figure(
+                    "5 VIP sync",
+                    format!("{shape}: of which ovsdb-server answering (worst)"),
+                    servers.iter().copied().fold(0.0, f64::max),
+                    "ms",
+                )
+                .vs("best", servers.iter().copied().fold(f64::MAX, f64::min)),
+            );
+            out.push(
+                figure(
+                    "5 VIP sync",
+                    format!("{shape}: of which the agent (start, parse, map; worst)"),
+                    ours.iter().copied().fold(0.0, f64::max),
+                    "ms",
+                )
+                .vs("best", ours.iter().copied().fold(f64::MAX, f64::min)),
+            );
+        }
         // Timed from the commit (the transaction's reply): what the server spends committing
         // is the server's, and OVN's own components wait for it alike.
         let sent = Instant::now();

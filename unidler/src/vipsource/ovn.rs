@@ -7,7 +7,7 @@
 //! the client parses them. 100,000 load balancers cost a few hundred bytes each.
 
 use std::{
-    collections::{HashMap, HashSet, hash_map::Entry},
+    collections::hash_map::Entry,
     hash::{DefaultHasher, Hash, Hasher},
     net::SocketAddr,
     num::NonZeroU64,
@@ -23,7 +23,10 @@ use ovsdb::{
 use tokio::sync::mpsc;
 use tracing::warn;
 
-use crate::vip::{DesiredVip, LoadBalancerName, Protocol, Vip, VipUpdate};
+use crate::{
+    fast_hash::{FastMap, FastSet},
+    vip::{DesiredVip, LoadBalancerName, Protocol, Vip, VipUpdate},
+};
 
 /// The Southbound table the source follows.
 pub const TABLE: &str = "Load_Balancer";
@@ -270,10 +273,10 @@ fn toggle(slot: &mut Option<TextHash>, value: &str) {
 #[derive(Default)]
 struct OvnVips {
     global_event: bool,
-    by_lb: HashMap<LbKey, LbRecord>,
+    by_lb: FastMap<LbKey, LbRecord>,
     /// The load balancers having each VIP (only where it matters, see
     /// [`LbRecord::vips_that_matter`]).
-    lbs_of: HashMap<Vip, LbSet>,
+    lbs_of: FastMap<Vip, LbSet>,
 }
 
 impl OvnVips {
@@ -281,7 +284,8 @@ impl OvnVips {
     /// returns every VIP.
     fn reindex(&mut self) -> Vec<DesiredVip> {
         self.lbs_of.clear();
-        let mut index: HashMap<Vip, LbSet> = HashMap::with_capacity(self.by_lb.len());
+        let mut index: FastMap<Vip, LbSet> =
+            FastMap::with_capacity_and_hasher(self.by_lb.len(), Default::default());
         let mut unwatchable = 0usize;
         for (key, record) in &self.by_lb {
             for v in record.vips_that_matter(self.global_event) {
@@ -317,7 +321,7 @@ impl OvnVips {
         &mut self,
         key: LbKey,
         update: RowUpdate,
-        touched: &mut HashSet<Vip>,
+        touched: &mut FastSet<Vip>,
     ) -> Result<(), DbError> {
         let global = self.global_event;
         if let Some(old) = self.by_lb.get(&key) {
@@ -388,7 +392,7 @@ impl OvnVips {
     }
 }
 
-fn add_lb_of(index: &mut HashMap<Vip, LbSet>, vip: Vip, lb: LbKey) {
+fn add_lb_of(index: &mut FastMap<Vip, LbSet>, vip: Vip, lb: LbKey) {
     match index.entry(vip) {
         Entry::Vacant(e) => {
             e.insert(LbSet::One(lb));
@@ -467,7 +471,7 @@ pub struct LoadBalancerSource {
     /// A full load is under way: rows are recorded, and indexed once it is complete.
     loading: bool,
     /// VIPs this batch may have changed.
-    touched: HashSet<Vip>,
+    touched: FastSet<Vip>,
     load_balancers: Arc<AtomicUsize>,
 }
 
@@ -481,7 +485,7 @@ impl LoadBalancerSource {
             vips: OvnVips::default(),
             updates,
             loading: false,
-            touched: HashSet::new(),
+            touched: FastSet::default(),
             load_balancers: load_balancers.clone(),
         };
         (ConsumerHandle::new(source), load_balancers)
@@ -520,7 +524,7 @@ impl TableConsumer for LoadBalancerSource {
         let update = if self.loading || global != self.vips.global_event {
             self.vips.global_event = global;
             self.loading = false;
-            self.touched = HashSet::new();
+            self.touched = FastSet::default();
             VipUpdate::Replace(self.vips.reindex())
         } else if self.touched.is_empty() {
             return;
@@ -580,7 +584,7 @@ mod tests {
                     vips: OvnVips::default(),
                     updates: tx,
                     loading: false,
-                    touched: HashSet::new(),
+                    touched: FastSet::default(),
                     load_balancers: Arc::default(),
                 },
                 updates,

@@ -580,3 +580,103 @@ async fn monitors_canceled_by_a_schema_conversion_are_set_up_again() {
     )
     .await;
 }
+
+/// What a test consumer saw, one line per call.
+#[derive(Default)]
+struct Recorder(std::sync::Arc<std::sync::Mutex<Vec<String>>>);
+
+impl ovsdb::TableConsumer for Recorder {
+    fn reset(&mut self) {
+        self.0.lock().unwrap().push("reset".into());
+    }
+    fn row(&mut self, _uuid: &ovsdb::Uuid, update: ovsdb::RowUpdate) -> Result<(), Error> {
+        let name = |row: &Row| {
+            row.get("name")
+                .and_then(Value::atom)
+                .and_then(Atom::as_str)
+                .unwrap_or("?")
+                .to_owned()
+        };
+        let line = match update {
+            ovsdb::RowUpdate::Initial(row) => format!("initial {}", name(&row)),
+            ovsdb::RowUpdate::Insert(row) => format!("insert {}", name(&row)),
+            ovsdb::RowUpdate::Modify(diff) => format!("modify {:?}", diff.get("vips")),
+            ovsdb::RowUpdate::Delete => "delete".into(),
+        };
+        self.0.lock().unwrap().push(line);
+        Ok(())
+    }
+    fn batch_done(&mut self, replica: &ovsdb::Replica) {
+        self.0
+            .lock()
+            .unwrap()
+            .push(format!("done chassis={}", replica.len("Chassis")));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_follows_a_table_without_a_replica_and_resumes_after_a_leader_change() {
+    let mut cluster = Cluster::start(3, SB_SCHEMA, SB_DB);
+    cluster.sbctl(&[
+        "create",
+        "Load_Balancer",
+        "name=a",
+        r#"vips={"10.0.0.1:80"=""}"#,
+    ]);
+    cluster.sbctl(&["chassis-add", "ch-a", "geneve", "127.0.0.1"]);
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let consumer = ovsdb::ConsumerHandle::new(Recorder(seen.clone()));
+    let mut opts = options(&cluster.remotes());
+    opts.monitors = vec![
+        MonitorRequest::table("Load_Balancer")
+            .columns(&["name", "vips"])
+            .consumed_by(consumer),
+        MonitorRequest::table("Chassis").columns(&["name"]),
+    ];
+    let client = Client::start(opts).unwrap();
+    client.wait_connected(WAIT).await.unwrap();
+    let lines = || seen.lock().unwrap().clone();
+    // The full load: reset, the row, then the batch, with the replicated table already in.
+    assert_eq!(lines(), ["reset", "initial a", "done chassis=1"]);
+    assert_eq!(client.replica().len("Load_Balancer"), 0, "not replicated");
+
+    // A modify carries the diff: a changed map value is the key with its new value.
+    cluster.sbctl(&[
+        "set",
+        "Load_Balancer",
+        "a",
+        r#"vips:"10.0.0.1:80"="10.1.1.1:8080""#,
+    ]);
+    let expected = format!(
+        "modify {:?}",
+        Some(Value::string_map([("10.0.0.1:80", "10.1.1.1:8080")]))
+    );
+    eventually("the modify", || lines().contains(&expected)).await;
+    cluster.sbctl(&["create", "Load_Balancer", "name=b"]);
+    cluster.sbctl(&["destroy", "Load_Balancer", "a"]);
+    eventually("the insert and the delete", || {
+        let l = lines();
+        l.contains(&"insert b".to_owned()) && l.contains(&"delete".to_owned())
+    })
+    .await;
+
+    // The leader goes: the client resumes on the new one from its last transaction, so the
+    // consumer is not reset, and what changed meanwhile comes as changes.
+    let sessions = client.session_count();
+    let leader = cluster.leader().unwrap();
+    cluster.servers[leader].kill();
+    cluster.wait_for_leader(WAIT);
+    cluster.sbctl(&["create", "Load_Balancer", "name=c"]);
+    client.wait_new_session(sessions).await;
+    eventually("the row made meanwhile", || {
+        lines().contains(&"insert c".to_owned())
+    })
+    .await;
+    let l = lines();
+    assert_eq!(
+        l.iter().filter(|x| *x == "reset").count(),
+        1,
+        "resumed, not loaded afresh: {l:?}"
+    );
+    assert!(!l.iter().any(|x| x.starts_with("initial c")), "{l:?}");
+}

@@ -250,16 +250,10 @@ impl LoadBalancerName {
 
 /// The UUID `text` spells in canonical form (lowercase `8-4-4-4-12` hex), if it does.
 fn canonical_uuid(text: &str) -> Option<u128> {
-    let canonical = text.len() == 36
-        && text.bytes().enumerate().all(|(i, b)| match i {
-            8 | 13 | 18 | 23 => b == b'-',
-            _ => b.is_ascii_digit() || (b'a'..=b'f').contains(&b),
-        });
-    if !canonical {
-        return None;
-    }
-    let hex: String = text.chars().filter(|c| *c != '-').collect();
-    u128::from_str_radix(&hex, 16).ok()
+    ovsdb::Uuid::parse(text)
+        .ok()
+        .filter(|uuid| uuid.0 == text)
+        .map(|uuid| uuid.as_u128())
 }
 
 impl fmt::Display for LoadBalancerName {
@@ -267,16 +261,7 @@ impl fmt::Display for LoadBalancerName {
         match self {
             Self::Uuid([high, low]) => {
                 let n = (u128::from(*high) << 64) | u128::from(*low);
-                let h = format!("{n:032x}");
-                write!(
-                    f,
-                    "{}-{}-{}-{}-{}",
-                    &h[..8],
-                    &h[8..12],
-                    &h[12..16],
-                    &h[16..20],
-                    &h[20..]
-                )
+                write!(f, "{}", ovsdb::Uuid::from_u128(n))
             }
             Self::Text(text) => f.write_str(text),
         }

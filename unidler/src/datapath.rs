@@ -734,10 +734,11 @@ impl Datapath {
             match map_batch::update(fd, &batch_keys[from..], &batch_values[from..]) {
                 Ok(()) => break,
                 Err(failed) => {
-                    if failed.done == 0 && failed.error.raw_os_error() == Some(libc::EINVAL) {
+                    if failed.error.raw_os_error() == Some(libc::EINVAL) {
                         // A kernel without batch updates (before 5.6): one by one.
                         tracing::debug!("no BPF_MAP_UPDATE_BATCH: VIPs written one by one");
                         self.batch_updates = false;
+                        from += failed.done;
                         continue;
                     }
                     // The entry that failed, alone: it says why (a full map, typically).

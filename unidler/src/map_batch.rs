@@ -31,7 +31,9 @@ struct BatchAttr {
 pub struct BatchError {
     /// How many entries were written before the one that failed (the one at this index).
     pub done: usize,
-    /// The failure; `EINVAL` with nothing written can mean a kernel without batch updates.
+    /// The failure; `EINVAL` means the kernel refused the command (before 5.6 it has none):
+    /// `done` then counts only the calls before (what it may have written, writing again
+    /// is harmless).
     pub error: io::Error,
 }
 
@@ -66,8 +68,15 @@ pub fn update<K: aya::Pod, V: aya::Pod>(
         };
         if rc < 0 {
             let error = io::Error::last_os_error();
+            // The kernel writes back how many it wrote, except when it refused the command
+            // itself (EINVAL: no batch updates, or bad attributes): then count none.
+            let written = if error.raw_os_error() == Some(libc::EINVAL) {
+                0
+            } else {
+                (attr.count as usize).min(end - done)
+            };
             return Err(BatchError {
-                done: done + attr.count as usize,
+                done: done + written,
                 error,
             });
         }

@@ -520,6 +520,8 @@ impl TableConsumer for LoadBalancerSource {
     }
 
     fn batch_done(&mut self, replica: &Replica) {
+        self.load_balancers
+            .store(self.vips.by_lb.len(), Ordering::Relaxed);
         let global = global_event(replica);
         let update = if self.loading || global != self.vips.global_event {
             self.vips.global_event = global;
@@ -539,8 +541,6 @@ impl TableConsumer for LoadBalancerSource {
             }
             VipUpdate::Changes { upsert, remove }
         };
-        self.load_balancers
-            .store(self.vips.by_lb.len(), Ordering::Relaxed);
         // The receiver gone means the agent is stopping.
         let _ = self.updates.send(update);
     }

@@ -711,6 +711,10 @@ struct Applier<'a> {
     /// changes (a notification): then the replica's changes are recorded.
     found: bool,
     changes: Vec<(String, Uuid, RowChange)>,
+    /// The replicated tables this batch changed.
+    changed: crate::update::Changed,
+    /// The monitored tables that are replicated.
+    replicated: Vec<String>,
 }
 
 impl<'a> Applier<'a> {
@@ -734,6 +738,12 @@ impl<'a> Applier<'a> {
             consumers,
             found: true,
             changes: Vec::new(),
+            changed: Default::default(),
+            replicated: monitors
+                .iter()
+                .filter(|m| m.consumer.is_none())
+                .map(|m| m.table.clone())
+                .collect(),
         }
     }
 
@@ -751,7 +761,7 @@ impl<'a> Applier<'a> {
     /// Tells the consumers the batch is done; returns the replica's changes.
     fn finish(mut self) -> Vec<(String, Uuid, RowChange)> {
         for (_, consumer) in &mut self.consumers {
-            consumer.batch_done(&self.replica);
+            consumer.batch_done(&self.replica, &self.changed);
         }
         self.changes
     }
@@ -761,8 +771,10 @@ impl RowSink for Applier<'_> {
     fn begin(&mut self, found: bool) -> Result<(), Error> {
         self.found = found;
         if !found {
-            // A full load is announced as a resync, without a copy of every row.
+            // A full load is announced as a resync, without a copy of every row; every
+            // replicated table counts as changed (empty ones included).
             self.replica.clear();
+            self.changed.extend(self.replicated.iter().cloned());
             for (_, consumer) in &mut self.consumers {
                 consumer.reset();
             }
@@ -773,6 +785,9 @@ impl RowSink for Applier<'_> {
     fn row(&mut self, table: &str, uuid: Uuid, update: RowUpdate) -> Result<(), Error> {
         if let Some((_, consumer)) = self.consumers.iter_mut().find(|(t, _)| *t == table) {
             return consumer.row(&uuid, update);
+        }
+        if !self.changed.contains(table) {
+            self.changed.insert(table.to_owned());
         }
         if let Some(change) = self
             .replica

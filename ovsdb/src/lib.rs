@@ -24,5 +24,5 @@ pub use error::{Error, ErrorKind};
 pub use op::{Condition, Mutation, OpResult, Operation};
 pub use remote::{Endpoint, Remote, TlsFiles};
 pub use replica::{ChangeSet, Replica, RowChange};
-pub use update::{ConsumerHandle, RowUpdate, TableConsumer};
+pub use update::{Changed, ConsumerHandle, RowUpdate, TableConsumer};
 pub use value::{Atom, Row, Uuid, Value};

@@ -80,9 +80,13 @@ pub trait TableConsumer: Send {
     /// One row's update. An error (say, a modify of a row never seen) ends the session; the
     /// next one loads the table afresh.
     fn row(&mut self, uuid: &Uuid, update: RowUpdate) -> Result<(), Error>;
-    /// A batch has been applied, to the consumer and to `replica` (the replicated tables).
-    fn batch_done(&mut self, replica: &Replica);
+    /// A batch has been applied, to the consumer and to `replica` (the replicated tables);
+    /// `changed` names the replicated tables it changed (all of them after a full load).
+    fn batch_done(&mut self, replica: &Replica, changed: &Changed);
 }
+
+/// The replicated tables a batch changed.
+pub type Changed = std::collections::BTreeSet<String>;
 
 /// A [`TableConsumer`] shared between the client and its owner.
 #[derive(Clone)]

@@ -606,7 +606,7 @@ impl ovsdb::TableConsumer for Recorder {
         self.0.lock().unwrap().push(line);
         Ok(())
     }
-    fn batch_done(&mut self, replica: &ovsdb::Replica) {
+    fn batch_done(&mut self, replica: &ovsdb::Replica, _changed: &ovsdb::Changed) {
         self.0
             .lock()
             .unwrap()

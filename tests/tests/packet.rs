@@ -894,3 +894,78 @@ fn fuzz_the_tc_hook_decides_as_xdp_does() {
         assert_eq!(counters, xdp.counters, "frame {frame:02x?}");
     }
 }
+
+/// A scoped VIP (tenants reusing an address): a packet is judged by the VIP's state on the
+/// scope of the interface it arrived on; absent there, it passes; an interface without a
+/// scope sees the VIP's own entry.
+#[test]
+fn a_scoped_vip_is_judged_by_the_scope_of_the_ingress_interface() {
+    require_root();
+    let topo = unidler_tests::netns::Topology::new("pks");
+    let server_if = topo.server_if.clone();
+    unidler_tests::netns::in_netns(&topo.server_ns, move || {
+        let vif = unidler::datapath::ifindex_of(&server_if).unwrap();
+        let mut h = Harness::new();
+        let spec: VipSpec = "10.96.0.10:80/tcp".parse().unwrap();
+        let syn = Frame::tcp_syn(CLIENT4, 40000, VIP4, 80).build();
+        let verdict = |h: &mut Harness, ifindex: u32| {
+            let verdict = h.datapath.test_run(&syn, ifindex).unwrap();
+            h.events.drain(|_| {});
+            verdict
+        };
+        let scoped = |backends| VipState {
+            backends,
+            vip_id: 7,
+            flags: unidler_common::VIP_FLAG_SCOPED,
+            ..VipState::default()
+        };
+        // Idle on the node; on scope 10 idle, not on scope 20.
+        h.datapath.upsert_vip(spec.vip.key(), scoped(0)).unwrap();
+        h.datapath.set_vip_scopes(7, &[(10, 0)]).unwrap();
+        h.datapath.set_iface_scope(vif, Some(20)).unwrap();
+        assert_eq!(
+            verdict(&mut h, vif),
+            XDP_PASS,
+            "not on the interface's scope"
+        );
+        assert_eq!(
+            verdict(&mut h, LO),
+            XDP_DROP,
+            "no scope: the VIP's own entry"
+        );
+        h.datapath.set_iface_scope(vif, Some(10)).unwrap();
+        assert_eq!(
+            verdict(&mut h, vif),
+            XDP_DROP,
+            "idle on the interface's scope"
+        );
+        // With backends on the node, idle on scope 10 still drops there.
+        h.datapath.upsert_vip(spec.vip.key(), scoped(2)).unwrap();
+        assert_eq!(verdict(&mut h, vif), XDP_DROP, "idle on its scope");
+        assert_eq!(verdict(&mut h, LO), XDP_PASS, "active on the node");
+        h.datapath.set_vip_scopes(7, &[(10, 3)]).unwrap();
+        assert_eq!(verdict(&mut h, vif), XDP_PASS, "active on its scope");
+        // Scopes replaced: the old one goes from the kernel.
+        h.datapath.set_vip_scopes(7, &[(30, 0)]).unwrap();
+        assert_eq!(verdict(&mut h, vif), XDP_PASS, "scope 10 gone: not there");
+        h.datapath.set_iface_scope(vif, None).unwrap();
+        assert_eq!(
+            verdict(&mut h, vif),
+            XDP_PASS,
+            "no scope: active on the node"
+        );
+        // Unscoped VIP: the interfaces' scopes do not matter.
+        h.datapath.set_vip_scopes(7, &[]).unwrap();
+        h.datapath
+            .upsert_vip(
+                spec.vip.key(),
+                VipState {
+                    vip_id: 7,
+                    ..VipState::default()
+                },
+            )
+            .unwrap();
+        h.datapath.set_iface_scope(vif, Some(20)).unwrap();
+        assert_eq!(verdict(&mut h, vif), XDP_DROP, "unscoped idle VIP");
+    });
+}

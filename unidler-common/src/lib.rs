@@ -110,6 +110,30 @@ pub struct VipKey {
 /// instead of dropping it. The event is reported either way.
 pub const VIP_FLAG_PASS_WHEN_IDLE: u32 = 1 << 0;
 
+/// Per-VIP flag: the VIP is not the same on every logical datapath of this node's interfaces
+/// (tenants reusing an address; a load balancer applied on some logical switches only). For
+/// a packet that arrived on an interface with a scope (`IFACE_SCOPES`), what counts is the
+/// VIP's entry for that scope in `VIP_SCOPES`: its backends, or, without one, that the VIP
+/// is not there (the packet passes). Interfaces without a scope see the VIP's own entry.
+pub const VIP_FLAG_SCOPED: u32 = 1 << 1;
+
+/// Capacity of `IFACE_SCOPES` (interface index → scope): the interfaces the datapath is on.
+pub const IFACE_SCOPES_CAPACITY: u32 = 8192;
+
+/// Capacity of `VIP_SCOPES`: the per-scope states of scoped VIPs.
+pub const VIP_SCOPES_CAPACITY: u32 = 65_536;
+
+/// Key of `VIP_SCOPES`: a scoped VIP (by the id the agent gave it) on one scope (in OVN, the
+/// tunnel key of a logical datapath).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ScopedVip {
+    /// The VIP's `vip_id`.
+    pub vip_id: u32,
+    /// The scope.
+    pub scope: u32,
+}
+
 /// Value of the VIP map.
 ///
 /// The agent writes `backends`, `vip_id` and `flags`. The kernel writes only
@@ -416,6 +440,7 @@ const _: () = assert!(core::mem::size_of::<Heartbeat>() == 16);
 const _: () = assert!(core::mem::size_of::<HoldConfig>() == 8);
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 40);
 const _: () = assert!(core::mem::size_of::<HeldHeader>() == 40);
+const _: () = assert!(core::mem::size_of::<ScopedVip>() == 8);
 const _: () = assert!(core::mem::size_of::<HeldFrame<HELD_FRAME_SMALL>>() == 40 + HELD_FRAME_SMALL);
 const _: () = assert!(core::mem::size_of::<HeldFrame<HELD_FRAME_MAX>>() == 40 + HELD_FRAME_MAX);
 const _: () = assert!(HELD_FRAME_SMALL.is_power_of_two() && HELD_FRAME_SMALL < HELD_FRAME_MAX);
@@ -432,6 +457,7 @@ mod user {
     unsafe impl aya::Pod for HoldConfig {}
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for HeldHeader {}
+    unsafe impl aya::Pod for ScopedVip {}
 }
 
 #[cfg(test)]

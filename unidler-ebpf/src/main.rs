@@ -39,8 +39,9 @@ use network_types::{
 use unidler_common::{
     ADDRESS_FILTER_WORDS, ANSWERED_FLOWS_CAPACITY, Counter, EVENT_RING_BYTES, EventAction, FlowKey,
     HELD_FRAME_MAX, HELD_FRAME_SMALL, HELD_RING_BYTES, Heartbeat, HeldFrame, HeldHeader,
-    HoldConfig, IdleHitEvent, REPLAY_MARK, RateLimitConfig, VIP_FLAG_PASS_WHEN_IDLE,
-    VIP_MAP_CAPACITY, VipKey, VipState, address_bucket, address_bucket_ipv4,
+    HoldConfig, IFACE_SCOPES_CAPACITY, IdleHitEvent, REPLAY_MARK, RateLimitConfig, ScopedVip,
+    VIP_FLAG_PASS_WHEN_IDLE, VIP_FLAG_SCOPED, VIP_MAP_CAPACITY, VIP_SCOPES_CAPACITY, VipKey,
+    VipState, address_bucket, address_bucket_ipv4,
 };
 
 /// VIP → backend count, id and flags. Written by the agent; the kernel only updates the
@@ -53,6 +54,16 @@ static VIPS: HashMap<VipKey, VipState> = HashMap::with_max_entries(VIP_MAP_CAPAC
 /// a connection attempt to a non-VIP address costs no hash lookup. Maintained by the agent.
 #[map]
 static VIP_ADDRESS_FILTER: Array<u64> = Array::with_max_entries(ADDRESS_FILTER_WORDS, 0);
+
+/// The scope of each interface that has one (in OVN, a VIF: the tunnel key of its logical
+/// switch), by interface index; written by the agent, read only for scoped VIPs.
+#[map]
+static IFACE_SCOPES: HashMap<u32, u32> = HashMap::with_max_entries(IFACE_SCOPES_CAPACITY, 0);
+
+/// The backends of a scoped VIP ([`VIP_FLAG_SCOPED`]) on each scope where it is; written by
+/// the agent.
+#[map]
+static VIP_SCOPES: HashMap<ScopedVip, u32> = HashMap::with_max_entries(VIP_SCOPES_CAPACITY, 0);
 
 /// Events for the agent: one [`IdleHitEvent`] per reported idle hit.
 #[map]
@@ -522,7 +533,16 @@ fn on_opening_packet<P: Packet>(ctx: &P, packet: &L4Packet) -> Verdict {
     let state = unsafe { &mut *state };
     // SAFETY: an 8-byte aligned field of the map value; BPF_XADD.
     unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&mut state.hits, 1) };
-    if state.backends != 0 {
+    let backends = if state.flags & VIP_FLAG_SCOPED != 0 {
+        match scoped_backends(ctx.ingress_ifindex(), state.vip_id) {
+            Scoped::NodeWide => state.backends,
+            Scoped::Absent => return Verdict::Pass,
+            Scoped::Backends(backends) => backends,
+        }
+    } else {
+        state.backends
+    };
+    if backends != 0 {
         return Verdict::Pass;
     }
     // Idle hits are not counted apart: the agent derives them from their outcomes.
@@ -550,6 +570,30 @@ fn on_opening_packet<P: Packet>(ctx: &P, packet: &L4Packet) -> Verdict {
     };
     report(ctx, packet, &vip, state, action, now);
     verdict
+}
+
+/// What a scoped VIP is for a packet from one interface.
+enum Scoped {
+    /// The interface has no scope: the VIP's own entry counts.
+    NodeWide,
+    /// The VIP is not on the interface's scope.
+    Absent,
+    /// The VIP's backends on the interface's scope.
+    Backends(u32),
+}
+
+/// A scoped VIP's state for a packet that arrived on `ifindex`: two lookups, paid only by
+/// opening packets to VIPs that differ between this node's logical datapaths.
+#[inline(always)]
+fn scoped_backends(ifindex: u32, vip_id: u32) -> Scoped {
+    // SAFETY: plain reads of map values the agent writes whole.
+    let Some(scope) = (unsafe { IFACE_SCOPES.get(ifindex) }).copied() else {
+        return Scoped::NodeWide;
+    };
+    match unsafe { VIP_SCOPES.get(ScopedVip { vip_id, scope }) } {
+        Some(backends) => Scoped::Backends(*backends),
+        None => Scoped::Absent,
+    }
 }
 
 /// A mask over a held frame's length that keeps every length up to [`HELD_FRAME_MAX`].

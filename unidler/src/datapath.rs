@@ -26,8 +26,8 @@ use aya_log::EbpfLogger;
 use thiserror::Error;
 use unidler_common::{
     ADDRESS_FILTER_WORDS, Counter, FlowKey, Heartbeat, HeldHeader, HoldConfig, IdleHitEvent,
-    PROGRAM_NAME, REPLAY_PROGRAM_NAME, RateLimitConfig, TC_PROGRAM_NAME, VipKey, VipState,
-    address_bucket,
+    PROGRAM_NAME, REPLAY_PROGRAM_NAME, RateLimitConfig, ScopedVip, TC_PROGRAM_NAME, VipKey,
+    VipState, address_bucket,
 };
 
 use crate::{
@@ -135,9 +135,10 @@ impl Default for LoadOptions {
 }
 
 /// The maps pinned with `--pin-dir`, by name, with the shape the program needs.
-fn pinned_maps(max_vips: u32) -> [(&'static str, MapShape); 10] {
+fn pinned_maps(max_vips: u32) -> [(&'static str, MapShape); 12] {
     use unidler_common::{
         ADDRESS_FILTER_WORDS, ANSWERED_FLOWS_CAPACITY, EVENT_RING_BYTES, HELD_RING_BYTES,
+        IFACE_SCOPES_CAPACITY, VIP_SCOPES_CAPACITY,
     };
     let shape = |map_type, key_size: usize, value_size: usize, max_entries| MapShape {
         map_type,
@@ -182,6 +183,19 @@ fn pinned_maps(max_vips: u32) -> [(&'static str, MapShape); 10] {
                 size_of::<FlowKey>(),
                 4,
                 ANSWERED_FLOWS_CAPACITY,
+            ),
+        ),
+        (
+            "IFACE_SCOPES",
+            shape(MapType::Hash, 4, 4, IFACE_SCOPES_CAPACITY),
+        ),
+        (
+            "VIP_SCOPES",
+            shape(
+                MapType::Hash,
+                size_of::<ScopedVip>(),
+                4,
+                VIP_SCOPES_CAPACITY,
             ),
         ),
     ]
@@ -274,6 +288,11 @@ pub struct Datapath {
     hold: Array<MapData, HoldConfig>,
     hold_config: HoldConfig,
     answered: HashMap<MapData, FlowKey, u32>,
+    /// Interface index → scope, for the interfaces that have one.
+    iface_scopes: HashMap<MapData, u32, u32>,
+    /// Scoped VIPs' backends per scope, and (mirror) the scopes written for each `vip_id`.
+    vip_scopes: HashMap<MapData, ScopedVip, u32>,
+    scopes_of: FastMap<u32, Vec<u32>>,
     logger: Option<KernelLogger>,
     attached: Vec<Attachment>,
 }
@@ -402,6 +421,13 @@ impl Datapath {
         let held = Some(take_map(&mut ebpf, "HELD")?);
         let hold = take_map(&mut ebpf, "HOLD")?;
         let answered = take_map(&mut ebpf, "ANSWERED_FLOWS")?;
+        let iface_scopes = take_map(&mut ebpf, "IFACE_SCOPES")?;
+        let vip_scopes: HashMap<MapData, ScopedVip, u32> = take_map(&mut ebpf, "VIP_SCOPES")?;
+        // What an earlier agent left: the scopes written for each VIP id.
+        let mut scopes_of: FastMap<u32, Vec<u32>> = FastMap::default();
+        for key in vip_scopes.keys().flatten() {
+            scopes_of.entry(key.vip_id).or_default().push(key.scope);
+        }
         Ok(Self {
             ebpf,
             vips,
@@ -420,6 +446,9 @@ impl Datapath {
             hold,
             hold_config: HoldConfig::default(),
             answered,
+            iface_scopes,
+            vip_scopes,
+            scopes_of,
             logger,
             attached: Vec::new(),
         })
@@ -591,6 +620,69 @@ impl Datapath {
         let stale: Vec<VipKey> = self.keys.iter().filter(|k| !keep(k)).copied().collect();
         self.apply_vips(&[], &stale)?;
         Ok(stale.len())
+    }
+
+    /// Sets (or, with None, clears) the scope of interface `ifindex`.
+    pub fn set_iface_scope(
+        &mut self,
+        ifindex: u32,
+        scope: Option<u32>,
+    ) -> Result<(), DatapathError> {
+        let map_error = |source| DatapathError::Map {
+            map: "IFACE_SCOPES",
+            source,
+        };
+        match scope {
+            Some(scope) => self
+                .iface_scopes
+                .insert(ifindex, scope, 0)
+                .map_err(map_error),
+            None => match self.iface_scopes.remove(&ifindex) {
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+                Err(source) => Err(map_error(source)),
+            },
+        }
+    }
+
+    /// The interfaces that have a scope, with it.
+    pub fn iface_scopes(&self) -> Vec<(u32, u32)> {
+        self.iface_scopes.iter().flatten().collect()
+    }
+
+    /// Writes the per-scope backends of the VIP with id `vip_id` (`(scope, backends)`; empty:
+    /// the VIP is not scoped), removing the scopes it no longer has. Its entry in the VIP map
+    /// must carry [`unidler_common::VIP_FLAG_SCOPED`] while it has any.
+    pub fn set_vip_scopes(
+        &mut self,
+        vip_id: u32,
+        scopes: &[(u32, u32)],
+    ) -> Result<(), DatapathError> {
+        let map_error = |source| DatapathError::Map {
+            map: "VIP_SCOPES",
+            source,
+        };
+        for &(scope, backends) in scopes {
+            self.vip_scopes
+                .insert(ScopedVip { vip_id, scope }, backends, 0)
+                .map_err(map_error)?;
+        }
+        let old = match scopes.is_empty() {
+            true => self.scopes_of.remove(&vip_id).unwrap_or_default(),
+            false => self
+                .scopes_of
+                .insert(vip_id, scopes.iter().map(|(s, _)| *s).collect())
+                .unwrap_or_default(),
+        };
+        for scope in old {
+            if scopes.iter().any(|(s, _)| *s == scope) {
+                continue;
+            }
+            match self.vip_scopes.remove(&ScopedVip { vip_id, scope }) {
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(source) => return Err(map_error(source)),
+            }
+        }
+        Ok(())
     }
 
     /// Detaches the datapath from every interface it is attached to; pinned attachments are

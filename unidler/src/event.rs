@@ -37,16 +37,19 @@ impl IdleHit {
     /// Resolves a kernel event against the VIPs as they are now. None for a VIP that has
     /// left the map since the kernel wrote the event (a row for it would name no load
     /// balancer, and nobody is waiting for it any more). `iface_name` maps an ifindex to a
-    /// name.
+    /// name, `scope` to its scope (a scoped VIP names the load balancer of that scope).
     pub fn resolve(
         event: &IdleHitEvent,
         registry: &VipRegistry,
         iface_name: impl Fn(u32) -> String,
+        scope: impl Fn(u32) -> Option<u32>,
     ) -> Option<Self> {
         let vip = Vip::from_key(&event.vip)?;
+        if !registry.contains(&vip) {
+            return None;
+        }
         let load_balancer = registry
-            .get(&vip)?
-            .load_balancer
+            .load_balancer_on(&vip, scope(event.ifindex))
             .as_ref()
             .map(ToString::to_string);
         let src = SocketAddr::new(
@@ -105,11 +108,11 @@ mod tests {
             .vip;
         let mut registry = VipRegistry::new();
         registry.upsert(vip, 0, 0, Some("lb".into()));
-        let hit = IdleHit::resolve(&event(&vip), &registry, |_| "eth0".into()).unwrap();
+        let hit = IdleHit::resolve(&event(&vip), &registry, |_| "eth0".into(), |_| None).unwrap();
         assert_eq!(hit.load_balancer.as_deref(), Some("lb"));
         registry.remove(&vip);
         assert_eq!(
-            IdleHit::resolve(&event(&vip), &registry, |_| "eth0".into()),
+            IdleHit::resolve(&event(&vip), &registry, |_| "eth0".into(), |_| None),
             None,
             "it would name no load balancer"
         );

@@ -14,8 +14,17 @@ use ovsdb::{Client, ClientOptions, MonitorRequest, Remote, Replica, Row, Uuid, V
 use tokio::sync::{broadcast::error::RecvError, mpsc};
 use tracing::warn;
 
-/// The names of the interfaces to attach to, sent whole on every change.
+/// The names of the interfaces to attach to.
 pub type InterfaceNames = BTreeSet<String>;
+
+/// OVN's interfaces of this node, sent whole on every change.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct OvnInterfaces {
+    /// The interfaces to attach to (VIFs, uplinks).
+    pub names: InterfaceNames,
+    /// The VIFs' logical ports (`external_ids:iface-id`), by interface name.
+    pub iface_ids: std::collections::BTreeMap<String, String>,
+}
 
 /// Which of OVN's interfaces to follow.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -48,7 +57,7 @@ fn is_system(row: &Row) -> bool {
 pub fn spawn(
     remotes: Vec<Remote>,
     follow: Follow,
-    updates: mpsc::UnboundedSender<InterfaceNames>,
+    updates: mpsc::UnboundedSender<OvnInterfaces>,
 ) -> Result<(), ovsdb::Error> {
     let mut options = ClientOptions::new(remotes, "Open_vSwitch");
     options.leader_only = false;
@@ -61,7 +70,7 @@ pub fn spawn(
     let client = Client::start(options)?;
     tokio::spawn(async move {
         let mut changes = client.subscribe();
-        let mut last: Option<InterfaceNames> = None;
+        let mut last: Option<OvnInterfaces> = None;
         loop {
             // Every change set (a full load after each connection included) is applied to the
             // replica before it is announced: the replica says what the table holds now.
@@ -88,7 +97,7 @@ pub fn spawn(
 }
 
 /// The interfaces to follow, as the replica has them now.
-fn followed(replica: &Replica, follow: Follow) -> InterfaceNames {
+fn followed(replica: &Replica, follow: Follow) -> OvnInterfaces {
     let name = |row: &Row| {
         row.get("name")
             .and_then(Value::atom)
@@ -96,13 +105,18 @@ fn followed(replica: &Replica, follow: Follow) -> InterfaceNames {
             .map(str::to_owned)
     };
     let mut names = InterfaceNames::new();
+    let mut iface_ids = std::collections::BTreeMap::new();
     if follow.vifs {
-        names.extend(
-            replica
-                .rows("Interface")
-                .filter(|(_, row)| is_vif(row))
-                .filter_map(|(_, row)| name(row)),
-        );
+        for (_, row) in replica.rows("Interface").filter(|(_, row)| is_vif(row)) {
+            let Some(iface) = name(row) else { continue };
+            if let Some(id) = row
+                .get("external_ids")
+                .and_then(|ids| ids.as_string_map().remove("iface-id"))
+            {
+                iface_ids.insert(iface.clone(), id);
+            }
+            names.insert(iface);
+        }
     }
     if follow.uplinks {
         let mapped: BTreeSet<String> = replica
@@ -149,7 +163,7 @@ fn followed(replica: &Replica, follow: Follow) -> InterfaceNames {
             }
         }
     }
-    names
+    OvnInterfaces { names, iface_ids }
 }
 
 #[cfg(test)]

@@ -3,20 +3,28 @@
 //! The kernel keys VIPs by [`VipKey`] and reports a `vip_id`; this registry hands out those ids
 //! and turns them back into the VIP and its load balancer when an event arrives.
 
-use unidler_common::{VipKey, VipState};
+use unidler_common::{VIP_FLAG_SCOPED, VipKey, VipState};
 
 use crate::{
     fast_hash::{FastMap, FastSet},
-    vip::{DesiredVip, LoadBalancerName, Vip, VipUpdate},
+    vip::{DesiredVip, LoadBalancerName, ScopeEntry, Vip, VipUpdate},
 };
 
-/// A change the kernel's VIP map needs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// A change the kernel's VIP maps need.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum MapChange {
     /// Insert or replace this entry.
     Upsert(VipKey, VipState),
     /// Remove this key.
     Remove(VipKey),
+    /// The per-scope backends of a VIP (`(scope, backends)`), after its entry's upsert; empty
+    /// when it is no longer scoped (or removed).
+    Scopes {
+        /// The VIP's id.
+        vip_id: u32,
+        /// Its backends on each scope where it is.
+        scopes: Vec<(u32, u32)>,
+    },
 }
 
 /// What the agent knows about one VIP.
@@ -77,6 +85,8 @@ impl Slot {
 #[derive(Debug, Default)]
 pub struct VipRegistry {
     slots: FastMap<Vip, Slot>,
+    /// The scoped VIPs' states per scope (few: only VIPs that differ between datapaths).
+    scoped: FastMap<Vip, Box<[ScopeEntry]>>,
     next_id: u32,
 }
 
@@ -135,7 +145,14 @@ impl VipRegistry {
             VipUpdate::Changes { upsert, remove } => (upsert, remove),
         };
         for vip in remove {
-            if self.remove(&vip).is_some() {
+            let was_scoped = self.scoped.contains_key(&vip);
+            if let Some(entry) = self.remove(&vip) {
+                if was_scoped {
+                    changes.push(MapChange::Scopes {
+                        vip_id: entry.vip_id,
+                        scopes: Vec::new(),
+                    });
+                }
                 changes.push(MapChange::Remove(vip.key()));
             }
         }
@@ -144,14 +161,40 @@ impl VipRegistry {
             vip,
             backends,
             load_balancer,
+            scoped,
         } in upsert
         {
-            let unchanged = self.slots.get(&vip).is_some_and(|s| {
-                s.backends == backends && s.flags == flags && s.load_balancer == load_balancer
-            });
-            if !unchanged {
-                let (key, state) = self.upsert(vip, backends, flags, load_balancer).to_kernel();
-                changes.push(MapChange::Upsert(key, state));
+            let flags = if scoped.is_some() {
+                flags | VIP_FLAG_SCOPED
+            } else {
+                flags
+            };
+            let scopes_unchanged = self.scoped.get(&vip) == scoped.as_ref();
+            let unchanged = scopes_unchanged
+                && self.slots.get(&vip).is_some_and(|s| {
+                    s.backends == backends && s.flags == flags && s.load_balancer == load_balancer
+                });
+            if unchanged {
+                continue;
+            }
+            let entry = self.upsert(vip, backends, flags, load_balancer);
+            let (key, state) = entry.to_kernel();
+            changes.push(MapChange::Upsert(key, state));
+            if !scopes_unchanged {
+                let scopes = scoped
+                    .as_deref()
+                    .unwrap_or_default()
+                    .iter()
+                    .map(|s| (s.scope, s.backends))
+                    .collect();
+                changes.push(MapChange::Scopes {
+                    vip_id: entry.vip_id,
+                    scopes,
+                });
+                match scoped {
+                    Some(scoped) => self.scoped.insert(vip, scoped),
+                    None => self.scoped.remove(&vip),
+                };
             }
         }
         if full {
@@ -168,7 +211,24 @@ impl VipRegistry {
 
     /// Forgets a VIP; returns its entry if it was known.
     pub fn remove(&mut self, vip: &Vip) -> Option<VipEntry> {
+        self.scoped.remove(vip);
         self.slots.remove(vip).map(|s| s.entry(*vip))
+    }
+
+    /// The per-scope states of a scoped VIP.
+    pub fn scopes(&self, vip: &Vip) -> Option<&[ScopeEntry]> {
+        self.scoped.get(vip).map(|s| &**s)
+    }
+
+    /// The load balancer events name for `vip` on `scope` (None: the interface has no
+    /// scope): the scope's own for a scoped VIP, else the VIP's.
+    pub fn load_balancer_on(&self, vip: &Vip, scope: Option<u32>) -> Option<LoadBalancerName> {
+        if let (Some(scopes), Some(scope)) = (self.scoped.get(vip), scope)
+            && let Some(entry) = scopes.iter().find(|s| s.scope == scope)
+        {
+            return entry.load_balancer.clone();
+        }
+        self.slots.get(vip)?.load_balancer.clone()
     }
 
     /// Whether `vip` is known.
@@ -206,6 +266,7 @@ mod tests {
             vip: vip(s),
             backends,
             load_balancer: None,
+            scoped: None,
         }
     }
 

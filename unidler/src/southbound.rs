@@ -10,12 +10,12 @@ use std::sync::{
 use std::time::Duration;
 
 use ovsdb::{
-    Atom, Client, ClientOptions, ConsumerHandle, Error as DbError, MonitorRequest, Operation,
-    Remote, TlsFiles, Uuid, Value,
+    Atom, Client, ClientOptions, Condition, ConsumerHandle, Error as DbError, MonitorRequest,
+    Operation, Remote, TlsFiles, Uuid, Value,
 };
 use tokio::sync::{mpsc, watch};
 
-use crate::vip::VipUpdate;
+use crate::{vip::VipUpdate, vipsource::ovn::PortScopes};
 use tracing::{info, warn};
 
 /// The Southbound database's name.
@@ -51,6 +51,8 @@ pub struct Southbound {
     chassis: watch::Receiver<String>,
     /// How many load balancers the OVN VIP source knows, if it runs.
     load_balancers: Option<Arc<AtomicUsize>>,
+    /// The local logical ports' scopes, from the OVN VIP source.
+    port_scopes: Option<watch::Receiver<Arc<PortScopes>>>,
 }
 
 impl Southbound {
@@ -67,13 +69,18 @@ impl Southbound {
         let mut options = ClientOptions::new(config.remotes.clone(), DATABASE);
         options.tls = config.tls.clone();
         options.rpc.max_message_bytes = config.max_message_bytes;
-        let (source, load_balancers) = match vips {
+        let (source, load_balancers, port_scopes) = match vips {
             Some(updates) => {
-                let (source, count) = crate::vipsource::ovn::LoadBalancerSource::start(updates);
-                (Some(source), Some(count))
+                let handles = crate::vipsource::ovn::LoadBalancerSource::start(updates);
+                (
+                    Some(handles.consumer),
+                    Some(handles.load_balancers),
+                    Some(handles.port_scopes),
+                )
             }
-            None => (None, None),
+            None => (None, None, None),
         };
+        let narrow_ports = source.is_some();
         options.monitors = monitors(source);
         options.leader_only = config.leader_only;
         let client = Client::start(options)?;
@@ -95,11 +102,21 @@ impl Southbound {
                 }
             },
         };
-        Ok(Self {
+        let southbound = Self {
             client,
             chassis,
             load_balancers,
-        })
+            port_scopes,
+        };
+        if narrow_ports {
+            tokio::spawn(monitor_our_ports(southbound.clone()));
+        }
+        Ok(southbound)
+    }
+
+    /// This node's logical ports' scopes, from the OVN VIP source (None if it does not run).
+    pub fn port_scopes(&self) -> Option<watch::Receiver<Arc<PortScopes>>> {
+        self.port_scopes.clone()
     }
 
     /// How many load balancers the OVN VIP source knows (None if it does not run).
@@ -164,15 +181,58 @@ pub fn monitors(vip_source: Option<ConsumerHandle>) -> Vec<MonitorRequest> {
         MonitorRequest::table(CONTROLLER_EVENT),
     ];
     if let Some(source) = vip_source {
-        use crate::vipsource::ovn::{COLUMNS, TABLE};
-        monitors.extend([
+        use crate::vipsource::ovn::{COLUMNS, REPLICATED, TABLE};
+        monitors.push(
             MonitorRequest::table(TABLE)
                 .columns(&COLUMNS)
                 .consumed_by(source),
-            MonitorRequest::table("SB_Global").columns(&["options"]),
-        ]);
+        );
+        for (table, columns) in REPLICATED {
+            let mut monitor = MonitorRequest::table(table).columns(columns);
+            if table == PORT_BINDING {
+                // Ours only: none until our Chassis row is known (monitor_our_ports).
+                monitor = monitor.matching(Condition::eq("logical_port", ""));
+            }
+            monitors.push(monitor);
+        }
     }
     monitors
+}
+
+const PORT_BINDING: &str = "Port_Binding";
+
+/// Narrows the Port_Binding monitor to the ports bound to our Chassis row (VIFs and gateway
+/// ports of this node), once that row is known, and again whenever it changes.
+async fn monitor_our_ports(southbound: Southbound) {
+    let mut changes = southbound.client.subscribe();
+    let mut monitoring: Option<Uuid> = None;
+    loop {
+        if southbound.client.is_connected()
+            && let Some(chassis) = southbound.chassis_uuid()
+            && monitoring.as_ref() != Some(&chassis)
+        {
+            let conditions = vec![Condition::eq("chassis", Value::from(chassis.clone()))];
+            match southbound
+                .client
+                .set_conditions(PORT_BINDING, conditions)
+                .await
+            {
+                Ok(()) => {
+                    info!(%chassis, "following the logical ports bound to this chassis");
+                    monitoring = Some(chassis);
+                }
+                Err(e) => warn!("narrowing the Port_Binding monitor failed (tried again): {e}"),
+            }
+        }
+        tokio::select! {
+            change = changes.recv() => {
+                if matches!(change, Err(tokio::sync::broadcast::error::RecvError::Closed)) {
+                    return;
+                }
+            }
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
 }
 
 /// `external_ids:system-id` of the local Open_vSwitch database, the name ovn-controller gives

@@ -207,6 +207,7 @@ impl VipSpec {
             vip: self.vip,
             backends: self.backends,
             load_balancer: self.load_balancer.as_deref().map(LoadBalancerName::new),
+            scoped: None,
         }
     }
 }
@@ -219,6 +220,21 @@ pub struct DesiredVip {
     /// Its backend count.
     pub backends: u32,
     /// The load balancer its events name (in OVN, the Northbound Load_Balancer's UUID).
+    pub load_balancer: Option<LoadBalancerName>,
+    /// Where the VIP differs between this node's logical datapaths: its state on each scope
+    /// where it is (absent scopes: not there, packets pass). None: the same everywhere, as
+    /// `backends` and `load_balancer` say.
+    pub scoped: Option<Box<[ScopeEntry]>>,
+}
+
+/// A VIP's state on one scope (in OVN, a logical datapath, by tunnel key).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ScopeEntry {
+    /// The scope.
+    pub scope: u32,
+    /// The VIP's backends there.
+    pub backends: u32,
+    /// The load balancer its events name there.
     pub load_balancer: Option<LoadBalancerName>,
 }
 

@@ -278,6 +278,51 @@ pub(crate) fn per_packet() -> Vec<Figure> {
             .vs("empty", baseline),
         );
         dp.forget_answer(&watched, true).unwrap();
+        // Scoped VIPs (tenants reusing an address): the ingress interface's scope and the
+        // VIP's state there are looked up; beside the same frame to an unscoped VIP.
+        dp.set_iface_scope(LO, Some(10)).unwrap();
+        let scoped = |dp: &mut Datapath, port: u16, backends: u32, vip_id: u32| {
+            let spec: VipSpec = format!("10.96.0.10:{port}/tcp").parse().unwrap();
+            dp.upsert_vip(
+                spec.vip.key(),
+                VipState {
+                    backends: 0,
+                    vip_id,
+                    flags: unidler_common::VIP_FLAG_SCOPED,
+                    ..VipState::default()
+                },
+            )
+            .unwrap();
+            dp.set_vip_scopes(vip_id, &[(10, backends)]).unwrap();
+        };
+        scoped(&mut dp, 8443, 3, 2);
+        scoped(&mut dp, 8080, 0, 3);
+        for (name, port, unscoped_port) in [
+            ("VIP with backends, SYN", 8443, 443),
+            ("idle VIP SYN, held and event written", 8080, 80),
+        ] {
+            let (with_scope, without) = (
+                syn(client4, vip4, port).build(),
+                syn(client4, vip4, unscoped_port).build(),
+            );
+            let repeat = if port == 8080 { 5_000 } else { 200_000 };
+            let (ns, baseline) = paired(|program| {
+                let frame = if program { &with_scope } else { &without };
+                let ns = dp.test_run_repeat(frame, LO, repeat).unwrap().1;
+                ring.drain(|_| {});
+                held.drain(|_| {});
+                ns as f64
+            });
+            out.push(
+                figure(
+                    "1 per-packet",
+                    format!("{name}, scoped VIP ({vips} VIPs)"),
+                    ns,
+                    "ns",
+                )
+                .vs("unscoped", baseline),
+            );
+        }
         // Suppressed by the per-VIP limit: a fresh datapath with burst 1, rate 1/s.
         drop(dp);
         let mut limited = Datapath::load(&LoadOptions {

@@ -36,7 +36,7 @@ use crate::{
     forwarding::{FlowReader, ForwardingCheck},
     hold::HeldPackets,
     links::LinkChanges,
-    ovs_interfaces::{self, InterfaceNames},
+    ovs_interfaces::{self, InterfaceNames, OvnInterfaces},
     registry::{MapChange, VipRegistry},
     sink::{ControllerEventSink, SinkOptions},
     southbound::Southbound,
@@ -110,6 +110,12 @@ pub struct Agent {
     named: Vec<String>,
     /// OVN's interfaces to follow (VIFs, uplinks; from the local Open_vSwitch database).
     vifs: InterfaceNames,
+    /// The VIFs' logical ports (`iface-id`), by interface name.
+    iface_ids: std::collections::BTreeMap<String, String>,
+    /// The local logical ports' scopes, from the OVN VIP source.
+    port_scopes: Option<tokio::sync::watch::Receiver<Arc<crate::vipsource::ovn::PortScopes>>>,
+    /// The scope written to the kernel for each attached interface that has one.
+    iface_scopes: HashMap<u32, u32>,
     /// Followed interfaces that refused the program, by name, with the ifindex
     /// that refused (tried again only if the interface is re-created).
     refused: HashMap<String, u32>,
@@ -271,6 +277,9 @@ impl Agent {
             patterns: Vec::new(),
             named: names.clone(),
             vifs: InterfaceNames::new(),
+            iface_ids: Default::default(),
+            port_scopes: southbound.as_ref().and_then(Southbound::port_scopes),
+            iface_scopes: HashMap::new(),
             refused: HashMap::new(),
             out_of_sync_since: None,
             sources: None,
@@ -355,6 +364,7 @@ impl Agent {
             links: readable(LinkChanges::subscribe().context("subscribing to link notifications")?)
                 .context("registering link notifications with epoll")?,
             vifs,
+            port_scopes: agent.port_scopes.clone(),
             signals,
         });
         Ok(agent)
@@ -377,6 +387,7 @@ impl Agent {
                 Input::HeartbeatDue => self.on_heartbeat_due()?,
                 Input::InterfacesDue => self.on_interfaces_due(),
                 Input::Vifs(names) => self.on_vifs(names),
+                Input::PortScopes => self.sync_iface_scopes(),
                 Input::Reload => self.on_reload(),
                 Input::Stop(signal) => {
                     info!("{signal}: detaching");
@@ -406,12 +417,17 @@ impl Agent {
             return Ok(());
         }
         for event in events {
-            let Some(hit) = IdleHit::resolve(event, &self.registry, |i| {
-                self.iface_names
-                    .get(&i)
-                    .cloned()
-                    .unwrap_or_else(|| iface_name(i))
-            }) else {
+            let Some(hit) = IdleHit::resolve(
+                event,
+                &self.registry,
+                |i| {
+                    self.iface_names
+                        .get(&i)
+                        .cloned()
+                        .unwrap_or_else(|| iface_name(i))
+                },
+                |i| self.iface_scopes.get(&i).copied(),
+            ) else {
                 debug!(
                     vip_id = event.vip_id,
                     "idle hit for a VIP that has left the map since: not reported"
@@ -525,23 +541,31 @@ impl Agent {
         let mut upserts = Vec::new();
         let mut removes = Vec::new();
         for change in changes {
-            match *change {
-                MapChange::Upsert(key, state) => upserts.push((key, state)),
-                MapChange::Remove(key) => removes.push(key),
+            match change {
+                MapChange::Upsert(key, state) => upserts.push((*key, *state)),
+                MapChange::Remove(key) => removes.push(*key),
+                MapChange::Scopes { .. } => {}
             }
         }
         for key in self.datapath.apply_vips(&upserts, &removes)? {
-            if let Some(vip) = Vip::from_key(&key)
-                && let Some(entry) = self.registry.remove(&vip)
-            {
-                self.unfit.insert(
-                    vip,
-                    DesiredVip {
+            if let Some(vip) = Vip::from_key(&key) {
+                let scoped = self.registry.scopes(&vip).map(Into::into);
+                if let Some(entry) = self.registry.remove(&vip) {
+                    self.unfit.insert(
                         vip,
-                        backends: entry.backends,
-                        load_balancer: entry.load_balancer,
-                    },
-                );
+                        DesiredVip {
+                            vip,
+                            backends: entry.backends,
+                            load_balancer: entry.load_balancer,
+                            scoped,
+                        },
+                    );
+                }
+            }
+        }
+        for change in changes {
+            if let MapChange::Scopes { vip_id, scopes } = change {
+                self.datapath.set_vip_scopes(*vip_id, scopes)?;
             }
         }
         Ok(!removes.is_empty())
@@ -650,6 +674,7 @@ impl Agent {
             self.detached.insert(iface, false);
         }
         self.follow_interfaces();
+        self.sync_iface_scopes();
         if self.detached.is_empty() {
             self.publish_attachments();
             return;
@@ -689,9 +714,11 @@ impl Agent {
 
     /// OVN's interfaces changed: attach to new ones at once (a pod's first packet may follow its
     /// port by milliseconds), detach from those that left OVS.
-    fn on_vifs(&mut self, names: InterfaceNames) {
+    fn on_vifs(&mut self, interfaces: OvnInterfaces) {
+        let OvnInterfaces { names, iface_ids } = interfaces;
         let left: Vec<String> = self.vifs.difference(&names).cloned().collect();
         self.vifs = names;
+        self.iface_ids = iface_ids;
         for iface in left {
             if self.patterns.iter().any(|p| p.matches(&iface)) {
                 continue;
@@ -710,6 +737,51 @@ impl Agent {
         }
         self.prune_adopted();
         self.follow_interfaces();
+        self.sync_iface_scopes();
+    }
+
+    /// Gives each attached VIF the scope of its logical port (the tunnel key of its logical
+    /// switch), so that scoped VIPs are judged by that switch's load balancers; takes it
+    /// from interfaces that lost it or went.
+    fn sync_iface_scopes(&mut self) {
+        let Some(port_scopes) = &self.port_scopes else {
+            return;
+        };
+        let port_scopes = port_scopes.borrow().clone();
+        let wanted: HashMap<u32, u32> = self
+            .datapath
+            .attached()
+            .filter_map(|(iface, ifindex, _)| {
+                let port = self.iface_ids.get(iface)?;
+                Some((ifindex, *port_scopes.get(port)?))
+            })
+            .collect();
+        let stale: Vec<u32> = self
+            .iface_scopes
+            .keys()
+            .filter(|i| !wanted.contains_key(i))
+            .copied()
+            .collect();
+        for ifindex in stale {
+            match self.datapath.set_iface_scope(ifindex, None) {
+                Ok(()) => {
+                    self.iface_scopes.remove(&ifindex);
+                }
+                Err(e) => warn!(ifindex, "clearing an interface's scope failed: {e}"),
+            }
+        }
+        for (ifindex, scope) in wanted {
+            if self.iface_scopes.get(&ifindex) == Some(&scope) {
+                continue;
+            }
+            match self.datapath.set_iface_scope(ifindex, Some(scope)) {
+                Ok(()) => {
+                    debug!(ifindex, scope, "interface scoped to its logical datapath");
+                    self.iface_scopes.insert(ifindex, scope);
+                }
+                Err(e) => warn!(ifindex, scope, "setting an interface's scope failed: {e}"),
+            }
+        }
     }
 
     /// Detaches what an earlier agent left pinned on interfaces this one does not want (not

@@ -95,6 +95,7 @@ impl Agent {
                 MapChange::Upsert(key, state) if state.backends > 0 => self.backends_appeared(*key),
                 MapChange::Upsert(key, _) => self.held.backends_gone(key),
                 MapChange::Remove(key) => self.held.vip_removed(key, &mut self.datapath),
+                MapChange::Scopes { .. } => {}
             }
         }
         self.held.replay_due(now, &mut self.datapath);

@@ -2,13 +2,13 @@
 //! for whichever is ready first and says what happened as an [`Input`], which the agent
 //! handles. A new input is a new field here, a new variant, and a new handler.
 
-use std::{pin::Pin, time::Duration};
+use std::{pin::Pin, sync::Arc, time::Duration};
 
 use anyhow::{Context as _, Result};
 use tokio::{
     io::unix::AsyncFd,
     signal::unix::{Signal, SignalKind, signal},
-    sync::mpsc,
+    sync::{mpsc, watch},
     time::{Instant, Interval, Sleep, interval_at},
 };
 use unidler_common::{IdleHitEvent, VipKey};
@@ -17,9 +17,10 @@ use crate::{
     datapath::{EventRing, HeldBytes, HeldRing},
     forwarding::ForwardingCheck,
     links::LinkChanges,
-    ovs_interfaces::InterfaceNames,
+    ovs_interfaces::OvnInterfaces,
     telemetry::Query,
     vip::VipUpdate,
+    vipsource::ovn::PortScopes,
 };
 
 /// Something for the agent to handle.
@@ -44,7 +45,9 @@ pub enum Input {
     /// ones to follow, gone or re-created ones.
     InterfacesDue,
     /// OVN's interfaces (VIFs, uplinks) the local Open_vSwitch database lists now.
-    Vifs(InterfaceNames),
+    Vifs(OvnInterfaces),
+    /// The scopes of this node's logical ports changed (the OVN VIP source says).
+    PortScopes,
     /// SIGHUP: reload what can be reloaded.
     Reload,
     /// SIGINT or SIGTERM (named): detach and exit.
@@ -74,7 +77,9 @@ pub struct Sources {
     /// The kernel's link notifications.
     pub links: AsyncFd<LinkChanges>,
     /// Updates of OVN's interfaces (never ready without `--ovn-vifs` or `--ovn-uplinks`).
-    pub vifs: mpsc::UnboundedReceiver<InterfaceNames>,
+    pub vifs: mpsc::UnboundedReceiver<OvnInterfaces>,
+    /// The local logical ports' scopes (with VIPs from OVN).
+    pub port_scopes: Option<watch::Receiver<Arc<PortScopes>>>,
     /// Signals.
     pub signals: Signals,
 }
@@ -147,6 +152,7 @@ impl Sources {
             interfaces,
             links,
             vifs,
+            port_scopes,
             signals,
         } = self;
         tokio::select! {
@@ -183,6 +189,9 @@ impl Sources {
                 Ok(Input::InterfacesDue)
             }
             Some(names) = vifs.recv() => Ok(Input::Vifs(names)),
+            Ok(()) = async { port_scopes.as_mut().expect("guarded by if").changed().await }, if port_scopes.is_some() => {
+                Ok(Input::PortScopes)
+            }
             _ = signals.hangup.recv() => Ok(Input::Reload),
             _ = signals.interrupt.recv() => Ok(Input::Stop("SIGINT")),
             _ = signals.terminate.recv() => Ok(Input::Stop("SIGTERM")),

@@ -91,6 +91,7 @@ pub fn parse_vips_file(text: &str) -> Result<Vec<DesiredVip>, VipsFileError> {
             vip,
             backends: entry.backends,
             load_balancer: entry.load_balancer.map(Into::into),
+            scoped: None,
         });
     }
     Ok(out)

@@ -18,20 +18,28 @@ use std::{
 };
 
 use ovsdb::{
-    Atom, ConsumerHandle, Error as DbError, Replica, Row, RowUpdate, TableConsumer, Uuid, Value,
+    Atom, Changed, ConsumerHandle, Error as DbError, Replica, Row, RowUpdate, TableConsumer, Uuid,
+    Value,
 };
 use tokio::sync::mpsc;
 use tracing::warn;
 
 use crate::{
     fast_hash::{FastMap, FastSet},
-    vip::{DesiredVip, LoadBalancerName, Protocol, Vip, VipUpdate},
+    vip::{DesiredVip, LoadBalancerName, Protocol, ScopeEntry, Vip, VipUpdate},
 };
 
 /// The Southbound table the source follows.
 pub const TABLE: &str = "Load_Balancer";
 /// Its columns the source reads.
-pub const COLUMNS: [&str; 4] = ["vips", "protocol", "options", "external_ids"];
+pub const COLUMNS: [&str; 6] = [
+    "vips",
+    "protocol",
+    "options",
+    "external_ids",
+    "datapaths",
+    "datapath_group",
+];
 
 /// A Southbound Load_Balancer UUID, as two words (8-byte aligned: smaller tables than `u128`).
 /// Ordered as the UUID's text is.
@@ -105,6 +113,10 @@ struct LbRecord {
     reject: Option<TextHash>,
     /// The `protocol` column (absent: TCP).
     protocol: Option<Protocol>,
+    /// `datapath_group`, as a [`DatapathIds`] id (0: none).
+    dp_group: u32,
+    /// `datapaths`, as [`DatapathIds`] ids.
+    dp_list: Box<[u32]>,
     vips: VipRecords,
 }
 
@@ -154,15 +166,35 @@ impl VipRecords {
 }
 
 impl LbRecord {
-    fn from_row(row: &Row) -> Self {
+    fn from_row(row: &Row, ids: &mut DatapathIds) -> Self {
         let mut record = Self::default();
-        record.apply_diff(row);
+        record.apply_diff(row, ids);
         record
     }
 
     /// Applies an `update2` modify (only the changed columns, maps as diffs); from an empty
     /// record, a whole row applies the same way.
-    fn apply_diff(&mut self, diff: &Row) {
+    fn apply_diff(&mut self, diff: &Row, ids: &mut DatapathIds) {
+        // Sets of row references: the diff's elements are toggled.
+        if let Some(group) = diff.get("datapath_group") {
+            let mut current = Value::Set(ids.uuids(&[self.dp_group]));
+            current.apply_diff(group);
+            self.dp_group = current
+                .atoms()
+                .first()
+                .and_then(Atom::as_uuid)
+                .map_or(0, |u| ids.id(u));
+        }
+        if let Some(datapaths) = diff.get("datapaths") {
+            let mut current = Value::Set(ids.uuids(&self.dp_list));
+            current.apply_diff(datapaths);
+            self.dp_list = current
+                .atoms()
+                .iter()
+                .filter_map(Atom::as_uuid)
+                .map(|u| ids.id(u))
+                .collect();
+        }
         if let Some(protocol) = diff.get("protocol") {
             let mut current = Value::Set(
                 self.protocol
@@ -253,9 +285,130 @@ impl LbRecord {
             .filter(move |v| v.vip.is_some() && (reports || v.backends > 0))
     }
 
+    /// Whether it applies on the local datapath `dp` (a [`DatapathIds`] id).
+    fn applies_on(&self, dp: u32, local: &LocalDatapaths) -> bool {
+        self.dp_list.contains(&dp)
+            || (self.dp_group != 0
+                && local
+                    .groups
+                    .get(&self.dp_group)
+                    .is_some_and(|g| g.contains(&dp)))
+    }
+
+    /// Whether it applies on any of this node's datapaths (all of them while those are not
+    /// known).
+    fn is_local(&self, local: &LocalDatapaths) -> bool {
+        local.datapaths.is_empty() || local.datapaths.iter().any(|d| self.applies_on(d.id, local))
+    }
+
     /// The name events give: `lb_id`, else the Southbound UUID.
     fn name(&self, key: LbKey) -> LoadBalancerName {
         self.lb_id.clone().unwrap_or(LoadBalancerName::Uuid(key.0))
+    }
+}
+
+/// Row references to logical datapaths and datapath groups, as small ids (from 1; 0 is none),
+/// so that a load balancer's record keeps 4 bytes per reference instead of 16. Ids are never
+/// given back while the source runs: there are as many as datapaths and groups ever seen.
+#[derive(Default)]
+struct DatapathIds {
+    ids: FastMap<LbKey, u32>,
+    uuids: Vec<Uuid>,
+}
+
+impl DatapathIds {
+    fn id(&mut self, uuid: &Uuid) -> u32 {
+        let key = LbKey::new(uuid);
+        if let Some(id) = self.ids.get(&key) {
+            return *id;
+        }
+        self.uuids.push(uuid.clone());
+        let id = self.uuids.len() as u32;
+        self.ids.insert(key, id);
+        id
+    }
+
+    /// The id of `uuid` if it has one.
+    fn get(&self, uuid: &Uuid) -> Option<u32> {
+        self.ids.get(&LbKey::new(uuid)).copied()
+    }
+
+    /// The UUIDs of `ids` (0 skipped), as atoms.
+    fn uuids(&self, ids: &[u32]) -> Vec<Atom> {
+        ids.iter()
+            .filter(|id| **id != 0)
+            .filter_map(|id| self.uuids.get(*id as usize - 1))
+            .map(|u| Atom::Uuid(u.clone()))
+            .collect()
+    }
+}
+
+/// This node's logical datapaths: those of the Port_Bindings bound to our chassis (VIFs,
+/// gateway routers' ports), from the replicated `Port_Binding`, `Datapath_Binding` and
+/// `Logical_DP_Group` tables.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct LocalDatapaths {
+    /// Each local datapath: its id and tunnel key (the scope the kernel keys it by).
+    datapaths: Vec<LocalDatapath>,
+    /// For each datapath group (by id), the local datapaths in it.
+    groups: FastMap<u32, Vec<u32>>,
+    /// Each local logical port's scope (the tunnel key of its datapath), by `logical_port`:
+    /// an interface's `iface-id`.
+    port_scopes: std::collections::BTreeMap<String, u32>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct LocalDatapath {
+    id: u32,
+    tunnel_key: u32,
+}
+
+impl LocalDatapaths {
+    fn from_replica(replica: &Replica, ids: &mut DatapathIds) -> Self {
+        let column_uuid = |row: &Row, c: &str| row.get(c)?.atom()?.as_uuid().cloned();
+        let tunnel_keys: FastMap<LbKey, u32> = replica
+            .rows("Datapath_Binding")
+            .filter_map(|(uuid, row)| {
+                let key = row.get("tunnel_key")?.atom()?.as_i64()?;
+                Some((LbKey::new(uuid), u32::try_from(key).ok()?))
+            })
+            .collect();
+        let mut local = Self::default();
+        for (_, row) in replica.rows("Port_Binding") {
+            let Some(datapath) = column_uuid(row, "datapath") else {
+                continue;
+            };
+            let Some(tunnel_key) = tunnel_keys.get(&LbKey::new(&datapath)).copied() else {
+                continue;
+            };
+            if let Some(port) = row
+                .get("logical_port")
+                .and_then(Value::atom)
+                .and_then(Atom::as_str)
+            {
+                local.port_scopes.insert(port.to_owned(), tunnel_key);
+            }
+            let id = ids.id(&datapath);
+            if !local.datapaths.iter().any(|d| d.id == id) {
+                local.datapaths.push(LocalDatapath { id, tunnel_key });
+            }
+        }
+        local.datapaths.sort_by_key(|d| d.id);
+        for (uuid, row) in replica.rows("Logical_DP_Group") {
+            let members: Vec<u32> = row
+                .get("datapaths")
+                .map(Value::atoms)
+                .unwrap_or_default()
+                .iter()
+                .filter_map(Atom::as_uuid)
+                .filter_map(|u| ids.get(u))
+                .filter(|id| local.datapaths.iter().any(|d| d.id == *id))
+                .collect();
+            if !members.is_empty() {
+                local.groups.insert(ids.id(uuid), members);
+            }
+        }
+        local
     }
 }
 
@@ -273,6 +426,8 @@ fn toggle(slot: &mut Option<TextHash>, value: &str) {
 #[derive(Default)]
 struct OvnVips {
     global_event: bool,
+    ids: DatapathIds,
+    local: LocalDatapaths,
     by_lb: FastMap<LbKey, LbRecord>,
     /// The load balancers having each VIP (only where it matters, see
     /// [`LbRecord::vips_that_matter`]).
@@ -288,6 +443,9 @@ impl OvnVips {
             FastMap::with_capacity_and_hasher(self.by_lb.len(), Default::default());
         let mut unwatchable = 0usize;
         for (key, record) in &self.by_lb {
+            if !record.is_local(&self.local) {
+                continue;
+            }
             for v in record.vips_that_matter(self.global_event) {
                 add_lb_of(&mut index, v.vip.expect("filtered"), *key);
             }
@@ -324,7 +482,7 @@ impl OvnVips {
         touched: &mut FastSet<Vip>,
     ) -> Result<(), DbError> {
         let global = self.global_event;
-        if let Some(old) = self.by_lb.get(&key) {
+        if let Some(old) = self.by_lb.get(&key).filter(|r| r.is_local(&self.local)) {
             for v in old.vips_that_matter(global) {
                 let vip = v.vip.expect("filtered");
                 touched.insert(vip);
@@ -337,14 +495,15 @@ impl OvnVips {
         }
         let record = match update {
             RowUpdate::Initial(row) | RowUpdate::Insert(row) => {
-                self.by_lb.insert(key, LbRecord::from_row(&row));
+                self.by_lb
+                    .insert(key, LbRecord::from_row(&row, &mut self.ids));
                 self.by_lb.get(&key)
             }
             RowUpdate::Modify(diff) => {
                 let record = self.by_lb.get_mut(&key).ok_or_else(|| {
                     DbError::Protocol(format!("modify of unknown Load_Balancer {}", key.uuid()))
                 })?;
-                record.apply_diff(&diff);
+                record.apply_diff(&diff, &mut self.ids);
                 Some(&*record)
             }
             RowUpdate::Delete => {
@@ -352,7 +511,7 @@ impl OvnVips {
                 None
             }
         };
-        if let Some(record) = record {
+        if let Some(record) = record.filter(|r| r.is_local(&self.local)) {
             for v in record.vips_that_matter(global) {
                 let vip = v.vip.expect("filtered");
                 touched.insert(vip);
@@ -362,14 +521,52 @@ impl OvnVips {
         Ok(())
     }
 
-    /// One VIP over every load balancer that has it: in the map only if a reporting one has
-    /// it; active if any has backends (reporting or not: OVN forwards to them); the first (by
-    /// UUID) idle reporting load balancer is the one events name.
+    /// One VIP over every (local) load balancer that has it: in the map only if a reporting
+    /// one has it; active if any has backends (reporting or not: OVN forwards to them); the
+    /// first (by UUID) idle reporting load balancer is the one events name. Where the local
+    /// datapaths see it differently (not every load balancer applies on each), the VIP is
+    /// scoped: its state on each datapath, over the load balancers applying there.
     fn combined(&self, vip: &Vip) -> Option<DesiredVip> {
         let lbs = self.lbs_of.get(vip)?;
+        let (backends, name) = self.combine(vip, lbs.iter())?;
+        let mut scoped = Vec::new();
+        let mut differs = false;
+        for dp in &self.local.datapaths {
+            let here = self.combine(
+                vip,
+                lbs.iter().filter(|key| {
+                    self.by_lb
+                        .get(key)
+                        .is_some_and(|r| r.applies_on(dp.id, &self.local))
+                }),
+            );
+            differs |= here.as_ref().map(|(b, n)| (*b > 0, n)) != Some((backends > 0, &name));
+            if let Some((backends, name)) = here {
+                scoped.push(ScopeEntry {
+                    scope: dp.tunnel_key,
+                    backends,
+                    load_balancer: Some(name),
+                });
+            }
+        }
+        Some(DesiredVip {
+            vip: *vip,
+            backends,
+            load_balancer: Some(name),
+            scoped: differs.then(|| scoped.into_boxed_slice()),
+        })
+    }
+
+    /// The backends and the name of `vip` over the load balancers `lbs` (see
+    /// [`OvnVips::combined`]); None if no reporting one among them has it.
+    fn combine<'a>(
+        &self,
+        vip: &Vip,
+        lbs: impl Iterator<Item = &'a LbKey>,
+    ) -> Option<(u32, LoadBalancerName)> {
         let mut backends = 0;
         let mut named: Option<(LbKey, &LbRecord, u32)> = None;
-        for key in lbs.iter() {
+        for key in lbs {
             let Some(record) = self.by_lb.get(key) else {
                 continue;
             };
@@ -384,11 +581,7 @@ impl OvnVips {
             }
         }
         let (key, record, _) = named?;
-        Some(DesiredVip {
-            vip: *vip,
-            backends,
-            load_balancer: Some(record.name(key)),
-        })
+        Some((backends, record.name(key)))
     }
 }
 
@@ -461,10 +654,36 @@ fn global_event(replica: &Replica) -> bool {
     })
 }
 
+/// The Southbound tables the source reads besides `Load_Balancer` (replicated by the same
+/// client): `SB_Global` for `options:controller_event`; `Port_Binding` (only ours: see
+/// [`crate::southbound`]), `Datapath_Binding` and `Logical_DP_Group` for this node's
+/// logical datapaths.
+pub const REPLICATED: [(&str, &[&str]); 4] = [
+    ("SB_Global", &["options"]),
+    ("Port_Binding", &["logical_port", "datapath", "chassis"]),
+    ("Datapath_Binding", &["tunnel_key"]),
+    ("Logical_DP_Group", &["datapaths"]),
+];
+
+/// Each local logical port's scope (the tunnel key of its logical datapath), by name (an
+/// interface's `iface-id`).
+pub type PortScopes = std::collections::BTreeMap<String, u32>;
+
+/// What the agent gets of a running source.
+pub struct SourceHandles {
+    /// To register with the client's Load_Balancer monitor
+    /// ([`ovsdb::MonitorRequest::consumed_by`]).
+    pub consumer: ConsumerHandle,
+    /// How many load balancers the source knows.
+    pub load_balancers: Arc<AtomicUsize>,
+    /// The local logical ports' scopes, as they change.
+    pub port_scopes: tokio::sync::watch::Receiver<Arc<PortScopes>>,
+}
+
 /// Follows the Southbound Load_Balancer table (as the client's consumer of it) and sends the
 /// VIP map's updates: the whole set after each full load (and when `SB_Global`'s
-/// `options:controller_event` changes), the VIPs a batch changed otherwise. `SB_Global` must
-/// be monitored (replicated) by the same client.
+/// `options:controller_event` or this node's logical datapaths change), the VIPs a batch
+/// changed otherwise. The [`REPLICATED`] tables must be monitored by the same client.
 pub struct LoadBalancerSource {
     vips: OvnVips,
     updates: mpsc::UnboundedSender<VipUpdate>,
@@ -473,22 +692,27 @@ pub struct LoadBalancerSource {
     /// VIPs this batch may have changed.
     touched: FastSet<Vip>,
     load_balancers: Arc<AtomicUsize>,
+    port_scopes: tokio::sync::watch::Sender<Arc<PortScopes>>,
 }
 
 impl LoadBalancerSource {
-    /// A source sending to `updates`; register the handle with the client's Load_Balancer
-    /// monitor ([`ovsdb::MonitorRequest::consumed_by`]). The counter follows how many load
-    /// balancers it knows.
-    pub fn start(updates: mpsc::UnboundedSender<VipUpdate>) -> (ConsumerHandle, Arc<AtomicUsize>) {
+    /// A source sending to `updates`.
+    pub fn start(updates: mpsc::UnboundedSender<VipUpdate>) -> SourceHandles {
         let load_balancers = Arc::new(AtomicUsize::new(0));
+        let (port_scopes, port_scopes_rx) = tokio::sync::watch::channel(Arc::default());
         let source = Self {
             vips: OvnVips::default(),
             updates,
             loading: false,
             touched: FastSet::default(),
             load_balancers: load_balancers.clone(),
+            port_scopes,
         };
-        (ConsumerHandle::new(source), load_balancers)
+        SourceHandles {
+            consumer: ConsumerHandle::new(source),
+            load_balancers,
+            port_scopes: port_scopes_rx,
+        }
     }
 }
 
@@ -506,7 +730,8 @@ impl TableConsumer for LoadBalancerSource {
             // Indexed once the load is complete.
             match update {
                 RowUpdate::Initial(row) | RowUpdate::Insert(row) => {
-                    self.vips.by_lb.insert(key, LbRecord::from_row(&row));
+                    let record = LbRecord::from_row(&row, &mut self.vips.ids);
+                    self.vips.by_lb.insert(key, record);
                 }
                 RowUpdate::Modify(_) | RowUpdate::Delete => {
                     return Err(DbError::Protocol(format!(
@@ -519,11 +744,26 @@ impl TableConsumer for LoadBalancerSource {
         self.vips.update(key, update, &mut self.touched)
     }
 
-    fn batch_done(&mut self, replica: &Replica) {
+    fn batch_done(&mut self, replica: &Replica, changed: &Changed) {
         self.load_balancers
             .store(self.vips.by_lb.len(), Ordering::Relaxed);
         let global = global_event(replica);
-        let update = if self.loading || global != self.vips.global_event {
+        let datapaths_changed = ["Port_Binding", "Datapath_Binding", "Logical_DP_Group"]
+            .iter()
+            .any(|t| changed.contains(*t));
+        let mut local_changed = false;
+        if datapaths_changed {
+            let local = LocalDatapaths::from_replica(replica, &mut self.vips.ids);
+            if local != self.vips.local {
+                if local.port_scopes != self.vips.local.port_scopes {
+                    self.port_scopes
+                        .send_replace(Arc::new(local.port_scopes.clone()));
+                }
+                self.vips.local = local;
+                local_changed = true;
+            }
+        }
+        let update = if self.loading || local_changed || global != self.vips.global_event {
             self.vips.global_event = global;
             self.loading = false;
             self.touched = FastSet::default();
@@ -574,6 +814,8 @@ mod tests {
         source: LoadBalancerSource,
         updates: mpsc::UnboundedReceiver<VipUpdate>,
         replica: Replica,
+        /// Replicated tables changed since the last batch.
+        changed: Changed,
     }
 
     impl Driven {
@@ -586,9 +828,11 @@ mod tests {
                     loading: false,
                     touched: FastSet::default(),
                     load_balancers: Arc::default(),
+                    port_scopes: tokio::sync::watch::channel(Arc::default()).0,
                 },
                 updates,
                 replica: Replica::default(),
+                changed: Changed::new(),
             }
         }
 
@@ -629,8 +873,17 @@ mod tests {
         }
 
         fn done(&mut self) -> Option<VipUpdate> {
-            self.source.batch_done(&self.replica);
+            let changed = std::mem::take(&mut self.changed);
+            self.source.batch_done(&self.replica, &changed);
             self.updates.try_recv().ok()
+        }
+
+        /// A row of a replicated table, as the client would apply it.
+        fn replicate(&mut self, table: &str, n: u8, row: Row) {
+            self.replica
+                .apply_row(table, uuid(n), RowUpdate::Insert(row), false)
+                .unwrap();
+            self.changed.insert(table.to_owned());
         }
 
         fn set_global_event(&mut self, on: bool) {
@@ -638,9 +891,7 @@ mod tests {
                 "options".to_owned(),
                 Value::string_map([("controller_event", if on { "true" } else { "false" })]),
             )]);
-            self.replica
-                .apply_row("SB_Global", uuid(99), RowUpdate::Insert(row), false)
-                .unwrap();
+            self.replicate("SB_Global", 99, row);
         }
     }
 
@@ -809,5 +1060,152 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert!(d.done().is_none(), "nothing more without a change");
+    }
+
+    fn with_datapaths(mut row: Row, datapaths: &[u8], group: Option<u8>) -> Row {
+        let refs = |ns: &[u8]| Value::set(ns.iter().map(|n| Atom::Uuid(uuid(*n))));
+        row.insert("datapaths".into(), refs(datapaths));
+        row.insert("datapath_group".into(), refs(group.as_slice()));
+        row
+    }
+
+    fn scopes(d: &DesiredVip) -> Option<Vec<(u32, u32, String)>> {
+        d.scoped.as_ref().map(|s| {
+            s.iter()
+                .map(|e| {
+                    let name = e.load_balancer.as_ref().map(ToString::to_string);
+                    (e.scope, e.backends, name.unwrap_or_default())
+                })
+                .collect()
+        })
+    }
+
+    #[test]
+    fn tenants_reusing_a_vip_see_their_own_load_balancer() {
+        let mut d = Driven::new();
+        // Three logical switches (tunnel keys 1, 2, 3); this node has a port on 1 and 2.
+        for (n, key) in [(0x41, 1), (0x42, 2), (0x43, 3)] {
+            d.replicate(
+                "Datapath_Binding",
+                n,
+                Row::from([("tunnel_key".to_owned(), Value::from(key))]),
+            );
+        }
+        for (n, port, dp) in [(0x51, "pod-a", 0x41), (0x52, "pod-b", 0x42)] {
+            d.replicate(
+                "Port_Binding",
+                n,
+                Row::from([
+                    ("logical_port".to_owned(), Value::from(port)),
+                    ("datapath".to_owned(), Value::from(uuid(dp))),
+                ]),
+            );
+        }
+        d.replicate(
+            "Logical_DP_Group",
+            0x61,
+            Row::from([(
+                "datapaths".to_owned(),
+                Value::set([0x41, 0x42, 0x43].map(|n| Atom::Uuid(uuid(n)))),
+            )]),
+        );
+        let ext = |row: Row, name: &str| {
+            let mut row = row;
+            row.insert("external_ids".into(), Value::string_map([("lb_id", name)]));
+            row
+        };
+        let event = [("event", "true")];
+        // Tenant A's service at X is idle; tenant B's at the same X has a backend.
+        let a = ext(
+            with_datapaths(lb_row(&[("10.0.0.5:80", "")], &event, "tcp"), &[0x41], None),
+            "lb-a",
+        );
+        let b = ext(
+            with_datapaths(
+                lb_row(&[("10.0.0.5:80", "10.1.1.1:80")], &event, "tcp"),
+                &[0x42],
+                None,
+            ),
+            "lb-b",
+        );
+        // Y is on every switch (a group, as ovn-kubernetes makes them); Z only on a switch
+        // this node has no port on.
+        let y = ext(
+            with_datapaths(
+                lb_row(&[("10.0.0.6:80", "")], &event, "tcp"),
+                &[],
+                Some(0x61),
+            ),
+            "lb-y",
+        );
+        let z = ext(
+            with_datapaths(lb_row(&[("10.0.0.7:80", "")], &event, "tcp"), &[0x43], None),
+            "lb-z",
+        );
+        let all = d.load(&[(1, a), (2, b), (3, y), (4, z)]);
+        assert_eq!(
+            endpoints(&all),
+            [
+                ("10.0.0.5:80/tcp".to_owned(), 1),
+                ("10.0.0.6:80/tcp".to_owned(), 0)
+            ],
+            "Z applies on no local switch: not in the map"
+        );
+        assert_eq!(
+            scopes(&all[0]),
+            Some(vec![(1, 0, "lb-a".into()), (2, 1, "lb-b".into())]),
+            "X differs between the switches"
+        );
+        assert_eq!(scopes(&all[1]), None, "Y is the same everywhere");
+        assert_eq!(
+            *d.source.port_scopes.borrow().as_ref(),
+            PortScopes::from([("pod-a".to_owned(), 1), ("pod-b".to_owned(), 2)])
+        );
+
+        // B's backend goes: both idle, but each names its own load balancer.
+        let drained = Row::from([("vips".to_owned(), Value::string_map([("10.0.0.5:80", "")]))]);
+        let (up, _) = d.batch(2, RowUpdate::Modify(drained));
+        assert_eq!(
+            scopes(&up[0]),
+            Some(vec![(1, 0, "lb-a".into()), (2, 0, "lb-b".into())])
+        );
+        // A's load balancer moves to the group: on switch 2 both apply now.
+        let moved = Row::from([
+            ("datapaths".to_owned(), Value::set([Atom::Uuid(uuid(0x41))])),
+            (
+                "datapath_group".to_owned(),
+                Value::set([Atom::Uuid(uuid(0x61))]),
+            ),
+        ]);
+        let (up, _) = d.batch(1, RowUpdate::Modify(moved));
+        assert_eq!(
+            (scopes(&up[0]), name(&up[0])),
+            (None, "lb-a".into()),
+            "the same on both switches now: idle, named after the first idle one by UUID"
+        );
+        // Back on switch 1 only (scoped again); then this node's port on switch 2 goes: only
+        // switch 1 is local, and X is the same everywhere there is.
+        let back = Row::from([
+            ("datapaths".to_owned(), Value::set([Atom::Uuid(uuid(0x41))])),
+            (
+                "datapath_group".to_owned(),
+                Value::set([Atom::Uuid(uuid(0x61))]),
+            ),
+        ]);
+        let (up, _) = d.batch(1, RowUpdate::Modify(back));
+        assert_eq!(
+            scopes(&up[0]),
+            Some(vec![(1, 0, "lb-a".into()), (2, 0, "lb-b".into())])
+        );
+        d.replica
+            .apply_row("Port_Binding", uuid(0x52), RowUpdate::Delete, false)
+            .unwrap();
+        d.changed.insert("Port_Binding".into());
+        match d.done() {
+            Some(VipUpdate::Replace(all)) => {
+                assert!(all.iter().all(|v| v.scoped.is_none()), "{all:?}");
+            }
+            other => panic!("new local datapaths re-index everything: {other:?}"),
+        }
     }
 }

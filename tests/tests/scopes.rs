@@ -1,0 +1,205 @@
+//! VIPs scoped like OVN: two tenants' logical switches on one node reuse a VIP; each pod's
+//! packets are judged by the load balancers of its own switch. The agent follows real
+//! `ovsdb-server`s (the Southbound database with the switches, this node's ports and the load
+//! balancers; the local Open_vSwitch database with the pods' VIFs) and the pods' veths.
+
+use std::{
+    net::IpAddr,
+    time::{Duration, Instant},
+};
+
+use unidler::telemetry::http_get;
+use unidler_tests::{
+    agent::Agent,
+    netns::{CLIENT_V4, Topology, send_frames, syn_to_server},
+    ovsdb_server::{self, CHASSIS, Listen, OvsdbServer, Southbound as _, TempDir},
+    require_root,
+};
+
+const VSWITCH_SCHEMA: &str = "/usr/share/openvswitch/vswitch.ovsschema";
+const VIP_PORT: u16 = 8080;
+const LB_A: &str = "aaaaaaaa-0000-0000-0000-000000000001";
+const LB_B: &str = "bbbbbbbb-0000-0000-0000-000000000002";
+
+/// The first value of `create`'s output (a UUID).
+fn created(out: String) -> String {
+    out.trim().to_owned()
+}
+
+#[track_caller]
+fn metric(topo: &Topology, series: &str) -> f64 {
+    let text = topo
+        .in_server(|| http_get("127.0.0.1:9477".parse().unwrap(), "/metrics"))
+        .expect("metrics");
+    unidler_tests::prometheus::sample(&text, series)
+        .unwrap_or_else(|| panic!("no {series} in:\n{text}"))
+}
+
+#[track_caller]
+fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn two_tenants_reusing_a_vip_are_each_judged_by_their_own_load_balancer() {
+    require_root();
+    let topo = Topology::new("sc");
+    // The Southbound database: two logical switches (tenants A and B), a port of each bound
+    // to this chassis, and a load balancer of the same VIP on each: A's idle, B's with a
+    // backend.
+    let sb = ovsdb_server::southbound_with_chassis();
+    let chassis = created(sb.sbctl(&[
+        "--bare",
+        "--columns=_uuid",
+        "find",
+        "Chassis",
+        &format!("name={CHASSIS}"),
+    ]));
+    let switch = |key: &str| {
+        created(sb.sbctl(&["create", "Datapath_Binding", &format!("tunnel_key={key}")]))
+    };
+    let (switch_a, switch_b) = (switch("101"), switch("102"));
+    for (port, switch) in [("pod-a", &switch_a), ("pod-b", &switch_b)] {
+        sb.sbctl(&[
+            "create",
+            "Port_Binding",
+            &format!("logical_port={port}"),
+            &format!("datapath={switch}"),
+            "tunnel_key=1",
+            &format!("chassis={chassis}"),
+        ]);
+    }
+    let vip = format!("\"{}:{VIP_PORT}\"", ovsdb_server_vip());
+    let load_balancer = |name: &str, lb_id: &str, switch: &str, backends: &str| {
+        created(sb.sbctl(&[
+            "create",
+            "Load_Balancer",
+            &format!("name={name}"),
+            &format!("vips={{{vip}=\"{backends}\"}}"),
+            "protocol=tcp",
+            "options:event=true",
+            &format!("external_ids:lb_id={lb_id}"),
+            &format!("datapaths={switch}"),
+        ]))
+    };
+    load_balancer("lb-a", LB_A, &switch_a, "");
+    let lb_b = load_balancer("lb-b", LB_B, &switch_b, "10.1.1.1:8080");
+
+    // The local Open_vSwitch database, and the pods' veths (the peer plays the pod).
+    let ovs = OvsdbServer::standalone("ovs", VSWITCH_SCHEMA, Listen::default());
+    let vsctl = |args: &[&str]| {
+        let mut all = vec!["--no-wait"];
+        all.extend_from_slice(args);
+        ovs.ctl("ovs-vsctl", &all)
+    };
+    vsctl(&["init"]);
+    vsctl(&["add-br", "br-int"]);
+    let base = topo.server_if.trim_end_matches('s').to_owned();
+    let pods = [
+        (format!("{base}aa"), format!("{base}ab"), "pod-a"),
+        (format!("{base}ba"), format!("{base}bb"), "pod-b"),
+    ];
+    for (vif, pod, _) in &pods {
+        for args in [
+            vec!["link", "add", vif, "type", "veth", "peer", "name", pod],
+            vec!["link", "set", vif, "up"],
+            vec!["link", "set", pod, "up"],
+        ] {
+            let ok = std::process::Command::new("ip")
+                .args(["-n", &topo.server_ns])
+                .args(&args)
+                .status()
+                .unwrap()
+                .success();
+            assert!(ok, "ip {args:?}");
+        }
+    }
+
+    let state = TempDir::new("scstate");
+    let (ovs_db, sb_db) = (ovs.unix_remote(), sb.unix_remote());
+    let mut agent = Agent::start(
+        &topo.server_ns,
+        &[
+            "run",
+            "--ovn-vifs",
+            "--ovs-db",
+            &ovs_db,
+            "--ovnsb-db",
+            &sb_db,
+            "--chassis",
+            CHASSIS,
+            "--state-dir",
+            state.path_str(),
+            "--log-level",
+            "info,unidler=debug",
+        ],
+    );
+    agent.wait_for_log("VIP map synced", Duration::from_secs(10));
+    for (vif, _, port) in &pods {
+        vsctl(&[
+            "add-port",
+            "br-int",
+            vif,
+            "--",
+            "set",
+            "Interface",
+            vif,
+            &format!("external_ids:iface-id={port}"),
+        ]);
+    }
+    for _ in &pods {
+        agent.wait_for_log(
+            "interface scoped to its logical datapath",
+            Duration::from_secs(10),
+        );
+    }
+
+    let syn = |sport| syn_to_server(IpAddr::V4(CLIENT_V4), sport, VIP_PORT);
+    let rows_naming = |lb: &str| {
+        sb.event_rows()
+            .iter()
+            .filter(|r| r.event_info.get("load_balancer").map(String::as_str) == Some(lb))
+            .count()
+    };
+
+    // Tenant A's pod: its switch's load balancer is idle: dropped, its row names lb-a.
+    topo.in_server(|| send_frames(&pods[0].1, [syn(41000)]));
+    eventually("A's row", || rows_naming(LB_A) == 1);
+    let idle_hits = metric(&topo, "unidler_kernel_idle_hits_total");
+    let vip_hits = metric(&topo, "unidler_kernel_vip_hits_total");
+    assert_eq!(idle_hits, 1.0);
+
+    // Tenant B's pod, same VIP: its switch's load balancer has a backend: passed, no row.
+    topo.in_server(|| send_frames(&pods[1].1, [syn(42000)]));
+    eventually("B's SYN seen", || {
+        metric(&topo, "unidler_kernel_vip_hits_total") > vip_hits
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        metric(&topo, "unidler_kernel_idle_hits_total"),
+        idle_hits,
+        "B's SYN is not an idle hit"
+    );
+    assert_eq!(rows_naming(LB_B), 0);
+
+    // B's backend goes: B's pod is caught too, and its row names B's load balancer.
+    sb.sbctl(&[
+        "set",
+        "Load_Balancer",
+        &lb_b,
+        &format!("vips={{{vip}=\"\"}}"),
+    ]);
+    agent.wait_for_log("VIP map updated", Duration::from_secs(5));
+    topo.in_server(|| send_frames(&pods[1].1, [syn(42001)]));
+    eventually("B's row", || rows_naming(LB_B) == 1);
+    assert_eq!(rows_naming(LB_A), 1, "A's row is A's alone");
+}
+
+/// The VIP both tenants use.
+fn ovsdb_server_vip() -> String {
+    unidler_tests::netns::SERVER_V4.to_string()
+}

@@ -20,6 +20,9 @@ const VSWITCH_SCHEMA: &str = "/usr/share/openvswitch/vswitch.ovsschema";
 const VIP_PORT: u16 = 8080;
 const LB_A: &str = "aaaaaaaa-0000-0000-0000-000000000001";
 const LB_B: &str = "bbbbbbbb-0000-0000-0000-000000000002";
+const LB_GW: &str = "cccccccc-0000-0000-0000-000000000003";
+/// A VIP only on the gateway router (a NodePort, say).
+const GW_PORT: u16 = 9090;
 
 /// The first value of `create`'s output (a UUID).
 fn created(out: String) -> String {
@@ -62,8 +65,12 @@ fn two_tenants_reusing_a_vip_are_each_judged_by_their_own_load_balancer() {
     let switch = |key: &str| {
         created(sb.sbctl(&["create", "Datapath_Binding", &format!("tunnel_key={key}")]))
     };
-    let (switch_a, switch_b) = (switch("101"), switch("102"));
-    for (port, switch) in [("pod-a", &switch_a), ("pod-b", &switch_b)] {
+    let (switch_a, switch_b, router) = (switch("101"), switch("102"), switch("103"));
+    for (port, switch, kind) in [
+        ("pod-a", &switch_a, ""),
+        ("pod-b", &switch_b, ""),
+        ("rtoe-GR_node", &router, "l3gateway"),
+    ] {
         sb.sbctl(&[
             "create",
             "Port_Binding",
@@ -71,10 +78,16 @@ fn two_tenants_reusing_a_vip_are_each_judged_by_their_own_load_balancer() {
             &format!("datapath={switch}"),
             "tunnel_key=1",
             &format!("chassis={chassis}"),
+            &format!("type=\"{kind}\""),
         ]);
     }
     let vip = format!("\"{}:{VIP_PORT}\"", ovsdb_server_vip());
     let load_balancer = |name: &str, lb_id: &str, switch: &str, backends: &str| {
+        let vip = if name == "lb-gw" {
+            format!("\"{}:{GW_PORT}\"", ovsdb_server_vip())
+        } else {
+            vip.clone()
+        };
         created(sb.sbctl(&[
             "create",
             "Load_Balancer",
@@ -88,6 +101,7 @@ fn two_tenants_reusing_a_vip_are_each_judged_by_their_own_load_balancer() {
     };
     load_balancer("lb-a", LB_A, &switch_a, "");
     let lb_b = load_balancer("lb-b", LB_B, &switch_b, "10.1.1.1:8080");
+    load_balancer("lb-gw", LB_GW, &router, "");
 
     // The local Open_vSwitch database, and the pods' veths (the peer plays the pod).
     let ovs = OvsdbServer::standalone("ovs", VSWITCH_SCHEMA, Listen::default());
@@ -98,12 +112,25 @@ fn two_tenants_reusing_a_vip_are_each_judged_by_their_own_load_balancer() {
     };
     vsctl(&["init"]);
     vsctl(&["add-br", "br-int"]);
+    vsctl(&["add-br", "br-ex"]);
+    vsctl(&[
+        "set",
+        "Open_vSwitch",
+        ".",
+        "external_ids:ovn-bridge-mappings=physnet:br-ex",
+    ]);
     let base = topo.server_if.trim_end_matches('s').to_owned();
     let pods = [
         (format!("{base}aa"), format!("{base}ab"), "pod-a"),
         (format!("{base}ba"), format!("{base}bb"), "pod-b"),
     ];
-    for (vif, pod, _) in &pods {
+    // The uplink of the bridge mapping (a NIC on a node): the peer plays the outside.
+    let (uplink, outside) = (format!("{base}ua"), format!("{base}ub"));
+    for (vif, pod) in pods
+        .iter()
+        .map(|(v, p, _)| (v, p))
+        .chain([(&uplink, &outside)])
+    {
         for args in [
             vec!["link", "add", vif, "type", "veth", "peer", "name", pod],
             vec!["link", "set", vif, "up"],
@@ -126,6 +153,7 @@ fn two_tenants_reusing_a_vip_are_each_judged_by_their_own_load_balancer() {
         &[
             "run",
             "--ovn-vifs",
+            "--ovn-uplinks",
             "--ovs-db",
             &ovs_db,
             "--ovnsb-db",
@@ -151,11 +179,18 @@ fn two_tenants_reusing_a_vip_are_each_judged_by_their_own_load_balancer() {
             &format!("external_ids:iface-id={port}"),
         ]);
     }
-    for _ in &pods {
-        agent.wait_for_log(
-            "interface scoped to its logical datapath",
-            Duration::from_secs(10),
-        );
+    vsctl(&["add-port", "br-ex", &uplink]);
+    agent.wait_for_log(&format!("iface={uplink} "), Duration::from_secs(10));
+    // Two VIFs on their switches, the uplink on the gateway router.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while agent
+        .log_lines()
+        .filter(|l| l.contains("interface scoped to its logical datapath"))
+        .count()
+        < 3
+    {
+        assert!(Instant::now() < deadline, "three interfaces scoped");
+        std::thread::sleep(Duration::from_millis(50));
     }
 
     let syn = |sport| syn_to_server(IpAddr::V4(CLIENT_V4), sport, VIP_PORT);
@@ -197,6 +232,25 @@ fn two_tenants_reusing_a_vip_are_each_judged_by_their_own_load_balancer() {
     topo.in_server(|| send_frames(&pods[1].1, [syn(42001)]));
     eventually("B's row", || rows_naming(LB_B) == 1);
     assert_eq!(rows_naming(LB_A), 1, "A's row is A's alone");
+
+    // The uplink leads to the gateway router: its load balancer's VIP is caught there, the
+    // tenants' VIP (not on the router) passes; a pod's SYN to the router's VIP passes too.
+    let idle_hits = metric(&topo, "unidler_kernel_idle_hits_total");
+    let vip_hits = metric(&topo, "unidler_kernel_vip_hits_total");
+    topo.in_server(|| send_frames(&outside, [syn(43000)]));
+    let gw_syn = syn_to_server(IpAddr::V4(CLIENT_V4), 43001, GW_PORT);
+    topo.in_server(|| send_frames(&pods[0].1, [gw_syn.clone()]));
+    eventually("both SYNs seen", || {
+        metric(&topo, "unidler_kernel_vip_hits_total") >= vip_hits + 2.0
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        metric(&topo, "unidler_kernel_idle_hits_total"),
+        idle_hits,
+        "neither is an idle hit"
+    );
+    topo.in_server(|| send_frames(&outside, [gw_syn]));
+    eventually("the router's row", || rows_naming(LB_GW) == 1);
 }
 
 /// The VIP both tenants use.

@@ -741,8 +741,8 @@ impl Agent {
     }
 
     /// Gives each attached VIF the scope of its logical port (the tunnel key of its logical
-    /// switch), so that scoped VIPs are judged by that switch's load balancers; takes it
-    /// from interfaces that lost it or went.
+    /// switch), and each uplink its gateway router's, so that scoped VIPs are judged by the
+    /// load balancers there; takes it from interfaces that lost it or went.
     fn sync_iface_scopes(&mut self) {
         let Some(port_scopes) = &self.port_scopes else {
             return;
@@ -752,8 +752,14 @@ impl Agent {
             .datapath
             .attached()
             .filter_map(|(iface, ifindex, _)| {
-                let port = self.iface_ids.get(iface)?;
-                Some((ifindex, *port_scopes.get(port)?))
+                let scope = match self.iface_ids.get(iface) {
+                    Some(port) => port_scopes.ports.get(port).copied(),
+                    // One of OVN's interfaces without a logical port: an uplink, which leads
+                    // to the gateway router.
+                    None if self.vifs.contains(iface) => port_scopes.gateway,
+                    None => None,
+                };
+                Some((ifindex, scope?))
             })
             .collect();
         let stale: Vec<u32> = self

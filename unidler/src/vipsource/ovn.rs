@@ -352,9 +352,8 @@ struct LocalDatapaths {
     datapaths: Vec<LocalDatapath>,
     /// For each datapath group (by id), the local datapaths in it.
     groups: FastMap<u32, Vec<u32>>,
-    /// Each local logical port's scope (the tunnel key of its datapath), by `logical_port`:
-    /// an interface's `iface-id`.
-    port_scopes: std::collections::BTreeMap<String, u32>,
+    /// The scopes of this node's ports and of its gateway router.
+    port_scopes: PortScopes,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -374,6 +373,7 @@ impl LocalDatapaths {
             })
             .collect();
         let mut local = Self::default();
+        let mut gateways = std::collections::BTreeSet::new();
         for (_, row) in replica.rows("Port_Binding") {
             let Some(datapath) = column_uuid(row, "datapath") else {
                 continue;
@@ -386,7 +386,11 @@ impl LocalDatapaths {
                 .and_then(Value::atom)
                 .and_then(Atom::as_str)
             {
-                local.port_scopes.insert(port.to_owned(), tunnel_key);
+                local.port_scopes.ports.insert(port.to_owned(), tunnel_key);
+            }
+            let kind = row.get("type").and_then(Value::atom).and_then(Atom::as_str);
+            if kind == Some("l3gateway") {
+                gateways.insert(tunnel_key);
             }
             let id = ids.id(&datapath);
             if !local.datapaths.iter().any(|d| d.id == id) {
@@ -394,6 +398,10 @@ impl LocalDatapaths {
             }
         }
         local.datapaths.sort_by_key(|d| d.id);
+        // The uplinks lead to this node's gateway router: its scope, if there is one.
+        if gateways.len() == 1 {
+            local.port_scopes.gateway = gateways.pop_first();
+        }
         for (uuid, row) in replica.rows("Logical_DP_Group") {
             let members: Vec<u32> = row
                 .get("datapaths")
@@ -660,14 +668,24 @@ fn global_event(replica: &Replica) -> bool {
 /// logical datapaths.
 pub const REPLICATED: [(&str, &[&str]); 4] = [
     ("SB_Global", &["options"]),
-    ("Port_Binding", &["logical_port", "datapath", "chassis"]),
+    (
+        "Port_Binding",
+        &["logical_port", "datapath", "chassis", "type"],
+    ),
     ("Datapath_Binding", &["tunnel_key"]),
     ("Logical_DP_Group", &["datapaths"]),
 ];
 
-/// Each local logical port's scope (the tunnel key of its logical datapath), by name (an
-/// interface's `iface-id`).
-pub type PortScopes = std::collections::BTreeMap<String, u32>;
+/// The scopes of this node's interfaces as OVN sees them.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PortScopes {
+    /// Each local logical port's scope (the tunnel key of its logical datapath), by name
+    /// (an interface's `iface-id`).
+    pub ports: std::collections::BTreeMap<String, u32>,
+    /// The scope of this node's gateway router (the datapath of its `l3gateway` port), where
+    /// the uplinks lead; None if there is not exactly one.
+    pub gateway: Option<u32>,
+}
 
 /// What the agent gets of a running source.
 pub struct SourceHandles {
@@ -1159,7 +1177,10 @@ mod tests {
         assert_eq!(scopes(&all[1]), None, "Y is the same everywhere");
         assert_eq!(
             *d.source.port_scopes.borrow().as_ref(),
-            PortScopes::from([("pod-a".to_owned(), 1), ("pod-b".to_owned(), 2)])
+            PortScopes {
+                ports: [("pod-a".to_owned(), 1), ("pod-b".to_owned(), 2)].into(),
+                gateway: None,
+            }
         );
 
         // B's backend goes: both idle, but each names its own load balancer.

@@ -67,6 +67,8 @@ pub struct OvnNode {
     pub node_if: String,
     /// The backend pod's namespace, once added.
     pub backend_ns: Option<String>,
+    /// Pods added with [`OvnNode::add_pod`]: their namespaces.
+    pods: Vec<String>,
     tag: String,
     // Field order is drop order: daemons first, then the Open_vSwitch database, then files.
     controller: Option<Child>,
@@ -88,6 +90,7 @@ impl OvnNode {
             client_if: format!("{tag}c"),
             node_if: format!("{tag}n"),
             backend_ns: None,
+            pods: Vec::new(),
             tag: tag.clone(),
             controller: None,
             vswitchd: None,
@@ -310,6 +313,79 @@ impl OvnNode {
         pod_ns
     }
 
+    /// Adds a pod with logical port `port` (MAC `mac`, address `ip`) on logical switch
+    /// `switch` (created if needed), its veth's node end an OVS port with that `iface-id`, and
+    /// waits until ovn-controller has bound it. Returns the pod's namespace and interface.
+    #[track_caller]
+    pub fn add_pod(
+        &mut self,
+        switch: &str,
+        port: &str,
+        mac_addr: [u8; 6],
+        ip: Ipv4Addr,
+    ) -> (String, String) {
+        let n = self.pods.len();
+        let pod_ns = format!("{}-p{n}", self.tag);
+        let (pod_if, node_side) = (format!("{}p{n}", self.tag), format!("{}q{n}", self.tag));
+        sh(&["ip", "netns", "add", &pod_ns]);
+        self.pods.push(pod_ns.clone());
+        sh(&[
+            "ip",
+            "link",
+            "add",
+            &pod_if,
+            "netns",
+            &pod_ns,
+            "address",
+            &mac(mac_addr),
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &node_side,
+            "netns",
+            &self.node_ns,
+        ]);
+        sh(&[
+            "ip",
+            "-n",
+            &pod_ns,
+            "addr",
+            "add",
+            &format!("{ip}/24"),
+            "dev",
+            &pod_if,
+        ]);
+        sh(&["ip", "-n", &pod_ns, "link", "set", &pod_if, "up"]);
+        sh(&["ip", "-n", &self.node_ns, "link", "set", &node_side, "up"]);
+        self.central.nbctl(&[
+            "--may-exist",
+            "ls-add",
+            switch,
+            "--",
+            "lsp-add",
+            switch,
+            port,
+            "--",
+            "lsp-set-addresses",
+            port,
+            &format!("{} {ip}", mac(mac_addr)),
+        ]);
+        self.vsctl(&[
+            "add-port",
+            "br-int",
+            &node_side,
+            "--",
+            "set",
+            "Interface",
+            &node_side,
+            &format!("external_ids:iface-id={port}"),
+        ]);
+        self.wait_until_bound(port);
+        self.central.nbctl(&["--timeout=120", "--wait=hv", "sync"]);
+        (pod_ns, pod_if)
+    }
+
     /// The node's end of the backend pod's veth (an OVS port with `iface-id` [`BACKEND_PORT`]).
     pub fn backend_node_if(&self) -> String {
         format!("{}m", self.tag)
@@ -492,6 +568,7 @@ impl Drop for OvnNode {
         ]
         .into_iter()
         .flatten()
+        .chain(&self.pods)
         {
             let _ = Command::new("ip").args(["netns", "delete", ns]).output();
         }

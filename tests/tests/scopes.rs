@@ -220,6 +220,17 @@ fn two_tenants_reusing_a_vip_are_each_judged_by_their_own_load_balancer() {
         "B's SYN is not an idle hit"
     );
     assert_eq!(rows_naming(LB_B), 0);
+    // A's SYN is held on A's switch, where the VIP is still idle: not replayed (node-wide the
+    // VIP has B's backend).
+    let replayed = |topo: &Topology| {
+        let text = topo
+            .in_server(|| http_get("127.0.0.1:9477".parse().unwrap(), "/metrics"))
+            .expect("metrics");
+        unidler_tests::prometheus::sample(&text, "unidler_hold_packets_total{outcome=\"replayed\"}")
+            .unwrap_or(0.0)
+    };
+    assert_eq!(metric(&topo, "unidler_held_packets"), 1.0, "A's SYN held");
+    assert_eq!(replayed(&topo), 0.0, "A's switch is still idle");
 
     // B's backend goes: B's pod is caught too, and its row names B's load balancer.
     sb.sbctl(&[
@@ -251,6 +262,15 @@ fn two_tenants_reusing_a_vip_are_each_judged_by_their_own_load_balancer() {
     );
     topo.in_server(|| send_frames(&outside, [gw_syn]));
     eventually("the router's row", || rows_naming(LB_GW) == 1);
+
+    // A's load balancer gets a backend: A's held SYN is replayed.
+    sb.sbctl(&[
+        "set",
+        "Load_Balancer",
+        "lb-a",
+        &format!("vips={{{vip}=\"10.1.1.2:8080\"}}"),
+    ]);
+    eventually("A's SYN replayed", || replayed(&topo) >= 1.0);
 }
 
 /// The VIP both tenants use.

@@ -20,6 +20,8 @@ pub enum MapChange {
     /// The per-scope backends of a VIP (`(scope, backends)`), after its entry's upsert; empty
     /// when it is no longer scoped (or removed).
     Scopes {
+        /// The VIP's key.
+        key: VipKey,
         /// The VIP's id.
         vip_id: u32,
         /// Its backends on each scope where it is.
@@ -149,6 +151,7 @@ impl VipRegistry {
             if let Some(entry) = self.remove(&vip) {
                 if was_scoped {
                     changes.push(MapChange::Scopes {
+                        key: vip.key(),
                         vip_id: entry.vip_id,
                         scopes: Vec::new(),
                     });
@@ -188,6 +191,7 @@ impl VipRegistry {
                     .map(|s| (s.scope, s.backends))
                     .collect();
                 changes.push(MapChange::Scopes {
+                    key,
                     vip_id: entry.vip_id,
                     scopes,
                 });

@@ -564,7 +564,7 @@ impl Agent {
             }
         }
         for change in changes {
-            if let MapChange::Scopes { vip_id, scopes } = change {
+            if let MapChange::Scopes { vip_id, scopes, .. } = change {
                 self.datapath.set_vip_scopes(*vip_id, scopes)?;
             }
         }

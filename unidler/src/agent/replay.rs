@@ -10,47 +10,78 @@ use super::Agent;
 use crate::{
     datapath::{self, HeldBytes},
     forwarding::{self, ForwardingCheck},
+    hold::HoldKey,
     registry::MapChange,
     vip::Vip,
 };
 
 impl Agent {
-    /// Opening packets the kernel dropped for idle VIPs: held (within the limits).
+    /// Opening packets the kernel dropped for idle VIPs: held (within the limits), a scoped
+    /// VIP's on the scope of the interface each arrived on.
     pub(super) fn on_held_packets(&mut self, frames: Vec<HeldBytes>) {
         let now = datapath::monotonic_ns();
         let vips: HashSet<VipKey> = frames.iter().map(|f| f.vip).collect();
         for frame in frames {
-            self.held.hold(frame, now);
+            let scope = self.hold_scope(&frame.vip, frame.ifindex);
+            self.held.hold_in(frame, scope, now);
         }
         // Frames the kernel held just before their VIP got a backend.
         for vip in vips {
-            if self.has_backends(&vip) {
-                self.backends_appeared(vip);
-            }
+            self.held_follow(vip);
         }
         self.held.replay_due(now, &mut self.datapath);
     }
 
-    /// Whether the registry gives `vip` backends now.
-    pub(super) fn has_backends(&self, vip: &VipKey) -> bool {
-        Vip::from_key(vip)
-            .and_then(|v| self.registry.get(&v))
-            .is_some_and(|e| e.backends > 0)
+    /// What a held packet of `vip` from interface `ifindex` waits on: for a scoped VIP the
+    /// interface's scope, else the VIP node-wide (0).
+    fn hold_scope(&self, vip: &VipKey, ifindex: u32) -> u32 {
+        let scoped = Vip::from_key(vip).is_some_and(|v| self.registry.scopes(&v).is_some());
+        match scoped {
+            true => self.iface_scopes.get(&ifindex).copied().unwrap_or(0),
+            false => 0,
+        }
     }
 
-    /// `vip` has a backend: its held packets are due once the node's forwarding carries it
-    /// (checked off the loop, with VIPs from OVN), else at once.
-    pub(super) fn backends_appeared(&mut self, vip: VipKey) {
-        if self.held.held_for(&vip) == 0 {
-            return;
+    /// Whether `vip` has backends now for packets waiting on `scope` (0: node-wide): on a
+    /// scope, the VIP's backends there, or, if it is not there (any more), yes: the kernel
+    /// passes such packets on.
+    pub(super) fn has_backends(&self, vip: &VipKey, scope: u32) -> bool {
+        let Some(vip) = Vip::from_key(vip) else {
+            return false;
+        };
+        if scope != 0
+            && let Some(scopes) = self.registry.scopes(&vip)
+        {
+            return scopes
+                .iter()
+                .find(|s| s.scope == scope)
+                .is_none_or(|s| s.backends > 0);
         }
+        self.registry.get(&vip).is_some_and(|e| e.backends > 0)
+    }
+
+    /// Tells each of `vip`'s waiting groups whether it has a backend now.
+    fn held_follow(&mut self, vip: VipKey) {
+        for scope in self.held.scopes_held(&vip) {
+            let key = HoldKey { vip, scope };
+            if self.has_backends(&vip, scope) {
+                self.backends_appeared(key);
+            } else {
+                self.held.backends_gone(&key);
+            }
+        }
+    }
+
+    /// `key` has a backend: its held packets are due once the node's forwarding carries the
+    /// VIP (checked off the loop, with VIPs from OVN), else at once.
+    pub(super) fn backends_appeared(&mut self, key: HoldKey) {
         match &self.forwarding {
             Some((reader, done)) => {
-                if self.forwarding_pending.insert(vip) {
-                    reader.wait_for(vip, done.clone());
+                if self.forwarding_pending.insert(key.vip) {
+                    reader.wait_for(key.vip, done.clone());
                 }
             }
-            None => self.held.backends_appeared(&vip, datapath::monotonic_ns()),
+            None => self.held.backends_appeared(&key, datapath::monotonic_ns()),
         }
     }
 
@@ -70,11 +101,13 @@ impl Agent {
                 }
             }
         }
-        if self.has_backends(&vip) {
-            let now = datapath::monotonic_ns();
-            self.held.backends_appeared(&vip, now);
-            self.held.replay_due(now, &mut self.datapath);
+        let now = datapath::monotonic_ns();
+        for scope in self.held.scopes_held(&vip) {
+            if self.has_backends(&vip, scope) {
+                self.held.backends_appeared(&HoldKey { vip, scope }, now);
+            }
         }
+        self.held.replay_due(now, &mut self.datapath);
     }
 
     /// Held packets due: replayed, or discarded when too old.
@@ -92,10 +125,10 @@ impl Agent {
         let now = datapath::monotonic_ns();
         for change in changes {
             match change {
-                MapChange::Upsert(key, state) if state.backends > 0 => self.backends_appeared(*key),
-                MapChange::Upsert(key, _) => self.held.backends_gone(key),
+                MapChange::Upsert(key, _) | MapChange::Scopes { key, .. } => {
+                    self.held_follow(*key);
+                }
                 MapChange::Remove(key) => self.held.vip_removed(key, &mut self.datapath),
-                MapChange::Scopes { .. } => {}
             }
         }
         self.held.replay_due(now, &mut self.datapath);

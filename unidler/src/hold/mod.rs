@@ -135,10 +135,29 @@ struct VipHold {
     wait_observed: bool,
 }
 
+/// What held packets wait on together: a VIP, on one scope (the logical datapath of the
+/// interfaces they arrived on, for a scoped VIP), or node-wide (scope 0).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct HoldKey {
+    /// The VIP.
+    pub vip: VipKey,
+    /// The scope; 0: node-wide.
+    pub scope: u32,
+}
+
+impl HoldKey {
+    /// `vip`, node-wide.
+    pub fn node_wide(vip: VipKey) -> Self {
+        Self { vip, scope: 0 }
+    }
+}
+
 /// The held packets of every VIP.
 pub struct HeldPackets {
     limits: HoldLimits,
-    vips: HashMap<VipKey, VipHold>,
+    vips: HashMap<HoldKey, VipHold>,
+    /// Packets held per VIP (over its scopes).
+    per_vip: HashMap<VipKey, usize>,
     /// Flows held now (a retransmission of one is not held again).
     flows: HashSet<FlowKey>,
     /// Flows whose answer the kernel watches.
@@ -158,6 +177,7 @@ impl HeldPackets {
         Self {
             limits,
             vips: HashMap::new(),
+            per_vip: HashMap::new(),
             flows: HashSet::new(),
             watched: HashSet::new(),
             total: 0,
@@ -182,12 +202,29 @@ impl HeldPackets {
 
     /// Packets held now for `vip`.
     pub fn held_for(&self, vip: &VipKey) -> usize {
-        self.vips.get(vip).map_or(0, |h| h.packets.len())
+        self.per_vip.get(vip).copied().unwrap_or(0)
     }
 
-    /// A dropped opening packet from the kernel: kept unless it repeats a held flow or a
-    /// limit is reached.
+    /// The scopes `vip` has packets held on (0: node-wide).
+    pub fn scopes_held(&self, vip: &VipKey) -> Vec<u32> {
+        if self.held_for(vip) == 0 {
+            return Vec::new();
+        }
+        self.vips
+            .keys()
+            .filter(|k| k.vip == *vip)
+            .map(|k| k.scope)
+            .collect()
+    }
+
+    /// A dropped opening packet from the kernel, waiting node-wide (see [`HeldPackets::hold_in`]).
     pub fn hold(&mut self, held: HeldBytes, now_ns: u64) {
+        self.hold_in(held, 0, now_ns);
+    }
+
+    /// A dropped opening packet from the kernel, waiting on `scope` (0: node-wide): kept
+    /// unless it repeats a held flow or a limit is reached.
+    pub fn hold_in(&mut self, held: HeldBytes, scope: u32, now_ns: u64) {
         let Some(parsed) = frame::parse(&held.frame) else {
             debug!(
                 len = held.frame.len(),
@@ -202,8 +239,7 @@ impl HeldPackets {
             self.metrics.count("retransmission", 1);
             return;
         }
-        let per_vip = self.vips.get(&held.vip).map_or(0, |h| h.packets.len());
-        if per_vip >= self.limits.per_vip {
+        if self.held_for(&held.vip) >= self.limits.per_vip {
             self.metrics.count("over_limit_vip", 1);
             return;
         }
@@ -212,7 +248,14 @@ impl HeldPackets {
             return;
         }
         let replay_after = self.limits.replay_after.as_nanos() as u64;
-        let vip = self.vips.entry(held.vip).or_default();
+        *self.per_vip.entry(held.vip).or_default() += 1;
+        let vip = self
+            .vips
+            .entry(HoldKey {
+                vip: held.vip,
+                scope,
+            })
+            .or_default();
         // A packet that the kernel held just before the agent learnt of the backend is due
         // with the others (or at once, if they are).
         let next_replay_ns = vip
@@ -232,9 +275,9 @@ impl HeldPackets {
         self.metrics.held_now.set(self.total as i64);
     }
 
-    /// `vip` has a backend now: its packets are replayed from `replay_after` on.
-    pub fn backends_appeared(&mut self, vip: &VipKey, now_ns: u64) {
-        let Some(hold) = self.vips.get_mut(vip) else {
+    /// `key` has a backend now: its packets are replayed from `replay_after` on.
+    pub fn backends_appeared(&mut self, key: &HoldKey, now_ns: u64) {
+        let Some(hold) = self.vips.get_mut(key) else {
             return;
         };
         if hold.waking_since_ns.is_some() {
@@ -247,25 +290,29 @@ impl HeldPackets {
             packet.next_replay_ns = first;
         }
         info!(
-            vip = ?crate::vip::Vip::from_key(vip),
+            vip = ?crate::vip::Vip::from_key(&key.vip),
+            scope = key.scope,
             held = hold.packets.len(),
             "VIP has a backend: replaying its held packets"
         );
     }
 
-    /// `vip` is idle again: its packets wait for the next backend.
-    pub fn backends_gone(&mut self, vip: &VipKey) {
-        if let Some(hold) = self.vips.get_mut(vip) {
+    /// `key` is idle again: its packets wait for the next backend.
+    pub fn backends_gone(&mut self, key: &HoldKey) {
+        if let Some(hold) = self.vips.get_mut(key) {
             hold.waking_since_ns = None;
         }
     }
 
-    /// `vip` was deleted: its packets are discarded.
+    /// `vip` was deleted: its packets (on every scope) are discarded.
     pub fn vip_removed(&mut self, vip: &VipKey, replayer: &mut impl Replayer) {
-        if let Some(hold) = self.vips.remove(vip) {
+        for scope in self.scopes_held(vip) {
+            let Some(hold) = self.vips.remove(&HoldKey { vip: *vip, scope }) else {
+                continue;
+            };
             let n = hold.packets.len();
             for packet in hold.packets {
-                self.release(&packet, replayer);
+                self.release(vip, &packet, replayer);
             }
             self.metrics.count("discarded", n as u64);
             self.metrics.held_now.set(self.total as i64);
@@ -278,7 +325,7 @@ impl HeldPackets {
     /// Replays what is due at `now_ns` and discards what is too old.
     pub fn replay_due(&mut self, now_ns: u64, replayer: &mut impl Replayer) {
         let max_age = self.limits.max_age.as_nanos() as u64;
-        let mut done: Vec<(VipKey, usize, &'static str)> = Vec::new();
+        let mut done: Vec<(HoldKey, usize, &'static str)> = Vec::new();
         for (key, hold) in &mut self.vips {
             let first_seen = hold.packets_first_seen();
             for (at, packet) in hold.packets.iter_mut().enumerate() {
@@ -351,15 +398,21 @@ impl HeldPackets {
             if outcome != "delivered" {
                 self.metrics.count(outcome, 1);
             }
-            self.release(&packet, replayer);
+            self.release(&key.vip, &packet, replayer);
         }
         self.vips.retain(|_, hold| !hold.packets.is_empty());
         self.metrics.held_now.set(self.total as i64);
     }
 
-    /// Forgets a packet that left the hold.
-    fn release(&mut self, packet: &HeldPacket, replayer: &mut impl Replayer) {
+    /// Forgets a packet of `vip` that left the hold.
+    fn release(&mut self, vip: &VipKey, packet: &HeldPacket, replayer: &mut impl Replayer) {
         self.total -= 1;
+        if let Some(n) = self.per_vip.get_mut(vip) {
+            *n -= 1;
+            if *n == 0 {
+                self.per_vip.remove(vip);
+            }
+        }
         self.flows.remove(&packet.flow);
         if self.watched.remove(&packet.flow)
             && let Err(e) = replayer.forget(&packet.flow, self.watched.is_empty())
@@ -505,7 +558,7 @@ mod tests {
         hold.hold(packet(1001, 17, 0), 0);
         hold.replay_due(10 * MS, &mut kernel);
         assert!(kernel.replays.is_empty(), "nothing replayed while idle");
-        hold.backends_appeared(&vip(), 100 * MS);
+        hold.backends_appeared(&HoldKey::node_wide(vip()), 100 * MS);
         assert_eq!(hold.next_due_ns(), Some(100 * MS));
         hold.replay_due(100 * MS, &mut kernel);
         assert_eq!(

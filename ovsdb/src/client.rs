@@ -33,7 +33,8 @@ pub struct MonitorRequest {
     pub table: String,
     /// Columns to replicate; `None` for all.
     pub columns: Option<Vec<String>>,
-    /// Only rows matching all of these (conditional monitoring); empty for all rows.
+    /// Only rows matching any of these (conditional monitoring: ovsdb-server takes a
+    /// monitor's conditions as a disjunction, unlike a transaction's); empty for all rows.
     pub conditions: Vec<Condition>,
     /// Where the table's rows go instead of the replica (see [`TableConsumer`]); `None`
     /// replicates them.
@@ -57,7 +58,7 @@ impl MonitorRequest {
         self
     }
 
-    /// Only rows matching `condition` (repeatable: all must hold).
+    /// Also rows matching `condition` (repeatable: a row matching any of them is monitored).
     pub fn matching(mut self, condition: Condition) -> Self {
         self.conditions.push(condition);
         self
@@ -225,7 +226,7 @@ impl Client {
     }
 
     /// Changes which rows of a monitored table are replicated (conditional monitoring): from
-    /// now on only rows matching all of `conditions` (every row for none). Sent to the server
+    /// now on only rows matching any of `conditions` (every row for none). Sent to the server
     /// at once if connected (`monitor_cond_change`: rows that stop matching leave the replica,
     /// rows that start matching enter it, as a change set), and used by every later session.
     pub async fn set_conditions(

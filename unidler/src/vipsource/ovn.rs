@@ -772,14 +772,15 @@ impl TableConsumer for LoadBalancerSource {
         let mut local_changed = false;
         if datapaths_changed {
             let local = LocalDatapaths::from_replica(replica, &mut self.vips.ids);
-            if local != self.vips.local {
-                if local.port_scopes != self.vips.local.port_scopes {
-                    self.port_scopes
-                        .send_replace(Arc::new(local.port_scopes.clone()));
-                }
-                self.vips.local = local;
-                local_changed = true;
+            if local.port_scopes != self.vips.local.port_scopes {
+                self.port_scopes
+                    .send_replace(Arc::new(local.port_scopes.clone()));
             }
+            // Pods come and go on the same switches: only new datapaths (or groups) change
+            // which load balancers apply, and so every VIP.
+            local_changed = local.datapaths != self.vips.local.datapaths
+                || local.groups != self.vips.local.groups;
+            self.vips.local = local;
         }
         let update = if self.loading || local_changed || global != self.vips.global_event {
             self.vips.global_event = global;
@@ -1182,6 +1183,18 @@ mod tests {
                 gateway: None,
             }
         );
+
+        // Another pod on A's switch: its scope is published, no VIP changes.
+        d.replicate(
+            "Port_Binding",
+            0x53,
+            Row::from([
+                ("logical_port".to_owned(), Value::from("pod-a2")),
+                ("datapath".to_owned(), Value::from(uuid(0x41))),
+            ]),
+        );
+        assert!(d.done().is_none(), "a pod on a known switch changes no VIP");
+        assert_eq!(d.source.port_scopes.borrow().ports.get("pod-a2"), Some(&1));
 
         // B's backend goes: both idle, but each names its own load balancer.
         let drained = Row::from([("vips".to_owned(), Value::string_map([("10.0.0.5:80", "")]))]);

@@ -230,6 +230,43 @@ fn two_tenants_reusing_a_vip_are_each_judged_by_their_own_load_balancer() {
             .unwrap_or(0.0)
     };
     assert_eq!(metric(&topo, "unidler_held_packets"), 1.0, "A's SYN held");
+    // What the operator sees: the VIP's state per switch, and each interface's scope.
+    let api = |path: &str| -> serde_json::Value {
+        let body = topo
+            .in_server(|| http_get("127.0.0.1:9478".parse().unwrap(), path))
+            .expect("api");
+        serde_json::from_str(&body).expect("JSON")
+    };
+    let vips = api("/api/vips");
+    let x = vips
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["vip"] == format!("{}:{VIP_PORT}", ovsdb_server_vip()))
+        .expect("the tenants' VIP listed");
+    let scopes: Vec<(u64, u64)> = x["scopes"]
+        .as_array()
+        .expect("scopes listed")
+        .iter()
+        .map(|s| {
+            (
+                s["scope"].as_u64().unwrap(),
+                s["backends"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(scopes, [(101, 0), (102, 1)], "{x}");
+    let interfaces = api("/api/interfaces");
+    let scope_of = |iface: &str| {
+        interfaces
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["iface"] == iface)
+            .map(|r| r["scope"].clone())
+    };
+    assert_eq!(scope_of(&pods[0].0), Some(serde_json::json!(101)));
+    assert_eq!(scope_of(&uplink), Some(serde_json::json!(103)));
     assert_eq!(replayed(&topo), 0.0, "A's switch is still idle");
 
     // B's backend goes: B's pod is caught too, and its row names B's load balancer.

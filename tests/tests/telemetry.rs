@@ -149,11 +149,16 @@ fn metrics_health_and_inspection_during_real_traffic() {
             .is_some_and(|l| l.contains("10.77.0.2:80") && l.contains("dropped")),
         "{events}"
     );
-    // The interfaces and their hook: TC on this veth (auto).
+    // The interfaces and their hook: TC on this veth (auto); no scope (VIPs not from OVN).
     let interfaces = in_ns(&topo, &["interfaces"]);
-    let row = interfaces.lines().nth(1).unwrap_or_default();
+    let row: Vec<&str> = interfaces
+        .lines()
+        .nth(1)
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect();
     assert!(
-        row.contains(&topo.server_if) && row.trim_end().ends_with("tc"),
+        row.len() == 4 && row[0] == topo.server_if && row[2] == "tc" && row[3] == "-",
         "{interfaces}"
     );
 

@@ -496,9 +496,19 @@ fn show_vips(args: &ClientArgs) -> Result<()> {
         return Ok(());
     }
     let rows: Vec<VipRow> = serde_json::from_str(&body).context("agent's VIP table")?;
-    let table: Vec<[String; 7]> = rows
+    let table: Vec<[String; 8]> = rows
         .into_iter()
         .map(|r| {
+            // A scoped VIP's state per scope: `scope:backends`.
+            let scopes = if r.scopes.is_empty() {
+                "-".to_owned()
+            } else {
+                r.scopes
+                    .iter()
+                    .map(|s| format!("{}:{}", s.scope, s.backends))
+                    .collect::<Vec<_>>()
+                    .join(",")
+            };
             [
                 r.vip,
                 r.protocol,
@@ -507,6 +517,7 @@ fn show_vips(args: &ClientArgs) -> Result<()> {
                 r.hits.to_string(),
                 r.held.to_string(),
                 r.load_balancer.unwrap_or_else(|| "-".into()),
+                scopes,
             ]
         })
         .collect();
@@ -519,6 +530,7 @@ fn show_vips(args: &ClientArgs) -> Result<()> {
             "HITS",
             "HELD",
             "LOAD BALANCER",
+            "SCOPES",
         ],
         &table,
     );
@@ -532,11 +544,14 @@ fn show_interfaces(args: &ClientArgs) -> Result<()> {
         return Ok(());
     }
     let rows: Vec<InterfaceRow> = serde_json::from_str(&body).context("agent's interfaces")?;
-    let table: Vec<[String; 3]> = rows
+    let table: Vec<[String; 4]> = rows
         .into_iter()
-        .map(|r| [r.iface, r.ifindex.to_string(), r.hook])
+        .map(|r| {
+            let scope = r.scope.map_or_else(|| "-".into(), |s| s.to_string());
+            [r.iface, r.ifindex.to_string(), r.hook, scope]
+        })
         .collect();
-    print_table(["INTERFACE", "IFINDEX", "HOOK"], &table);
+    print_table(["INTERFACE", "IFINDEX", "HOOK", "SCOPE"], &table);
     Ok(())
 }
 

@@ -41,7 +41,7 @@ use crate::{
     sink::{ControllerEventSink, SinkOptions},
     southbound::Southbound,
     telemetry::{
-        self, InterfaceRow, Query, Readiness, VipRow,
+        self, InterfaceRow, Query, Readiness, ScopeRow, VipRow,
         metrics::{self, AgentMetrics},
     },
     vip::{DesiredVip, Vip, VipUpdate},
@@ -588,6 +588,7 @@ impl Agent {
                         iface: iface.to_owned(),
                         ifindex,
                         hook: hook.name().to_owned(),
+                        scope: self.iface_scopes.get(&ifindex).copied(),
                     })
                     .collect();
                 rows.sort_by(|a, b| a.iface.cmp(&b.iface));
@@ -611,6 +612,17 @@ impl Agent {
                     hits: 0,
                     held: self.held.held_for(&e.vip.key()),
                     load_balancer: e.load_balancer.as_ref().map(ToString::to_string),
+                    scopes: self
+                        .registry
+                        .scopes(&e.vip)
+                        .unwrap_or_default()
+                        .iter()
+                        .map(|s| ScopeRow {
+                            scope: s.scope,
+                            backends: s.backends,
+                            load_balancer: s.load_balancer.as_ref().map(ToString::to_string),
+                        })
+                        .collect(),
                 };
                 (e.vip.key(), row)
             })

@@ -35,6 +35,9 @@ pub struct InterfaceRow {
     pub ifindex: u32,
     /// The hook the datapath is attached with (`xdp`, `xdp-generic`, `xdp-any`, `tc`).
     pub hook: String,
+    /// Its scope (in OVN, the tunnel key of its logical datapath), if it has one.
+    #[serde(default)]
+    pub scope: Option<u32>,
 }
 
 /// One row of `unidler vips`.
@@ -54,6 +57,20 @@ pub struct VipRow {
     #[serde(default)]
     pub held: usize,
     /// Northbound load balancer, if known.
+    pub load_balancer: Option<String>,
+    /// For a VIP that differs between this node's logical datapaths: its state on each.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub scopes: Vec<ScopeRow>,
+}
+
+/// A scoped VIP's state on one scope, in `unidler vips`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ScopeRow {
+    /// The scope (in OVN, a logical datapath's tunnel key).
+    pub scope: u32,
+    /// The VIP's backends there.
+    pub backends: u32,
+    /// The load balancer events name there.
     pub load_balancer: Option<String>,
 }
 

@@ -557,6 +557,7 @@ impl OvnVips {
                 });
             }
         }
+        scoped.sort_by_key(|e| e.scope);
         Some(DesiredVip {
             vip: *vip,
             backends,

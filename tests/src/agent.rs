@@ -119,16 +119,29 @@ impl Agent {
     /// Waits until a log line contains `needle`.
     #[track_caller]
     pub fn wait_for_log(&mut self, needle: &str, timeout: Duration) -> String {
+        self.wait_for_logs(needle, 1, timeout)
+    }
+
+    /// Waits (at most `timeout`) until the agent has logged `count` lines containing
+    /// `needle`; returns the last of them. Panics with the log so far otherwise.
+    #[track_caller]
+    pub fn wait_for_logs(&mut self, needle: &str, count: usize, timeout: Duration) -> String {
         let deadline = Instant::now() + timeout;
         loop {
-            if let Some(line) = self.log.iter().find(|l| l.contains(needle)) {
+            if let Some(line) = self
+                .log
+                .iter()
+                .filter(|l| l.contains(needle))
+                .nth(count - 1)
+            {
                 return line.clone();
             }
             let left = deadline.saturating_duration_since(Instant::now());
             match self.stderr.recv_timeout(left) {
                 Ok(line) => self.log.push(line),
                 Err(RecvTimeoutError::Timeout) => panic!(
-                    "agent did not log {needle:?} within {timeout:?}; log so far:\n{}",
+                    "agent did not log {needle:?} {count} time(s) within {timeout:?}; log so \
+                     far:\n{}",
                     self.log.join("\n")
                 ),
                 Err(RecvTimeoutError::Disconnected) => {

@@ -28,3 +28,16 @@ pub fn require_root() {
 }
 
 pub use ovsdb_harness::die_with_parent;
+
+/// Waits until `check` holds, at most `timeout`; panics naming `what` otherwise.
+#[track_caller]
+pub fn eventually(what: &str, timeout: std::time::Duration, mut check: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + timeout;
+    while !check() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}

@@ -44,6 +44,51 @@ impl Southbound for Cluster {
     }
 }
 
+/// A node's local Open_vSwitch database without ovs-vswitchd (what the agent reads to follow
+/// OVN's interfaces): `br-int`, and `br-ex` mapped as `physnet:br-ex` in
+/// `external_ids:ovn-bridge-mappings`.
+pub struct LocalOvs {
+    /// The server.
+    pub server: OvsdbServer,
+}
+
+impl LocalOvs {
+    /// Starts the server and sets up both bridges.
+    #[track_caller]
+    pub fn start() -> Self {
+        let ovs = Self {
+            server: OvsdbServer::standalone(
+                "ovs",
+                "/usr/share/openvswitch/vswitch.ovsschema",
+                Listen::default(),
+            ),
+        };
+        ovs.vsctl(&["init"]);
+        ovs.vsctl(&["add-br", "br-int"]);
+        ovs.vsctl(&["add-br", "br-ex"]);
+        ovs.vsctl(&[
+            "set",
+            "Open_vSwitch",
+            ".",
+            "external_ids:ovn-bridge-mappings=physnet:br-ex",
+        ]);
+        ovs
+    }
+
+    /// Runs `ovs-vsctl --no-wait` (nothing to wait for without ovs-vswitchd); returns stdout.
+    #[track_caller]
+    pub fn vsctl(&self, args: &[&str]) -> String {
+        let mut all = vec!["--no-wait"];
+        all.extend_from_slice(args);
+        self.server.ctl("ovs-vsctl", &all)
+    }
+
+    /// Its `unix:` remote.
+    pub fn remote(&self) -> String {
+        self.server.unix_remote()
+    }
+}
+
 /// A standalone OVN Southbound server on a unix socket (plus `listen`), started.
 #[track_caller]
 pub fn southbound(listen: Listen) -> OvsdbServer {

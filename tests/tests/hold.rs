@@ -15,6 +15,7 @@ use std::{
 use unidler::telemetry::http_get;
 use unidler_tests::{
     agent::Agent,
+    eventually,
     netns::{
         CLIENT_V4, SERVER_V4, SERVER_V6, Topology, connect_in_background, echoes, send_frames,
     },
@@ -76,16 +77,6 @@ fn hold_count(topo: &Topology, outcome: &str) -> f64 {
         &metrics(topo),
         &format!("unidler_hold_packets_total{{outcome=\"{outcome}\"}}"),
     )
-}
-
-/// Repeats `check` every 20 ms until it holds, or panics after `timeout`.
-#[track_caller]
-fn eventually(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !check() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 /// A TCP echo listener on the server at `addr`, counting the connections it accepts.

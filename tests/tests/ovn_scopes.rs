@@ -6,12 +6,13 @@
 
 use std::{
     net::{IpAddr, Ipv4Addr},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use unidler::telemetry::http_get;
 use unidler_tests::{
     agent::Agent,
+    eventually,
     frames::Frame,
     netns::{in_netns, send_frames},
     ovn_chassis::{CLIENT_V4, OvnNode, SWITCH},
@@ -23,15 +24,8 @@ const VIP: &str = "10.96.7.7:8080";
 const SWITCH_B: &str = "sw-b";
 const POD_B_V4: Ipv4Addr = Ipv4Addr::new(192, 168, 78, 11);
 const POD_B_MAC: [u8; 6] = [0x02, 0x78, 0, 0, 1, 0x11];
-
-#[track_caller]
-fn eventually(what: &str, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !check() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
+/// How long a test waits for what should happen.
+const WAIT: Duration = Duration::from_secs(20);
 
 #[test]
 fn on_a_real_ovn_node_each_tenant_is_judged_by_its_own_switch() {
@@ -77,16 +71,7 @@ fn on_a_real_ovn_node_each_tenant_is_judged_by_its_own_switch() {
         ],
     );
     agent.wait_for_log("VIP map synced", Duration::from_secs(20));
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while agent
-        .log_lines()
-        .filter(|l| l.contains("interface scoped to its logical datapath"))
-        .count()
-        < 2
-    {
-        assert!(Instant::now() < deadline, "both pods' interfaces scoped");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    agent.wait_for_logs("interface scoped to its logical datapath", 2, WAIT);
 
     let metric = |series: &str| {
         let text = in_netns(&node.node_ns, || {
@@ -112,14 +97,14 @@ fn on_a_real_ovn_node_each_tenant_is_judged_by_its_own_switch() {
     in_netns(&node.client_ns, || {
         send_frames(&client_if, [syn(CLIENT_V4, 41000)])
     });
-    eventually("A's row", || rows_naming(&lb_a) == 1);
+    eventually("A's row", WAIT, || rows_naming(&lb_a) == 1);
     let idle_hits = metric("unidler_kernel_idle_hits_total");
     let vip_hits = metric("unidler_kernel_vip_hits_total");
     assert_eq!(idle_hits, 1.0, "A's SYN was caught here, not by OVN");
 
     // Tenant B's pod, same VIP: B's switch has a backend: passed on to OVN.
     in_netns(&pod_b_ns, || send_frames(&pod_b_if, [syn(POD_B_V4, 42000)]));
-    eventually("B's SYN seen", || {
+    eventually("B's SYN seen", WAIT, || {
         metric("unidler_kernel_vip_hits_total") > vip_hits
     });
     std::thread::sleep(Duration::from_millis(300));
@@ -141,7 +126,7 @@ fn on_a_real_ovn_node_each_tenant_is_judged_by_its_own_switch() {
     agent.wait_for_log("VIP map updated", Duration::from_secs(10));
     std::thread::sleep(Duration::from_millis(200));
     in_netns(&pod_b_ns, || send_frames(&pod_b_if, [syn(POD_B_V4, 42001)]));
-    eventually("B's row", || rows_naming(&lb_b) == 1);
+    eventually("B's row", WAIT, || rows_naming(&lb_b) == 1);
     assert_eq!(
         metric("unidler_kernel_idle_hits_total"),
         idle_hits + 1.0,

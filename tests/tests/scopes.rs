@@ -3,20 +3,19 @@
 //! `ovsdb-server`s (the Southbound database with the switches, this node's ports and the load
 //! balancers; the local Open_vSwitch database with the pods' VIFs) and the pods' veths.
 
-use std::{
-    net::IpAddr,
-    time::{Duration, Instant},
-};
+use std::{net::IpAddr, time::Duration};
 
 use unidler::telemetry::http_get;
 use unidler_tests::{
     agent::Agent,
+    eventually,
     netns::{CLIENT_V4, Topology, send_frames, syn_to_server},
-    ovsdb_server::{self, CHASSIS, Listen, OvsdbServer, Southbound as _, TempDir},
+    ovsdb_server::{self, CHASSIS, LocalOvs, Southbound as _, TempDir},
     require_root,
 };
 
-const VSWITCH_SCHEMA: &str = "/usr/share/openvswitch/vswitch.ovsschema";
+/// How long a test waits for what should happen.
+const WAIT: Duration = Duration::from_secs(10);
 const VIP_PORT: u16 = 8080;
 const LB_A: &str = "aaaaaaaa-0000-0000-0000-000000000001";
 const LB_B: &str = "bbbbbbbb-0000-0000-0000-000000000002";
@@ -36,15 +35,6 @@ fn metric(topo: &Topology, series: &str) -> f64 {
         .expect("metrics");
     unidler_tests::prometheus::sample(&text, series)
         .unwrap_or_else(|| panic!("no {series} in:\n{text}"))
-}
-
-#[track_caller]
-fn eventually(what: &str, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !check() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 #[test]
@@ -104,21 +94,8 @@ fn two_tenants_reusing_a_vip_are_each_judged_by_their_own_load_balancer() {
     load_balancer("lb-gw", LB_GW, &router, "");
 
     // The local Open_vSwitch database, and the pods' veths (the peer plays the pod).
-    let ovs = OvsdbServer::standalone("ovs", VSWITCH_SCHEMA, Listen::default());
-    let vsctl = |args: &[&str]| {
-        let mut all = vec!["--no-wait"];
-        all.extend_from_slice(args);
-        ovs.ctl("ovs-vsctl", &all)
-    };
-    vsctl(&["init"]);
-    vsctl(&["add-br", "br-int"]);
-    vsctl(&["add-br", "br-ex"]);
-    vsctl(&[
-        "set",
-        "Open_vSwitch",
-        ".",
-        "external_ids:ovn-bridge-mappings=physnet:br-ex",
-    ]);
+    let ovs = LocalOvs::start();
+    let vsctl = |args: &[&str]| ovs.vsctl(args);
     let base = topo.server_if.trim_end_matches('s').to_owned();
     let pods = [
         (format!("{base}aa"), format!("{base}ab"), "pod-a"),
@@ -147,7 +124,7 @@ fn two_tenants_reusing_a_vip_are_each_judged_by_their_own_load_balancer() {
     }
 
     let state = TempDir::new("scstate");
-    let (ovs_db, sb_db) = (ovs.unix_remote(), sb.unix_remote());
+    let (ovs_db, sb_db) = (ovs.remote(), sb.unix_remote());
     let mut agent = Agent::start(
         &topo.server_ns,
         &[
@@ -182,16 +159,7 @@ fn two_tenants_reusing_a_vip_are_each_judged_by_their_own_load_balancer() {
     vsctl(&["add-port", "br-ex", &uplink]);
     agent.wait_for_log(&format!("iface={uplink} "), Duration::from_secs(10));
     // Two VIFs on their switches, the uplink on the gateway router.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while agent
-        .log_lines()
-        .filter(|l| l.contains("interface scoped to its logical datapath"))
-        .count()
-        < 3
-    {
-        assert!(Instant::now() < deadline, "three interfaces scoped");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    agent.wait_for_logs("interface scoped to its logical datapath", 3, WAIT);
 
     let syn = |sport| syn_to_server(IpAddr::V4(CLIENT_V4), sport, VIP_PORT);
     let rows_naming = |lb: &str| {
@@ -203,14 +171,14 @@ fn two_tenants_reusing_a_vip_are_each_judged_by_their_own_load_balancer() {
 
     // Tenant A's pod: its switch's load balancer is idle: dropped, its row names lb-a.
     topo.in_server(|| send_frames(&pods[0].1, [syn(41000)]));
-    eventually("A's row", || rows_naming(LB_A) == 1);
+    eventually("A's row", WAIT, || rows_naming(LB_A) == 1);
     let idle_hits = metric(&topo, "unidler_kernel_idle_hits_total");
     let vip_hits = metric(&topo, "unidler_kernel_vip_hits_total");
     assert_eq!(idle_hits, 1.0);
 
     // Tenant B's pod, same VIP: its switch's load balancer has a backend: passed, no row.
     topo.in_server(|| send_frames(&pods[1].1, [syn(42000)]));
-    eventually("B's SYN seen", || {
+    eventually("B's SYN seen", WAIT, || {
         metric(&topo, "unidler_kernel_vip_hits_total") > vip_hits
     });
     std::thread::sleep(Duration::from_millis(300));
@@ -278,7 +246,7 @@ fn two_tenants_reusing_a_vip_are_each_judged_by_their_own_load_balancer() {
     ]);
     agent.wait_for_log("VIP map updated", Duration::from_secs(5));
     topo.in_server(|| send_frames(&pods[1].1, [syn(42001)]));
-    eventually("B's row", || rows_naming(LB_B) == 1);
+    eventually("B's row", WAIT, || rows_naming(LB_B) == 1);
     assert_eq!(rows_naming(LB_A), 1, "A's row is A's alone");
 
     // The uplink leads to the gateway router: its load balancer's VIP is caught there, the
@@ -288,7 +256,7 @@ fn two_tenants_reusing_a_vip_are_each_judged_by_their_own_load_balancer() {
     topo.in_server(|| send_frames(&outside, [syn(43000)]));
     let gw_syn = syn_to_server(IpAddr::V4(CLIENT_V4), 43001, GW_PORT);
     topo.in_server(|| send_frames(&pods[0].1, [gw_syn.clone()]));
-    eventually("both SYNs seen", || {
+    eventually("both SYNs seen", WAIT, || {
         metric(&topo, "unidler_kernel_vip_hits_total") >= vip_hits + 2.0
     });
     std::thread::sleep(Duration::from_millis(300));
@@ -298,7 +266,7 @@ fn two_tenants_reusing_a_vip_are_each_judged_by_their_own_load_balancer() {
         "neither is an idle hit"
     );
     topo.in_server(|| send_frames(&outside, [gw_syn]));
-    eventually("the router's row", || rows_naming(LB_GW) == 1);
+    eventually("the router's row", WAIT, || rows_naming(LB_GW) == 1);
 
     // A's load balancer gets a backend: A's held SYN is replayed.
     sb.sbctl(&[
@@ -307,7 +275,7 @@ fn two_tenants_reusing_a_vip_are_each_judged_by_their_own_load_balancer() {
         "lb-a",
         &format!("vips={{{vip}=\"10.1.1.2:8080\"}}"),
     ]);
-    eventually("A's SYN replayed", || replayed(&topo) >= 1.0);
+    eventually("A's SYN replayed", WAIT, || replayed(&topo) >= 1.0);
 }
 
 /// The VIP both tenants use.

@@ -8,31 +8,16 @@ use std::time::{Duration, Instant};
 use unidler_tests::{
     agent::Agent,
     netns::{CLIENT_V4, Topology, send_frames, syn_to_server},
-    ovsdb_server::{Listen, OvsdbServer},
+    ovsdb_server::LocalOvs,
     require_root,
 };
-
-const VSWITCH_SCHEMA: &str = "/usr/share/openvswitch/vswitch.ovsschema";
 
 #[test]
 fn ovn_vifs_are_followed_through_the_open_vswitch_database() {
     require_root();
     let topo = Topology::new("vf");
-    let ovs = OvsdbServer::standalone("ovs", VSWITCH_SCHEMA, Listen::default());
-    let vsctl = |args: &[&str]| {
-        let mut all = vec!["--no-wait"];
-        all.extend_from_slice(args);
-        ovs.ctl("ovs-vsctl", &all)
-    };
-    vsctl(&["init"]);
-    vsctl(&["add-br", "br-int"]);
-    vsctl(&["add-br", "br-ex"]);
-    vsctl(&[
-        "set",
-        "Open_vSwitch",
-        ".",
-        "external_ids:ovn-bridge-mappings=physnet:br-ex",
-    ]);
+    let ovs = LocalOvs::start();
+    let vsctl = |args: &[&str]| ovs.vsctl(args);
     // Pods' interfaces, in the agent's namespace (each a veth; the peer plays the pod).
     let base = topo.server_if.trim_end_matches('s').to_owned();
     let (vif, pod) = (format!("{base}va"), format!("{base}vb"));
@@ -62,7 +47,7 @@ fn ovn_vifs_are_followed_through_the_open_vswitch_database() {
             assert!(ok, "ip {args:?}");
         }
     }
-    let ovs_db = ovs.unix_remote();
+    let ovs_db = ovs.remote();
     let mut agent = Agent::start(
         &topo.server_ns,
         &[

@@ -7,6 +7,7 @@ use std::{
 
 use unidler_tests::{
     agent::{Agent, southbound_args},
+    eventually,
     load_balancers::FollowingAgent,
     netns::Topology,
     ovsdb_server::{self, OvnCentral, OvsdbServer, Southbound, TempDir},
@@ -15,16 +16,7 @@ use unidler_tests::{
 
 const WAIT: Duration = Duration::from_secs(30);
 
-/// Repeats `step` until it returns true, or panics after `WAIT`.
-#[track_caller]
-fn eventually(what: &str, mut step: impl FnMut() -> bool) {
-    let deadline = Instant::now() + WAIT;
-    while !step() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
+/// How many Controller_Event rows `sb` has.
 fn row_count(sb: &OvsdbServer) -> usize {
     sb.event_rows().len()
 }
@@ -33,7 +25,7 @@ fn row_count(sb: &OvsdbServer) -> usize {
 /// made while the agent was still learning the change may have raised one: cleared first.)
 #[track_caller]
 fn passes_without_event(topo: &Topology, sb: &OvsdbServer, what: &str) {
-    eventually(what, || topo.connects(80));
+    eventually(what, WAIT, || topo.connects(80));
     sb.sbctl(&["--all", "destroy", "Controller_Event"]);
     assert!(topo.connects(80), "{what}: still passing");
     std::thread::sleep(Duration::from_millis(300));
@@ -61,7 +53,7 @@ fn load_balancers_from_ovn_northd_drive_events_and_traffic() {
 
     // Idle with event=true: the SYN is dropped and the row names the NB load balancer.
     assert!(!topo.connects(80));
-    eventually("the Controller_Event row", || row_count(&ovn.sb) == 1);
+    eventually("the Controller_Event row", WAIT, || row_count(&ovn.sb) == 1);
     let row = &ovn.sb.event_rows()[0];
     assert_eq!(row.event_info["load_balancer"], lb_uuid.trim());
     assert_eq!(row.event_info["vip"], "10.77.0.2:80");
@@ -73,8 +65,8 @@ fn load_balancers_from_ovn_northd_drive_events_and_traffic() {
 
     // Idled again: caught again.
     ovn.set_backends("10.77.0.2:80", "");
-    eventually("the SYN to be dropped again", || !topo.connects(80));
-    eventually("a new row", || row_count(&ovn.sb) == 1);
+    eventually("the SYN to be dropped again", WAIT, || !topo.connects(80));
+    eventually("a new row", WAIT, || row_count(&ovn.sb) == 1);
     ovn.sb.sbctl(&["--all", "destroy", "Controller_Event"]);
 
     // reject=true wins over event: the packet goes on (to OVN, which would reject it).
@@ -111,12 +103,12 @@ fn load_balancers_from_ovn_northd_drive_events_and_traffic() {
         ".",
         "options:controller_event=true",
     ]);
-    eventually("the global option", || !topo.connects(80));
-    eventually("a row again", || row_count(&ovn.sb) == 1);
+    eventually("the global option", WAIT, || !topo.connects(80));
+    eventually("a row again", WAIT, || row_count(&ovn.sb) == 1);
 
     // The load balancer goes away: so does the VIP.
     ovn.nbctl(&["--wait=sb", "lb-del", "lb0"]);
-    eventually("the VIP to leave the map", || topo.connects(80));
+    eventually("the VIP to leave the map", WAIT, || topo.connects(80));
 }
 
 #[test]
@@ -149,7 +141,7 @@ fn a_vips_file_is_followed_and_a_bad_one_keeps_the_last_good_state() {
     assert_eq!(event["load_balancer"], "lb-file");
 
     write("[[vip]]\nvip = \"10.77.0.2:80\"\nbackends = 2\n");
-    eventually("the reload to activate the VIP", || topo.connects(80));
+    eventually("the reload to activate the VIP", WAIT, || topo.connects(80));
 
     write("[[vip]]\nvip = \"10.77.0.2:80\"\nbackends = \"lots\"\n");
     agent.wait_for_log("VIPs file rejected", WAIT);
@@ -161,7 +153,7 @@ fn a_vips_file_is_followed_and_a_bad_one_keeps_the_last_good_state() {
     assert!(topo.connects(80), "the last good state stays");
 
     write("[[vip]]\nvip = \"10.77.0.2:80\"\n");
-    eventually("idle again", || !topo.connects(80));
+    eventually("idle again", WAIT, || !topo.connects(80));
 
     // A bad file at start is an error, with the line.
     write("[[vip]]\nvip = \"10.77.0.2\"\n");
@@ -223,7 +215,7 @@ fn a_resync_after_reconnect_removes_vips_the_database_lost() {
     let db = sb.unix_remote();
     let args = southbound_args(&topo.server_if, &db, state.path_str());
     let _agent = Agent::start(&topo.server_ns, &args);
-    eventually("the VIP to be watched", || !topo.connects(80));
+    eventually("the VIP to be watched", WAIT, || !topo.connects(80));
     // While the agent is away from the database, the load balancer goes.
     sb.kill();
     let db_file = sb.dir.join("sb.db");
@@ -234,5 +226,5 @@ fn a_resync_after_reconnect_removes_vips_the_database_lost() {
             .arg(r#"["OVN_Southbound",{"op":"delete","table":"Load_Balancer","where":[]}]"#),
     );
     sb.start();
-    eventually("the resync to drop the VIP", || topo.connects(80));
+    eventually("the resync to drop the VIP", WAIT, || topo.connects(80));
 }

@@ -539,7 +539,13 @@ impl OvnVips {
         let (backends, name) = self.combine(vip, lbs.iter())?;
         let mut scoped = Vec::new();
         let mut differs = false;
-        for dp in &self.local.datapaths {
+        // With one local datapath every load balancer indexed here applies on it: nothing
+        // can differ.
+        let datapaths = match self.local.datapaths.as_slice() {
+            [_, _, ..] => self.local.datapaths.as_slice(),
+            _ => &[],
+        };
+        for dp in datapaths {
             let here = self.combine(
                 vip,
                 lbs.iter().filter(|key| {

@@ -247,6 +247,17 @@ pub fn namespaces_with_veth(a: (&str, &str, [u8; 6]), b: (&str, &str, [u8; 6])) 
     ]);
 }
 
+/// Creates a veth pair `a`–`b` inside namespace `ns`, both ends up (in tests, one end is the
+/// node's interface the agent follows, the other plays the pod or the outside world).
+#[track_caller]
+pub fn veth_in(ns: &str, a: &str, b: &str) {
+    sh(&[
+        "ip", "-n", ns, "link", "add", a, "type", "veth", "peer", "name", b,
+    ]);
+    sh(&["ip", "-n", ns, "link", "set", a, "up"]);
+    sh(&["ip", "-n", ns, "link", "set", b, "up"]);
+}
+
 /// Runs `f` on a scoped thread inside network namespace `name`; sockets it creates stay
 /// in that namespace.
 pub fn in_netns<T: Send>(name: &str, f: impl FnOnce() -> T + Send) -> T {

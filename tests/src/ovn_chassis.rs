@@ -218,35 +218,18 @@ impl OvnNode {
         let pod_ns = format!("{}-b", self.tag);
         let pod_if = format!("{}b", self.tag);
         let node_side = self.backend_node_if();
-        sh(&["ip", "netns", "add", &pod_ns]);
         self.backend_ns = Some(pod_ns.clone());
-        sh(&[
-            "ip",
-            "link",
-            "add",
-            &pod_if,
-            "netns",
-            &pod_ns,
-            "address",
-            &mac(BACKEND_MAC),
-            "type",
-            "veth",
-            "peer",
-            "name",
-            &node_side,
-            "netns",
-            &self.node_ns,
-            "address",
-            &mac(BACKEND_NODE_MAC),
-        ]);
+        self.pod_namespace(
+            (&pod_ns, &pod_if, BACKEND_MAC),
+            (&node_side, Some(BACKEND_NODE_MAC)),
+            BACKEND_V4,
+        );
         let p = |args: &[&str]| {
             let mut full = vec!["ip", "-n", pod_ns.as_str()];
             full.extend_from_slice(args);
             sh(&full);
         };
-        p(&["addr", "add", &format!("{BACKEND_V4}/24"), "dev", &pod_if]);
         p(&["link", "set", "lo", "up"]);
-        p(&["link", "set", &pod_if, "up"]);
         p(&["route", "add", "default", "via", &GATEWAY_V4.to_string()]);
         // The client is on-link: its MAC statically, as the logical switch knows it.
         p(&[
@@ -258,7 +241,6 @@ impl OvnNode {
             "dev",
             &pod_if,
         ]);
-        sh(&["ip", "-n", &self.node_ns, "link", "set", &node_side, "up"]);
         for (ns, iface) in [(&pod_ns, &pod_if), (&self.client_ns, &self.client_if)] {
             sh(&[
                 "ip", "netns", "exec", ns, "ethtool", "-K", iface, "tx", "off",
@@ -298,18 +280,7 @@ impl OvnNode {
             "sw0-lr0",
             "router-port=lr0-sw0",
         ]);
-        self.vsctl(&[
-            "add-port",
-            "br-int",
-            &node_side,
-            "--",
-            "set",
-            "Interface",
-            &node_side,
-            &format!("external_ids:iface-id={BACKEND_PORT}"),
-        ]);
-        self.wait_until_bound(BACKEND_PORT);
-        self.central.nbctl(&["--timeout=120", "--wait=hv", "sync"]);
+        self.bind(&node_side, BACKEND_PORT);
         pod_ns
     }
 
@@ -327,37 +298,8 @@ impl OvnNode {
         let n = self.pods.len();
         let pod_ns = format!("{}-p{n}", self.tag);
         let (pod_if, node_side) = (format!("{}p{n}", self.tag), format!("{}q{n}", self.tag));
-        sh(&["ip", "netns", "add", &pod_ns]);
         self.pods.push(pod_ns.clone());
-        sh(&[
-            "ip",
-            "link",
-            "add",
-            &pod_if,
-            "netns",
-            &pod_ns,
-            "address",
-            &mac(mac_addr),
-            "type",
-            "veth",
-            "peer",
-            "name",
-            &node_side,
-            "netns",
-            &self.node_ns,
-        ]);
-        sh(&[
-            "ip",
-            "-n",
-            &pod_ns,
-            "addr",
-            "add",
-            &format!("{ip}/24"),
-            "dev",
-            &pod_if,
-        ]);
-        sh(&["ip", "-n", &pod_ns, "link", "set", &pod_if, "up"]);
-        sh(&["ip", "-n", &self.node_ns, "link", "set", &node_side, "up"]);
+        self.pod_namespace((&pod_ns, &pod_if, mac_addr), (&node_side, None), ip);
         self.central.nbctl(&[
             "--may-exist",
             "ls-add",
@@ -371,19 +313,65 @@ impl OvnNode {
             port,
             &format!("{} {ip}", mac(mac_addr)),
         ]);
+        self.bind(&node_side, port);
+        (pod_ns, pod_if)
+    }
+
+    /// Creates namespace `pod.0` with the veth end `pod.1` (MAC `pod.2`, address `ip`/24), its
+    /// peer `node.0` (MAC `node.1`, if given) in the node's namespace; both up.
+    #[track_caller]
+    fn pod_namespace(
+        &self,
+        pod: (&str, &str, [u8; 6]),
+        node: (&str, Option<[u8; 6]>),
+        ip: Ipv4Addr,
+    ) {
+        let (pod_ns, pod_if, pod_mac) = pod;
+        sh(&["ip", "netns", "add", pod_ns]);
+        let (pod_mac, node_mac) = (mac(pod_mac), node.1.map(mac));
+        let mut link = vec![
+            "ip",
+            "link",
+            "add",
+            pod_if,
+            "netns",
+            pod_ns,
+            "address",
+            &pod_mac,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            node.0,
+            "netns",
+            &self.node_ns,
+        ];
+        if let Some(node_mac) = &node_mac {
+            link.extend(["address", node_mac.as_str()]);
+        }
+        sh(&link);
+        let addr = format!("{ip}/24");
+        sh(&["ip", "-n", pod_ns, "addr", "add", &addr, "dev", pod_if]);
+        sh(&["ip", "-n", pod_ns, "link", "set", pod_if, "up"]);
+        sh(&["ip", "-n", &self.node_ns, "link", "set", node.0, "up"]);
+    }
+
+    /// Makes `node_side` an OVS port bound to logical port `port` and waits until
+    /// ovn-controller has bound it and the chassis has its flows.
+    #[track_caller]
+    fn bind(&self, node_side: &str, port: &str) {
         self.vsctl(&[
             "add-port",
             "br-int",
-            &node_side,
+            node_side,
             "--",
             "set",
             "Interface",
-            &node_side,
+            node_side,
             &format!("external_ids:iface-id={port}"),
         ]);
         self.wait_until_bound(port);
         self.central.nbctl(&["--timeout=120", "--wait=hv", "sync"]);
-        (pod_ns, pod_if)
     }
 
     /// The node's end of the backend pod's veth (an OVS port with `iface-id` [`BACKEND_PORT`]).

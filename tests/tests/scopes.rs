@@ -9,7 +9,7 @@ use unidler::telemetry::http_get;
 use unidler_tests::{
     agent::Agent,
     eventually,
-    netns::{CLIENT_V4, Topology, send_frames, syn_to_server},
+    netns::{CLIENT_V4, Topology, send_frames, syn_to_server, veth_in},
     ovsdb_server::{self, CHASSIS, LocalOvs, Southbound as _, TempDir},
     require_root,
 };
@@ -108,19 +108,7 @@ fn two_tenants_reusing_a_vip_are_each_judged_by_their_own_load_balancer() {
         .map(|(v, p, _)| (v, p))
         .chain([(&uplink, &outside)])
     {
-        for args in [
-            vec!["link", "add", vif, "type", "veth", "peer", "name", pod],
-            vec!["link", "set", vif, "up"],
-            vec!["link", "set", pod, "up"],
-        ] {
-            let ok = std::process::Command::new("ip")
-                .args(["-n", &topo.server_ns])
-                .args(&args)
-                .status()
-                .unwrap()
-                .success();
-            assert!(ok, "ip {args:?}");
-        }
+        veth_in(&topo.server_ns, vif, pod);
     }
 
     let state = TempDir::new("scstate");

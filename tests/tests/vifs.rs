@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use unidler_tests::{
     agent::Agent,
-    netns::{CLIENT_V4, Topology, send_frames, syn_to_server},
+    netns::{CLIENT_V4, Topology, send_frames, syn_to_server, veth_in},
     ovsdb_server::LocalOvs,
     require_root,
 };
@@ -24,28 +24,7 @@ fn ovn_vifs_are_followed_through_the_open_vswitch_database() {
     let (plain, plain_peer) = (format!("{base}pa"), format!("{base}pb"));
     let (uplink, outside) = (format!("{base}ua"), format!("{base}ub"));
     for (a, b) in [(&vif, &pod), (&plain, &plain_peer), (&uplink, &outside)] {
-        for args in [
-            vec![
-                "link",
-                "add",
-                a.as_str(),
-                "type",
-                "veth",
-                "peer",
-                "name",
-                b.as_str(),
-            ],
-            vec!["link", "set", a.as_str(), "up"],
-            vec!["link", "set", b.as_str(), "up"],
-        ] {
-            let ok = std::process::Command::new("ip")
-                .args(["-n", &topo.server_ns])
-                .args(&args)
-                .status()
-                .unwrap()
-                .success();
-            assert!(ok, "ip {args:?}");
-        }
+        veth_in(&topo.server_ns, a, b);
     }
     let ovs_db = ovs.remote();
     let mut agent = Agent::start(

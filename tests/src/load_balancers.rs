@@ -11,18 +11,27 @@ use crate::{
     ovsdb_server::{self, OvsdbServer, SB_DB, TempDir},
 };
 
-/// Load balancers `lb0`, `lb1`, ... with `per_lb` VIPs each and `options:event=true`; VIP `n`
-/// (counting over all load balancers) is `10.(100 + n/65536).(n/256 % 256).(n % 256):80/tcp`.
+/// Load balancers `lb0`, `lb1`, ... with `per_lb` VIPs each; VIP `n` (counting over all load
+/// balancers) is `10.(100 + n/65536).(n/256 % 256).(n % 256):80/tcp`. The first `idle` ones
+/// are idle services' (no backends, `options:event=true`), the others active services' (a
+/// backend, no options), as ovn-kubernetes makes them.
 pub struct LoadBalancers {
     rt: tokio::runtime::Runtime,
     client: Client,
     per_lb: u32,
+    idle: u32,
 }
 
 impl LoadBalancers {
     /// Connects to `sb` and inserts `total / per_lb` load balancers, all idle, in one transaction.
     #[track_caller]
     pub fn insert(sb: &OvsdbServer, total: u32, per_lb: u32) -> Self {
+        Self::insert_some_idle(sb, total, per_lb, total / per_lb)
+    }
+
+    /// As [`LoadBalancers::insert`], with only the first `idle` load balancers idle.
+    #[track_caller]
+    pub fn insert_some_idle(sb: &OvsdbServer, total: u32, per_lb: u32, idle: u32) -> Self {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -34,11 +43,16 @@ impl LoadBalancers {
             c.wait_connected(Duration::from_secs(10)).await.unwrap();
             c
         });
-        let lbs = Self { rt, client, per_lb };
+        let lbs = Self {
+            rt,
+            client,
+            per_lb,
+            idle,
+        };
         let ops: Vec<Operation> = (0..total / per_lb)
             .map(|i| Operation::Insert {
                 table: "Load_Balancer".into(),
-                row: lbs.row(i, ""),
+                row: lbs.row(i, if i < idle { "" } else { "10.0.0.1:8080" }),
                 uuid_name: None,
             })
             .collect();
@@ -77,13 +91,20 @@ impl LoadBalancers {
                 Value::string_map(vips.iter().map(|(k, v)| (k.as_str(), v.as_str()))),
             ),
             ("protocol".to_owned(), Value::from("tcp")),
-            ("options".to_owned(), Value::string_map([("event", "true")])),
+            (
+                "options".to_owned(),
+                if index < self.idle {
+                    Value::string_map([("event", "true")])
+                } else {
+                    Value::string_map([])
+                },
+            ),
         ])
     }
 }
 
-/// An agent following `total` VIPs of [`LoadBalancers`] in a Southbound server of its own,
-/// on the server end of a namespace pair, with debug logs (its map updates are logged).
+/// An agent following the VIPs of [`LoadBalancers`] in a Southbound server of its own, on the
+/// server end of a namespace pair, with debug logs (its map updates are logged).
 pub struct FollowingAgent {
     /// The agent (declared first: it goes before what it uses).
     pub agent: Agent,
@@ -93,6 +114,7 @@ pub struct FollowingAgent {
     pub topo: Topology,
     /// How long the agent took to sync.
     pub sync: SyncTime,
+    /// The VIPs its map holds once synced.
     total: u32,
     db: String,
     state: TempDir,
@@ -114,18 +136,26 @@ impl FollowingAgent {
     /// map holds all `total` VIPs.
     #[track_caller]
     pub fn start(prefix: &str, total: u32, per_lb: u32) -> Self {
+        Self::start_some_idle(prefix, total, per_lb, total / per_lb)
+    }
+
+    /// As [`FollowingAgent::start`], with only the first `idle` load balancers idle (see
+    /// [`LoadBalancers::insert_some_idle`]): the map holds their VIPs only.
+    #[track_caller]
+    pub fn start_some_idle(prefix: &str, total: u32, per_lb: u32, idle: u32) -> Self {
         let topo = Topology::new(prefix);
         let sb = ovsdb_server::southbound_with_chassis();
-        let lbs = LoadBalancers::insert(&sb, total, per_lb);
+        let lbs = LoadBalancers::insert_some_idle(&sb, total, per_lb, idle);
         let state = TempDir::new("fstate");
         let db = sb.unix_remote();
-        let (agent, sync) = Self::run_agent(&topo, &db, &state, total);
+        let watched = idle * per_lb;
+        let (agent, sync) = Self::run_agent(&topo, &db, &state, watched);
         Self {
             agent,
             lbs,
             topo,
             sync,
-            total,
+            total: watched,
             db,
             state,
             _sb: sb,

@@ -228,3 +228,88 @@ fn a_resync_after_reconnect_removes_vips_the_database_lost() {
     sb.start();
     eventually("the resync to drop the VIP", WAIT, || topo.connects(80));
 }
+
+/// The load balancers the agent follows, and its map's idle and active VIPs, from its metrics.
+#[track_caller]
+fn followed(topo: &Topology) -> (f64, f64, f64) {
+    let metrics = topo
+        .in_server(|| unidler::telemetry::http_get("127.0.0.1:9477".parse().unwrap(), "/metrics"))
+        .expect("/metrics");
+    let sample = |series: &str| {
+        unidler_tests::prometheus::sample(&metrics, series)
+            .unwrap_or_else(|| panic!("no {series} in:\n{metrics}"))
+    };
+    (
+        sample("unidler_ovn_load_balancers"),
+        sample("unidler_vips{state=\"idle\"}"),
+        sample("unidler_vips{state=\"active\"}"),
+    )
+}
+
+/// Only load balancers that report reach the agent (conditional monitoring): the Southbound
+/// server sends those with `options:event=true`, and every one while `SB_Global` has
+/// `options:controller_event=true`. One that starts or stops reporting enters or leaves the
+/// agent's view, and its VIP the map.
+#[test]
+fn only_load_balancers_that_report_are_sent_to_the_agent() {
+    require_root();
+    let topo = Topology::new("vc");
+    let _l = topo.listen(80);
+    let sb = ovsdb_server::southbound_with_chassis();
+    // Twenty active services (no event option, as ovn-kubernetes leaves them), one idle.
+    for i in 0..20 {
+        sb.sbctl(&[
+            "create",
+            "Load_Balancer",
+            &format!("name=active{i}"),
+            "protocol=tcp",
+            &format!("vips:\"10.96.1.{i}:80\"=\"10.0.0.1:8080\""),
+        ]);
+    }
+    sb.sbctl(&[
+        "create",
+        "Load_Balancer",
+        "name=idle",
+        "protocol=tcp",
+        "options:event=true",
+        "vips:\"10.77.0.2:80\"=\"\"",
+    ]);
+    let state = TempDir::new("cstate");
+    let db = sb.unix_remote();
+    let args = southbound_args(&topo.server_if, &db, state.path_str());
+    let mut agent = Agent::start(&topo.server_ns, &args);
+    agent.wait_for_log("VIP map synced vips=1 ", WAIT);
+    assert_eq!(followed(&topo), (1.0, 1.0, 0.0), "the idle one only");
+    assert!(!topo.connects(80), "the idle VIP is watched");
+
+    // An active one that reports enters, its VIP with it.
+    sb.sbctl(&["set", "Load_Balancer", "active3", "options:event=true"]);
+    eventually("active3 followed", WAIT, || {
+        followed(&topo) == (2.0, 1.0, 1.0)
+    });
+
+    // The global option makes every load balancer report: all are sent.
+    sb.sbctl(&["set", "SB_Global", ".", "options:controller_event=true"]);
+    agent.wait_for_log("following every load balancer", WAIT);
+    eventually("all followed", WAIT, || {
+        followed(&topo) == (21.0, 1.0, 20.0)
+    });
+
+    // The idle one stops reporting itself: the global option still makes it report.
+    sb.sbctl(&["remove", "Load_Balancer", "idle", "options", "event"]);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(followed(&topo), (21.0, 1.0, 20.0));
+    assert!(!topo.connects(80), "reports through the global option");
+
+    // Without the global option, only active3 is left: the idle VIP leaves the map.
+    sb.sbctl(&["remove", "SB_Global", ".", "options", "controller_event"]);
+    agent.wait_for_log("following the load balancers with options:event=true", WAIT);
+    eventually("active3 alone followed", WAIT, || {
+        followed(&topo) == (1.0, 0.0, 1.0)
+    });
+    passes_without_event(
+        &topo,
+        &sb,
+        "the VIP of a load balancer that stopped reporting",
+    );
+}

@@ -80,7 +80,7 @@ impl Southbound {
             }
             None => (None, None, None),
         };
-        let narrow_ports = source.is_some();
+        let conditional = source.is_some();
         options.monitors = monitors(source);
         options.leader_only = config.leader_only;
         let client = Client::start(options)?;
@@ -108,8 +108,8 @@ impl Southbound {
             load_balancers,
             port_scopes,
         };
-        if narrow_ports {
-            tokio::spawn(monitor_our_ports(southbound.clone()));
+        if conditional {
+            tokio::spawn(follow_conditions(southbound.clone()));
         }
         Ok(southbound)
     }
@@ -174,7 +174,8 @@ fn hostname() -> String {
 /// What the agent monitors: the Chassis names (ours may be learned late, and a condition
 /// on it could not follow; a name per node is little) and the Controller_Event table for the
 /// sink; with a VIP source, the Load_Balancer columns it reads (given to it, not replicated)
-/// and `SB_Global:options`.
+/// of the load balancers that report (see [`load_balancer_conditions`]), and what
+/// [`crate::vipsource::ovn::REPLICATED`] lists.
 pub fn monitors(vip_source: Option<ConsumerHandle>) -> Vec<MonitorRequest> {
     let mut monitors = vec![
         MonitorRequest::table("Chassis").columns(&["name"]),
@@ -182,15 +183,16 @@ pub fn monitors(vip_source: Option<ConsumerHandle>) -> Vec<MonitorRequest> {
     ];
     if let Some(source) = vip_source {
         use crate::vipsource::ovn::{COLUMNS, REPLICATED, TABLE};
-        monitors.push(
-            MonitorRequest::table(TABLE)
-                .columns(&COLUMNS)
-                .consumed_by(source),
-        );
+        let mut load_balancers = MonitorRequest::table(TABLE)
+            .columns(&COLUMNS)
+            .consumed_by(source);
+        // Until SB_Global says otherwise (follow_conditions), only those that report.
+        load_balancers.conditions = load_balancer_conditions(false);
+        monitors.push(load_balancers);
         for (table, columns) in REPLICATED {
             let mut monitor = MonitorRequest::table(table).columns(columns);
             if table == PORT_BINDING {
-                // Ours only: none until our Chassis row is known (monitor_our_ports).
+                // Ours only: none until our Chassis row is known (follow_conditions).
                 monitor = monitor.matching(Condition::eq("logical_port", ""));
             }
             monitors.push(monitor);
@@ -201,27 +203,70 @@ pub fn monitors(vip_source: Option<ConsumerHandle>) -> Vec<MonitorRequest> {
 
 const PORT_BINDING: &str = "Port_Binding";
 
-/// Narrows the Port_Binding monitor to the ports bound to our Chassis row (VIFs and gateway
-/// ports of this node), once that row is known, and again whenever it changes.
-async fn monitor_our_ports(southbound: Southbound) {
+/// Which Load_Balancer rows the Southbound server sends: those whose empty VIPs OVN reports,
+/// `options:event=true` (the only ones that put VIPs in the map), or every row while
+/// `SB_Global`'s `options:controller_event=true` makes all of them report. Load balancers of
+/// active services, the bulk of a cluster's and of its churn, then never reach the agent.
+pub fn load_balancer_conditions(global_event: bool) -> Vec<Condition> {
+    if global_event {
+        Vec::new()
+    } else {
+        vec![Condition::includes(
+            "options",
+            Value::string_map([("event", "true")]),
+        )]
+    }
+}
+
+/// Keeps the conditional monitors' conditions in step with the replica: Port_Binding narrowed
+/// to the ports bound to our Chassis row (VIFs and gateway ports of this node) once that row
+/// is known, and again whenever it changes; Load_Balancer as [`load_balancer_conditions`]
+/// says for the current `SB_Global`.
+async fn follow_conditions(southbound: Southbound) {
     let mut changes = southbound.client.subscribe();
-    let mut monitoring: Option<Uuid> = None;
+    let mut ports_of: Option<Uuid> = None;
+    let mut all_load_balancers = false;
     loop {
-        if southbound.client.is_connected()
-            && let Some(chassis) = southbound.chassis_uuid()
-            && monitoring.as_ref() != Some(&chassis)
-        {
-            let conditions = vec![Condition::eq("chassis", Value::from(chassis.clone()))];
-            match southbound
-                .client
-                .set_conditions(PORT_BINDING, conditions)
-                .await
+        if southbound.client.is_connected() {
+            if let Some(chassis) = southbound.chassis_uuid()
+                && ports_of.as_ref() != Some(&chassis)
             {
-                Ok(()) => {
-                    info!(%chassis, "following the logical ports bound to this chassis");
-                    monitoring = Some(chassis);
+                let conditions = vec![Condition::eq("chassis", Value::from(chassis.clone()))];
+                match southbound
+                    .client
+                    .set_conditions(PORT_BINDING, conditions)
+                    .await
+                {
+                    Ok(()) => {
+                        info!(%chassis, "following the logical ports bound to this chassis");
+                        ports_of = Some(chassis);
+                    }
+                    Err(e) => {
+                        warn!("narrowing the Port_Binding monitor failed (tried again): {e}")
+                    }
                 }
-                Err(e) => warn!("narrowing the Port_Binding monitor failed (tried again): {e}"),
+            }
+            let global = crate::vipsource::ovn::global_event(&southbound.client.replica());
+            if global != all_load_balancers {
+                let table = crate::vipsource::ovn::TABLE;
+                match southbound
+                    .client
+                    .set_conditions(table, load_balancer_conditions(global))
+                    .await
+                {
+                    Ok(()) => {
+                        if global {
+                            info!(
+                                "SB_Global options:controller_event=true: following every load \
+                                 balancer"
+                            );
+                        } else {
+                            info!("following the load balancers with options:event=true");
+                        }
+                        all_load_balancers = global;
+                    }
+                    Err(e) => warn!("changing the Load_Balancer monitor failed (tried again): {e}"),
+                }
             }
         }
         tokio::select! {

@@ -301,6 +301,15 @@ impl Collector for EventCollector {
             "Idle hits in the agent, by stage",
             &stages,
         )?;
+        if let Some(n) = sink.southbound().load_balancers() {
+            encode_gauge(
+                &mut encoder,
+                "unidler_ovn_load_balancers",
+                "Southbound load balancers the agent follows: those with options:event=true \
+                 (every one while SB_Global has options:controller_event=true)",
+                n as i64,
+            )?;
+        }
         let db = sink.southbound().client();
         encode_gauge(
             &mut encoder,

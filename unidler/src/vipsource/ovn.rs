@@ -1,5 +1,7 @@
 //! VIPs from the OVN Southbound `Load_Balancer` table: every VIP OVN itself would report an
-//! empty-backend event for.
+//! empty-backend event for. The monitor is conditional
+//! ([`crate::southbound::load_balancer_conditions`]): the server sends only the load balancers
+//! that can report, so an active service's never reaches the agent.
 //!
 //! The table is followed as an [`ovsdb::TableConsumer`], not replicated: per load balancer the
 //! source keeps a compact record of the few facts it needs ([`LbRecord`]), updated in place
@@ -660,7 +662,8 @@ impl LbSet {
     }
 }
 
-fn global_event(replica: &Replica) -> bool {
+/// Whether `SB_Global`'s `options:controller_event=true` makes every load balancer report.
+pub fn global_event(replica: &Replica) -> bool {
     replica.rows("SB_Global").any(|(_, r)| {
         r.get("options")
             .map(Value::as_string_map)

@@ -328,6 +328,13 @@ impl Framer {
         let mut start = 0;
         let mut i = self.scanned;
         while i < self.buf.len() {
+            if self.in_string && !self.escaped {
+                // Most of a large message is string text: skip to its next quote or escape.
+                match memchr::memchr2(b'"', b'\\', &self.buf[i..]) {
+                    Some(at) => i += at,
+                    None => break,
+                }
+            }
             let b = self.buf[i];
             i += 1;
             if self.in_string {

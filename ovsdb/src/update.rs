@@ -243,16 +243,35 @@ impl<'de> Visitor<'de> for TableRows<'_, '_> {
         f.write_str("a table-update2 object")
     }
     fn visit_map<A: MapAccess<'de>>(self, mut rows: A) -> Result<(), A::Error> {
-        while let Some(uuid) = rows.next_key::<String>()? {
+        while let Some(uuid) = rows.next_key_seed(UuidKey)? {
             // One row at a time, read straight into its values.
             let update: RowUpdate = rows.next_value()?;
-            let applied =
-                Uuid::parse(&uuid).and_then(|uuid| self.sink.row(self.table, uuid, update));
+            let applied = uuid.and_then(|uuid| self.sink.row(self.table, uuid, update));
             if let Err(e) = applied {
                 return Err(stash(self.failure, e));
             }
         }
         Ok(())
+    }
+}
+
+/// A row's UUID, parsed from the key's text where it lies (no string of its own first).
+struct UuidKey;
+
+impl<'de> DeserializeSeed<'de> for UuidKey {
+    type Value = Result<Uuid, Error>;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_str(self)
+    }
+}
+
+impl<'de> Visitor<'de> for UuidKey {
+    type Value = Result<Uuid, Error>;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a row UUID")
+    }
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+        Ok(Uuid::parse(v))
     }
 }
 

@@ -13,26 +13,42 @@ pub struct Uuid(pub String);
 impl Uuid {
     /// Checks the text form and lowercases it.
     pub fn parse(s: &str) -> Result<Self, Error> {
-        let ok = s.len() == 36
-            && s.char_indices().all(|(i, c)| {
-                if matches!(i, 8 | 13 | 18 | 23) {
-                    c == '-'
-                } else {
-                    c.is_ascii_hexdigit()
-                }
-            });
-        if ok {
-            Ok(Uuid(s.to_ascii_lowercase()))
-        } else {
-            Err(Error::Protocol(format!("not a UUID: {s:?}")))
+        if Self::number_of(s).is_none() {
+            return Err(Error::Protocol(format!("not a UUID: {s:?}")));
         }
+        Ok(Uuid(if s.bytes().any(|c| c.is_ascii_uppercase()) {
+            s.to_ascii_lowercase()
+        } else {
+            s.to_owned()
+        }))
+    }
+
+    /// The number a UUID's text (`8-4-4-4-12` hex digits, either case) spells, if it is
+    /// one: [`Uuid::as_u128`] without a [`Uuid`] first.
+    pub fn number_of(text: &str) -> Option<u128> {
+        let bytes = text.as_bytes();
+        if bytes.len() != 36 {
+            return None;
+        }
+        let mut n = 0u128;
+        for (i, &c) in bytes.iter().enumerate() {
+            let digit = match c {
+                b'-' if matches!(i, 8 | 13 | 18 | 23) => continue,
+                _ if matches!(i, 8 | 13 | 18 | 23) => return None,
+                b'0'..=b'9' => c - b'0',
+                b'a'..=b'f' => c - b'a' + 10,
+                b'A'..=b'F' => c - b'A' + 10,
+                _ => return None,
+            };
+            n = (n << 4) | u128::from(digit);
+        }
+        Some(n)
     }
 
     /// The UUID as a number: a compact key (16 bytes, no allocation) for a client that keeps
     /// many rows in its own form.
     pub fn as_u128(&self) -> u128 {
-        let hex: String = self.0.chars().filter(|c| *c != '-').collect();
-        u128::from_str_radix(&hex, 16).expect("checked when parsed")
+        Self::number_of(&self.0).unwrap_or_else(|| panic!("not a UUID: {:?}", self.0))
     }
 
     /// The UUID a number from [`Uuid::as_u128`] stands for.
@@ -466,6 +482,17 @@ mod tests {
         assert_eq!(Uuid::from_u128(a.as_u128()), a);
         assert!(a.as_u128() < b.as_u128() && a < b);
         assert_eq!(Uuid::from_u128(1).0, "00000000-0000-0000-0000-000000000001");
+        for bad in [
+            "",
+            "5b3cfb03-2143-4e8a-9067-dac1ef7ec6d",
+            "5b3cfb03-2143-4e8a-9067-dac1ef7ec6d7a",
+            "5b3cfb03x2143-4e8a-9067-dac1ef7ec6d7",
+            "5b3cfb03-2143-4e8a-9067-dac1ef7ec6g7",
+            "5b3cfb03-2143-4e8a-9067-dac1ef7ec6-7",
+        ] {
+            assert!(Uuid::parse(bad).is_err(), "{bad:?}");
+            assert_eq!(Uuid::number_of(bad), None, "{bad:?}");
+        }
     }
 
     #[test]

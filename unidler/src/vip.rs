@@ -266,10 +266,7 @@ impl LoadBalancerName {
 
 /// The UUID `text` spells in canonical form (lowercase `8-4-4-4-12` hex), if it does.
 fn canonical_uuid(text: &str) -> Option<u128> {
-    ovsdb::Uuid::parse(text)
-        .ok()
-        .filter(|uuid| uuid.0 == text)
-        .map(|uuid| uuid.as_u128())
+    ovsdb::Uuid::number_of(text).filter(|_| !text.bytes().any(|c| c.is_ascii_uppercase()))
 }
 
 impl fmt::Display for LoadBalancerName {

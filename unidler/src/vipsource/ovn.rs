@@ -10,7 +10,7 @@
 
 use std::{
     collections::hash_map::Entry,
-    hash::{DefaultHasher, Hash, Hasher},
+    hash::{Hash, Hasher},
     net::SocketAddr,
     num::NonZeroU64,
     sync::{
@@ -27,7 +27,7 @@ use tokio::sync::mpsc;
 use tracing::warn;
 
 use crate::{
-    fast_hash::{FastMap, FastSet},
+    fast_hash::{FastHasher, FastMap, FastSet},
     vip::{DesiredVip, LoadBalancerName, Protocol, ScopeEntry, Vip, VipUpdate},
 };
 
@@ -66,7 +66,8 @@ struct TextHash(NonZeroU64);
 
 impl TextHash {
     fn of(text: &str) -> Self {
-        let mut h = DefaultHasher::new();
+        // Texts from the control plane: the fast hash is enough (see crate::fast_hash).
+        let mut h = FastHasher::default();
         text.hash(&mut h);
         Self(NonZeroU64::new(h.finish() | 1).expect("odd"))
     }

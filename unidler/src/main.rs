@@ -189,7 +189,8 @@ struct RunArgs {
     /// OVN Southbound database remotes (`unix:PATH`, `tcp:HOST:PORT`, `ssl:HOST:PORT`,
     /// comma-separated). With it, idle hits become Controller_Event rows there (without it,
     /// they are printed on standard output as JSON lines), and, unless --vip or --vips-file
-    /// is given, the VIPs come from its Load_Balancer table.
+    /// is given, the VIPs come from its Load_Balancer table (the load balancers with
+    /// options:event=true, every one with SB_Global options:controller_event=true).
     #[arg(long, env = "UNIDLER_OVNSB_DB")]
     ovnsb_db: Option<String>,
     /// Name of this node's Chassis row. Default: `external_ids:system-id` of the local
@@ -217,7 +218,8 @@ struct RunArgs {
     #[arg(long, env = "UNIDLER_OVNSB_CA_CERT", requires = "ovnsb_private_key")]
     ovnsb_ca_cert: Option<PathBuf>,
     /// Largest message accepted from the Southbound database, in bytes. The first monitor
-    /// reply carries every load balancer (about 200 bytes each); a larger one is refused,
+    /// reply carries every load balancer that reports events (about 200 bytes each); a larger
+    /// one is refused,
     /// logged, and asked for again after the longest backoff.
     #[arg(long, env = "UNIDLER_OVSDB_MAX_MESSAGE_SIZE", default_value_t = 64 << 20)]
     ovsdb_max_message_size: usize,

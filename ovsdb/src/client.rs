@@ -229,25 +229,23 @@ impl Client {
     /// now on only rows matching any of `conditions` (every row for none). Sent to the server
     /// at once if connected (`monitor_cond_change`: rows that stop matching leave the replica,
     /// rows that start matching enter it, as a change set), and used by every later session.
+    /// If the server refuses the change (or the session ends before it answers), the
+    /// conditions stay as they were: calling again sends them again.
     pub async fn set_conditions(
         &self,
         table: &str,
         conditions: Vec<Condition>,
     ) -> Result<(), Error> {
-        {
-            let mut monitors = self
-                .shared
-                .monitors
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner);
+        let previous = {
+            let mut monitors = self.monitors();
             let Some(monitor) = monitors.iter_mut().find(|m| m.table == table) else {
                 return Err(Error::Protocol(format!("{table} is not monitored")));
             };
             if monitor.conditions == conditions {
                 return Ok(());
             }
-            monitor.conditions = conditions.clone();
-        }
+            std::mem::replace(&mut monitor.conditions, conditions.clone())
+        };
         let Ok(conn) = self.connection() else {
             // The next session asks with the new conditions, and loads afresh: resuming from
             // the last transaction would miss rows that match only now.
@@ -270,12 +268,22 @@ impl Client {
                 json!([DATA_MONITOR, DATA_MONITOR, { table: [request] }]),
             )
             .await;
-        if changed.is_err() {
-            self.shared
-                .conditions_changed
-                .store(true, Ordering::Relaxed);
+        if changed.is_err()
+            && let Some(monitor) = self.monitors().iter_mut().find(|m| m.table == table)
+            && monitor.conditions == conditions
+        {
+            // Not in place: the server refused them, or the session ended and its monitors
+            // with it. The monitor keeps the old ones, which the next session asks with.
+            monitor.conditions = previous;
         }
         changed.map(|_| ())
+    }
+
+    fn monitors(&self) -> std::sync::MutexGuard<'_, Vec<MonitorRequest>> {
+        self.shared
+            .monitors
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     /// The replica of the monitored tables.

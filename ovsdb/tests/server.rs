@@ -357,6 +357,17 @@ async fn conditions_changed_at_run_time_narrow_the_replica_and_survive_a_reconne
     client.set_conditions("Chassis", Vec::new()).await.unwrap();
     eventually("every row again", || names(&client).len() == 4).await;
     assert!(client.set_conditions("Nope", Vec::new()).await.is_err());
+
+    // Conditions the server refuses are not taken as in place: asking again asks the server
+    // again (and is refused again), and the monitor keeps following what it followed.
+    let bad = vec![Condition::eq("no_such_column", "x")];
+    for attempt in 0..2 {
+        let refused = client.set_conditions("Chassis", bad.clone()).await;
+        assert!(refused.is_err(), "attempt {attempt}: {refused:?}");
+    }
+    assert!(client.is_connected());
+    server.sbctl(&["chassis-add", "ch-e", "geneve", "127.0.0.5"]);
+    eventually("a new row still followed", || names(&client).len() == 5).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -218,56 +218,17 @@ pub fn load_balancer_conditions(global_event: bool) -> Vec<Condition> {
     }
 }
 
-/// Keeps the conditional monitors' conditions in step with the replica: Port_Binding narrowed
-/// to the ports bound to our Chassis row (VIFs and gateway ports of this node) once that row
-/// is known, and again whenever it changes; Load_Balancer as [`load_balancer_conditions`]
-/// says for the current `SB_Global`.
+/// Keeps the conditional monitors' conditions in step with the replica, on every change and
+/// every second (a failed change is tried again): Port_Binding as [`narrow_ports`] says,
+/// Load_Balancer as [`load_balancer_conditions`] says for the current `SB_Global`.
 async fn follow_conditions(southbound: Southbound) {
     let mut changes = southbound.client.subscribe();
     let mut ports_of: Option<Uuid> = None;
     let mut all_load_balancers = false;
     loop {
         if southbound.client.is_connected() {
-            if let Some(chassis) = southbound.chassis_uuid()
-                && ports_of.as_ref() != Some(&chassis)
-            {
-                let conditions = vec![Condition::eq("chassis", Value::from(chassis.clone()))];
-                match southbound
-                    .client
-                    .set_conditions(PORT_BINDING, conditions)
-                    .await
-                {
-                    Ok(()) => {
-                        info!(%chassis, "following the logical ports bound to this chassis");
-                        ports_of = Some(chassis);
-                    }
-                    Err(e) => {
-                        warn!("narrowing the Port_Binding monitor failed (tried again): {e}")
-                    }
-                }
-            }
-            let global = crate::vipsource::ovn::global_event(&southbound.client.replica());
-            if global != all_load_balancers {
-                let table = crate::vipsource::ovn::TABLE;
-                match southbound
-                    .client
-                    .set_conditions(table, load_balancer_conditions(global))
-                    .await
-                {
-                    Ok(()) => {
-                        if global {
-                            info!(
-                                "SB_Global options:controller_event=true: following every load \
-                                 balancer"
-                            );
-                        } else {
-                            info!("following the load balancers with options:event=true");
-                        }
-                        all_load_balancers = global;
-                    }
-                    Err(e) => warn!("changing the Load_Balancer monitor failed (tried again): {e}"),
-                }
-            }
+            narrow_ports(&southbound, &mut ports_of).await;
+            follow_global_event(&southbound, &mut all_load_balancers).await;
         }
         tokio::select! {
             change = changes.recv() => {
@@ -277,6 +238,57 @@ async fn follow_conditions(southbound: Southbound) {
             }
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
         }
+    }
+}
+
+/// Narrows the Port_Binding monitor to the ports bound to our Chassis row (VIFs and gateway
+/// ports of this node) once that row is known, and again whenever it changes; `ports_of` is
+/// the chassis it follows.
+async fn narrow_ports(southbound: &Southbound, ports_of: &mut Option<Uuid>) {
+    let Some(chassis) = southbound.chassis_uuid() else {
+        return;
+    };
+    if ports_of.as_ref() == Some(&chassis) {
+        return;
+    }
+    let conditions = vec![Condition::eq("chassis", Value::from(chassis.clone()))];
+    match southbound
+        .client
+        .set_conditions(PORT_BINDING, conditions)
+        .await
+    {
+        Ok(()) => {
+            info!(%chassis, "following the logical ports bound to this chassis");
+            *ports_of = Some(chassis);
+        }
+        Err(e) => warn!("narrowing the Port_Binding monitor failed (tried again): {e}"),
+    }
+}
+
+/// Follows every load balancer while `SB_Global`'s `options:controller_event=true`, only
+/// those with `options:event=true` otherwise; `all` is what the monitor follows.
+async fn follow_global_event(southbound: &Southbound, all: &mut bool) {
+    let global = crate::vipsource::ovn::global_event(&southbound.client.replica());
+    if global == *all {
+        return;
+    }
+    match southbound
+        .client
+        .set_conditions(
+            crate::vipsource::ovn::TABLE,
+            load_balancer_conditions(global),
+        )
+        .await
+    {
+        Ok(()) if global => {
+            info!("SB_Global options:controller_event=true: following every load balancer");
+            *all = true;
+        }
+        Ok(()) => {
+            info!("following the load balancers with options:event=true");
+            *all = false;
+        }
+        Err(e) => warn!("changing the Load_Balancer monitor failed (tried again): {e}"),
     }
 }
 

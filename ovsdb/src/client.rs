@@ -163,6 +163,13 @@ struct Shared {
     stats: Stats,
 }
 
+impl Shared {
+    /// The monitors as they are now.
+    fn monitors(&self) -> std::sync::MutexGuard<'_, Vec<MonitorRequest>> {
+        self.monitors.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
 /// A client. Cloning shares the session; the session stops when the last clone is dropped.
 #[derive(Clone)]
 pub struct Client {
@@ -229,20 +236,21 @@ impl Client {
     /// now on only rows matching any of `conditions` (every row for none). Sent to the server
     /// at once if connected (`monitor_cond_change`: rows that stop matching leave the replica,
     /// rows that start matching enter it, as a change set), and used by every later session.
-    /// If the server refuses the change (or the session ends before it answers), the
-    /// conditions stay as they were: calling again sends them again.
+    /// Returns whether they changed (false: they were already these, nothing is sent). If
+    /// the server refuses the change (or the session ends before it answers), the conditions
+    /// stay as they were: calling again sends them again.
     pub async fn set_conditions(
         &self,
         table: &str,
         conditions: Vec<Condition>,
-    ) -> Result<(), Error> {
+    ) -> Result<bool, Error> {
         let previous = {
-            let mut monitors = self.monitors();
+            let mut monitors = self.shared.monitors();
             let Some(monitor) = monitors.iter_mut().find(|m| m.table == table) else {
                 return Err(Error::Protocol(format!("{table} is not monitored")));
             };
             if monitor.conditions == conditions {
-                return Ok(());
+                return Ok(false);
             }
             std::mem::replace(&mut monitor.conditions, conditions.clone())
         };
@@ -252,7 +260,7 @@ impl Client {
             self.shared
                 .conditions_changed
                 .store(true, Ordering::Relaxed);
-            return Ok(());
+            return Ok(true);
         };
         let mut request = json!({});
         request["where"] = if conditions.is_empty() {
@@ -269,21 +277,14 @@ impl Client {
             )
             .await;
         if changed.is_err()
-            && let Some(monitor) = self.monitors().iter_mut().find(|m| m.table == table)
+            && let Some(monitor) = self.shared.monitors().iter_mut().find(|m| m.table == table)
             && monitor.conditions == conditions
         {
             // Not in place: the server refused them, or the session ended and its monitors
             // with it. The monitor keeps the old ones, which the next session asks with.
             monitor.conditions = previous;
         }
-        changed.map(|_| ())
-    }
-
-    fn monitors(&self) -> std::sync::MutexGuard<'_, Vec<MonitorRequest>> {
-        self.shared
-            .monitors
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
+        changed.map(|_| true)
     }
 
     /// The replica of the monitored tables.
@@ -491,11 +492,7 @@ async fn session(
     }
 
     // Data monitors: monitor_cond_since where the server has it, else monitor_cond.
-    let monitors = shared
-        .monitors
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .clone();
+    let monitors = shared.monitors().clone();
     let requests = Json::Object(
         monitors
             .iter()

@@ -354,8 +354,12 @@ async fn conditions_changed_at_run_time_narrow_the_replica_and_survive_a_reconne
     client.wait_connected(WAIT).await.unwrap();
     assert_eq!(names(&client), ["ch-b"]);
     // Back to every row, loaded afresh.
-    client.set_conditions("Chassis", Vec::new()).await.unwrap();
+    assert!(client.set_conditions("Chassis", Vec::new()).await.unwrap());
     eventually("every row again", || names(&client).len() == 4).await;
+    assert!(
+        !client.set_conditions("Chassis", Vec::new()).await.unwrap(),
+        "the same conditions again: unchanged"
+    );
     assert!(client.set_conditions("Nope", Vec::new()).await.is_err());
 
     // Conditions the server refuses are not taken as in place: asking again asks the server

@@ -223,12 +223,10 @@ pub fn load_balancer_conditions(global_event: bool) -> Vec<Condition> {
 /// Load_Balancer as [`load_balancer_conditions`] says for the current `SB_Global`.
 async fn follow_conditions(southbound: Southbound) {
     let mut changes = southbound.client.subscribe();
-    let mut ports_of: Option<Uuid> = None;
-    let mut all_load_balancers = false;
     loop {
         if southbound.client.is_connected() {
-            narrow_ports(&southbound, &mut ports_of).await;
-            follow_global_event(&southbound, &mut all_load_balancers).await;
+            narrow_ports(&southbound).await;
+            follow_global_event(&southbound).await;
         }
         tokio::select! {
             change = changes.recv() => {
@@ -242,36 +240,27 @@ async fn follow_conditions(southbound: Southbound) {
 }
 
 /// Narrows the Port_Binding monitor to the ports bound to our Chassis row (VIFs and gateway
-/// ports of this node) once that row is known, and again whenever it changes; `ports_of` is
-/// the chassis it follows.
-async fn narrow_ports(southbound: &Southbound, ports_of: &mut Option<Uuid>) {
+/// ports of this node) once that row is known, and again whenever it changes.
+async fn narrow_ports(southbound: &Southbound) {
     let Some(chassis) = southbound.chassis_uuid() else {
         return;
     };
-    if ports_of.as_ref() == Some(&chassis) {
-        return;
-    }
     let conditions = vec![Condition::eq("chassis", Value::from(chassis.clone()))];
     match southbound
         .client
         .set_conditions(PORT_BINDING, conditions)
         .await
     {
-        Ok(()) => {
-            info!(%chassis, "following the logical ports bound to this chassis");
-            *ports_of = Some(chassis);
-        }
+        Ok(true) => info!(%chassis, "following the logical ports bound to this chassis"),
+        Ok(false) => {}
         Err(e) => warn!("narrowing the Port_Binding monitor failed (tried again): {e}"),
     }
 }
 
 /// Follows every load balancer while `SB_Global`'s `options:controller_event=true`, only
-/// those with `options:event=true` otherwise; `all` is what the monitor follows.
-async fn follow_global_event(southbound: &Southbound, all: &mut bool) {
+/// those with `options:event=true` otherwise.
+async fn follow_global_event(southbound: &Southbound) {
     let global = crate::vipsource::ovn::global_event(&southbound.client.replica());
-    if global == *all {
-        return;
-    }
     match southbound
         .client
         .set_conditions(
@@ -280,14 +269,11 @@ async fn follow_global_event(southbound: &Southbound, all: &mut bool) {
         )
         .await
     {
-        Ok(()) if global => {
-            info!("SB_Global options:controller_event=true: following every load balancer");
-            *all = true;
+        Ok(true) if global => {
+            info!("SB_Global options:controller_event=true: following every load balancer")
         }
-        Ok(()) => {
-            info!("following the load balancers with options:event=true");
-            *all = false;
-        }
+        Ok(true) => info!("following the load balancers with options:event=true"),
+        Ok(false) => {}
         Err(e) => warn!("changing the Load_Balancer monitor failed (tried again): {e}"),
     }
 }

@@ -220,7 +220,6 @@ impl ControllerEventSink {
             committed_unseen: HashMap::new(),
             ours: OurRows::default(),
             every_chassis: (options.dedup == Dedup::Cluster).then(OurRows::every_chassis),
-            monitoring_for: None,
             warned_no_chassis: false,
         };
         tokio::spawn(writer.run());
@@ -312,11 +311,6 @@ struct Writer {
     ours: OurRows,
     /// With cluster-wide deduplication, every chassis' rows.
     every_chassis: Option<OurRows>,
-    /// Whose Controller_Event rows the monitor asks for, once set: `Some(None)` every
-    /// chassis' (cluster-wide deduplication), `Some(Some(chassis))` only ours (per-chassis
-    /// deduplication needs no other rows: a wake-up storm across N nodes is not fanned out to
-    /// every node).
-    monitoring_for: Option<Option<Uuid>>,
     warned_no_chassis: bool,
 }
 
@@ -351,7 +345,9 @@ impl Writer {
     }
 
     /// With per-chassis deduplication, narrows the Controller_Event monitor to our Chassis'
-    /// rows once that row is known (again when it changes).
+    /// rows once that row is known (again when it changes): it needs no other rows, and a
+    /// wake-up storm across N nodes is not fanned out to every node. Cluster-wide
+    /// deduplication follows every chassis' rows.
     async fn monitor_only_ours(&mut self) {
         if !self.southbound.client().is_connected() {
             return;
@@ -364,9 +360,6 @@ impl Writer {
             };
             Some(chassis)
         };
-        if self.monitoring_for.as_ref() == Some(&wanted) {
-            return;
-        }
         let conditions = wanted
             .iter()
             .map(|chassis| ovsdb::Condition::eq("chassis", Value::from(chassis.clone())))
@@ -377,10 +370,8 @@ impl Writer {
             .set_conditions(CONTROLLER_EVENT, conditions)
             .await
         {
-            Ok(()) => {
-                debug!(only_ours = wanted.is_some(), "Controller_Event monitor set");
-                self.monitoring_for = Some(wanted);
-            }
+            Ok(true) => debug!(only_ours = wanted.is_some(), "Controller_Event monitor set"),
+            Ok(false) => {}
             Err(e) => debug!("setting the Controller_Event monitor failed (tried again): {e}"),
         }
     }

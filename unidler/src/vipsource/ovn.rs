@@ -43,12 +43,12 @@ pub const COLUMNS: [&str; 6] = [
     "datapath_group",
 ];
 
-/// A Southbound Load_Balancer UUID, as two words (8-byte aligned: smaller tables than `u128`).
-/// Ordered as the UUID's text is.
+/// A Southbound row's UUID (a load balancer's, a logical datapath's or a datapath group's), as
+/// two words (8-byte aligned: smaller tables than `u128`). Ordered as the UUID's text is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-struct LbKey([u64; 2]);
+struct RowKey([u64; 2]);
 
-impl LbKey {
+impl RowKey {
     fn new(uuid: &Uuid) -> Self {
         let n = uuid.as_u128();
         Self([(n >> 64) as u64, n as u64])
@@ -305,7 +305,7 @@ impl LbRecord {
     }
 
     /// The name events give: `lb_id`, else the Southbound UUID.
-    fn name(&self, key: LbKey) -> LoadBalancerName {
+    fn name(&self, key: RowKey) -> LoadBalancerName {
         self.lb_id.clone().unwrap_or(LoadBalancerName::Uuid(key.0))
     }
 }
@@ -315,13 +315,13 @@ impl LbRecord {
 /// given back while the source runs: there are as many as datapaths and groups ever seen.
 #[derive(Default)]
 struct DatapathIds {
-    ids: FastMap<LbKey, u32>,
+    ids: FastMap<RowKey, u32>,
     uuids: Vec<Uuid>,
 }
 
 impl DatapathIds {
     fn id(&mut self, uuid: &Uuid) -> u32 {
-        let key = LbKey::new(uuid);
+        let key = RowKey::new(uuid);
         if let Some(id) = self.ids.get(&key) {
             return *id;
         }
@@ -333,7 +333,7 @@ impl DatapathIds {
 
     /// The id of `uuid` if it has one.
     fn get(&self, uuid: &Uuid) -> Option<u32> {
-        self.ids.get(&LbKey::new(uuid)).copied()
+        self.ids.get(&RowKey::new(uuid)).copied()
     }
 
     /// The UUIDs of `ids` (0 skipped), as atoms.
@@ -368,11 +368,11 @@ struct LocalDatapath {
 impl LocalDatapaths {
     fn from_replica(replica: &Replica, ids: &mut DatapathIds) -> Self {
         let column_uuid = |row: &Row, c: &str| row.get(c)?.atom()?.as_uuid().cloned();
-        let tunnel_keys: FastMap<LbKey, u32> = replica
+        let tunnel_keys: FastMap<RowKey, u32> = replica
             .rows("Datapath_Binding")
             .filter_map(|(uuid, row)| {
                 let key = row.get("tunnel_key")?.atom()?.as_i64()?;
-                Some((LbKey::new(uuid), u32::try_from(key).ok()?))
+                Some((RowKey::new(uuid), u32::try_from(key).ok()?))
             })
             .collect();
         let mut local = Self::default();
@@ -381,7 +381,7 @@ impl LocalDatapaths {
             let Some(datapath) = column_uuid(row, "datapath") else {
                 continue;
             };
-            let Some(tunnel_key) = tunnel_keys.get(&LbKey::new(&datapath)).copied() else {
+            let Some(tunnel_key) = tunnel_keys.get(&RowKey::new(&datapath)).copied() else {
                 continue;
             };
             if let Some(port) = row
@@ -439,7 +439,7 @@ struct OvnVips {
     global_event: bool,
     ids: DatapathIds,
     local: LocalDatapaths,
-    by_lb: FastMap<LbKey, LbRecord>,
+    by_lb: FastMap<RowKey, LbRecord>,
     /// The load balancers having each VIP (only where it matters, see
     /// [`LbRecord::vips_that_matter`]).
     lbs_of: FastMap<Vip, LbSet>,
@@ -488,7 +488,7 @@ impl OvnVips {
     /// to `touched`.
     fn update(
         &mut self,
-        key: LbKey,
+        key: RowKey,
         update: RowUpdate,
         touched: &mut FastSet<Vip>,
     ) -> Result<(), DbError> {
@@ -533,7 +533,7 @@ impl OvnVips {
     }
 
     /// One VIP over every (local) load balancer that has it: in the map only if a reporting
-    /// one has it; active if any has backends (reporting or not: OVN forwards to them); the
+    /// one has it; active if any of them has backends; the
     /// first (by UUID) idle reporting load balancer is the one events name. Where the local
     /// datapaths see it differently (not every load balancer applies on each), the VIP is
     /// scoped: its state on each datapath, over the load balancers applying there.
@@ -580,10 +580,10 @@ impl OvnVips {
     fn combine<'a>(
         &self,
         vip: &Vip,
-        lbs: impl Iterator<Item = &'a LbKey>,
+        lbs: impl Iterator<Item = &'a RowKey>,
     ) -> Option<(u32, LoadBalancerName)> {
         let mut backends = 0;
-        let mut named: Option<(LbKey, &LbRecord, u32)> = None;
+        let mut named: Option<(RowKey, &LbRecord, u32)> = None;
         for key in lbs {
             let Some(record) = self.by_lb.get(key) else {
                 continue;
@@ -603,7 +603,7 @@ impl OvnVips {
     }
 }
 
-fn add_lb_of(index: &mut FastMap<Vip, LbSet>, vip: Vip, lb: LbKey) {
+fn add_lb_of(index: &mut FastMap<Vip, LbSet>, vip: Vip, lb: RowKey) {
     match index.entry(vip) {
         Entry::Vacant(e) => {
             e.insert(LbSet::One(lb));
@@ -616,12 +616,12 @@ fn add_lb_of(index: &mut FastMap<Vip, LbSet>, vip: Vip, lb: LbKey) {
 /// allocation of its own.
 #[derive(Debug)]
 enum LbSet {
-    One(LbKey),
-    Many(Vec<LbKey>),
+    One(RowKey),
+    Many(Vec<RowKey>),
 }
 
 impl LbSet {
-    fn insert(&mut self, lb: LbKey) {
+    fn insert(&mut self, lb: RowKey) {
         match self {
             LbSet::One(only) if *only == lb => {}
             LbSet::One(only) => {
@@ -638,7 +638,7 @@ impl LbSet {
     }
 
     /// Removes `lb`; true when no load balancer is left.
-    fn remove(&mut self, lb: LbKey) -> bool {
+    fn remove(&mut self, lb: RowKey) -> bool {
         match self {
             LbSet::One(only) => *only == lb,
             LbSet::Many(all) => {
@@ -655,7 +655,7 @@ impl LbSet {
         }
     }
 
-    fn iter(&self) -> impl Iterator<Item = &LbKey> {
+    fn iter(&self) -> impl Iterator<Item = &RowKey> {
         match self {
             LbSet::One(only) => std::slice::from_ref(only).iter(),
             LbSet::Many(all) => all.iter(),
@@ -754,7 +754,7 @@ impl TableConsumer for LoadBalancerSource {
     }
 
     fn row(&mut self, uuid: &Uuid, update: RowUpdate) -> Result<(), DbError> {
-        let key = LbKey::new(uuid);
+        let key = RowKey::new(uuid);
         if self.loading {
             // Indexed once the load is complete.
             match update {

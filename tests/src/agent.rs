@@ -50,6 +50,26 @@ pub fn southbound_args<'a>(server_if: &'a str, db: &'a str, state_dir: &'a str) 
     ]
 }
 
+/// `run` arguments for an agent on an OVN node: the datapath on OVN's VIFs (as the local
+/// Open_vSwitch database at `ovs_db` lists them), VIPs from and rows to the Southbound database
+/// at `sb_db` as [`CHASSIS`], its state in `state_dir`, debug logs; callers add the rest.
+pub fn ovn_node_args<'a>(ovs_db: &'a str, sb_db: &'a str, state_dir: &'a str) -> Vec<&'a str> {
+    vec![
+        "run",
+        "--ovn-vifs",
+        "--ovs-db",
+        ovs_db,
+        "--ovnsb-db",
+        sb_db,
+        "--chassis",
+        CHASSIS,
+        "--state-dir",
+        state_dir,
+        "--log-level",
+        "info,unidler=debug",
+    ]
+}
+
 /// A running agent. Killed on drop if still running.
 pub struct Agent {
     child: Child,

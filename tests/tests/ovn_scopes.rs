@@ -11,12 +11,12 @@ use std::{
 
 use unidler::telemetry::http_get;
 use unidler_tests::{
-    agent::Agent,
+    agent::{Agent, ovn_node_args},
     eventually,
     frames::Frame,
     netns::{in_netns, send_frames},
     ovn_chassis::{CLIENT_V4, OvnNode, SWITCH},
-    ovsdb_server::{CHASSIS, Southbound as _, TempDir},
+    ovsdb_server::{Southbound as _, TempDir},
     require_root,
 };
 
@@ -51,25 +51,9 @@ fn on_a_real_ovn_node_each_tenant_is_judged_by_its_own_switch() {
 
     let state = TempDir::new("oscstate");
     let (ovs_db, sb_db) = (node.conf_remote(), node.central.sb.unix_remote());
-    let mut agent = Agent::start(
-        &node.node_ns,
-        &[
-            "run",
-            "--ovn-vifs",
-            "--hook",
-            "xdp",
-            "--ovs-db",
-            &ovs_db,
-            "--ovnsb-db",
-            &sb_db,
-            "--chassis",
-            CHASSIS,
-            "--state-dir",
-            state.path_str(),
-            "--log-level",
-            "info,unidler=debug",
-        ],
-    );
+    let mut args = ovn_node_args(&ovs_db, &sb_db, state.path_str());
+    args.extend(["--hook", "xdp"]);
+    let mut agent = Agent::start(&node.node_ns, &args);
     agent.wait_for_log("VIP map synced", Duration::from_secs(20));
     agent.wait_for_logs("interface scoped to its logical datapath", 2, WAIT);
 

@@ -7,7 +7,7 @@ use std::{net::IpAddr, time::Duration};
 
 use unidler::telemetry::http_get;
 use unidler_tests::{
-    agent::Agent,
+    agent::{Agent, ovn_node_args},
     eventually,
     netns::{CLIENT_V4, Topology, send_frames, syn_to_server, veth_in},
     ovsdb_server::{self, CHASSIS, LocalOvs, Southbound as _, TempDir},
@@ -113,24 +113,9 @@ fn two_tenants_reusing_a_vip_are_each_judged_by_their_own_load_balancer() {
 
     let state = TempDir::new("scstate");
     let (ovs_db, sb_db) = (ovs.remote(), sb.unix_remote());
-    let mut agent = Agent::start(
-        &topo.server_ns,
-        &[
-            "run",
-            "--ovn-vifs",
-            "--ovn-uplinks",
-            "--ovs-db",
-            &ovs_db,
-            "--ovnsb-db",
-            &sb_db,
-            "--chassis",
-            CHASSIS,
-            "--state-dir",
-            state.path_str(),
-            "--log-level",
-            "info,unidler=debug",
-        ],
-    );
+    let mut args = ovn_node_args(&ovs_db, &sb_db, state.path_str());
+    args.push("--ovn-uplinks");
+    let mut agent = Agent::start(&topo.server_ns, &args);
     agent.wait_for_log("VIP map synced", Duration::from_secs(10));
     for (vif, _, port) in &pods {
         vsctl(&[

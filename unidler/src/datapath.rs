@@ -637,10 +637,7 @@ impl Datapath {
                 .iface_scopes
                 .insert(ifindex, scope, 0)
                 .map_err(map_error),
-            None => match self.iface_scopes.remove(&ifindex) {
-                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-                Err(source) => Err(map_error(source)),
-            },
+            None => remove_entry(&mut self.iface_scopes, &ifindex, "IFACE_SCOPES"),
         }
     }
 
@@ -677,10 +674,11 @@ impl Datapath {
             if scopes.iter().any(|(s, _)| *s == scope) {
                 continue;
             }
-            match self.vip_scopes.remove(&ScopedVip { vip_id, scope }) {
-                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
-                Err(source) => return Err(map_error(source)),
-            }
+            remove_entry(
+                &mut self.vip_scopes,
+                &ScopedVip { vip_id, scope },
+                "VIP_SCOPES",
+            )?;
         }
         Ok(())
     }
@@ -770,15 +768,7 @@ impl Datapath {
     ) -> Result<Vec<VipKey>, DatapathError> {
         let mut dirty = std::collections::BTreeSet::new();
         for key in removes {
-            match self.vips.remove(key) {
-                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
-                Err(source) => {
-                    return Err(DatapathError::Map {
-                        map: "VIPS",
-                        source,
-                    });
-                }
-            }
+            remove_entry(&mut self.vips, key, "VIPS")?;
             if self.keys.remove(key) {
                 self.count_in_bucket(key, -1, &mut dirty);
             }
@@ -1015,15 +1005,7 @@ impl Datapath {
     /// Stops watching a flow; `none_left` says that no other flow is watched (the kernel
     /// then stops looking TCP segments up).
     pub fn forget_answer(&mut self, flow: &FlowKey, none_left: bool) -> Result<(), DatapathError> {
-        match self.answered.remove(flow) {
-            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
-            Err(source) => {
-                return Err(DatapathError::Map {
-                    map: "ANSWERED_FLOWS",
-                    source,
-                });
-            }
-        }
+        remove_entry(&mut self.answered, flow, "ANSWERED_FLOWS")?;
         if none_left && self.hold_config.watching_answers != 0 {
             self.hold_config.watching_answers = 0;
             self.write_hold_config()?;
@@ -1382,6 +1364,18 @@ fn write_heartbeat(
             map: "HEARTBEAT",
             source,
         })
+}
+
+/// Removes `key` from the map named `name` (in errors); a key already gone is no error.
+fn remove_entry<K: aya::Pod, V: aya::Pod>(
+    map: &mut HashMap<MapData, K, V>,
+    key: &K,
+    name: &'static str,
+) -> Result<(), DatapathError> {
+    match map.remove(key) {
+        Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+        Err(source) => Err(DatapathError::Map { map: name, source }),
+    }
 }
 
 fn take_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, DatapathError>

@@ -499,14 +499,14 @@ async fn session(
             .map(|m| (m.table.clone(), m.to_json()))
             .collect(),
     );
-    let zero = "00000000-0000-0000-0000-000000000000".to_owned();
-    let since = last_txn_id.clone().unwrap_or(zero);
     // Until this reply is applied whole, a reconnect must not resume from an older
     // transaction: what was cleared or half applied would stay missing.
-    let resume_from = last_txn_id.take();
+    let since = last_txn_id
+        .take()
+        .unwrap_or_else(|| "00000000-0000-0000-0000-000000000000".to_owned());
     let asked = std::time::Instant::now();
     let applied = if monitors.is_empty() {
-        Ok((false, Vec::new(), None))
+        Ok(Loaded::default())
     } else {
         match conn
             .call_raw(
@@ -552,9 +552,13 @@ async fn session(
         }
     };
     let found = match applied {
-        Ok((found, changes, reply_txn)) => {
+        Ok(Loaded {
+            found,
+            changes,
+            txn,
+        }) => {
             // Only now: a reconnect asks for changes since the last update applied.
-            *last_txn_id = reply_txn;
+            *last_txn_id = txn;
             let _ = shared.changes.send(Arc::new(ChangeSet {
                 resync: !found,
                 changes,
@@ -562,10 +566,7 @@ async fn session(
             }));
             found
         }
-        Err(e) => {
-            drop(resume_from);
-            return fail(e).await;
-        }
+        Err(e) => return fail(e).await,
     };
     shared.conn.send_replace(Some(conn.clone()));
     shared.stats.connects.fetch_add(1, Ordering::Relaxed);
@@ -707,6 +708,17 @@ fn still_leader(updates: &Json, database: &str) -> bool {
 /// Applies parsed rows of one batch (a monitor reply or a notification): rows of consumed
 /// tables to their consumer, the others to the replica. Holds the replica's write lock and
 /// the consumers' locks for the batch, so readers never see half of one.
+/// A monitor reply, applied.
+#[derive(Default)]
+struct Loaded {
+    /// The server resumed from our last transaction (only changes since were sent).
+    found: bool,
+    /// The replica's changes (none recorded for a full load).
+    changes: Vec<(String, Uuid, RowChange)>,
+    /// The last transaction id, to resume from.
+    txn: Option<String>,
+}
+
 struct Applier<'a> {
     replica: std::sync::RwLockWriteGuard<'a, Replica>,
     consumers: Vec<(
@@ -753,15 +765,18 @@ impl<'a> Applier<'a> {
         }
     }
 
-    /// Applies a monitor reply with `parse`, and tells the consumers the batch is done.
-    /// Returns (found, replica changes, last transaction id).
-    #[allow(clippy::type_complexity)]
+    /// Applies a monitor reply with `parse` (which returns whether the server resumed, and
+    /// the last transaction id), and tells the consumers the batch is done.
     fn load(
         mut self,
         parse: impl FnOnce(&mut Self) -> Result<(bool, Option<String>), Error>,
-    ) -> Result<(bool, Vec<(String, Uuid, RowChange)>, Option<String>), Error> {
+    ) -> Result<Loaded, Error> {
         let (found, txn) = parse(&mut self)?;
-        Ok((found, self.finish(), txn))
+        Ok(Loaded {
+            found,
+            changes: self.finish(),
+            txn,
+        })
     }
 
     /// Tells the consumers the batch is done; returns the replica's changes.

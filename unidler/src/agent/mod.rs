@@ -547,8 +547,9 @@ impl Agent {
                 MapChange::Scopes { .. } => {}
             }
         }
-        for key in self.datapath.apply_vips(&upserts, &removes)? {
-            if let Some(vip) = Vip::from_key(&key) {
+        let unfit = self.datapath.apply_vips(&upserts, &removes)?;
+        for key in &unfit {
+            if let Some(vip) = Vip::from_key(key) {
                 let scoped = self.registry.scopes(&vip).map(Into::into);
                 if let Some(entry) = self.registry.remove(&vip) {
                     self.unfit.insert(
@@ -564,7 +565,14 @@ impl Agent {
             }
         }
         for change in changes {
-            if let MapChange::Scopes { vip_id, scopes, .. } = change {
+            // A VIP that did not fit has no entry to scope (and has given its id back).
+            if let MapChange::Scopes {
+                key,
+                vip_id,
+                scopes,
+            } = change
+                && !unfit.contains(key)
+            {
                 self.datapath.set_vip_scopes(*vip_id, scopes)?;
             }
         }

@@ -25,7 +25,8 @@ pub struct Fleet {
     pub cluster: Cluster,
     pub agents: Vec<Southbound>,
     cms: Client,
-    lbs: u32,
+    /// The load balancers each agent follows (the idle ones).
+    followed: u32,
     _load_balancers: LoadBalancers,
 }
 
@@ -60,12 +61,18 @@ const WAIT: Duration = Duration::from_secs(600);
 impl Fleet {
     /// Starts the cluster, inserts `lbs` load balancers (one VIP each) and `n` Chassis rows,
     /// then connects the `n` agents (to the leader only, or with `any_member` to any member);
-    /// returns once every agent has every load balancer and its Chassis row, with what that
+    /// returns once every agent has every (idle) load balancer and its Chassis row, with what that
     /// cost.
     pub fn start(n: usize, lbs: u32, any_member: bool) -> (Self, Cost) {
+        Self::start_some_idle(n, lbs, lbs, any_member)
+    }
+
+    /// As [`Fleet::start`], with only `idle` of the load balancers idle services' (see
+    /// [`LoadBalancers::insert_some_idle`]): the agents follow only those.
+    pub fn start_some_idle(n: usize, lbs: u32, idle: u32, any_member: bool) -> (Self, Cost) {
         let cluster = southbound_cluster(3);
         cluster.wait_for_leader(Duration::from_secs(30));
-        let load_balancers = LoadBalancers::insert(&cluster.servers[0], lbs, 1);
+        let load_balancers = LoadBalancers::insert_some_idle(&cluster.servers[0], lbs, 1, idle);
         for first in (0..n).step_by(50) {
             let mut args: Vec<String> = Vec::new();
             for i in first..(first + 50).min(n) {
@@ -120,7 +127,7 @@ impl Fleet {
             cluster,
             agents,
             cms,
-            lbs,
+            followed: idle,
             _load_balancers: load_balancers,
         };
         fleet.wait_all_synced(&vec![0; n]);
@@ -128,14 +135,14 @@ impl Fleet {
         (fleet, cost)
     }
 
-    /// Whether agent `i` is connected with every load balancer and its Chassis row, in a
+    /// Whether agent `i` is connected with every (idle) load balancer and its Chassis row, in a
     /// session after `after`.
     fn synced(&self, i: usize, after: u64) -> bool {
         let sb = &self.agents[i];
         let client = sb.client();
         client.is_connected()
             && client.session_count() > after
-            && sb.load_balancers() == Some(self.lbs as usize)
+            && sb.load_balancers() == Some(self.followed as usize)
             && sb.chassis_uuid().is_some()
     }
 

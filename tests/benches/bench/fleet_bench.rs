@@ -1,7 +1,7 @@
 //! Section 10: many agents on one clustered Southbound database (`tests/scenarios/fleet.rs`):
 //! `UNIDLER_BENCH_AGENTS` (default 200) agents' worth of Southbound clients, each with its own
 //! Chassis and connection, and 10,000 load balancers, on a real 3-member RAFT cluster. The
-//! initial sync, a wake-up storm (one idle VIP hit on every chassis at once) with per-chassis
+//! initial sync (all load balancers idle services', and again with 100 of them), a wake-up storm (one idle VIP hit on every chassis at once) with per-chassis
 //! and cluster-wide deduplication, a restart of the whole cluster, and the same with a leader
 //! failover in the middle of the reconnect storm.
 
@@ -13,6 +13,8 @@ use unidler::sink::Dedup;
 use crate::figure::{Figure, figure};
 
 const LOAD_BALANCERS: u32 = 10_000;
+/// Idle services' load balancers in the second cold start.
+const FEW_IDLE: u32 = 100;
 
 pub(crate) fn fleet_bench() -> Vec<Figure> {
     const S: &str = "10 fleet";
@@ -96,6 +98,26 @@ pub(crate) fn fleet_bench() -> Vec<Figure> {
         ]);
     }
     drop(fleet);
+    // The same cold start where, as in ovn-kubernetes, only idle services' load balancers
+    // have options:event=true: the agents are sent only those.
+    let (few, few_sync) = fleet::Fleet::start_some_idle(n, LOAD_BALANCERS, FEW_IDLE, false);
+    drop(few);
+    out.extend([
+        figure(
+            S,
+            format!("{n} agents, {LOAD_BALANCERS} LBs of which {FEW_IDLE} idle: all synced"),
+            few_sync.seconds,
+            "s",
+        )
+        .vs("all idle", sync.seconds),
+        figure(
+            S,
+            "  Southbound CPU for the sync (3 servers)",
+            few_sync.db_cpu_seconds,
+            "s",
+        )
+        .vs("all idle", sync.db_cpu_seconds),
+    ]);
     // The same cold start with the agents connected to any member (--ovnsb-any-member).
     let (_fleet, any) = fleet::Fleet::start(n, LOAD_BALANCERS, true);
     out.extend([

@@ -565,7 +565,8 @@ impl Agent {
             }
         }
         for change in changes {
-            // A VIP that did not fit has no entry to scope (and has given its id back).
+            // A VIP that did not fit has no entry to scope, and leaves the registry with its
+            // id: entries written for that id would only stay behind.
             if let MapChange::Scopes {
                 key,
                 vip_id,

@@ -39,6 +39,8 @@ pub struct MonitorRequest {
     /// Where the table's rows go instead of the replica (see [`TableConsumer`]); `None`
     /// replicates them.
     pub consumer: Option<ConsumerHandle>,
+    /// Set by [`MonitorRequest::named`]: a monitor of its own under this name.
+    pub name: Option<String>,
 }
 
 impl MonitorRequest {
@@ -49,7 +51,30 @@ impl MonitorRequest {
             columns: None,
             conditions: Vec::new(),
             consumer: None,
+            name: None,
         }
+    }
+
+    /// A monitor of its own (its own monitor id on the session), so that a table can be
+    /// monitored again with other columns or conditions: its rows are known by `name` in the
+    /// replica and change sets. Meant for a few rows of a large table: ovsdb-server builds a
+    /// monitor's first reply from every row of the table, whatever its conditions, so this
+    /// monitor asks for no initial rows; a session resumes it from its last transaction
+    /// where the server still has it (`monitor_cond_since`, clustered databases), else loads
+    /// its rows with a `select` per condition. Its conditions are fixed
+    /// ([`Client::set_conditions`] refuses them). Unnamed monitors share one monitor id and
+    /// are known by their table's name. Give it other columns than the other monitors of
+    /// its table: ovsdb-server 3.1, which shares one change tracker between monitors of the
+    /// same columns, was seen to lose a row that started matching a named monitor's
+    /// conditions when its columns were those of an unconditional monitor.
+    pub fn named(mut self, name: &str) -> Self {
+        self.name = Some(name.to_owned());
+        self
+    }
+
+    /// What its rows are known by: its name, else its table's.
+    pub fn key(&self) -> &str {
+        self.name.as_deref().unwrap_or(&self.table)
     }
 
     /// Only these columns.
@@ -79,7 +104,33 @@ impl MonitorRequest {
         if !self.conditions.is_empty() {
             req["where"] = Json::Array(self.conditions.iter().map(Condition::to_json).collect());
         }
+        if self.name.is_some() {
+            // Loaded by select (see MonitorRequest::named).
+            req["select"] = json!({"initial": false});
+        }
         json!([req])
+    }
+
+    /// The selects that load a named monitor: one per condition (a monitor's conditions are
+    /// a disjunction, a select's a conjunction), or one of every row.
+    fn load_operations(&self) -> Vec<Operation> {
+        let mut columns = self.columns.clone();
+        if let Some(columns) = &mut columns {
+            columns.push("_uuid".to_owned());
+        }
+        let select = |conditions: Vec<Condition>| Operation::Select {
+            table: self.table.clone(),
+            conditions,
+            columns: columns.clone(),
+        };
+        if self.conditions.is_empty() {
+            vec![select(Vec::new())]
+        } else {
+            self.conditions
+                .iter()
+                .map(|c| select(vec![c.clone()]))
+                .collect()
+        }
     }
 }
 
@@ -233,7 +284,8 @@ impl Client {
     }
 
     /// Changes which rows of a monitored table are replicated (conditional monitoring): from
-    /// now on only rows matching any of `conditions` (every row for none). Sent to the server
+    /// now on only rows matching any of `conditions` (every row for none). Not for named
+    /// monitors, whose conditions are fixed. Sent to the server
     /// at once if connected (`monitor_cond_change`: rows that stop matching leave the replica,
     /// rows that start matching enter it, as a change set), and used by every later session.
     /// Returns whether they changed (false: they were already these, nothing is sent). If
@@ -246,7 +298,10 @@ impl Client {
     ) -> Result<bool, Error> {
         let previous = {
             let mut monitors = self.shared.monitors();
-            let Some(monitor) = monitors.iter_mut().find(|m| m.table == table) else {
+            let Some(monitor) = monitors
+                .iter_mut()
+                .find(|m| m.table == table && m.name.is_none())
+            else {
                 return Err(Error::Protocol(format!("{table} is not monitored")));
             };
             if monitor.conditions == conditions {
@@ -277,7 +332,11 @@ impl Client {
             )
             .await;
         if changed.is_err()
-            && let Some(monitor) = self.shared.monitors().iter_mut().find(|m| m.table == table)
+            && let Some(monitor) = self
+                .shared
+                .monitors()
+                .iter_mut()
+                .find(|m| m.table == table && m.name.is_none())
             && monitor.conditions == conditions
         {
             // Not in place: the server refused them, or the session ended and its monitors
@@ -365,8 +424,8 @@ async fn session_loop(shared: Arc<Shared>, tls: Option<Tls>, mut stop: mpsc::Rec
     let mut backoff = shared.options.backoff_min;
     let mut next = 0usize;
     let mut failures_this_round = 0usize;
-    // monitor_cond_since lets a reconnect fetch only what changed since this transaction.
-    let mut last_txn_id: Option<String> = None;
+    // monitor_cond_since lets a reconnect fetch only what changed since these transactions.
+    let mut resume = Resume::default();
     // Seeded per client: the clock and this client's address.
     let mut rng = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -381,10 +440,10 @@ async fn session_loop(shared: Arc<Shared>, tls: Option<Tls>, mut stop: mpsc::Rec
         let remote = &remotes[next % remotes.len()];
         next += 1;
         if shared.conditions_changed.swap(false, Ordering::Relaxed) {
-            last_txn_id = None;
+            resume.data = None;
         }
         let end = tokio::select! {
-            end = session(&shared, remote, tls.as_ref(), &mut last_txn_id) => end,
+            end = session(&shared, remote, tls.as_ref(), &mut resume) => end,
             _ = stop.recv() => SessionEnd::Stopped,
         };
         shared.conn.send_replace(None);
@@ -459,6 +518,15 @@ fn jitter(max: Duration, state: &mut u64) -> Duration {
 
 const DATA_MONITOR: &str = "data";
 const SERVER_MONITOR: &str = "server";
+const NO_TXN: &str = "00000000-0000-0000-0000-000000000000";
+
+/// Where a new session resumes the monitors from (`monitor_cond_since`): the last transaction
+/// applied, of the data monitor and of each named one.
+#[derive(Default)]
+struct Resume {
+    data: Option<String>,
+    named: std::collections::HashMap<String, String>,
+}
 
 /// One session: connect, check leadership, set up monitors, then follow updates until the
 /// connection ends or the server stops being the leader.
@@ -466,7 +534,7 @@ async fn session(
     shared: &Shared,
     remote: &Remote,
     tls: Option<&Tls>,
-    last_txn_id: &mut Option<String>,
+    resume: &mut Resume,
 ) -> SessionEnd {
     let opts = &shared.options;
     let stream =
@@ -496,16 +564,15 @@ async fn session(
     let requests = Json::Object(
         monitors
             .iter()
+            .filter(|m| m.name.is_none())
             .map(|m| (m.table.clone(), m.to_json()))
             .collect(),
     );
     // Until this reply is applied whole, a reconnect must not resume from an older
     // transaction: what was cleared or half applied would stay missing.
-    let since = last_txn_id
-        .take()
-        .unwrap_or_else(|| "00000000-0000-0000-0000-000000000000".to_owned());
+    let since = resume.data.take().unwrap_or_else(|| NO_TXN.to_owned());
     let asked = std::time::Instant::now();
-    let applied = if monitors.is_empty() {
+    let applied = if monitors.iter().all(|m| m.name.is_some()) {
         Ok(Loaded::default())
     } else {
         match conn
@@ -519,7 +586,7 @@ async fn session(
             // the reply is large, and never becomes a JSON tree.
             Ok(reply) => {
                 let received = std::time::Instant::now();
-                let applied = Applier::lock(shared, &monitors).load(|applier| {
+                let applied = Applier::lock(shared, &monitors, None).load(|applier| {
                     let txn = parse_monitor_since_reply(reply.get(), applier)?;
                     Ok((applier.found, txn))
                 });
@@ -541,7 +608,7 @@ async fn session(
                 )
                 .await
             {
-                Ok(reply) => Applier::lock(shared, &monitors).load(|applier| {
+                Ok(reply) => Applier::lock(shared, &monitors, None).load(|applier| {
                     applier.begin(false)?;
                     parse_table_updates(reply.get(), applier)?;
                     Ok((false, None))
@@ -558,7 +625,7 @@ async fn session(
             txn,
         }) => {
             // Only now: a reconnect asks for changes since the last update applied.
-            *last_txn_id = txn;
+            resume.data = txn;
             let _ = shared.changes.send(Arc::new(ChangeSet {
                 resync: !found,
                 changes,
@@ -568,6 +635,16 @@ async fn session(
         }
         Err(e) => return fail(e).await,
     };
+    for monitor in monitors.iter().filter(|m| m.name.is_some()) {
+        let name = monitor.key();
+        let since = resume.named.remove(name);
+        match load_named(shared, &conn, &monitors, monitor, since).await {
+            Ok(txn) => {
+                resume.named.insert(name.to_owned(), txn);
+            }
+            Err(e) => return fail(e).await,
+        }
+    }
     shared.conn.send_replace(Some(conn.clone()));
     shared.stats.connects.fetch_add(1, Ordering::Relaxed);
     shared
@@ -579,7 +656,7 @@ async fn session(
         tokio::select! {
             n = notifications.recv() => {
                 let Some(n) = n else { return fail(Error::Disconnected).await };
-                match handle_notification(shared, &monitors, &opts.database, n, last_txn_id) {
+                match handle_notification(shared, &monitors, &opts.database, n, resume) {
                     Ok(true) => {}
                     Ok(false) => return SessionEnd::NotLeader,
                     Err(e) => return fail(e).await,
@@ -587,6 +664,91 @@ async fn session(
             }
             reason = conn.closed() => return SessionEnd::Failed(reason),
         }
+    }
+}
+
+/// Sets up a named monitor (see [`MonitorRequest::named`]) and brings its rows up to date:
+/// the changes since transaction `since` if the server still has them, else every matching
+/// row, by select (the monitor sends no initial rows). Applied as one batch; returns the
+/// transaction to resume from.
+async fn load_named(
+    shared: &Shared,
+    conn: &Connection,
+    monitors: &[MonitorRequest],
+    monitor: &MonitorRequest,
+    since: Option<String>,
+) -> Result<String, Error> {
+    let database = &shared.options.database;
+    let name = monitor.key();
+    let reply = conn
+        .call_raw(
+            "monitor_cond_since",
+            json!([
+                database,
+                name,
+                { &monitor.table: monitor.to_json() },
+                since.as_deref().unwrap_or(NO_TXN)
+            ]),
+        )
+        .await?;
+    let mut changes = CollectedRows::default();
+    let txn = parse_monitor_since_reply(reply.get(), &mut changes)?
+        .ok_or_else(|| Error::Protocol(format!("{name}: no transaction id")))?;
+    // Not resumed: the rows as they are now, one select per condition. The server answers
+    // in order: the updates of the transactions the selects see come before their reply.
+    let selected = if changes.found {
+        Vec::new()
+    } else {
+        let ops = monitor.load_operations();
+        let mut params = vec![json!(database)];
+        params.extend(ops.iter().map(Operation::to_json));
+        let reply = conn.call("transact", Json::Array(params)).await?;
+        parse_results(&reply, ops.len())?
+    };
+    let loaded = Applier::lock(shared, monitors, Some(name)).load(|applier| {
+        applier.begin(changes.found)?;
+        for (table, uuid, update) in changes.rows {
+            applier.row(&table, uuid, update)?;
+        }
+        // A row matching several conditions comes once per select: given once.
+        let mut seen = std::collections::HashSet::new();
+        for row in selected.iter().flat_map(OpResult::rows) {
+            let mut row = row.clone();
+            let uuid = row
+                .remove("_uuid")
+                .and_then(|u| u.atom()?.as_uuid().cloned())
+                .ok_or_else(|| Error::Protocol(format!("{name}: a row without _uuid")))?;
+            row.remove("_version");
+            if seen.insert(uuid.clone()) {
+                applier.row(&monitor.table, uuid, RowUpdate::Initial(row))?;
+            }
+        }
+        Ok((changes.found, None))
+    })?;
+    let _ = shared.changes.send(Arc::new(ChangeSet {
+        resync: !loaded.found,
+        changes: loaded.changes,
+        applied_at: Some(std::time::Instant::now()),
+    }));
+    Ok(txn)
+}
+
+/// The rows of a (small) monitor reply, kept to be applied later.
+#[derive(Default)]
+struct CollectedRows {
+    found: bool,
+    rows: Vec<(String, Uuid, RowUpdate)>,
+}
+
+impl RowSink for CollectedRows {
+    fn begin(&mut self, found: bool) -> Result<(), Error> {
+        self.found = found;
+        Ok(())
+    }
+
+    fn row(&mut self, table: &str, uuid: Uuid, update: RowUpdate) -> Result<(), Error> {
+        self.rows.push((table.to_owned(), uuid, update));
+        Ok(())
     }
 }
 
@@ -642,7 +804,7 @@ fn handle_notification(
     monitors: &[MonitorRequest],
     database: &str,
     n: Notification,
-    last_txn_id: &mut Option<String>,
+    resume: &mut Resume,
 ) -> Result<bool, Error> {
     let with_txn = match n.method.as_str() {
         "update2" => false,
@@ -657,24 +819,51 @@ fn handle_notification(
         }
         _ => return Ok(true),
     };
-    let mut applier = Applier::lock(shared, monitors);
+    let mut applier = Applier::lock(shared, monitors, None);
     let parsed = parse_update_params(n.params.get(), with_txn, DATA_MONITOR, &mut applier);
     let txn = match parsed {
         Ok(UpdateParams::Streamed { txn }) => txn,
-        Ok(UpdateParams::Other { updates }) => {
+        Ok(UpdateParams::Other {
+            monitor,
+            txn,
+            updates,
+        }) => {
             drop(applier);
-            return Ok(still_leader(&updates, database));
+            let Some(named) = monitors
+                .iter()
+                .find(|m| m.name.is_some() && monitor.as_str() == Some(m.key()))
+            else {
+                return Ok(still_leader(&updates, database));
+            };
+            // A named monitor's (small) update.
+            let name = named.key();
+            let mut applier = Applier::lock(shared, monitors, Some(name));
+            if let Err(e) = parse_table_updates(&updates.to_string(), &mut applier) {
+                // Half applied: the next session loads it afresh.
+                resume.named.remove(name);
+                return Err(e);
+            }
+            let changes = applier.finish();
+            if let Some(txn) = txn {
+                resume.named.insert(name.to_owned(), txn);
+            }
+            let _ = shared.changes.send(Arc::new(ChangeSet {
+                resync: false,
+                changes,
+                applied_at: Some(std::time::Instant::now()),
+            }));
+            return Ok(true);
         }
         Err(e) => {
             // Half applied: the next session loads afresh.
-            *last_txn_id = None;
+            resume.data = None;
             return Err(e);
         }
     };
     let changes = applier.finish();
     // Recorded once applied: after a failed apply, a reconnect asks for this update again.
     if let Some(txn) = txn {
-        *last_txn_id = Some(txn);
+        resume.data = Some(txn);
     }
     let _ = shared.changes.send(Arc::new(ChangeSet {
         resync: false,
@@ -720,6 +909,9 @@ struct Loaded {
 }
 
 struct Applier<'a> {
+    /// The monitor the batch is of: a named one (its rows are known by its name), or None
+    /// for the data monitor (by their table's name).
+    scope: Option<&'a str>,
     replica: std::sync::RwLockWriteGuard<'a, Replica>,
     consumers: Vec<(
         &'a str,
@@ -729,14 +921,18 @@ struct Applier<'a> {
     /// changes (a notification): then the replica's changes are recorded.
     found: bool,
     changes: Vec<(String, Uuid, RowChange)>,
-    /// The replicated tables this batch changed.
+    /// The replicated tables (and named monitors) this batch changed.
     changed: crate::update::Changed,
-    /// The monitored tables that are replicated.
+    /// The keys of the batch's monitor that are replicated.
     replicated: Vec<String>,
+    /// The keys of the batch's monitor that are consumed.
+    consumed: Vec<String>,
 }
 
 impl<'a> Applier<'a> {
-    fn lock(shared: &'a Shared, monitors: &'a [MonitorRequest]) -> Self {
+    /// Locks the replica and every consumer (each sees every batch done) for a batch of
+    /// the monitor `scope` (see [`Applier::scope`]).
+    fn lock(shared: &'a Shared, monitors: &'a [MonitorRequest], scope: Option<&'a str>) -> Self {
         let replica = shared
             .replica
             .write()
@@ -746,12 +942,14 @@ impl<'a> Applier<'a> {
             .filter_map(|m| {
                 let consumer = m.consumer.as_ref()?;
                 Some((
-                    m.table.as_str(),
+                    m.key(),
                     consumer.0.lock().unwrap_or_else(PoisonError::into_inner),
                 ))
             })
             .collect();
+        let in_scope = |m: &&MonitorRequest| m.name.as_deref() == scope;
         Self {
+            scope,
             replica,
             consumers,
             found: true,
@@ -759,8 +957,15 @@ impl<'a> Applier<'a> {
             changed: Default::default(),
             replicated: monitors
                 .iter()
+                .filter(in_scope)
                 .filter(|m| m.consumer.is_none())
-                .map(|m| m.table.clone())
+                .map(|m| m.key().to_owned())
+                .collect(),
+            consumed: monitors
+                .iter()
+                .filter(in_scope)
+                .filter(|m| m.consumer.is_some())
+                .map(|m| m.key().to_owned())
                 .collect(),
         }
     }
@@ -792,18 +997,24 @@ impl RowSink for Applier<'_> {
     fn begin(&mut self, found: bool) -> Result<(), Error> {
         self.found = found;
         if !found {
-            // A full load is announced as a resync, without a copy of every row; every
-            // replicated table counts as changed (empty ones included).
-            self.replica.clear();
+            // A full load (of the batch's monitor) is announced as a resync, without a copy
+            // of every row; each of its replicated tables counts as changed (empty ones
+            // included).
+            for key in &self.replicated {
+                self.replica.clear_table(key);
+            }
             self.changed.extend(self.replicated.iter().cloned());
-            for (_, consumer) in &mut self.consumers {
-                consumer.reset();
+            for (key, consumer) in &mut self.consumers {
+                if self.consumed.iter().any(|c| c == key) {
+                    consumer.reset();
+                }
             }
         }
         Ok(())
     }
 
     fn row(&mut self, table: &str, uuid: Uuid, update: RowUpdate) -> Result<(), Error> {
+        let table = self.scope.unwrap_or(table);
         if let Some((_, consumer)) = self.consumers.iter_mut().find(|(t, _)| *t == table) {
             return consumer.row(&uuid, update);
         }

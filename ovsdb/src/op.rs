@@ -39,6 +39,15 @@ impl Condition {
         }
     }
 
+    /// `column excludes value`: for a map, none of `value`'s key-value pairs is in the column.
+    pub fn excludes(column: &str, value: impl Into<Value>) -> Self {
+        Self {
+            column: column.to_owned(),
+            function: "excludes",
+            value: value.into(),
+        }
+    }
+
     /// JSON notation.
     pub fn to_json(&self) -> Json {
         json!([self.column, self.function, self.value.to_json()])

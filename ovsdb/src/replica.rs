@@ -72,6 +72,11 @@ impl Replica {
         self.tables.clear();
     }
 
+    /// Empties one table (or named monitor).
+    pub fn clear_table(&mut self, table: &str) {
+        self.tables.remove(table);
+    }
+
     /// Applies a `<table-updates2>` object; returns what changed.
     pub fn apply_update2(
         &mut self,

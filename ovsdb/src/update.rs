@@ -124,8 +124,16 @@ pub(crate) trait RowSink {
 pub(crate) enum UpdateParams {
     /// Updates of monitor `monitor`, given to the sink; the transaction id of `update3`.
     Streamed { txn: Option<String> },
-    /// Updates of another monitor, left as JSON (small: the `_Server` monitor).
-    Other { updates: Json },
+    /// Updates of another monitor (small: the `_Server` monitor, named monitors), left as
+    /// JSON.
+    Other {
+        /// The monitor's id.
+        monitor: Json,
+        /// The transaction id of `update3`.
+        txn: Option<String>,
+        /// Its `<table-updates2>`.
+        updates: Json,
+    },
 }
 
 /// Parses a `<table-updates2>` object, giving each row to `sink`.
@@ -334,7 +342,11 @@ impl<'de> Visitor<'de> for NotificationParams<'_, '_> {
             UpdateParams::Streamed { txn }
         } else {
             let updates: Json = seq.next_element()?.ok_or_else(missing)?;
-            UpdateParams::Other { updates }
+            UpdateParams::Other {
+                monitor,
+                txn,
+                updates,
+            }
         };
         if seq.next_element::<de::IgnoredAny>()?.is_some() {
             return Err(de::Error::custom("too many update params"));
@@ -425,7 +437,7 @@ mod tests {
         let mut sink = Collect::default();
         let parsed = parse_update_params(server, false, "data", &mut sink).unwrap();
         assert!(
-            matches!(parsed, UpdateParams::Other { updates } if updates["Database"].is_object())
+            matches!(parsed, UpdateParams::Other { monitor, updates, .. } if monitor == "server" && updates["Database"].is_object())
         );
         assert!(sink.rows.is_empty());
     }

@@ -374,6 +374,95 @@ async fn conditions_changed_at_run_time_narrow_the_replica_and_survive_a_reconne
     eventually("a new row still followed", || names(&client).len() == 5).await;
 }
 
+/// A table monitored twice, the second time by a named monitor with other conditions (any of
+/// them): each keeps its rows under its own key, the named one loaded by select and followed
+/// from there, and both reload after a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_named_monitor_follows_the_same_table_under_its_own_conditions() {
+    let mut server = southbound(Listen::default());
+    for (name, ip) in [
+        ("ch-a", "127.0.0.1"),
+        ("ch-b", "127.0.0.2"),
+        ("ch-c", "127.0.0.3"),
+    ] {
+        server.sbctl(&["chassis-add", name, "geneve", ip]);
+    }
+    server.sbctl(&["set", "Chassis", "ch-a", "hostname=x"]);
+    server.sbctl(&["set", "Chassis", "ch-b", "hostname=x"]);
+    let mut opts = options(&server.unix_remote());
+    opts.monitors = vec![
+        MonitorRequest::table("Chassis").columns(&["name"]),
+        // Other columns than the first monitor's (see MonitorRequest::named).
+        MonitorRequest::table("Chassis")
+            .columns(&["name", "hostname"])
+            .matching(Condition::eq("hostname", "x"))
+            .matching(Condition::eq("name", "ch-b"))
+            .named("on_x"),
+    ];
+    let client = Client::start(opts).unwrap();
+    let mut changes = client.subscribe();
+    client.wait_connected(WAIT).await.unwrap();
+    let names = |client: &Client, key: &str| {
+        let mut names: Vec<String> = client
+            .replica()
+            .rows(key)
+            .filter_map(|(_, r)| r.get("name")?.atom()?.as_str().map(str::to_owned))
+            .collect();
+        names.sort();
+        names
+    };
+    assert_eq!(names(&client, "Chassis"), ["ch-a", "ch-b", "ch-c"]);
+    assert_eq!(
+        names(&client, "on_x"),
+        ["ch-a", "ch-b"],
+        "ch-b matches both"
+    );
+    let row = client
+        .replica()
+        .rows("on_x")
+        .map(|(_, r)| r.clone())
+        .next()
+        .unwrap();
+    assert_eq!(
+        row.keys().collect::<Vec<_>>(),
+        ["hostname", "name"],
+        "its columns only"
+    );
+
+    // A row that starts matching enters the named monitor only, as a change under its name.
+    while changes.try_recv().is_ok() {}
+    server.sbctl(&["set", "Chassis", "ch-c", "hostname=x"]);
+    eventually("ch-c on x", || {
+        names(&client, "on_x") == ["ch-a", "ch-b", "ch-c"]
+    })
+    .await;
+    let mut keys = Vec::new();
+    while let Ok(set) = changes.try_recv() {
+        keys.extend(set.changes.iter().map(|(key, _, _)| key.clone()));
+    }
+    assert!(keys.iter().any(|k| k == "on_x"), "{keys:?}");
+    assert_eq!(names(&client, "Chassis"), ["ch-a", "ch-b", "ch-c"]);
+    // One that stops matching leaves it.
+    server.sbctl(&["set", "Chassis", "ch-a", "hostname=y"]);
+    eventually("ch-a off x", || names(&client, "on_x") == ["ch-b", "ch-c"]).await;
+    assert!(
+        client.set_conditions("on_x", Vec::new()).await.is_err(),
+        "a named monitor's conditions are fixed"
+    );
+
+    // A new session reloads both.
+    server.kill();
+    eventually("the client to notice", || !client.is_connected()).await;
+    server.start();
+    client.wait_connected(WAIT).await.unwrap();
+    assert_eq!(names(&client, "on_x"), ["ch-b", "ch-c"]);
+    server.sbctl(&["chassis-del", "ch-b"]);
+    eventually("ch-b gone from both", || {
+        names(&client, "on_x") == ["ch-c"] && names(&client, "Chassis") == ["ch-a", "ch-c"]
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reconnects_after_a_restart_and_resyncs() {
     let mut server = southbound(Listen::default());
@@ -647,12 +736,31 @@ async fn a_consumer_follows_a_table_without_a_replica_and_resumes_after_a_leader
             .columns(&["name", "vips"])
             .consumed_by(consumer),
         MonitorRequest::table("Chassis").columns(&["name"]),
+        // Resumed as the data monitor is.
+        MonitorRequest::table("Load_Balancer")
+            .columns(&["name", "protocol"])
+            .matching(Condition::eq("name", "b"))
+            .matching(Condition::eq("name", "c"))
+            .named("b_or_c"),
     ];
     let client = Client::start(opts).unwrap();
     client.wait_connected(WAIT).await.unwrap();
     let lines = || seen.lock().unwrap().clone();
+    let named = |client: &Client| {
+        let mut names: Vec<String> = client
+            .replica()
+            .rows("b_or_c")
+            .filter_map(|(_, r)| r.get("name")?.atom()?.as_str().map(str::to_owned))
+            .collect();
+        names.sort();
+        names
+    };
     // The full load: reset, the row, then the batch, with the replicated table already in.
-    assert_eq!(lines(), ["reset", "initial a", "done chassis=1"]);
+    // (Every batch is done for every consumer: the named monitor's load is one too.)
+    assert_eq!(
+        lines(),
+        ["reset", "initial a", "done chassis=1", "done chassis=1"]
+    );
     assert_eq!(client.replica().len("Load_Balancer"), 0, "not replicated");
 
     // A modify carries the diff: a changed map value is the key with its new value.
@@ -675,8 +783,11 @@ async fn a_consumer_follows_a_table_without_a_replica_and_resumes_after_a_leader
     })
     .await;
 
+    eventually("b in the named monitor", || named(&client) == ["b"]).await;
+
     // The leader goes: the client resumes on the new one from its last transaction, so the
     // consumer is not reset, and what changed meanwhile comes as changes.
+    let mut changes = client.subscribe();
     let sessions = client.session_count();
     let leader = cluster.leader().unwrap();
     cluster.servers[leader].kill();
@@ -694,4 +805,9 @@ async fn a_consumer_follows_a_table_without_a_replica_and_resumes_after_a_leader
         "resumed, not loaded afresh: {l:?}"
     );
     assert!(!l.iter().any(|x| x.starts_with("initial c")), "{l:?}");
+    // The named monitor too: c as a change, nothing loaded afresh.
+    eventually("c in the named monitor", || named(&client) == ["b", "c"]).await;
+    while let Ok(set) = changes.try_recv() {
+        assert!(!set.resync, "a monitor was loaded afresh: {set:?}");
+    }
 }

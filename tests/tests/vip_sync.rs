@@ -248,8 +248,8 @@ fn followed(topo: &Topology) -> (f64, f64, f64) {
 
 /// Only load balancers that report reach the agent (conditional monitoring): the Southbound
 /// server sends those with `options:event=true`, and every one while `SB_Global` has
-/// `options:controller_event=true`. One that starts or stops reporting enters or leaves the
-/// agent's view, and its VIP the map.
+/// `options:controller_event=true` but those with `options:reject=true`. One that starts or
+/// stops reporting enters or leaves the agent's view, and its VIP the map.
 #[test]
 fn only_load_balancers_that_report_are_sent_to_the_agent() {
     require_root();
@@ -287,18 +287,31 @@ fn only_load_balancers_that_report_are_sent_to_the_agent() {
     eventually("active3 followed", WAIT, || {
         followed(&topo) == (2.0, 1.0, 1.0)
     });
+    // Rejecting wins over reporting (OVN rejects, it does not report): the idle one's VIP
+    // leaves the map while it rejects, and comes back when it no longer does.
+    sb.sbctl(&["set", "Load_Balancer", "idle", "options:reject=true"]);
+    eventually("the rejecting one's VIP out of the map", WAIT, || {
+        followed(&topo) == (2.0, 0.0, 1.0)
+    });
+    assert!(topo.connects(80), "a rejecting load balancer's VIP passes");
+    sb.sbctl(&["set", "Load_Balancer", "idle", "options:reject=false"]);
+    eventually("its VIP watched again", WAIT, || {
+        followed(&topo) == (2.0, 1.0, 1.0)
+    });
+    assert!(!topo.connects(80), "watched again");
 
-    // The global option makes every load balancer report: all are sent.
+    // The global option makes every load balancer report: all are sent, but a rejecting one.
+    sb.sbctl(&["set", "Load_Balancer", "active5", "options:reject=true"]);
     sb.sbctl(&["set", "SB_Global", ".", "options:controller_event=true"]);
     agent.wait_for_log("following every load balancer", WAIT);
     eventually("all followed", WAIT, || {
-        followed(&topo) == (21.0, 1.0, 20.0)
+        followed(&topo) == (20.0, 1.0, 19.0)
     });
 
     // The idle one stops reporting itself: the global option still makes it report.
     sb.sbctl(&["remove", "Load_Balancer", "idle", "options", "event"]);
     std::thread::sleep(Duration::from_millis(300));
-    assert_eq!(followed(&topo), (21.0, 1.0, 20.0));
+    assert_eq!(followed(&topo), (20.0, 1.0, 19.0));
     assert!(!topo.connects(80), "reports through the global option");
 
     // Without the global option, only active3 is left: the idle VIP leaves the map.

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use ovsdb::{
     Atom, Client, ClientOptions, Condition, ConsumerHandle, Error as DbError, MonitorRequest,
-    Operation, Remote, TlsFiles, Uuid, Value,
+    Operation, Remote, Replica, TlsFiles, Uuid, Value,
 };
 use tokio::sync::{mpsc, watch};
 
@@ -174,8 +174,8 @@ fn hostname() -> String {
 /// What the agent monitors: the Chassis names (ours may be learned late, and a condition
 /// on it could not follow; a name per node is little) and the Controller_Event table for the
 /// sink; with a VIP source, the Load_Balancer columns it reads (given to it, not replicated)
-/// of the load balancers that report (see [`load_balancer_conditions`]), and what
-/// [`crate::vipsource::ovn::REPLICATED`] lists.
+/// of the load balancers that report (see [`load_balancer_conditions`]), `SB_Global` for
+/// those conditions, and what [`crate::vipsource::ovn::REPLICATED`] lists.
 pub fn monitors(vip_source: Option<ConsumerHandle>) -> Vec<MonitorRequest> {
     let mut monitors = vec![
         MonitorRequest::table("Chassis").columns(&["name"]),
@@ -189,6 +189,18 @@ pub fn monitors(vip_source: Option<ConsumerHandle>) -> Vec<MonitorRequest> {
         // Until SB_Global says otherwise (follow_conditions), only those that report.
         load_balancers.conditions = load_balancer_conditions(false);
         monitors.push(load_balancers);
+        // Those of them that reject nonetheless (a column the first one has not: see
+        // MonitorRequest::named).
+        monitors.push(
+            MonitorRequest::table(TABLE)
+                .columns(&["name"])
+                .matching(Condition::includes(
+                    "options",
+                    Value::string_map([("event", "true"), ("reject", "true")]),
+                ))
+                .named(crate::vipsource::ovn::REJECTING),
+        );
+        monitors.push(MonitorRequest::table(SB_GLOBAL).columns(&["options"]));
         for (table, columns) in REPLICATED {
             let mut monitor = MonitorRequest::table(table).columns(columns);
             if table == PORT_BINDING {
@@ -202,14 +214,35 @@ pub fn monitors(vip_source: Option<ConsumerHandle>) -> Vec<MonitorRequest> {
 }
 
 const PORT_BINDING: &str = "Port_Binding";
+const SB_GLOBAL: &str = "SB_Global";
 
-/// Which Load_Balancer rows the Southbound server sends: those whose empty VIPs OVN reports,
-/// `options:event=true` (the only ones that put VIPs in the map), or every row while
-/// `SB_Global`'s `options:controller_event=true` makes all of them report. Load balancers of
-/// active services, the bulk of a cluster's and of its churn, then never reach the agent.
+/// Whether `SB_Global`'s `options:controller_event` is true (as northd reads it, in any
+/// case), which makes every load balancer report.
+fn global_event(replica: &Replica) -> bool {
+    replica.rows(SB_GLOBAL).any(|(_, r)| {
+        r.get("options")
+            .map(Value::as_string_map)
+            .and_then(|o| o.get("controller_event").cloned())
+            .is_some_and(|v| v.eq_ignore_ascii_case("true"))
+    })
+}
+
+/// Which Load_Balancer rows the Southbound server sends: those whose empty VIPs OVN can
+/// report (northd's trigger_event flows), so that the agent needs no `options` column (with
+/// 100,000s of load balancers, a large share of the server's work and of the reply):
+/// `options:event=true`; or, while `SB_Global`'s `options:controller_event=true` makes every
+/// load balancer report, every one but those with `options:reject=true` (OVN rejects
+/// instead). The server takes a monitor's conditions as a disjunction, so the first case
+/// cannot also leave out `reject=true`: the named monitor
+/// [`crate::vipsource::ovn::REJECTING`] follows those. Values are matched as OVN's users
+/// write them (`true`; northd also takes `TRUE`). Load balancers of active services, the
+/// bulk of a cluster's and of its churn, never reach the agent.
 pub fn load_balancer_conditions(global_event: bool) -> Vec<Condition> {
     if global_event {
-        Vec::new()
+        vec![Condition::excludes(
+            "options",
+            Value::string_map([("reject", "true")]),
+        )]
     } else {
         vec![Condition::includes(
             "options",
@@ -257,10 +290,10 @@ async fn narrow_ports(southbound: &Southbound) {
     }
 }
 
-/// Follows every load balancer while `SB_Global`'s `options:controller_event=true`, only
-/// those with `options:event=true` otherwise.
+/// Follows every load balancer (but rejecting ones) while `SB_Global`'s
+/// `options:controller_event=true`, only those with `options:event=true` otherwise.
 async fn follow_global_event(southbound: &Southbound) {
-    let global = crate::vipsource::ovn::global_event(&southbound.client.replica());
+    let global = global_event(&southbound.client.replica());
     match southbound
         .client
         .set_conditions(
@@ -270,7 +303,9 @@ async fn follow_global_event(southbound: &Southbound) {
         .await
     {
         Ok(true) if global => {
-            info!("SB_Global options:controller_event=true: following every load balancer")
+            info!(
+                "SB_Global options:controller_event=true: following every load balancer but rejecting ones"
+            )
         }
         Ok(true) => info!("following the load balancers with options:event=true"),
         Ok(false) => {}

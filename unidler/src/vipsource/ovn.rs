@@ -33,11 +33,11 @@ use crate::{
 
 /// The Southbound table the source follows.
 pub const TABLE: &str = "Load_Balancer";
-/// Its columns the source reads.
-pub const COLUMNS: [&str; 6] = [
+/// Its columns the source reads. Not `options`: the monitor's conditions send only the rows
+/// that report ([`crate::southbound::load_balancer_conditions`]).
+pub const COLUMNS: [&str; 5] = [
     "vips",
     "protocol",
-    "options",
     "external_ids",
     "datapaths",
     "datapath_group",
@@ -104,16 +104,14 @@ fn count_backends(backends: &str) -> u32 {
     backends.split(',').filter(|b| !b.trim().is_empty()).count() as u32
 }
 
-/// What the source keeps of one Southbound Load_Balancer row: enough to tell its VIPs and
-/// whether OVN reports them, and to apply the server's diffs of the columns it reads.
+/// What the source keeps of one Southbound Load_Balancer row (one that reports: the monitor
+/// sends no other): enough to tell its VIPs, where they apply and what events name them, and
+/// to apply the server's diffs of the columns it reads.
 #[derive(Clone, Debug, Default)]
 struct LbRecord {
     /// `external_ids:lb_id`, the Northbound load balancer events name (absent: the
     /// Southbound UUID).
     lb_id: Option<LoadBalancerName>,
-    /// `options:event` and `options:reject`, as hashes of their values.
-    event: Option<TextHash>,
-    reject: Option<TextHash>,
     /// The `protocol` column (absent: TCP).
     protocol: Option<Protocol>,
     /// `datapath_group`, as a [`DatapathIds`] id (0: none).
@@ -220,14 +218,6 @@ impl LbRecord {
                 }
             }
         }
-        for (key, value) in diff.get("options").map(Value::pairs).unwrap_or_default() {
-            let slot = match key.as_str() {
-                Some("event") => &mut self.event,
-                Some("reject") => &mut self.reject,
-                _ => continue,
-            };
-            toggle(slot, value.as_str().unwrap_or_default());
-        }
         for (key, value) in diff
             .get("external_ids")
             .map(Value::pairs)
@@ -270,22 +260,9 @@ impl LbRecord {
         self.protocol.unwrap_or(Protocol::Tcp)
     }
 
-    /// Whether OVN reports this load balancer's empty VIPs: it has `options:event=true` or
-    /// the global `options:controller_event=true` is set, and not `options:reject=true`
-    /// (reject wins: the packet goes on to OVN, which rejects it).
-    fn reports(&self, global_event: bool) -> bool {
-        let is_true = |h: Option<TextHash>| h == Some(TextHash::of("true"));
-        !is_true(self.reject) && (is_true(self.event) || global_event)
-    }
-
-    /// Its VIPs that matter: all of them if it reports; otherwise only those with backends,
-    /// which make a VIP it shares with a reporting load balancer active.
-    fn vips_that_matter(&self, global_event: bool) -> impl Iterator<Item = &VipRecord> {
-        let reports = self.reports(global_event);
-        self.vips
-            .as_slice()
-            .iter()
-            .filter(move |v| v.vip.is_some() && (reports || v.backends > 0))
+    /// Its VIPs the datapath can watch (an address and a port; not templates).
+    fn watchable_vips(&self) -> impl Iterator<Item = Vip> + '_ {
+        self.vips.as_slice().iter().filter_map(|v| v.vip)
     }
 
     /// Whether it applies on the local datapath `dp` (a [`DatapathIds`] id).
@@ -423,51 +400,39 @@ impl LocalDatapaths {
     }
 }
 
-/// Applies a map diff pair to one key kept as a hash: the same value removes it.
-fn toggle(slot: &mut Option<TextHash>, value: &str) {
-    let hash = TextHash::of(value);
-    *slot = if *slot == Some(hash) {
-        None
-    } else {
-        Some(hash)
-    };
-}
-
-/// Every load balancer's record, and which load balancers have each VIP that matters.
+/// Every load balancer's record, and which load balancers that count have each VIP.
 #[derive(Default)]
 struct OvnVips {
-    global_event: bool,
     ids: DatapathIds,
     local: LocalDatapaths,
     by_lb: FastMap<RowKey, LbRecord>,
-    /// The load balancers having each VIP (only where it matters, see
-    /// [`LbRecord::vips_that_matter`]).
+    /// The load balancers with `options:reject=true` among those sent (see [`REJECTING`]).
+    rejecting: FastSet<RowKey>,
+    /// The load balancers that count having each watchable VIP.
     lbs_of: FastMap<Vip, LbSet>,
 }
 
 impl OvnVips {
-    /// Re-indexes every record (after a full load, or when the global option changed) and
-    /// returns every VIP.
+    /// Re-indexes every record (after a full load, or when the local datapaths or the
+    /// rejecting load balancers changed) and returns every VIP.
     fn reindex(&mut self) -> Vec<DesiredVip> {
         self.lbs_of.clear();
         let mut index: FastMap<Vip, LbSet> =
             FastMap::with_capacity_and_hasher(self.by_lb.len(), Default::default());
         let mut unwatchable = 0usize;
         for (key, record) in &self.by_lb {
-            if !record.is_local(&self.local) {
+            if !counts(&self.local, &self.rejecting, *key, record) {
                 continue;
             }
-            for v in record.vips_that_matter(self.global_event) {
-                add_lb_of(&mut index, v.vip.expect("filtered"), *key);
+            for vip in record.watchable_vips() {
+                add_lb_of(&mut index, vip, *key);
             }
-            if record.reports(self.global_event) {
-                unwatchable += record
-                    .vips
-                    .as_slice()
-                    .iter()
-                    .filter(|v| v.vip.is_none())
-                    .count();
-            }
+            unwatchable += record
+                .vips
+                .as_slice()
+                .iter()
+                .filter(|v| v.vip.is_none())
+                .count();
         }
         if unwatchable > 0 {
             warn!(
@@ -492,10 +457,12 @@ impl OvnVips {
         update: RowUpdate,
         touched: &mut FastSet<Vip>,
     ) -> Result<(), DbError> {
-        let global = self.global_event;
-        if let Some(old) = self.by_lb.get(&key).filter(|r| r.is_local(&self.local)) {
-            for v in old.vips_that_matter(global) {
-                let vip = v.vip.expect("filtered");
+        if let Some(old) = self
+            .by_lb
+            .get(&key)
+            .filter(|r| counts(&self.local, &self.rejecting, key, r))
+        {
+            for vip in old.watchable_vips() {
                 touched.insert(vip);
                 if let Some(lbs) = self.lbs_of.get_mut(&vip)
                     && lbs.remove(key)
@@ -522,9 +489,8 @@ impl OvnVips {
                 None
             }
         };
-        if let Some(record) = record.filter(|r| r.is_local(&self.local)) {
-            for v in record.vips_that_matter(global) {
-                let vip = v.vip.expect("filtered");
+        if let Some(record) = record.filter(|r| counts(&self.local, &self.rejecting, key, r)) {
+            for vip in record.watchable_vips() {
                 touched.insert(vip);
                 add_lb_of(&mut self.lbs_of, vip, key);
             }
@@ -532,9 +498,8 @@ impl OvnVips {
         Ok(())
     }
 
-    /// One VIP over every (local) load balancer that has it: in the map only if a reporting
-    /// one has it; active if any of them has backends; the
-    /// first (by UUID) idle reporting load balancer is the one events name. Where the local
+    /// One VIP over every (local) load balancer that has it: active if any of them has
+    /// backends; the first (by UUID) idle one is the one events name. Where the local
     /// datapaths see it differently (not every load balancer applies on each), the VIP is
     /// scoped: its state on each datapath, over the load balancers applying there.
     fn combined(&self, vip: &Vip) -> Option<DesiredVip> {
@@ -576,7 +541,7 @@ impl OvnVips {
     }
 
     /// The backends and the name of `vip` over the load balancers `lbs` (see
-    /// [`OvnVips::combined`]); None if no reporting one among them has it.
+    /// [`OvnVips::combined`]); None if none of them has it.
     fn combine<'a>(
         &self,
         vip: &Vip,
@@ -592,15 +557,24 @@ impl OvnVips {
                 continue;
             };
             backends = backends.max(v.backends);
-            if record.reports(self.global_event)
-                && named.is_none_or(|(_, _, b)| b > 0 && v.backends == 0)
-            {
+            if named.is_none_or(|(_, _, b)| b > 0 && v.backends == 0) {
                 named = Some((*key, record, v.backends));
             }
         }
         let (key, record, _) = named?;
         Some((backends, record.name(key)))
     }
+}
+
+/// Whether a load balancer's VIPs count: it applies on this node and does not reject (OVN
+/// rejects, it does not report, what a load balancer with `options:reject=true` has).
+fn counts(
+    local: &LocalDatapaths,
+    rejecting: &FastSet<RowKey>,
+    key: RowKey,
+    record: &LbRecord,
+) -> bool {
+    record.is_local(local) && !rejecting.contains(&key)
 }
 
 fn add_lb_of(index: &mut FastMap<Vip, LbSet>, vip: Vip, lb: RowKey) {
@@ -663,22 +637,17 @@ impl LbSet {
     }
 }
 
-/// Whether `SB_Global`'s `options:controller_event=true` makes every load balancer report.
-pub fn global_event(replica: &Replica) -> bool {
-    replica.rows("SB_Global").any(|(_, r)| {
-        r.get("options")
-            .map(Value::as_string_map)
-            .and_then(|o| o.get("controller_event").cloned())
-            .is_some_and(|v| v == "true")
-    })
-}
+/// The named monitor (see [`ovsdb::MonitorRequest::named`]) of the load balancers sent to the
+/// source that nonetheless do not report: `options:event=true` and `options:reject=true`
+/// (the Load_Balancer monitor's conditions, a disjunction, cannot leave them out: see
+/// [`crate::southbound::load_balancer_conditions`]). Normally none (ovn-kubernetes never
+/// writes both), so it costs the server nothing to send; its VIPs do not count.
+pub const REJECTING: &str = "Load_Balancer:rejecting";
 
 /// The Southbound tables the source reads besides `Load_Balancer` (replicated by the same
-/// client): `SB_Global` for `options:controller_event`; `Port_Binding` (only ours: see
-/// [`crate::southbound`]), `Datapath_Binding` and `Logical_DP_Group` for this node's
-/// logical datapaths.
-pub const REPLICATED: [(&str, &[&str]); 4] = [
-    ("SB_Global", &["options"]),
+/// client), for this node's logical datapaths: `Port_Binding` (only ours: see
+/// [`crate::southbound`]), `Datapath_Binding` and `Logical_DP_Group`; and [`REJECTING`].
+pub const REPLICATED: [(&str, &[&str]); 3] = [
     (
         "Port_Binding",
         &["logical_port", "datapath", "chassis", "type"],
@@ -710,9 +679,8 @@ pub struct SourceHandles {
 }
 
 /// Follows the Southbound Load_Balancer table (as the client's consumer of it) and sends the
-/// VIP map's updates: the whole set after each full load (and when `SB_Global`'s
-/// `options:controller_event` or this node's logical datapaths change), the VIPs a batch
-/// changed otherwise. The [`REPLICATED`] tables must be monitored by the same client.
+/// VIP map's updates: the whole set after each full load (and when this node's logical
+/// datapaths change), the VIPs a batch changed otherwise. The [`REPLICATED`] tables must be monitored by the same client.
 pub struct LoadBalancerSource {
     vips: OvnVips,
     updates: mpsc::UnboundedSender<VipUpdate>,
@@ -776,11 +744,10 @@ impl TableConsumer for LoadBalancerSource {
     fn batch_done(&mut self, replica: &Replica, changed: &Changed) {
         self.load_balancers
             .store(self.vips.by_lb.len(), Ordering::Relaxed);
-        let global = global_event(replica);
         let datapaths_changed = ["Port_Binding", "Datapath_Binding", "Logical_DP_Group"]
             .iter()
             .any(|t| changed.contains(*t));
-        let mut local_changed = false;
+        let mut reindex_all = false;
         if datapaths_changed {
             let local = LocalDatapaths::from_replica(replica, &mut self.vips.ids);
             if local.port_scopes != self.vips.local.port_scopes {
@@ -789,12 +756,20 @@ impl TableConsumer for LoadBalancerSource {
             }
             // Pods come and go on the same switches: only new datapaths (or groups) change
             // which load balancers apply, and so every VIP.
-            local_changed = local.datapaths != self.vips.local.datapaths
+            reindex_all = local.datapaths != self.vips.local.datapaths
                 || local.groups != self.vips.local.groups;
             self.vips.local = local;
         }
-        let update = if self.loading || local_changed || global != self.vips.global_event {
-            self.vips.global_event = global;
+        if self.loading || changed.contains(REJECTING) {
+            let rejecting: FastSet<RowKey> = replica
+                .rows(REJECTING)
+                .map(|(uuid, _)| RowKey::new(uuid))
+                .collect();
+            // Rare (a load balancer with both options): every VIP is looked at again.
+            reindex_all |= rejecting != self.vips.rejecting;
+            self.vips.rejecting = rejecting;
+        }
+        let update = if self.loading || reindex_all {
             self.loading = false;
             self.touched = FastSet::default();
             VipUpdate::Replace(self.vips.reindex())
@@ -820,13 +795,10 @@ impl TableConsumer for LoadBalancerSource {
 mod tests {
     use super::*;
 
-    fn lb_row(vips: &[(&str, &str)], options: &[(&str, &str)], protocol: &str) -> Row {
+    /// A load balancer row as the (conditional) monitor sends it: one that reports.
+    fn lb_row(vips: &[(&str, &str)], protocol: &str) -> Row {
         Row::from([
             ("vips".to_owned(), Value::string_map(vips.iter().copied())),
-            (
-                "options".to_owned(),
-                Value::string_map(options.iter().copied()),
-            ),
             ("protocol".to_owned(), Value::Atom(Atom::from(protocol))),
             (
                 "external_ids".to_owned(),
@@ -915,14 +887,6 @@ mod tests {
                 .unwrap();
             self.changed.insert(table.to_owned());
         }
-
-        fn set_global_event(&mut self, on: bool) {
-            let row = Row::from([(
-                "options".to_owned(),
-                Value::string_map([("controller_event", if on { "true" } else { "false" })]),
-            )]);
-            self.replicate("SB_Global", 99, row);
-        }
     }
 
     fn name(d: &DesiredVip) -> String {
@@ -939,14 +903,14 @@ mod tests {
     }
 
     #[test]
-    fn only_what_ovn_would_report() {
+    fn every_vip_with_a_port_is_watched_and_named_after_the_northbound_load_balancer() {
         let vips = [
             ("192.168.1.100:80", ""),
             ("[fd00::1]:53", "10.0.0.1:53,10.0.0.2:53"),
             ("10.0.0.9", ""),
         ];
         let mut d = Driven::new();
-        let all = d.load(&[(1, lb_row(&vips, &[("event", "true")], "udp"))]);
+        let all = d.load(&[(1, lb_row(&vips, "udp"))]);
         assert_eq!(
             endpoints(&all),
             [
@@ -957,57 +921,43 @@ mod tests {
         );
         assert_eq!(name(&all[0]), "nb-uuid");
         assert_eq!(d.source.load_balancers.load(Ordering::Relaxed), 1);
-
-        // Without event, only the VIPs with backends matter (they can make a shared VIP
-        // active), and they are not in the map unless a reporting load balancer has them.
-        let no_event = lb_row(&vips, &[], "tcp");
-        assert!(d.load(&[(1, no_event.clone())]).is_empty());
-        // The global option makes every load balancer report...
-        d.set_global_event(true);
-        assert_eq!(d.load(&[(1, no_event)]).len(), 2);
-        // ... but reject wins.
-        let reject = lb_row(&vips, &[("event", "true"), ("reject", "true")], "tcp");
-        assert!(d.load(&[(1, reject)]).is_empty());
     }
 
     #[test]
-    fn a_vip_with_backends_through_a_load_balancer_without_event_is_active() {
+    fn a_load_balancer_that_also_rejects_does_not_count() {
         let mut d = Driven::new();
-        d.load(&[]);
-        let idle = lb_row(&[("10.0.0.5:80", "")], &[("event", "true")], "tcp");
-        let (up, _) = d.batch(1, RowUpdate::Insert(idle));
-        assert_eq!(endpoints(&up), [("10.0.0.5:80/tcp".to_owned(), 0)]);
-        // The same VIP with backends in a load balancer that reports nothing (as most
-        // services are): OVN forwards, so the VIP must not be idle.
-        let active = lb_row(&[("10.0.0.5:80", "10.1.1.1:8080")], &[], "tcp");
-        let (up, rm) = d.batch(2, RowUpdate::Insert(active));
-        assert!(rm.is_empty());
-        assert_eq!(endpoints(&up), [("10.0.0.5:80/tcp".to_owned(), 1)]);
-        // Its backends go (a diff: the same key with another value): idle again.
-        let drained = Row::from([("vips".to_owned(), Value::string_map([("10.0.0.5:80", "")]))]);
-        let (up, _) = d.batch(2, RowUpdate::Modify(drained));
-        assert_eq!(endpoints(&up), [("10.0.0.5:80/tcp".to_owned(), 0)]);
-        // A VIP only a non-reporting load balancer has stays out of the map.
-        let other = lb_row(&[("10.0.0.6:80", "10.1.1.2:80")], &[], "tcp");
-        let (up, rm) = d.batch(3, RowUpdate::Insert(other));
-        assert!(up.is_empty() && rm.len() == 1, "{up:?} {rm:?}");
+        let shared = [("10.0.0.1:80", "")];
+        d.load(&[(1, lb_row(&shared, "tcp")), (2, lb_row(&shared, "tcp"))]);
+        // The first by UUID names the VIP, until it rejects.
+        d.replicate(REJECTING, 1, Row::new());
+        match d.done() {
+            Some(VipUpdate::Replace(all)) => assert_eq!(name(&all[0]), "nb-uuid"),
+            other => panic!("the rejecting set changing re-indexes: {other:?}"),
+        }
+        assert_eq!(
+            d.source
+                .vips
+                .lbs_of
+                .values()
+                .map(|s| s.iter().count())
+                .sum::<usize>(),
+            1,
+            "only the one that does not reject"
+        );
+        d.replicate(REJECTING, 2, Row::new());
+        match d.done() {
+            Some(VipUpdate::Replace(all)) => assert!(all.is_empty(), "{all:?}"),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]
     fn incremental_updates_touch_only_their_vips_and_shared_vips_combine() {
         let mut d = Driven::new();
-        let a = lb_row(
-            &[("10.0.0.1:80", ""), ("10.0.0.2:80", "")],
-            &[("event", "true")],
-            "tcp",
-        );
+        let a = lb_row(&[("10.0.0.1:80", ""), ("10.0.0.2:80", "")], "tcp");
         assert_eq!(d.load(&[(1, a)]).len(), 2);
         // A second LB with one of the VIPs, with backends: that VIP is active.
-        let b = lb_row(
-            &[("10.0.0.2:80", "10.1.1.1:80")],
-            &[("event", "true")],
-            "tcp",
-        );
+        let b = lb_row(&[("10.0.0.2:80", "10.1.1.1:80")], "tcp");
         let (up, rm) = d.batch(2, RowUpdate::Insert(b));
         assert!(rm.is_empty());
         assert_eq!(endpoints(&up), [("10.0.0.2:80/tcp".to_owned(), 1)]);
@@ -1032,23 +982,13 @@ mod tests {
     #[test]
     fn diffs_of_every_column_apply_as_the_server_sends_them() {
         let mut d = Driven::new();
-        let row = lb_row(&[("10.0.0.1:80", "")], &[("event", "true")], "tcp");
+        let row = lb_row(&[("10.0.0.1:80", "")], "tcp");
         d.load(&[(1, row)]);
-        // event removed (the same value in the diff): no longer reported.
-        let (_, rm) = d.batch(
-            1,
-            RowUpdate::Modify(Row::from([(
-                "options".to_owned(),
-                Value::string_map([("event", "true")]),
-            )])),
-        );
-        assert_eq!(rm.len(), 1);
-        // event back, the protocol changed (a set diff: both elements toggled), lb_id
-        // changed (another value replaces it).
+        // The protocol changed (a set diff: both elements toggled), lb_id changed (another
+        // value replaces it).
         let (up, rm) = d.batch(
             1,
             RowUpdate::Modify(Row::from([
-                ("options".to_owned(), Value::string_map([("event", "true")])),
                 (
                     "protocol".to_owned(),
                     Value::set([Atom::from("tcp"), Atom::from("udp")]),
@@ -1059,7 +999,10 @@ mod tests {
                 ),
             ])),
         );
-        assert!(rm.is_empty());
+        assert_eq!(
+            rm.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            ["10.0.0.1:80/tcp"]
+        );
         assert_eq!(endpoints(&up), [("10.0.0.1:80/udp".to_owned(), 0)]);
         assert_eq!(name(&up[0]), "other");
         // lb_id removed: events name the Southbound UUID.
@@ -1077,19 +1020,6 @@ mod tests {
                 .row(&uuid(7), RowUpdate::Modify(Row::new()))
                 .is_err()
         );
-    }
-
-    #[test]
-    fn the_global_option_changing_sends_the_whole_set() {
-        let mut d = Driven::new();
-        let quiet = lb_row(&[("10.0.0.1:80", "")], &[], "tcp");
-        assert!(d.load(&[(1, quiet)]).is_empty());
-        d.set_global_event(true);
-        match d.done() {
-            Some(VipUpdate::Replace(all)) => assert_eq!(all.len(), 1),
-            other => panic!("{other:?}"),
-        }
-        assert!(d.done().is_none(), "nothing more without a change");
     }
 
     fn with_datapaths(mut row: Row, datapaths: &[u8], group: Option<u8>) -> Row {
@@ -1144,15 +1074,14 @@ mod tests {
             row.insert("external_ids".into(), Value::string_map([("lb_id", name)]));
             row
         };
-        let event = [("event", "true")];
         // Tenant A's service at X is idle; tenant B's at the same X has a backend.
         let a = ext(
-            with_datapaths(lb_row(&[("10.0.0.5:80", "")], &event, "tcp"), &[0x41], None),
+            with_datapaths(lb_row(&[("10.0.0.5:80", "")], "tcp"), &[0x41], None),
             "lb-a",
         );
         let b = ext(
             with_datapaths(
-                lb_row(&[("10.0.0.5:80", "10.1.1.1:80")], &event, "tcp"),
+                lb_row(&[("10.0.0.5:80", "10.1.1.1:80")], "tcp"),
                 &[0x42],
                 None,
             ),
@@ -1161,15 +1090,11 @@ mod tests {
         // Y is on every switch (a group, as ovn-kubernetes makes them); Z only on a switch
         // this node has no port on.
         let y = ext(
-            with_datapaths(
-                lb_row(&[("10.0.0.6:80", "")], &event, "tcp"),
-                &[],
-                Some(0x61),
-            ),
+            with_datapaths(lb_row(&[("10.0.0.6:80", "")], "tcp"), &[], Some(0x61)),
             "lb-y",
         );
         let z = ext(
-            with_datapaths(lb_row(&[("10.0.0.7:80", "")], &event, "tcp"), &[0x43], None),
+            with_datapaths(lb_row(&[("10.0.0.7:80", "")], "tcp"), &[0x43], None),
             "lb-z",
         );
         let all = d.load(&[(1, a), (2, b), (3, y), (4, z)]);

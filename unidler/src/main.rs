@@ -190,7 +190,8 @@ struct RunArgs {
     /// comma-separated). With it, idle hits become Controller_Event rows there (without it,
     /// they are printed on standard output as JSON lines), and, unless --vip or --vips-file
     /// is given, the VIPs come from its Load_Balancer table (the load balancers with
-    /// options:event=true, every one with SB_Global options:controller_event=true).
+    /// options:event=true, every one with SB_Global options:controller_event=true; never
+    /// those with options:reject=true, as in OVN).
     #[arg(long, env = "UNIDLER_OVNSB_DB")]
     ovnsb_db: Option<String>,
     /// Name of this node's Chassis row. Default: `external_ids:system-id` of the local

@@ -41,6 +41,8 @@ pub struct MonitorRequest {
     pub consumer: Option<ConsumerHandle>,
     /// Set by [`MonitorRequest::named`]: a monitor of its own under this name.
     pub name: Option<String>,
+    /// Set by [`MonitorRequest::optional_columns`].
+    pub optional_columns: Vec<String>,
 }
 
 impl MonitorRequest {
@@ -52,6 +54,7 @@ impl MonitorRequest {
             conditions: Vec::new(),
             consumer: None,
             name: None,
+            optional_columns: Vec::new(),
         }
     }
 
@@ -75,6 +78,14 @@ impl MonitorRequest {
     /// What its rows are known by: its name, else its table's.
     pub fn key(&self) -> &str {
         self.name.as_deref().unwrap_or(&self.table)
+    }
+
+    /// Also these columns, where the server's schema has them (a newer schema adds columns,
+    /// and asking for one it lacks fails the monitor): each session reads the schema first.
+    /// With [`MonitorRequest::columns`] only.
+    pub fn optional_columns(mut self, columns: &[&str]) -> Self {
+        self.optional_columns = columns.iter().map(|c| (*c).to_owned()).collect();
+        self
     }
 
     /// Only these columns.
@@ -560,7 +571,13 @@ async fn session(
     }
 
     // Data monitors: monitor_cond_since where the server has it, else monitor_cond.
-    let monitors = shared.monitors().clone();
+    let mut monitors = shared.monitors().clone();
+    if monitors.iter().any(|m| !m.optional_columns.is_empty()) {
+        match conn.call("get_schema", json!([opts.database])).await {
+            Ok(schema) => with_optional_columns(&mut monitors, &schema),
+            Err(e) => return fail(e).await,
+        }
+    }
     let requests = Json::Object(
         monitors
             .iter()
@@ -663,6 +680,21 @@ async fn session(
                 }
             }
             reason = conn.closed() => return SessionEnd::Failed(reason),
+        }
+    }
+}
+
+/// Adds to each monitor's columns its optional ones that `schema` has (see
+/// [`MonitorRequest::optional_columns`]).
+fn with_optional_columns(monitors: &mut [MonitorRequest], schema: &Json) {
+    for monitor in monitors {
+        let table = &schema["tables"][&monitor.table]["columns"];
+        let present: Vec<String> = std::mem::take(&mut monitor.optional_columns)
+            .into_iter()
+            .filter(|c| table.get(c).is_some())
+            .collect();
+        if let Some(columns) = &mut monitor.columns {
+            columns.extend(present);
         }
     }
 }

@@ -374,6 +374,30 @@ async fn conditions_changed_at_run_time_narrow_the_replica_and_survive_a_reconne
     eventually("a new row still followed", || names(&client).len() == 5).await;
 }
 
+/// Optional columns are asked for where the server's schema has them, left out where not (a
+/// column the schema lacks would fail the monitor).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn optional_columns_the_schema_lacks_are_left_out() {
+    let server = southbound(Listen::default());
+    server.sbctl(&["chassis-add", "ch-a", "geneve", "127.0.0.1"]);
+    server.sbctl(&["set", "Chassis", "ch-a", "hostname=h"]);
+    let mut opts = options(&server.unix_remote());
+    opts.monitors = vec![
+        MonitorRequest::table("Chassis")
+            .columns(&["name"])
+            .optional_columns(&["hostname", "no_such_column"]),
+    ];
+    let client = Client::start(opts).unwrap();
+    client.wait_connected(WAIT).await.unwrap();
+    let row = client
+        .replica()
+        .rows("Chassis")
+        .map(|(_, r)| r.clone())
+        .next()
+        .unwrap();
+    assert_eq!(row.keys().collect::<Vec<_>>(), ["hostname", "name"]);
+}
+
 /// A table monitored twice, the second time by a named monitor with other conditions (any of
 /// them): each keeps its rows under its own key, the named one loaded by select and followed
 /// from there, and both reload after a restart.

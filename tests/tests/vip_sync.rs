@@ -326,3 +326,90 @@ fn only_load_balancers_that_report_are_sent_to_the_agent() {
         "the VIP of a load balancer that stopped reporting",
     );
 }
+
+/// The Southbound schema of OVN 23.09 and later, as far as the agent reads it: a load
+/// balancer's logical switches and routers in `ls_datapath_group` and `lr_datapath_group`.
+/// Written into `dir`; returns its path.
+fn schema_with_switch_and_router_groups(dir: &TempDir) -> String {
+    let text = std::fs::read_to_string(ovsdb_server::SB_SCHEMA).expect("the Southbound schema");
+    let mut schema: serde_json::Value = serde_json::from_str(&text).expect("schema JSON");
+    let group = serde_json::json!({"type": {
+        "key": {"type": "uuid", "refTable": "Logical_DP_Group"}, "min": 0, "max": 1}});
+    let columns = schema["tables"]["Load_Balancer"]["columns"]
+        .as_object_mut()
+        .expect("Load_Balancer columns");
+    columns.insert("ls_datapath_group".into(), group.clone());
+    columns.insert("lr_datapath_group".into(), group);
+    let path = dir.join("ovn-sb-newer.ovsschema");
+    std::fs::write(&path, schema.to_string()).expect("write the schema");
+    path.to_str().expect("a UTF-8 path").to_owned()
+}
+
+/// From OVN 23.09, northd names a load balancer's logical switches in `ls_datapath_group` (its
+/// routers in `lr_datapath_group`) and leaves `datapath_group` empty: the agent asks for those
+/// columns where the Southbound schema has them (and not where it does not: the other tests
+/// run OVN 23.03's), and a load balancer applies where they say.
+#[test]
+fn the_switch_groups_of_newer_ovn_say_where_a_load_balancer_applies() {
+    require_root();
+    let topo = Topology::new("vg");
+    let _l = topo.listen(80);
+    let dir = TempDir::new("vgschema");
+    let sb = OvsdbServer::standalone(
+        "sb",
+        &schema_with_switch_and_router_groups(&dir),
+        ovsdb_server::Listen::default(),
+    );
+    sb.sbctl(&["chassis-add", ovsdb_server::CHASSIS, "geneve", "127.0.0.1"]);
+    let chassis = sb
+        .sbctl(&[
+            "--bare",
+            "--columns=_uuid",
+            "find",
+            "Chassis",
+            &format!("name={}", ovsdb_server::CHASSIS),
+        ])
+        .trim()
+        .to_owned();
+    // Switch 1 has a port of this node, switch 2 none; a load balancer on each (through a
+    // group of its own), both idle. ovn-sbctl does not know the new columns: ovsdb-client.
+    let lb = |name: &str, vip: &str, group: &str| {
+        serde_json::json!({"op": "insert", "table": "Load_Balancer", "row": {
+            "name": name, "vips": ["map", [[vip, ""]]], "protocol": "tcp",
+            "options": ["map", [["event", "true"]]],
+            "ls_datapath_group": ["named-uuid", group]}})
+    };
+    let txn = serde_json::json!([
+        "OVN_Southbound",
+        {"op": "insert", "table": "Datapath_Binding", "row": {"tunnel_key": 101}, "uuid-name": "sw1"},
+        {"op": "insert", "table": "Datapath_Binding", "row": {"tunnel_key": 102}, "uuid-name": "sw2"},
+        {"op": "insert", "table": "Port_Binding", "row": {
+            "logical_port": "pod-a", "tunnel_key": 1, "datapath": ["named-uuid", "sw1"],
+            "chassis": ["uuid", chassis]}},
+        {"op": "insert", "table": "Logical_DP_Group", "row": {"datapaths": ["named-uuid", "sw1"]}, "uuid-name": "g1"},
+        {"op": "insert", "table": "Logical_DP_Group", "row": {"datapaths": ["named-uuid", "sw2"]}, "uuid-name": "g2"},
+        lb("here", "10.77.0.2:80", "g1"),
+        lb("elsewhere", "10.77.0.3:80", "g2"),
+    ]);
+    let out = Command::new("ovsdb-client")
+        .args(["transact", &sb.unix_remote(), &txn.to_string()])
+        .output()
+        .expect("ovsdb-client");
+    let reply = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && !reply.contains("\"error\""),
+        "transaction: {reply} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let state = TempDir::new("vgstate");
+    let db = sb.unix_remote();
+    let args = southbound_args(&topo.server_if, &db, state.path_str());
+    let mut agent = Agent::start(&topo.server_ns, &args);
+    // Once this node's datapaths are known, only the load balancer of switch 1 applies.
+    agent.wait_for_log("following the logical ports bound to this chassis", WAIT);
+    eventually("the VIP of switch 1 only", WAIT, || {
+        followed(&topo) == (2.0, 1.0, 0.0)
+    });
+    assert!(!topo.connects(80), "the VIP of switch 1 is watched");
+}

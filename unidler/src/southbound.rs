@@ -182,9 +182,10 @@ pub fn monitors(vip_source: Option<ConsumerHandle>) -> Vec<MonitorRequest> {
         MonitorRequest::table(CONTROLLER_EVENT),
     ];
     if let Some(source) = vip_source {
-        use crate::vipsource::ovn::{COLUMNS, REPLICATED, TABLE};
+        use crate::vipsource::ovn::{COLUMNS, OPTIONAL_COLUMNS, REPLICATED, TABLE};
         let mut load_balancers = MonitorRequest::table(TABLE)
             .columns(&COLUMNS)
+            .optional_columns(&OPTIONAL_COLUMNS)
             .consumed_by(source);
         // Until SB_Global says otherwise (follow_conditions), only those that report.
         load_balancers.conditions = load_balancer_conditions(false);

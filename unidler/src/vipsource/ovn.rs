@@ -43,6 +43,14 @@ pub const COLUMNS: [&str; 5] = [
     "datapath_group",
 ];
 
+/// Its columns the source reads where the schema has them: from OVN 23.09, northd puts a
+/// load balancer's logical switches and routers in these two groups (and leaves
+/// `datapath_group` empty) once every chassis can read them.
+pub const OPTIONAL_COLUMNS: [&str; 2] = ["ls_datapath_group", "lr_datapath_group"];
+
+/// The columns naming a load balancer's datapath group, in [`LbRecord::dp_groups`]' order.
+const GROUP_COLUMNS: [&str; 3] = ["datapath_group", "ls_datapath_group", "lr_datapath_group"];
+
 /// A Southbound row's UUID (a load balancer's, a logical datapath's or a datapath group's), as
 /// two words (8-byte aligned: smaller tables than `u128`). Ordered as the UUID's text is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -114,8 +122,9 @@ struct LbRecord {
     lb_id: Option<LoadBalancerName>,
     /// The `protocol` column (absent: TCP).
     protocol: Option<Protocol>,
-    /// `datapath_group`, as a [`DatapathIds`] id (0: none).
-    dp_group: u32,
+    /// `datapath_group`, `ls_datapath_group` and `lr_datapath_group` ([`GROUP_COLUMNS`]), as
+    /// [`DatapathIds`] ids (0: none).
+    dp_groups: [u32; 3],
     /// `datapaths`, as [`DatapathIds`] ids.
     dp_list: Box<[u32]>,
     vips: VipRecords,
@@ -177,14 +186,16 @@ impl LbRecord {
     /// record, a whole row applies the same way.
     fn apply_diff(&mut self, diff: &Row, ids: &mut DatapathIds) {
         // Sets of row references: the diff's elements are toggled.
-        if let Some(group) = diff.get("datapath_group") {
-            let mut current = Value::Set(ids.uuids(&[self.dp_group]));
-            current.apply_diff(group);
-            self.dp_group = current
-                .atoms()
-                .first()
-                .and_then(Atom::as_uuid)
-                .map_or(0, |u| ids.id(u));
+        for (column, slot) in GROUP_COLUMNS.iter().zip(&mut self.dp_groups) {
+            if let Some(group) = diff.get(*column) {
+                let mut current = Value::Set(ids.uuids(&[*slot]));
+                current.apply_diff(group);
+                *slot = current
+                    .atoms()
+                    .first()
+                    .and_then(Atom::as_uuid)
+                    .map_or(0, |u| ids.id(u));
+            }
         }
         if let Some(datapaths) = diff.get("datapaths") {
             let mut current = Value::Set(ids.uuids(&self.dp_list));
@@ -268,11 +279,9 @@ impl LbRecord {
     /// Whether it applies on the local datapath `dp` (a [`DatapathIds`] id).
     fn applies_on(&self, dp: u32, local: &LocalDatapaths) -> bool {
         self.dp_list.contains(&dp)
-            || (self.dp_group != 0
-                && local
-                    .groups
-                    .get(&self.dp_group)
-                    .is_some_and(|g| g.contains(&dp)))
+            || self.dp_groups.iter().any(|group| {
+                *group != 0 && local.groups.get(group).is_some_and(|g| g.contains(&dp))
+            })
     }
 
     /// Whether it applies on any of this node's datapaths (all of them while those are not
@@ -1038,6 +1047,59 @@ mod tests {
                 })
                 .collect()
         })
+    }
+
+    #[test]
+    fn the_switch_and_router_groups_of_newer_ovn_scope_as_datapath_group_does() {
+        let mut d = Driven::new();
+        // Switches 1 (a local port) and 2 (none); a group of each.
+        for (n, key) in [(0x41, 1), (0x42, 2)] {
+            d.replicate(
+                "Datapath_Binding",
+                n,
+                Row::from([("tunnel_key".to_owned(), Value::from(key))]),
+            );
+        }
+        d.replicate(
+            "Port_Binding",
+            0x51,
+            Row::from([
+                ("logical_port".to_owned(), Value::from("pod-a")),
+                ("datapath".to_owned(), Value::from(uuid(0x41))),
+            ]),
+        );
+        for (group, dp) in [(0x61, 0x41), (0x62, 0x42)] {
+            d.replicate(
+                "Logical_DP_Group",
+                group,
+                Row::from([("datapaths".to_owned(), Value::set([Atom::Uuid(uuid(dp))]))]),
+            );
+        }
+        let in_group = |vip: &str, column: &str, group: u8| {
+            let mut row = lb_row(&[(vip, "")], "tcp");
+            row.insert(column.into(), Value::set([Atom::Uuid(uuid(group))]));
+            row
+        };
+        let all = d.load(&[
+            (1, in_group("10.0.0.1:80", "ls_datapath_group", 0x61)),
+            (2, in_group("10.0.0.2:80", "lr_datapath_group", 0x61)),
+            (3, in_group("10.0.0.3:80", "ls_datapath_group", 0x62)),
+        ]);
+        assert_eq!(
+            endpoints(&all),
+            [
+                ("10.0.0.1:80/tcp".to_owned(), 0),
+                ("10.0.0.2:80/tcp".to_owned(), 0)
+            ],
+            "the third is on a switch without a local port"
+        );
+        // Its group moves to the local switch (a set diff: both elements toggled).
+        let moved = Row::from([(
+            "ls_datapath_group".to_owned(),
+            Value::set([Atom::Uuid(uuid(0x61)), Atom::Uuid(uuid(0x62))]),
+        )]);
+        let (up, _) = d.batch(3, RowUpdate::Modify(moved));
+        assert_eq!(endpoints(&up), [("10.0.0.3:80/tcp".to_owned(), 0)]);
     }
 
     #[test]

@@ -218,6 +218,11 @@ struct Shared {
     /// Set when conditions changed: the next session cannot resume from the last
     /// transaction (rows that match only now would be missing), it loads afresh.
     conditions_changed: AtomicBool,
+    /// The monitors' optional columns (see [`MonitorRequest::optional_columns`]) the server's
+    /// schema has, by table, as last read (a schema costs the server as much to send as a
+    /// small monitor): read again after the server canceled the monitors (a schema
+    /// conversion) or refused them.
+    optional_present: Mutex<Option<OptionalPresent>>,
     replica: RwLock<Replica>,
     conn: watch::Sender<Option<Connection>>,
     status: watch::Sender<Status>,
@@ -229,6 +234,13 @@ impl Shared {
     /// The monitors as they are now.
     fn monitors(&self) -> std::sync::MutexGuard<'_, Vec<MonitorRequest>> {
         self.monitors.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// What [`Shared::optional_present`] says.
+    fn optional_present(&self) -> std::sync::MutexGuard<'_, Option<OptionalPresent>> {
+        self.optional_present
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 }
 
@@ -251,6 +263,7 @@ impl Client {
         let shared = Arc::new(Shared {
             monitors: Mutex::new(options.monitors.clone()),
             conditions_changed: AtomicBool::new(false),
+            optional_present: Mutex::new(None),
             options,
             replica: RwLock::new(Replica::default()),
             conn: watch::channel(None).0,
@@ -561,6 +574,15 @@ async fn session(
         e => SessionEnd::Failed(Arc::new(e)),
     };
 
+    // With optional columns: a schema conversion must cancel the monitors (the client then
+    // reads the schema again), not drop the connection, which a restart does too.
+    let monitors_now = shared.monitors().clone();
+    if monitors_now.iter().any(|m| !m.optional_columns.is_empty())
+        && let Err(e) = conn.call("set_db_change_aware", json!([true])).await
+    {
+        return fail(e).await;
+    }
+
     // Leadership, from the server's own _Server database.
     if opts.leader_only {
         match watch_leadership(&conn, &opts.database).await {
@@ -571,12 +593,21 @@ async fn session(
     }
 
     // Data monitors: monitor_cond_since where the server has it, else monitor_cond.
-    let mut monitors = shared.monitors().clone();
+    let mut monitors = monitors_now;
     if monitors.iter().any(|m| !m.optional_columns.is_empty()) {
-        match conn.call("get_schema", json!([opts.database])).await {
-            Ok(schema) => with_optional_columns(&mut monitors, &schema),
-            Err(e) => return fail(e).await,
-        }
+        let known = shared.optional_present().clone();
+        let present = match known {
+            Some(present) => present,
+            None => match conn.call("get_schema", json!([opts.database])).await {
+                Ok(schema) => {
+                    let present = optional_columns_present(&monitors, &schema);
+                    *shared.optional_present() = Some(present.clone());
+                    present
+                }
+                Err(e) => return fail(e).await,
+            },
+        };
+        with_optional_columns(&mut monitors, &present);
     }
     let requests = Json::Object(
         monitors
@@ -630,9 +661,16 @@ async fn session(
                     parse_table_updates(reply.get(), applier)?;
                     Ok((false, None))
                 }),
-                Err(e) => return fail(e).await,
+                Err(e) => {
+                    *shared.optional_present() = None;
+                    return fail(e).await;
+                }
             },
-            Err(e) => return fail(e).await,
+            Err(e) => {
+                // Perhaps a column the schema no longer has: read it again next time.
+                *shared.optional_present() = None;
+                return fail(e).await;
+            }
         }
     };
     let found = match applied {
@@ -684,17 +722,34 @@ async fn session(
     }
 }
 
-/// Adds to each monitor's columns its optional ones that `schema` has (see
+/// The optional columns of the monitors that a schema has, by table.
+type OptionalPresent = std::collections::HashMap<String, Vec<String>>;
+
+/// Which of the monitors' optional columns `schema` has (see
 /// [`MonitorRequest::optional_columns`]).
-fn with_optional_columns(monitors: &mut [MonitorRequest], schema: &Json) {
+fn optional_columns_present(monitors: &[MonitorRequest], schema: &Json) -> OptionalPresent {
+    let mut present = OptionalPresent::new();
     for monitor in monitors {
         let table = &schema["tables"][&monitor.table]["columns"];
-        let present: Vec<String> = std::mem::take(&mut monitor.optional_columns)
-            .into_iter()
-            .filter(|c| table.get(c).is_some())
-            .collect();
+        present.entry(monitor.table.clone()).or_default().extend(
+            monitor
+                .optional_columns
+                .iter()
+                .filter(|c| table.get(c).is_some())
+                .cloned(),
+        );
+    }
+    present
+}
+
+/// Adds to each monitor's columns those of its optional ones that are `present`.
+fn with_optional_columns(monitors: &mut [MonitorRequest], present: &OptionalPresent) {
+    let empty = Vec::new();
+    for monitor in monitors {
+        let in_schema = present.get(&monitor.table).unwrap_or(&empty);
+        let optional = std::mem::take(&mut monitor.optional_columns);
         if let Some(columns) = &mut monitor.columns {
-            columns.extend(present);
+            columns.extend(optional.into_iter().filter(|c| in_schema.contains(c)));
         }
     }
 }
@@ -844,6 +899,8 @@ fn handle_notification(
         // The server dropped our monitors (it converted or replaced the database): the
         // replica would go stale, so the session ends and the next one monitors afresh.
         "monitor_canceled" => {
+            // The schema may have changed: read it again.
+            *shared.optional_present() = None;
             return Err(Error::Protocol(format!(
                 "the server canceled monitor {}",
                 n.params

@@ -398,6 +398,54 @@ async fn optional_columns_the_schema_lacks_are_left_out() {
     assert_eq!(row.keys().collect::<Vec<_>>(), ["hostname", "name"]);
 }
 
+/// An optional column a schema conversion adds is monitored from the next session on (the
+/// conversion cancels the monitors; the client reads the schema again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_optional_column_a_schema_conversion_adds_is_monitored_after_it() {
+    let server = southbound(Listen::default());
+    server.sbctl(&["chassis-add", "ch-a", "geneve", "127.0.0.1"]);
+    let mut opts = options(&server.unix_remote());
+    opts.monitors = vec![
+        MonitorRequest::table("Chassis")
+            .columns(&["name"])
+            .optional_columns(&["added"]),
+    ];
+    let client = Client::start(opts).unwrap();
+    client.wait_connected(WAIT).await.unwrap();
+    let columns = |client: &Client| {
+        client
+            .replica()
+            .rows("Chassis")
+            .map(|(_, r)| r.keys().cloned().collect::<Vec<_>>())
+            .next()
+            .unwrap_or_default()
+    };
+    assert_eq!(columns(&client), ["name"]);
+
+    let dir = TempDir::new("newer-schema");
+    let mut schema: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(SB_SCHEMA).unwrap()).unwrap();
+    schema["tables"]["Chassis"]["columns"]["added"] = serde_json::json!({"type": "string"});
+    let newer = dir.join("newer.ovsschema");
+    std::fs::write(&newer, schema.to_string()).unwrap();
+    ovsdb_harness::run(
+        std::process::Command::new("ovsdb-client")
+            .arg("convert")
+            .arg(server.unix_remote())
+            .arg(&newer),
+    );
+    ovsdb_harness::run(std::process::Command::new("ovsdb-client").args([
+        "transact",
+        &server.unix_remote(),
+        r#"["OVN_Southbound", {"op": "update", "table": "Chassis",
+            "where": [["name", "==", "ch-a"]], "row": {"added": "yes"}}]"#,
+    ]));
+    eventually("the added column in the replica", || {
+        columns(&client) == ["added", "name"]
+    })
+    .await;
+}
+
 /// A table monitored twice, the second time by a named monitor with other conditions (any of
 /// them): each keeps its rows under its own key, the named one loaded by select and followed
 /// from there, and both reload after a restart.

@@ -81,8 +81,9 @@ impl MonitorRequest {
     }
 
     /// Also these columns, where the server's schema has them (a newer schema adds columns,
-    /// and asking for one it lacks fails the monitor): each session reads the schema first.
-    /// With [`MonitorRequest::columns`] only.
+    /// and asking for one it lacks fails the monitor): each session asks for them, and asks
+    /// again without those the server refuses. With [`MonitorRequest::columns`], and not for
+    /// named monitors.
     pub fn optional_columns(mut self, columns: &[&str]) -> Self {
         self.optional_columns = columns.iter().map(|c| (*c).to_owned()).collect();
         self
@@ -218,11 +219,6 @@ struct Shared {
     /// Set when conditions changed: the next session cannot resume from the last
     /// transaction (rows that match only now would be missing), it loads afresh.
     conditions_changed: AtomicBool,
-    /// The monitors' optional columns (see [`MonitorRequest::optional_columns`]) the server's
-    /// schema has, by table, as last read (a schema costs the server as much to send as a
-    /// small monitor): read again after the server canceled the monitors (a schema
-    /// conversion) or refused them.
-    optional_present: Mutex<Option<OptionalPresent>>,
     replica: RwLock<Replica>,
     conn: watch::Sender<Option<Connection>>,
     status: watch::Sender<Status>,
@@ -234,13 +230,6 @@ impl Shared {
     /// The monitors as they are now.
     fn monitors(&self) -> std::sync::MutexGuard<'_, Vec<MonitorRequest>> {
         self.monitors.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    /// What [`Shared::optional_present`] says.
-    fn optional_present(&self) -> std::sync::MutexGuard<'_, Option<OptionalPresent>> {
-        self.optional_present
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
     }
 }
 
@@ -263,7 +252,6 @@ impl Client {
         let shared = Arc::new(Shared {
             monitors: Mutex::new(options.monitors.clone()),
             conditions_changed: AtomicBool::new(false),
-            optional_present: Mutex::new(None),
             options,
             replica: RwLock::new(Replica::default()),
             conn: watch::channel(None).0,
@@ -574,15 +562,6 @@ async fn session(
         e => SessionEnd::Failed(Arc::new(e)),
     };
 
-    // With optional columns: a schema conversion must cancel the monitors (the client then
-    // reads the schema again), not drop the connection, which a restart does too.
-    let monitors_now = shared.monitors().clone();
-    if monitors_now.iter().any(|m| !m.optional_columns.is_empty())
-        && let Err(e) = conn.call("set_db_change_aware", json!([true])).await
-    {
-        return fail(e).await;
-    }
-
     // Leadership, from the server's own _Server database.
     if opts.leader_only {
         match watch_leadership(&conn, &opts.database).await {
@@ -593,43 +572,42 @@ async fn session(
     }
 
     // Data monitors: monitor_cond_since where the server has it, else monitor_cond.
-    let mut monitors = monitors_now;
-    if monitors.iter().any(|m| !m.optional_columns.is_empty()) {
-        let known = shared.optional_present().clone();
-        let present = match known {
-            Some(present) => present,
-            None => match conn.call("get_schema", json!([opts.database])).await {
-                Ok(schema) => {
-                    let present = optional_columns_present(&monitors, &schema);
-                    *shared.optional_present() = Some(present.clone());
-                    present
-                }
-                Err(e) => return fail(e).await,
-            },
-        };
-        with_optional_columns(&mut monitors, &present);
+    // Optional columns are asked for; one the server refuses is left out and the request
+    // made again (a refusal costs the server next to nothing; reading the schema first would
+    // cost it as much as a small monitor, on every session).
+    let mut monitors = shared.monitors().clone();
+    for monitor in &mut monitors {
+        if let Some(columns) = &mut monitor.columns {
+            columns.extend(monitor.optional_columns.iter().cloned());
+        }
     }
-    let requests = Json::Object(
-        monitors
-            .iter()
-            .filter(|m| m.name.is_none())
-            .map(|m| (m.table.clone(), m.to_json()))
-            .collect(),
-    );
     // Until this reply is applied whole, a reconnect must not resume from an older
     // transaction: what was cleared or half applied would stay missing.
     let since = resume.data.take().unwrap_or_else(|| NO_TXN.to_owned());
-    let asked = std::time::Instant::now();
+    let mut asked;
     let applied = if monitors.iter().all(|m| m.name.is_some()) {
         Ok(Loaded::default())
     } else {
-        match conn
-            .call_raw(
-                "monitor_cond_since",
-                json!([opts.database, DATA_MONITOR, requests, since]),
-            )
-            .await
-        {
+        let reply = loop {
+            asked = std::time::Instant::now();
+            let reply = conn
+                .call_raw(
+                    "monitor_cond_since",
+                    json!([opts.database, DATA_MONITOR, data_requests(&monitors), since]),
+                )
+                .await;
+            if let Err(Error::Rpc {
+                kind: ErrorKind::Syntax,
+                details: Some(details),
+            }) = &reply
+                && let Some(column) = leave_out_refused(&mut monitors, details)
+            {
+                tracing::debug!(column, "not in the server's schema: not monitored");
+                continue;
+            }
+            break reply;
+        };
+        match reply {
             // Parsed row by row into the replica and the consumers: with 100,000s of rows
             // the reply is large, and never becomes a JSON tree.
             Ok(reply) => {
@@ -652,7 +630,7 @@ async fn session(
             }) => match conn
                 .call_raw(
                     "monitor_cond",
-                    json!([opts.database, DATA_MONITOR, requests]),
+                    json!([opts.database, DATA_MONITOR, data_requests(&monitors)]),
                 )
                 .await
             {
@@ -661,16 +639,9 @@ async fn session(
                     parse_table_updates(reply.get(), applier)?;
                     Ok((false, None))
                 }),
-                Err(e) => {
-                    *shared.optional_present() = None;
-                    return fail(e).await;
-                }
+                Err(e) => return fail(e).await,
             },
-            Err(e) => {
-                // Perhaps a column the schema no longer has: read it again next time.
-                *shared.optional_present() = None;
-                return fail(e).await;
-            }
+            Err(e) => return fail(e).await,
         }
     };
     let found = match applied {
@@ -722,36 +693,33 @@ async fn session(
     }
 }
 
-/// The optional columns of the monitors that a schema has, by table.
-type OptionalPresent = std::collections::HashMap<String, Vec<String>>;
-
-/// Which of the monitors' optional columns `schema` has (see
-/// [`MonitorRequest::optional_columns`]).
-fn optional_columns_present(monitors: &[MonitorRequest], schema: &Json) -> OptionalPresent {
-    let mut present = OptionalPresent::new();
-    for monitor in monitors {
-        let table = &schema["tables"][&monitor.table]["columns"];
-        present.entry(monitor.table.clone()).or_default().extend(
-            monitor
-                .optional_columns
-                .iter()
-                .filter(|c| table.get(c).is_some())
-                .cloned(),
-        );
-    }
-    present
+/// The data monitor's requests: the unnamed monitors, by table.
+fn data_requests(monitors: &[MonitorRequest]) -> Json {
+    Json::Object(
+        monitors
+            .iter()
+            .filter(|m| m.name.is_none())
+            .map(|m| (m.table.clone(), m.to_json()))
+            .collect(),
+    )
 }
 
-/// Adds to each monitor's columns those of its optional ones that are `present`.
-fn with_optional_columns(monitors: &mut [MonitorRequest], present: &OptionalPresent) {
-    let empty = Vec::new();
+/// If the server refused a monitor request for an optional column (`details`: "COLUMN is not
+/// a valid column name"), leaves that column out of the monitors that asked for it and
+/// returns it; None for any other refusal.
+fn leave_out_refused(monitors: &mut [MonitorRequest], details: &str) -> Option<String> {
+    let column = details.strip_suffix(" is not a valid column name")?;
+    let mut left_out = false;
     for monitor in monitors {
-        let in_schema = present.get(&monitor.table).unwrap_or(&empty);
-        let optional = std::mem::take(&mut monitor.optional_columns);
-        if let Some(columns) = &mut monitor.columns {
-            columns.extend(optional.into_iter().filter(|c| in_schema.contains(c)));
+        if let Some(at) = monitor.optional_columns.iter().position(|c| c == column) {
+            monitor.optional_columns.remove(at);
+            if let Some(columns) = &mut monitor.columns {
+                columns.retain(|c| c != column);
+            }
+            left_out = true;
         }
     }
+    left_out.then(|| column.to_owned())
 }
 
 /// Sets up a named monitor (see [`MonitorRequest::named`]) and brings its rows up to date:
@@ -899,8 +867,6 @@ fn handle_notification(
         // The server dropped our monitors (it converted or replaced the database): the
         // replica would go stale, so the session ends and the next one monitors afresh.
         "monitor_canceled" => {
-            // The schema may have changed: read it again.
-            *shared.optional_present() = None;
             return Err(Error::Protocol(format!(
                 "the server canceled monitor {}",
                 n.params

@@ -6,8 +6,8 @@
 //!   echo answered and an inactivity probe, and a size limit on server messages;
 //! - [`Client`]: a long-lived client of one database that connects to the cluster leader
 //!   (watching `_Server` to follow it), keeps `monitor_cond_since`/`monitor_cond` monitors
-//!   (named ones too, to monitor a table again with other columns or conditions) and a
-//!   [`Replica`] current, reconnects with exponential backoff, and runs transactions
+//!   (named ones too, to monitor a table again with other columns or conditions; optional
+//!   columns, where the schema has them) and a [`Replica`] current, reconnects with exponential backoff, and runs transactions
 //!   built from [`Operation`]s on typed [`Value`]s;
 //! - [`Error`]: typed errors, RFC 7047's error strings included.
 

@@ -82,8 +82,8 @@ impl MonitorRequest {
 
     /// Also these columns, where the server's schema has them (a newer schema adds columns,
     /// and asking for one it lacks fails the monitor): each session asks for them, and asks
-    /// again without those the server refuses. With [`MonitorRequest::columns`], and not for
-    /// named monitors.
+    /// again without those the server refuses. With [`MonitorRequest::columns`]; named
+    /// monitors ignore them.
     pub fn optional_columns(mut self, columns: &[&str]) -> Self {
         self.optional_columns = columns.iter().map(|c| (*c).to_owned()).collect();
         self
@@ -576,7 +576,7 @@ async fn session(
     // made again (a refusal costs the server next to nothing; reading the schema first would
     // cost it as much as a small monitor, on every session).
     let mut monitors = shared.monitors().clone();
-    for monitor in &mut monitors {
+    for monitor in monitors.iter_mut().filter(|m| m.name.is_none()) {
         if let Some(columns) = &mut monitor.columns {
             columns.extend(monitor.optional_columns.iter().cloned());
         }

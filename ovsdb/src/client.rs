@@ -571,80 +571,11 @@ async fn session(
         }
     }
 
-    // Data monitors: monitor_cond_since where the server has it, else monitor_cond.
-    // Optional columns are asked for; one the server refuses is left out and the request
-    // made again (a refusal costs the server next to nothing; reading the schema first would
-    // cost it as much as a small monitor, on every session).
     let mut monitors = shared.monitors().clone();
-    for monitor in monitors.iter_mut().filter(|m| m.name.is_none()) {
-        if let Some(columns) = &mut monitor.columns {
-            columns.extend(monitor.optional_columns.iter().cloned());
-        }
-    }
     // Until this reply is applied whole, a reconnect must not resume from an older
     // transaction: what was cleared or half applied would stay missing.
     let since = resume.data.take().unwrap_or_else(|| NO_TXN.to_owned());
-    let mut asked;
-    let applied = if monitors.iter().all(|m| m.name.is_some()) {
-        Ok(Loaded::default())
-    } else {
-        let reply = loop {
-            asked = std::time::Instant::now();
-            let reply = conn
-                .call_raw(
-                    "monitor_cond_since",
-                    json!([opts.database, DATA_MONITOR, data_requests(&monitors), since]),
-                )
-                .await;
-            if let Err(Error::Rpc {
-                kind: ErrorKind::Syntax,
-                details: Some(details),
-            }) = &reply
-                && let Some(column) = leave_out_refused(&mut monitors, details)
-            {
-                tracing::debug!(column, "not in the server's schema: not monitored");
-                continue;
-            }
-            break reply;
-        };
-        match reply {
-            // Parsed row by row into the replica and the consumers: with 100,000s of rows
-            // the reply is large, and never becomes a JSON tree.
-            Ok(reply) => {
-                let received = std::time::Instant::now();
-                let applied = Applier::lock(shared, &monitors, None).load(|applier| {
-                    let txn = parse_monitor_since_reply(reply.get(), applier)?;
-                    Ok((applier.found, txn))
-                });
-                tracing::debug!(
-                    bytes = reply.get().len(),
-                    waited = ?received - asked,
-                    applied_in = ?received.elapsed(),
-                    "monitor reply"
-                );
-                applied
-            }
-            Err(Error::Rpc {
-                kind: ErrorKind::UnknownMethod,
-                ..
-            }) => match conn
-                .call_raw(
-                    "monitor_cond",
-                    json!([opts.database, DATA_MONITOR, data_requests(&monitors)]),
-                )
-                .await
-            {
-                Ok(reply) => Applier::lock(shared, &monitors, None).load(|applier| {
-                    applier.begin(false)?;
-                    parse_table_updates(reply.get(), applier)?;
-                    Ok((false, None))
-                }),
-                Err(e) => return fail(e).await,
-            },
-            Err(e) => return fail(e).await,
-        }
-    };
-    let found = match applied {
+    let found = match load_data(shared, &conn, &mut monitors, since).await {
         Ok(Loaded {
             found,
             changes,
@@ -690,6 +621,82 @@ async fn session(
             }
             reason = conn.closed() => return SessionEnd::Failed(reason),
         }
+    }
+}
+
+/// Sets up the data monitor (the unnamed monitors; `monitor_cond_since` from transaction
+/// `since` where the server has it, else `monitor_cond`) and applies its reply. Optional
+/// columns are asked for; one the server refuses is left out of `monitors` and the request
+/// made again (a refusal costs the server next to nothing; reading the schema first would cost
+/// it as much as a small monitor, on every session).
+async fn load_data(
+    shared: &Shared,
+    conn: &Connection,
+    monitors: &mut [MonitorRequest],
+    since: String,
+) -> Result<Loaded, Error> {
+    if monitors.iter().all(|m| m.name.is_some()) {
+        return Ok(Loaded::default());
+    }
+    let database = &shared.options.database;
+    for monitor in monitors.iter_mut().filter(|m| m.name.is_none()) {
+        if let Some(columns) = &mut monitor.columns {
+            columns.extend(monitor.optional_columns.iter().cloned());
+        }
+    }
+    let (reply, asked) = loop {
+        let asked = std::time::Instant::now();
+        let reply = conn
+            .call_raw(
+                "monitor_cond_since",
+                json!([database, DATA_MONITOR, data_requests(monitors), since]),
+            )
+            .await;
+        if let Err(Error::Rpc {
+            kind: ErrorKind::Syntax,
+            details: Some(details),
+        }) = &reply
+            && let Some(column) = leave_out_refused(monitors, details)
+        {
+            tracing::debug!(column, "not in the server's schema: not monitored");
+            continue;
+        }
+        break (reply, asked);
+    };
+    match reply {
+        // Parsed row by row into the replica and the consumers: with 100,000s of rows the
+        // reply is large, and never becomes a JSON tree.
+        Ok(reply) => {
+            let received = std::time::Instant::now();
+            let applied = Applier::lock(shared, monitors, None).load(|applier| {
+                let txn = parse_monitor_since_reply(reply.get(), applier)?;
+                Ok((applier.found, txn))
+            });
+            tracing::debug!(
+                bytes = reply.get().len(),
+                waited = ?received - asked,
+                applied_in = ?received.elapsed(),
+                "monitor reply"
+            );
+            applied
+        }
+        Err(Error::Rpc {
+            kind: ErrorKind::UnknownMethod,
+            ..
+        }) => {
+            let reply = conn
+                .call_raw(
+                    "monitor_cond",
+                    json!([database, DATA_MONITOR, data_requests(monitors)]),
+                )
+                .await?;
+            Applier::lock(shared, monitors, None).load(|applier| {
+                applier.begin(false)?;
+                parse_table_updates(reply.get(), applier)?;
+                Ok((false, None))
+            })
+        }
+        Err(e) => Err(e),
     }
 }
 

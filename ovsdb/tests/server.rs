@@ -80,6 +80,32 @@ fn add_chassis_ops(name: &str, ip: &str) -> Vec<Operation> {
     ]
 }
 
+/// A Southbound server with three Chassis rows, `ch-a`, `ch-b` and `ch-c`.
+#[track_caller]
+fn southbound_with_three_chassis() -> OvsdbServer {
+    let server = southbound(Listen::default());
+    for (name, ip) in [
+        ("ch-a", "127.0.0.1"),
+        ("ch-b", "127.0.0.2"),
+        ("ch-c", "127.0.0.3"),
+    ] {
+        server.sbctl(&["chassis-add", name, "geneve", ip]);
+    }
+    server
+}
+
+/// The `name` column of the rows the client keeps under `key` (a table or a named monitor),
+/// sorted.
+fn names_in(client: &Client, key: &str) -> Vec<String> {
+    let mut names: Vec<String> = client
+        .replica()
+        .rows(key)
+        .filter_map(|(_, r)| r.get("name")?.atom()?.as_str().map(str::to_owned))
+        .collect();
+    names.sort();
+    names
+}
+
 /// Polls `check` until it holds or `WAIT` passes.
 async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
     let deadline = Instant::now() + WAIT;
@@ -310,28 +336,13 @@ async fn monitor_keeps_a_replica_of_changes_made_by_others() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn conditions_changed_at_run_time_narrow_the_replica_and_survive_a_reconnect() {
-    let mut server = southbound(Listen::default());
-    for (name, ip) in [
-        ("ch-a", "127.0.0.1"),
-        ("ch-b", "127.0.0.2"),
-        ("ch-c", "127.0.0.3"),
-    ] {
-        server.sbctl(&["chassis-add", name, "geneve", ip]);
-    }
+    let mut server = southbound_with_three_chassis();
     let mut opts = options(&server.unix_remote());
     opts.monitors = vec![MonitorRequest::table("Chassis").columns(&["name"])];
     let client = Client::start(opts).unwrap();
     client.wait_connected(WAIT).await.unwrap();
     assert_eq!(client.replica().len("Chassis"), 3);
-    let names = |client: &Client| {
-        let mut names: Vec<String> = client
-            .replica()
-            .rows("Chassis")
-            .filter_map(|(_, r)| r.get("name")?.atom()?.as_str().map(str::to_owned))
-            .collect();
-        names.sort();
-        names
-    };
+    let names = |client: &Client| names_in(client, "Chassis");
 
     client
         .set_conditions("Chassis", vec![Condition::eq("name", "ch-b")])
@@ -451,14 +462,7 @@ async fn an_optional_column_a_schema_conversion_adds_is_monitored_after_it() {
 /// from there, and both reload after a restart.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_named_monitor_follows_the_same_table_under_its_own_conditions() {
-    let mut server = southbound(Listen::default());
-    for (name, ip) in [
-        ("ch-a", "127.0.0.1"),
-        ("ch-b", "127.0.0.2"),
-        ("ch-c", "127.0.0.3"),
-    ] {
-        server.sbctl(&["chassis-add", name, "geneve", ip]);
-    }
+    let mut server = southbound_with_three_chassis();
     server.sbctl(&["set", "Chassis", "ch-a", "hostname=x"]);
     server.sbctl(&["set", "Chassis", "ch-b", "hostname=x"]);
     let mut opts = options(&server.unix_remote());
@@ -474,15 +478,7 @@ async fn a_named_monitor_follows_the_same_table_under_its_own_conditions() {
     let client = Client::start(opts).unwrap();
     let mut changes = client.subscribe();
     client.wait_connected(WAIT).await.unwrap();
-    let names = |client: &Client, key: &str| {
-        let mut names: Vec<String> = client
-            .replica()
-            .rows(key)
-            .filter_map(|(_, r)| r.get("name")?.atom()?.as_str().map(str::to_owned))
-            .collect();
-        names.sort();
-        names
-    };
+    let names = names_in;
     assert_eq!(names(&client, "Chassis"), ["ch-a", "ch-b", "ch-c"]);
     assert_eq!(
         names(&client, "on_x"),
@@ -818,15 +814,7 @@ async fn a_consumer_follows_a_table_without_a_replica_and_resumes_after_a_leader
     let client = Client::start(opts).unwrap();
     client.wait_connected(WAIT).await.unwrap();
     let lines = || seen.lock().unwrap().clone();
-    let named = |client: &Client| {
-        let mut names: Vec<String> = client
-            .replica()
-            .rows("b_or_c")
-            .filter_map(|(_, r)| r.get("name")?.atom()?.as_str().map(str::to_owned))
-            .collect();
-        names.sort();
-        names
-    };
+    let named = |client: &Client| names_in(client, "b_or_c");
     // The full load: reset, the row, then the batch, with the replicated table already in.
     // (Every batch is done for every consumer: the named monitor's load is one too.)
     assert_eq!(

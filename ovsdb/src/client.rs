@@ -575,7 +575,27 @@ async fn session(
     // Until this reply is applied whole, a reconnect must not resume from an older
     // transaction: what was cleared or half applied would stay missing.
     let since = resume.data.take().unwrap_or_else(|| NO_TXN.to_owned());
-    let found = match load_data(shared, &conn, &mut monitors, since).await {
+    // The named monitors are set up alongside (their requests go out behind the data
+    // monitor's) and applied after it.
+    let named: Vec<MonitorRequest> = monitors
+        .iter()
+        .filter(|m| m.name.is_some())
+        .cloned()
+        .collect();
+    let named_since: Vec<Option<String>> =
+        named.iter().map(|m| resume.named.remove(m.key())).collect();
+    let fetch_named_all = async {
+        let mut fetched = Vec::new();
+        for (monitor, since) in named.iter().zip(named_since) {
+            fetched.push(fetch_named(&opts.database, &conn, monitor, since).await?);
+        }
+        Ok::<_, Error>(fetched)
+    };
+    let (data, named_fetched) = tokio::join!(
+        load_data(shared, &conn, &mut monitors, since),
+        fetch_named_all
+    );
+    let found = match data {
         Ok(Loaded {
             found,
             changes,
@@ -592,12 +612,14 @@ async fn session(
         }
         Err(e) => return fail(e).await,
     };
-    for monitor in monitors.iter().filter(|m| m.name.is_some()) {
-        let name = monitor.key();
-        let since = resume.named.remove(name);
-        match load_named(shared, &conn, &monitors, monitor, since).await {
+    let named_fetched = match named_fetched {
+        Ok(fetched) => fetched,
+        Err(e) => return fail(e).await,
+    };
+    for (monitor, fetched) in named.iter().zip(named_fetched) {
+        match apply_named(shared, &monitors, monitor, fetched) {
             Ok(txn) => {
-                resume.named.insert(name.to_owned(), txn);
+                resume.named.insert(monitor.key().to_owned(), txn);
             }
             Err(e) => return fail(e).await,
         }
@@ -729,52 +751,86 @@ fn leave_out_refused(monitors: &mut [MonitorRequest], details: &str) -> Option<S
     left_out.then(|| column.to_owned())
 }
 
-/// Sets up a named monitor (see [`MonitorRequest::named`]) and brings its rows up to date:
-/// the changes since transaction `since` if the server still has them, else every matching
-/// row, by select (the monitor sends no initial rows). Applied as one batch; returns the
-/// transaction to resume from.
-async fn load_named(
-    shared: &Shared,
+/// A named monitor as a session set it up: what its reply and selects brought, to be
+/// applied after the data monitor's reply.
+struct NamedFetched {
+    /// The changes since the last transaction (if `found`), else nothing.
+    changes: CollectedRows,
+    /// The selects' results, if not resumed.
+    selected: Vec<OpResult>,
+    /// The transaction to resume from.
+    txn: String,
+}
+
+/// Sets up a named monitor (see [`MonitorRequest::named`]) and fetches what brings its rows
+/// up to date: the changes since transaction `since` if the server still has them, else
+/// every matching row, by select (the monitor sends no initial rows).
+async fn fetch_named(
+    database: &str,
     conn: &Connection,
-    monitors: &[MonitorRequest],
     monitor: &MonitorRequest,
     since: Option<String>,
-) -> Result<String, Error> {
-    let database = &shared.options.database;
+) -> Result<NamedFetched, Error> {
     let name = monitor.key();
-    let reply = conn
-        .call_raw(
-            "monitor_cond_since",
-            json!([
-                database,
-                name,
-                { &monitor.table: monitor.to_json() },
-                since.as_deref().unwrap_or(NO_TXN)
-            ]),
-        )
-        .await?;
-    let mut changes = CollectedRows::default();
-    let txn = parse_monitor_since_reply(reply.get(), &mut changes)?
-        .ok_or_else(|| Error::Protocol(format!("{name}: no transaction id")))?;
-    // Not resumed: the rows as they are now, one select per condition. The server answers
-    // in order: the updates of the transactions the selects see come before their reply.
-    let selected = if changes.found {
-        Vec::new()
-    } else {
-        let ops = monitor.load_operations();
+    let monitor_request = conn.call_raw(
+        "monitor_cond_since",
+        json!([
+            database,
+            name,
+            { &monitor.table: monitor.to_json() },
+            since.as_deref().unwrap_or(NO_TXN)
+        ]),
+    );
+    let ops = monitor.load_operations();
+    let select = || async {
         let mut params = vec![json!(database)];
         params.extend(ops.iter().map(Operation::to_json));
         let reply = conn.call("transact", Json::Array(params)).await?;
-        parse_results(&reply, ops.len())?
+        parse_results(&reply, ops.len())
     };
+    // The server answers in order: the monitor is in place before the selects run, and the
+    // updates of the transactions they see come before their reply. With nothing to resume
+    // from, the selects are asked at once, behind the monitor request (and behind the data
+    // monitor's, which the server answers first): their reply is there when the data
+    // monitor's has been applied.
+    let (reply, early) = if since.is_none() {
+        let (reply, selected) = tokio::join!(monitor_request, select());
+        (reply?, Some(selected?))
+    } else {
+        (monitor_request.await?, None)
+    };
+    let mut changes = CollectedRows::default();
+    let txn = parse_monitor_since_reply(reply.get(), &mut changes)?
+        .ok_or_else(|| Error::Protocol(format!("{name}: no transaction id")))?;
+    let selected = match (changes.found, early) {
+        (true, _) => Vec::new(),
+        (false, Some(selected)) => selected,
+        (false, None) => select().await?,
+    };
+    Ok(NamedFetched {
+        changes,
+        selected,
+        txn,
+    })
+}
+
+/// Applies what [`fetch_named`] brought as one batch; returns the transaction to resume from.
+fn apply_named(
+    shared: &Shared,
+    monitors: &[MonitorRequest],
+    monitor: &MonitorRequest,
+    fetched: NamedFetched,
+) -> Result<String, Error> {
+    let name = monitor.key();
+    let found = fetched.changes.found;
     let loaded = Applier::lock(shared, monitors, Some(name)).load(|applier| {
-        applier.begin(changes.found)?;
-        for (table, uuid, update) in changes.rows {
+        applier.begin(found)?;
+        for (table, uuid, update) in fetched.changes.rows {
             applier.row(&table, uuid, update)?;
         }
         // A row matching several conditions comes once per select: given once.
         let mut seen = std::collections::HashSet::new();
-        for row in selected.iter().flat_map(OpResult::rows) {
+        for row in fetched.selected.iter().flat_map(OpResult::rows) {
             let mut row = row.clone();
             let uuid = row
                 .remove("_uuid")
@@ -785,14 +841,14 @@ async fn load_named(
                 applier.row(&monitor.table, uuid, RowUpdate::Initial(row))?;
             }
         }
-        Ok((changes.found, None))
+        Ok((found, None))
     })?;
     let _ = shared.changes.send(Arc::new(ChangeSet {
         resync: !loaded.found,
         changes: loaded.changes,
         applied_at: Some(std::time::Instant::now()),
     }));
-    Ok(txn)
+    Ok(fetched.txn)
 }
 
 /// The rows of a (small) monitor reply, kept to be applied later.

@@ -231,6 +231,16 @@ impl Shared {
     fn monitors(&self) -> std::sync::MutexGuard<'_, Vec<MonitorRequest>> {
         self.monitors.lock().unwrap_or_else(PoisonError::into_inner)
     }
+
+    /// Tells the subscribers about a batch just applied (a full load when `resync`).
+    fn publish(&self, resync: bool, changes: Vec<(String, Uuid, RowChange)>) {
+        // No subscriber is no error.
+        let _ = self.changes.send(Arc::new(ChangeSet {
+            resync,
+            changes,
+            applied_at: Some(std::time::Instant::now()),
+        }));
+    }
 }
 
 /// A client. Cloning shares the session; the session stops when the last clone is dropped.
@@ -603,11 +613,7 @@ async fn session(
         }) => {
             // Only now: a reconnect asks for changes since the last update applied.
             resume.data = txn;
-            let _ = shared.changes.send(Arc::new(ChangeSet {
-                resync: !found,
-                changes,
-                applied_at: Some(std::time::Instant::now()),
-            }));
+            shared.publish(!found, changes);
             found
         }
         Err(e) => return fail(e).await,
@@ -843,11 +849,7 @@ fn apply_named(
         }
         Ok((found, None))
     })?;
-    let _ = shared.changes.send(Arc::new(ChangeSet {
-        resync: !loaded.found,
-        changes: loaded.changes,
-        applied_at: Some(std::time::Instant::now()),
-    }));
+    shared.publish(!loaded.found, loaded.changes);
     Ok(fetched.txn)
 }
 
@@ -965,11 +967,7 @@ fn handle_notification(
             if let Some(txn) = txn {
                 resume.named.insert(name.to_owned(), txn);
             }
-            let _ = shared.changes.send(Arc::new(ChangeSet {
-                resync: false,
-                changes,
-                applied_at: Some(std::time::Instant::now()),
-            }));
+            shared.publish(false, changes);
             return Ok(true);
         }
         Err(e) => {
@@ -983,11 +981,7 @@ fn handle_notification(
     if let Some(txn) = txn {
         resume.data = Some(txn);
     }
-    let _ = shared.changes.send(Arc::new(ChangeSet {
-        resync: false,
-        changes,
-        applied_at: Some(std::time::Instant::now()),
-    }));
+    shared.publish(false, changes);
     Ok(true)
 }
 
@@ -1012,9 +1006,6 @@ fn still_leader(updates: &Json, database: &str) -> bool {
         .unwrap_or(true)
 }
 
-/// Applies parsed rows of one batch (a monitor reply or a notification): rows of consumed
-/// tables to their consumer, the others to the replica. Holds the replica's write lock and
-/// the consumers' locks for the batch, so readers never see half of one.
 /// A monitor reply, applied.
 #[derive(Default)]
 struct Loaded {
@@ -1026,6 +1017,9 @@ struct Loaded {
     txn: Option<String>,
 }
 
+/// Applies parsed rows of one batch (a monitor reply or a notification): rows of consumed
+/// tables to their consumer, the others to the replica. Holds the replica's write lock and
+/// the consumers' locks for the batch, so readers never see half of one.
 struct Applier<'a> {
     /// The monitor the batch is of: a named one (its rows are known by its name), or None
     /// for the data monitor (by their table's name).

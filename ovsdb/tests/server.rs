@@ -478,10 +478,9 @@ async fn a_named_monitor_follows_the_same_table_under_its_own_conditions() {
     let client = Client::start(opts).unwrap();
     let mut changes = client.subscribe();
     client.wait_connected(WAIT).await.unwrap();
-    let names = names_in;
-    assert_eq!(names(&client, "Chassis"), ["ch-a", "ch-b", "ch-c"]);
+    assert_eq!(names_in(&client, "Chassis"), ["ch-a", "ch-b", "ch-c"]);
     assert_eq!(
-        names(&client, "on_x"),
+        names_in(&client, "on_x"),
         ["ch-a", "ch-b"],
         "ch-b matches both"
     );
@@ -501,7 +500,7 @@ async fn a_named_monitor_follows_the_same_table_under_its_own_conditions() {
     while changes.try_recv().is_ok() {}
     server.sbctl(&["set", "Chassis", "ch-c", "hostname=x"]);
     eventually("ch-c on x", || {
-        names(&client, "on_x") == ["ch-a", "ch-b", "ch-c"]
+        names_in(&client, "on_x") == ["ch-a", "ch-b", "ch-c"]
     })
     .await;
     let mut keys = Vec::new();
@@ -509,10 +508,13 @@ async fn a_named_monitor_follows_the_same_table_under_its_own_conditions() {
         keys.extend(set.changes.iter().map(|(key, _, _)| key.clone()));
     }
     assert!(keys.iter().any(|k| k == "on_x"), "{keys:?}");
-    assert_eq!(names(&client, "Chassis"), ["ch-a", "ch-b", "ch-c"]);
+    assert_eq!(names_in(&client, "Chassis"), ["ch-a", "ch-b", "ch-c"]);
     // One that stops matching leaves it.
     server.sbctl(&["set", "Chassis", "ch-a", "hostname=y"]);
-    eventually("ch-a off x", || names(&client, "on_x") == ["ch-b", "ch-c"]).await;
+    eventually("ch-a off x", || {
+        names_in(&client, "on_x") == ["ch-b", "ch-c"]
+    })
+    .await;
     assert!(
         client.set_conditions("on_x", Vec::new()).await.is_err(),
         "a named monitor's conditions are fixed"
@@ -523,10 +525,10 @@ async fn a_named_monitor_follows_the_same_table_under_its_own_conditions() {
     eventually("the client to notice", || !client.is_connected()).await;
     server.start();
     client.wait_connected(WAIT).await.unwrap();
-    assert_eq!(names(&client, "on_x"), ["ch-b", "ch-c"]);
+    assert_eq!(names_in(&client, "on_x"), ["ch-b", "ch-c"]);
     server.sbctl(&["chassis-del", "ch-b"]);
     eventually("ch-b gone from both", || {
-        names(&client, "on_x") == ["ch-c"] && names(&client, "Chassis") == ["ch-a", "ch-c"]
+        names_in(&client, "on_x") == ["ch-c"] && names_in(&client, "Chassis") == ["ch-a", "ch-c"]
     })
     .await;
 }

@@ -936,11 +936,17 @@ mod tests {
     fn a_load_balancer_that_also_rejects_does_not_count() {
         let mut d = Driven::new();
         let shared = [("10.0.0.1:80", "")];
-        d.load(&[(1, lb_row(&shared, "tcp")), (2, lb_row(&shared, "tcp"))]);
-        // The first by UUID names the VIP, until it rejects.
+        let named = |lb_id: &str| {
+            let mut row = lb_row(&shared, "tcp");
+            row.insert("external_ids".into(), Value::string_map([("lb_id", lb_id)]));
+            row
+        };
+        let all = d.load(&[(1, named("first")), (2, named("second"))]);
+        assert_eq!(name(&all[0]), "first", "the first by UUID names the VIP");
+        // ... until it rejects.
         d.replicate(REJECTING, 1, Row::new());
         match d.done() {
-            Some(VipUpdate::Replace(all)) => assert_eq!(name(&all[0]), "nb-uuid"),
+            Some(VipUpdate::Replace(all)) => assert_eq!(name(&all[0]), "second"),
             other => panic!("the rejecting set changing re-indexes: {other:?}"),
         }
         assert_eq!(

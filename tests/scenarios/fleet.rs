@@ -201,6 +201,7 @@ impl Fleet {
             iface: "eth0".into(),
             ifindex: 2,
             load_balancer: Some("lb0".into()),
+            load_balancer_row: None,
             action: "dropped",
             timestamp_ns: unidler::datapath::monotonic_ns(),
         };

@@ -28,6 +28,7 @@ fn hit(n: u32) -> IdleHit {
         iface: "eth0".into(),
         ifindex: 2,
         load_balancer: Some("lb".into()),
+        load_balancer_row: None,
         action: "dropped",
         timestamp_ns: monotonic_ns(),
     }

@@ -10,7 +10,7 @@ use unidler_tests::{
     eventually,
     load_balancers::FollowingAgent,
     netns::Topology,
-    ovsdb_server::{self, OvnCentral, OvsdbServer, Southbound, TempDir},
+    ovsdb_server::{self, EventRow, OvnCentral, OvsdbServer, Southbound, TempDir},
     require_root,
 };
 
@@ -412,4 +412,113 @@ fn the_switch_groups_of_newer_ovn_say_where_a_load_balancer_applies() {
         followed(&topo) == (2.0, 1.0, 0.0)
     });
     assert!(!topo.connects(80), "the VIP of switch 1 is watched");
+}
+
+/// A UDP packet from the client namespace to `SERVER_V4:port` (an idle VIP's: a hit).
+fn udp_hit(topo: &Topology, port: u16) {
+    topo.in_client(|| {
+        let socket = std::net::UdpSocket::bind((unidler_tests::netns::CLIENT_V4, 0)).unwrap();
+        socket
+            .send_to(b"wake up", (unidler_tests::netns::SERVER_V4, port))
+            .unwrap();
+    });
+}
+
+/// The load balancer each VIP's row of `/api/vips` names (null: not known yet), by port.
+#[track_caller]
+fn shown_names(topo: &Topology) -> Vec<(String, Option<String>)> {
+    let body = topo
+        .in_server(|| unidler::telemetry::http_get("127.0.0.1:9478".parse().unwrap(), "/api/vips"))
+        .expect("/api/vips");
+    let rows: Vec<unidler::telemetry::VipRow> =
+        serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"));
+    rows.into_iter().map(|r| (r.vip, r.load_balancer)).collect()
+}
+
+/// Events name the Northbound load balancer, `external_ids:lb_id` of the Southbound row. The
+/// agent does not monitor that column (with 100,000s of load balancers it would be a fifth of
+/// the server's work at every start): it reads a row's `lb_id` when a VIP of it is first hit.
+/// A hit while the database is away waits for the name, and is written with it once the
+/// database is back; a row without `lb_id` is named by its UUID, as OVN names it.
+#[test]
+fn the_name_of_a_load_balancer_is_read_when_it_is_first_hit() {
+    require_root();
+    const NB_A: &str = "0a0a0a0a-0000-4000-8000-00000000000a";
+    const NB_C: &str = "0c0c0c0c-0000-4000-8000-00000000000c";
+    let topo = Topology::new("vn");
+    let mut sb = ovsdb_server::southbound_with_chassis();
+    let create = |name: &str, port: u16, lb_id: Option<&str>| {
+        let mut args = vec![
+            "create".to_owned(),
+            "Load_Balancer".to_owned(),
+            format!("name={name}"),
+            "protocol=udp".to_owned(),
+            "options:event=true".to_owned(),
+            format!("vips:\"10.77.0.2:{port}\"=\"\""),
+        ];
+        args.extend(lb_id.map(|id| format!("external_ids:lb_id={id}")));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        sb.sbctl(&args).trim().to_owned()
+    };
+    create("a", 7001, Some(NB_A));
+    let b_row = create("b", 7002, None);
+    create("c", 7003, Some(NB_C));
+    let state = TempDir::new("nstate");
+    let db = sb.unix_remote();
+    let args = southbound_args(&topo.server_if, &db, state.path_str());
+    let mut agent = Agent::start(&topo.server_ns, &args);
+    agent.wait_for_log("VIP map synced vips=3 ", WAIT);
+    assert!(
+        shown_names(&topo).iter().all(|(_, name)| name.is_none()),
+        "no name is read before a hit needs it: {:?}",
+        shown_names(&topo)
+    );
+
+    let name_of = |rows: &[EventRow], port: u16| -> Vec<String> {
+        let vip = format!("10.77.0.2:{port}");
+        rows.iter()
+            .filter(|r| r.event_info.get("vip") == Some(&vip))
+            .map(|r| {
+                r.event_info
+                    .get("load_balancer")
+                    .cloned()
+                    .unwrap_or_default()
+            })
+            .collect()
+    };
+    udp_hit(&topo, 7001);
+    udp_hit(&topo, 7002);
+    let rows = eventually_rows(&sb, 2);
+    assert_eq!(name_of(&rows, 7001), [NB_A], "lb_id names it");
+    assert_eq!(name_of(&rows, 7002), [b_row], "no lb_id: its row's UUID");
+    assert!(
+        shown_names(&topo).contains(&("10.77.0.2:7001".into(), Some(NB_A.into()))),
+        "known once read: {:?}",
+        shown_names(&topo)
+    );
+
+    // The database goes away before C's first hit: the hit waits for C's name.
+    sb.kill();
+    udp_hit(&topo, 7003);
+    udp_hit(&topo, 7003);
+    std::thread::sleep(Duration::from_secs(2));
+    sb.start();
+    let rows = eventually_rows(&sb, 3);
+    assert_eq!(
+        name_of(&rows, 7003),
+        [NB_C],
+        "once, named after C: {rows:#?}"
+    );
+}
+
+/// Waits until `sb` has at least `n` Controller_Event rows; returns them.
+#[track_caller]
+fn eventually_rows(sb: &OvsdbServer, n: usize) -> Vec<EventRow> {
+    let mut rows = Vec::new();
+    eventually(&format!("{n} Controller_Event rows"), WAIT, || {
+        rows = sb.event_rows();
+        rows.len() >= n
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    sb.event_rows()
 }

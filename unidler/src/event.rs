@@ -8,7 +8,7 @@ use unidler_common::{EventAction, IdleHitEvent};
 
 use crate::{
     registry::VipRegistry,
-    vip::{Protocol, Vip, ip_from_bytes},
+    vip::{LoadBalancerName, Protocol, Vip, ip_from_bytes},
 };
 
 /// One idle hit, ready to print or to turn into a `Controller_Event` row.
@@ -27,6 +27,10 @@ pub struct IdleHit {
     /// UUID of the Northbound Load_Balancer, when known.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub load_balancer: Option<String>,
+    /// While the name is not read yet: the Southbound Load_Balancer row to read it from
+    /// ([`crate::lb_names`]).
+    #[serde(skip)]
+    pub load_balancer_row: Option<[u64; 2]>,
     /// `dropped` or `passed`: what the datapath did with the packet.
     pub action: &'static str,
     /// When the kernel saw the packet, `CLOCK_MONOTONIC` nanoseconds.
@@ -48,8 +52,10 @@ impl IdleHit {
         if !registry.contains(&vip) {
             return None;
         }
-        let load_balancer = registry
-            .load_balancer_on(&vip, scope(event.ifindex))
+        let name = registry.load_balancer_on(&vip, scope(event.ifindex));
+        let load_balancer_row = name.as_ref().and_then(LoadBalancerName::southbound_row);
+        let load_balancer = name
+            .filter(|_| load_balancer_row.is_none())
             .as_ref()
             .map(ToString::to_string);
         let src = SocketAddr::new(
@@ -63,6 +69,7 @@ impl IdleHit {
             iface: iface_name(event.ifindex),
             ifindex: event.ifindex,
             load_balancer,
+            load_balancer_row,
             action: if event.action == EventAction::Passed as u32 {
                 "passed"
             } else {

@@ -10,6 +10,7 @@ pub mod event;
 pub mod fast_hash;
 pub mod forwarding;
 pub mod hold;
+pub mod lb_names;
 pub mod links;
 pub mod map_batch;
 pub mod ovs_interfaces;

@@ -247,6 +247,10 @@ pub enum LoadBalancerName {
     Uuid([u64; 2]),
     /// Any other text.
     Text(Arc<str>),
+    /// Not known yet: the name is in the Southbound Load_Balancer row of this UUID
+    /// (`external_ids:lb_id`, else the row's own UUID), read when an event first needs it
+    /// ([`crate::lb_names`]). Never written as a name: its text is `sb-row:UUID`.
+    SouthboundRow([u64; 2]),
 }
 
 impl LoadBalancerName {
@@ -262,6 +266,18 @@ impl LoadBalancerName {
     pub fn from_uuid(n: u128) -> Self {
         Self::Uuid([(n >> 64) as u64, n as u64])
     }
+
+    /// The Southbound row to read the name from, while it is not known.
+    pub fn southbound_row(&self) -> Option<[u64; 2]> {
+        match self {
+            Self::SouthboundRow(row) => Some(*row),
+            _ => None,
+        }
+    }
+}
+
+fn uuid_text([high, low]: [u64; 2]) -> ovsdb::Uuid {
+    ovsdb::Uuid::from_u128((u128::from(high) << 64) | u128::from(low))
 }
 
 /// The UUID `text` spells in canonical form (lowercase `8-4-4-4-12` hex), if it does.
@@ -272,11 +288,9 @@ fn canonical_uuid(text: &str) -> Option<u128> {
 impl fmt::Display for LoadBalancerName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Self::Uuid([high, low]) => {
-                let n = (u128::from(*high) << 64) | u128::from(*low);
-                write!(f, "{}", ovsdb::Uuid::from_u128(n))
-            }
+            Self::Uuid(n) => write!(f, "{}", uuid_text(*n)),
             Self::Text(text) => f.write_str(text),
+            Self::SouthboundRow(row) => write!(f, "sb-row:{}", uuid_text(*row)),
         }
     }
 }

@@ -35,6 +35,7 @@ use crate::{
     event::{IdleHit, iface_name},
     forwarding::{FlowReader, ForwardingCheck},
     hold::HeldPackets,
+    lb_names::{LoadBalancerNames, NamesRead},
     links::LinkChanges,
     ovs_interfaces::{self, InterfaceNames, OvnInterfaces},
     registry::{MapChange, VipRegistry},
@@ -78,6 +79,8 @@ pub struct Agent {
     output: HitOutput,
     /// The last idle hits, for `unidler events`.
     recent: VecDeque<IdleHit>,
+    /// Load balancers' names as events give them, read from the database when first needed.
+    lb_names: LoadBalancerNames,
     /// Idle hits read before the VIP source synced, reported once it has.
     pending_hits: Vec<IdleHitEvent>,
     /// Names of the interfaces we attached to, by ifindex.
@@ -243,6 +246,10 @@ impl Agent {
             info!("holding is off (--hold-max-age 0): clients wait for their own retransmission");
         }
         let last_summary = datapath.counters()?;
+        let (lb_names, names_read) = match &sink {
+            Some(sink) => LoadBalancerNames::start(sink.southbound().client().clone()),
+            None => LoadBalancerNames::without_database(),
+        };
         let (forwarding_tx, forwarding_rx) = mpsc::unbounded_channel();
         let mut agent = Self {
             datapath,
@@ -261,6 +268,7 @@ impl Agent {
                 None => HitOutput::Stdout(io::stdout()),
             },
             recent: VecDeque::with_capacity(RECENT_EVENTS),
+            lb_names,
             pending_hits: Vec::new(),
             iface_names: HashMap::new(),
             readiness,
@@ -365,6 +373,7 @@ impl Agent {
                 .context("registering link notifications with epoll")?,
             vifs,
             port_scopes: agent.port_scopes.clone(),
+            names_read,
             signals,
         });
         Ok(agent)
@@ -382,6 +391,7 @@ impl Agent {
                     self.on_forwarding_checked(vip, readiness)
                 }
                 Input::Vips(update) => self.on_vips(update)?,
+                Input::NamesRead(names) => self.on_names_read(names)?,
                 Input::Query(query) => self.on_query(query),
                 Input::SummaryDue => self.on_summary_due()?,
                 Input::HeartbeatDue => self.on_heartbeat_due()?,
@@ -436,22 +446,36 @@ impl Agent {
             };
             debug!(vip = %hit.vip, protocol = %hit.protocol, src = %hit.src, iface = %hit.iface, "idle hit");
             self.metrics.events_received.inc();
-            match &mut self.output {
-                HitOutput::Sink(sink) => sink.submit(&hit),
-                HitOutput::Stdout(stdout) => {
-                    write_json_line(stdout, &hit).context("writing events to standard output")?
-                }
+            if let Some(hit) = self.lb_names.name(hit) {
+                self.report(hit)?;
             }
-            if self.recent.len() == RECENT_EVENTS {
-                self.recent.pop_front();
+        }
+        Ok(())
+    }
+
+    /// Load balancers' names read: the hits that waited for them are reported.
+    fn on_names_read(&mut self, names: NamesRead) -> Result<()> {
+        for hit in self.lb_names.learn(names) {
+            self.report(hit)?;
+        }
+        Ok(())
+    }
+
+    /// Sends a named hit on (to the sink, or standard output) and remembers it.
+    fn report(&mut self, hit: IdleHit) -> Result<()> {
+        match &mut self.output {
+            HitOutput::Sink(sink) => sink.submit(&hit),
+            HitOutput::Stdout(stdout) => {
+                write_json_line(stdout, &hit).context("writing events to standard output")?;
+                stdout
+                    .flush()
+                    .context("writing events to standard output")?;
             }
-            self.recent.push_back(hit);
         }
-        if let HitOutput::Stdout(stdout) = &mut self.output {
-            stdout
-                .flush()
-                .context("writing events to standard output")?;
+        if self.recent.len() == RECENT_EVENTS {
+            self.recent.pop_front();
         }
+        self.recent.push_back(hit);
         Ok(())
     }
 
@@ -620,7 +644,10 @@ impl Agent {
                     state: if e.backends == 0 { "idle" } else { "active" }.into(),
                     hits: 0,
                     held: self.held.held_for(&e.vip.key()),
-                    load_balancer: e.load_balancer.as_ref().map(ToString::to_string),
+                    load_balancer: e
+                        .load_balancer
+                        .as_ref()
+                        .and_then(|n| self.lb_names.shown(n)),
                     scopes: self
                         .registry
                         .scopes(&e.vip)
@@ -629,7 +656,10 @@ impl Agent {
                         .map(|s| ScopeRow {
                             scope: s.scope,
                             backends: s.backends,
-                            load_balancer: s.load_balancer.as_ref().map(ToString::to_string),
+                            load_balancer: s
+                                .load_balancer
+                                .as_ref()
+                                .and_then(|n| self.lb_names.shown(n)),
                         })
                         .collect(),
                 };
@@ -899,6 +929,18 @@ impl Agent {
         let mut last = Vec::new();
         sources.ring.get_mut().drain(|event| last.push(event));
         self.on_idle_hits(&last)?;
+        // Hits waiting for their load balancer's name: a moment for the database to answer,
+        // then named by their Southbound row (the consumer reads only the VIP).
+        let named_by = tokio::time::Instant::now() + Duration::from_secs(1);
+        while self.lb_names.has_waiting() {
+            match tokio::time::timeout_at(named_by, sources.names_read.recv()).await {
+                Ok(Some(names)) => self.on_names_read(names)?,
+                _ => break,
+            }
+        }
+        for hit in self.lb_names.give_up() {
+            self.report(hit)?;
+        }
         let totals = self.datapath.counters()?;
         log_kernel_counters("totals", &totals);
         if let HitOutput::Sink(sink) = &self.output {

@@ -16,6 +16,7 @@ use unidler_common::{IdleHitEvent, VipKey};
 use crate::{
     datapath::{EventRing, HeldBytes, HeldRing},
     forwarding::ForwardingCheck,
+    lb_names::NamesRead,
     links::LinkChanges,
     ovs_interfaces::OvnInterfaces,
     telemetry::Query,
@@ -35,6 +36,8 @@ pub enum Input {
     ForwardingChecked(VipKey, ForwardingCheck),
     /// A VIP source's update.
     Vips(VipUpdate),
+    /// Load balancers' names read from the database, for hits that wait for them.
+    NamesRead(NamesRead),
     /// A question from the HTTP endpoint.
     Query(Query),
     /// Time for the periodic summary.
@@ -80,6 +83,8 @@ pub struct Sources {
     pub vifs: mpsc::UnboundedReceiver<OvnInterfaces>,
     /// The local logical ports' scopes (with VIPs from OVN).
     pub port_scopes: Option<watch::Receiver<Arc<PortScopes>>>,
+    /// Load balancers' names as they are read ([`crate::lb_names`]).
+    pub names_read: mpsc::UnboundedReceiver<NamesRead>,
     /// Signals.
     pub signals: Signals,
 }
@@ -153,6 +158,7 @@ impl Sources {
             links,
             vifs,
             port_scopes,
+            names_read,
             signals,
         } = self;
         tokio::select! {
@@ -176,6 +182,7 @@ impl Sources {
             }
             Some((vip, readiness)) = forwarding.recv() => Ok(Input::ForwardingChecked(vip, readiness)),
             Some(update) = vip_updates.recv() => Ok(Input::Vips(update)),
+            Some(names) = names_read.recv() => Ok(Input::NamesRead(names)),
             Some(query) = queries.recv() => Ok(Input::Query(query)),
             _ = async { summary.as_mut().expect("guarded by if").tick().await }, if summary.is_some() => {
                 Ok(Input::SummaryDue)

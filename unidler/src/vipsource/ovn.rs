@@ -34,14 +34,11 @@ use crate::{
 /// The Southbound table the source follows.
 pub const TABLE: &str = "Load_Balancer";
 /// Its columns the source reads. Not `options`: the monitor's conditions send only the rows
-/// that report ([`crate::southbound::load_balancer_conditions`]).
-pub const COLUMNS: [&str; 5] = [
-    "vips",
-    "protocol",
-    "external_ids",
-    "datapaths",
-    "datapath_group",
-];
+/// that report ([`crate::southbound::load_balancer_conditions`]). Not `external_ids`: its
+/// `lb_id`, the name events give, is read for the few load balancers that are hit, when they
+/// are ([`crate::lb_names`]); with 100,000s of load balancers the column is a fifth of what
+/// the server composes at every agent's start.
+pub const COLUMNS: [&str; 4] = ["vips", "protocol", "datapaths", "datapath_group"];
 
 /// Its columns the source reads where the schema has them: from OVN 23.09, northd puts a
 /// load balancer's logical switches and routers in these two groups (and leaves
@@ -113,13 +110,10 @@ fn count_backends(backends: &str) -> u32 {
 }
 
 /// What the source keeps of one Southbound Load_Balancer row (one that reports: the monitor
-/// sends no other): enough to tell its VIPs, where they apply and what events name them, and
-/// to apply the server's diffs of the columns it reads.
+/// sends no other): enough to tell its VIPs and where they apply, and to apply the server's
+/// diffs of the columns it reads. Events name it by its row ([`LbRecord::name`]).
 #[derive(Clone, Debug, Default)]
 struct LbRecord {
-    /// `external_ids:lb_id`, the Northbound load balancer events name (absent: the
-    /// Southbound UUID).
-    lb_id: Option<LoadBalancerName>,
     /// The `protocol` column (absent: TCP).
     protocol: Option<Protocol>,
     /// `datapath_group`, `ls_datapath_group` and `lr_datapath_group` ([`GROUP_COLUMNS`]), as
@@ -229,20 +223,6 @@ impl LbRecord {
                 }
             }
         }
-        for (key, value) in diff
-            .get("external_ids")
-            .map(Value::pairs)
-            .unwrap_or_default()
-        {
-            if key.as_str() != Some("lb_id") {
-                continue;
-            }
-            let value = LoadBalancerName::new(value.as_str().unwrap_or_default());
-            self.lb_id = match &self.lb_id {
-                Some(old) if *old == value => None,
-                _ => Some(value),
-            };
-        }
         if let Some(vips) = diff.get("vips") {
             let protocol = self.protocol();
             let mut all = std::mem::take(&mut self.vips).into_vec();
@@ -290,9 +270,10 @@ impl LbRecord {
         local.datapaths.is_empty() || local.datapaths.iter().any(|d| self.applies_on(d.id, local))
     }
 
-    /// The name events give: `lb_id`, else the Southbound UUID.
-    fn name(&self, key: RowKey) -> LoadBalancerName {
-        self.lb_id.clone().unwrap_or(LoadBalancerName::Uuid(key.0))
+    /// The name events give: the row's `lb_id` (else its UUID), read when an event needs it.
+    /// northd sets `lb_id` when it inserts the row and never changes it.
+    fn name(key: RowKey) -> LoadBalancerName {
+        LoadBalancerName::SouthboundRow(key.0)
     }
 }
 
@@ -557,7 +538,7 @@ impl OvnVips {
         lbs: impl Iterator<Item = &'a RowKey>,
     ) -> Option<(u32, LoadBalancerName)> {
         let mut backends = 0;
-        let mut named: Option<(RowKey, &LbRecord, u32)> = None;
+        let mut named: Option<(RowKey, u32)> = None;
         for key in lbs {
             let Some(record) = self.by_lb.get(key) else {
                 continue;
@@ -566,12 +547,12 @@ impl OvnVips {
                 continue;
             };
             backends = backends.max(v.backends);
-            if named.is_none_or(|(_, _, b)| b > 0 && v.backends == 0) {
-                named = Some((*key, record, v.backends));
+            if named.is_none_or(|(_, b)| b > 0 && v.backends == 0) {
+                named = Some((*key, v.backends));
             }
         }
-        let (key, record, _) = named?;
-        Some((backends, record.name(key)))
+        let (key, _) = named?;
+        Some((backends, LbRecord::name(key)))
     }
 }
 
@@ -809,11 +790,12 @@ mod tests {
         Row::from([
             ("vips".to_owned(), Value::string_map(vips.iter().copied())),
             ("protocol".to_owned(), Value::Atom(Atom::from(protocol))),
-            (
-                "external_ids".to_owned(),
-                Value::string_map([("lb_id", "nb-uuid")]),
-            ),
         ])
+    }
+
+    /// The name events give the load balancer of row `uuid(n)`, until it is read.
+    fn row_name(n: u8) -> String {
+        format!("sb-row:{}", uuid(n).0)
     }
 
     fn uuid(n: u8) -> Uuid {
@@ -912,7 +894,7 @@ mod tests {
     }
 
     #[test]
-    fn every_vip_with_a_port_is_watched_and_named_after_the_northbound_load_balancer() {
+    fn every_vip_with_a_port_is_watched_and_named_after_its_row() {
         let vips = [
             ("192.168.1.100:80", ""),
             ("[fd00::1]:53", "10.0.0.1:53,10.0.0.2:53"),
@@ -928,7 +910,7 @@ mod tests {
             ],
             "the port-less VIP is left out"
         );
-        assert_eq!(name(&all[0]), "nb-uuid");
+        assert_eq!(name(&all[0]), row_name(1));
         assert_eq!(d.source.load_balancers.load(Ordering::Relaxed), 1);
     }
 
@@ -936,17 +918,16 @@ mod tests {
     fn a_load_balancer_that_also_rejects_does_not_count() {
         let mut d = Driven::new();
         let shared = [("10.0.0.1:80", "")];
-        let named = |lb_id: &str| {
-            let mut row = lb_row(&shared, "tcp");
-            row.insert("external_ids".into(), Value::string_map([("lb_id", lb_id)]));
-            row
-        };
-        let all = d.load(&[(1, named("first")), (2, named("second"))]);
-        assert_eq!(name(&all[0]), "first", "the first by UUID names the VIP");
+        let all = d.load(&[(1, lb_row(&shared, "tcp")), (2, lb_row(&shared, "tcp"))]);
+        assert_eq!(
+            name(&all[0]),
+            row_name(1),
+            "the first by UUID names the VIP"
+        );
         // ... until it rejects.
         d.replicate(REJECTING, 1, Row::new());
         match d.done() {
-            Some(VipUpdate::Replace(all)) => assert_eq!(name(&all[0]), "second"),
+            Some(VipUpdate::Replace(all)) => assert_eq!(name(&all[0]), row_name(2)),
             other => panic!("the rejecting set changing re-indexes: {other:?}"),
         }
         assert_eq!(
@@ -999,36 +980,20 @@ mod tests {
         let mut d = Driven::new();
         let row = lb_row(&[("10.0.0.1:80", "")], "tcp");
         d.load(&[(1, row)]);
-        // The protocol changed (a set diff: both elements toggled), lb_id changed (another
-        // value replaces it).
+        // The protocol changed (a set diff: both elements toggled).
         let (up, rm) = d.batch(
             1,
-            RowUpdate::Modify(Row::from([
-                (
-                    "protocol".to_owned(),
-                    Value::set([Atom::from("tcp"), Atom::from("udp")]),
-                ),
-                (
-                    "external_ids".to_owned(),
-                    Value::string_map([("lb_id", "other")]),
-                ),
-            ])),
+            RowUpdate::Modify(Row::from([(
+                "protocol".to_owned(),
+                Value::set([Atom::from("tcp"), Atom::from("udp")]),
+            )])),
         );
         assert_eq!(
             rm.iter().map(ToString::to_string).collect::<Vec<_>>(),
             ["10.0.0.1:80/tcp"]
         );
         assert_eq!(endpoints(&up), [("10.0.0.1:80/udp".to_owned(), 0)]);
-        assert_eq!(name(&up[0]), "other");
-        // lb_id removed: events name the Southbound UUID.
-        let (up, _) = d.batch(
-            1,
-            RowUpdate::Modify(Row::from([(
-                "external_ids".to_owned(),
-                Value::string_map([("lb_id", "other")]),
-            )])),
-        );
-        assert_eq!(name(&up[0]), uuid(1).0);
+        assert_eq!(name(&up[0]), row_name(1));
         // A modify of a row never seen fails the batch (the client loads afresh).
         assert!(
             d.source
@@ -1137,34 +1102,17 @@ mod tests {
                 Value::set([0x41, 0x42, 0x43].map(|n| Atom::Uuid(uuid(n)))),
             )]),
         );
-        let ext = |row: Row, name: &str| {
-            let mut row = row;
-            row.insert("external_ids".into(), Value::string_map([("lb_id", name)]));
-            row
-        };
         // Tenant A's service at X is idle; tenant B's at the same X has a backend.
-        let a = ext(
-            with_datapaths(lb_row(&[("10.0.0.5:80", "")], "tcp"), &[0x41], None),
-            "lb-a",
-        );
-        let b = ext(
-            with_datapaths(
-                lb_row(&[("10.0.0.5:80", "10.1.1.1:80")], "tcp"),
-                &[0x42],
-                None,
-            ),
-            "lb-b",
+        let a = with_datapaths(lb_row(&[("10.0.0.5:80", "")], "tcp"), &[0x41], None);
+        let b = with_datapaths(
+            lb_row(&[("10.0.0.5:80", "10.1.1.1:80")], "tcp"),
+            &[0x42],
+            None,
         );
         // Y is on every switch (a group, as ovn-kubernetes makes them); Z only on a switch
         // this node has no port on.
-        let y = ext(
-            with_datapaths(lb_row(&[("10.0.0.6:80", "")], "tcp"), &[], Some(0x61)),
-            "lb-y",
-        );
-        let z = ext(
-            with_datapaths(lb_row(&[("10.0.0.7:80", "")], "tcp"), &[0x43], None),
-            "lb-z",
-        );
+        let y = with_datapaths(lb_row(&[("10.0.0.6:80", "")], "tcp"), &[], Some(0x61));
+        let z = with_datapaths(lb_row(&[("10.0.0.7:80", "")], "tcp"), &[0x43], None);
         let all = d.load(&[(1, a), (2, b), (3, y), (4, z)]);
         assert_eq!(
             endpoints(&all),
@@ -1176,7 +1124,7 @@ mod tests {
         );
         assert_eq!(
             scopes(&all[0]),
-            Some(vec![(1, 0, "lb-a".into()), (2, 1, "lb-b".into())]),
+            Some(vec![(1, 0, row_name(1)), (2, 1, row_name(2))]),
             "X differs between the switches"
         );
         assert_eq!(scopes(&all[1]), None, "Y is the same everywhere");
@@ -1205,7 +1153,7 @@ mod tests {
         let (up, _) = d.batch(2, RowUpdate::Modify(drained));
         assert_eq!(
             scopes(&up[0]),
-            Some(vec![(1, 0, "lb-a".into()), (2, 0, "lb-b".into())])
+            Some(vec![(1, 0, row_name(1)), (2, 0, row_name(2))])
         );
         // A's load balancer moves to the group: on switch 2 both apply now.
         let moved = Row::from([
@@ -1218,7 +1166,7 @@ mod tests {
         let (up, _) = d.batch(1, RowUpdate::Modify(moved));
         assert_eq!(
             (scopes(&up[0]), name(&up[0])),
-            (None, "lb-a".into()),
+            (None, row_name(1)),
             "the same on both switches now: idle, named after the first idle one by UUID"
         );
         // Back on switch 1 only (scoped again); then this node's port on switch 2 goes: only
@@ -1233,7 +1181,7 @@ mod tests {
         let (up, _) = d.batch(1, RowUpdate::Modify(back));
         assert_eq!(
             scopes(&up[0]),
-            Some(vec![(1, 0, "lb-a".into()), (2, 0, "lb-b".into())])
+            Some(vec![(1, 0, row_name(1)), (2, 0, row_name(2))])
         );
         d.replica
             .apply_row("Port_Binding", uuid(0x52), RowUpdate::Delete, false)

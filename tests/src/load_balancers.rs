@@ -12,7 +12,8 @@ use crate::{
 };
 
 /// Load balancers `lb0`, `lb1`, ... with `per_lb` VIPs each; VIP `n` (counting over all load
-/// balancers) is `10.(100 + n/65536).(n/256 % 256).(n % 256):80/tcp`. The first `idle` ones
+/// balancers) is `10.(100 + n/65536).(n/256 % 256).(n % 256):80/tcp`; `external_ids:lb_id` is
+/// [`LoadBalancers::lb_id`]. The first `idle` ones
 /// are idle services' (no backends, `options:event=true`), the others active services' (a
 /// backend, no options), as ovn-kubernetes makes them.
 pub struct LoadBalancers {
@@ -73,6 +74,11 @@ impl LoadBalancers {
             .unwrap();
     }
 
+    /// The Northbound UUID of load balancer `index` (its `external_ids:lb_id`).
+    pub fn lb_id(index: u32) -> String {
+        format!("4e420000-0000-4000-8000-{index:012x}")
+    }
+
     fn row(&self, index: u32, backends: &str) -> Row {
         let vips: Vec<(String, String)> = (0..self.per_lb)
             .map(|j| {
@@ -91,6 +97,11 @@ impl LoadBalancers {
                 Value::string_map(vips.iter().map(|(k, v)| (k.as_str(), v.as_str()))),
             ),
             ("protocol".to_owned(), Value::from("tcp")),
+            // As northd writes it: the Northbound load balancer's UUID.
+            (
+                "external_ids".to_owned(),
+                Value::string_map([("lb_id", Self::lb_id(index).as_str())]),
+            ),
             (
                 "options".to_owned(),
                 if index < self.idle {

@@ -321,6 +321,7 @@ impl Cluster {
             _tmp: tmp,
         };
         cluster.wait_for_leader(Duration::from_secs(20));
+        cluster.wait_for_members(Duration::from_secs(20));
         cluster
     }
 
@@ -344,15 +345,41 @@ impl Cluster {
 
     /// Index of the current leader among running members, if one says it is.
     pub fn leader(&self) -> Option<usize> {
-        self.servers.iter().position(|s| {
-            s.is_running()
-                && Command::new("ovs-appctl")
-                    .arg("-t")
-                    .arg(s.dir.join(format!("{}.ctl", s.name)))
-                    .args(["cluster/status", &self.database])
-                    .output()
-                    .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("Role: leader"))
-        })
+        (0..self.servers.len()).find(|&i| self.cluster_status(i).contains("Role: leader"))
+    }
+
+    /// `cluster/status` of member `i` (empty when it is not running or does not answer).
+    pub fn cluster_status(&self, i: usize) -> String {
+        let s = &self.servers[i];
+        if !s.is_running() {
+            return String::new();
+        }
+        Command::new("ovs-appctl")
+            .arg("-t")
+            .arg(s.dir.join(format!("{}.ctl", s.name)))
+            .args(["cluster/status", &self.database])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default()
+    }
+
+    /// Waits until every member has joined: before that, the cluster's configuration may
+    /// count fewer members, and losing the leader can leave the rest without a majority.
+    #[track_caller]
+    pub fn wait_for_members(&self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while !(0..self.servers.len())
+            .all(|i| self.cluster_status(i).contains("Status: cluster member"))
+        {
+            assert!(
+                Instant::now() < deadline,
+                "not every server joined the cluster within {timeout:?}: {:?}",
+                (0..self.servers.len())
+                    .map(|i| self.cluster_status(i))
+                    .collect::<Vec<_>>()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     /// Waits until some running member is leader; returns its index.

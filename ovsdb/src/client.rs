@@ -223,6 +223,8 @@ struct Shared {
     conn: watch::Sender<Option<Connection>>,
     status: watch::Sender<Status>,
     changes: broadcast::Sender<Arc<ChangeSet>>,
+    /// Full loads published so far, counted before each is sent (see [`Client::loads`]).
+    loads: AtomicU64,
     stats: Stats,
 }
 
@@ -234,6 +236,11 @@ impl Shared {
 
     /// Tells the subscribers about a batch just applied (a full load when `resync`).
     fn publish(&self, resync: bool, changes: Vec<(String, Uuid, RowChange)>) {
+        if resync {
+            // Before the send: a subscriber that comes after it sees the count (the channel's
+            // lock orders the two).
+            self.loads.fetch_add(1, Ordering::SeqCst);
+        }
         // No subscriber is no error.
         let _ = self.changes.send(Arc::new(ChangeSet {
             resync,
@@ -267,6 +274,7 @@ impl Client {
             conn: watch::channel(None).0,
             status: watch::channel(Status::Disconnected(None)).0,
             changes,
+            loads: AtomicU64::new(0),
             stats: Stats::default(),
         });
         let (stop_tx, stop_rx) = mpsc::channel(1);
@@ -376,9 +384,18 @@ impl Client {
             .unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Every change applied to the replica from now on.
+    /// Every change applied to the replica from now on. What was applied before is in the
+    /// replica only: a subscriber that must not miss the first load checks [`Client::loads`]
+    /// after subscribing.
     pub fn subscribe(&self) -> broadcast::Receiver<Arc<ChangeSet>> {
         self.shared.changes.subscribe()
+    }
+
+    /// How many full loads of the replica (change sets with `resync`) have been published.
+    /// Read after [`Client::subscribe`]: if it is not 0, the replica holds a load the new
+    /// receiver may not hear of, and the subscriber reads the replica before waiting.
+    pub fn loads(&self) -> u64 {
+        self.shared.loads.load(Ordering::SeqCst)
     }
 
     /// The connection state, as a watch.

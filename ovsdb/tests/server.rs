@@ -1,10 +1,13 @@
 //! The client against real `ovsdb-server`s with the real OVN Southbound schema.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use tokio::sync::broadcast;
+
 use ovsdb::{
-    Atom, Client, ClientOptions, Condition, Error, ErrorKind, MonitorRequest, Mutation, OpResult,
-    Operation, Remote, Row, TlsFiles, Value,
+    Atom, ChangeSet, Client, ClientOptions, Condition, Error, ErrorKind, MonitorRequest, Mutation,
+    OpResult, Operation, Remote, Row, TlsFiles, Value,
 };
 use ovsdb_harness::{Cluster, Listen, OvsdbServer, Pki, TempDir, free_port};
 
@@ -41,7 +44,16 @@ impl Sbctl for Cluster {
     }
 }
 
+/// Client options for these tests, with the client's logs captured per test (shown when it
+/// fails; `RUST_LOG` overrides the default `ovsdb=debug`).
 fn options(remotes: &str) -> ClientOptions {
+    let _ = tracing_subscriber::fmt()
+        .with_test_writer()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "ovsdb=debug".into()),
+        )
+        .try_init();
     let mut o = ClientOptions::new(Remote::parse_list(remotes).unwrap(), SB_DB);
     o.backoff_max = Duration::from_millis(500);
     o
@@ -112,6 +124,29 @@ async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
     while !check() {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The next change set that `wanted` accepts (those before it are skipped), at most `WAIT`
+/// from now. Change sets are published after the replica has them: a test that saw the
+/// replica change waits here for the announcement.
+async fn next_change(
+    changes: &mut broadcast::Receiver<Arc<ChangeSet>>,
+    what: &str,
+    wanted: impl Fn(&ChangeSet) -> bool,
+) -> Arc<ChangeSet> {
+    let found = async {
+        loop {
+            match changes.recv().await {
+                Ok(set) if wanted(&set) => return set,
+                Ok(_) => {}
+                Err(e) => panic!("waiting for {what}: {e}"),
+            }
+        }
+    };
+    match tokio::time::timeout(WAIT, found).await {
+        Ok(set) => set,
+        Err(_) => panic!("timed out waiting for {what}"),
     }
 }
 
@@ -299,19 +334,26 @@ async fn every_operation_against_the_real_server() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn monitor_keeps_a_replica_of_changes_made_by_others() {
-    let server = southbound(Listen::default());
+    let mut server = southbound(Listen::default());
     server.sbctl(&["chassis-add", "ch-a", "geneve", "127.0.0.1"]);
     let mut opts = options(&server.unix_remote());
     opts.monitors = vec![
         MonitorRequest::table("Chassis").columns(&["name", "external_ids"]),
         MonitorRequest::table("Controller_Event"),
     ];
+    // A subscriber hears of the change sets applied after it subscribed: the server is down
+    // until the subscription is in place, so the first session's load is among them.
+    server.kill();
     let client = Client::start(opts).unwrap();
     let mut changes = client.subscribe();
+    server.start();
     client.wait_connected(WAIT).await.unwrap();
     assert_eq!(client.replica().len("Chassis"), 1);
-    let first = changes.recv().await.unwrap();
-    assert!(first.resync);
+    let first = next_change(&mut changes, "the first load", |_| true).await;
+    assert!(first.resync, "{first:?}");
+    // One who subscribes now hears of no load, and is told there was one.
+    let _late = client.subscribe();
+    assert_eq!(client.loads(), 1);
 
     server.sbctl(&["chassis-add", "ch-b", "geneve", "127.0.0.2"]);
     server.sbctl(&["set", "Chassis", "ch-a", "external_ids:zone=1"]);
@@ -503,11 +545,9 @@ async fn a_named_monitor_follows_the_same_table_under_its_own_conditions() {
         names_in(&client, "on_x") == ["ch-a", "ch-b", "ch-c"]
     })
     .await;
-    let mut keys = Vec::new();
-    while let Ok(set) = changes.try_recv() {
-        keys.extend(set.changes.iter().map(|(key, _, _)| key.clone()));
-    }
-    assert!(keys.iter().any(|k| k == "on_x"), "{keys:?}");
+    let set = next_change(&mut changes, "ch-c's change", |set| !set.changes.is_empty()).await;
+    let keys: Vec<_> = set.changes.iter().map(|(key, _, _)| key.as_str()).collect();
+    assert_eq!(keys, ["on_x"], "{set:?}");
     assert_eq!(names_in(&client, "Chassis"), ["ch-a", "ch-b", "ch-c"]);
     // One that stops matching leaves it.
     server.sbctl(&["set", "Chassis", "ch-a", "hostname=y"]);

@@ -68,10 +68,21 @@ pub fn spawn(
         MonitorRequest::table("Port").columns(&["name", "interfaces"]),
     ];
     let client = Client::start(options)?;
+    let mut changes = client.subscribe();
     tokio::spawn(async move {
-        let mut changes = client.subscribe();
         let mut last: Option<OvnInterfaces> = None;
+        // A load published before the subscription is in the replica only.
+        let mut replica_loaded = client.loads() > 0;
         loop {
+            if replica_loaded {
+                let now = followed(&client.replica(), follow);
+                if last.as_ref() != Some(&now) {
+                    if updates.send(now.clone()).is_err() {
+                        return;
+                    }
+                    last = Some(now);
+                }
+            }
             // Every change set (a full load after each connection included) is applied to the
             // replica before it is announced: the replica says what the table holds now.
             match changes.recv().await {
@@ -84,13 +95,7 @@ pub fn spawn(
                 }
                 Err(RecvError::Closed) => return,
             }
-            let now = followed(&client.replica(), follow);
-            if last.as_ref() != Some(&now) {
-                if updates.send(now.clone()).is_err() {
-                    return;
-                }
-                last = Some(now);
-            }
+            replica_loaded = true;
         }
     });
     Ok(())

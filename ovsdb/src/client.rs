@@ -673,7 +673,8 @@ async fn session(
 /// `since` where the server has it, else `monitor_cond`) and applies its reply. Optional
 /// columns are asked for; one the server refuses is left out of `monitors` and the request
 /// made again (a refusal costs the server next to nothing; reading the schema first would cost
-/// it as much as a small monitor, on every session).
+/// it as much as a small monitor, on every session; the copy of the schema in `_Server` is not
+/// updated by a conversion in ovsdb-server 3.1, so it cannot tell that a column is missing).
 async fn load_data(
     shared: &Shared,
     conn: &Connection,

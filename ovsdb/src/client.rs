@@ -14,14 +14,15 @@ use serde_json::{Value as Json, json};
 use tokio::sync::{broadcast, mpsc, watch};
 
 use crate::{
+    consumer::{Changed, ConsumerHandle, TableConsumer},
     error::{Error, ErrorKind},
     op::{Condition, OpResult, Operation, parse_results},
     remote::{self, Remote, Tls, TlsFiles},
     replica::{ChangeSet, Replica, RowChange},
     rpc::{Connection, Notification, RpcOptions},
     update::{
-        ConsumerHandle, RowSink, RowUpdate, TableConsumer, UpdateParams, parse_monitor_since_reply,
-        parse_table_updates, parse_update_params,
+        RowSink, RowUpdate, UpdateParams, parse_monitor_since_reply, parse_table_updates,
+        parse_update_params,
     },
     value::Uuid,
 };
@@ -1052,7 +1053,7 @@ struct Applier<'a> {
     found: bool,
     changes: Vec<(String, Uuid, RowChange)>,
     /// The replicated tables (and named monitors) this batch changed.
-    changed: crate::update::Changed,
+    changed: Changed,
     /// The keys of the batch's monitor that are replicated.
     replicated: Vec<String>,
     /// The keys of the batch's monitor that are consumed.

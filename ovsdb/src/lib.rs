@@ -9,9 +9,11 @@
 //!   (named ones too, to monitor a table again with other columns or conditions; optional
 //!   columns, where the schema has them) and a [`Replica`] current, reconnects with exponential backoff, and runs transactions
 //!   built from [`Operation`]s on typed [`Value`]s;
+//! - [`TableConsumer`]: a table followed in the client's own form instead of the replica;
 //! - [`Error`]: typed errors, RFC 7047's error strings included.
 
 pub mod client;
+pub mod consumer;
 pub mod error;
 pub mod op;
 pub mod remote;
@@ -21,9 +23,10 @@ pub mod update;
 pub mod value;
 
 pub use client::{Client, ClientOptions, MonitorRequest, Status};
+pub use consumer::{Changed, ConsumerHandle, TableConsumer};
 pub use error::{Error, ErrorKind};
 pub use op::{Condition, Mutation, OpResult, Operation};
 pub use remote::{Endpoint, Remote, TlsFiles};
 pub use replica::{ChangeSet, Replica, RowChange};
-pub use update::{Changed, ConsumerHandle, RowUpdate, TableConsumer};
+pub use update::RowUpdate;
 pub use value::{Atom, Row, Uuid, Value};

@@ -1,0 +1,346 @@
+//! Where the datapath runs: the hook for each interface, attaching and detaching, and the
+//! attachments pinned to outlive the process.
+
+use std::os::fd::AsFd as _;
+
+use aya::programs::{
+    ProgramError, SchedClassifier, TcAttachType, XdpMode, tc::SchedClassifierLinkId, xdp::XdpLinkId,
+};
+use unidler_common::TC_PROGRAM_NAME;
+
+use super::{Datapath, DatapathError};
+use crate::{
+    caps,
+    pinning::{self, PinnedAttachment},
+};
+
+/// Where the datapath goes on an interface. Both hooks run the same parser with the same
+/// maps.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Hook {
+    /// TC ingress on virtual interfaces (veths, every pod's interface: native XDP there would
+    /// turn segmentation offloads off on the peer and slow every pod), native XDP on physical
+    /// ones.
+    #[default]
+    Auto,
+    /// XDP in the driver (fastest); fails if the driver has no XDP support.
+    Xdp,
+    /// XDP in the generic network stack (works on every interface, slower).
+    XdpGeneric,
+    /// XDP, native where the driver supports it, else generic (the kernel chooses).
+    XdpAny,
+    /// TC ingress (TCX links on kernels 6.6 and later, the clsact qdisc before).
+    Tc,
+}
+
+impl Hook {
+    /// The hook for `iface`: [`Hook::Auto`] becomes TC or XDP by the kind of interface.
+    pub fn for_interface(self, iface: &str) -> Hook {
+        match self {
+            Hook::Auto if is_virtual(iface) => Hook::Tc,
+            Hook::Auto => Hook::Xdp,
+            other => other,
+        }
+    }
+
+    /// Its name in logs and the CLI.
+    pub fn name(self) -> &'static str {
+        match self {
+            Hook::Auto => "auto",
+            Hook::Xdp => "xdp",
+            Hook::XdpGeneric => "xdp-generic",
+            Hook::XdpAny => "xdp-any",
+            Hook::Tc => "tc",
+        }
+    }
+}
+
+/// Whether `iface` is a virtual interface (no device behind it in sysfs: veth, bridge, ...).
+fn is_virtual(iface: &str) -> bool {
+    !std::path::Path::new("/sys/class/net")
+        .join(iface)
+        .join("device")
+        .exists()
+}
+
+/// One attachment of the datapath.
+pub(super) struct Attachment {
+    iface: String,
+    ifindex: u32,
+    hook: Hook,
+    link: Link,
+}
+
+/// How an attachment is held: a link of this process, or a pinned one.
+enum Link {
+    Xdp(XdpLinkId),
+    Tc(SchedClassifierLinkId),
+    /// A link pinned in the pin directory: outlives the process.
+    Pinned(PinnedAttachment),
+}
+
+impl Datapath {
+    /// Attaches the datapath to `iface` with `hook` ([`Hook::Auto`] chooses by the kind of
+    /// interface). Returns the interface index and the hook used.
+    pub fn attach(&mut self, iface: &str, hook: Hook) -> Result<(u32, Hook), DatapathError> {
+        let ifindex = ifindex_of(iface)?;
+        let hook = hook.for_interface(iface);
+        let failed = |err: ProgramError| DatapathError::Attach {
+            iface: iface.to_owned(),
+            hook,
+            reason: attach_hint(&err, hook),
+        };
+        let link = match hook {
+            Hook::Tc => {
+                let tcx = aya::util::KernelVersion::new(6, 6, 0);
+                if aya::util::KernelVersion::current().is_ok_and(|v| v < tcx) {
+                    // Before TCX, TC programs hang off the clsact qdisc (may be there already).
+                    let _ = aya::programs::tc::qdisc_add_clsact(iface);
+                } else if let Ok((_, programs)) =
+                    SchedClassifier::query_tcx(iface, TcAttachType::Ingress)
+                    && programs
+                        .iter()
+                        .any(|p| p.name() == TC_PROGRAM_NAME.as_bytes())
+                {
+                    // TCX takes several programs: a second agent would report every hit twice.
+                    return Err(DatapathError::Attach {
+                        iface: iface.to_owned(),
+                        hook,
+                        reason: "the interface already has unidler's TC program (another \
+                                 unidler is running on it)"
+                            .into(),
+                    });
+                }
+                Link::Tc(
+                    self.tc_program_mut()?
+                        .attach(iface, TcAttachType::Ingress)
+                        .map_err(failed)?,
+                )
+            }
+            xdp => {
+                let mode = match xdp {
+                    Hook::XdpGeneric => XdpMode::Skb,
+                    Hook::XdpAny => XdpMode::Default,
+                    _ => XdpMode::Driver,
+                };
+                Link::Xdp(
+                    self.program_mut()?
+                        .attach_to_if_index(ifindex, mode)
+                        .map_err(failed)?,
+                )
+            }
+        };
+        let link = self.pin_link(iface, hook, link)?;
+        self.attached.push(Attachment {
+            iface: iface.to_owned(),
+            ifindex,
+            hook,
+            link,
+        });
+        Ok((ifindex, hook))
+    }
+
+    /// With a pin directory, pins a new attachment's link so that it outlives the process.
+    fn pin_link(&mut self, iface: &str, hook: Hook, link: Link) -> Result<Link, DatapathError> {
+        let Some(pins) = self.pins.clone() else {
+            return Ok(link);
+        };
+        let path = pins.link_path(hook.name(), iface);
+        let fd_link: Result<aya::programs::links::FdLink, _> = match link {
+            Link::Xdp(id) => self
+                .program_mut()?
+                .take_link(id)
+                .map_err(|e| DatapathError::Pin(e.to_string()))
+                .and_then(|l| {
+                    l.try_into().map_err(|e: aya::programs::links::LinkError| {
+                        DatapathError::Pin(e.to_string())
+                    })
+                }),
+            Link::Tc(id) => self
+                .tc_program_mut()?
+                .take_link(id)
+                .map_err(|e| DatapathError::Pin(e.to_string()))
+                .and_then(|l| {
+                    l.try_into().map_err(|e: aya::programs::links::LinkError| {
+                        DatapathError::Pin(e.to_string())
+                    })
+                }),
+            pinned @ Link::Pinned(_) => return Ok(pinned),
+        };
+        let pinned = fd_link?
+            .pin(&path)
+            .map_err(|e| DatapathError::Pin(format!("{}: {e}", path.display())))?;
+        // The pin holds the link from here on; our handle on it is the pin's.
+        drop(pinned);
+        PinnedAttachment::open(path)
+            .map(Link::Pinned)
+            .map_err(|e| DatapathError::Pin(e.to_string()))
+    }
+
+    /// Adopts the attachments pinned by an earlier agent: each whose interface is still the
+    /// one it was attached to gets this agent's program, swapped in atomically; one whose
+    /// interface is gone is unpinned. Returns the adopted ones as (interface, ifindex, hook).
+    pub fn adopt_pinned_links(&mut self) -> Vec<(String, u32, Hook)> {
+        let Some(pins) = self.pins.clone() else {
+            return Vec::new();
+        };
+        let links = match pins.links() {
+            Ok(links) => links,
+            Err(e) => {
+                tracing::warn!("cannot read the pinned attachments: {e}");
+                return Vec::new();
+            }
+        };
+        let mut adopted = Vec::new();
+        for (hook_name, iface, path) in links {
+            let hook = match hook_name.as_str() {
+                "tc" => Hook::Tc,
+                "xdp-generic" => Hook::XdpGeneric,
+                "xdp-any" => Hook::XdpAny,
+                _ => Hook::Xdp,
+            };
+            let result = (|| -> Result<u32, String> {
+                let attachment = PinnedAttachment::open(path.clone()).map_err(|e| e.to_string())?;
+                let linked = pinning::link_ifindex(attachment.fd()).map_err(|e| e.to_string())?;
+                let now = ifindex_of(&iface).ok();
+                if linked == 0 || now != Some(linked) {
+                    let _ = attachment.unpin();
+                    return Err("its interface is gone".into());
+                }
+                let program = match hook {
+                    Hook::Tc => self
+                        .typed::<SchedClassifier>(TC_PROGRAM_NAME, "TC program")
+                        .map_err(|e| e.to_string())?
+                        .fd(),
+                    _ => self.program().map_err(|e| e.to_string())?.fd(),
+                }
+                .map_err(|e| e.to_string())?;
+                pinning::update_link(attachment.fd(), program.as_fd())
+                    .map_err(|e| e.to_string())?;
+                self.attached.push(Attachment {
+                    iface: iface.clone(),
+                    ifindex: linked,
+                    hook,
+                    link: Link::Pinned(attachment),
+                });
+                Ok(linked)
+            })();
+            match result {
+                Ok(ifindex) => adopted.push((iface, ifindex, hook)),
+                Err(why) => {
+                    tracing::info!(%iface, hook = hook.name(), "pinned attachment dropped: {why}")
+                }
+            }
+        }
+        adopted
+    }
+
+    /// Detaches the datapath from every interface it is attached to; pinned attachments are
+    /// only let go of (they stay attached: see [`crate::pinning`]).
+    pub fn detach_all(&mut self) {
+        for attachment in std::mem::take(&mut self.attached) {
+            let iface = attachment.iface.clone();
+            let result = match attachment.link {
+                Link::Pinned(_) => Ok(()),
+                _ => self.detach(attachment),
+            };
+            if let Err(err) = result {
+                tracing::warn!(iface, "detaching failed: {err}");
+            }
+        }
+    }
+
+    fn detach(&mut self, attachment: Attachment) -> Result<(), DatapathError> {
+        let result = match attachment.link {
+            Link::Xdp(link) => self.program_mut()?.detach(link),
+            Link::Tc(link) => self.tc_program_mut()?.detach(link),
+            Link::Pinned(pinned) => {
+                return pinned
+                    .unpin()
+                    .map_err(|e| DatapathError::Pin(e.to_string()));
+            }
+        };
+        result.map_err(|e| DatapathError::Load(Box::new(e)))
+    }
+
+    /// Attachments whose interface is gone, or has been re-created under its name (a new
+    /// ifindex: the attachment died with the old one). Each as (name, old ifindex, the
+    /// name's ifindex now, if any).
+    pub fn stale_attachments(&self) -> Vec<(String, u32, Option<u32>)> {
+        self.attached
+            .iter()
+            .filter_map(|a| {
+                let now = ifindex_of(&a.iface).ok();
+                (now != Some(a.ifindex)).then(|| (a.iface.clone(), a.ifindex, now))
+            })
+            .collect()
+    }
+
+    /// Forgets the attachment to `iface` (one that died with its interface).
+    pub fn forget_attachment(&mut self, iface: &str) {
+        if let Some(at) = self.attached.iter().position(|a| a.iface == iface) {
+            let attachment = self.attached.remove(at);
+            // The link went with its interface; detaching it is only bookkeeping.
+            let _ = self.detach(attachment);
+        }
+    }
+
+    /// Interfaces the datapath is attached to, as (name, ifindex, hook).
+    pub fn attached(&self) -> impl Iterator<Item = (&str, u32, Hook)> {
+        self.attached
+            .iter()
+            .map(|a| (a.iface.as_str(), a.ifindex, a.hook))
+    }
+}
+
+/// Every network interface of this namespace, as (ifindex, name).
+pub fn interfaces() -> Vec<(u32, String)> {
+    // SAFETY: if_nameindex returns an array ended by a zero entry, freed below.
+    unsafe {
+        let list = libc::if_nameindex();
+        if list.is_null() {
+            return Vec::new();
+        }
+        let mut out = Vec::new();
+        let mut at = list;
+        while (*at).if_index != 0 && !(*at).if_name.is_null() {
+            let name = std::ffi::CStr::from_ptr((*at).if_name)
+                .to_string_lossy()
+                .into_owned();
+            out.push(((*at).if_index, name));
+            at = at.add(1);
+        }
+        libc::if_freenameindex(list);
+        out
+    }
+}
+
+/// The index of `iface`, or a clear error.
+pub fn ifindex_of(iface: &str) -> Result<u32, DatapathError> {
+    let name = std::ffi::CString::new(iface)
+        .map_err(|_| DatapathError::UnknownInterface(iface.to_owned()))?;
+    // SAFETY: `name` is a valid NUL-terminated string.
+    match unsafe { libc::if_nametoindex(name.as_ptr()) } {
+        0 => Err(DatapathError::UnknownInterface(iface.to_owned())),
+        index => Ok(index),
+    }
+}
+
+fn attach_hint(err: &ProgramError, hook: Hook) -> String {
+    let errno = match err {
+        ProgramError::SyscallError(e) => e.io_error.raw_os_error(),
+        _ => None,
+    };
+    match errno {
+        Some(libc::EBUSY) | Some(libc::EEXIST) if hook != Hook::Tc => format!(
+            "{err}: the interface already has an XDP program (another unidler, or something else: `ip link show` says which)"
+        ),
+        Some(libc::EOPNOTSUPP) | Some(libc::EINVAL) if hook == Hook::Xdp => format!(
+            "{err}: the driver does not support native XDP; use --hook tc, xdp-generic or auto"
+        ),
+        Some(libc::EPERM) | Some(libc::EACCES) => {
+            caps::explain_missing().unwrap_or_else(|| err.to_string())
+        }
+        _ => err.to_string(),
+    }
+}

@@ -1,0 +1,195 @@
+//! Held packets: holding on and off, the answers watched for replayed flows, and frames run
+//! through `BPF_PROG_TEST_RUN` (replays, and the same runs for tests and benchmarks).
+
+use aya::programs::{SchedClassifier, TestRun, TestRunAttrs, TestRunOptions, Xdp};
+use unidler_common::{FlowKey, REPLAY_PROGRAM_NAME, TC_PROGRAM_NAME};
+
+use super::{Datapath, DatapathError, ifindex_of, remove_entry};
+
+impl Datapath {
+    /// Turns holding on or off: whether the kernel copies dropped opening packets to the
+    /// held-frame ring.
+    pub fn set_holding(&mut self, holding: bool) -> Result<(), DatapathError> {
+        self.hold_config.holding = u32::from(holding);
+        self.write_hold_config()
+    }
+
+    fn write_hold_config(&mut self) -> Result<(), DatapathError> {
+        self.hold
+            .set(0, self.hold_config, 0)
+            .map_err(|source| DatapathError::Map {
+                map: "HOLD",
+                source,
+            })
+    }
+
+    /// Starts watching for the answer to a replayed flow (the client's next segment of it).
+    pub fn watch_answer(&mut self, flow: &FlowKey) -> Result<(), DatapathError> {
+        self.answered
+            .insert(flow, 0, 0)
+            .map_err(|source| DatapathError::Map {
+                map: "ANSWERED_FLOWS",
+                source,
+            })?;
+        if self.hold_config.watching_answers == 0 {
+            self.hold_config.watching_answers = 1;
+            self.write_hold_config()?;
+        }
+        Ok(())
+    }
+
+    /// Whether the kernel has seen the answer to a watched flow.
+    pub fn is_answered(&self, flow: &FlowKey) -> bool {
+        self.answered
+            .get(flow, 0)
+            .is_ok_and(|answered| answered != 0)
+    }
+
+    /// Stops watching a flow; `none_left` says that no other flow is watched (the kernel
+    /// then stops looking TCP segments up).
+    pub fn forget_answer(&mut self, flow: &FlowKey, none_left: bool) -> Result<(), DatapathError> {
+        remove_entry(&mut self.answered, flow, "ANSWERED_FLOWS")?;
+        if none_left && self.hold_config.watching_answers != 0 {
+            self.hold_config.watching_answers = 0;
+            self.write_hold_config()?;
+        }
+        Ok(())
+    }
+
+    /// Hands `frame` to the network stack of interface `ifindex` as if it had just been
+    /// received there (`BPF_PROG_TEST_RUN` of the replay program with live frames, kernel
+    /// 5.18 and later). The frame carries the replay mark, so the TC hook lets it through.
+    pub fn replay(&self, frame: &[u8], ifindex: u32) -> Result<(), DatapathError> {
+        let program: &Xdp = self.typed(REPLAY_PROGRAM_NAME, "replay program")?;
+        let ctx = xdp_md(frame, ifindex);
+        program
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                ctx_in: Some(&ctx),
+                repeat: 1,
+                attrs: TestRunAttrs::new().xdp_live_frames(1),
+                ..TestRunOptions::default()
+            })
+            .map_err(DatapathError::TestRun)?;
+        Ok(())
+    }
+
+    /// Whether this kernel can replay held frames (`BPF_F_TEST_XDP_LIVE_FRAMES`, 5.18 and
+    /// later): replays a frame no protocol takes (a local experimental EtherType) into
+    /// loopback. The error says why not.
+    pub fn probe_replay(&self) -> Result<(), DatapathError> {
+        let mut frame = [0u8; 60];
+        frame[12..14].copy_from_slice(&0x88b5u16.to_be_bytes());
+        self.replay(&frame, ifindex_of("lo")?)
+    }
+
+    /// Runs the program once on `frame` through `BPF_PROG_TEST_RUN`, as if it had arrived on
+    /// interface `ifindex` (which must exist; 1 is loopback). Returns the XDP verdict.
+    pub fn test_run(&self, frame: &[u8], ifindex: u32) -> Result<u32, DatapathError> {
+        self.test_run_repeat(frame, ifindex, 1)
+            .map(|(verdict, _)| verdict)
+    }
+
+    /// Like [`Datapath::test_run`], `repeat` times in the kernel; also returns the mean time
+    /// per run that the kernel measured, in nanoseconds.
+    pub fn test_run_repeat(
+        &self,
+        frame: &[u8],
+        ifindex: u32,
+        repeat: u32,
+    ) -> Result<(u32, u64), DatapathError> {
+        run_repeat(self.program()?, frame, ifindex, repeat)
+    }
+
+    /// Loads the do-nothing baseline program from the same object and runs it like
+    /// [`Datapath::test_run_repeat`]: what an XDP program costs before it does anything.
+    pub fn baseline_test_run(
+        &mut self,
+        frame: &[u8],
+        ifindex: u32,
+        repeat: u32,
+    ) -> Result<(u32, u64), DatapathError> {
+        let program: &mut Xdp =
+            self.typed_mut(unidler_common::BASELINE_PROGRAM_NAME, "baseline program")?;
+        if program.fd().is_err() {
+            program
+                .load()
+                .map_err(|e| DatapathError::Load(Box::new(e)))?;
+        }
+        run_repeat(program, frame, ifindex, repeat)
+    }
+
+    /// Runs the TC program `repeat` times on `frame` through `BPF_PROG_TEST_RUN` (as an skb
+    /// received on loopback). Returns the TC verdict (`TC_ACT_OK` 0, `TC_ACT_SHOT` 2) and the
+    /// mean time per run in nanoseconds.
+    pub fn tc_test_run_repeat(
+        &self,
+        frame: &[u8],
+        repeat: u32,
+    ) -> Result<(i32, u64), DatapathError> {
+        tc_run_repeat(self.typed(TC_PROGRAM_NAME, "TC program")?, frame, repeat)
+    }
+
+    /// Like [`Datapath::baseline_test_run`] for the TC hook's do-nothing program.
+    pub fn tc_baseline_test_run(
+        &mut self,
+        frame: &[u8],
+        repeat: u32,
+    ) -> Result<(i32, u64), DatapathError> {
+        let program: &mut SchedClassifier = self.typed_mut(
+            unidler_common::BASELINE_TC_PROGRAM_NAME,
+            "TC baseline program",
+        )?;
+        if program.fd().is_err() {
+            program
+                .load()
+                .map_err(|e| DatapathError::Load(Box::new(e)))?;
+        }
+        tc_run_repeat(program, frame, repeat)
+    }
+}
+
+/// The `struct xdp_md` of a test run of `frame` arriving on `ifindex`.
+fn xdp_md(frame: &[u8], ifindex: u32) -> [u8; 24] {
+    // struct xdp_md { data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex }
+    let mut ctx = [0u8; 24];
+    ctx[4..8].copy_from_slice(&(frame.len() as u32).to_ne_bytes());
+    ctx[12..16].copy_from_slice(&ifindex.to_ne_bytes());
+    ctx
+}
+
+fn run_repeat(
+    program: &Xdp,
+    frame: &[u8],
+    ifindex: u32,
+    repeat: u32,
+) -> Result<(u32, u64), DatapathError> {
+    let ctx = xdp_md(frame, ifindex);
+    let result = program
+        .test_run(TestRunOptions {
+            data_in: Some(frame),
+            ctx_in: Some(&ctx),
+            repeat,
+            ..TestRunOptions::default()
+        })
+        .map_err(DatapathError::TestRun)?;
+    Ok((result.return_value, result.duration.as_nanos() as u64))
+}
+
+fn tc_run_repeat(
+    program: &SchedClassifier,
+    frame: &[u8],
+    repeat: u32,
+) -> Result<(i32, u64), DatapathError> {
+    let result = program
+        .test_run(TestRunOptions {
+            data_in: Some(frame),
+            repeat,
+            ..TestRunOptions::default()
+        })
+        .map_err(DatapathError::TestRun)?;
+    Ok((
+        result.return_value as i32,
+        result.duration.as_nanos() as u64,
+    ))
+}

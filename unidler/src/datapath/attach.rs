@@ -4,7 +4,10 @@
 use std::os::fd::AsFd as _;
 
 use aya::programs::{
-    ProgramError, SchedClassifier, TcAttachType, XdpMode, tc::SchedClassifierLinkId, xdp::XdpLinkId,
+    ProgramError, SchedClassifier, TcAttachType, XdpMode,
+    links::{FdLink, LinkError},
+    tc::SchedClassifierLinkId,
+    xdp::XdpLinkId,
 };
 use unidler_common::TC_PROGRAM_NAME;
 
@@ -146,28 +149,23 @@ impl Datapath {
             return Ok(link);
         };
         let path = pins.link_path(hook.name(), iface);
-        let fd_link: Result<aya::programs::links::FdLink, _> = match link {
+        let pin_error = |e: &dyn std::fmt::Display| DatapathError::Pin(e.to_string());
+        let fd_link: FdLink = match link {
             Link::Xdp(id) => self
                 .program_mut()?
                 .take_link(id)
-                .map_err(|e| DatapathError::Pin(e.to_string()))
-                .and_then(|l| {
-                    l.try_into().map_err(|e: aya::programs::links::LinkError| {
-                        DatapathError::Pin(e.to_string())
-                    })
-                }),
+                .map_err(|e| pin_error(&e))?
+                .try_into()
+                .map_err(|e: LinkError| pin_error(&e))?,
             Link::Tc(id) => self
                 .tc_program_mut()?
                 .take_link(id)
-                .map_err(|e| DatapathError::Pin(e.to_string()))
-                .and_then(|l| {
-                    l.try_into().map_err(|e: aya::programs::links::LinkError| {
-                        DatapathError::Pin(e.to_string())
-                    })
-                }),
+                .map_err(|e| pin_error(&e))?
+                .try_into()
+                .map_err(|e: LinkError| pin_error(&e))?,
             pinned @ Link::Pinned(_) => return Ok(pinned),
         };
-        let pinned = fd_link?
+        let pinned = fd_link
             .pin(&path)
             .map_err(|e| DatapathError::Pin(format!("{}: {e}", path.display())))?;
         // The pin holds the link from here on; our handle on it is the pin's.

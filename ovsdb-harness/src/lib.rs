@@ -213,16 +213,18 @@ impl OvsdbServer {
                 .spawn()
                 .expect("ovsdb-server runs"),
         );
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !file("sock").exists() || !file("ctl").exists() {
-            assert!(
-                Instant::now() < deadline,
-                "ovsdb-server {} did not come up; log:\n{}",
-                self.name,
-                std::fs::read_to_string(file("log")).unwrap_or_default()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        poll(
+            Duration::from_secs(10),
+            Duration::from_millis(20),
+            || (file("sock").exists() && file("ctl").exists()).then_some(()),
+            || {
+                format!(
+                    "ovsdb-server {} did not come up; log:\n{}",
+                    self.name,
+                    std::fs::read_to_string(file("log")).unwrap_or_default()
+                )
+            },
+        );
     }
 
     /// Kills the process (SIGKILL: nothing flushed, as in a crash).
@@ -367,35 +369,34 @@ impl Cluster {
     /// count fewer members, and losing the leader can leave the rest without a majority.
     #[track_caller]
     pub fn wait_for_members(&self, timeout: Duration) {
-        let deadline = Instant::now() + timeout;
-        while !(0..self.servers.len())
-            .all(|i| self.cluster_status(i).contains("Status: cluster member"))
-        {
-            assert!(
-                Instant::now() < deadline,
-                "not every server joined the cluster within {timeout:?}: {:?}",
-                (0..self.servers.len())
-                    .map(|i| self.cluster_status(i))
-                    .collect::<Vec<_>>()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let statuses = || (0..self.servers.len()).map(|i| self.cluster_status(i));
+        // Each poll asks every member through ovs-appctl.
+        poll(
+            timeout,
+            Duration::from_millis(50),
+            || {
+                statuses()
+                    .all(|s| s.contains("Status: cluster member"))
+                    .then_some(())
+            },
+            || {
+                format!(
+                    "not every server joined the cluster within {timeout:?}: {:?}",
+                    statuses().collect::<Vec<_>>()
+                )
+            },
+        );
     }
 
     /// Waits until some running member is leader; returns its index.
     #[track_caller]
     pub fn wait_for_leader(&self, timeout: Duration) -> usize {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(i) = self.leader() {
-                return i;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no cluster leader within {timeout:?}"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        poll(
+            timeout,
+            Duration::from_millis(50),
+            || self.leader(),
+            || format!("no cluster leader within {timeout:?}"),
+        )
     }
 
     /// Runs a `*-ctl` program with `--db=` every member's TCP remote first (it finds the
@@ -406,5 +407,24 @@ impl Cluster {
             .arg(format!("--db={}", self.remotes()))
             .arg("--timeout=20")
             .args(args))
+    }
+}
+
+/// Calls `check` every `every` until it gives a value; panics with `failure()` after
+/// `timeout`.
+#[track_caller]
+fn poll<T>(
+    timeout: Duration,
+    every: Duration,
+    mut check: impl FnMut() -> Option<T>,
+    failure: impl FnOnce() -> String,
+) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = check() {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "{}", failure());
+        std::thread::sleep(every);
     }
 }

@@ -72,17 +72,10 @@ pub fn spawn(
     tokio::spawn(async move {
         let mut last: Option<OvnInterfaces> = None;
         // A load published before the subscription is in the replica only.
-        let mut replica_loaded = client.loads() > 0;
+        if client.loads() > 0 && !send_if_changed(&client, follow, &updates, &mut last) {
+            return;
+        }
         loop {
-            if replica_loaded {
-                let now = followed(&client.replica(), follow);
-                if last.as_ref() != Some(&now) {
-                    if updates.send(now.clone()).is_err() {
-                        return;
-                    }
-                    last = Some(now);
-                }
-            }
             // Every change set (a full load after each connection included) is applied to the
             // replica before it is announced: the replica says what the table holds now.
             match changes.recv().await {
@@ -95,10 +88,29 @@ pub fn spawn(
                 }
                 Err(RecvError::Closed) => return,
             }
-            replica_loaded = true;
+            if !send_if_changed(&client, follow, &updates, &mut last) {
+                return;
+            }
         }
     });
     Ok(())
+}
+
+/// Sends the interfaces to follow if they differ from the `last` sent; false once the
+/// receiver is gone.
+fn send_if_changed(
+    client: &Client,
+    follow: Follow,
+    updates: &mpsc::UnboundedSender<OvnInterfaces>,
+    last: &mut Option<OvnInterfaces>,
+) -> bool {
+    let now = followed(&client.replica(), follow);
+    if last.as_ref() == Some(&now) {
+        return true;
+    }
+    let sent = updates.send(now.clone()).is_ok();
+    *last = Some(now);
+    sent
 }
 
 /// The interfaces to follow, as the replica has them now.

@@ -82,6 +82,15 @@ enum Link {
     Pinned(PinnedAttachment),
 }
 
+/// A link taken from its program (XDP or TC), as a file-descriptor link that can be pinned.
+fn fd_link<L>(taken: Result<L, ProgramError>) -> Result<FdLink, DatapathError>
+where
+    FdLink: TryFrom<L, Error = LinkError>,
+{
+    let pin_error = |e: &dyn std::fmt::Display| DatapathError::Pin(e.to_string());
+    FdLink::try_from(taken.map_err(|e| pin_error(&e))?).map_err(|e| pin_error(&e))
+}
+
 impl Datapath {
     /// Attaches the datapath to `iface` with `hook` ([`Hook::Auto`] chooses by the kind of
     /// interface). Returns the interface index and the hook used.
@@ -149,20 +158,9 @@ impl Datapath {
             return Ok(link);
         };
         let path = pins.link_path(hook.name(), iface);
-        let pin_error = |e: &dyn std::fmt::Display| DatapathError::Pin(e.to_string());
-        let fd_link: FdLink = match link {
-            Link::Xdp(id) => self
-                .program_mut()?
-                .take_link(id)
-                .map_err(|e| pin_error(&e))?
-                .try_into()
-                .map_err(|e: LinkError| pin_error(&e))?,
-            Link::Tc(id) => self
-                .tc_program_mut()?
-                .take_link(id)
-                .map_err(|e| pin_error(&e))?
-                .try_into()
-                .map_err(|e: LinkError| pin_error(&e))?,
+        let fd_link = match link {
+            Link::Xdp(id) => fd_link(self.program_mut()?.take_link(id))?,
+            Link::Tc(id) => fd_link(self.tc_program_mut()?.take_link(id))?,
             pinned @ Link::Pinned(_) => return Ok(pinned),
         };
         let pinned = fd_link

@@ -41,7 +41,7 @@ use unidler_common::{
     HELD_FRAME_MAX, HELD_FRAME_SMALL, HELD_RING_BYTES, Heartbeat, HeldFrame, HeldHeader,
     HoldConfig, IFACE_SCOPES_CAPACITY, IdleHitEvent, REPLAY_MARK, RateLimitConfig, ScopedVip,
     VIP_FLAG_PASS_WHEN_IDLE, VIP_FLAG_SCOPED, VIP_MAP_CAPACITY, VIP_SCOPES_CAPACITY, VipKey,
-    VipState, address_bucket, address_bucket_ipv4,
+    VipState, address_bucket,
 };
 
 /// VIP → backend count, id and flags. Written by the agent; the kernel only updates the
@@ -227,11 +227,11 @@ impl Packet for TcContext {
 
 /// What the datapath does with a classified packet, whichever the hook.
 #[inline(always)]
-fn act<P: Packet>(ctx: &P, classified: Result<Option<L4Packet>, Counter>) -> Verdict {
+fn act<P: Packet>(ctx: &P, classified: Result<Option<Parsed>, Counter>) -> Verdict {
     match classified {
-        Ok(Some(packet)) if packet.opening => on_opening_packet(ctx, &packet),
-        Ok(Some(packet)) => {
-            on_answer(ctx, &packet);
+        Ok(Some(parsed)) if parsed.opening => on_opening_packet(ctx, &parsed.flow),
+        Ok(Some(parsed)) => {
+            on_answer(&parsed.flow);
             Verdict::Pass
         }
         Ok(None) => Verdict::Pass,
@@ -324,38 +324,23 @@ pub fn unidler_replay(ctx: XdpContext) -> u32 {
     xdp_action::XDP_PASS
 }
 
-/// Where a packet's headers are, for a connection-opening packet, or a TCP segment that may
-/// answer a replay. Addresses and ports stay in the packet until they are needed: most
-/// packets need none of them.
-struct L4Packet {
+/// A packet that needs a decision: a connection-opening packet, or a TCP segment that may
+/// answer a replay. Its flow is read out of the packet by [`classify`], so that nothing after
+/// the parser touches packet memory: the decision is the same code, and verified as one
+/// state, whatever headers the packet had.
+struct Parsed {
     /// A connection-opening packet (TCP SYN, UDP, SCTP INIT); else a TCP segment to look up
     /// in `ANSWERED_FLOWS`.
     opening: bool,
-    /// Offset of the IP header.
-    l3: usize,
-    /// Offset of the TCP, UDP or SCTP header.
-    l4: usize,
-    proto: u8,
-    ipv6: bool,
-}
-
-impl L4Packet {
-    /// Offsets of the source and destination addresses in the packet, and their length.
-    #[inline(always)]
-    fn address_offsets(&self) -> (usize, usize) {
-        if self.ipv6 {
-            (self.l3 + 8, self.l3 + 24)
-        } else {
-            (self.l3 + 12, self.l3 + 16)
-        }
-    }
+    /// Addresses (IPv4-mapped for IPv4), ports and protocol, as the client sent them.
+    flow: FlowKey,
 }
 
 /// Parses the frame. `Ok(Some)` for a connection-opening packet, or a TCP segment while
 /// replayed flows wait for their answer; `Ok(None)` for anything else (which needs nothing
 /// more), `Err(counter)` for a frame it cannot parse.
 #[inline(always)]
-fn classify<P: Packet>(ctx: &P) -> Result<Option<L4Packet>, Counter> {
+fn classify<P: Packet>(ctx: &P) -> Result<Option<Parsed>, Counter> {
     let eth: &EthHdr = header_at(ctx, 0).ok_or(Counter::TruncatedEthernet)?;
     let mut ether_type = eth.ether_type;
     let mut l3 = EthHdr::LEN;
@@ -411,14 +396,12 @@ fn classify<P: Packet>(ctx: &P) -> Result<Option<L4Packet>, Counter> {
             // gave up). Looked at only while replayed flows wait for one.
             if flags & TCP_FLAG_SYN == 0
                 && flags & (TCP_FLAG_ACK | TCP_FLAG_RST) != 0
+                && holding_available()
                 && watching_answers()
             {
-                return Ok(Some(L4Packet {
+                return Ok(read_flow(ctx, l3, l4, proto, ipv6).map(|flow| Parsed {
                     opening: false,
-                    l3,
-                    l4,
-                    proto,
-                    ipv6,
+                    flow,
                 }));
             }
             syn_only
@@ -434,13 +417,44 @@ fn classify<P: Packet>(ctx: &P) -> Result<Option<L4Packet>, Counter> {
         }
         _ => false,
     };
-    Ok(opening.then_some(L4Packet {
+    if !opening {
+        return Ok(None);
+    }
+    Ok(read_flow(ctx, l3, l4, proto, ipv6).map(|flow| Parsed {
         opening: true,
-        l3,
-        l4,
-        proto,
-        ipv6,
+        flow,
     }))
+}
+
+/// Reads a packet's flow (addresses, ports, protocol) from its IP header at `l3` and its L4
+/// header at `l4`; `None` if the packet is shorter, or for an IPv6 packet to an IPv4-mapped
+/// address (`::ffff:a.b.c.d`), which is not a packet to the IPv4 address of that form (the
+/// form of IPv4 keys): no VIP or replayed flow has such an address.
+#[inline(always)]
+fn read_flow<P: Packet>(ctx: &P, l3: usize, l4: usize, proto: u8, ipv6: bool) -> Option<FlowKey> {
+    let mut flow = FlowKey {
+        proto,
+        ..FlowKey::default()
+    };
+    if ipv6 {
+        let addrs: &[u8; 32] = header_at(ctx, l3 + 8)?;
+        if addrs[16..28] == IPV4_MAPPED_PREFIX {
+            return None;
+        }
+        flow.src_addr.copy_from_slice(&addrs[..16]);
+        flow.dst_addr.copy_from_slice(&addrs[16..]);
+    } else {
+        let addrs: &[u8; 8] = header_at(ctx, l3 + 12)?;
+        flow.src_addr[..12].copy_from_slice(&IPV4_MAPPED_PREFIX);
+        flow.src_addr[12..].copy_from_slice(&addrs[..4]);
+        flow.dst_addr[..12].copy_from_slice(&IPV4_MAPPED_PREFIX);
+        flow.dst_addr[12..].copy_from_slice(&addrs[4..]);
+    }
+    // Ports sit at the same place in TCP, UDP and SCTP headers.
+    let ports: &[u8; 4] = header_at(ctx, l4)?;
+    flow.src_port_be = u16::from_ne_bytes([ports[0], ports[1]]);
+    flow.dst_port_be = u16::from_ne_bytes([ports[2], ports[3]]);
+    Some(flow)
 }
 
 /// Walks IPv6 extension headers from `next_header` at `offset`; returns the upper-layer
@@ -490,41 +504,16 @@ fn skip_ipv6_extensions<P: Packet>(
 /// An opening packet: checks the prefilter, then looks the destination up and acts if the
 /// VIP is idle.
 #[inline(always)]
-fn on_opening_packet<P: Packet>(ctx: &P, packet: &L4Packet) -> Verdict {
-    // The prefilter first, straight from the packet; the key is built only for a hit.
-    let (_, dst) = packet.address_offsets();
-    let mut vip = VipKey::default();
-    if packet.ipv6 {
-        let Some(addr) = header_at::<[u8; 16], P>(ctx, dst) else {
-            return Verdict::Pass;
-        };
-        if !maybe_vip_address(address_bucket(addr)) {
-            return Verdict::Pass;
-        }
-        // An IPv6 packet to ::ffff:a.b.c.d is not a packet to the IPv4 VIP a.b.c.d (whose
-        // key has that form): no VIP has such an address.
-        if addr[..12] == IPV4_MAPPED_PREFIX {
-            return Verdict::Pass;
-        }
-        vip.addr = *addr;
-    } else {
-        let Some(addr) = header_at::<[u8; 4], P>(ctx, dst) else {
-            return Verdict::Pass;
-        };
-        if !maybe_vip_address(address_bucket_ipv4(addr)) {
-            return Verdict::Pass;
-        }
-        // An IPv4 address is keyed IPv4-mapped (::ffff:a.b.c.d).
-        vip.addr[10] = 0xff;
-        vip.addr[11] = 0xff;
-        vip.addr[12..].copy_from_slice(addr);
-    }
-    // Ports sit at the same place in TCP, UDP and SCTP headers, bounds-checked by classify.
-    let Some(ports) = header_at::<[u8; 4], P>(ctx, packet.l4) else {
+fn on_opening_packet<P: Packet>(ctx: &P, flow: &FlowKey) -> Verdict {
+    if !maybe_vip_address(address_bucket(&flow.dst_addr)) {
         return Verdict::Pass;
+    }
+    let vip = VipKey {
+        addr: flow.dst_addr,
+        port_be: flow.dst_port_be,
+        proto: flow.proto,
+        _pad: 0,
     };
-    vip.port_be = u16::from_ne_bytes([ports[2], ports[3]]);
-    vip.proto = packet.proto;
     let Some(state) = VIPS.get_ptr_mut(vip) else {
         return Verdict::Pass;
     };
@@ -563,12 +552,12 @@ fn on_opening_packet<P: Packet>(ctx: &P, packet: &L4Packet) -> Verdict {
         (Verdict::Pass, EventAction::Passed)
     } else {
         count(Counter::IdleDropped);
-        if HOLD.get(0).is_some_and(|h| h.holding != 0) {
+        if holding_available() && HOLD.get(0).is_some_and(|h| h.holding != 0) {
             hold(ctx, &vip, now);
         }
         (Verdict::Drop, EventAction::Dropped)
     };
-    report(ctx, packet, &vip, state, action, now);
+    report(ctx, flow, &vip, state, action, now);
     verdict
 }
 
@@ -596,8 +585,18 @@ fn scoped_backends(ifindex: u32, vip_id: u32) -> Scoped {
     }
 }
 
-/// A mask over a held frame's length that keeps every length up to [`HELD_FRAME_MAX`].
-const HELD_LEN_MASK: u32 = (HELD_FRAME_MAX as u32).next_power_of_two() - 1;
+/// Set by the agent at load time (a constant for the verifier, which then drops the code
+/// behind it where it is zero): whether this kernel can hold and replay opening packets
+/// (`bpf_xdp_load_bytes` and live-frame test runs, Linux 5.18).
+#[unsafe(no_mangle)]
+static HOLDING_AVAILABLE: u8 = 0;
+
+/// Whether holding is compiled in for this kernel (see [`HOLDING_AVAILABLE`]).
+#[inline(always)]
+fn holding_available() -> bool {
+    // SAFETY: reads a global the loader sets; volatile, so that the compiler keeps the read.
+    unsafe { core::ptr::read_volatile(&HOLDING_AVAILABLE) != 0 }
+}
 
 /// Whether replayed flows wait for their answer (the agent says so in `HOLD`).
 #[inline(always)]
@@ -611,29 +610,31 @@ fn watching_answers() -> bool {
 #[inline(always)]
 fn hold<P: Packet>(ctx: &P, vip: &VipKey, now: u64) {
     let frame_len = ctx.frame_len();
-    if frame_len as usize > HELD_FRAME_MAX {
+    if frame_len == 0 || frame_len as usize > HELD_FRAME_MAX {
         count(Counter::HoldTooLarge);
         return;
     }
-    // The verifier must see what the checks prove (1..HELD_FRAME_SMALL, or
-    // 1..=HELD_FRAME_MAX bytes) on the register it is given: a volatile read keeps the
-    // compiler from dropping the masks.
+    let small = (frame_len as usize) < HELD_FRAME_SMALL;
+    // The copy's length must be provably 1..=N on the very register the helper gets, for the
+    // oldest verifier too. The volatile read hides the checks above from the compiler, which
+    // would otherwise fold the masks below away; the masks then bound the length by
+    // construction, `((len - 1) & mask) + 1` being at least 1.
     // SAFETY: reads a local.
     let len = unsafe { core::ptr::read_volatile(&frame_len) };
-    if (len as usize) < HELD_FRAME_SMALL {
-        let len = len & (HELD_FRAME_SMALL as u32 - 1);
-        if len == 0 {
-            return;
-        }
-        hold_in::<HELD_FRAME_SMALL, P>(ctx, vip, now, len);
+    if small {
+        hold_in::<HELD_FRAME_SMALL, P>(ctx, vip, now, ((len - 1) & HELD_SMALL_MASK) + 1);
     } else {
-        let len = len & HELD_LEN_MASK;
-        if len == 0 || len as usize > HELD_FRAME_MAX {
-            return;
+        let len = ((len - 1) & HELD_LEN_MASK) + 1;
+        if len as usize <= HELD_FRAME_MAX {
+            hold_in::<HELD_FRAME_MAX, P>(ctx, vip, now, len);
         }
-        hold_in::<HELD_FRAME_MAX, P>(ctx, vip, now, len);
     }
 }
+
+/// A mask that keeps every length below [`HELD_FRAME_SMALL`] (a power of two).
+const HELD_SMALL_MASK: u32 = HELD_FRAME_SMALL as u32 - 1;
+/// A mask that keeps every length up to [`HELD_FRAME_MAX`].
+const HELD_LEN_MASK: u32 = (HELD_FRAME_MAX as u32).next_power_of_two() - 1;
 
 /// Writes one held-frame entry of `N` bytes of frame; `len` is at most `N`.
 #[inline(always)]
@@ -667,38 +668,7 @@ fn hold_in<const N: usize, P: Packet>(ctx: &P, vip: &VipKey, now: u64, len: u32)
 /// A TCP segment while replayed flows wait for their answer: if it belongs to one of them
 /// (the client's ACK to the server's SYN-ACK), the flow is marked answered.
 #[inline(always)]
-fn on_answer<P: Packet>(ctx: &P, packet: &L4Packet) {
-    let mut flow = FlowKey {
-        proto: packet.proto,
-        ..FlowKey::default()
-    };
-    let (src, dst) = packet.address_offsets();
-    if packet.ipv6 {
-        let (Some(s), Some(d)) = (
-            header_at::<[u8; 16], P>(ctx, src),
-            header_at::<[u8; 16], P>(ctx, dst),
-        ) else {
-            return;
-        };
-        flow.src_addr = *s;
-        flow.dst_addr = *d;
-    } else {
-        let (Some(s), Some(d)) = (
-            header_at::<[u8; 4], P>(ctx, src),
-            header_at::<[u8; 4], P>(ctx, dst),
-        ) else {
-            return;
-        };
-        flow.src_addr[10..12].copy_from_slice(&[0xff, 0xff]);
-        flow.src_addr[12..].copy_from_slice(s);
-        flow.dst_addr[10..12].copy_from_slice(&[0xff, 0xff]);
-        flow.dst_addr[12..].copy_from_slice(d);
-    }
-    let Some(ports) = header_at::<[u8; 4], P>(ctx, packet.l4) else {
-        return;
-    };
-    flow.src_port_be = u16::from_ne_bytes([ports[0], ports[1]]);
-    flow.dst_port_be = u16::from_ne_bytes([ports[2], ports[3]]);
+fn on_answer(flow: &FlowKey) {
     if let Some(answered) = ANSWERED_FLOWS.get_ptr_mut(flow) {
         // SAFETY: a map value pointer, valid for the whole run.
         unsafe {
@@ -722,7 +692,7 @@ fn maybe_vip_address(bucket: u32) -> bool {
 #[inline(always)]
 fn report<P: Packet>(
     ctx: &P,
-    packet: &L4Packet,
+    flow: &FlowKey,
     vip: &VipKey,
     state: &mut VipState,
     action: EventAction,
@@ -769,24 +739,6 @@ fn report<P: Packet>(
         count(Counter::RateLimitedVip);
         return;
     }
-    let (src, _) = packet.address_offsets();
-    let mut src_addr = [0u8; 16];
-    if packet.ipv6 {
-        let Some(addr) = header_at::<[u8; 16], P>(ctx, src) else {
-            return;
-        };
-        src_addr = *addr;
-    } else {
-        let Some(addr) = header_at::<[u8; 4], P>(ctx, src) else {
-            return;
-        };
-        src_addr[10] = 0xff;
-        src_addr[11] = 0xff;
-        src_addr[12..].copy_from_slice(addr);
-    }
-    let Some(ports) = header_at::<[u8; 2], P>(ctx, packet.l4) else {
-        return;
-    };
     let Some(mut entry) = EVENTS.reserve::<IdleHitEvent>(0) else {
         count(Counter::RingFull);
         return;
@@ -796,8 +748,8 @@ fn report<P: Packet>(
         timestamp_ns: now,
         vip: *vip,
         vip_id: state.vip_id,
-        src_addr,
-        src_port_be: u16::from_ne_bytes(*ports),
+        src_addr: flow.src_addr,
+        src_port_be: flow.src_port_be,
         _pad: 0,
         ifindex,
         action: action as u32,

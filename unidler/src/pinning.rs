@@ -233,7 +233,8 @@ pub fn update_link(link: BorrowedFd<'_>, program: BorrowedFd<'_>) -> io::Result<
     bpf(BPF_LINK_UPDATE, &attr).map(|_| ())
 }
 
-fn bpf<T>(cmd: libc::c_long, attr: &T) -> io::Result<i32> {
+/// The `bpf` system call with attribute struct `attr`; the kernel's error as an `io::Error`.
+pub(crate) fn bpf<T>(cmd: libc::c_long, attr: &T) -> io::Result<i32> {
     // SAFETY: `attr` is a valid, initialised attribute struct of the size passed; the kernel
     // reads it (and writes only through pointers inside it that point to our buffers).
     let rc = unsafe {

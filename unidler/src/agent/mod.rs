@@ -180,6 +180,7 @@ impl Agent {
             fail_open_after: config.fail_open_after,
             max_vips: config.max_vips,
             pin_dir: config.pin_dir.clone(),
+            log_dir: Some(config.state_dir.clone()),
         };
         let loading = std::time::Instant::now();
         let mut datapath = tokio::task::spawn_blocking(move || Datapath::load(&load))
@@ -225,28 +226,42 @@ impl Agent {
             .take_held()
             .context("held-frame ring already taken")?;
         let mut hold = config.hold;
-        if !hold.max_age.is_zero() {
-            match datapath.probe_replay() {
-                Ok(()) => {
-                    datapath.set_holding(true)?;
-                    info!(
-                        per_vip = hold.per_vip,
-                        total = hold.total,
-                        max_age = ?hold.max_age,
-                        "holding opening packets to idle VIPs, replayed once the VIP has a backend"
-                    );
+        let features = datapath.features();
+        info!(
+            kernel = %features.release,
+            tc = features.tc_attachment(),
+            holding = features.holding().is_ok(),
+            "kernel features probed"
+        );
+        if !features.tcx {
+            info!(
+                "this kernel has no TCX links (Linux 6.6): TC programs hang off the clsact \
+                 qdisc{}",
+                if datapath.is_pinned() {
+                    ", and TC attachments go with the agent (only XDP ones stay pinned)"
+                } else {
+                    ""
                 }
-                Err(e) => {
-                    warn!(
-                        "this kernel cannot replay held packets ({e}; BPF_F_TEST_XDP_LIVE_FRAMES \
-                         needs Linux 5.18): opening packets to idle VIPs are dropped and clients \
-                         wait for their own retransmission"
-                    );
-                    hold.max_age = Duration::ZERO;
-                }
-            }
-        } else {
+            );
+        }
+        if hold.max_age.is_zero() {
             info!("holding is off (--hold-max-age 0): clients wait for their own retransmission");
+        } else if let Err(missing) = features.holding() {
+            info!(
+                "holding is off: this kernel lacks {} (Linux {}); opening packets to idle VIPs \
+                 are dropped and clients wait for their own retransmission",
+                missing.name(),
+                missing.since()
+            );
+            hold.max_age = Duration::ZERO;
+        } else {
+            datapath.set_holding(true)?;
+            info!(
+                per_vip = hold.per_vip,
+                total = hold.total,
+                max_age = ?hold.max_age,
+                "holding opening packets to idle VIPs, replayed once the VIP has a backend"
+            );
         }
         let last_summary = datapath.counters()?;
         let (lb_names, names_read) = match &sink {

@@ -4,9 +4,9 @@
 use std::os::fd::AsFd as _;
 
 use aya::programs::{
-    ProgramError, SchedClassifier, TcAttachType, XdpMode,
+    LinkOrder, ProgramError, SchedClassifier, TcAttachType, XdpMode,
     links::{FdLink, LinkError},
-    tc::SchedClassifierLinkId,
+    tc::{NlOptions, SchedClassifierLinkId, TcAttachOptions},
     xdp::XdpLinkId,
 };
 use unidler_common::TC_PROGRAM_NAME;
@@ -104,8 +104,8 @@ impl Datapath {
         };
         let link = match hook {
             Hook::Tc => {
-                let tcx = aya::util::KernelVersion::new(6, 6, 0);
-                if aya::util::KernelVersion::current().is_ok_and(|v| v < tcx) {
+                let tcx = self.features.tcx;
+                if !tcx {
                     // Before TCX, TC programs hang off the clsact qdisc (may be there already).
                     let _ = aya::programs::tc::qdisc_add_clsact(iface);
                 } else if let Ok((_, programs)) =
@@ -123,9 +123,14 @@ impl Datapath {
                             .into(),
                     });
                 }
+                let options = if tcx {
+                    TcAttachOptions::TcxOrder(LinkOrder::default())
+                } else {
+                    TcAttachOptions::Netlink(NlOptions::default())
+                };
                 Link::Tc(
                     self.tc_program_mut()?
-                        .attach(iface, TcAttachType::Ingress)
+                        .attach_with_options(iface, TcAttachType::Ingress, options)
                         .map_err(failed)?,
                 )
             }
@@ -160,6 +165,8 @@ impl Datapath {
         let path = pins.link_path(hook.name(), iface);
         let fd_link = match link {
             Link::Xdp(id) => fd_link(self.program_mut()?.take_link(id))?,
+            // A clsact filter is no BPF link: it goes with the agent.
+            tc @ Link::Tc(_) if !self.features.tcx => return Ok(tc),
             Link::Tc(id) => fd_link(self.tc_program_mut()?.take_link(id))?,
             pinned @ Link::Pinned(_) => return Ok(pinned),
         };

@@ -23,12 +23,14 @@ use unidler_common::{
 };
 
 mod attach;
+mod features;
 mod output;
 mod replay;
 mod vips;
 
 use attach::Attachment;
 pub use attach::{Hook, ifindex_of, interfaces};
+pub use features::{Feature, KernelFeatures, Unsupported, kernel_release};
 pub use output::{CounterReader, Counters, EventRing, HeldBytes, HeldRing};
 pub use vips::VipHitsReader;
 
@@ -57,6 +59,9 @@ pub struct LoadOptions {
     /// Where maps and links are pinned (on a bpffs), so that the datapath outlives the
     /// process; None: it goes with the process.
     pub pin_dir: Option<std::path::PathBuf>,
+    /// Where the verifier's log of a refused program is written (the temporary directory
+    /// if None, or if it cannot be written there).
+    pub log_dir: Option<std::path::PathBuf>,
 }
 
 impl Default for LoadOptions {
@@ -67,6 +72,7 @@ impl Default for LoadOptions {
             fail_open_after: Duration::ZERO,
             max_vips: unidler_common::VIP_MAP_CAPACITY,
             pin_dir: None,
+            log_dir: None,
         }
     }
 }
@@ -159,6 +165,26 @@ pub enum DatapathError {
     /// The kernel refused to load the program.
     #[error("the kernel refused the XDP program: {0}")]
     Load(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// The kernel lacks a feature the datapath requires.
+    #[error(transparent)]
+    Unsupported(#[from] Unsupported),
+    /// The verifier refused a program: its last words, and where its whole log is.
+    #[error(
+        "the kernel's verifier ({release}) refused the {what}: {last_words}\n  its whole log \
+         ({log_bytes} bytes) is in {log_path} (also at --log-level debug)"
+    )]
+    Verifier {
+        /// Which program.
+        what: &'static str,
+        /// The running kernel.
+        release: String,
+        /// The log's last lines, which say why.
+        last_words: String,
+        /// The size of the whole log.
+        log_bytes: usize,
+        /// Where the whole log was written.
+        log_path: String,
+    },
     /// The object lacks something the agent expects: a build problem.
     #[error("the embedded XDP object has no {0}; rebuild with `cargo xtask build`")]
     Missing(&'static str),
@@ -232,6 +258,7 @@ pub struct Datapath {
     scopes_of: FastMap<u32, Vec<u32>>,
     logger: Option<KernelLogger>,
     attached: Vec<Attachment>,
+    features: KernelFeatures,
 }
 
 impl Datapath {
@@ -242,9 +269,13 @@ impl Datapath {
             Some(dir) => Some(PinDir::open(dir).map_err(|e| DatapathError::Pin(e.to_string()))?),
             None => None,
         };
+        let features = KernelFeatures::probe();
+        features.check_required()?;
+        let holding_available = u8::from(features.holding().is_ok());
         let mut loader = EbpfLoader::new();
         loader
             .override_global("AYA_LOG_LEVEL", &options.kernel_log_level, false)
+            .override_global("HOLDING_AVAILABLE", &holding_available, true)
             .map_max_entries("VIPS", max_vips);
         let mut adopted_vips = false;
         let mut adopted_heartbeat = false;
@@ -284,22 +315,26 @@ impl Datapath {
                 None
             }
         };
-        let loaded = |err: ProgramError| match privileges_error(&err) {
-            Some(msg) => DatapathError::Privileges(msg),
-            None => DatapathError::Load(Box::new(err)),
-        };
         // The kernel's verifier runs here: most of the load's time.
         for (name, what) in [
             (PROGRAM_NAME, "XDP program"),
             (TC_PROGRAM_NAME, "TC program"),
             (REPLAY_PROGRAM_NAME, "replay program"),
         ] {
-            match ebpf.program_mut(name).ok_or(DatapathError::Missing(what))? {
+            let started = std::time::Instant::now();
+            let program = ebpf.program_mut(name).ok_or(DatapathError::Missing(what))?;
+            match program {
                 Program::Xdp(program) => program.load(),
                 Program::SchedClassifier(program) => program.load(),
                 _ => Err(ProgramError::UnexpectedProgramType),
             }
-            .map_err(loaded)?;
+            .map_err(|err| refused(err, what, &features.release, options))?;
+            tracing::debug!(
+                program = name,
+                elapsed = ?started.elapsed(),
+                verified_insns = program.info().ok().and_then(|i| i.verified_instruction_count()),
+                "program verified"
+            );
         }
 
         let mut config: Array<_, RateLimitConfig> = take_map(&mut ebpf, "CONFIG")?;
@@ -383,7 +418,13 @@ impl Datapath {
             scopes_of,
             logger,
             attached: Vec::new(),
+            features,
         })
+    }
+
+    /// What the running kernel offers, as probed when the datapath was loaded.
+    pub fn features(&self) -> &KernelFeatures {
+        &self.features
     }
 
     /// Whether maps and links are pinned (the datapath outlives the process).
@@ -480,6 +521,56 @@ where
 {
     let map = ebpf.take_map(name).ok_or(DatapathError::Missing(name))?;
     T::try_from(map).map_err(|source| DatapathError::Map { map: name, source })
+}
+
+/// The error for a program the kernel would not load: missing privileges, or the verifier's
+/// refusal, whose whole log goes to a file and the debug log, and whose last lines say why.
+fn refused(
+    err: ProgramError,
+    what: &'static str,
+    release: &str,
+    options: &LoadOptions,
+) -> DatapathError {
+    if let Some(msg) = privileges_error(&err) {
+        return DatapathError::Privileges(msg);
+    }
+    let ProgramError::LoadError { verifier_log, .. } = &err else {
+        return DatapathError::Load(Box::new(err));
+    };
+    let log = verifier_log.to_string();
+    tracing::debug!(program = what, "verifier log:\n{log}");
+    let file = format!("unidler-verifier-{}.log", what.replace(' ', "-"));
+    let written = options
+        .log_dir
+        .iter()
+        .cloned()
+        .chain([std::env::temp_dir()])
+        .map(|dir| dir.join(&file))
+        .find(|path| std::fs::write(path, &log).is_ok());
+    let last_words = log
+        .lines()
+        .rev()
+        .filter(|line| {
+            !line.is_empty()
+                && !line.starts_with("verification time")
+                && !line.starts_with("stack depth")
+        })
+        .take(3)
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+        .collect::<Vec<_>>()
+        .join(" / ");
+    DatapathError::Verifier {
+        what,
+        release: release.to_owned(),
+        last_words,
+        log_bytes: log.len(),
+        log_path: written.map_or_else(
+            || "no file (none could be written)".into(),
+            |path| path.display().to_string(),
+        ),
+    }
 }
 
 /// If `err` is EPERM/EACCES, says which capabilities are missing.

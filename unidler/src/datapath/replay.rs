@@ -4,7 +4,7 @@
 use aya::programs::{SchedClassifier, TestRun, TestRunAttrs, TestRunOptions, Xdp};
 use unidler_common::{FlowKey, REPLAY_PROGRAM_NAME, TC_PROGRAM_NAME};
 
-use super::{Datapath, DatapathError, ifindex_of, remove_entry};
+use super::{Datapath, DatapathError, remove_entry};
 
 impl Datapath {
     /// Turns holding on or off: whether the kernel copies dropped opening packets to the
@@ -72,15 +72,6 @@ impl Datapath {
             })
             .map_err(DatapathError::TestRun)?;
         Ok(())
-    }
-
-    /// Whether this kernel can replay held frames (`BPF_F_TEST_XDP_LIVE_FRAMES`, 5.18 and
-    /// later): replays a frame no protocol takes (a local experimental EtherType) into
-    /// loopback. The error says why not.
-    pub fn probe_replay(&self) -> Result<(), DatapathError> {
-        let mut frame = [0u8; 60];
-        frame[12..14].copy_from_slice(&0x88b5u16.to_be_bytes());
-        self.replay(&frame, ifindex_of("lo")?)
     }
 
     /// Runs the program once on `frame` through `BPF_PROG_TEST_RUN`, as if it had arrived on

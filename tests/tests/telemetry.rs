@@ -6,7 +6,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use unidler::telemetry::http_get;
+use unidler::{datapath::KernelFeatures, telemetry::http_get};
 use unidler_tests::{
     agent::{Agent, agent_binary, southbound_args},
     netns::{SERVER_V4, Topology},
@@ -158,7 +158,15 @@ fn metrics_health_and_inspection_during_real_traffic() {
         .split_whitespace()
         .collect();
     assert!(
-        row.len() == 4 && row[0] == topo.server_if && row[2] == "tc" && row[3] == "-",
+        row.len() == 6
+            && row[0] == topo.server_if
+            && row[2] == "tc"
+            && row[3] == "-"
+            && row[4..]
+                == match KernelFeatures::probe().tcx {
+                    true => ["tcx", "link"],
+                    false => ["clsact", "filter"],
+                },
         "{interfaces}"
     );
 

@@ -547,14 +547,14 @@ fn show_interfaces(args: &ClientArgs) -> Result<()> {
         return Ok(());
     }
     let rows: Vec<InterfaceRow> = serde_json::from_str(&body).context("agent's interfaces")?;
-    let table: Vec<[String; 4]> = rows
+    let table: Vec<[String; 5]> = rows
         .into_iter()
         .map(|r| {
             let scope = r.scope.map_or_else(|| "-".into(), |s| s.to_string());
-            [r.iface, r.ifindex.to_string(), r.hook, scope]
+            [r.iface, r.ifindex.to_string(), r.hook, scope, r.attachment]
         })
         .collect();
-    print_table(["INTERFACE", "IFINDEX", "HOOK", "SCOPE"], &table);
+    print_table(["INTERFACE", "IFINDEX", "HOOK", "SCOPE", "ATTACHMENT"], &table);
     Ok(())
 }
 

@@ -639,6 +639,7 @@ impl Agent {
                         iface: iface.to_owned(),
                         ifindex,
                         hook: hook.name().to_owned(),
+                        attachment: self.datapath.attachment_kind(iface).unwrap_or_default(),
                         scope: self.iface_scopes.get(&ifindex).copied(),
                     })
                     .collect();

@@ -6,7 +6,7 @@ use std::os::fd::AsFd as _;
 use aya::programs::{
     LinkOrder, ProgramError, SchedClassifier, TcAttachType, XdpMode,
     links::{FdLink, LinkError},
-    tc::{NlOptions, SchedClassifierLinkId, TcAttachOptions},
+    tc::{NlOptions, SchedClassifierLink, SchedClassifierLinkId, TcAttachOptions, TcError, TcHandle},
     xdp::XdpLinkId,
 };
 use unidler_common::TC_PROGRAM_NAME;
@@ -82,6 +82,52 @@ enum Link {
     Pinned(PinnedAttachment),
 }
 
+/// The priority of unidler's filter on an interface's clsact ingress (kernels without TCX).
+/// A fixed slot: a second filter of ours cannot pile up behind the first.
+pub const CLSACT_PRIORITY: u16 = 0x7a1e;
+/// The handle of unidler's filter in [`CLSACT_PRIORITY`].
+pub const CLSACT_HANDLE: u16 = 1;
+
+/// Attaches the TC program to `iface`'s clsact ingress (kernels without TCX), in unidler's
+/// fixed slot. A filter already in that slot was left there by an agent that did not exit
+/// cleanly (a filter is no BPF link: it does not go with its process), or belongs to another
+/// agent on this interface: this program takes its place atomically, and the takeover is
+/// logged.
+fn attach_clsact(
+    program: &mut SchedClassifier,
+    iface: &str,
+) -> Result<SchedClassifierLinkId, ProgramError> {
+    // The qdisc may be there already.
+    let _ = aya::programs::tc::qdisc_add_clsact(iface);
+    let handle = TcHandle::new(0, CLSACT_HANDLE);
+    let slot = TcAttachOptions::Netlink(NlOptions {
+        priority: CLSACT_PRIORITY,
+        handle,
+        classid: None,
+    });
+    match program.attach_with_options(iface, TcAttachType::Ingress, slot) {
+        Err(ProgramError::TcError(TcError::NetlinkError(err)))
+            if err.raw_os_error() == Some(libc::EEXIST) =>
+        {
+            let left = SchedClassifierLink::attached(
+                iface,
+                TcAttachType::Ingress,
+                CLSACT_PRIORITY,
+                handle,
+                None,
+            )
+            .map_err(|e| ProgramError::TcError(TcError::IoError(e)))?;
+            tracing::warn!(
+                iface,
+                "took over the TC filter that an earlier unidler left on the interface (one \
+                 that did not exit cleanly, or another agent still running there)"
+            );
+            program.attach_to_link(left)
+        }
+        other => other,
+    }
+}
+
 /// A link taken from its program (XDP or TC), as a file-descriptor link that can be pinned.
 fn fd_link<L>(taken: Result<L, ProgramError>) -> Result<FdLink, DatapathError>
 where
@@ -123,16 +169,17 @@ impl Datapath {
                             .into(),
                     });
                 }
-                let options = if tcx {
-                    TcAttachOptions::TcxOrder(LinkOrder::default())
+                let program = self.tc_program_mut()?;
+                let link = if tcx {
+                    program.attach_with_options(
+                        iface,
+                        TcAttachType::Ingress,
+                        TcAttachOptions::TcxOrder(LinkOrder::default()),
+                    )
                 } else {
-                    TcAttachOptions::Netlink(NlOptions::default())
+                    attach_clsact(program, iface)
                 };
-                Link::Tc(
-                    self.tc_program_mut()?
-                        .attach_with_options(iface, TcAttachType::Ingress, options)
-                        .map_err(failed)?,
-                )
+                Link::Tc(link.map_err(failed)?)
             }
             xdp => {
                 let mode = match xdp {
@@ -293,6 +340,21 @@ impl Datapath {
         self.attached
             .iter()
             .map(|a| (a.iface.as_str(), a.ifindex, a.hook))
+    }
+
+    /// What holds the attachment to `iface` in the kernel: `xdp link`, `tcx link` or
+    /// `clsact filter`, and `, pinned` where a pin holds it beyond the process.
+    pub fn attachment_kind(&self, iface: &str) -> Option<String> {
+        let attachment = self.attached.iter().find(|a| a.iface == iface)?;
+        let kind = match (attachment.hook, self.features.tcx) {
+            (Hook::Tc, true) => "tcx link",
+            (Hook::Tc, false) => "clsact filter",
+            _ => "xdp link",
+        };
+        Some(match attachment.link {
+            Link::Pinned(_) => format!("{kind}, pinned"),
+            _ => kind.to_owned(),
+        })
     }
 }
 

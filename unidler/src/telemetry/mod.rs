@@ -35,6 +35,10 @@ pub struct InterfaceRow {
     pub ifindex: u32,
     /// The hook the datapath is attached with (`xdp`, `xdp-generic`, `xdp-any`, `tc`).
     pub hook: String,
+    /// What holds it in the kernel: `xdp link`, `tcx link` (TC, Linux 6.6 and later) or
+    /// `clsact filter` (TC before TCX), with `, pinned` where it outlives the agent.
+    #[serde(default)]
+    pub attachment: String,
     /// Its scope (in OVN, the tunnel key of its logical datapath), if it has one.
     #[serde(default)]
     pub scope: Option<u32>,

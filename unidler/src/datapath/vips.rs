@@ -267,8 +267,16 @@ impl Datapath {
             map: "VIPS",
             source,
         };
-        let id = self.vips.map().info().map_err(map_error)?.id();
-        let data = MapData::from_id(id).map_err(map_error)?;
+        // A duplicate of the handle this process owns: opening the map by its id instead
+        // needs CAP_SYS_ADMIN, which the agent is not granted.
+        let fd = self
+            .vips
+            .map()
+            .fd()
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(|e| map_error(aya::maps::MapError::IoError(e)))?;
+        let data = MapData::from_fd(fd).map_err(map_error)?;
         let map = HashMap::try_from(aya::maps::Map::HashMap(data)).map_err(map_error)?;
         Ok(VipHitsReader(Arc::new(map)))
     }

@@ -10,9 +10,8 @@
 
 use std::{
     collections::hash_map::Entry,
-    hash::{Hash, Hasher},
+    hash::Hash,
     net::SocketAddr,
-    num::NonZeroU64,
     sync::{
         Arc,
         atomic::{AtomicUsize, Ordering},
@@ -27,7 +26,7 @@ use tokio::sync::mpsc;
 use tracing::warn;
 
 use crate::{
-    fast_hash::{FastHasher, FastMap, FastSet},
+    fast_hash::{FastMap, FastSet},
     vip::{DesiredVip, LoadBalancerName, Protocol, ScopeEntry, Vip, VipUpdate},
 };
 
@@ -64,27 +63,15 @@ impl RowKey {
     }
 }
 
-/// A hash of a text: what applying a map diff needs of a value kept only as a fact (a diff
-/// pair whose value equals the current one removes the key). Never zero.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct TextHash(NonZeroU64);
-
-impl TextHash {
-    fn of(text: &str) -> Self {
-        // Texts from the control plane: the fast hash is enough (see crate::fast_hash).
-        let mut h = FastHasher::default();
-        text.hash(&mut h);
-        Self(NonZeroU64::new(h.finish() | 1).expect("odd"))
-    }
-}
-
-/// One VIP of a load balancer: the `vips` map's key and value, kept as facts.
+/// One VIP of a load balancer: the `vips` map's key and value, exactly as the server sent
+/// them (a map diff is applied by comparing them: a pair whose value equals the current one
+/// removes the key), and what they mean.
 #[derive(Clone, Debug)]
 struct VipRecord {
-    /// Hash of the key text (`10.0.0.5:80`).
-    key: TextHash,
-    /// Hash of the value text (the backends).
-    value: TextHash,
+    /// The key (`10.0.0.5:80`), then the value (the backends), in one allocation.
+    text: Box<str>,
+    /// Length of the key in `text`.
+    key_len: u32,
     /// The VIP; None for keys the datapath cannot watch (no port, templates).
     vip: Option<Vip>,
     /// Number of backends.
@@ -94,12 +81,32 @@ struct VipRecord {
 impl VipRecord {
     fn new(key: &str, backends: &str, protocol: Protocol) -> Self {
         Self {
-            key: TextHash::of(key),
-            value: TextHash::of(backends),
+            text: [key, backends].concat().into_boxed_str(),
+            key_len: key.len() as u32,
             vip: key
                 .parse::<SocketAddr>()
                 .ok()
                 .map(|addr| Vip::new(addr, protocol)),
+            backends: count_backends(backends),
+        }
+    }
+
+    /// The `vips` key.
+    fn key(&self) -> &str {
+        &self.text[..self.key_len as usize]
+    }
+
+    /// The `vips` value.
+    fn value(&self) -> &str {
+        &self.text[self.key_len as usize..]
+    }
+
+    /// The same key with another value.
+    fn with_value(&self, backends: &str) -> Self {
+        Self {
+            text: [self.key(), backends].concat().into_boxed_str(),
+            key_len: self.key_len,
+            vip: self.vip,
             backends: count_backends(backends),
         }
     }
@@ -169,6 +176,21 @@ impl VipRecords {
     }
 }
 
+/// Up to this many pairs in a `vips` diff, each is looked up by a pass over the VIPs.
+const FEW_PAIRS: usize = 4;
+
+/// Applies one pair of a `vips` map diff to `all`: a new key is added, an existing one takes
+/// the pair's value, or is removed if it already has it (RFC 7047's `update2` diff).
+fn apply_pair(all: &mut Vec<VipRecord>, key: &str, value: &str, protocol: Protocol) {
+    match all.iter().position(|v| v.key() == key) {
+        Some(i) if all[i].value() == value => {
+            all.swap_remove(i);
+        }
+        Some(i) => all[i] = all[i].with_value(value),
+        None => all.push(VipRecord::new(key, value, protocol)),
+    }
+}
+
 impl LbRecord {
     fn from_row(row: &Row, ids: &mut DatapathIds) -> Self {
         let mut record = Self::default();
@@ -226,22 +248,35 @@ impl LbRecord {
         if let Some(vips) = diff.get("vips") {
             let protocol = self.protocol();
             let mut all = std::mem::take(&mut self.vips).into_vec();
-            for (key, value) in vips.pairs() {
-                let (key, value) = (
+            let pairs = vips.pairs().iter().map(|(key, value)| {
+                (
                     key.as_str().unwrap_or_default(),
                     value.as_str().unwrap_or_default(),
-                );
-                let hash = TextHash::of(key);
-                match all.iter().position(|v| v.key == hash) {
-                    Some(i) if all[i].value == TextHash::of(value) => {
-                        all.swap_remove(i);
-                    }
-                    Some(i) => {
-                        all[i].value = TextHash::of(value);
-                        all[i].backends = count_backends(value);
-                    }
-                    None => all.push(VipRecord::new(key, value, protocol)),
+                )
+            });
+            if all.is_empty() {
+                // A whole row (or the first VIPs): every pair is new.
+                all.extend(pairs.map(|(key, value)| VipRecord::new(key, value, protocol)));
+            } else if vips.pairs().len() <= FEW_PAIRS {
+                for (key, value) in pairs {
+                    apply_pair(&mut all, key, value, protocol);
                 }
+            } else {
+                // Many pairs against many VIPs: one pass over each, not one over the VIPs for
+                // every pair.
+                let mut changes: FastMap<&str, &str> = pairs.clone().collect();
+                all.retain_mut(|v| match changes.remove(v.key()) {
+                    None => true,
+                    Some(value) if value == v.value() => false,
+                    Some(value) => {
+                        *v = v.with_value(value);
+                        true
+                    }
+                });
+                all.extend(pairs.filter_map(|(key, _)| {
+                    let value = changes.remove(key)?;
+                    Some(VipRecord::new(key, value, protocol))
+                }));
             }
             self.vips = VipRecords::from_vec(all);
         }
@@ -891,6 +926,46 @@ mod tests {
         vips.iter()
             .map(|d| (d.vip.to_string(), d.backends))
             .collect()
+    }
+
+    #[test]
+    fn vips_are_told_apart_by_their_text_not_a_hash_of_it() {
+        // Keys (and values) whose fast hashes collided: identity is the text.
+        let (backed, idle) = ("10.203.1.20:10319", "10.203.1.20:10394");
+        let mut d = Driven::new();
+        let all = d.load(&[(1, lb_row(&[(backed, backed), (idle, "")], "tcp"))]);
+        assert_eq!(
+            endpoints(&all),
+            [(format!("{backed}/tcp"), 1), (format!("{idle}/tcp"), 0)],
+            "the backed VIP stays backed"
+        );
+        // Equal values: each key is its own.
+        let all = d.load(&[(1, lb_row(&[(backed, "10.0.0.9:80"), (idle, "10.0.0.9:80")], "tcp"))]);
+        assert_eq!(
+            endpoints(&all),
+            [(format!("{backed}/tcp"), 1), (format!("{idle}/tcp"), 1)]
+        );
+        // A diff pair removes exactly its key, and only with the exact current value.
+        let other_value = Row::from([(
+            "vips".to_owned(),
+            Value::string_map([(idle, "10.0.0.8:80,10.0.0.9:80")]),
+        )]);
+        let (up, rm) = d.batch(1, RowUpdate::Modify(other_value));
+        assert!(rm.is_empty());
+        assert_eq!(
+            endpoints(&up),
+            [(format!("{backed}/tcp"), 1), (format!("{idle}/tcp"), 2)]
+        );
+        let remove = Row::from([(
+            "vips".to_owned(),
+            Value::string_map([(idle, "10.0.0.8:80,10.0.0.9:80")]),
+        )]);
+        let (up, rm) = d.batch(1, RowUpdate::Modify(remove));
+        assert_eq!(endpoints(&up), [(format!("{backed}/tcp"), 1)]);
+        assert_eq!(
+            rm.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            [format!("{idle}/tcp")]
+        );
     }
 
     #[test]

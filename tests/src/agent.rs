@@ -10,7 +10,7 @@ use std::{
 
 use serde_json::Value;
 
-use crate::ovsdb_server::CHASSIS;
+use crate::{ovsdb_server::CHASSIS, scaled};
 
 /// The agent binary: `$UNIDLER_BIN` (set by `cargo xtask test`), else `target/<profile>/unidler`
 /// beside this test executable.
@@ -90,7 +90,7 @@ pub struct Exit {
 
 impl Agent {
     /// Starts `unidler <args>` in namespace `netns` and waits until it says it is attached
-    /// and watching. Panics with its logs if it exits or takes longer than 20 s.
+    /// and watching. Panics with its logs if it exits or takes longer than 20 s ([`scaled`]).
     #[track_caller]
     pub fn start(netns: &str, args: &[&str]) -> Self {
         Self::start_binary(&agent_binary(), netns, args)
@@ -142,10 +142,11 @@ impl Agent {
         self.wait_for_logs(needle, 1, timeout)
     }
 
-    /// Waits (at most `timeout`) until the agent has logged `count` lines containing
-    /// `needle`; returns the last of them. Panics with the log so far otherwise.
+    /// Waits (at most `timeout`, [`scaled`]) until the agent has logged `count` lines
+    /// containing `needle`; returns the last of them. Panics with the log so far otherwise.
     #[track_caller]
     pub fn wait_for_logs(&mut self, needle: &str, count: usize, timeout: Duration) -> String {
+        let timeout = scaled(timeout);
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(line) = self
@@ -175,8 +176,10 @@ impl Agent {
         }
     }
 
-    /// Collects events (stdout JSON lines) until `quiet` passes with none, or `max` passes.
+    /// Collects events (stdout JSON lines) until `quiet` passes with none, or `max` passes
+    /// (both [`scaled`]).
     pub fn events_until_quiet(&mut self, quiet: Duration, max: Duration) -> Vec<Value> {
+        let (quiet, max) = (scaled(quiet), scaled(max));
         let deadline = Instant::now() + max;
         let mut events = Vec::new();
         loop {
@@ -194,10 +197,10 @@ impl Agent {
         }
     }
 
-    /// Waits for the next event for at most `timeout`.
+    /// Waits for the next event for at most `timeout` ([`scaled`]).
     pub fn next_event(&mut self, timeout: Duration) -> Option<Value> {
         self.stdout
-            .recv_timeout(timeout)
+            .recv_timeout(scaled(timeout))
             .ok()
             .map(|line| serde_json::from_str(&line).expect("JSON line"))
     }
@@ -227,9 +230,10 @@ impl Agent {
         unsafe { libc::kill(self.child.id() as i32, signal) };
     }
 
-    /// Waits for the agent to exit (at most `timeout`) and returns how it ended.
+    /// Waits for the agent to exit (at most `timeout`, [`scaled`]) and returns how it ended.
     #[track_caller]
     pub fn wait(mut self, timeout: Duration) -> Exit {
+        let timeout = scaled(timeout);
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(status) = self.child.try_wait().expect("try_wait") {

@@ -29,9 +29,35 @@ pub fn require_root() {
 
 pub use ovsdb_harness::die_with_parent;
 
-/// Waits until `check` holds, at most `timeout`; panics naming `what` otherwise.
+/// How many times slower than on real hardware the tests run: `$UNIDLER_TEST_TIME_SCALE`, a
+/// number of at least 1 (default 1). The kernel matrix (`cargo xtask test --kernel`) sets it in
+/// its guests, whose CPUs qemu emulates without KVM. The harness stretches its own waits by it
+/// (for the agent's logs, events and exit, and [`eventually`]); a test's claims about how fast
+/// something happens are the test's, and stay as they are.
+pub fn time_scale() -> f64 {
+    static SCALE: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    *SCALE.get_or_init(|| match std::env::var("UNIDLER_TEST_TIME_SCALE") {
+        Err(_) => 1.0,
+        Ok(text) => text
+            .parse::<f64>()
+            .ok()
+            .filter(|scale| scale.is_finite() && *scale >= 1.0)
+            .unwrap_or_else(|| {
+                panic!("UNIDLER_TEST_TIME_SCALE={text:?} is not a number of at least 1")
+            }),
+    })
+}
+
+/// `wait` stretched by [`time_scale`]: how long to wait for what takes at most `wait` on real
+/// hardware.
+pub fn scaled(wait: std::time::Duration) -> std::time::Duration {
+    wait.mul_f64(time_scale())
+}
+
+/// Waits until `check` holds, at most `timeout` ([`scaled`]); panics naming `what` otherwise.
 #[track_caller]
 pub fn eventually(what: &str, timeout: std::time::Duration, mut check: impl FnMut() -> bool) {
+    let timeout = scaled(timeout);
     let deadline = std::time::Instant::now() + timeout;
     while !check() {
         assert!(

@@ -1,6 +1,8 @@
 //! `cargo xtask`: bootstrap, build, run, test, lint and demo unidler.
 
 mod demo;
+mod kernel_matrix;
+mod kernels;
 mod setup;
 
 use std::{
@@ -39,9 +41,18 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<OsString>,
     },
-    /// Run the whole test suite (needs root: namespaces, XDP, BPF).
+    /// Run the whole test suite (needs root: namespaces, XDP, BPF); with `--kernel` or
+    /// `--kernels`, a selection of it inside Debian's kernels under qemu instead.
     Test {
-        /// Extra arguments for `cargo test`, e.g. a test name filter.
+        /// Run the kernel matrix's selection inside this Debian kernel (6.1, 6.12, 5.10),
+        /// booted under qemu without KVM (downloads its package into .tools/kernels/).
+        #[arg(long, conflicts_with = "kernels")]
+        kernel: Option<String>,
+        /// Run the kernel matrix: every kernel `--kernel` takes, one after the other.
+        #[arg(long)]
+        kernels: bool,
+        /// Extra arguments for `cargo test`, e.g. a test name filter; with `--kernel` or
+        /// `--kernels`, words that narrow the selection to tests whose names contain one.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<OsString>,
     },
@@ -87,7 +98,29 @@ fn dispatch(task: Task) -> Result<()> {
             let agent = build(&setup::ensure_build_tools()?, release)?;
             run(as_root(&agent).args(args))
         }
-        Task::Test { args } => test(args),
+        Task::Test {
+            kernel,
+            kernels,
+            args,
+        } => {
+            let matrix = match (kernel, kernels) {
+                (Some(kernel), _) => vec![kernel],
+                (None, true) => kernel_matrix::all_kernels()
+                    .into_iter()
+                    .map(str::to_owned)
+                    .collect(),
+                (None, false) => return test(args),
+            };
+            let narrowing = args
+                .into_iter()
+                .map(|a| {
+                    a.into_string()
+                        .map_err(|a| anyhow::anyhow!("{a:?} is not UTF-8"))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let matrix: Vec<&str> = matrix.iter().map(String::as_str).collect();
+            kernel_matrix::test(&matrix, &narrowing)
+        }
         Task::Lint => lint(),
         Task::Fuzz { seconds } => fuzz(seconds),
         Task::Bench { vs_ovn, args } => bench(vs_ovn, args),

@@ -3,7 +3,9 @@
 //! 1. the nightly toolchain's `rust-src` component (the eBPF crate builds `core` itself);
 //! 2. a `bpf-linker` built from crates.io against the nightly's own libLLVM, cached in
 //!    `.tools/<libLLVM name>/` and linked as `.tools/bin/bpf-linker`;
-//! 3. the Debian packages the tests use.
+//! 3. the Debian packages the tests use;
+//! 4. for the kernel matrix only ([`ensure_vm_tools`]): qemu, `depmod` and busybox from
+//!    Debian, and virtme-ng (`vng`), from PATH or installed from PyPI into `.tools/virtme-ng/`.
 //!
 //! Each step says what it checks and what it does, and a failure says what to do about it.
 
@@ -33,12 +35,18 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "openvswitch-common",
     "openvswitch-switch",
 ];
+/// Debian packages the kernel matrix needs: qemu (TCG: nested KVM is not assumed), `depmod`
+/// (`kmod`) to index the unpacked kernels' modules, and the static busybox virtme-ng puts in
+/// its initramfs.
+const VM_DEBIAN_PACKAGES: &[&str] = &["busybox-static", "kmod", "qemu-system-x86"];
+/// The virtme-ng release installed from PyPI when no `vng` is on PATH.
+const VIRTME_NG_VERSION: &str = "1.42";
 
 /// Runs every bootstrap step; returns the folder to put first on PATH (holds bpf-linker).
 pub fn ensure_all() -> Result<PathBuf> {
     ensure_rust_src()?;
     let bin = ensure_bpf_linker()?;
-    ensure_debian_packages()?;
+    ensure_debian_packages(DEBIAN_PACKAGES)?;
     Ok(bin)
 }
 
@@ -189,8 +197,57 @@ fn host_triple() -> Result<String> {
         .context("`rustc -vV` printed no host triple")
 }
 
-fn ensure_debian_packages() -> Result<()> {
-    let missing: Vec<&str> = DEBIAN_PACKAGES
+/// What the kernel matrix boots its guests with (on top of [`ensure_all`]): qemu, `depmod`
+/// and busybox from Debian, and virtme-ng; returns the `vng` to run.
+pub fn ensure_vm_tools() -> Result<PathBuf> {
+    ensure_debian_packages(VM_DEBIAN_PACKAGES)?;
+    if let Some(vng) = working_vng(Path::new("vng")) {
+        step(&format!("virtme-ng is on PATH ({vng})"));
+        return Ok(PathBuf::from("vng"));
+    }
+    let venv = workspace_root().join(".tools").join("virtme-ng");
+    let vng = venv.join("bin").join("vng");
+    if let Some(version) = working_vng(&vng) {
+        step(&format!(
+            "virtme-ng is installed in {} ({version})",
+            venv.display()
+        ));
+        return Ok(vng);
+    }
+    step(&format!(
+        "installing virtme-ng {VIRTME_NG_VERSION} from PyPI into {}",
+        venv.display()
+    ));
+    // Debian's own Python, whose venv module comes with python3-venv.
+    ensure_debian_packages(&["python3-venv"])?;
+    run(Command::new("/usr/bin/python3")
+        .args(["-m", "venv"])
+        .arg(&venv))
+    .context("could not make a Python virtual environment for virtme-ng")?;
+    run(Command::new(venv.join("bin").join("pip")).args([
+        "install",
+        "--quiet",
+        &format!("virtme-ng=={VIRTME_NG_VERSION}"),
+    ]))
+    .context(
+        "`pip install virtme-ng` failed; it needs PyPI (or install it yourself: `vng` on PATH)",
+    )?;
+    working_vng(&vng)
+        .map(|_| vng.clone())
+        .with_context(|| format!("{} was installed but does not run", vng.display()))
+}
+
+/// `vng --version`'s answer, if `vng` runs.
+fn working_vng(vng: &Path) -> Option<String> {
+    let out = Command::new(vng).arg("--version").output().ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+/// Installs those of `packages` that are not installed, with apt-get.
+fn ensure_debian_packages(packages: &[&str]) -> Result<()> {
+    let missing: Vec<&str> = packages
         .iter()
         .copied()
         .filter(|p| {
@@ -201,7 +258,10 @@ fn ensure_debian_packages() -> Result<()> {
         })
         .collect();
     if missing.is_empty() {
-        step("Debian packages are installed");
+        step(&format!(
+            "Debian packages are installed: {}",
+            packages.join(" ")
+        ));
         return Ok(());
     }
     step(&format!(

@@ -452,3 +452,59 @@ fn a_replayed_frame_is_let_through_by_the_tc_hook_and_never_held_again() {
 fn send_frames_in(ns: &str, iface: &str, frame: Vec<u8>) {
     unidler_tests::netns::in_netns(ns, || send_frames(iface, [frame]));
 }
+
+/// Frames the server's veth end has sent (its SYN-ACKs, here; the metrics are fetched over
+/// loopback).
+fn server_frames_sent(topo: &Topology) -> u64 {
+    let path = format!("/sys/class/net/{}/statistics/tx_packets", topo.server_if);
+    unidler_tests::netns::sh(&["ip", "netns", "exec", &topo.server_ns, "cat", &path])
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// A SYN that came in on VLAN 100 belongs to that VLAN's network, not to the untagged one of
+/// the interface (in OVN, a tagged child port or a trunk sub-port rather than the parent). Its
+/// replay must enter where it came from, tag included: the untagged stack, which has a
+/// listener on the VIP, never sees it and never answers it.
+#[test]
+fn a_vlan_tagged_syn_is_replayed_with_its_tag() {
+    require_root();
+    let topo = Topology::new("holdvl");
+    // No IPv6 on the server: its router solicitations would count as frames sent.
+    unidler_tests::netns::sh(&[
+        "ip",
+        "netns",
+        "exec",
+        &topo.server_ns,
+        "sysctl",
+        "-qw",
+        "net.ipv6.conf.all.disable_ipv6=1",
+    ]);
+    let vip = SocketAddr::new(SERVER_V4.into(), 8080);
+    let vips = VipsFile::new(&vip.to_string(), "tcp");
+    let accepted = echo_server(&topo, vip);
+    let agent = agent(&topo, &vips, &[]);
+    let mut syn =
+        unidler_tests::frames::Frame::tcp_syn(CLIENT_V4.into(), 41000, SERVER_V4.into(), 8080);
+    syn.src_mac = unidler_tests::netns::CLIENT_MAC;
+    syn.dst_mac = unidler_tests::netns::SERVER_MAC;
+    syn.vlans = vec![(0x8100, 100)];
+    let client_if = topo.client_if.clone();
+    topo.in_client(move || send_frames(&client_if, [syn.build()]));
+    eventually("the tagged SYN held", Duration::from_secs(3), || {
+        hold_count(&topo, "held") == 1.0
+    });
+    let sent_before = server_frames_sent(&topo);
+    backend_appears(&agent, &vips);
+    eventually("the tagged SYN replayed", Duration::from_secs(3), || {
+        hold_count(&topo, "replayed") >= 1.0
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        server_frames_sent(&topo),
+        sent_before,
+        "the untagged stack answered a SYN of VLAN 100: it was replayed without its tag"
+    );
+    assert_eq!(accepted.load(Ordering::SeqCst), 0);
+}

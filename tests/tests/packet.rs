@@ -930,14 +930,23 @@ fn a_scoped_vip_is_judged_by_the_scope_of_the_ingress_interface() {
         );
         assert_eq!(
             verdict(&mut h, LO),
-            XDP_DROP,
-            "no scope: the VIP's own entry"
+            XDP_PASS,
+            "no scope: which datapath the packet is on is not known, OVN decides"
         );
         h.datapath.set_iface_scope(vif, Some(10)).unwrap();
         assert_eq!(
             verdict(&mut h, vif),
             XDP_DROP,
             "idle on the interface's scope"
+        );
+        let mut tagged = Frame::tcp_syn(CLIENT4, 40000, VIP4, 80);
+        tagged.vlans = vec![(0x8100, 100)];
+        let tagged = tagged.build();
+        let verdict_tagged = h.datapath.test_run(&tagged, vif).unwrap();
+        h.events.drain(|_| {});
+        assert_eq!(
+            verdict_tagged, XDP_PASS,
+            "a tagged frame belongs to its VLAN's network, not the interface's scope"
         );
         // With backends on the node, idle on scope 10 still drops there.
         h.datapath.upsert_vip(spec.vip.key(), scoped(2)).unwrap();
@@ -967,5 +976,10 @@ fn a_scoped_vip_is_judged_by_the_scope_of_the_ingress_interface() {
             .unwrap();
         h.datapath.set_iface_scope(vif, Some(20)).unwrap();
         assert_eq!(verdict(&mut h, vif), XDP_DROP, "unscoped idle VIP");
+        assert_eq!(
+            h.datapath.test_run(&tagged, vif).unwrap(),
+            XDP_DROP,
+            "unscoped idle VIP, tagged: the same on every datapath"
+        );
     });
 }

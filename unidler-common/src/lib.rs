@@ -263,8 +263,12 @@ pub struct HeldHeader {
     pub ifindex: u32,
     /// Bytes of the frame that follows (the whole frame, from its Ethernet header).
     pub len: u32,
-    /// Padding; always zero.
-    pub _pad: u32,
+    /// The VLAN tag the kernel took off the frame before the hook saw it (TC ingress: the
+    /// outer tag is in the skb, not in the bytes): its TPID in network byte order, as the
+    /// frame had it; zero if the frame had none there. The agent puts it back before a replay.
+    pub vlan_proto_be: u16,
+    /// That tag's TCI (priority, DEI and VLAN id), host order.
+    pub vlan_tci: u16,
 }
 
 /// One entry in the held-frame ring: an opening packet to an idle VIP, dropped and handed

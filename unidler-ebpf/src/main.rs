@@ -156,6 +156,9 @@ trait Packet: EbpfContext {
     unsafe fn copy_frame(&self, to: *mut u8, len: u32) -> bool;
     /// Whether the frame is one of the agent's replays ([`REPLAY_MARK`] in its metadata).
     fn is_replay(&self) -> bool;
+    /// The VLAN tag the kernel took off the frame before the hook (TPID as in the frame,
+    /// TCI), if it did.
+    fn stripped_vlan(&self) -> Option<(u16, u16)>;
 }
 
 impl Packet for XdpContext {
@@ -185,6 +188,12 @@ impl Packet for XdpContext {
     fn is_replay(&self) -> bool {
         // Replays enter the stack through netif_receive_skb: native XDP never sees them.
         false
+    }
+    #[inline(always)]
+    fn stripped_vlan(&self) -> Option<(u16, u16)> {
+        // XDP sees the frame's bytes, tags included (a NIC that strips tags in hardware
+        // leaves no trace of them here).
+        None
     }
 }
 
@@ -223,13 +232,19 @@ impl Packet for TcContext {
         // SAFETY: bounds checked just above.
         unsafe { core::ptr::read_unaligned(meta as *const u32) == REPLAY_MARK }
     }
+    #[inline(always)]
+    fn stripped_vlan(&self) -> Option<(u16, u16)> {
+        // SAFETY: plain fields of the __sk_buff; vlan_proto is the TPID as the frame had it.
+        let skb = unsafe { &*self.skb.skb };
+        (skb.vlan_present != 0).then_some((skb.vlan_proto as u16, skb.vlan_tci as u16))
+    }
 }
 
 /// What the datapath does with a classified packet, whichever the hook.
 #[inline(always)]
 fn act<P: Packet>(ctx: &P, classified: Result<Option<Parsed>, Counter>) -> Verdict {
     match classified {
-        Ok(Some(parsed)) if parsed.opening => on_opening_packet(ctx, &parsed.flow),
+        Ok(Some(parsed)) if parsed.opening => on_opening_packet(ctx, &parsed.flow, parsed.tagged),
         Ok(Some(parsed)) => {
             on_answer(&parsed.flow);
             Verdict::Pass
@@ -334,6 +349,9 @@ struct Parsed {
     opening: bool,
     /// Addresses (IPv4-mapped for IPv4), ports and protocol, as the client sent them.
     flow: FlowKey,
+    /// The frame came with a VLAN tag (in its bytes, or taken off by the kernel): it belongs
+    /// to that VLAN's network, not to the interface's own.
+    tagged: bool,
 }
 
 /// Parses the frame. `Ok(Some)` for a connection-opening packet, or a TCP segment while
@@ -402,6 +420,7 @@ fn classify<P: Packet>(ctx: &P) -> Result<Option<Parsed>, Counter> {
                 return Ok(read_flow(ctx, l3, l4, proto, ipv6).map(|flow| Parsed {
                     opening: false,
                     flow,
+                    tagged: false,
                 }));
             }
             syn_only
@@ -420,9 +439,11 @@ fn classify<P: Packet>(ctx: &P) -> Result<Option<Parsed>, Counter> {
     if !opening {
         return Ok(None);
     }
+    let tagged = l3 != EthHdr::LEN || ctx.stripped_vlan().is_some();
     Ok(read_flow(ctx, l3, l4, proto, ipv6).map(|flow| Parsed {
         opening: true,
         flow,
+        tagged,
     }))
 }
 
@@ -504,7 +525,7 @@ fn skip_ipv6_extensions<P: Packet>(
 /// An opening packet: checks the prefilter, then looks the destination up and acts if the
 /// VIP is idle.
 #[inline(always)]
-fn on_opening_packet<P: Packet>(ctx: &P, flow: &FlowKey) -> Verdict {
+fn on_opening_packet<P: Packet>(ctx: &P, flow: &FlowKey, tagged: bool) -> Verdict {
     if !maybe_vip_address(address_bucket(&flow.dst_addr)) {
         return Verdict::Pass;
     }
@@ -523,10 +544,16 @@ fn on_opening_packet<P: Packet>(ctx: &P, flow: &FlowKey) -> Verdict {
     // SAFETY: an 8-byte aligned field of the map value; BPF_XADD.
     unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&mut state.hits, 1) };
     let backends = if state.flags & VIP_FLAG_SCOPED != 0 {
+        // A VIP that differs between this node's logical datapaths, judged by the one the
+        // packet is on. Where that is not known (a tagged frame, which belongs to its VLAN's
+        // network; an interface without a scope), or the VIP is not there: pass, and let
+        // OVN decide.
+        if tagged {
+            return Verdict::Pass;
+        }
         match scoped_backends(ctx.ingress_ifindex(), state.vip_id) {
-            Scoped::NodeWide => state.backends,
-            Scoped::Absent => return Verdict::Pass,
-            Scoped::Backends(backends) => backends,
+            Some(backends) => backends,
+            None => return Verdict::Pass,
         }
     } else {
         state.backends
@@ -561,28 +588,14 @@ fn on_opening_packet<P: Packet>(ctx: &P, flow: &FlowKey) -> Verdict {
     verdict
 }
 
-/// What a scoped VIP is for a packet from one interface.
-enum Scoped {
-    /// The interface has no scope: the VIP's own entry counts.
-    NodeWide,
-    /// The VIP is not on the interface's scope.
-    Absent,
-    /// The VIP's backends on the interface's scope.
-    Backends(u32),
-}
-
-/// A scoped VIP's state for a packet that arrived on `ifindex`: two lookups, paid only by
-/// opening packets to VIPs that differ between this node's logical datapaths.
+/// A scoped VIP's backends on the scope of interface `ifindex`: two lookups, paid only by
+/// opening packets to VIPs that differ between this node's logical datapaths. None if the
+/// interface has no scope, or the VIP is not on it.
 #[inline(always)]
-fn scoped_backends(ifindex: u32, vip_id: u32) -> Scoped {
+fn scoped_backends(ifindex: u32, vip_id: u32) -> Option<u32> {
     // SAFETY: plain reads of map values the agent writes whole.
-    let Some(scope) = (unsafe { IFACE_SCOPES.get(ifindex) }).copied() else {
-        return Scoped::NodeWide;
-    };
-    match unsafe { VIP_SCOPES.get(ScopedVip { vip_id, scope }) } {
-        Some(backends) => Scoped::Backends(*backends),
-        None => Scoped::Absent,
-    }
+    let scope = *unsafe { IFACE_SCOPES.get(ifindex) }?;
+    unsafe { VIP_SCOPES.get(ScopedVip { vip_id, scope }) }.copied()
 }
 
 /// Set by the agent at load time (a constant for the verifier, which then drops the code
@@ -647,12 +660,14 @@ fn hold_in<const N: usize, P: Packet>(ctx: &P, vip: &VipKey, now: u64, len: u32)
     // SAFETY: `held` points to a reserved HeldFrame in the ring; fields are written one by
     // one (the frame is larger than the BPF stack), and the copy stays within `frame`.
     let copied = unsafe {
+        let (vlan_proto_be, vlan_tci) = ctx.stripped_vlan().unwrap_or((0, 0));
         (*held).header = HeldHeader {
             timestamp_ns: now,
             vip: *vip,
             ifindex: ctx.ingress_ifindex(),
             len,
-            _pad: 0,
+            vlan_proto_be,
+            vlan_tci,
         };
         ctx.copy_frame((*held).frame.as_mut_ptr(), len)
     };

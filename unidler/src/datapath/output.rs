@@ -134,8 +134,14 @@ pub struct HeldBytes {
     pub frame: Vec<u8>,
 }
 
+/// The destination and source MAC addresses that lead a frame, before any VLAN tag.
+const MAC_ADDRESSES_LEN: usize = 12;
+/// An 802.1Q or 802.1ad tag: TPID and TCI.
+const VLAN_TAG_LEN: usize = 4;
+
 impl HeldRing {
-    /// Takes every held frame now in the ring, oldest first.
+    /// Takes every held frame now in the ring, oldest first, with any VLAN tag the kernel
+    /// took off before the hook put back in its place.
     pub fn drain(&mut self, mut each: impl FnMut(HeldBytes)) -> usize {
         let mut n = 0;
         let header_len = size_of::<HeldHeader>();
@@ -146,14 +152,24 @@ impl HeldRing {
             // SAFETY: every entry starts with a HeldHeader; read_unaligned copes with any
             // alignment of the ring's data.
             let header = unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<HeldHeader>()) };
-            let Some(frame) = item.get(header_len..header_len + header.len as usize) else {
+            let Some(bytes) = item.get(header_len..header_len + header.len as usize) else {
                 continue;
             };
+            let mut frame = Vec::with_capacity(bytes.len() + VLAN_TAG_LEN);
+            frame.extend_from_slice(bytes);
+            if header.vlan_proto_be != 0 && frame.len() >= MAC_ADDRESSES_LEN {
+                // The tag the kernel took off before the hook: the frame as it came in has it
+                // after the MAC addresses, and so must its replay.
+                let mut tag = [0u8; VLAN_TAG_LEN];
+                tag[..2].copy_from_slice(&header.vlan_proto_be.to_ne_bytes());
+                tag[2..].copy_from_slice(&header.vlan_tci.to_be_bytes());
+                frame.splice(MAC_ADDRESSES_LEN..MAC_ADDRESSES_LEN, tag);
+            }
             each(HeldBytes {
                 timestamp_ns: header.timestamp_ns,
                 vip: header.vip,
                 ifindex: header.ifindex,
-                frame: frame.to_vec(),
+                frame,
             });
             n += 1;
         }

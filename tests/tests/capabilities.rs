@@ -39,7 +39,10 @@ fn granted_capabilities() -> Vec<String> {
         .collect();
     from_daemonset.sort();
     from_unit.sort();
-    assert_eq!(from_daemonset, from_unit, "the manifests grant different sets");
+    assert_eq!(
+        from_daemonset, from_unit,
+        "the manifests grant different sets"
+    );
     from_daemonset
 }
 
@@ -144,7 +147,10 @@ fn the_agent_and_its_subcommands_run_with_the_manifests_capabilities() {
             expected,
             "the agent runs with other capabilities than the manifests grant"
         );
-        assert!(!topo.connects(8080), "a SYN to the idle VIP got through ({hook})");
+        assert!(
+            !topo.connects(8080),
+            "a SYN to the idle VIP got through ({hook})"
+        );
         let event = agent
             .next_event(Duration::from_secs(5))
             .unwrap_or_else(|| panic!("no event for an idle hit with the {hook} hook"));

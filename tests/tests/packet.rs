@@ -983,3 +983,45 @@ fn a_scoped_vip_is_judged_by_the_scope_of_the_ingress_interface() {
         );
     });
 }
+
+/// A replayed flow is answered by the client's segment on the interface its held packet came
+/// in on; the same flow from another interface (another pod, or a spoofer) answers nothing,
+/// so it cannot cancel the client's replays.
+#[test]
+fn a_replayed_flow_is_answered_only_on_the_interface_its_packet_came_in_on() {
+    require_root();
+    let topo = unidler_tests::netns::Topology::new("pka");
+    let server_if = topo.server_if.clone();
+    unidler_tests::netns::in_netns(&topo.server_ns, move || {
+        let vif = unidler::datapath::ifindex_of(&server_if).unwrap();
+        let h = Harness::new();
+        let flow = unidler_common::FlowKey {
+            src_addr: ip_to_bytes(CLIENT4),
+            dst_addr: ip_to_bytes(VIP4),
+            src_port_be: 40000u16.to_be(),
+            dst_port_be: 80u16.to_be(),
+            proto: 6,
+            ..Default::default()
+        };
+        let mut datapath = h.datapath;
+        datapath.watch_answer(&flow, vif).unwrap();
+        let ack = Frame::new(
+            CLIENT4,
+            VIP4,
+            L4::Tcp {
+                src: 40000,
+                dst: 80,
+                flags: TCP_ACK,
+            },
+        )
+        .build();
+        assert_eq!(datapath.test_run(&ack, LO).unwrap(), XDP_PASS);
+        assert!(
+            !datapath.is_answered(&flow),
+            "answered by a segment from another interface"
+        );
+        assert_eq!(datapath.test_run(&ack, vif).unwrap(), XDP_PASS);
+        assert!(datapath.is_answered(&flow), "the client's own answer");
+        datapath.forget_answer(&flow, true).unwrap();
+    });
+}

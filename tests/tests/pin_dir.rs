@@ -402,3 +402,32 @@ fn an_attachment_the_next_agent_does_not_want_is_removed() {
     assert!(pinned(&topo.server_if), "the wanted one stays");
     assert!(!topo.connects(9600), "and still drops");
 }
+
+/// The flows an agent watched for their replay's answer go with it: the next agent on the
+/// same pin directory starts with none (they leaked, 40 more at each restart, until new
+/// watches failed at the map's capacity).
+#[test]
+fn watched_flows_do_not_outlive_the_agent_that_watched_them() {
+    require_root();
+    let bpffs = BpfFs::mount();
+    let options = unidler::datapath::LoadOptions {
+        pin_dir: Some(bpffs.pin_dir().into()),
+        ..Default::default()
+    };
+    let flow = unidler_common::FlowKey {
+        proto: 6,
+        src_port_be: 40000u16.to_be(),
+        ..Default::default()
+    };
+    {
+        let mut first = unidler::datapath::Datapath::load(&options).expect("load");
+        first.watch_answer(&flow, 1).unwrap();
+        assert_eq!(first.watched_flows(), 1);
+    }
+    let second = unidler::datapath::Datapath::load(&options).expect("load again");
+    assert_eq!(
+        second.watched_flows(),
+        0,
+        "the first agent's watched flow leaked"
+    );
+}

@@ -42,6 +42,11 @@ pub const HELD_RING_BYTES: u32 = 1024 * 1024;
 /// (`ANSWERED_FLOWS`); `--hold-total` is at most this.
 pub const ANSWERED_FLOWS_CAPACITY: u32 = 16_384;
 
+/// The value of an `ANSWERED_FLOWS` entry once the client answered the replay. Before that,
+/// the value is the interface index the held packet came in on: only a segment of the flow
+/// that comes in on that interface answers it.
+pub const FLOW_ANSWERED: u32 = u32::MAX;
+
 /// What the XDP replay program writes in a replayed frame's metadata (in front of the
 /// frame, where the TC hook reads it): the frame is a replay, to let through as it is.
 pub const REPLAY_MARK: u32 = 0x756e_6964;

@@ -37,11 +37,11 @@ use network_types::{
     vlan::VlanHdr,
 };
 use unidler_common::{
-    ADDRESS_FILTER_WORDS, ANSWERED_FLOWS_CAPACITY, Counter, EVENT_RING_BYTES, EventAction, FlowKey,
-    HELD_FRAME_MAX, HELD_FRAME_SMALL, HELD_RING_BYTES, Heartbeat, HeldFrame, HeldHeader,
-    HoldConfig, IFACE_SCOPES_CAPACITY, IdleHitEvent, REPLAY_MARK, RateLimitConfig, ScopedVip,
-    VIP_FLAG_PASS_WHEN_IDLE, VIP_FLAG_SCOPED, VIP_MAP_CAPACITY, VIP_SCOPES_CAPACITY, VipKey,
-    VipState, address_bucket,
+    ADDRESS_FILTER_WORDS, ANSWERED_FLOWS_CAPACITY, Counter, EVENT_RING_BYTES, EventAction,
+    FLOW_ANSWERED, FlowKey, HELD_FRAME_MAX, HELD_FRAME_SMALL, HELD_RING_BYTES, Heartbeat,
+    HeldFrame, HeldHeader, HoldConfig, IFACE_SCOPES_CAPACITY, IdleHitEvent, REPLAY_MARK,
+    RateLimitConfig, ScopedVip, VIP_FLAG_PASS_WHEN_IDLE, VIP_FLAG_SCOPED, VIP_MAP_CAPACITY,
+    VIP_SCOPES_CAPACITY, VipKey, VipState, address_bucket,
 };
 
 /// VIP → backend count, id and flags. Written by the agent; the kernel only updates the
@@ -91,9 +91,10 @@ static HOLD: Array<HoldConfig> = Array::with_max_entries(1, 0);
 #[map]
 static HELD: RingBuf = RingBuf::with_byte_size(HELD_RING_BYTES, 0);
 
-/// Replayed flows whose answer the agent waits for: the agent inserts a flow (value 0) when
-/// it replays its opening packet; the kernel sets 1 when the client sends a segment of that
-/// flow that answers the server's SYN-ACK (its ACK, or its RST if it gave up).
+/// Replayed flows whose answer the agent waits for: the agent inserts a flow when it replays
+/// its opening packet, with the interface index the packet came in on; the kernel sets
+/// [`FLOW_ANSWERED`] when the client sends a segment of that flow on that interface that
+/// answers the server's SYN-ACK (its ACK, or its RST if it gave up).
 #[map]
 static ANSWERED_FLOWS: HashMap<FlowKey, u32> =
     HashMap::with_max_entries(ANSWERED_FLOWS_CAPACITY, 0);
@@ -246,7 +247,7 @@ fn act<P: Packet>(ctx: &P, classified: Result<Option<Parsed>, Counter>) -> Verdi
     match classified {
         Ok(Some(parsed)) if parsed.opening => on_opening_packet(ctx, &parsed.flow, parsed.tagged),
         Ok(Some(parsed)) => {
-            on_answer(&parsed.flow);
+            on_answer(&parsed.flow, ctx.ingress_ifindex());
             Verdict::Pass
         }
         Ok(None) => Verdict::Pass,
@@ -681,14 +682,16 @@ fn hold_in<const N: usize, P: Packet>(ctx: &P, vip: &VipKey, now: u64, len: u32)
 }
 
 /// A TCP segment while replayed flows wait for their answer: if it belongs to one of them
-/// (the client's ACK to the server's SYN-ACK), the flow is marked answered.
+/// (the client's ACK to the server's SYN-ACK) and came in where the held packet did, the flow
+/// is marked answered. The same flow from another interface (another pod, spoofing the
+/// client) answers nothing.
 #[inline(always)]
-fn on_answer(flow: &FlowKey) {
+fn on_answer(flow: &FlowKey, ifindex: u32) {
     if let Some(answered) = ANSWERED_FLOWS.get_ptr_mut(flow) {
         // SAFETY: a map value pointer, valid for the whole run.
         unsafe {
-            if core::ptr::read_volatile(answered) == 0 {
-                core::ptr::write_volatile(answered, 1);
+            if core::ptr::read_volatile(answered) == ifindex {
+                core::ptr::write_volatile(answered, FLOW_ANSWERED);
                 count(Counter::ReplaysAnswered);
             }
         }

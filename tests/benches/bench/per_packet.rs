@@ -257,7 +257,7 @@ pub(crate) fn per_packet() -> Vec<Figure> {
             proto: 6,
             ..Default::default()
         };
-        dp.watch_answer(&watched).unwrap();
+        dp.watch_answer(&watched, LO).unwrap();
         let ack_frame = ack.build();
         let (ns, baseline) = paired(|program| {
             if program {

@@ -6,7 +6,9 @@ use std::os::fd::AsFd as _;
 use aya::programs::{
     LinkOrder, ProgramError, SchedClassifier, TcAttachType, XdpMode,
     links::{FdLink, LinkError},
-    tc::{NlOptions, SchedClassifierLink, SchedClassifierLinkId, TcAttachOptions, TcError, TcHandle},
+    tc::{
+        NlOptions, SchedClassifierLink, SchedClassifierLinkId, TcAttachOptions, TcError, TcHandle,
+    },
     xdp::XdpLinkId,
 };
 use unidler_common::TC_PROGRAM_NAME;

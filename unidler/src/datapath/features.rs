@@ -82,12 +82,21 @@ pub struct Unsupported {
 
 impl fmt::Display for Unsupported {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "this kernel ({}) cannot run the datapath: it lacks ", self.release)?;
+        write!(
+            f,
+            "this kernel ({}) cannot run the datapath: it lacks ",
+            self.release
+        )?;
         for (i, feature) in self.missing.iter().enumerate() {
             if i > 0 {
                 f.write_str(" and ")?;
             }
-            write!(f, "{} (Linux {} and later)", feature.name(), feature.since())?;
+            write!(
+                f,
+                "{} (Linux {} and later)",
+                feature.name(),
+                feature.since()
+            )?;
         }
         let floor = self.missing.iter().map(|f| f.since()).max_by(|a, b| {
             let parse = |v: &str| {

@@ -387,7 +387,13 @@ impl Datapath {
         let events = Some(take_map(&mut ebpf, "EVENTS")?);
         let held = Some(take_map(&mut ebpf, "HELD")?);
         let hold = take_map(&mut ebpf, "HOLD")?;
-        let answered = take_map(&mut ebpf, "ANSWERED_FLOWS")?;
+        let mut answered: HashMap<MapData, FlowKey, u32> = take_map(&mut ebpf, "ANSWERED_FLOWS")?;
+        if pins.is_some() {
+            // The flows an earlier agent watched: their held packets went with it.
+            for flow in answered.keys().flatten().collect::<Vec<_>>() {
+                remove_entry(&mut answered, &flow, "ANSWERED_FLOWS")?;
+            }
+        }
         let iface_scopes = take_map(&mut ebpf, "IFACE_SCOPES")?;
         let vip_scopes: HashMap<MapData, ScopedVip, u32> = take_map(&mut ebpf, "VIP_SCOPES")?;
         // What an earlier agent left: the scopes written for each VIP id.

@@ -2,7 +2,7 @@
 //! through `BPF_PROG_TEST_RUN` (replays, and the same runs for tests and benchmarks).
 
 use aya::programs::{SchedClassifier, TestRun, TestRunAttrs, TestRunOptions, Xdp};
-use unidler_common::{FlowKey, REPLAY_PROGRAM_NAME, TC_PROGRAM_NAME};
+use unidler_common::{FLOW_ANSWERED, FlowKey, REPLAY_PROGRAM_NAME, TC_PROGRAM_NAME};
 
 use super::{Datapath, DatapathError, remove_entry};
 
@@ -23,10 +23,11 @@ impl Datapath {
             })
     }
 
-    /// Starts watching for the answer to a replayed flow (the client's next segment of it).
-    pub fn watch_answer(&mut self, flow: &FlowKey) -> Result<(), DatapathError> {
+    /// Starts watching for the answer to a replayed flow (the client's next segment of it,
+    /// on interface `ifindex`, where its opening packet came in).
+    pub fn watch_answer(&mut self, flow: &FlowKey, ifindex: u32) -> Result<(), DatapathError> {
         self.answered
-            .insert(flow, 0, 0)
+            .insert(flow, ifindex, 0)
             .map_err(|source| DatapathError::Map {
                 map: "ANSWERED_FLOWS",
                 source,
@@ -38,11 +39,16 @@ impl Datapath {
         Ok(())
     }
 
+    /// How many replayed flows the kernel watches for an answer.
+    pub fn watched_flows(&self) -> usize {
+        self.answered.keys().flatten().count()
+    }
+
     /// Whether the kernel has seen the answer to a watched flow.
     pub fn is_answered(&self, flow: &FlowKey) -> bool {
         self.answered
             .get(flow, 0)
-            .is_ok_and(|answered| answered != 0)
+            .is_ok_and(|answered| answered == FLOW_ANSWERED)
     }
 
     /// Stops watching a flow; `none_left` says that no other flow is watched (the kernel

@@ -58,8 +58,8 @@ impl Default for HoldLimits {
 pub trait Replayer {
     /// Hands `frame` to interface `ifindex`'s stack as if just received.
     fn replay(&mut self, frame: &[u8], ifindex: u32) -> Result<(), DatapathError>;
-    /// Starts watching for the answer to `flow`.
-    fn watch(&mut self, flow: &FlowKey) -> Result<(), DatapathError>;
+    /// Starts watching for the answer to `flow`, which must come in on `ifindex`.
+    fn watch(&mut self, flow: &FlowKey, ifindex: u32) -> Result<(), DatapathError>;
     /// Whether `flow` was answered.
     fn answered(&self, flow: &FlowKey) -> bool;
     /// Stops watching `flow`; `none_left`: no flow is watched any more.
@@ -70,8 +70,8 @@ impl Replayer for Datapath {
     fn replay(&mut self, frame: &[u8], ifindex: u32) -> Result<(), DatapathError> {
         Datapath::replay(self, frame, ifindex)
     }
-    fn watch(&mut self, flow: &FlowKey) -> Result<(), DatapathError> {
-        self.watch_answer(flow)
+    fn watch(&mut self, flow: &FlowKey, ifindex: u32) -> Result<(), DatapathError> {
+        self.watch_answer(flow, ifindex)
     }
     fn answered(&self, flow: &FlowKey) -> bool {
         self.is_answered(flow)
@@ -359,7 +359,7 @@ impl HeldPackets {
                 if tcp
                     && packet.replays == 0
                     && self.watched.insert(packet.flow)
-                    && let Err(e) = replayer.watch(&packet.flow)
+                    && let Err(e) = replayer.watch(&packet.flow, packet.ifindex)
                 {
                     warn!("cannot watch a replayed flow's answer: {e}");
                 }
@@ -464,7 +464,7 @@ mod tests {
             self.replays.push((frame.to_vec(), ifindex));
             Ok(())
         }
-        fn watch(&mut self, flow: &FlowKey) -> Result<(), DatapathError> {
+        fn watch(&mut self, flow: &FlowKey, _ifindex: u32) -> Result<(), DatapathError> {
             self.watched.insert(*flow);
             Ok(())
         }

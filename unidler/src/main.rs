@@ -554,7 +554,10 @@ fn show_interfaces(args: &ClientArgs) -> Result<()> {
             [r.iface, r.ifindex.to_string(), r.hook, scope, r.attachment]
         })
         .collect();
-    print_table(["INTERFACE", "IFINDEX", "HOOK", "SCOPE", "ATTACHMENT"], &table);
+    print_table(
+        ["INTERFACE", "IFINDEX", "HOOK", "SCOPE", "ATTACHMENT"],
+        &table,
+    );
     Ok(())
 }
 

@@ -940,7 +940,10 @@ mod tests {
             "the backed VIP stays backed"
         );
         // Equal values: each key is its own.
-        let all = d.load(&[(1, lb_row(&[(backed, "10.0.0.9:80"), (idle, "10.0.0.9:80")], "tcp"))]);
+        let all = d.load(&[(
+            1,
+            lb_row(&[(backed, "10.0.0.9:80"), (idle, "10.0.0.9:80")], "tcp"),
+        )]);
         assert_eq!(
             endpoints(&all),
             [(format!("{backed}/tcp"), 1), (format!("{idle}/tcp"), 1)]

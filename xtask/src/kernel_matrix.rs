@@ -348,7 +348,8 @@ impl SuiteOutcome {
         self.with_verdict(|v| v != "ok")
     }
 
-    fn not_run(&self) -> Vec<&str> {
+    /// Tests with no verdict: not started, or stopped before they ended.
+    fn unfinished(&self) -> Vec<&str> {
         self.planned
             .iter()
             .filter(|t| !self.verdicts.contains_key(*t))
@@ -431,11 +432,11 @@ impl KernelOutcome {
                 .exit
                 .map_or_else(|| "-".to_owned(), |(_, secs)| format!("{secs} s"));
             println!(
-                "{tag} {}: {} passed, {} failed, {} not run ({time})",
+                "{tag} {}: {} passed, {} failed, {} unfinished ({time})",
                 suite.target,
                 suite.passed().len(),
                 suite.failed().len(),
-                suite.not_run().len()
+                suite.unfinished().len()
             );
             let log = fs::read_to_string(&suite.log).unwrap_or_default();
             for test in suite.failed() {
@@ -446,10 +447,13 @@ impl KernelOutcome {
                 print_lines(&tag, &last_lines(&failure_output(&log, test), SHOWN_LINES));
             }
             if let Some(why) = suite.abnormal_end() {
+                let running = unfinished_test(&log)
+                    .map(|t| format!(" while {t} ran"))
+                    .unwrap_or_default();
                 println!(
-                    "{tag} {}: {why}; not run: {}",
+                    "{tag} {}: {why}{running}; unfinished: {}",
                     suite.target,
-                    suite.not_run().join(", ")
+                    suite.unfinished().join(", ")
                 );
                 println!("{tag} the end of {}:", suite.log.display());
                 print_lines(&tag, &last_lines(&log, SHOWN_LINES));
@@ -506,8 +510,8 @@ fn print_summary(outcomes: &[KernelOutcome]) {
     println!();
     println!("kernel matrix (qemu TCG, {GUEST_CPUS} vCPUs, {GUEST_MEMORY}):");
     println!(
-        "  {:<6} {:<22} {:>6} {:>6} {:>7} {:>8}  result",
-        "kernel", "release", "passed", "failed", "not run", "time"
+        "  {:<6} {:<22} {:>6} {:>6} {:>10} {:>8}  result",
+        "kernel", "release", "passed", "failed", "unfinished", "time"
     );
     for o in outcomes {
         let result = if o.passed() {
@@ -521,12 +525,12 @@ fn print_summary(outcomes: &[KernelOutcome]) {
         };
         let secs = o.wall_time.as_secs();
         println!(
-            "  {:<6} {:<22} {:>6} {:>6} {:>7} {:>5}m{:02}s  {result}",
+            "  {:<6} {:<22} {:>6} {:>6} {:>10} {:>5}m{:02}s  {result}",
             o.kernel,
             o.release,
             o.count(|s| s.passed().len()),
             o.count(|s| s.failed().len()),
-            o.count(|s| s.not_run().len()),
+            o.count(|s| s.unfinished().len()),
             secs / 60,
             secs % 60,
         );
@@ -656,10 +660,18 @@ fn read_exit(path: &Path) -> Option<(i32, u64)> {
 fn verdicts(log: &str) -> BTreeMap<String, String> {
     log.lines()
         .filter_map(|l| {
-            let (name, verdict) = l.strip_prefix("test ")?.split_once(" ... ")?;
-            Some((name.to_owned(), verdict.trim().to_owned()))
+            let (name, verdict) = l.strip_prefix("test ")?.split_once(" ...")?;
+            let verdict = verdict.trim();
+            (!verdict.is_empty()).then(|| (name.to_owned(), verdict.to_owned()))
         })
         .collect()
+}
+
+/// The test libtest had started and not finished when its output ends, if any.
+fn unfinished_test(log: &str) -> Option<&str> {
+    let last = log.lines().rev().find(|l| l.starts_with("test "))?;
+    let (name, verdict) = last.strip_prefix("test ")?.split_once(" ...")?;
+    verdict.trim().is_empty().then_some(name)
 }
 
 /// The script the guest runs: bpffs mounted, then each executable on its tests (exact names,

@@ -219,7 +219,7 @@ struct RunArgs {
     #[arg(long, env = "UNIDLER_OVNSB_CA_CERT", requires = "ovnsb_private_key")]
     ovnsb_ca_cert: Option<PathBuf>,
     /// Largest message accepted from the Southbound database, in bytes. The first monitor
-    /// reply carries every load balancer that reports events (about 200 bytes each); a larger
+    /// reply carries every load balancer (about 200 bytes each); a larger
     /// one is refused,
     /// logged, and asked for again after the longest backoff.
     #[arg(long, env = "UNIDLER_OVSDB_MAX_MESSAGE_SIZE", default_value_t = 64 << 20)]

@@ -182,25 +182,32 @@ pub fn monitors(vip_source: Option<ConsumerHandle>) -> Vec<MonitorRequest> {
         MonitorRequest::table(CONTROLLER_EVENT),
     ];
     if let Some(source) = vip_source {
-        use crate::vipsource::ovn::{COLUMNS, OPTIONAL_COLUMNS, REPLICATED, TABLE};
-        let mut load_balancers = MonitorRequest::table(TABLE)
-            .columns(&COLUMNS)
-            .optional_columns(&OPTIONAL_COLUMNS)
-            .consumed_by(source);
-        // Until SB_Global says otherwise (follow_conditions), only those that report.
-        load_balancers.conditions = load_balancer_conditions(false);
-        monitors.push(load_balancers);
-        // Those of them that reject nonetheless (a column the first one has not: see
-        // MonitorRequest::named).
+        use crate::vipsource::ovn::{
+            COLUMNS, OPTIONAL_COLUMNS, REJECTING, REPLICATED, REPORTING, TABLE,
+        };
+        // Every load balancer: one without `options:event` that has backends for a VIP
+        // keeps that VIP active where it applies.
         monitors.push(
             MonitorRequest::table(TABLE)
-                .columns(&["name"])
-                .matching(Condition::includes(
-                    "options",
-                    Value::string_map([("event", "true"), ("reject", "true")]),
-                ))
-                .named(crate::vipsource::ovn::REJECTING),
+                .columns(&COLUMNS)
+                .optional_columns(&OPTIONAL_COLUMNS)
+                .consumed_by(source),
         );
+        // Which of them report, and which reject: the few rows of idle services, followed
+        // by option (each with columns of its own: see MonitorRequest::named).
+        for (name, option, columns) in [
+            (REPORTING, "event", &["name", "protocol"][..]),
+            (REJECTING, "reject", &["name"][..]),
+        ] {
+            let mut monitor = MonitorRequest::table(TABLE).columns(columns).named(name);
+            for spelling in TRUE_SPELLINGS {
+                monitor = monitor.matching(Condition::includes(
+                    "options",
+                    Value::string_map([(option, spelling)]),
+                ));
+            }
+            monitors.push(monitor);
+        }
         monitors.push(MonitorRequest::table(SB_GLOBAL).columns(&["options"]));
         for (table, columns) in REPLICATED {
             let mut monitor = MonitorRequest::table(table).columns(columns);
@@ -217,9 +224,15 @@ pub fn monitors(vip_source: Option<ConsumerHandle>) -> Vec<MonitorRequest> {
 const PORT_BINDING: &str = "Port_Binding";
 const SB_GLOBAL: &str = "SB_Global";
 
+/// The spellings of `true` in a load balancer's options that the monitors follow. northd
+/// takes any case (`strcasecmp`); a monitor's conditions match exactly, so these are the ones
+/// written in practice. A load balancer whose `event` is spelled otherwise is not watched
+/// (OVN reports it itself); one whose `reject` is, is taken as not rejecting.
+pub const TRUE_SPELLINGS: [&str; 3] = ["true", "TRUE", "True"];
+
 /// Whether `SB_Global`'s `options:controller_event` is true (as northd reads it, in any
 /// case), which makes every load balancer report.
-fn global_event(replica: &Replica) -> bool {
+pub fn global_event(replica: &Replica) -> bool {
     replica.rows(SB_GLOBAL).any(|(_, r)| {
         r.get("options")
             .map(Value::as_string_map)
@@ -228,39 +241,13 @@ fn global_event(replica: &Replica) -> bool {
     })
 }
 
-/// Which Load_Balancer rows the Southbound server sends: those whose empty VIPs OVN can
-/// report (northd's trigger_event flows), so that the agent needs no `options` column (with
-/// 100,000s of load balancers, a large share of the server's work and of the reply):
-/// `options:event=true`; or, while `SB_Global`'s `options:controller_event=true` makes every
-/// load balancer report, every one but those with `options:reject=true` (OVN rejects
-/// instead). The server takes a monitor's conditions as a disjunction, so the first case
-/// cannot also leave out `reject=true`: the named monitor
-/// [`crate::vipsource::ovn::REJECTING`] follows those. Values are matched as OVN's users
-/// write them (`true`; northd also takes `TRUE`). Load balancers of active services, the
-/// bulk of a cluster's and of its churn, never reach the agent.
-pub fn load_balancer_conditions(global_event: bool) -> Vec<Condition> {
-    if global_event {
-        vec![Condition::excludes(
-            "options",
-            Value::string_map([("reject", "true")]),
-        )]
-    } else {
-        vec![Condition::includes(
-            "options",
-            Value::string_map([("event", "true")]),
-        )]
-    }
-}
-
-/// Keeps the conditional monitors' conditions in step with the replica, on every change and
-/// every second (a failed change is tried again): Port_Binding as [`narrow_ports`] says,
-/// Load_Balancer as [`load_balancer_conditions`] says for the current `SB_Global`.
+/// Keeps the Port_Binding monitor's conditions in step with the replica ([`narrow_ports`]),
+/// on every change and every second (a failed change is tried again).
 async fn follow_conditions(southbound: Southbound) {
     let mut changes = southbound.client.subscribe();
     loop {
         if southbound.client.is_connected() {
             narrow_ports(&southbound).await;
-            follow_global_event(&southbound).await;
         }
         tokio::select! {
             change = changes.recv() => {
@@ -288,29 +275,6 @@ async fn narrow_ports(southbound: &Southbound) {
         Ok(true) => info!(%chassis, "following the logical ports bound to this chassis"),
         Ok(false) => {}
         Err(e) => warn!("narrowing the Port_Binding monitor failed (tried again): {e}"),
-    }
-}
-
-/// Follows every load balancer (but rejecting ones) while `SB_Global`'s
-/// `options:controller_event=true`, only those with `options:event=true` otherwise.
-async fn follow_global_event(southbound: &Southbound) {
-    let global = global_event(&southbound.client.replica());
-    match southbound
-        .client
-        .set_conditions(
-            crate::vipsource::ovn::TABLE,
-            load_balancer_conditions(global),
-        )
-        .await
-    {
-        Ok(true) if global => {
-            info!(
-                "SB_Global options:controller_event=true: following every load balancer but rejecting ones"
-            )
-        }
-        Ok(true) => info!("following the load balancers with options:event=true"),
-        Ok(false) => {}
-        Err(e) => warn!("changing the Load_Balancer monitor failed (tried again): {e}"),
     }
 }
 

@@ -305,8 +305,7 @@ impl Collector for EventCollector {
             encode_gauge(
                 &mut encoder,
                 "unidler_ovn_load_balancers",
-                "Southbound load balancers the agent follows: those with options:event=true \
-                 (every one while SB_Global has options:controller_event=true)",
+                "Southbound load balancers the agent follows (every one)",
                 n as i64,
             )?;
         }

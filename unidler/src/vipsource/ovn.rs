@@ -1,7 +1,9 @@
 //! VIPs from the OVN Southbound `Load_Balancer` table: every VIP OVN itself would report an
-//! empty-backend event for. The monitor is conditional
-//! ([`crate::southbound::load_balancer_conditions`]): the server sends only the load balancers
-//! that can report, so an active service's never reaches the agent.
+//! empty-backend event for. Every load balancer is followed: one that does not report
+//! (no `options:event=true`) but has backends for a VIP keeps that VIP active wherever it
+//! applies, as OVN forwards there. Which load balancers report, and which reject, come from
+//! two small named monitors ([`REPORTING`], [`REJECTING`]), so that the `options` column of
+//! every load balancer never has to be sent.
 //!
 //! The table is followed as an [`ovsdb::TableConsumer`], not replicated: per load balancer the
 //! source keeps a compact record of the few facts it needs ([`LbRecord`]), updated in place
@@ -32,8 +34,8 @@ use crate::{
 
 /// The Southbound table the source follows.
 pub const TABLE: &str = "Load_Balancer";
-/// Its columns the source reads. Not `options`: the monitor's conditions send only the rows
-/// that report ([`crate::southbound::load_balancer_conditions`]). Not `external_ids`: its
+/// Its columns the source reads. Not `options`: which rows report and which reject come from
+/// the named monitors [`REPORTING`] and [`REJECTING`]. Not `external_ids`: its
 /// `lb_id`, the name events give, is read for the few load balancers that are hit, when they
 /// are ([`crate::lb_names`]); with 100,000s of load balancers the column is a fifth of what
 /// the server composes at every agent's start.
@@ -116,9 +118,9 @@ fn count_backends(backends: &str) -> u32 {
     backends.split(',').filter(|b| !b.trim().is_empty()).count() as u32
 }
 
-/// What the source keeps of one Southbound Load_Balancer row (one that reports: the monitor
-/// sends no other): enough to tell its VIPs and where they apply, and to apply the server's
-/// diffs of the columns it reads. Events name it by its row ([`LbRecord::name`]).
+/// What the source keeps of one Southbound Load_Balancer row: enough to tell its VIPs and
+/// where they apply, and to apply the server's diffs of the columns it reads. Events name it
+/// by its row ([`LbRecord::name`]).
 #[derive(Clone, Debug, Default)]
 struct LbRecord {
     /// The `protocol` column (absent: TCP).
@@ -431,10 +433,44 @@ struct OvnVips {
     ids: DatapathIds,
     local: LocalDatapaths,
     by_lb: FastMap<RowKey, LbRecord>,
-    /// The load balancers with `options:reject=true` among those sent (see [`REJECTING`]).
-    rejecting: FastSet<RowKey>,
-    /// The load balancers that count having each watchable VIP.
+    /// How load balancers report: their options as the named monitors and `SB_Global` say.
+    reports: Reporting,
+    /// The local load balancers having each watchable VIP.
     lbs_of: FastMap<Vip, LbSet>,
+}
+
+/// Which load balancers report an empty VIP (and so make it one the agent watches), as OVN
+/// decides: `options:event=true`, or `SB_Global`'s `options:controller_event=true` for all;
+/// never those with `options:reject=true` (OVN rejects instead).
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Reporting {
+    /// The load balancers with `options:event=true` ([`REPORTING`]).
+    event: FastSet<RowKey>,
+    /// Those with `options:reject=true` ([`REJECTING`]).
+    reject: FastSet<RowKey>,
+    /// `SB_Global`'s `options:controller_event=true`.
+    global_event: bool,
+}
+
+impl Reporting {
+    fn from_replica(replica: &Replica) -> Self {
+        let keys = |table| {
+            replica
+                .rows(table)
+                .map(|(uuid, _)| RowKey::new(uuid))
+                .collect()
+        };
+        Self {
+            event: keys(REPORTING),
+            reject: keys(REJECTING),
+            global_event: crate::southbound::global_event(replica),
+        }
+    }
+
+    /// Whether load balancer `key` reports its empty VIPs.
+    fn reports(&self, key: &RowKey) -> bool {
+        (self.global_event || self.event.contains(key)) && !self.reject.contains(key)
+    }
 }
 
 impl OvnVips {
@@ -446,7 +482,7 @@ impl OvnVips {
             FastMap::with_capacity_and_hasher(self.by_lb.len(), Default::default());
         let mut unwatchable = 0usize;
         for (key, record) in &self.by_lb {
-            if !counts(&self.local, &self.rejecting, *key, record) {
+            if !record.is_local(&self.local) {
                 continue;
             }
             for vip in record.watchable_vips() {
@@ -482,11 +518,7 @@ impl OvnVips {
         update: RowUpdate,
         touched: &mut FastSet<Vip>,
     ) -> Result<(), DbError> {
-        if let Some(old) = self
-            .by_lb
-            .get(&key)
-            .filter(|r| counts(&self.local, &self.rejecting, key, r))
-        {
+        if let Some(old) = self.by_lb.get(&key).filter(|r| r.is_local(&self.local)) {
             for vip in old.watchable_vips() {
                 touched.insert(vip);
                 if let Some(lbs) = self.lbs_of.get_mut(&vip)
@@ -514,7 +546,7 @@ impl OvnVips {
                 None
             }
         };
-        if let Some(record) = record.filter(|r| counts(&self.local, &self.rejecting, key, r)) {
+        if let Some(record) = record.filter(|r| r.is_local(&self.local)) {
             for vip in record.watchable_vips() {
                 touched.insert(vip);
                 add_lb_of(&mut self.lbs_of, vip, key);
@@ -523,12 +555,19 @@ impl OvnVips {
         Ok(())
     }
 
-    /// One VIP over every (local) load balancer that has it: active if any of them has
-    /// backends; the first (by UUID) idle one is the one events name. Where the local
-    /// datapaths see it differently (not every load balancer applies on each), the VIP is
-    /// scoped: its state on each datapath, over the load balancers applying there.
+    /// One VIP over every local load balancer that has it: watched if one of them reports
+    /// (None otherwise: OVN forwards or drops it without an event), active if any of them
+    /// has backends; the first (by UUID) idle one that reports is the one events name. Where
+    /// the local datapaths see it differently (not every load balancer applies on each), the
+    /// VIP is scoped: its state on each datapath, over the load balancers applying there;
+    /// a datapath where no load balancer that reports has it, and none forwards it, has no
+    /// entry (the datapath lets the packet pass).
     fn combined(&self, vip: &Vip) -> Option<DesiredVip> {
         let lbs = self.lbs_of.get(vip)?;
+        if !lbs.iter().any(|key| self.reports.reports(key)) {
+            // Not one the agent watches: OVN forwards it, or drops it without an event.
+            return None;
+        }
         let (backends, name) = self.combine(vip, lbs.iter())?;
         let mut scoped = Vec::new();
         let mut differs = false;
@@ -566,7 +605,10 @@ impl OvnVips {
     }
 
     /// The backends and the name of `vip` over the load balancers `lbs` (see
-    /// [`OvnVips::combined`]); None if none of them has it.
+    /// [`OvnVips::combined`]): the most backends any of them has, and the first idle one
+    /// that reports (else the first that reports, else, for a VIP only forwarded, the first
+    /// that forwards it). None if no load balancer among them that reports has it and none
+    /// forwards it.
     fn combine<'a>(
         &self,
         vip: &Vip,
@@ -574,6 +616,7 @@ impl OvnVips {
     ) -> Option<(u32, LoadBalancerName)> {
         let mut backends = 0;
         let mut named: Option<(RowKey, u32)> = None;
+        let mut forwarding: Option<RowKey> = None;
         for key in lbs {
             let Some(record) = self.by_lb.get(key) else {
                 continue;
@@ -582,24 +625,16 @@ impl OvnVips {
                 continue;
             };
             backends = backends.max(v.backends);
-            if named.is_none_or(|(_, b)| b > 0 && v.backends == 0) {
+            if v.backends > 0 {
+                forwarding.get_or_insert(*key);
+            }
+            if self.reports.reports(key) && named.is_none_or(|(_, b)| b > 0 && v.backends == 0) {
                 named = Some((*key, v.backends));
             }
         }
-        let (key, _) = named?;
+        let key = named.map(|(key, _)| key).or(forwarding)?;
         Some((backends, LbRecord::name(key)))
     }
-}
-
-/// Whether a load balancer's VIPs count: it applies on this node and does not reject (OVN
-/// rejects, it does not report, what a load balancer with `options:reject=true` has).
-fn counts(
-    local: &LocalDatapaths,
-    rejecting: &FastSet<RowKey>,
-    key: RowKey,
-    record: &LbRecord,
-) -> bool {
-    record.is_local(local) && !rejecting.contains(&key)
 }
 
 fn add_lb_of(index: &mut FastMap<Vip, LbSet>, vip: Vip, lb: RowKey) {
@@ -662,16 +697,19 @@ impl LbSet {
     }
 }
 
-/// The named monitor (see [`ovsdb::MonitorRequest::named`]) of the load balancers sent to the
-/// source that nonetheless do not report: `options:event=true` and `options:reject=true`
-/// (the Load_Balancer monitor's conditions, a disjunction, cannot leave them out: see
-/// [`crate::southbound::load_balancer_conditions`]). Normally none (ovn-kubernetes never
-/// writes both), so it costs the server nothing to send; its VIPs do not count.
+/// The named monitor (see [`ovsdb::MonitorRequest::named`]) of the load balancers with
+/// `options:event=true` (in the spellings of [`crate::southbound::TRUE_SPELLINGS`]): those
+/// that report their empty VIPs. The few load balancers of idle services.
+pub const REPORTING: &str = "Load_Balancer:reporting";
+
+/// The named monitor of the load balancers with `options:reject=true`: OVN rejects, and does
+/// not report, what they have without backends. Normally none.
 pub const REJECTING: &str = "Load_Balancer:rejecting";
 
 /// The Southbound tables the source reads besides `Load_Balancer` (replicated by the same
 /// client), for this node's logical datapaths: `Port_Binding` (only ours: see
-/// [`crate::southbound`]), `Datapath_Binding` and `Logical_DP_Group`; and [`REJECTING`].
+/// [`crate::southbound`]), `Datapath_Binding` and `Logical_DP_Group`; and [`REPORTING`],
+/// [`REJECTING`] and `SB_Global`.
 pub const REPLICATED: [(&str, &[&str]); 3] = [
     (
         "Port_Binding",
@@ -711,6 +749,9 @@ pub struct LoadBalancerSource {
     updates: mpsc::UnboundedSender<VipUpdate>,
     /// A full load is under way: rows are recorded, and indexed once it is complete.
     loading: bool,
+    /// The named monitors a full load waits for: which load balancers report, and which
+    /// reject (their rows come after the data monitor's, in the same session).
+    awaiting: Vec<&'static str>,
     /// VIPs this batch may have changed.
     touched: FastSet<Vip>,
     load_balancers: Arc<AtomicUsize>,
@@ -726,6 +767,7 @@ impl LoadBalancerSource {
             vips: OvnVips::default(),
             updates,
             loading: false,
+            awaiting: Vec::new(),
             touched: FastSet::default(),
             load_balancers: load_balancers.clone(),
             port_scopes,
@@ -744,6 +786,7 @@ impl TableConsumer for LoadBalancerSource {
         self.vips.lbs_of.clear();
         self.touched.clear();
         self.loading = true;
+        self.awaiting = vec![REPORTING, REJECTING];
     }
 
     fn row(&mut self, uuid: &Uuid, update: RowUpdate) -> Result<(), DbError> {
@@ -769,6 +812,11 @@ impl TableConsumer for LoadBalancerSource {
     fn batch_done(&mut self, replica: &Replica, changed: &Changed) {
         self.load_balancers
             .store(self.vips.by_lb.len(), Ordering::Relaxed);
+        self.awaiting.retain(|monitor| !changed.contains(*monitor));
+        if self.loading && !self.awaiting.is_empty() {
+            // The load balancers are in; which of them report is not yet.
+            return;
+        }
         let datapaths_changed = ["Port_Binding", "Datapath_Binding", "Logical_DP_Group"]
             .iter()
             .any(|t| changed.contains(*t));
@@ -785,14 +833,23 @@ impl TableConsumer for LoadBalancerSource {
                 || local.groups != self.vips.local.groups;
             self.vips.local = local;
         }
-        if self.loading || changed.contains(REJECTING) {
-            let rejecting: FastSet<RowKey> = replica
-                .rows(REJECTING)
-                .map(|(uuid, _)| RowKey::new(uuid))
-                .collect();
-            // Rare (a load balancer with both options): every VIP is looked at again.
-            reindex_all |= rejecting != self.vips.rejecting;
-            self.vips.rejecting = rejecting;
+        if self.loading
+            || [REPORTING, REJECTING, "SB_Global"]
+                .iter()
+                .any(|t| changed.contains(*t))
+        {
+            let reports = Reporting::from_replica(replica);
+            if !self.loading {
+                // Only the VIPs of the load balancers whose reporting changed.
+                let old = &self.vips.reports;
+                for (key, record) in &self.vips.by_lb {
+                    if reports.reports(key) != old.reports(key) && record.is_local(&self.vips.local)
+                    {
+                        self.touched.extend(record.watchable_vips());
+                    }
+                }
+            }
+            self.vips.reports = reports;
         }
         let update = if self.loading || reindex_all {
             self.loading = false;
@@ -844,6 +901,9 @@ mod tests {
         replica: Replica,
         /// Replicated tables changed since the last batch.
         changed: Changed,
+        /// Load balancers without `options:event=true` (every other one loaded or inserted
+        /// reports, as the named monitor [`REPORTING`] would say).
+        silent: FastSet<u8>,
     }
 
     impl Driven {
@@ -854,6 +914,7 @@ mod tests {
                     vips: OvnVips::default(),
                     updates: tx,
                     loading: false,
+                    awaiting: Vec::new(),
                     touched: FastSet::default(),
                     load_balancers: Arc::default(),
                     port_scopes: tokio::sync::watch::channel(Arc::default()).0,
@@ -861,6 +922,31 @@ mod tests {
                 updates,
                 replica: Replica::default(),
                 changed: Changed::new(),
+                silent: FastSet::default(),
+            }
+        }
+
+        /// Load balancer `n` has no `options:event=true` (from its next load or insert on).
+        fn silent(&mut self, n: u8) {
+            self.silent.insert(n);
+        }
+
+        /// What the named monitor [`REPORTING`] says of load balancer `n` being loaded or
+        /// inserted.
+        fn follow_reporting(&mut self, n: u8, update: &RowUpdate) {
+            let reports = !self.silent.contains(&n);
+            let known = self.replica.rows(REPORTING).any(|(u, _)| *u == uuid(n));
+            match update {
+                RowUpdate::Initial(_) | RowUpdate::Insert(_) if reports && !known => {
+                    self.replicate(REPORTING, n, Row::new())
+                }
+                RowUpdate::Delete if known => {
+                    self.replica
+                        .apply_row(REPORTING, uuid(n), RowUpdate::Delete, false)
+                        .unwrap();
+                    self.changed.insert(REPORTING.to_owned());
+                }
+                _ => {}
             }
         }
 
@@ -869,6 +955,7 @@ mod tests {
         fn load(&mut self, rows: &[(u8, Row)]) -> Vec<DesiredVip> {
             self.source.reset();
             for (n, row) in rows {
+                self.follow_reporting(*n, &RowUpdate::Initial(Row::new()));
                 self.source
                     .row(&uuid(*n), RowUpdate::Initial(row.clone()))
                     .unwrap();
@@ -885,6 +972,7 @@ mod tests {
         /// One batch of one row's update; returns (upserted, removed), sorted.
         #[track_caller]
         fn batch(&mut self, n: u8, update: RowUpdate) -> (Vec<DesiredVip>, Vec<Vip>) {
+            self.follow_reporting(n, &update);
             self.source.row(&uuid(n), update).unwrap();
             match self.done() {
                 Some(VipUpdate::Changes {
@@ -901,6 +989,11 @@ mod tests {
         }
 
         fn done(&mut self) -> Option<VipUpdate> {
+            if self.source.loading {
+                // The named monitors' setup, as a session brings it after a full load.
+                self.changed.insert(REPORTING.to_owned());
+                self.changed.insert(REJECTING.to_owned());
+            }
             let changed = std::mem::take(&mut self.changed);
             self.source.batch_done(&self.replica, &changed);
             self.updates.try_recv().ok()
@@ -1002,25 +1095,21 @@ mod tests {
             row_name(1),
             "the first by UUID names the VIP"
         );
-        // ... until it rejects.
+        // ... until it rejects: only the VIPs of the load balancer whose options changed.
         d.replicate(REJECTING, 1, Row::new());
         match d.done() {
-            Some(VipUpdate::Replace(all)) => assert_eq!(name(&all[0]), row_name(2)),
-            other => panic!("the rejecting set changing re-indexes: {other:?}"),
+            Some(VipUpdate::Changes { upsert, remove }) => {
+                assert!(remove.is_empty());
+                assert_eq!(upsert.iter().map(name).collect::<Vec<_>>(), [row_name(2)]);
+            }
+            other => panic!("the rejecting set changing updates the VIP: {other:?}"),
         }
-        assert_eq!(
-            d.source
-                .vips
-                .lbs_of
-                .values()
-                .map(|s| s.iter().count())
-                .sum::<usize>(),
-            1,
-            "only the one that does not reject"
-        );
         d.replicate(REJECTING, 2, Row::new());
         match d.done() {
-            Some(VipUpdate::Replace(all)) => assert!(all.is_empty(), "{all:?}"),
+            Some(VipUpdate::Changes { upsert, remove }) => {
+                assert!(upsert.is_empty(), "{upsert:?}");
+                assert_eq!(remove.len(), 1, "no load balancer that reports has it");
+            }
             other => panic!("{other:?}"),
         }
     }
@@ -1149,6 +1238,79 @@ mod tests {
         )]);
         let (up, _) = d.batch(3, RowUpdate::Modify(moved));
         assert_eq!(endpoints(&up), [("10.0.0.3:80/tcp".to_owned(), 0)]);
+    }
+
+    #[test]
+    fn a_vip_forwarded_by_a_load_balancer_that_does_not_report_is_not_idle_there() {
+        let mut d = Driven::new();
+        // lba (options:event=true) has X idle on switch 1; lbb, without event, has X with a
+        // backend on switch 2; lbc, without event, has Y idle.
+        d.silent(2);
+        d.silent(3);
+        for (n, key) in [(0x41, 1), (0x42, 2)] {
+            d.replicate(
+                "Datapath_Binding",
+                n,
+                Row::from([("tunnel_key".to_owned(), Value::from(key))]),
+            );
+        }
+        let lba = with_datapaths(lb_row(&[("10.86.0.100:7000", "")], "tcp"), &[0x41], None);
+        let lbb = with_datapaths(
+            lb_row(&[("10.86.0.100:7000", "10.1.1.1:7000")], "tcp"),
+            &[0x42],
+            None,
+        );
+        let lbc = with_datapaths(lb_row(&[("10.86.0.101:7000", "")], "tcp"), &[0x41], None);
+        // The node's datapaths not known yet: every load balancer applies, and X has a
+        // backend.
+        let all = d.load(&[(1, lba.clone()), (2, lbb.clone()), (3, lbc.clone())]);
+        assert_eq!(
+            endpoints(&all),
+            [("10.86.0.100:7000/tcp".to_owned(), 1)],
+            "X is forwarded by lbb; Y is reported by no load balancer: not watched"
+        );
+        // A port on each switch: X is idle on switch 1 only.
+        for (n, port, dp) in [(0x51, "pod-a", 0x41), (0x52, "pod-b", 0x42)] {
+            d.replicate(
+                "Port_Binding",
+                n,
+                Row::from([
+                    ("logical_port".to_owned(), Value::from(port)),
+                    ("datapath".to_owned(), Value::from(uuid(dp))),
+                ]),
+            );
+        }
+        match d.done() {
+            Some(VipUpdate::Replace(all)) => assert_eq!(
+                scopes(&all[0]),
+                Some(vec![(1, 0, row_name(1)), (2, 1, row_name(2))]),
+                "idle where lba applies, forwarded where lbb does"
+            ),
+            other => panic!("{other:?}"),
+        }
+        // lbb gets options:event=true too: nothing changes but who may report.
+        d.replicate(REPORTING, 2, Row::new());
+        match d.done() {
+            Some(VipUpdate::Changes { upsert, .. }) => {
+                assert_eq!(endpoints(&upsert), [("10.86.0.100:7000/tcp".to_owned(), 1)])
+            }
+            other => panic!("{other:?}"),
+        }
+        // lba stops reporting: X is no longer watched.
+        d.replica
+            .apply_row(REPORTING, uuid(1), RowUpdate::Delete, false)
+            .unwrap();
+        d.replica
+            .apply_row(REPORTING, uuid(2), RowUpdate::Delete, false)
+            .unwrap();
+        d.changed.insert(REPORTING.to_owned());
+        match d.done() {
+            Some(VipUpdate::Changes { upsert, remove }) => {
+                assert!(upsert.is_empty(), "{upsert:?}");
+                assert_eq!(remove.len(), 1);
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

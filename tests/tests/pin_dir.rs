@@ -431,3 +431,59 @@ fn watched_flows_do_not_outlive_the_agent_that_watched_them() {
         "the first agent's watched flow leaked"
     );
 }
+
+/// One agent per pin directory: a second one is refused clearly instead of reading the same
+/// rings (each event printed twice, held datagrams delivered twice), and so is `detach` while
+/// the agent runs; once it is gone, both work.
+#[test]
+fn a_second_agent_on_the_same_pin_dir_is_refused() {
+    require_root();
+    let topo = Topology::new("pl");
+    let bpffs = BpfFs::mount();
+    let pin_dir = bpffs.pin_dir();
+    let vip = format!("{SERVER_V4}:8080/tcp");
+    let args = |api: &'static str, metrics: &'static str| {
+        vec![
+            "run".to_owned(),
+            "--iface".to_owned(),
+            topo.server_if.clone(),
+            "--vip".to_owned(),
+            vip.clone(),
+            "--pin-dir".to_owned(),
+            pin_dir.clone(),
+            "--api-addr".to_owned(),
+            api.to_owned(),
+            "--metrics-addr".to_owned(),
+            metrics.to_owned(),
+        ]
+    };
+    let first_args = args("127.0.0.1:19588", "127.0.0.1:19589");
+    let first_args: Vec<&str> = first_args.iter().map(String::as_str).collect();
+    let first = Agent::start(&topo.server_ns, &first_args);
+    let second_args = args("127.0.0.1:19590", "127.0.0.1:19591");
+    let second_args: Vec<&str> = second_args.iter().map(String::as_str).collect();
+    let second = Agent::run_to_exit(&topo.server_ns, &second_args);
+    assert_eq!(second.code, Some(1), "{}", second.stderr);
+    assert!(
+        second.stderr.contains("in use by another unidler"),
+        "{}",
+        second.stderr
+    );
+    let detach = Agent::run_to_exit(&topo.server_ns, &["detach", "--pin-dir", &pin_dir]);
+    assert_ne!(
+        detach.code,
+        Some(0),
+        "detach while the agent runs: {}",
+        detach.stderr
+    );
+    assert!(
+        detach.stderr.contains("in use by another unidler"),
+        "{}",
+        detach.stderr
+    );
+    first.signal(libc::SIGTERM);
+    let exit = first.wait(Duration::from_secs(10));
+    assert_eq!(exit.code, Some(0), "{}", exit.stderr);
+    let detach = Agent::run_to_exit(&topo.server_ns, &["detach", "--pin-dir", &pin_dir]);
+    assert_eq!(detach.code, Some(0), "{}", detach.stderr);
+}

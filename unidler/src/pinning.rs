@@ -58,10 +58,12 @@ pub enum MapFate {
     Recreated(String),
 }
 
-/// The pin directory.
+/// The pin directory, held exclusively (an `flock` on it) while a clone of this lives: two
+/// agents on one directory would read the same rings, and report and replay everything twice.
 #[derive(Clone, Debug)]
 pub struct PinDir {
     root: PathBuf,
+    _lock: std::sync::Arc<OwnedFd>,
 }
 
 impl PinDir {
@@ -82,8 +84,25 @@ impl PinDir {
                 root.display()
             )));
         }
+        let dir = std::fs::File::open(root)?;
+        // SAFETY: flock on a descriptor this function owns.
+        if unsafe { libc::flock(dir.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            let err = io::Error::last_os_error();
+            return Err(match err.raw_os_error() {
+                Some(libc::EWOULDBLOCK) => io::Error::new(
+                    io::ErrorKind::WouldBlock,
+                    format!(
+                        "{} is in use by another unidler (one agent per pin directory: stop it \
+                         first)",
+                        root.display()
+                    ),
+                ),
+                _ => err,
+            });
+        }
         Ok(Self {
             root: root.to_owned(),
+            _lock: std::sync::Arc::new(dir.into()),
         })
     }
 

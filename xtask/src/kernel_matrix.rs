@@ -396,6 +396,8 @@ struct KernelOutcome {
     console_log: Option<PathBuf>,
     /// The guest's lowest `MemAvailable` seen, in kB.
     lowest_available_kb: Option<u64>,
+    /// The verifier logs of refused programs, copied out of the guest.
+    verifier_logs: Vec<PathBuf>,
 }
 
 impl KernelOutcome {
@@ -409,6 +411,7 @@ impl KernelOutcome {
             wall_time: Duration::ZERO,
             console_log: None,
             lowest_available_kb: None,
+            verifier_logs: Vec::new(),
         }
     }
 
@@ -458,6 +461,9 @@ impl KernelOutcome {
                 println!("{tag} the end of {}:", suite.log.display());
                 print_lines(&tag, &last_lines(&log, SHOWN_LINES));
             }
+        }
+        for log in &self.verifier_logs {
+            println!("{tag} a verifier log from the guest: {}", log.display());
         }
         if let Some(kb) = self.lowest_available_kb {
             println!(
@@ -640,7 +646,23 @@ fn run_in_guest(
             .lines()
             .filter_map(|l| l.trim().parse().ok())
             .min(),
+        verifier_logs: verifier_logs_in(&dir),
     })
+}
+
+/// The `unidler-verifier-*.log` files in `dir`.
+fn verifier_logs_in(dir: &Path) -> Vec<PathBuf> {
+    let mut logs: Vec<PathBuf> = fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("unidler-verifier-"))
+        })
+        .collect();
+    logs.sort();
+    logs
 }
 
 fn log_path(dir: &Path, planned: &PlannedSuite) -> PathBuf {
@@ -676,8 +698,8 @@ fn unfinished_test(log: &str) -> Option<&str> {
 
 /// The script the guest runs: bpffs mounted, then each executable on its tests (exact names,
 /// one at a time, killed at its time limit), its output to `<target>.log` and its exit status
-/// and run time to `<target>.exit`; `finished` last. Meanwhile `memory.log` samples
-/// `MemAvailable` (kB) every 2 s.
+/// and run time to `<target>.exit`; the verifier logs the agent left in `/tmp`, then `finished`
+/// last. Meanwhile `memory.log` samples `MemAvailable` (kB) every 2 s.
 fn guest_script(dir: &Path, agent: &Path, env: &[(&str, &str)], plan: &[PlannedSuite]) -> String {
     let q = shell_quote_path;
     let mut s = String::new();
@@ -726,6 +748,12 @@ fn guest_script(dir: &Path, agent: &Path, env: &[(&str, &str)], plan: &[PlannedS
             q(&dir.join(format!("{target}.exit")))
         );
     }
+    // The agent leaves a refused program's whole verifier log in the guest's /tmp.
+    let _ = writeln!(
+        s,
+        "find /tmp -maxdepth 2 -name 'unidler-verifier-*.log' -exec cp {{}} {} ';'",
+        q(dir)
+    );
     let _ = writeln!(s, "touch {}", q(&dir.join("finished")));
     s
 }

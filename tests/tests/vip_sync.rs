@@ -562,3 +562,60 @@ fn eventually_rows(sb: &OvsdbServer, n: usize) -> Vec<EventRow> {
     std::thread::sleep(Duration::from_millis(300));
     sb.event_rows()
 }
+
+/// A VIPs file that is not a regular file is refused, never waited on: a FIFO at start is a
+/// clear error, not a hang; one renamed over the file while the agent runs leaves the last
+/// good VIPs in place, health answering and SIGTERM obeyed (a read of a FIFO on the runtime's
+/// thread had blocked all three). A device is refused too, not read forever.
+#[test]
+fn a_vips_file_that_is_not_a_regular_file_is_refused_and_never_waited_on() {
+    require_root();
+    let topo = Topology::new("vq");
+    let _l = topo.listen(80);
+    let dir = TempDir::new("vfifo");
+    let fifo = dir.join("fifo");
+    let mkfifo = |path: &std::path::Path| {
+        let c = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
+        // SAFETY: a valid C string.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0, "mkfifo");
+    };
+    mkfifo(&fifo);
+    for path in [fifo.to_str().unwrap(), "/dev/zero"] {
+        let exit = Agent::run_to_exit(
+            &topo.server_ns,
+            &["run", "--iface", &topo.server_if, "--vips-file", path],
+        );
+        assert_eq!(exit.code, Some(1), "{path}: {}", exit.stderr);
+        assert!(
+            exit.stderr.contains("not a regular file"),
+            "{path}: {}",
+            exit.stderr
+        );
+    }
+
+    let file = dir.join("vips.toml");
+    std::fs::write(&file, "[[vip]]\nvip = \"10.77.0.2:80\"\n").unwrap();
+    let mut agent = Agent::start(
+        &topo.server_ns,
+        &[
+            "run",
+            "--iface",
+            &topo.server_if,
+            "--vips-file",
+            file.to_str().unwrap(),
+        ],
+    );
+    assert!(!topo.connects(80), "the idle VIP is watched");
+    let other = dir.join("other-fifo");
+    mkfifo(&other);
+    std::fs::rename(&other, &file).unwrap();
+    agent.signal(libc::SIGHUP);
+    agent.wait_for_log("VIPs file unreadable", WAIT);
+    let health = topo
+        .in_server(|| unidler::telemetry::http_get("127.0.0.1:9477".parse().unwrap(), "/healthz"));
+    assert!(health.is_ok(), "health answers: {health:?}");
+    assert!(!topo.connects(80), "the last good VIPs stay");
+    agent.signal(libc::SIGTERM);
+    let exit = agent.wait(Duration::from_secs(10));
+    assert_eq!(exit.code, Some(0), "{}", exit.stderr);
+}

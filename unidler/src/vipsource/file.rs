@@ -101,8 +101,39 @@ pub fn parse_vips_file(text: &str) -> Result<Vec<DesiredVip>, VipsFileError> {
 /// inferred from the modification time, which two quick writes can share) or on demand.
 pub struct VipsFileSource {
     path: PathBuf,
-    /// Hash of the content last loaded or rejected: neither is done twice.
-    last_seen: Option<u64>,
+    /// The content last loaded or rejected: neither is done twice.
+    last_seen: Option<String>,
+    /// Whether the last content loaded had VIPs (an empty file after it is said so).
+    had_vips: bool,
+}
+
+/// The largest VIPs file read (far more than any node's VIPs: about 60 bytes each).
+pub const VIPS_FILE_MAX_BYTES: u64 = 64 << 20;
+
+/// Reads the VIPs file at `path`: a regular file (opened without blocking, so that a FIFO or
+/// a device is refused rather than waited on or read forever) of at most
+/// [`VIPS_FILE_MAX_BYTES`].
+pub fn read_vips_file(path: &std::path::Path) -> std::io::Result<String> {
+    use std::{io::Read as _, os::unix::fs::OpenOptionsExt as _};
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)?;
+    if !file.metadata()?.is_file() {
+        return Err(std::io::Error::other(
+            "not a regular file (a pipe, a device or a directory is not read)",
+        ));
+    }
+    let mut text = String::new();
+    file.take(VIPS_FILE_MAX_BYTES + 1)
+        .read_to_string(&mut text)?;
+    if text.len() as u64 > VIPS_FILE_MAX_BYTES {
+        return Err(std::io::Error::other(format!(
+            "larger than {} MiB",
+            VIPS_FILE_MAX_BYTES >> 20
+        )));
+    }
+    Ok(text)
 }
 
 /// How long a changed file must stay the same before it is loaded: a file being written in
@@ -115,14 +146,25 @@ impl VipsFileSource {
         Self {
             path,
             last_seen: None,
+            had_vips: false,
         }
     }
 
     /// Reads and parses the file now (at start, where a bad file is fatal).
     pub fn load(&mut self) -> Result<Vec<DesiredVip>, VipsFileError> {
-        let text = std::fs::read_to_string(&self.path)?;
-        self.last_seen = Some(content_hash(&text));
-        parse_vips_file(&text)
+        let text = read_vips_file(&self.path)?;
+        let vips = parse_vips_file(&text);
+        self.had_vips = vips.as_ref().is_ok_and(|v| !v.is_empty());
+        self.last_seen = Some(text);
+        vips
+    }
+
+    /// Reads the file off the runtime's threads.
+    async fn read(&self) -> std::io::Result<String> {
+        let path = self.path.clone();
+        tokio::task::spawn_blocking(move || read_vips_file(&path))
+            .await
+            .map_err(std::io::Error::other)?
     }
 
     /// Follows the file: checks it every `poll` and whenever `reload` fires (SIGHUP), and
@@ -156,7 +198,7 @@ impl VipsFileSource {
     /// The file's VIPs if its content changed since last seen (or `forced`) and has settled.
     async fn changed(&mut self, forced: bool) -> Option<Vec<DesiredVip>> {
         let path = self.path.display().to_string();
-        let text = match std::fs::read_to_string(&self.path) {
+        let text = match self.read().await {
             Ok(text) => text,
             Err(e) => {
                 if forced || self.last_seen.is_some() {
@@ -166,8 +208,7 @@ impl VipsFileSource {
                 return None;
             }
         };
-        let hash = content_hash(&text);
-        if !forced && self.last_seen == Some(hash) {
+        if !forced && self.last_seen.as_ref() == Some(&text) {
             return None;
         }
         // A change found by polling may be half written: looked at again after a moment. A
@@ -175,18 +216,20 @@ impl VipsFileSource {
         if !forced {
             tokio::time::sleep(SETTLE).await;
         }
-        if std::fs::read_to_string(&self.path)
-            .ok()
-            .map(|t| content_hash(&t))
-            != Some(hash)
-        {
+        if !forced && self.read().await.ok().as_ref() != Some(&text) {
             // Still being written: looked at again at the next check.
             return None;
         }
-        self.last_seen = Some(hash);
-        match parse_vips_file(&text) {
+        let parsed = parse_vips_file(&text);
+        self.last_seen = Some(text);
+        match parsed {
             Ok(vips) => {
-                info!(%path, vips = vips.len(), "VIPs file loaded");
+                if vips.is_empty() && self.had_vips {
+                    warn!(%path, "VIPs file now lists no VIP: every VIP is removed");
+                } else {
+                    info!(%path, vips = vips.len(), "VIPs file loaded");
+                }
+                self.had_vips = !vips.is_empty();
                 Some(vips)
             }
             Err(e) => {
@@ -195,13 +238,6 @@ impl VipsFileSource {
             }
         }
     }
-}
-
-fn content_hash(text: &str) -> u64 {
-    use std::hash::{Hash as _, Hasher as _};
-    let mut hasher = std::collections::hash_map::DefaultHasher::new();
-    text.hash(&mut hasher);
-    hasher.finish()
 }
 
 #[cfg(test)]

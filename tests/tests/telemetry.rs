@@ -329,3 +329,70 @@ fn endpoints_split_cap_connections_and_time_out_silent_clients() {
         assert!(!kept, "a silent connection was kept open");
     }
 }
+
+/// A GET of `path` on the health endpoint within `timeout` (as the kubelet's probe, 1 s), on
+/// a connection of its own.
+fn probe(topo: &Topology, path: &str, timeout: Duration) -> Result<String, String> {
+    use std::io::{Read as _, Write as _};
+    topo.in_server(|| {
+        let addr: SocketAddr = ADDR.parse().unwrap();
+        let mut s = TcpStream::connect_timeout(&addr, timeout).map_err(|e| e.to_string())?;
+        s.set_read_timeout(Some(timeout)).unwrap();
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: probe\r\nConnection: close\r\n\r\n"
+        )
+        .map_err(|e| e.to_string())?;
+        let mut body = String::new();
+        s.read_to_string(&mut body).map_err(|e| e.to_string())?;
+        Ok(body)
+    })
+}
+
+/// Probes answer whatever other clients do: 40 keep-alive connections that stay open after
+/// their answer and 40 that never send a byte (any pod can open them where the endpoint is
+/// on the node's address) do not make the kubelet's 1 s probe fail, which would restart the
+/// agent.
+#[test]
+fn probes_answer_while_idle_connections_hold_the_endpoint() {
+    use std::io::{Read as _, Write as _};
+    require_root();
+    let topo = Topology::new("tp");
+    let args = [
+        "run",
+        "--iface",
+        &topo.server_if,
+        "--vip",
+        "10.77.0.2:80/tcp",
+    ];
+    let _agent = Agent::start(&topo.server_ns, &args);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while get(&topo, "/healthz").is_err() {
+        assert!(Instant::now() < deadline, "no /healthz");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let held: Vec<TcpStream> = topo.in_server(|| {
+        let mut held = Vec::new();
+        for _ in 0..40 {
+            let mut s = TcpStream::connect(ADDR).unwrap();
+            s.write_all(b"GET /healthz HTTP/1.1\r\nHost: idle\r\n\r\n")
+                .unwrap();
+            let mut buf = [0u8; 256];
+            let _ = s.read(&mut buf).unwrap();
+            held.push(s);
+        }
+        for _ in 0..40 {
+            held.push(TcpStream::connect(ADDR).unwrap());
+        }
+        held
+    });
+    let mut failed = Vec::new();
+    for _ in 0..10 {
+        match probe(&topo, "/healthz", Duration::from_secs(1)) {
+            Ok(body) if body.ends_with("ok\n") => {}
+            other => failed.push(other),
+        }
+    }
+    assert!(failed.is_empty(), "probes failed: {failed:?}");
+    drop(held);
+}

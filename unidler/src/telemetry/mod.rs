@@ -116,10 +116,16 @@ struct ApiState {
     hits: VipHitsReader,
 }
 
-/// Most connections an endpoint serves at once; more wait in the kernel's backlog (a slow or
-/// stuck client must not use up the agent's file descriptors, which its database
-/// connections need too).
+/// Most connections an endpoint serves at once as usual (keep-alive, [`HEADER_READ_TIMEOUT`]);
+/// a slow or stuck client must not use up the agent's file descriptors, which its database
+/// connections need too.
 const MAX_CONNECTIONS: usize = 32;
+/// Beyond [`MAX_CONNECTIONS`], this many more are served one request each, with
+/// [`OVERFLOW_TIMEOUT`] for all of it: idle clients holding every usual slot must not make
+/// the kubelet's probes (1 s) fail. Beyond these too, a connection is closed at once.
+const OVERFLOW_CONNECTIONS: usize = 64;
+/// How long an overflow connection may take, request and answer.
+const OVERFLOW_TIMEOUT: Duration = Duration::from_millis(900);
 /// Longest time a client may take to send its request's headers.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
 /// Longest time a connection may stay open.
@@ -161,8 +167,11 @@ pub async fn serve_api(
     serve(addr, app).await
 }
 
-/// Serves `app` on `addr` with at most [`MAX_CONNECTIONS`] connections at once, each given
-/// [`HEADER_READ_TIMEOUT`] for its headers and [`CONNECTION_TIMEOUT`] in all.
+/// Serves `app` on `addr`: [`MAX_CONNECTIONS`] connections at once as usual, each given
+/// [`HEADER_READ_TIMEOUT`] for its headers and [`CONNECTION_TIMEOUT`] in all; then
+/// [`OVERFLOW_CONNECTIONS`] more, one request each within [`OVERFLOW_TIMEOUT`]; others are
+/// closed at once. Every connection is accepted as it comes, so a probe never waits in the
+/// backlog behind idle clients.
 async fn serve(addr: SocketAddr, app: Router) -> std::io::Result<SocketAddr> {
     use hyper_util::{
         rt::{TokioIo, TokioTimer},
@@ -170,13 +179,10 @@ async fn serve(addr: SocketAddr, app: Router) -> std::io::Result<SocketAddr> {
     };
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let usual = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let overflow = Arc::new(tokio::sync::Semaphore::new(OVERFLOW_CONNECTIONS));
     tokio::spawn(async move {
         loop {
-            // A slot first: beyond the cap, clients wait in the backlog.
-            let Ok(slot) = slots.clone().acquire_owned().await else {
-                return;
-            };
             let stream = match listener.accept().await {
                 Ok((stream, _)) => stream,
                 Err(e) => {
@@ -185,13 +191,23 @@ async fn serve(addr: SocketAddr, app: Router) -> std::io::Result<SocketAddr> {
                     continue;
                 }
             };
+            let (slot, keep_alive, header_timeout, timeout) =
+                match usual.clone().try_acquire_owned() {
+                    Ok(slot) => (slot, true, HEADER_READ_TIMEOUT, CONNECTION_TIMEOUT),
+                    Err(_) => match overflow.clone().try_acquire_owned() {
+                        Ok(slot) => (slot, false, OVERFLOW_TIMEOUT, OVERFLOW_TIMEOUT),
+                        // Every slot taken: closed at once.
+                        Err(_) => continue,
+                    },
+                };
             let service = TowerToHyperService::new(app.clone());
             tokio::spawn(async move {
                 let connection = hyper::server::conn::http1::Builder::new()
                     .timer(TokioTimer::new())
-                    .header_read_timeout(HEADER_READ_TIMEOUT)
+                    .keep_alive(keep_alive)
+                    .header_read_timeout(header_timeout)
                     .serve_connection(TokioIo::new(stream), service);
-                let _ = tokio::time::timeout(CONNECTION_TIMEOUT, connection).await;
+                let _ = tokio::time::timeout(timeout, connection).await;
                 drop(slot);
             });
         }

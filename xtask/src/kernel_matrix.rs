@@ -573,7 +573,12 @@ fn run_in_guest(
     );
     let limit = plan.iter().map(|p| p.suite.time_limit).sum::<Duration>() + BOOT_ALLOWANCE;
     let started = Instant::now();
-    let mut child = Command::new(vng)
+    let mut vng_command = Command::new(vng);
+    // vng runs virtme-run, installed beside it, from PATH.
+    if let Some(bin) = vng.parent().filter(|dir| !dir.as_os_str().is_empty()) {
+        vng_command.env("PATH", crate::path_with(bin));
+    }
+    let mut child = vng_command
         .arg("--run")
         .arg(&kernel.image)
         .args([

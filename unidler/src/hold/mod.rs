@@ -87,7 +87,8 @@ pub struct HoldMetrics {
     /// Packets held now.
     pub held_now: Gauge,
     /// Held packets by what became of them (`held`, `retransmission`, `over_limit_vip`,
-    /// `over_limit_total`, `replayed`, `answered`, `expired`, `discarded`, `replay_failed`).
+    /// `over_limit_total`, `replayed`, `answered`, `abandoned`, `expired`, `discarded`,
+    /// `replay_failed`).
     pub packets: Family<[(&'static str, &'static str); 1], Counter>,
     /// Seconds from the first packet held for a VIP to its first replay.
     pub wait_seconds: Histogram,
@@ -165,6 +166,13 @@ pub struct HeldPackets {
     total: usize,
     metrics: HoldMetrics,
 }
+
+/// Most replays of one unanswered SYN: a client that is there answers the first; a spoofed
+/// source never does, and each replay makes the server send a SYN-ACK to it.
+pub const MAX_REPLAYS_PER_FLOW: u32 = 6;
+/// How long after its VIP's backend appeared a SYN is replayed at the most (the client's own
+/// retransmission takes over after it).
+pub const REPLAY_WINDOW: Duration = Duration::from_secs(3);
 
 /// Backoff between replays of an unanswered SYN: 50 ms, doubling, at most one second.
 fn backoff(replays: u32) -> Duration {
@@ -342,6 +350,13 @@ impl HeldPackets {
                 let Some(waking_since) = hold.waking_since_ns else {
                     continue;
                 };
+                if packet.replays >= MAX_REPLAYS_PER_FLOW
+                    || now_ns.saturating_sub(waking_since) > REPLAY_WINDOW.as_nanos() as u64
+                {
+                    // Unanswered: given up (amplification of spoofed SYNs is capped).
+                    done.push((*key, at, "abandoned"));
+                    continue;
+                }
                 if packet.next_replay_ns > now_ns {
                     continue;
                 }
@@ -594,6 +609,39 @@ mod tests {
         assert_eq!((hold.len(), count(&hold, "answered")), (0, 1));
         assert!(kernel.watched.is_empty(), "no flow watched once answered");
         assert_eq!(hold.next_due_ns(), None);
+    }
+
+    #[test]
+    fn an_unanswered_syn_is_replayed_a_bounded_number_of_times_within_a_bounded_time() {
+        let mut hold = HeldPackets::new(limits(), HoldMetrics::default());
+        let mut kernel = FakeReplayer::default();
+        hold.hold(packet(1000, 6, 0), 0);
+        hold.backends_appeared(&HoldKey::node_wide(vip()), 100 * MS);
+        // Never answered (a spoofed source): replayed every time it is due, up to the cap.
+        let mut now = 100 * MS;
+        while let Some(due) = hold.next_due_ns() {
+            now = due.max(now);
+            hold.replay_due(now, &mut kernel);
+            now += MS;
+            assert!(
+                now < 100 * MS + 2 * REPLAY_WINDOW.as_nanos() as u64,
+                "never given up"
+            );
+        }
+        assert_eq!(kernel.replays.len() as u32, MAX_REPLAYS_PER_FLOW);
+        assert_eq!((hold.len(), count(&hold, "abandoned")), (0, 1));
+        assert!(kernel.watched.is_empty(), "no flow watched once given up");
+
+        // A backend that appears late in the packet's life: replays stop at the window.
+        let mut hold = HeldPackets::new(limits(), HoldMetrics::default());
+        let mut kernel = FakeReplayer::default();
+        hold.hold(packet(1001, 6, 0), 0);
+        hold.backends_appeared(&HoldKey::node_wide(vip()), 100 * MS);
+        hold.replay_due(100 * MS, &mut kernel);
+        let after_window = 100 * MS + REPLAY_WINDOW.as_nanos() as u64 + MS;
+        hold.replay_due(after_window, &mut kernel);
+        assert_eq!(kernel.replays.len(), 1);
+        assert_eq!(count(&hold, "abandoned"), 1);
     }
 
     #[test]

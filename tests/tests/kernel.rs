@@ -13,10 +13,10 @@ use std::{
 use unidler::datapath::{KernelFeatures, kernel_release};
 use unidler_tests::{agent::agent_binary, require_root};
 
-/// Runs `unidler run` on loopback until it has attached its datapath (then stops it with
-/// SIGTERM, which must end it cleanly) or exits by itself; returns its exit status if it
-/// exited by itself (None if it started), and its standard error.
-fn start_agent(state_dir: &std::path::Path) -> (Option<i32>, String) {
+/// Runs `unidler run` on loopback at `log_level` until it has attached its datapath (then
+/// stops it with SIGTERM, which must end it cleanly) or exits by itself; returns its exit
+/// status if it exited by itself (None if it started), and its standard error.
+fn start_agent(state_dir: &std::path::Path, log_level: &str) -> (Option<i32>, String) {
     let mut child = Command::new(agent_binary())
         .args([
             "run",
@@ -30,6 +30,8 @@ fn start_agent(state_dir: &std::path::Path) -> (Option<i32>, String) {
             "127.0.0.1:0",
             "--api-addr",
             "127.0.0.1:0",
+            "--log-level",
+            log_level,
             "--state-dir",
         ])
         .arg(state_dir)
@@ -80,7 +82,9 @@ fn the_agent_starts_or_refuses_this_kernel_in_a_few_lines() {
     let features = KernelFeatures::probe();
     let expect_refusal = std::env::var_os("UNIDLER_EXPECT_REFUSAL").is_some();
     let state = tempfile_dir();
-    let (status, stderr) = start_agent(&state);
+    // The default level where the kernel is refused: what an operator sees.
+    let supported = features.check_required().is_ok();
+    let (status, stderr) = start_agent(&state, if supported { "debug" } else { "info" });
     let _ = std::fs::remove_dir_all(&state);
     match features.check_required() {
         Ok(()) => {
@@ -98,6 +102,14 @@ fn the_agent_starts_or_refuses_this_kernel_in_a_few_lines() {
                 stderr.contains("kernel features probed"),
                 "the start does not say what the kernel offers:\n{stderr}"
             );
+            // What the kernel matrix reports of each kernel: its features, and each program's
+            // verification (time, instructions).
+            for line in stderr
+                .lines()
+                .filter(|l| l.contains("kernel features probed") || l.contains("program verified"))
+            {
+                println!("{}", line.split_once("unidler").map_or(line, |(_, l)| l));
+            }
         }
         Err(refusal) => {
             assert_eq!(status, Some(1), "a refused kernel must exit 1:\n{stderr}");

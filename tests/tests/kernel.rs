@@ -119,6 +119,8 @@ fn the_agent_starts_or_refuses_this_kernel_in_a_few_lines() {
                 "the refusal is too long ({} bytes):\n{stderr}",
                 stderr.len()
             );
+            // What the kernel matrix reports of this kernel.
+            println!("{}", stderr.trim());
             let release = kernel_release();
             assert!(stderr.contains(&release), "kernel not named:\n{stderr}");
             for feature in &refusal.missing {

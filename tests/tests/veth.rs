@@ -458,3 +458,34 @@ fn interfaces_matching_a_pattern_are_followed_as_they_come_and_go() {
     agent.wait_for_log("interface gone: detached", Duration::from_secs(5));
     assert!(agent.is_running());
 }
+
+/// The TC hook after a crash: on kernels with TCX the link goes with the dead agent; before
+/// TCX a clsact filter does not, and the next agent takes its place. Either way one program
+/// judges each packet (one event, not two), and once that agent stops cleanly nothing is
+/// left dropping.
+#[test]
+fn a_tc_attachment_left_by_a_crash_is_taken_over() {
+    require_root();
+    let topo = Topology::new("uc");
+    let first = agent(&topo, "tc", &["--vip", "10.77.0.2:8080/tcp"]);
+    first.signal(libc::SIGKILL);
+    let exit = first.wait(Duration::from_secs(10));
+    assert_eq!(exit.code, None, "killed by a signal");
+    let vip = SocketAddr::new(SERVER_V4.into(), 8080);
+    let _server = echo_server(&topo, vip);
+    let mut second = agent(&topo, "tc", &["--vip", "10.77.0.2:8080/tcp"]);
+    let (_, connected) = connect(&topo, CLIENT_V4.into(), vip, Duration::from_millis(600));
+    assert!(!connected, "the idle VIP is dropped");
+    assert_eq!(
+        second
+            .events_until_quiet(QUIET, Duration::from_secs(3))
+            .len(),
+        1,
+        "one program judges the packet"
+    );
+    second.signal(libc::SIGTERM);
+    let exit = second.wait(Duration::from_secs(10));
+    assert_eq!(exit.code, Some(0), "{}", exit.stderr);
+    let (_, connected) = connect(&topo, CLIENT_V4.into(), vip, Duration::from_millis(600));
+    assert!(connected, "nothing is left dropping after a clean stop");
+}

@@ -22,9 +22,11 @@ pub const VIP_MAP_CAPACITY: u32 = 131_072;
 pub const EVENT_RING_BYTES: u32 = 1024 * 1024;
 
 /// Largest frame the datapath holds for replay, in bytes: a TCP SYN with every option (60-byte
-/// header) over IPv6 with two VLAN tags (122 bytes), or a UDP datagram of 512 bytes of payload
-/// over IPv6 with two VLAN tags (590 bytes), fit. Larger frames are not held (and counted).
-pub const HELD_FRAME_MAX: usize = 640;
+/// header) over IPv6 with two VLAN tags (122 bytes), or a UDP datagram of 900 bytes of payload
+/// over IPv6 with two VLAN tags, fit. Larger frames are not held (and counted). A power of
+/// two, which the kernel's length mask relies on: the copy's length is bounded by the mask
+/// alone, with no comparison an older verifier could lose track of.
+pub const HELD_FRAME_MAX: usize = 1024;
 
 /// Frames shorter than this are held in a small entry ([`HeldFrame<HELD_FRAME_SMALL>`], 176
 /// bytes in the ring): every TCP SYN (74-98 bytes with options and VLAN tags, IPv6 included)
@@ -32,7 +34,7 @@ pub const HELD_FRAME_MAX: usize = 640;
 pub const HELD_FRAME_SMALL: usize = 128;
 
 /// Size in bytes of the held-frame ring buffer: about 5,900 SYNs (176 bytes each with the
-/// ring's header), or 1,500 frames of up to [`HELD_FRAME_MAX`] bytes (688), between two reads
+/// ring's header), or 980 frames of up to [`HELD_FRAME_MAX`] bytes (1,072), between two reads
 /// of the agent, which keeps at most `--hold-total` of them. The kernel's bound on holding: a
 /// flood beyond it is counted ([`Counter::HoldRingFull`]). The agent maps it twice (as every
 /// ring buffer reader does), so it counts double in the agent's resident memory.
@@ -453,6 +455,7 @@ const _: () = assert!(core::mem::size_of::<ScopedVip>() == 8);
 const _: () = assert!(core::mem::size_of::<HeldFrame<HELD_FRAME_SMALL>>() == 40 + HELD_FRAME_SMALL);
 const _: () = assert!(core::mem::size_of::<HeldFrame<HELD_FRAME_MAX>>() == 40 + HELD_FRAME_MAX);
 const _: () = assert!(HELD_FRAME_SMALL.is_power_of_two() && HELD_FRAME_SMALL < HELD_FRAME_MAX);
+const _: () = assert!(HELD_FRAME_MAX.is_power_of_two());
 
 #[cfg(feature = "user")]
 mod user {

@@ -41,7 +41,7 @@ use unidler_common::{
     FLOW_ANSWERED, FlowKey, HELD_FRAME_MAX, HELD_FRAME_SMALL, HELD_RING_BYTES, Heartbeat,
     HeldFrame, HeldHeader, HoldConfig, IFACE_SCOPES_CAPACITY, IdleHitEvent, REPLAY_MARK,
     RateLimitConfig, ScopedVip, VIP_FLAG_PASS_WHEN_IDLE, VIP_FLAG_SCOPED, VIP_MAP_CAPACITY,
-    VIP_SCOPES_CAPACITY, VipKey, VipState, address_bucket,
+    VIP_SCOPES_CAPACITY, VipKey, VipState, address_bucket, address_bucket_ipv4,
 };
 
 /// VIP → backend count, id and flags. Written by the agent; the kernel only updates the
@@ -437,7 +437,9 @@ fn classify<P: Packet>(ctx: &P) -> Result<Option<Parsed>, Counter> {
         }
         _ => false,
     };
-    if !opening {
+    // The prefilter first, straight from the packet: most opening packets are to no VIP,
+    // and their flow is never read.
+    if !opening || !maybe_vip_destination(ctx, l3, ipv6) {
         return Ok(None);
     }
     let tagged = l3 != EthHdr::LEN || ctx.stripped_vlan().is_some();
@@ -523,13 +525,10 @@ fn skip_ipv6_extensions<P: Packet>(
     }
 }
 
-/// An opening packet: checks the prefilter, then looks the destination up and acts if the
+/// An opening packet that passed the prefilter: looks the destination up and acts if the
 /// VIP is idle.
 #[inline(always)]
 fn on_opening_packet<P: Packet>(ctx: &P, flow: &FlowKey, tagged: bool) -> Verdict {
-    if !maybe_vip_address(address_bucket(&flow.dst_addr)) {
-        return Verdict::Pass;
-    }
     let vip = VipKey {
         addr: flow.dst_addr,
         port_be: flow.dst_port_be,
@@ -638,17 +637,14 @@ fn hold<P: Packet>(ctx: &P, vip: &VipKey, now: u64) {
     if small {
         hold_in::<HELD_FRAME_SMALL, P>(ctx, vip, now, ((len - 1) & HELD_SMALL_MASK) + 1);
     } else {
-        let len = ((len - 1) & HELD_LEN_MASK) + 1;
-        if len as usize <= HELD_FRAME_MAX {
-            hold_in::<HELD_FRAME_MAX, P>(ctx, vip, now, len);
-        }
+        hold_in::<HELD_FRAME_MAX, P>(ctx, vip, now, ((len - 1) & HELD_LEN_MASK) + 1);
     }
 }
 
 /// A mask that keeps every length below [`HELD_FRAME_SMALL`] (a power of two).
 const HELD_SMALL_MASK: u32 = HELD_FRAME_SMALL as u32 - 1;
-/// A mask that keeps every length up to [`HELD_FRAME_MAX`].
-const HELD_LEN_MASK: u32 = (HELD_FRAME_MAX as u32).next_power_of_two() - 1;
+/// A mask that keeps every length up to [`HELD_FRAME_MAX`] (a power of two).
+const HELD_LEN_MASK: u32 = HELD_FRAME_MAX as u32 - 1;
 
 /// Writes one held-frame entry of `N` bytes of frame; `len` is at most `N`.
 #[inline(always)]
@@ -696,6 +692,25 @@ fn on_answer(flow: &FlowKey, ifindex: u32) {
             }
         }
     }
+}
+
+/// Whether the destination of the packet whose IP header is at `l3` may be a VIP's address:
+/// its prefilter bucket has one (an array lookup, no hash). A packet too short passes it
+/// (the flow's read then fails).
+#[inline(always)]
+fn maybe_vip_destination<P: Packet>(ctx: &P, l3: usize, ipv6: bool) -> bool {
+    let bucket = if ipv6 {
+        match header_at::<[u8; 16], P>(ctx, l3 + 24) {
+            Some(addr) => address_bucket(addr),
+            None => return true,
+        }
+    } else {
+        match header_at::<[u8; 4], P>(ctx, l3 + 16) {
+            Some(addr) => address_bucket_ipv4(addr),
+            None => return true,
+        }
+    };
+    maybe_vip_address(bucket)
 }
 
 /// Whether some VIP's address falls in prefilter bucket `bucket`.

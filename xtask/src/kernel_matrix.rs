@@ -75,6 +75,7 @@ const DATAPATH_SUITES: &[Suite] = &[
             "udp_datagram_to_idle_vip_is_reported_and_dropped",
             "vip_with_backends_connects_without_event_and_other_traffic_flows",
             "sigterm_detaches_and_exits_cleanly",
+            "a_tc_attachment_left_by_a_crash_is_taken_over",
         ],
         time_limit: Duration::from_secs(8 * 60),
     },
@@ -84,8 +85,14 @@ const DATAPATH_SUITES: &[Suite] = &[
             "the_first_tcp_connect_succeeds_as_soon_as_the_backend_appears_ipv4",
             "the_first_tcp_connect_succeeds_as_soon_as_the_backend_appears_ipv6",
             "one_udp_datagram_is_answered_exactly_once",
+            "a_vlan_tagged_syn_is_replayed_with_its_tag",
         ],
         time_limit: Duration::from_secs(5 * 60),
+    },
+    Suite {
+        target: "capabilities",
+        filters: &[],
+        time_limit: Duration::from_secs(3 * 60),
     },
 ];
 
@@ -188,6 +195,7 @@ pub fn test(kernels: &[&str], narrowing: &[String]) -> Result<()> {
         outcomes.push(outcome);
     }
     print_summary(&outcomes);
+    print_kernel_figures(&outcomes);
     let failed: Vec<&str> = outcomes
         .iter()
         .filter(|o| !o.passed())
@@ -551,6 +559,32 @@ fn print_summary(outcomes: &[KernelOutcome]) {
     }
 }
 
+/// What each kernel's start said (`tests/tests/kernel.rs` prints it): the features probed,
+/// each program's verification (time under emulation, instructions), or the refusal. The
+/// README's kernel table is read from here.
+fn print_kernel_figures(outcomes: &[KernelOutcome]) {
+    println!();
+    println!("what each kernel's start said (tests/tests/kernel.rs):");
+    for o in outcomes {
+        let log = target_dir()
+            .join("kernel-matrix")
+            .join(o.kernel)
+            .join("kernel.log");
+        let text = fs::read_to_string(&log).unwrap_or_default();
+        for line in text.lines().filter(|l| {
+            [
+                "kernel features probed",
+                "program verified",
+                "cannot run the datapath",
+            ]
+            .iter()
+            .any(|needle| l.contains(needle))
+        }) {
+            println!("  [{}] {}", o.kernel, line.trim());
+        }
+    }
+}
+
 /// Boots `kernel` and runs `plan` in it; what happened, whether or not the tests passed.
 fn run_in_guest(
     vng: &Path,
@@ -747,7 +781,7 @@ fn guest_script(dir: &Path, agent: &Path, env: &[(&str, &str)], plan: &[PlannedS
         let target = p.suite.target;
         let _ = write!(
             s,
-            "start=$(date +%s)\ntimeout -k 10 {} {} --exact --test-threads 1",
+            "start=$(date +%s)\ntimeout -k 10 {} {} --exact --test-threads 1 --show-output",
             p.suite.time_limit.as_secs(),
             q(&p.executable)
         );

@@ -487,3 +487,22 @@ fn a_second_agent_on_the_same_pin_dir_is_refused() {
     let detach = Agent::run_to_exit(&topo.server_ns, &["detach", "--pin-dir", &pin_dir]);
     assert_eq!(detach.code, Some(0), "{}", detach.stderr);
 }
+
+/// Holding is off until the agent turns it on: an agent with `--hold-max-age 0` that adopts
+/// the pinned maps of one that held does not leave the kernel copying packets nobody replays.
+#[test]
+fn holding_does_not_outlive_the_agent_that_turned_it_on() {
+    require_root();
+    let bpffs = BpfFs::mount();
+    let options = unidler::datapath::LoadOptions {
+        pin_dir: Some(bpffs.pin_dir().into()),
+        ..Default::default()
+    };
+    {
+        let mut first = unidler::datapath::Datapath::load(&options).expect("load");
+        first.set_holding(true).unwrap();
+        assert!(first.is_holding());
+    }
+    let second = unidler::datapath::Datapath::load(&options).expect("load again");
+    assert!(!second.is_holding(), "the first agent's holding stayed on");
+}

@@ -386,7 +386,13 @@ impl Datapath {
         let counters = CounterReader(Arc::new(take_map(&mut ebpf, "COUNTERS")?));
         let events = Some(take_map(&mut ebpf, "EVENTS")?);
         let held = Some(take_map(&mut ebpf, "HELD")?);
-        let hold = take_map(&mut ebpf, "HOLD")?;
+        let mut hold: Array<MapData, HoldConfig> = take_map(&mut ebpf, "HOLD")?;
+        // Off until this agent turns it on: an adopted map keeps what the last agent wrote.
+        hold.set(0, HoldConfig::default(), 0)
+            .map_err(|source| DatapathError::Map {
+                map: "HOLD",
+                source,
+            })?;
         let mut answered: HashMap<MapData, FlowKey, u32> = take_map(&mut ebpf, "ANSWERED_FLOWS")?;
         if pins.is_some() {
             // The flows an earlier agent watched: their held packets went with it.

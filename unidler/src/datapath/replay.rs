@@ -39,6 +39,11 @@ impl Datapath {
         Ok(())
     }
 
+    /// Whether the kernel holds opening packets to idle VIPs now (as the `HOLD` map says).
+    pub fn is_holding(&self) -> bool {
+        self.hold.get(&0, 0).is_ok_and(|h| h.holding != 0)
+    }
+
     /// How many replayed flows the kernel watches for an answer.
     pub fn watched_flows(&self) -> usize {
         self.answered.keys().flatten().count()

@@ -202,3 +202,53 @@ fn the_agent_and_its_subcommands_run_with_the_manifests_capabilities() {
     let _ = Command::new("umount").arg(bpffs.path_str()).status();
     assert!(!left, "detach left the pin directory");
 }
+
+/// With exactly the manifests' capabilities a second agent on an interface is refused with
+/// the TC hook too (telling another agent's program from ours needed `CAP_SYS_ADMIN`), and the
+/// kernel's features are probed right (TCX detected whatever is attached to loopback).
+#[test]
+fn a_second_agent_is_refused_with_the_manifests_capabilities() {
+    require_root();
+    let restricted = Restricted::new(&granted_capabilities());
+    let topo = Topology::new("c2");
+    let start = |api: &str, metrics: &str| {
+        vec![
+            "run".to_owned(),
+            "--iface".to_owned(),
+            topo.server_if.clone(),
+            "--hook".to_owned(),
+            "tc".to_owned(),
+            "--vip".to_owned(),
+            format!("{SERVER_V4}:8080/tcp"),
+            "--api-addr".to_owned(),
+            api.to_owned(),
+            "--metrics-addr".to_owned(),
+            metrics.to_owned(),
+        ]
+    };
+    let first_args = start("127.0.0.1:19688", "127.0.0.1:19689");
+    let first_args: Vec<&str> = first_args.iter().map(String::as_str).collect();
+    let mut first = Agent::start_binary(&restricted.wrapper, &topo.server_ns, &first_args);
+    let expected = unidler::datapath::KernelFeatures::probe().expect("probe");
+    let probed = first.wait_for_log("kernel features probed", Duration::from_secs(5));
+    assert!(
+        probed.contains(&format!("tc=\"{}\"", expected.tc_attachment())),
+        "{probed}"
+    );
+    let second_args = start("127.0.0.1:19690", "127.0.0.1:19691");
+    let out = Command::new("ip")
+        .args(["netns", "exec", &topo.server_ns])
+        .arg(&restricted.wrapper)
+        .args(&second_args)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("another unidler is running on it"),
+        "{stderr}"
+    );
+    first.signal(libc::SIGTERM);
+    let exit = first.wait(Duration::from_secs(10));
+    assert_eq!(exit.code, Some(0), "{}", exit.stderr);
+}

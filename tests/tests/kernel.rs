@@ -79,7 +79,7 @@ fn start_agent(state_dir: &std::path::Path, log_level: &str) -> (Option<i32>, St
 #[test]
 fn the_agent_starts_or_refuses_this_kernel_in_a_few_lines() {
     require_root();
-    let features = KernelFeatures::probe();
+    let features = KernelFeatures::probe().expect("probing the kernel");
     let expect_refusal = std::env::var_os("UNIDLER_EXPECT_REFUSAL").is_some();
     let state = tempfile_dir();
     // The default level where the kernel is refused: what an operator sees.

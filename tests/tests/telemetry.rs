@@ -163,7 +163,7 @@ fn metrics_health_and_inspection_during_real_traffic() {
             && row[2] == "tc"
             && row[3] == "-"
             && row[4..]
-                == match KernelFeatures::probe().tcx {
+                == match KernelFeatures::probe().expect("probing the kernel").tcx {
                     true => ["tcx", "link"],
                     false => ["clsact", "filter"],
                 },

@@ -328,7 +328,7 @@ fn a_second_agent_on_the_same_interface_is_refused_clearly() {
 /// report every hit twice.
 #[test]
 fn a_second_agent_with_the_tc_hook_is_refused_clearly() {
-    a_second_agent_is_refused("u2", "tc", "already has unidler's TC program");
+    a_second_agent_is_refused("u2", "tc", "another unidler is running on it");
 }
 
 /// The interface is deleted and made again under the same name (as a pod's veth is): its

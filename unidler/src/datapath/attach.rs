@@ -74,7 +74,36 @@ pub(super) struct Attachment {
     ifindex: u32,
     hook: Hook,
     link: Link,
+    _lock: InterfaceLock,
 }
+
+/// This process's claim on an interface, held while the datapath is on it: an abstract unix
+/// socket named after the interface's index. Abstract names belong to a network namespace,
+/// as interfaces do, and the kernel frees one with its process, a crash included: a second
+/// agent on the interface cannot take it, and a filter left by a dead agent is told from a
+/// live agent's without opening any program (which would need `CAP_SYS_ADMIN`).
+struct InterfaceLock {
+    _socket: std::os::unix::net::UnixDatagram,
+}
+
+impl InterfaceLock {
+    /// Claims interface `ifindex`; None if another process holds it.
+    fn take(ifindex: u32) -> Result<Option<Self>, String> {
+        use std::os::linux::net::SocketAddrExt as _;
+        let name = format!("unidler/datapath/{ifindex}");
+        let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())
+            .map_err(|e| e.to_string())?;
+        match std::os::unix::net::UnixDatagram::bind_addr(&addr) {
+            Ok(socket) => Ok(Some(Self { _socket: socket })),
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => Ok(None),
+            Err(e) => Err(format!("claiming the interface: {e}")),
+        }
+    }
+}
+
+/// The refusal of an interface another unidler is on.
+const ANOTHER_AGENT: &str =
+    "another unidler is running on it (one agent per interface: stop it first)";
 
 /// How an attachment is held: a link of this process, or a pinned one.
 enum Link {
@@ -91,10 +120,10 @@ pub const CLSACT_PRIORITY: u16 = 0x7a1e;
 pub const CLSACT_HANDLE: u16 = 1;
 
 /// Attaches the TC program to `iface`'s clsact ingress (kernels without TCX), in unidler's
-/// fixed slot. A filter already in that slot was left there by an agent that did not exit
-/// cleanly (a filter is no BPF link: it does not go with its process), or belongs to another
-/// agent on this interface: this program takes its place atomically, and the takeover is
-/// logged.
+/// fixed slot. The caller holds the interface's claim ([`InterfaceLock`]), so a filter already
+/// in that slot was left there by an agent that did not exit cleanly (a filter is no BPF link:
+/// it does not go with its process): this program takes its place atomically, and the
+/// takeover is logged.
 fn attach_clsact(
     program: &mut SchedClassifier,
     iface: &str,
@@ -121,8 +150,8 @@ fn attach_clsact(
             .map_err(|e| ProgramError::TcError(TcError::IoError(e)))?;
             tracing::warn!(
                 iface,
-                "took over the TC filter that an earlier unidler left on the interface (one \
-                 that did not exit cleanly, or another agent still running there)"
+                "took over the TC filter that an earlier unidler left on the interface (it did \
+                 not exit cleanly)"
             );
             program.attach_to_link(left)
         }
@@ -150,26 +179,35 @@ impl Datapath {
             hook,
             reason: attach_hint(&err, hook),
         };
+        let refused = |reason: &str| DatapathError::Attach {
+            iface: iface.to_owned(),
+            hook,
+            reason: reason.to_owned(),
+        };
+        let claim = InterfaceLock::take(ifindex).map_err(|e| refused(&e))?;
         let link = match hook {
             Hook::Tc => {
+                // TC takes several programs (and a clsact filter outlives its agent): the
+                // claim is what keeps a second agent off, which would report every hit twice.
+                if claim.is_none() {
+                    return Err(refused(&format!(
+                        "the interface already has unidler's TC program: {ANOTHER_AGENT}"
+                    )));
+                }
                 let tcx = self.features.tcx;
-                if !tcx {
-                    // Before TCX, TC programs hang off the clsact qdisc (may be there already).
-                    let _ = aya::programs::tc::qdisc_add_clsact(iface);
-                } else if let Ok((_, programs)) =
-                    SchedClassifier::query_tcx(iface, TcAttachType::Ingress)
+                if tcx
+                    && let Ok((_, programs)) =
+                        SchedClassifier::query_tcx(iface, TcAttachType::Ingress)
                     && programs
                         .iter()
                         .any(|p| p.name() == TC_PROGRAM_NAME.as_bytes())
                 {
-                    // TCX takes several programs: a second agent would report every hit twice.
-                    return Err(DatapathError::Attach {
-                        iface: iface.to_owned(),
-                        hook,
-                        reason: "the interface already has unidler's TC program (another \
-                                 unidler is running on it)"
-                            .into(),
-                    });
+                    // A TCX link of ours that no agent holds: pinned by an agent with another
+                    // --pin-dir (seen only with CAP_SYS_ADMIN, which names other programs).
+                    return Err(refused(
+                        "the interface already has unidler's TC program, pinned by an agent \
+                         with another --pin-dir (`unidler detach --pin-dir DIR` removes it)",
+                    ));
                 }
                 let program = self.tc_program_mut()?;
                 let link = if tcx {
@@ -196,12 +234,18 @@ impl Datapath {
                 )
             }
         };
+        let Some(lock) = claim else {
+            // XDP: the kernel let this program on, so the other agent is there with TC.
+            let _ = self.detach_link(link);
+            return Err(refused(ANOTHER_AGENT));
+        };
         let link = self.pin_link(iface, hook, link)?;
         self.attached.push(Attachment {
             iface: iface.to_owned(),
             ifindex,
             hook,
             link,
+            _lock: lock,
         });
         Ok((ifindex, hook))
     }
@@ -267,6 +311,7 @@ impl Datapath {
                     _ => self.program().map_err(|e| e.to_string())?.fd(),
                 }
                 .map_err(|e| e.to_string())?;
+                let lock = InterfaceLock::take(linked)?.ok_or(ANOTHER_AGENT)?;
                 pinning::update_link(attachment.fd(), program.as_fd())
                     .map_err(|e| e.to_string())?;
                 self.attached.push(Attachment {
@@ -274,6 +319,7 @@ impl Datapath {
                     ifindex: linked,
                     hook,
                     link: Link::Pinned(attachment),
+                    _lock: lock,
                 });
                 Ok(linked)
             })();
@@ -303,7 +349,12 @@ impl Datapath {
     }
 
     fn detach(&mut self, attachment: Attachment) -> Result<(), DatapathError> {
-        let result = match attachment.link {
+        self.detach_link(attachment.link)
+    }
+
+    /// Detaches one link of this process (a pinned one: unpins it, which detaches it).
+    fn detach_link(&mut self, link: Link) -> Result<(), DatapathError> {
+        let result = match link {
             Link::Xdp(link) => self.program_mut()?.detach(link),
             Link::Tc(link) => self.tc_program_mut()?.detach(link),
             Link::Pinned(pinned) => {

@@ -10,7 +10,7 @@ use std::{fmt, io, os::fd::FromRawFd as _, os::fd::OwnedFd};
 
 use aya::{
     maps::MapType,
-    programs::{ProgramType, SchedClassifier, TcAttachType},
+    programs::ProgramType,
     sys::{BpfHelper, is_helper_supported, is_map_supported},
 };
 
@@ -119,21 +119,22 @@ impl fmt::Display for Unsupported {
 impl std::error::Error for Unsupported {}
 
 impl KernelFeatures {
-    /// Probes the running kernel (loads a few tiny programs and maps, and drops them).
-    pub fn probe() -> Self {
-        Self {
+    /// Probes the running kernel (loads a few tiny programs and maps, and drops them). An
+    /// error is the kernel refusing the probes themselves (missing privileges, BPF restricted
+    /// by a seccomp profile or an LSM), not a missing feature.
+    pub fn probe() -> io::Result<Self> {
+        Ok(Self {
             release: kernel_release(),
-            ring_buffer: is_map_supported(MapType::RingBuf).unwrap_or(false),
-            atomic_compare_exchange: probe_compare_exchange(),
+            ring_buffer: is_map_supported(MapType::RingBuf).map_err(|e| e.io_error)?,
+            atomic_compare_exchange: probe_compare_exchange()?,
             xdp_load_bytes: is_helper_supported(
                 ProgramType::Xdp,
                 BpfHelper::BPF_FUNC_xdp_load_bytes,
             )
             .unwrap_or(false),
             live_frames: probe_live_frames(),
-            // BPF_PROG_QUERY with a TCX attach type: EINVAL before 6.6.
-            tcx: SchedClassifier::query_tcx("lo", TcAttachType::Ingress).is_ok(),
-        }
+            tcx: probe_tcx()?,
+        })
     }
 
     /// The required features this kernel lacks, as a refusal; `Ok` if it has them all.
@@ -251,18 +252,54 @@ fn load_xdp(insns: &[Insn]) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
+/// Whether the kernel answers a count-only `BPF_PROG_QUERY` of TCX ingress on loopback (6.6;
+/// before, the attach type is unknown: EINVAL). Counting opens no program, so it needs no
+/// more than `CAP_NET_ADMIN`.
+fn probe_tcx() -> io::Result<bool> {
+    const BPF_PROG_QUERY: libc::c_long = 16;
+    const BPF_TCX_INGRESS: u32 = 46;
+    /// The head of `bpf_attr` for `BPF_PROG_QUERY`.
+    #[repr(C)]
+    struct Query {
+        target_ifindex: u32,
+        attach_type: u32,
+        query_flags: u32,
+        attach_flags: u32,
+        prog_ids: u64,
+        count: u32,
+        _pad: u32,
+    }
+    let attr = Query {
+        target_ifindex: 1,
+        attach_type: BPF_TCX_INGRESS,
+        query_flags: 0,
+        attach_flags: 0,
+        prog_ids: 0,
+        count: 0,
+        _pad: 0,
+    };
+    match bpf(BPF_PROG_QUERY, &attr) {
+        Ok(_) => Ok(true),
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
 /// Whether the verifier takes a 64-bit compare-and-exchange on the stack (5.12; older
-/// verifiers say "BPF_STX uses reserved fields").
-fn probe_compare_exchange() -> bool {
-    load_xdp(&[
+/// verifiers say "BPF_STX uses reserved fields", EINVAL).
+fn probe_compare_exchange() -> io::Result<bool> {
+    match load_xdp(&[
         insn(BPF_ALU64_MOV_K, 1, 0, 0, 0),
         insn(BPF_STX_MEM_DW, 10, 1, -8, 0),
         insn(BPF_ALU64_MOV_K, 0, 0, 0, 0),
         insn(BPF_STX_ATOMIC_DW, 10, 1, -8, BPF_CMPXCHG),
         insn(BPF_ALU64_MOV_K, 0, 0, 0, XDP_DROP),
         insn(BPF_JMP_EXIT, 0, 0, 0, 0),
-    ])
-    .is_ok()
+    ]) {
+        Ok(_) => Ok(true),
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(false),
+        Err(e) => Err(e),
+    }
 }
 
 /// Whether live-frame test runs work: runs a program that drops everything once, with live
@@ -300,7 +337,7 @@ fn probe_live_frames() -> bool {
     // egress_ifindex; loopback is interface 1.
     let ctx: [u32; 6] = [0, frame.len() as u32, 0, 1, 0, 0];
     use std::os::fd::AsRawFd as _;
-    let attr = TestRun {
+    let mut attr = TestRun {
         prog_fd: program.as_raw_fd() as u32,
         data_size_in: frame.len() as u32,
         data_in: frame.as_ptr() as u64,
@@ -310,7 +347,17 @@ fn probe_live_frames() -> bool {
         flags: BPF_F_TEST_XDP_LIVE_FRAMES,
         ..TestRun::default()
     };
-    bpf(BPF_PROG_TEST_RUN, &attr).is_ok()
+    // SAFETY: a valid attribute of the size passed; the kernel writes its results into it
+    // (through the pointer from a unique borrow) and reads the buffers it points to.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_PROG_TEST_RUN,
+            &mut attr as *mut TestRun,
+            size_of::<TestRun>() as u32,
+        )
+    };
+    rc == 0
 }
 
 #[cfg(test)]

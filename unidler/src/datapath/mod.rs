@@ -269,7 +269,14 @@ impl Datapath {
             Some(dir) => Some(PinDir::open(dir).map_err(|e| DatapathError::Pin(e.to_string()))?),
             None => None,
         };
-        let features = KernelFeatures::probe();
+        // Missing privileges first: the probes would take them for missing features.
+        if let Some(msg) = caps::explain_missing() {
+            return Err(DatapathError::Privileges(msg));
+        }
+        let features = KernelFeatures::probe().map_err(|err| match privileges_error(&err) {
+            Some(msg) => DatapathError::Privileges(msg),
+            None => DatapathError::Load(Box::new(err)),
+        })?;
         features.check_required()?;
         let holding_available = u8::from(features.holding().is_ok());
         let mut loader = EbpfLoader::new();

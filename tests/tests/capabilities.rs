@@ -175,7 +175,7 @@ fn the_agent_and_its_subcommands_run_with_the_manifests_capabilities() {
         .unwrap();
     assert!(mounted.success(), "mount -t bpf");
     let pin_dir = format!("{}/unidler", bpffs.path_str());
-    let mut agent = Agent::start_binary(
+    let agent = Agent::start_binary(
         &restricted.wrapper,
         &topo.server_ns,
         &[

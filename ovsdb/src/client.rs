@@ -1127,12 +1127,6 @@ impl<'a> Applier<'a> {
 impl RowSink for Applier<'_> {
     fn begin(&mut self, found: bool) -> Result<(), Error> {
         self.found = found;
-        if found && self.scope.is_some() {
-            // A named monitor set up again, resumed: its rows count as changed all the same,
-            // so that a consumer that waits for them after a full load of the data monitor
-            // learns that this session has them.
-            self.changed.extend(self.replicated.iter().cloned());
-        }
         if !found {
             // A full load (of the batch's monitor) is announced as a resync, without a copy
             // of every row; each of its replicated tables counts as changed (empty ones

@@ -182,9 +182,7 @@ pub fn monitors(vip_source: Option<ConsumerHandle>) -> Vec<MonitorRequest> {
         MonitorRequest::table(CONTROLLER_EVENT),
     ];
     if let Some(source) = vip_source {
-        use crate::vipsource::ovn::{
-            COLUMNS, OPTIONAL_COLUMNS, REJECTING, REPLICATED, REPORTING, TABLE,
-        };
+        use crate::vipsource::ovn::{COLUMNS, OPTIONAL_COLUMNS, REPLICATED, TABLE};
         // Every load balancer: one without `options:event` that has backends for a VIP
         // keeps that VIP active where it applies.
         monitors.push(
@@ -193,21 +191,6 @@ pub fn monitors(vip_source: Option<ConsumerHandle>) -> Vec<MonitorRequest> {
                 .optional_columns(&OPTIONAL_COLUMNS)
                 .consumed_by(source),
         );
-        // Which of them report, and which reject: the few rows of idle services, followed
-        // by option (each with columns of its own: see MonitorRequest::named).
-        for (name, option, columns) in [
-            (REPORTING, "event", &["name", "protocol"][..]),
-            (REJECTING, "reject", &["name"][..]),
-        ] {
-            let mut monitor = MonitorRequest::table(TABLE).columns(columns).named(name);
-            for spelling in TRUE_SPELLINGS {
-                monitor = monitor.matching(Condition::includes(
-                    "options",
-                    Value::string_map([(option, spelling)]),
-                ));
-            }
-            monitors.push(monitor);
-        }
         monitors.push(MonitorRequest::table(SB_GLOBAL).columns(&["options"]));
         for (table, columns) in REPLICATED {
             let mut monitor = MonitorRequest::table(table).columns(columns);
@@ -223,12 +206,6 @@ pub fn monitors(vip_source: Option<ConsumerHandle>) -> Vec<MonitorRequest> {
 
 const PORT_BINDING: &str = "Port_Binding";
 const SB_GLOBAL: &str = "SB_Global";
-
-/// The spellings of `true` in a load balancer's options that the monitors follow. northd
-/// takes any case (`strcasecmp`); a monitor's conditions match exactly, so these are the ones
-/// written in practice. A load balancer whose `event` is spelled otherwise is not watched
-/// (OVN reports it itself); one whose `reject` is, is taken as not rejecting.
-pub const TRUE_SPELLINGS: [&str; 3] = ["true", "TRUE", "True"];
 
 /// Whether `SB_Global`'s `options:controller_event` is true (as northd reads it, in any
 /// case), which makes every load balancer report.

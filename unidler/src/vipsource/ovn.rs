@@ -1,9 +1,9 @@
 //! VIPs from the OVN Southbound `Load_Balancer` table: every VIP OVN itself would report an
 //! empty-backend event for. Every load balancer is followed: one that does not report
 //! (no `options:event=true`) but has backends for a VIP keeps that VIP active wherever it
-//! applies, as OVN forwards there. Which load balancers report, and which reject, come from
-//! two small named monitors ([`REPORTING`], [`REJECTING`]), so that the `options` column of
-//! every load balancer never has to be sent.
+//! applies, as OVN forwards there. Which load balancers report, and which reject, each
+//! record keeps from its `options` (only `event` and `reject`, compared as northd does,
+//! without case).
 //!
 //! The table is followed as an [`ovsdb::TableConsumer`], not replicated: per load balancer the
 //! source keeps a compact record of the few facts it needs ([`LbRecord`]), updated in place
@@ -34,12 +34,12 @@ use crate::{
 
 /// The Southbound table the source follows.
 pub const TABLE: &str = "Load_Balancer";
-/// Its columns the source reads. Not `options`: which rows report and which reject come from
-/// the named monitors [`REPORTING`] and [`REJECTING`]. Not `external_ids`: its
+/// Its columns the source reads (of `options`, only `event` and `reject` are kept). Not
+/// `external_ids`: its
 /// `lb_id`, the name events give, is read for the few load balancers that are hit, when they
 /// are ([`crate::lb_names`]); with 100,000s of load balancers the column is a fifth of what
 /// the server composes at every agent's start.
-pub const COLUMNS: [&str; 4] = ["vips", "protocol", "datapaths", "datapath_group"];
+pub const COLUMNS: [&str; 5] = ["vips", "protocol", "datapaths", "datapath_group", "options"];
 
 /// Its columns the source reads where the schema has them: from OVN 23.09, northd puts a
 /// load balancer's logical switches and routers in these two groups (and leaves
@@ -131,6 +131,11 @@ struct LbRecord {
     /// `datapaths`, as [`DatapathIds`] ids.
     dp_list: Box<[u32]>,
     vips: VipRecords,
+    /// `options:event`, as the server sent it (kept whole: a diff pair removes it only if it
+    /// equals it).
+    event: Option<Box<str>>,
+    /// `options:reject`, likewise.
+    reject: Option<Box<str>>,
 }
 
 /// A load balancer's VIPs. One (as ovn-kubernetes makes them: a load balancer per service)
@@ -247,6 +252,20 @@ impl LbRecord {
                 }
             }
         }
+        if let Some(options) = diff.get("options") {
+            for (key, value) in options.pairs() {
+                let slot = match key.as_str() {
+                    Some("event") => &mut self.event,
+                    Some("reject") => &mut self.reject,
+                    _ => continue,
+                };
+                let value = value.as_str().unwrap_or_default();
+                *slot = match slot.as_deref() {
+                    Some(current) if current == value => None,
+                    _ => Some(value.into()),
+                };
+            }
+        }
         if let Some(vips) = diff.get("vips") {
             let protocol = self.protocol();
             let mut all = std::mem::take(&mut self.vips).into_vec();
@@ -286,6 +305,15 @@ impl LbRecord {
 
     fn protocol(&self) -> Protocol {
         self.protocol.unwrap_or(Protocol::Tcp)
+    }
+
+    /// Whether OVN reports its empty VIPs (it has `options:event=true`, or `global_event`
+    /// makes every load balancer report) rather than rejecting them (`options:reject=true`);
+    /// northd reads both without case.
+    fn reports(&self, global_event: bool) -> bool {
+        let is_true =
+            |v: &Option<Box<str>>| v.as_deref().is_some_and(|v| v.eq_ignore_ascii_case("true"));
+        (global_event || is_true(&self.event)) && !is_true(&self.reject)
     }
 
     /// Its VIPs the datapath can watch (an address and a port; not templates).
@@ -433,44 +461,10 @@ struct OvnVips {
     ids: DatapathIds,
     local: LocalDatapaths,
     by_lb: FastMap<RowKey, LbRecord>,
-    /// How load balancers report: their options as the named monitors and `SB_Global` say.
-    reports: Reporting,
+    /// `SB_Global`'s `options:controller_event=true`: every load balancer reports.
+    global_event: bool,
     /// The local load balancers having each watchable VIP.
     lbs_of: FastMap<Vip, LbSet>,
-}
-
-/// Which load balancers report an empty VIP (and so make it one the agent watches), as OVN
-/// decides: `options:event=true`, or `SB_Global`'s `options:controller_event=true` for all;
-/// never those with `options:reject=true` (OVN rejects instead).
-#[derive(Debug, Default, PartialEq, Eq)]
-struct Reporting {
-    /// The load balancers with `options:event=true` ([`REPORTING`]).
-    event: FastSet<RowKey>,
-    /// Those with `options:reject=true` ([`REJECTING`]).
-    reject: FastSet<RowKey>,
-    /// `SB_Global`'s `options:controller_event=true`.
-    global_event: bool,
-}
-
-impl Reporting {
-    fn from_replica(replica: &Replica) -> Self {
-        let keys = |table| {
-            replica
-                .rows(table)
-                .map(|(uuid, _)| RowKey::new(uuid))
-                .collect()
-        };
-        Self {
-            event: keys(REPORTING),
-            reject: keys(REJECTING),
-            global_event: crate::southbound::global_event(replica),
-        }
-    }
-
-    /// Whether load balancer `key` reports its empty VIPs.
-    fn reports(&self, key: &RowKey) -> bool {
-        (self.global_event || self.event.contains(key)) && !self.reject.contains(key)
-    }
 }
 
 impl OvnVips {
@@ -555,6 +549,13 @@ impl OvnVips {
         Ok(())
     }
 
+    /// Whether load balancer `key` reports its empty VIPs ([`LbRecord::reports`]).
+    fn reports(&self, key: &RowKey) -> bool {
+        self.by_lb
+            .get(key)
+            .is_some_and(|r| r.reports(self.global_event))
+    }
+
     /// One VIP over every local load balancer that has it: watched if one of them reports
     /// (None otherwise: OVN forwards or drops it without an event), active if any of them
     /// has backends; the first (by UUID) idle one that reports is the one events name. Where
@@ -564,7 +565,7 @@ impl OvnVips {
     /// entry (the datapath lets the packet pass).
     fn combined(&self, vip: &Vip) -> Option<DesiredVip> {
         let lbs = self.lbs_of.get(vip)?;
-        if !lbs.iter().any(|key| self.reports.reports(key)) {
+        if !lbs.iter().any(|key| self.reports(key)) {
             // Not one the agent watches: OVN forwards it, or drops it without an event.
             return None;
         }
@@ -628,7 +629,9 @@ impl OvnVips {
             if v.backends > 0 {
                 forwarding.get_or_insert(*key);
             }
-            if self.reports.reports(key) && named.is_none_or(|(_, b)| b > 0 && v.backends == 0) {
+            if record.reports(self.global_event)
+                && named.is_none_or(|(_, b)| b > 0 && v.backends == 0)
+            {
                 named = Some((*key, v.backends));
             }
         }
@@ -697,19 +700,9 @@ impl LbSet {
     }
 }
 
-/// The named monitor (see [`ovsdb::MonitorRequest::named`]) of the load balancers with
-/// `options:event=true` (in the spellings of [`crate::southbound::TRUE_SPELLINGS`]): those
-/// that report their empty VIPs. The few load balancers of idle services.
-pub const REPORTING: &str = "Load_Balancer:reporting";
-
-/// The named monitor of the load balancers with `options:reject=true`: OVN rejects, and does
-/// not report, what they have without backends. Normally none.
-pub const REJECTING: &str = "Load_Balancer:rejecting";
-
 /// The Southbound tables the source reads besides `Load_Balancer` (replicated by the same
 /// client), for this node's logical datapaths: `Port_Binding` (only ours: see
-/// [`crate::southbound`]), `Datapath_Binding` and `Logical_DP_Group`; and [`REPORTING`],
-/// [`REJECTING`] and `SB_Global`.
+/// [`crate::southbound`]), `Datapath_Binding` and `Logical_DP_Group`; and `SB_Global`.
 pub const REPLICATED: [(&str, &[&str]); 3] = [
     (
         "Port_Binding",
@@ -749,9 +742,6 @@ pub struct LoadBalancerSource {
     updates: mpsc::UnboundedSender<VipUpdate>,
     /// A full load is under way: rows are recorded, and indexed once it is complete.
     loading: bool,
-    /// The named monitors a full load waits for: which load balancers report, and which
-    /// reject (their rows come after the data monitor's, in the same session).
-    awaiting: Vec<&'static str>,
     /// VIPs this batch may have changed.
     touched: FastSet<Vip>,
     load_balancers: Arc<AtomicUsize>,
@@ -767,7 +757,6 @@ impl LoadBalancerSource {
             vips: OvnVips::default(),
             updates,
             loading: false,
-            awaiting: Vec::new(),
             touched: FastSet::default(),
             load_balancers: load_balancers.clone(),
             port_scopes,
@@ -786,7 +775,6 @@ impl TableConsumer for LoadBalancerSource {
         self.vips.lbs_of.clear();
         self.touched.clear();
         self.loading = true;
-        self.awaiting = vec![REPORTING, REJECTING];
     }
 
     fn row(&mut self, uuid: &Uuid, update: RowUpdate) -> Result<(), DbError> {
@@ -812,11 +800,6 @@ impl TableConsumer for LoadBalancerSource {
     fn batch_done(&mut self, replica: &Replica, changed: &Changed) {
         self.load_balancers
             .store(self.vips.by_lb.len(), Ordering::Relaxed);
-        self.awaiting.retain(|monitor| !changed.contains(*monitor));
-        if self.loading && !self.awaiting.is_empty() {
-            // The load balancers are in; which of them report is not yet.
-            return;
-        }
         let datapaths_changed = ["Port_Binding", "Datapath_Binding", "Logical_DP_Group"]
             .iter()
             .any(|t| changed.contains(*t));
@@ -833,23 +816,11 @@ impl TableConsumer for LoadBalancerSource {
                 || local.groups != self.vips.local.groups;
             self.vips.local = local;
         }
-        if self.loading
-            || [REPORTING, REJECTING, "SB_Global"]
-                .iter()
-                .any(|t| changed.contains(*t))
-        {
-            let reports = Reporting::from_replica(replica);
-            if !self.loading {
-                // Only the VIPs of the load balancers whose reporting changed.
-                let old = &self.vips.reports;
-                for (key, record) in &self.vips.by_lb {
-                    if reports.reports(key) != old.reports(key) && record.is_local(&self.vips.local)
-                    {
-                        self.touched.extend(record.watchable_vips());
-                    }
-                }
-            }
-            self.vips.reports = reports;
+        if self.loading || changed.contains("SB_Global") {
+            let global_event = crate::southbound::global_event(replica);
+            // Rare: every load balancer reports, or no longer does.
+            reindex_all |= global_event != self.vips.global_event;
+            self.vips.global_event = global_event;
         }
         let update = if self.loading || reindex_all {
             self.loading = false;
@@ -877,12 +848,22 @@ impl TableConsumer for LoadBalancerSource {
 mod tests {
     use super::*;
 
-    /// A load balancer row as the (conditional) monitor sends it: one that reports.
+    /// A load balancer row as the monitor sends it, one that reports (`options:event=true`;
+    /// [`Driven::silent`] takes the option out).
     fn lb_row(vips: &[(&str, &str)], protocol: &str) -> Row {
         Row::from([
             ("vips".to_owned(), Value::string_map(vips.iter().copied())),
             ("protocol".to_owned(), Value::Atom(Atom::from(protocol))),
+            ("options".to_owned(), Value::string_map([("event", "true")])),
         ])
+    }
+
+    /// A diff of a load balancer's options (a pair equal to the current one removes it).
+    fn options_diff(pairs: &[(&str, &str)]) -> RowUpdate {
+        RowUpdate::Modify(Row::from([(
+            "options".to_owned(),
+            Value::string_map(pairs.iter().copied()),
+        )]))
     }
 
     /// The name events give the load balancer of row `uuid(n)`, until it is read.
@@ -901,8 +882,7 @@ mod tests {
         replica: Replica,
         /// Replicated tables changed since the last batch.
         changed: Changed,
-        /// Load balancers without `options:event=true` (every other one loaded or inserted
-        /// reports, as the named monitor [`REPORTING`] would say).
+        /// Load balancers loaded or inserted without their `options:event=true`.
         silent: FastSet<u8>,
     }
 
@@ -914,7 +894,6 @@ mod tests {
                     vips: OvnVips::default(),
                     updates: tx,
                     loading: false,
-                    awaiting: Vec::new(),
                     touched: FastSet::default(),
                     load_balancers: Arc::default(),
                     port_scopes: tokio::sync::watch::channel(Arc::default()).0,
@@ -931,22 +910,18 @@ mod tests {
             self.silent.insert(n);
         }
 
-        /// What the named monitor [`REPORTING`] says of load balancer `n` being loaded or
-        /// inserted.
-        fn follow_reporting(&mut self, n: u8, update: &RowUpdate) {
-            let reports = !self.silent.contains(&n);
-            let known = self.replica.rows(REPORTING).any(|(u, _)| *u == uuid(n));
+        /// The row as the monitor would send it for load balancer `n`.
+        fn as_sent(&self, n: u8, update: RowUpdate) -> RowUpdate {
+            let strip = |mut row: Row| {
+                if self.silent.contains(&n) {
+                    row.remove("options");
+                }
+                row
+            };
             match update {
-                RowUpdate::Initial(_) | RowUpdate::Insert(_) if reports && !known => {
-                    self.replicate(REPORTING, n, Row::new())
-                }
-                RowUpdate::Delete if known => {
-                    self.replica
-                        .apply_row(REPORTING, uuid(n), RowUpdate::Delete, false)
-                        .unwrap();
-                    self.changed.insert(REPORTING.to_owned());
-                }
-                _ => {}
+                RowUpdate::Initial(row) => RowUpdate::Initial(strip(row)),
+                RowUpdate::Insert(row) => RowUpdate::Insert(strip(row)),
+                other => other,
             }
         }
 
@@ -955,10 +930,8 @@ mod tests {
         fn load(&mut self, rows: &[(u8, Row)]) -> Vec<DesiredVip> {
             self.source.reset();
             for (n, row) in rows {
-                self.follow_reporting(*n, &RowUpdate::Initial(Row::new()));
-                self.source
-                    .row(&uuid(*n), RowUpdate::Initial(row.clone()))
-                    .unwrap();
+                let row = self.as_sent(*n, RowUpdate::Initial(row.clone()));
+                self.source.row(&uuid(*n), row).unwrap();
             }
             match self.done() {
                 Some(VipUpdate::Replace(mut all)) => {
@@ -972,7 +945,7 @@ mod tests {
         /// One batch of one row's update; returns (upserted, removed), sorted.
         #[track_caller]
         fn batch(&mut self, n: u8, update: RowUpdate) -> (Vec<DesiredVip>, Vec<Vip>) {
-            self.follow_reporting(n, &update);
+            let update = self.as_sent(n, update);
             self.source.row(&uuid(n), update).unwrap();
             match self.done() {
                 Some(VipUpdate::Changes {
@@ -989,11 +962,6 @@ mod tests {
         }
 
         fn done(&mut self) -> Option<VipUpdate> {
-            if self.source.loading {
-                // The named monitors' setup, as a session brings it after a full load.
-                self.changed.insert(REPORTING.to_owned());
-                self.changed.insert(REJECTING.to_owned());
-            }
             let changed = std::mem::take(&mut self.changed);
             self.source.batch_done(&self.replica, &changed);
             self.updates.try_recv().ok()
@@ -1096,7 +1064,9 @@ mod tests {
             "the first by UUID names the VIP"
         );
         // ... until it rejects: only the VIPs of the load balancer whose options changed.
-        d.replicate(REJECTING, 1, Row::new());
+        d.source
+            .row(&uuid(1), options_diff(&[("reject", "TRUE")]))
+            .unwrap();
         match d.done() {
             Some(VipUpdate::Changes { upsert, remove }) => {
                 assert!(remove.is_empty());
@@ -1104,7 +1074,9 @@ mod tests {
             }
             other => panic!("the rejecting set changing updates the VIP: {other:?}"),
         }
-        d.replicate(REJECTING, 2, Row::new());
+        d.source
+            .row(&uuid(2), options_diff(&[("reject", "true")]))
+            .unwrap();
         match d.done() {
             Some(VipUpdate::Changes { upsert, remove }) => {
                 assert!(upsert.is_empty(), "{upsert:?}");
@@ -1289,7 +1261,9 @@ mod tests {
             other => panic!("{other:?}"),
         }
         // lbb gets options:event=true too: nothing changes but who may report.
-        d.replicate(REPORTING, 2, Row::new());
+        d.source
+            .row(&uuid(2), options_diff(&[("event", "true")]))
+            .unwrap();
         match d.done() {
             Some(VipUpdate::Changes { upsert, .. }) => {
                 assert_eq!(endpoints(&upsert), [("10.86.0.100:7000/tcp".to_owned(), 1)])
@@ -1297,13 +1271,11 @@ mod tests {
             other => panic!("{other:?}"),
         }
         // lba stops reporting: X is no longer watched.
-        d.replica
-            .apply_row(REPORTING, uuid(1), RowUpdate::Delete, false)
-            .unwrap();
-        d.replica
-            .apply_row(REPORTING, uuid(2), RowUpdate::Delete, false)
-            .unwrap();
-        d.changed.insert(REPORTING.to_owned());
+        for n in [1, 2] {
+            d.source
+                .row(&uuid(n), options_diff(&[("event", "true")]))
+                .unwrap();
+        }
         match d.done() {
             Some(VipUpdate::Changes { upsert, remove }) => {
                 assert!(upsert.is_empty(), "{upsert:?}");

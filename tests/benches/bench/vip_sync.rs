@@ -41,12 +41,14 @@ pub(crate) fn vip_sync() -> Vec<Figure> {
     // As the issue asks, 10,000 and 100,000 load balancers (one VIP each, as ovn-kubernetes
     // makes one per service), all of them idle services' (the worst case: every one is sent
     // and watched); 100,000 VIPs in 1,000 load balancers of 100; and 100,000 services of
-    // which 1,000 are idle (the Southbound server sends the agent only those).
+    // which 1,000 are idle (the agent is sent every load balancer); and one load balancer of
+    // 100,000 VIPs (a change of it must cost in proportion to its size, not its square).
     for (total, per_lb, idle) in [
         (10_000u32, 1u32, None),
         (100_000, 1, None),
         (100_000, 100, None),
         (100_000, 1, Some(1_000u32)),
+        (100_000, 100_000, None),
     ] {
         let shape = match idle {
             None => format!("{total} VIPs in {} LBs", total / per_lb),

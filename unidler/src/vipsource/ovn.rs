@@ -175,11 +175,23 @@ impl VipRecords {
         }
     }
 
+    /// Sorted by VIP, so that [`VipRecords::find`] costs a binary search, not a pass: a
+    /// load balancer with 100,000 VIPs has each of them looked up at every change of it.
     fn from_vec(mut all: Vec<VipRecord>) -> Self {
         match all.len() {
             1 => Self::One(all.pop().expect("one")),
-            _ => Self::Many(all.into_boxed_slice()),
+            _ => {
+                all.sort_unstable_by_key(|v| v.vip);
+                Self::Many(all.into_boxed_slice())
+            }
         }
+    }
+
+    /// The record of `vip` (one of them, if two keys spell it).
+    fn find(&self, vip: &Vip) -> Option<&VipRecord> {
+        let all = self.as_slice();
+        let at = all.binary_search_by_key(&Some(*vip), |v| v.vip).ok()?;
+        all.get(at)
     }
 }
 
@@ -622,7 +634,7 @@ impl OvnVips {
             let Some(record) = self.by_lb.get(key) else {
                 continue;
             };
-            let Some(v) = record.vips.as_slice().iter().find(|v| v.vip == Some(*vip)) else {
+            let Some(v) = record.vips.find(vip) else {
                 continue;
             };
             backends = backends.max(v.backends);

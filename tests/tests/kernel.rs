@@ -1,7 +1,9 @@
 //! The agent on the running kernel: it starts where the kernel has what the datapath needs, and
 //! refuses in a few lines, naming the kernel, the missing feature and the version that has it,
 //! where it does not. The kernel matrix (`cargo xtask test --kernel 5.10`) runs this below the
-//! floor with `UNIDLER_EXPECT_REFUSAL=1`, so that a kernel that should refuse and does not fails.
+//! floor with `UNIDLER_EXPECT_REFUSAL=1`, so that a kernel that should refuse and does not fails;
+//! on the others with `UNIDLER_EXPECT_FEATURES` (e.g. `tc="clsact" holding=true`), what its
+//! start must say it found: the probes are checked against the kernel, not against themselves.
 
 use std::{
     io::{BufRead as _, BufReader},
@@ -102,6 +104,14 @@ fn the_agent_starts_or_refuses_this_kernel_in_a_few_lines() {
                 stderr.contains("kernel features probed"),
                 "the start does not say what the kernel offers:\n{stderr}"
             );
+            if let Ok(expected) = std::env::var("UNIDLER_EXPECT_FEATURES") {
+                assert!(
+                    stderr
+                        .lines()
+                        .any(|l| l.contains("kernel features probed") && l.contains(&expected)),
+                    "this kernel should have been found to offer {expected}:\n{stderr}"
+                );
+            }
             // What the kernel matrix reports of each kernel: its features, and each program's
             // verification (time, instructions).
             for line in stderr

@@ -128,12 +128,13 @@ pub const MATRIX: &[KernelTests] = &[
     KernelTests {
         kernel: "6.1",
         suites: DATAPATH_SUITES,
-        guest_env: &[],
+        // What the probes must find: no TCX (6.6), holding (5.18).
+        guest_env: &[("UNIDLER_EXPECT_FEATURES", "tc=\"clsact\" holding=true")],
     },
     KernelTests {
         kernel: "6.12",
         suites: DATAPATH_SUITES,
-        guest_env: &[],
+        guest_env: &[("UNIDLER_EXPECT_FEATURES", "tc=\"tcx\" holding=true")],
     },
     // Below the floor: the agent must refuse to start, and say why in a few lines.
     KernelTests {

@@ -104,6 +104,36 @@ impl Restricted {
     }
 }
 
+/// `unidler run` on `topo`'s server end with `hook`, one idle VIP, its endpoints on `api` and
+/// `metrics`, and `extra` arguments.
+fn run_args(topo: &Topology, hook: &str, api: &str, metrics: &str, extra: &[&str]) -> Vec<String> {
+    let vip = format!("{SERVER_V4}:8080/tcp");
+    let mut args = vec![
+        "run",
+        "--iface",
+        &topo.server_if,
+        "--hook",
+        hook,
+        "--vip",
+        &vip,
+        "--api-addr",
+        api,
+        "--metrics-addr",
+        metrics,
+    ];
+    args.extend_from_slice(extra);
+    args.into_iter().map(str::to_owned).collect()
+}
+
+impl Restricted {
+    /// Starts the agent with the restricted capabilities and `args` ([`run_args`]).
+    #[track_caller]
+    fn start(&self, topo: &Topology, args: &[String]) -> Agent {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        Agent::start_binary(&self.wrapper, &topo.server_ns, &args)
+    }
+}
+
 /// The effective capabilities of process `pid`.
 fn effective_capabilities(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
@@ -122,26 +152,11 @@ fn the_agent_and_its_subcommands_run_with_the_manifests_capabilities() {
     let restricted = Restricted::new(&caps);
     let topo = Topology::new("cp");
     let api = "127.0.0.1:19488";
+    const METRICS: &str = "127.0.0.1:19489";
     // A listener on the idle VIP: only the datapath keeps the connection from succeeding.
     let _listener = topo.listen(8080);
     for hook in ["tc", "xdp-generic"] {
-        let mut agent = Agent::start_binary(
-            &restricted.wrapper,
-            &topo.server_ns,
-            &[
-                "run",
-                "--iface",
-                &topo.server_if,
-                "--hook",
-                hook,
-                "--vip",
-                &format!("{SERVER_V4}:8080/tcp"),
-                "--api-addr",
-                api,
-                "--metrics-addr",
-                "127.0.0.1:19489",
-            ],
-        );
+        let mut agent = restricted.start(&topo, &run_args(&topo, hook, api, METRICS, &[]));
         assert_eq!(
             effective_capabilities(agent.pid()),
             expected,
@@ -175,24 +190,10 @@ fn the_agent_and_its_subcommands_run_with_the_manifests_capabilities() {
         .unwrap();
     assert!(mounted.success(), "mount -t bpf");
     let pin_dir = format!("{}/unidler", bpffs.path_str());
-    let agent = Agent::start_binary(
-        &restricted.wrapper,
-        &topo.server_ns,
-        &[
-            "run",
-            "--iface",
-            &topo.server_if,
-            "--hook",
-            "xdp-generic",
-            "--vip",
-            &format!("{SERVER_V4}:8080/tcp"),
-            "--pin-dir",
-            &pin_dir,
-            "--api-addr",
-            api,
-            "--metrics-addr",
-            "127.0.0.1:19489",
-        ],
+    let pinned = ["--pin-dir", pin_dir.as_str()];
+    let agent = restricted.start(
+        &topo,
+        &run_args(&topo, "xdp-generic", api, METRICS, &pinned),
     );
     agent.signal(libc::SIGTERM);
     let exit = agent.wait(Duration::from_secs(10));
@@ -205,37 +206,23 @@ fn the_agent_and_its_subcommands_run_with_the_manifests_capabilities() {
 
 /// With exactly the manifests' capabilities a second agent on an interface is refused with
 /// the TC hook too (telling another agent's program from ours needed `CAP_SYS_ADMIN`), and the
-/// kernel's features are probed right (TCX detected whatever is attached to loopback).
+/// kernel's TC attachment is probed as with every capability.
 #[test]
 fn a_second_agent_is_refused_with_the_manifests_capabilities() {
     require_root();
     let restricted = Restricted::new(&granted_capabilities());
     let topo = Topology::new("c2");
-    let start = |api: &str, metrics: &str| {
-        vec![
-            "run".to_owned(),
-            "--iface".to_owned(),
-            topo.server_if.clone(),
-            "--hook".to_owned(),
-            "tc".to_owned(),
-            "--vip".to_owned(),
-            format!("{SERVER_V4}:8080/tcp"),
-            "--api-addr".to_owned(),
-            api.to_owned(),
-            "--metrics-addr".to_owned(),
-            metrics.to_owned(),
-        ]
-    };
-    let first_args = start("127.0.0.1:19688", "127.0.0.1:19689");
-    let first_args: Vec<&str> = first_args.iter().map(String::as_str).collect();
-    let mut first = Agent::start_binary(&restricted.wrapper, &topo.server_ns, &first_args);
+    let mut first = restricted.start(
+        &topo,
+        &run_args(&topo, "tc", "127.0.0.1:19688", "127.0.0.1:19689", &[]),
+    );
     let expected = unidler::datapath::KernelFeatures::probe().expect("probe");
     let probed = first.wait_for_log("kernel features probed", Duration::from_secs(5));
     assert!(
         probed.contains(&format!("tc=\"{}\"", expected.tc_attachment())),
         "{probed}"
     );
-    let second_args = start("127.0.0.1:19690", "127.0.0.1:19691");
+    let second_args = run_args(&topo, "tc", "127.0.0.1:19690", "127.0.0.1:19691", &[]);
     let out = Command::new("ip")
         .args(["netns", "exec", &topo.server_ns])
         .arg(&restricted.wrapper)

@@ -282,14 +282,8 @@ fn an_oversized_monitor_reply_is_reported_and_retried_slowly() {
     assert!(agent.is_running());
 }
 
-/// The inspection API is not on the metrics endpoint (the DaemonSet puts that on the node's
-/// address), and slow or silent clients cannot hold the endpoint: their connections are
-/// closed after the header timeout, and beyond the connection cap others wait their turn.
-#[test]
-fn endpoints_split_cap_connections_and_time_out_silent_clients() {
-    use std::io::Read as _;
-    require_root();
-    let topo = Topology::new("th");
+/// An agent on `topo`'s server end with one idle VIP, once its health endpoint answers.
+fn agent_serving_health(topo: &Topology) -> Agent {
     let args = [
         "run",
         "--iface",
@@ -297,12 +291,24 @@ fn endpoints_split_cap_connections_and_time_out_silent_clients() {
         "--vip",
         "10.77.0.2:80/tcp",
     ];
-    let _agent = Agent::start(&topo.server_ns, &args);
+    let agent = Agent::start(&topo.server_ns, &args);
     let deadline = Instant::now() + Duration::from_secs(10);
-    while get(&topo, "/healthz").is_err() {
+    while get(topo, "/healthz").is_err() {
         assert!(Instant::now() < deadline, "no /healthz");
         std::thread::sleep(Duration::from_millis(50));
     }
+    agent
+}
+
+/// The inspection API is not on the metrics endpoint (the DaemonSet puts that on the node's
+/// address), and slow or silent clients cannot hold the endpoint: their connections are
+/// closed after the header timeout, and beyond the connection caps others are closed at once.
+#[test]
+fn endpoints_split_cap_connections_and_time_out_silent_clients() {
+    use std::io::Read as _;
+    require_root();
+    let topo = Topology::new("th");
+    let _agent = agent_serving_health(&topo);
     let not_here = get(&topo, "/api/vips").unwrap_err();
     assert!(not_here.contains("404"), "{not_here}");
     let api = topo
@@ -358,19 +364,7 @@ fn probes_answer_while_idle_connections_hold_the_endpoint() {
     use std::io::{Read as _, Write as _};
     require_root();
     let topo = Topology::new("tp");
-    let args = [
-        "run",
-        "--iface",
-        &topo.server_if,
-        "--vip",
-        "10.77.0.2:80/tcp",
-    ];
-    let _agent = Agent::start(&topo.server_ns, &args);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while get(&topo, "/healthz").is_err() {
-        assert!(Instant::now() < deadline, "no /healthz");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let _agent = agent_serving_health(&topo);
     let held: Vec<TcpStream> = topo.in_server(|| {
         let mut held = Vec::new();
         for _ in 0..40 {

@@ -4,7 +4,8 @@
 //!
 //! Without a pin directory, dropping a [`Datapath`] detaches the program everywhere:
 //! attachments are BPF links owned by this process, so a crash detaches them too and the next
-//! run starts clean. With one ([`LoadOptions::pin_dir`], see [`crate::pinning`]), maps and
+//! run starts clean; on kernels without TCX a TC attachment is a clsact filter, which a crash
+//! leaves behind and the next agent on the interface takes over. With one ([`LoadOptions::pin_dir`], see [`crate::pinning`]), maps and
 //! links are pinned: they outlive the process, and the next [`Datapath::load`] adopts them.
 
 use std::{io, sync::Arc, time::Duration};

@@ -906,6 +906,14 @@ mod tests {
         ])
     }
 
+    /// A diff of a load balancer's `vips` (a pair equal to the current one removes it).
+    fn vips_diff(pairs: &[(&str, &str)]) -> RowUpdate {
+        RowUpdate::Modify(Row::from([(
+            "vips".to_owned(),
+            Value::string_map(pairs.iter().copied()),
+        )]))
+    }
+
     /// A diff of a load balancer's options (a pair equal to the current one removes it).
     fn options_diff(pairs: &[(&str, &str)]) -> RowUpdate {
         RowUpdate::Modify(Row::from([(
@@ -1058,21 +1066,13 @@ mod tests {
             [(format!("{backed}/tcp"), 1), (format!("{idle}/tcp"), 1)]
         );
         // A diff pair removes exactly its key, and only with the exact current value.
-        let other_value = Row::from([(
-            "vips".to_owned(),
-            Value::string_map([(idle, "10.0.0.8:80,10.0.0.9:80")]),
-        )]);
-        let (up, rm) = d.batch(1, RowUpdate::Modify(other_value));
+        let (up, rm) = d.batch(1, vips_diff(&[(idle, "10.0.0.8:80,10.0.0.9:80")]));
         assert!(rm.is_empty());
         assert_eq!(
             endpoints(&up),
             [(format!("{backed}/tcp"), 1), (format!("{idle}/tcp"), 2)]
         );
-        let remove = Row::from([(
-            "vips".to_owned(),
-            Value::string_map([(idle, "10.0.0.8:80,10.0.0.9:80")]),
-        )]);
-        let (up, rm) = d.batch(1, RowUpdate::Modify(remove));
+        let (up, rm) = d.batch(1, vips_diff(&[(idle, "10.0.0.8:80,10.0.0.9:80")]));
         assert_eq!(endpoints(&up), [(format!("{backed}/tcp"), 1)]);
         assert_eq!(
             rm.iter().map(ToString::to_string).collect::<Vec<_>>(),

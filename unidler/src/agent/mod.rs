@@ -31,7 +31,7 @@ use unidler_common::{Counter, IdleHitEvent, VipKey};
 pub use self::config::{Config, IdleAction, InterfaceSelector, VipSourceConfig};
 use self::sources::{Input, ReplayTimer, Signals, Sources};
 use crate::{
-    datapath::{self, Counters, Datapath, Hook, LoadOptions},
+    datapath::{self, Counters, Datapath, Feature, Hook, LoadOptions},
     event::{IdleHit, iface_name},
     forwarding::{FlowReader, ForwardingCheck},
     hold::HeldPackets,
@@ -235,8 +235,9 @@ impl Agent {
         );
         if !features.tcx {
             info!(
-                "this kernel has no TCX links (Linux 6.6): TC programs hang off the clsact \
-                 qdisc{}",
+                "this kernel lacks {} (Linux {}): TC programs hang off the clsact qdisc{}",
+                Feature::Tcx.name(),
+                Feature::Tcx.since(),
                 if datapath.is_pinned() {
                     ", and TC attachments go with the agent (only XDP ones stay pinned)"
                 } else {

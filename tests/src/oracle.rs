@@ -166,7 +166,11 @@ fn parse(f: &[u8]) -> Result<Opening, Counter> {
         addr: dst,
         port_be: u16::from_ne_bytes([ports[2], ports[3]]),
         proto,
-        _pad: 0,
+        family: if ethertype == 0x86dd {
+            unidler_common::FAMILY_IPV6
+        } else {
+            unidler_common::FAMILY_IPV4
+        },
     };
     Ok(Some((key, src, u16::from_ne_bytes([ports[0], ports[1]]))))
 }

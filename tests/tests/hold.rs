@@ -122,10 +122,14 @@ fn first_connect_succeeds(ip: IpAddr, tag: &str) {
     let m = metrics(&topo);
     assert_eq!(sample(&m, "unidler_held_packets"), 0.0);
     assert_eq!(
-        sample(&m, "unidler_hold_packets_total{outcome=\"retransmission\"}"),
+        sample(
+            &m,
+            "unidler_kernel_not_held_total{reason=\"retransmission\"}"
+        ),
         1.0,
-        "the retransmission 1 s after the first SYN is not held twice"
+        "the retransmission 1 s after the first SYN is not held twice, nor copied"
     );
+    assert_eq!(sample(&m, "unidler_kernel_held_total"), 1.0);
 }
 
 #[test]
@@ -221,22 +225,35 @@ fn a_syn_flood_while_idle_is_held_within_the_limits() {
     });
     let sent = topo.in_client(|| send_frames(&topo.client_if, frames));
     assert_eq!(sent, 100_000);
-    eventually("the flood read", Duration::from_secs(10), || {
+    eventually("the flood seen and held", Duration::from_secs(10), || {
         let m = metrics(&topo);
-        let seen = sample(&m, "unidler_hold_packets_total{outcome=\"held\"}")
-            + sample(&m, "unidler_hold_packets_total{outcome=\"over_limit_vip\"}")
-            + sample(&m, "unidler_kernel_not_held_total{reason=\"ring_full\"}");
-        seen >= 100_000.0
+        sample(&m, "unidler_kernel_idle_hits_total") >= 100_000.0
+            && sample(&m, "unidler_held_packets") == 64.0
     });
     let m = metrics(&topo);
     assert_eq!(
-        sample(&m, "unidler_held_packets"),
+        sample(&m, "unidler_hold_packets_total{outcome=\"held\"}"),
         64.0,
         "held up to the VIP's limit"
     );
+    // The limit is the kernel's: it hands the agent only what the agent keeps, so a flood
+    // costs the agent 64 reads, not 100,000.
     assert_eq!(
-        sample(&m, "unidler_hold_packets_total{outcome=\"held\"}"),
-        64.0
+        sample(&m, "unidler_kernel_held_total"),
+        64.0,
+        "the kernel copied only what is kept"
+    );
+    assert_eq!(
+        sample(
+            &m,
+            "unidler_kernel_not_held_total{reason=\"over_limit_vip\"}"
+        ),
+        100_000.0 - 64.0
+    );
+    assert_eq!(
+        sample(&m, "unidler_hold_packets_total{outcome=\"over_limit_vip\"}"),
+        0.0,
+        "nothing for the agent to refuse"
     );
     let rss_kb = rss_kb(agent.pid());
     assert!(rss_kb < 100_000, "agent RSS {rss_kb} kB after the flood");
@@ -259,6 +276,81 @@ fn a_syn_flood_while_idle_is_held_within_the_limits() {
         (64.0..=most).contains(&replays),
         "{replays} replays of 64 flows (at most {most})"
     );
+}
+
+/// The limits are the kernel's: per VIP, in total, and one packet per flow. What the agent
+/// lets go (a replay answered) the kernel may hold again.
+#[test]
+fn the_kernel_hands_the_agent_only_what_it_keeps() {
+    require_root();
+    let topo = Topology::new("holdk");
+    let vips = VipsFile::new(&SocketAddr::new(SERVER_V4.into(), 8084).to_string(), "tcp");
+    let both = |backends_8084: u32| {
+        format!(
+            "[[vip]]\nvip = \"{SERVER_V4}:8084\"\nprotocol = \"tcp\"\nbackends = \
+             {backends_8084}\n[[vip]]\nvip = \"{SERVER_V4}:8085\"\nprotocol = \"tcp\"\n\
+             backends = 0\n"
+        )
+    };
+    vips.replace(&both(0));
+    let _listener = echo_server(&topo, SocketAddr::new(SERVER_V4.into(), 8084));
+    let agent = agent(&topo, &vips, &["--hold-per-vip", "3", "--hold-total", "5"]);
+    let kernel = |reason: &str| {
+        sample(
+            &metrics(&topo),
+            &format!("unidler_kernel_not_held_total{{reason=\"{reason}\"}}"),
+        )
+    };
+    // Five flows to 8084, each sent twice: three held, their copies retransmissions; two
+    // over the VIP's limit, twice each.
+    for _ in 0..2 {
+        for sport in 41001..41006 {
+            one_syn(&topo, sport, 8084);
+        }
+    }
+    // Five flows to 8085: two fit in the total, three do not.
+    for sport in 41011..41016 {
+        one_syn(&topo, sport, 8085);
+    }
+    eventually("five held", Duration::from_secs(3), || {
+        sample(&metrics(&topo), "unidler_held_packets") == 5.0
+    });
+    assert_eq!(kernel("retransmission"), 3.0);
+    assert_eq!(kernel("over_limit_vip"), 4.0);
+    assert_eq!(kernel("over_limit_total"), 3.0);
+    let m = metrics(&topo);
+    assert_eq!(sample(&m, "unidler_kernel_held_total"), 5.0);
+    for outcome in ["retransmission", "over_limit_vip", "over_limit_total"] {
+        assert_eq!(
+            sample(
+                &m,
+                &format!("unidler_hold_packets_total{{outcome=\"{outcome}\"}}")
+            ),
+            0.0,
+            "the agent refused nothing: {outcome}"
+        );
+    }
+
+    // 8084 gets a backend: its three SYNs are replayed and answered (the client's kernel
+    // resets the unknown connection). Their room in the total is free again.
+    vips.replace(&both(1));
+    agent.signal(libc::SIGHUP);
+    eventually("8084's packets let go", Duration::from_secs(5), || {
+        sample(&metrics(&topo), "unidler_held_packets") == 2.0
+    });
+    one_syn(&topo, 41016, 8085);
+    eventually("8085 holds a third", Duration::from_secs(3), || {
+        sample(&metrics(&topo), "unidler_held_packets") == 3.0
+    });
+    // And a flow that was let go is held again when it comes back.
+    vips.replace(&both(0));
+    agent.signal(libc::SIGHUP);
+    std::thread::sleep(Duration::from_millis(300));
+    one_syn(&topo, 41001, 8084);
+    eventually("a flow let go is held anew", Duration::from_secs(3), || {
+        sample(&metrics(&topo), "unidler_held_packets") == 4.0
+    });
+    assert_eq!(sample(&metrics(&topo), "unidler_kernel_held_total"), 7.0);
 }
 
 fn rss_kb(pid: u32) -> u64 {
@@ -427,7 +519,7 @@ fn a_replayed_frame_is_let_through_by_the_tc_hook_and_never_held_again() {
         let mut dp = Datapath::load(&LoadOptions::default()).expect("load");
         let spec: VipSpec = format!("{vip}/tcp").parse().unwrap();
         dp.upsert_vip(spec.vip.key(), VipState::default()).unwrap();
-        dp.set_holding(true).unwrap();
+        dp.start_holding(64, 8_192).unwrap();
         let (ifindex, hook) = dp.attach(&topo.server_if, Hook::Tc).unwrap();
         assert_eq!(hook, Hook::Tc);
 

@@ -215,7 +215,10 @@ fn frame_vip_key(frame: &Frame) -> unidler_common::VipKey {
         addr: ip_to_bytes(frame.dst),
         port_be: port.to_be(),
         proto: 6,
-        _pad: 0,
+        family: match frame.dst {
+            IpAddr::V4(_) => unidler_common::FAMILY_IPV4,
+            IpAddr::V6(_) => unidler_common::FAMILY_IPV6,
+        },
     }
 }
 
@@ -621,6 +624,27 @@ fn an_ipv6_packet_to_an_ipv4_mapped_address_is_not_for_the_ipv4_vip() {
     assert_eq!((run.verdict, run.events.len()), (XDP_DROP, 1));
 }
 
+/// An IPv6 VIP of the IPv4-mapped form (`[::ffff:10.96.0.10]:80`, which OVN matches only as
+/// IPv6) is not the IPv4 VIP of that address: idle, it drops no IPv4 packet, and beside the
+/// IPv4 VIP each keeps its own state.
+#[test]
+fn an_ipv4_mapped_ipv6_vip_is_not_the_ipv4_vip() {
+    let mut h = Harness::new();
+    h.vip("[::ffff:10.96.0.10]:80/tcp");
+    let run = h.check_against_model(&syn(CLIENT4, VIP4, 80).build());
+    assert_eq!(
+        (run.verdict, run.events.len()),
+        (XDP_PASS, 0),
+        "an IPv4 SYN dropped for an idle IPv6 VIP"
+    );
+    h.vip("10.96.0.10:80/tcp=1");
+    let mapped: VipSpec = "[::ffff:10.96.0.10]:80/tcp".parse().unwrap();
+    let plain: VipSpec = "10.96.0.10:80/tcp".parse().unwrap();
+    assert_ne!(mapped.vip.key(), plain.vip.key());
+    assert_eq!(h.datapath.vip(&mapped.vip.key()).unwrap().backends, 0);
+    assert_eq!(h.datapath.vip(&plain.vip.key()).unwrap().backends, 1);
+}
+
 #[test]
 fn every_truncation_passes_and_is_counted() {
     let mut h = Harness::new();
@@ -1003,6 +1027,7 @@ fn a_replayed_flow_is_answered_only_on_the_interface_its_packet_came_in_on() {
             src_port_be: 40000u16.to_be(),
             dst_port_be: 80u16.to_be(),
             proto: 6,
+            family: unidler_common::FAMILY_IPV4,
             ..Default::default()
         };
         let mut datapath = h.datapath;
@@ -1024,6 +1049,6 @@ fn a_replayed_flow_is_answered_only_on_the_interface_its_packet_came_in_on() {
         );
         assert_eq!(datapath.test_run(&ack, vif).unwrap(), XDP_PASS);
         assert!(datapath.is_answered(&flow), "the client's own answer");
-        datapath.forget_answer(&flow, true).unwrap();
+        datapath.release_flow(&flow, false).unwrap();
     });
 }

@@ -403,11 +403,12 @@ fn an_attachment_the_next_agent_does_not_want_is_removed() {
     assert!(!topo.connects(9600), "and still drops");
 }
 
-/// The flows an agent watched for their replay's answer go with it: the next agent on the
-/// same pin directory starts with none (they leaked, 40 more at each restart, until new
-/// watches failed at the map's capacity).
+/// The flows an agent held (or watched for their replay's answer), and its counts of held
+/// packets, go with it: the next agent on the same pin directory starts with none. (Flows
+/// leaked, 40 more at each restart, until new ones failed at the map's capacity; counts
+/// left over would refuse holding packets nobody holds.)
 #[test]
-fn watched_flows_do_not_outlive_the_agent_that_watched_them() {
+fn held_flows_and_counts_do_not_outlive_the_agent_that_held_them() {
     require_root();
     let bpffs = BpfFs::mount();
     let options = unidler::datapath::LoadOptions {
@@ -422,13 +423,61 @@ fn watched_flows_do_not_outlive_the_agent_that_watched_them() {
     {
         let mut first = unidler::datapath::Datapath::load(&options).expect("load");
         first.watch_answer(&flow, 1).unwrap();
-        assert_eq!(first.watched_flows(), 1);
+        first.set_held(&[(flow.vip(), 3)], 3).unwrap();
+        assert_eq!(first.held_flows(), 1);
+        assert_eq!(first.held_counts(), (vec![(flow.vip(), 3)], 3));
     }
     let second = unidler::datapath::Datapath::load(&options).expect("load again");
+    assert_eq!(second.held_flows(), 0, "the first agent's held flow leaked");
     assert_eq!(
-        second.watched_flows(),
-        0,
-        "the first agent's watched flow leaked"
+        second.held_counts(),
+        (vec![], 0),
+        "the first agent's counts leaked"
+    );
+}
+
+/// The records inside pinned maps and rings have a layout the maps' shapes do not show (a
+/// ring's entries, a field's meaning): an agent adopts a pinned datapath only of its own
+/// layout version. One of another version has every map re-created.
+#[test]
+fn pinned_maps_of_another_layout_version_are_recreated() {
+    require_root();
+    let bpffs = BpfFs::mount();
+    let options = unidler::datapath::LoadOptions {
+        pin_dir: Some(bpffs.pin_dir().into()),
+        ..Default::default()
+    };
+    let spec: unidler::vip::VipSpec = "10.96.0.10:80/tcp".parse().unwrap();
+    let key = spec.vip.key();
+    {
+        let mut first = unidler::datapath::Datapath::load(&options).expect("load");
+        first
+            .upsert_vip(key, unidler_common::VipState::default())
+            .unwrap();
+    }
+    {
+        let second = unidler::datapath::Datapath::load(&options).expect("load again");
+        assert!(second.vip(&key).is_some(), "same layout: adopted");
+    }
+    let pins = unidler::pinning::PinDir::open(std::path::Path::new(&bpffs.pin_dir())).unwrap();
+    assert_eq!(
+        pins.layout_version().unwrap(),
+        Some(unidler_common::LAYOUT_VERSION)
+    );
+    pins.write_layout_version(unidler_common::LAYOUT_VERSION - 1)
+        .unwrap();
+    drop(pins);
+    let third = unidler::datapath::Datapath::load(&options).expect("load a third time");
+    assert!(
+        third.vip(&key).is_none(),
+        "maps of another layout version adopted"
+    );
+    drop(third);
+    let pins = unidler::pinning::PinDir::open(std::path::Path::new(&bpffs.pin_dir())).unwrap();
+    assert_eq!(
+        pins.layout_version().unwrap(),
+        Some(unidler_common::LAYOUT_VERSION),
+        "the re-created maps carry this agent's version"
     );
 }
 
@@ -500,7 +549,7 @@ fn holding_does_not_outlive_the_agent_that_turned_it_on() {
     };
     {
         let mut first = unidler::datapath::Datapath::load(&options).expect("load");
-        first.set_holding(true).unwrap();
+        first.start_holding(64, 8_192).unwrap();
         assert!(first.is_holding());
     }
     let second = unidler::datapath::Datapath::load(&options).expect("load again");

@@ -13,6 +13,12 @@ pub const IPPROTO_UDP: u8 = 17;
 /// IANA protocol number of SCTP.
 pub const IPPROTO_SCTP: u8 = 132;
 
+/// The version of the records kept in pinned maps and rings: the types of this crate that
+/// cross in them, their sizes and the meaning of their fields. Any change to one of them
+/// bumps it. An agent adopts a pinned datapath only of its own version; one of another (or
+/// of none: agents before it) has all its maps re-created, and says so.
+pub const LAYOUT_VERSION: u32 = 2;
+
 /// Capacity of the VIP map: OVN clusters with tens of thousands of services fit with room.
 pub const VIP_MAP_CAPACITY: u32 = 131_072;
 
@@ -28,25 +34,25 @@ pub const EVENT_RING_BYTES: u32 = 1024 * 1024;
 /// alone, with no comparison an older verifier could lose track of.
 pub const HELD_FRAME_MAX: usize = 1024;
 
-/// Frames shorter than this are held in a small entry ([`HeldFrame<HELD_FRAME_SMALL>`], 176
+/// Frames shorter than this are held in a small entry ([`HeldFrame<HELD_FRAME_SMALL>`], 200
 /// bytes in the ring): every TCP SYN (74-98 bytes with options and VLAN tags, IPv6 included)
 /// and most small datagrams. A power of two, which the kernel's length mask relies on.
 pub const HELD_FRAME_SMALL: usize = 128;
 
-/// Size in bytes of the held-frame ring buffer: about 5,900 SYNs (176 bytes each with the
-/// ring's header), or 980 frames of up to [`HELD_FRAME_MAX`] bytes (1,072), between two reads
-/// of the agent, which keeps at most `--hold-total` of them. The kernel's bound on holding: a
-/// flood beyond it is counted ([`Counter::HoldRingFull`]). The agent maps it twice (as every
+/// Size in bytes of the held-frame ring buffer: about 5,200 SYNs (200 bytes each with the
+/// ring's header), or 950 frames of up to [`HELD_FRAME_MAX`] bytes (1,096), between two reads
+/// of the agent. The kernel copies only what the agent keeps (one packet per flow, within
+/// `--hold-per-vip` and `--hold-total`), so it fills only if the agent stops reading; what
+/// does not fit is counted ([`Counter::HoldRingFull`]). The agent maps it twice (as every
 /// ring buffer reader does), so it counts double in the agent's resident memory.
 pub const HELD_RING_BYTES: u32 = 1024 * 1024;
 
-/// Capacity of the map of replayed TCP flows whose answer the kernel watches for
-/// (`ANSWERED_FLOWS`); `--hold-total` is at most this.
-pub const ANSWERED_FLOWS_CAPACITY: u32 = 16_384;
+/// Capacity of the map of flows held (`HELD_FLOWS`); `--hold-total` is at most this.
+pub const HELD_FLOWS_CAPACITY: u32 = 16_384;
 
-/// The value of an `ANSWERED_FLOWS` entry once the client answered the replay. Before that,
-/// the value is the interface index the held packet came in on: only a segment of the flow
-/// that comes in on that interface answers it.
+/// The value of a `HELD_FLOWS` entry once the client answered the replay. Before that, the
+/// value is the interface index the held packet came in on: only a segment of the flow that
+/// comes in on that interface answers it.
 pub const FLOW_ANSWERED: u32 = u32::MAX;
 
 /// What the XDP replay program writes in a replayed frame's metadata (in front of the
@@ -109,9 +115,16 @@ pub struct VipKey {
     pub port_be: u16,
     /// IP protocol number: [`IPPROTO_TCP`], [`IPPROTO_UDP`] or [`IPPROTO_SCTP`].
     pub proto: u8,
-    /// Padding; always zero so that keys hash the same on both sides.
-    pub _pad: u8,
+    /// [`FAMILY_IPV4`] or [`FAMILY_IPV6`]: `[::ffff:a.b.c.d]:80` (IPv6, as OVN matches it)
+    /// is not `a.b.c.d:80`, though their addresses are the same bytes.
+    pub family: u8,
 }
+
+/// The address family of an IPv4 key ([`VipKey::family`], [`FlowKey::family`]); its address
+/// is IPv4-mapped.
+pub const FAMILY_IPV4: u8 = 4;
+/// The address family of an IPv6 key, IPv4-mapped addresses included.
+pub const FAMILY_IPV6: u8 = 6;
 
 /// Per-VIP flag: when the VIP has no backends, let the opening packet pass (`XDP_PASS`)
 /// instead of dropping it. The event is reported either way.
@@ -235,12 +248,16 @@ pub struct HoldConfig {
     /// Non-zero: opening packets dropped for an idle VIP are copied to the held-frame ring.
     pub holding: u32,
     /// Non-zero while some replayed TCP flow waits for its answer: the kernel then looks
-    /// TCP segments up in `ANSWERED_FLOWS` (otherwise they cost one load more, no lookup).
+    /// TCP segments up in `HELD_FLOWS` (otherwise they cost one load more, no lookup).
     pub watching_answers: u32,
+    /// Most packets held for one VIP (`--hold-per-vip`): counted in `HELD_PER_VIP`.
+    pub per_vip: u32,
+    /// Most packets held in all (`--hold-total`): counted in `HELD_TOTAL`.
+    pub total: u32,
 }
 
-/// One TCP flow (or UDP, SCTP association) as the client sent it: the key of
-/// `ANSWERED_FLOWS`.
+/// One TCP flow (or UDP, SCTP association) as the client sent it: the key of `HELD_FLOWS`,
+/// and the identity of a held packet on both sides.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct FlowKey {
@@ -254,8 +271,23 @@ pub struct FlowKey {
     pub dst_port_be: u16,
     /// IP protocol number.
     pub proto: u8,
+    /// [`FAMILY_IPV4`] or [`FAMILY_IPV6`].
+    pub family: u8,
     /// Padding; always zero.
-    pub _pad: [u8; 3],
+    pub _pad: [u8; 2],
+}
+
+impl FlowKey {
+    /// The VIP the flow is sent to: its destination.
+    #[inline(always)]
+    pub const fn vip(&self) -> VipKey {
+        VipKey {
+            addr: self.dst_addr,
+            port_be: self.dst_port_be,
+            proto: self.proto,
+            family: self.family,
+        }
+    }
 }
 
 /// What leads every entry of the held-frame ring (see [`HeldFrame`]).
@@ -264,8 +296,9 @@ pub struct FlowKey {
 pub struct HeldHeader {
     /// When the packet was seen, `CLOCK_MONOTONIC` nanoseconds.
     pub timestamp_ns: u64,
-    /// The VIP the packet was sent to.
-    pub vip: VipKey,
+    /// The packet's flow, as the kernel keyed it in `HELD_FLOWS` (its destination is the
+    /// VIP).
+    pub flow: FlowKey,
     /// Interface index the packet arrived on.
     pub ifindex: u32,
     /// Bytes of the frame that follows (the whole frame, from its Ethernet header).
@@ -276,6 +309,8 @@ pub struct HeldHeader {
     pub vlan_proto_be: u16,
     /// That tag's TCI (priority, DEI and VLAN id), host order.
     pub vlan_tci: u16,
+    /// Padding; always zero.
+    pub _pad: u32,
 }
 
 /// One entry in the held-frame ring: an opening packet to an idle VIP, dropped and handed
@@ -356,6 +391,12 @@ pub enum Counter {
     HoldTooLarge,
     /// Dropped opening packets not held: the held-frame ring was full.
     HoldRingFull,
+    /// Dropped opening packets not held: their flow is held already (a retransmission).
+    HoldRetransmission,
+    /// Dropped opening packets not held: their VIP has `--hold-per-vip` held.
+    HoldOverLimitVip,
+    /// Dropped opening packets not held: `--hold-total` are held.
+    HoldOverLimitTotal,
     /// Replayed frames (recognised by [`REPLAY_MARK`]) that found their VIP idle again, let
     /// through without being held or reported.
     ReplayedToIdle,
@@ -397,6 +438,9 @@ impl Counter {
         Counter::Held,
         Counter::HoldTooLarge,
         Counter::HoldRingFull,
+        Counter::HoldRetransmission,
+        Counter::HoldOverLimitVip,
+        Counter::HoldOverLimitTotal,
         Counter::ReplayedToIdle,
         Counter::ReplaysAnswered,
         Counter::Fragments,
@@ -424,6 +468,9 @@ impl Counter {
             Counter::Held => "held",
             Counter::HoldTooLarge => "hold_too_large",
             Counter::HoldRingFull => "hold_ring_full",
+            Counter::HoldRetransmission => "hold_retransmission",
+            Counter::HoldOverLimitVip => "hold_over_limit_vip",
+            Counter::HoldOverLimitTotal => "hold_over_limit_total",
             Counter::ReplayedToIdle => "replayed_to_idle",
             Counter::ReplaysAnswered => "replays_answered",
             Counter::Fragments => "fragments",
@@ -448,12 +495,12 @@ const _: () = assert!(core::mem::size_of::<VipState>() == 32);
 const _: () = assert!(core::mem::size_of::<RateLimitConfig>() == 32);
 const _: () = assert!(core::mem::size_of::<IdleHitEvent>() == 64);
 const _: () = assert!(core::mem::size_of::<Heartbeat>() == 16);
-const _: () = assert!(core::mem::size_of::<HoldConfig>() == 8);
+const _: () = assert!(core::mem::size_of::<HoldConfig>() == 16);
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 40);
-const _: () = assert!(core::mem::size_of::<HeldHeader>() == 40);
+const _: () = assert!(core::mem::size_of::<HeldHeader>() == 64);
 const _: () = assert!(core::mem::size_of::<ScopedVip>() == 8);
-const _: () = assert!(core::mem::size_of::<HeldFrame<HELD_FRAME_SMALL>>() == 40 + HELD_FRAME_SMALL);
-const _: () = assert!(core::mem::size_of::<HeldFrame<HELD_FRAME_MAX>>() == 40 + HELD_FRAME_MAX);
+const _: () = assert!(core::mem::size_of::<HeldFrame<HELD_FRAME_SMALL>>() == 64 + HELD_FRAME_SMALL);
+const _: () = assert!(core::mem::size_of::<HeldFrame<HELD_FRAME_MAX>>() == 64 + HELD_FRAME_MAX);
 const _: () = assert!(HELD_FRAME_SMALL.is_power_of_two() && HELD_FRAME_SMALL < HELD_FRAME_MAX);
 const _: () = assert!(HELD_FRAME_MAX.is_power_of_two());
 

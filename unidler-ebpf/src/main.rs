@@ -21,7 +21,7 @@ use core::intrinsics::{AtomicOrdering, atomic_cxchg, atomic_xadd};
 
 use aya_ebpf::{
     EbpfContext,
-    bindings::{TC_ACT_OK, TC_ACT_SHOT, xdp_action},
+    bindings::{BPF_NOEXIST, TC_ACT_OK, TC_ACT_SHOT, xdp_action},
     helpers::{bpf_ktime_get_ns, bpf_skb_load_bytes, bpf_xdp_adjust_meta, bpf_xdp_load_bytes},
     macros::{classifier, map, xdp},
     maps::{Array, HashMap, PerCpuArray, RingBuf},
@@ -37,9 +37,9 @@ use network_types::{
     vlan::VlanHdr,
 };
 use unidler_common::{
-    ADDRESS_FILTER_WORDS, ANSWERED_FLOWS_CAPACITY, Counter, EVENT_RING_BYTES, EventAction,
-    FLOW_ANSWERED, FlowKey, HELD_FRAME_MAX, HELD_FRAME_SMALL, HELD_RING_BYTES, Heartbeat,
-    HeldFrame, HeldHeader, HoldConfig, IFACE_SCOPES_CAPACITY, IdleHitEvent, REPLAY_MARK,
+    ADDRESS_FILTER_WORDS, Counter, EVENT_RING_BYTES, EventAction, FAMILY_IPV4, FAMILY_IPV6,
+    FLOW_ANSWERED, FlowKey, HELD_FLOWS_CAPACITY, HELD_FRAME_MAX, HELD_FRAME_SMALL, HELD_RING_BYTES,
+    Heartbeat, HeldFrame, HeldHeader, HoldConfig, IFACE_SCOPES_CAPACITY, IdleHitEvent, REPLAY_MARK,
     RateLimitConfig, ScopedVip, VIP_FLAG_PASS_WHEN_IDLE, VIP_FLAG_SCOPED, VIP_MAP_CAPACITY,
     VIP_SCOPES_CAPACITY, VipKey, VipState, address_bucket, address_bucket_ipv4,
 };
@@ -91,13 +91,29 @@ static HOLD: Array<HoldConfig> = Array::with_max_entries(1, 0);
 #[map]
 static HELD: RingBuf = RingBuf::with_byte_size(HELD_RING_BYTES, 0);
 
-/// Replayed flows whose answer the agent waits for: the agent inserts a flow when it replays
-/// its opening packet, with the interface index the packet came in on; the kernel sets
-/// [`FLOW_ANSWERED`] when the client sends a segment of that flow on that interface that
-/// answers the server's SYN-ACK (its ACK, or its RST if it gave up).
+/// Flows the agent holds an opening packet of, one packet each: the kernel inserts a flow
+/// when it copies its packet to `HELD`, with the interface index the packet came in on, and
+/// copies no other packet of it (a retransmission) while it is there; the agent removes it
+/// when it lets the packet go. While replayed flows wait for their answer, the kernel sets
+/// [`FLOW_ANSWERED`] when the client sends a segment of one on that interface that answers
+/// the server's SYN-ACK (its ACK, or its RST if it gave up).
 #[map]
-static ANSWERED_FLOWS: HashMap<FlowKey, u32> =
-    HashMap::with_max_entries(ANSWERED_FLOWS_CAPACITY, 0);
+static HELD_FLOWS: HashMap<FlowKey, u32> = HashMap::with_max_entries(HELD_FLOWS_CAPACITY, 0);
+
+/// Packets held per VIP: the kernel counts each it copies; the agent writes what it holds
+/// (lower, as packets leave), and removes a VIP with none. Bounded by `HoldConfig::per_vip`.
+#[map]
+static HELD_PER_VIP: HashMap<VipKey, u64> = HashMap::with_max_entries(HELD_FLOWS_CAPACITY, 0);
+
+/// Packets held in all, one entry, counted as `HELD_PER_VIP` is; bounded by
+/// `HoldConfig::total`.
+#[map]
+static HELD_TOTAL: Array<u64> = Array::with_max_entries(1, 0);
+
+/// The [`unidler_common::LAYOUT_VERSION`] of what the pinned maps and rings hold, one entry, written by the
+/// agent and read by the next one before it adopts them; the program does not read it.
+#[map]
+static LAYOUT: Array<u32> = Array::with_max_entries(1, 0);
 
 /// State of the global event rate limiter (GCRA theoretical arrival time), one entry.
 #[map]
@@ -346,7 +362,7 @@ pub fn unidler_replay(ctx: XdpContext) -> u32 {
 /// state, whatever headers the packet had.
 struct Parsed {
     /// A connection-opening packet (TCP SYN, UDP, SCTP INIT); else a TCP segment to look up
-    /// in `ANSWERED_FLOWS`.
+    /// in `HELD_FLOWS`.
     opening: bool,
     /// Addresses (IPv4-mapped for IPv4), ports and protocol, as the client sent them.
     flow: FlowKey,
@@ -458,6 +474,7 @@ fn classify<P: Packet>(ctx: &P) -> Result<Option<Parsed>, Counter> {
 fn read_flow<P: Packet>(ctx: &P, l3: usize, l4: usize, proto: u8, ipv6: bool) -> Option<FlowKey> {
     let mut flow = FlowKey {
         proto,
+        family: if ipv6 { FAMILY_IPV6 } else { FAMILY_IPV4 },
         ..FlowKey::default()
     };
     if ipv6 {
@@ -529,12 +546,7 @@ fn skip_ipv6_extensions<P: Packet>(
 /// VIP is idle.
 #[inline(always)]
 fn on_opening_packet<P: Packet>(ctx: &P, flow: &FlowKey, tagged: bool) -> Verdict {
-    let vip = VipKey {
-        addr: flow.dst_addr,
-        port_be: flow.dst_port_be,
-        proto: flow.proto,
-        _pad: 0,
-    };
+    let vip = flow.vip();
     let Some(state) = VIPS.get_ptr_mut(vip) else {
         return Verdict::Pass;
     };
@@ -579,8 +591,11 @@ fn on_opening_packet<P: Packet>(ctx: &P, flow: &FlowKey, tagged: bool) -> Verdic
         (Verdict::Pass, EventAction::Passed)
     } else {
         count(Counter::IdleDropped);
-        if holding_available() && HOLD.get(0).is_some_and(|h| h.holding != 0) {
-            hold(ctx, &vip, now);
+        if holding_available()
+            && let Some(config) = HOLD.get(0)
+            && config.holding != 0
+        {
+            hold(ctx, flow, config, now);
         }
         (Verdict::Drop, EventAction::Dropped)
     };
@@ -618,15 +633,21 @@ fn watching_answers() -> bool {
 }
 
 /// Copies a dropped opening packet, whole, to the held-frame ring for the agent: in a small
-/// entry if it is shorter than [`HELD_FRAME_SMALL`] (every SYN), else in a large one. Not rate
-/// limited: every such packet is held (the agent bounds how many it keeps).
+/// entry if it is shorter than [`HELD_FRAME_SMALL`] (every SYN), else in a large one. Only
+/// what the agent keeps: the first packet of a flow, within the limits (see
+/// [`take_hold_room`]); each refusal counted.
 #[inline(always)]
-fn hold<P: Packet>(ctx: &P, vip: &VipKey, now: u64) {
+fn hold<P: Packet>(ctx: &P, flow: &FlowKey, config: &HoldConfig, now: u64) {
     let frame_len = ctx.frame_len();
     if frame_len == 0 || frame_len as usize > HELD_FRAME_MAX {
         count(Counter::HoldTooLarge);
         return;
     }
+    let vip = flow.vip();
+    let ifindex = ctx.ingress_ifindex();
+    let Some(total) = take_hold_room(flow, &vip, ifindex, config) else {
+        return;
+    };
     let small = (frame_len as usize) < HELD_FRAME_SMALL;
     // The copy's length must be provably 1..=N on the very register the helper gets, for the
     // oldest verifier too. The volatile read hides the checks above from the compiler, which
@@ -634,10 +655,143 @@ fn hold<P: Packet>(ctx: &P, vip: &VipKey, now: u64) {
     // construction, `((len - 1) & mask) + 1` being at least 1.
     // SAFETY: reads a local.
     let len = unsafe { core::ptr::read_volatile(&frame_len) };
-    if small {
-        hold_in::<HELD_FRAME_SMALL, P>(ctx, vip, now, ((len - 1) & HELD_SMALL_MASK) + 1);
+    let held = if small {
+        hold_in::<HELD_FRAME_SMALL, P>(ctx, flow, now, ((len - 1) & HELD_SMALL_MASK) + 1)
     } else {
-        hold_in::<HELD_FRAME_MAX, P>(ctx, vip, now, ((len - 1) & HELD_LEN_MASK) + 1);
+        hold_in::<HELD_FRAME_MAX, P>(ctx, flow, now, ((len - 1) & HELD_LEN_MASK) + 1)
+    };
+    if !held {
+        give_back_hold_room(flow, &vip, total);
+    }
+}
+
+/// Takes room for one held packet of `flow` (to `vip`, from `ifindex`): the flow's entry in
+/// `HELD_FLOWS`, one of the VIP's places and one of the total. Reads first, so that a flood
+/// past a limit costs lookups only. Returns the total's counter, to give back if the copy
+/// fails; None, counted, if there is no room.
+#[inline(always)]
+fn take_hold_room(
+    flow: &FlowKey,
+    vip: &VipKey,
+    ifindex: u32,
+    config: &HoldConfig,
+) -> Option<*mut u64> {
+    // SAFETY: a lookup; the value is not used.
+    if unsafe { HELD_FLOWS.get(flow) }.is_some() {
+        count(Counter::HoldRetransmission);
+        return None;
+    }
+    let total = HELD_TOTAL.get_ptr_mut(0)?;
+    // SAFETY (the reads): map value pointers, 8-byte aligned, valid for the whole run.
+    if unsafe { core::ptr::read_volatile(total) } >= u64::from(config.total) {
+        count(Counter::HoldOverLimitTotal);
+        return None;
+    }
+    let per_vip = HELD_PER_VIP.get_ptr_mut(vip);
+    if let Some(held) = per_vip
+        && unsafe { core::ptr::read_volatile(held) } >= u64::from(config.per_vip)
+    {
+        count(Counter::HoldOverLimitVip);
+        return None;
+    }
+    if HELD_FLOWS
+        .insert(flow, &ifindex, u64::from(BPF_NOEXIST))
+        .is_err()
+    {
+        // Another CPU held the flow in between.
+        count(Counter::HoldRetransmission);
+        return None;
+    }
+    // SAFETY (the takes): as above.
+    if !unsafe { take_one(total, config.total) } {
+        let _ = HELD_FLOWS.remove(flow);
+        count(Counter::HoldOverLimitTotal);
+        return None;
+    }
+    let taken = match per_vip {
+        Some(held) => unsafe { take_one(held, config.per_vip) },
+        // The VIP's first: counted as one, unless another CPU counted it first.
+        None => {
+            HELD_PER_VIP.insert(vip, &1, u64::from(BPF_NOEXIST)).is_ok()
+                || HELD_PER_VIP
+                    .get_ptr_mut(vip)
+                    .is_some_and(|held| unsafe { take_one(held, config.per_vip) })
+        }
+    };
+    if !taken {
+        unsafe { give_back_one(total) };
+        let _ = HELD_FLOWS.remove(flow);
+        count(Counter::HoldOverLimitVip);
+        return None;
+    }
+    Some(total)
+}
+
+/// Gives back what [`take_hold_room`] took, for a packet that was not copied after all.
+#[inline(always)]
+fn give_back_hold_room(flow: &FlowKey, vip: &VipKey, total: *mut u64) {
+    // SAFETY: map value pointers, 8-byte aligned, valid for the whole run.
+    unsafe {
+        give_back_one(total);
+        if let Some(held) = HELD_PER_VIP.get_ptr_mut(vip) {
+            give_back_one(held);
+        }
+    }
+    let _ = HELD_FLOWS.remove(flow);
+}
+
+/// Adds one to `counter` if it is below `limit` (a compare-and-swap: two CPUs cannot both
+/// take the last place). False if it is at the limit, or other CPUs kept winning.
+///
+/// # Safety
+/// `counter` points into a map value, 8-byte aligned, valid for the whole program run.
+#[inline(always)]
+unsafe fn take_one(counter: *mut u64, limit: u32) -> bool {
+    for _ in 0..CAS_ATTEMPTS {
+        // SAFETY: as the caller promises.
+        let current = unsafe { core::ptr::read_volatile(counter) };
+        if current >= u64::from(limit) {
+            return false;
+        }
+        // SAFETY: as above; BPF_CMPXCHG (ISA v3) on a map value.
+        let (_, swapped) = unsafe {
+            atomic_cxchg::<u64, { AtomicOrdering::Relaxed }, { AtomicOrdering::Relaxed }>(
+                counter,
+                current,
+                current + 1,
+            )
+        };
+        if swapped {
+            return true;
+        }
+    }
+    false
+}
+
+/// Takes one from `counter`, never below zero (the agent may have written a lower count
+/// meanwhile).
+///
+/// # Safety
+/// As [`take_one`].
+#[inline(always)]
+unsafe fn give_back_one(counter: *mut u64) {
+    for _ in 0..CAS_ATTEMPTS {
+        // SAFETY: as the caller promises.
+        let current = unsafe { core::ptr::read_volatile(counter) };
+        if current == 0 {
+            return;
+        }
+        // SAFETY: as above.
+        let (_, swapped) = unsafe {
+            atomic_cxchg::<u64, { AtomicOrdering::Relaxed }, { AtomicOrdering::Relaxed }>(
+                counter,
+                current,
+                current - 1,
+            )
+        };
+        if swapped {
+            return;
+        }
     }
 }
 
@@ -646,12 +800,12 @@ const HELD_SMALL_MASK: u32 = HELD_FRAME_SMALL as u32 - 1;
 /// A mask that keeps every length up to [`HELD_FRAME_MAX`] (a power of two).
 const HELD_LEN_MASK: u32 = HELD_FRAME_MAX as u32 - 1;
 
-/// Writes one held-frame entry of `N` bytes of frame; `len` is at most `N`.
+/// Writes one held-frame entry of `N` bytes of frame; `len` is at most `N`. Whether it did.
 #[inline(always)]
-fn hold_in<const N: usize, P: Packet>(ctx: &P, vip: &VipKey, now: u64, len: u32) {
+fn hold_in<const N: usize, P: Packet>(ctx: &P, flow: &FlowKey, now: u64, len: u32) -> bool {
     let Some(mut entry) = HELD.reserve::<HeldFrame<N>>(0) else {
         count(Counter::HoldRingFull);
-        return;
+        return false;
     };
     let held = entry.as_mut_ptr();
     // SAFETY: `held` points to a reserved HeldFrame in the ring; fields are written one by
@@ -660,11 +814,12 @@ fn hold_in<const N: usize, P: Packet>(ctx: &P, vip: &VipKey, now: u64, len: u32)
         let (vlan_proto_be, vlan_tci) = ctx.stripped_vlan().unwrap_or((0, 0));
         (*held).header = HeldHeader {
             timestamp_ns: now,
-            vip: *vip,
+            flow: *flow,
             ifindex: ctx.ingress_ifindex(),
             len,
             vlan_proto_be,
             vlan_tci,
+            _pad: 0,
         };
         ctx.copy_frame((*held).frame.as_mut_ptr(), len)
     };
@@ -675,6 +830,7 @@ fn hold_in<const N: usize, P: Packet>(ctx: &P, vip: &VipKey, now: u64, len: u32)
         entry.discard(0);
         count(Counter::HoldTooLarge);
     }
+    copied
 }
 
 /// A TCP segment while replayed flows wait for their answer: if it belongs to one of them
@@ -683,7 +839,7 @@ fn hold_in<const N: usize, P: Packet>(ctx: &P, vip: &VipKey, now: u64, len: u32)
 /// client) answers nothing.
 #[inline(always)]
 fn on_answer(flow: &FlowKey, ifindex: u32) {
-    if let Some(answered) = ANSWERED_FLOWS.get_ptr_mut(flow) {
+    if let Some(answered) = HELD_FLOWS.get_ptr_mut(flow) {
         // SAFETY: a map value pointer, valid for the whole run.
         unsafe {
             if core::ptr::read_volatile(answered) == ifindex {

@@ -1,10 +1,10 @@
 //! Events as the agent reports them: a kernel [`IdleHitEvent`] resolved against the
 //! [`VipRegistry`] into the VIP, its load balancer and the interface name.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 
 use serde::Serialize;
-use unidler_common::{EventAction, IdleHitEvent};
+use unidler_common::{EventAction, FAMILY_IPV6, IdleHitEvent};
 
 use crate::{
     registry::VipRegistry,
@@ -58,10 +58,12 @@ impl IdleHit {
             .filter(|_| load_balancer_row.is_none())
             .as_ref()
             .map(ToString::to_string);
-        let src = SocketAddr::new(
-            ip_from_bytes(event.src_addr),
-            u16::from_be(event.src_port_be),
-        );
+        // The source is of the VIP's family.
+        let src_ip = match event.vip.family {
+            FAMILY_IPV6 => IpAddr::V6(Ipv6Addr::from(event.src_addr)),
+            _ => ip_from_bytes(event.src_addr),
+        };
+        let src = SocketAddr::new(src_ip, u16::from_be(event.src_port_be));
         Some(Self {
             vip: vip.endpoint(),
             protocol: vip.protocol,

@@ -165,7 +165,7 @@ struct RunArgs {
     #[arg(long, env = "UNIDLER_HOLD_PER_VIP", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
     hold_per_vip: u32,
     /// Most opening packets held in all (more are dropped, and counted).
-    #[arg(long, env = "UNIDLER_HOLD_TOTAL", default_value_t = 8_192, value_parser = clap::value_parser!(u32).range(1..=unidler_common::ANSWERED_FLOWS_CAPACITY as i64))]
+    #[arg(long, env = "UNIDLER_HOLD_TOTAL", default_value_t = 8_192, value_parser = clap::value_parser!(u32).range(1..=unidler_common::HELD_FLOWS_CAPACITY as i64))]
     hold_total: u32,
     /// How long after a VIP's backend appears its held packets are first replayed: the time
     /// the node's forwarding needs to carry the backend (a TCP SYN is replayed again until

@@ -25,6 +25,9 @@ use std::{
 
 use aya::maps::{MapInfo, MapType};
 
+/// The map that holds the layout version of the others.
+pub const LAYOUT_MAP: &str = "LAYOUT";
+
 /// `statfs` magic of a BPF file system.
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
@@ -114,6 +117,54 @@ impl PinDir {
     /// Where the attachment of `hook` (its name) to `iface` is pinned.
     pub fn link_path(&self, hook: &str, iface: &str) -> PathBuf {
         self.root.join("links").join(format!("{hook}@{iface}"))
+    }
+
+    /// Checks the layout version of the pinned maps (see [`unidler_common::LAYOUT_VERSION`])
+    /// against `version`: if maps are pinned with another one, or with none (agents before
+    /// versions), unpins them all, so that loading creates them anew, and says why.
+    pub fn check_layout(&self, version: u32) -> io::Result<Option<String>> {
+        let pinned: Vec<PathBuf> = std::fs::read_dir(self.root.join("maps"))?
+            .map(|entry| entry.map(|e| e.path()))
+            .collect::<io::Result<_>>()?;
+        if pinned.is_empty() {
+            return Ok(None);
+        }
+        let found = self.layout_version()?;
+        if found == Some(version) {
+            return Ok(None);
+        }
+        for path in pinned {
+            std::fs::remove_file(path)?;
+        }
+        Ok(Some(match found {
+            Some(found) => format!("layout version {found}, this agent's is {version}"),
+            None => format!("no layout version (an older agent), this agent's is {version}"),
+        }))
+    }
+
+    /// The layout version the pinned `LAYOUT` map holds, if it is pinned.
+    pub fn layout_version(&self) -> io::Result<Option<u32>> {
+        Ok(self.layout_map()?.map(|map| map.get(&0, 0).unwrap_or(0)))
+    }
+
+    /// Writes `version` into the pinned `LAYOUT` map (a test's way to leave maps of another
+    /// version; the datapath writes its own when it loads).
+    pub fn write_layout_version(&self, version: u32) -> io::Result<()> {
+        let mut map = self
+            .layout_map()?
+            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no pinned LAYOUT map"))?;
+        map.set(0, version, 0).map_err(io::Error::other)
+    }
+
+    fn layout_map(&self) -> io::Result<Option<aya::maps::Array<aya::maps::MapData, u32>>> {
+        let path = self.map_path(LAYOUT_MAP);
+        if !path.exists() {
+            return Ok(None);
+        }
+        let data = aya::maps::MapData::from_pin(&path).map_err(io::Error::other)?;
+        aya::maps::Array::try_from(aya::maps::Map::Array(data))
+            .map(Some)
+            .map_err(io::Error::other)
     }
 
     /// Checks the pinned map `name` against `shape`: kept if it matches, unpinned if not (so

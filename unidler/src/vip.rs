@@ -11,7 +11,7 @@ use std::{
 
 use serde::Serialize;
 use thiserror::Error;
-use unidler_common::{IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, VipKey};
+use unidler_common::{FAMILY_IPV4, FAMILY_IPV6, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, VipKey};
 
 /// The L4 protocols a VIP can have, as OVN names them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
@@ -101,21 +101,29 @@ pub struct Vip {
     port: u16,
     /// L4 protocol.
     pub protocol: Protocol,
+    /// An IPv6 address, even of the IPv4-mapped form (`[::ffff:a.b.c.d]:80`, which OVN
+    /// matches only as IPv6).
+    ipv6: bool,
 }
 
 impl Vip {
-    /// A VIP; an IPv4-mapped IPv6 address stands for the IPv4 address it maps.
+    /// A VIP, of `addr`'s own family.
     pub fn new(addr: SocketAddr, protocol: Protocol) -> Self {
         Self {
             ip: ip_to_bytes(addr.ip()),
             port: addr.port(),
             protocol,
+            ipv6: addr.is_ipv6(),
         }
     }
 
-    /// Address and port; IPv4-mapped IPv6 addresses come back as IPv4.
+    /// Address and port.
     pub fn addr(&self) -> SocketAddr {
-        SocketAddr::new(ip_from_bytes(self.ip), self.port)
+        let ip = match self.ipv6 {
+            true => IpAddr::V6(Ipv6Addr::from(self.ip)),
+            false => ip_from_bytes(self.ip),
+        };
+        SocketAddr::new(ip, self.port)
     }
 
     /// The key of this VIP in the kernel's VIP map.
@@ -124,7 +132,7 @@ impl Vip {
             addr: self.ip,
             port_be: self.port.to_be(),
             proto: self.protocol.number(),
-            _pad: 0,
+            family: if self.ipv6 { FAMILY_IPV6 } else { FAMILY_IPV4 },
         }
     }
 
@@ -134,6 +142,7 @@ impl Vip {
             ip: key.addr,
             port: u16::from_be(key.port_be),
             protocol: Protocol::from_number(key.proto)?,
+            ipv6: key.family == FAMILY_IPV6,
         })
     }
 
@@ -370,6 +379,22 @@ mod tests {
         assert_eq!(spec.vip.protocol, Protocol::Udp);
     }
 
+    /// OVN matches `[::ffff:a.b.c.d]:port` only as IPv6: it is a VIP of its own, spelt as
+    /// OVN spells it, never the IPv4 VIP of that address.
+    #[test]
+    fn an_ipv4_mapped_ipv6_vip_keeps_its_family_and_spelling() {
+        let mapped: VipSpec = "[::ffff:10.203.1.2]:8082/tcp".parse().unwrap();
+        let plain: VipSpec = "10.203.1.2:8082/tcp".parse().unwrap();
+        assert_ne!(mapped.vip, plain.vip);
+        assert_ne!(mapped.vip.key(), plain.vip.key());
+        assert_eq!(mapped.vip.endpoint(), "[::ffff:10.203.1.2]:8082");
+        assert_eq!(plain.vip.endpoint(), "10.203.1.2:8082");
+        for vip in [mapped.vip, plain.vip] {
+            assert_eq!(Vip::from_key(&vip.key()), Some(vip));
+        }
+        assert_eq!(size_of::<Vip>(), 20);
+    }
+
     #[test]
     fn load_balancer_names_keep_their_text() {
         let uuid = "5b3cfb03-2143-4e8a-9067-dac1ef7ec6d7";
@@ -433,7 +458,6 @@ mod tests {
         assert_eq!(key.port_be, 80u16.to_be());
         assert_eq!(key.proto, IPPROTO_SCTP);
         assert_eq!(Vip::from_key(&key), Some(vip));
-        let mapped: VipSpec = "[::ffff:192.168.1.100]:80/sctp".parse().unwrap();
-        assert_eq!(mapped.vip, vip);
+        assert_eq!(key.family, FAMILY_IPV4);
     }
 }

@@ -256,7 +256,7 @@ impl Agent {
             );
             hold.max_age = Duration::ZERO;
         } else {
-            datapath.set_holding(true)?;
+            datapath.start_holding(hold.per_vip as u32, hold.total as u32)?;
             info!(
                 per_vip = hold.per_vip,
                 total = hold.total,

@@ -79,9 +79,9 @@ impl Default for LoadOptions {
 }
 
 /// The maps pinned with `--pin-dir`, by name, with the shape the program needs.
-fn pinned_maps(max_vips: u32) -> [(&'static str, MapShape); 12] {
+fn pinned_maps(max_vips: u32) -> [(&'static str, MapShape); 15] {
     use unidler_common::{
-        ADDRESS_FILTER_WORDS, ANSWERED_FLOWS_CAPACITY, EVENT_RING_BYTES, HELD_RING_BYTES,
+        ADDRESS_FILTER_WORDS, EVENT_RING_BYTES, HELD_FLOWS_CAPACITY, HELD_RING_BYTES,
         IFACE_SCOPES_CAPACITY, VIP_SCOPES_CAPACITY,
     };
     let shape = |map_type, key_size: usize, value_size: usize, max_entries| MapShape {
@@ -121,14 +121,15 @@ fn pinned_maps(max_vips: u32) -> [(&'static str, MapShape); 12] {
         ("GLOBAL_LIMITER", shape(MapType::Array, 4, 8, 1)),
         ("HOLD", shape(MapType::Array, 4, size_of::<HoldConfig>(), 1)),
         (
-            "ANSWERED_FLOWS",
-            shape(
-                MapType::Hash,
-                size_of::<FlowKey>(),
-                4,
-                ANSWERED_FLOWS_CAPACITY,
-            ),
+            "HELD_FLOWS",
+            shape(MapType::Hash, size_of::<FlowKey>(), 4, HELD_FLOWS_CAPACITY),
         ),
+        (
+            "HELD_PER_VIP",
+            shape(MapType::Hash, size_of::<VipKey>(), 8, HELD_FLOWS_CAPACITY),
+        ),
+        ("HELD_TOTAL", shape(MapType::Array, 4, 8, 1)),
+        (crate::pinning::LAYOUT_MAP, shape(MapType::Array, 4, 4, 1)),
         (
             "IFACE_SCOPES",
             shape(MapType::Hash, 4, 4, IFACE_SCOPES_CAPACITY),
@@ -251,7 +252,9 @@ pub struct Datapath {
     held: Option<RingBuf<MapData>>,
     hold: Array<MapData, HoldConfig>,
     hold_config: HoldConfig,
-    answered: HashMap<MapData, FlowKey, u32>,
+    held_flows: HashMap<MapData, FlowKey, u32>,
+    held_per_vip: HashMap<MapData, VipKey, u64>,
+    held_total: Array<MapData, u64>,
     /// Interface index → scope, for the interfaces that have one.
     iface_scopes: HashMap<MapData, u32, u32>,
     /// Scoped VIPs' backends per scope, and (mirror) the scopes written for each `vip_id`.
@@ -288,6 +291,14 @@ impl Datapath {
         let mut adopted_vips = false;
         let mut adopted_heartbeat = false;
         if let Some(pins) = &pins {
+            if let Some(why) = pins
+                .check_layout(unidler_common::LAYOUT_VERSION)
+                .map_err(|e| DatapathError::Pin(format!("layout version: {e}")))?
+            {
+                tracing::warn!(
+                    "pinned maps hold records of another layout: all re-created empty ({why})"
+                );
+            }
             for (name, shape) in pinned_maps(max_vips) {
                 if name == "VIP_ADDRESS_FILTER" && !adopted_vips {
                     // The prefilter describes the VIP map: a new VIP map gets a new one.
@@ -401,13 +412,31 @@ impl Datapath {
                 map: "HOLD",
                 source,
             })?;
-        let mut answered: HashMap<MapData, FlowKey, u32> = take_map(&mut ebpf, "ANSWERED_FLOWS")?;
+        let mut held_flows: HashMap<MapData, FlowKey, u32> = take_map(&mut ebpf, "HELD_FLOWS")?;
+        let mut held_per_vip: HashMap<MapData, VipKey, u64> = take_map(&mut ebpf, "HELD_PER_VIP")?;
+        let mut held_total: Array<MapData, u64> = take_map(&mut ebpf, "HELD_TOTAL")?;
         if pins.is_some() {
-            // The flows an earlier agent watched: their held packets went with it.
-            for flow in answered.keys().flatten().collect::<Vec<_>>() {
-                remove_entry(&mut answered, &flow, "ANSWERED_FLOWS")?;
+            // What an earlier agent held went with it: its flows and counts are void.
+            for flow in held_flows.keys().flatten().collect::<Vec<_>>() {
+                remove_entry(&mut held_flows, &flow, "HELD_FLOWS")?;
             }
+            for vip in held_per_vip.keys().flatten().collect::<Vec<_>>() {
+                remove_entry(&mut held_per_vip, &vip, "HELD_PER_VIP")?;
+            }
+            held_total
+                .set(0, 0, 0)
+                .map_err(|source| DatapathError::Map {
+                    map: "HELD_TOTAL",
+                    source,
+                })?;
         }
+        let mut layout: Array<MapData, u32> = take_map(&mut ebpf, crate::pinning::LAYOUT_MAP)?;
+        layout
+            .set(0, unidler_common::LAYOUT_VERSION, 0)
+            .map_err(|source| DatapathError::Map {
+                map: crate::pinning::LAYOUT_MAP,
+                source,
+            })?;
         let iface_scopes = take_map(&mut ebpf, "IFACE_SCOPES")?;
         let vip_scopes: HashMap<MapData, ScopedVip, u32> = take_map(&mut ebpf, "VIP_SCOPES")?;
         // What an earlier agent left: the scopes written for each VIP id.
@@ -432,7 +461,9 @@ impl Datapath {
             held,
             hold,
             hold_config: HoldConfig::default(),
-            answered,
+            held_flows,
+            held_per_vip,
+            held_total,
             iface_scopes,
             vip_scopes,
             scopes_of,

@@ -3,7 +3,7 @@
 use std::{os::fd::AsRawFd, sync::Arc};
 
 use aya::maps::{MapData, PerCpuArray, RingBuf};
-use unidler_common::{Counter, HeldHeader, IdleHitEvent, VipKey};
+use unidler_common::{Counter, FlowKey, HeldHeader, IdleHitEvent, VipKey};
 
 use super::{Datapath, DatapathError};
 
@@ -128,6 +128,8 @@ pub struct HeldBytes {
     pub timestamp_ns: u64,
     /// The VIP it was sent to.
     pub vip: VipKey,
+    /// Its flow, as the kernel keyed it: the held packet's identity on both sides.
+    pub flow: FlowKey,
     /// The interface it arrived on.
     pub ifindex: u32,
     /// The frame, from its Ethernet header.
@@ -167,7 +169,8 @@ impl HeldRing {
             }
             each(HeldBytes {
                 timestamp_ns: header.timestamp_ns,
-                vip: header.vip,
+                vip: header.flow.vip(),
+                flow: header.flow,
                 ifindex: header.ifindex,
                 frame,
             });

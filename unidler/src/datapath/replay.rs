@@ -2,15 +2,19 @@
 //! through `BPF_PROG_TEST_RUN` (replays, and the same runs for tests and benchmarks).
 
 use aya::programs::{SchedClassifier, TestRun, TestRunAttrs, TestRunOptions, Xdp};
-use unidler_common::{FLOW_ANSWERED, FlowKey, REPLAY_PROGRAM_NAME, TC_PROGRAM_NAME};
+use unidler_common::{FLOW_ANSWERED, FlowKey, REPLAY_PROGRAM_NAME, TC_PROGRAM_NAME, VipKey};
 
 use super::{Datapath, DatapathError, remove_entry};
 
 impl Datapath {
-    /// Turns holding on or off: whether the kernel copies dropped opening packets to the
-    /// held-frame ring.
-    pub fn set_holding(&mut self, holding: bool) -> Result<(), DatapathError> {
-        self.hold_config.holding = u32::from(holding);
+    /// Turns holding on: the kernel copies the first dropped opening packet of each flow to
+    /// an idle VIP to the held-frame ring, at most `per_vip` per VIP and `total` in all
+    /// (`--hold-per-vip`, `--hold-total`; counted with what the agent writes back through
+    /// [`Datapath::set_held`]).
+    pub fn start_holding(&mut self, per_vip: u32, total: u32) -> Result<(), DatapathError> {
+        self.hold_config.holding = 1;
+        self.hold_config.per_vip = per_vip;
+        self.hold_config.total = total;
         self.write_hold_config()
     }
 
@@ -26,10 +30,10 @@ impl Datapath {
     /// Starts watching for the answer to a replayed flow (the client's next segment of it,
     /// on interface `ifindex`, where its opening packet came in).
     pub fn watch_answer(&mut self, flow: &FlowKey, ifindex: u32) -> Result<(), DatapathError> {
-        self.answered
+        self.held_flows
             .insert(flow, ifindex, 0)
             .map_err(|source| DatapathError::Map {
-                map: "ANSWERED_FLOWS",
+                map: "HELD_FLOWS",
                 source,
             })?;
         if self.hold_config.watching_answers == 0 {
@@ -44,27 +48,67 @@ impl Datapath {
         self.hold.get(&0, 0).is_ok_and(|h| h.holding != 0)
     }
 
-    /// How many replayed flows the kernel watches for an answer.
-    pub fn watched_flows(&self) -> usize {
-        self.answered.keys().flatten().count()
+    /// How many flows the kernel has as held (its packet copied, not yet let go).
+    pub fn held_flows(&self) -> usize {
+        self.held_flows.keys().flatten().count()
+    }
+
+    /// The kernel's counts of held packets: per VIP, and in all.
+    pub fn held_counts(&self) -> (Vec<(VipKey, u32)>, u32) {
+        let per_vip = self
+            .held_per_vip
+            .iter()
+            .flatten()
+            .map(|(vip, held)| (vip, held as u32))
+            .collect();
+        (per_vip, self.held_total.get(&0, 0).unwrap_or(0) as u32)
     }
 
     /// Whether the kernel has seen the answer to a watched flow.
     pub fn is_answered(&self, flow: &FlowKey) -> bool {
-        self.answered
+        self.held_flows
             .get(flow, 0)
             .is_ok_and(|answered| answered == FLOW_ANSWERED)
     }
 
-    /// Stops watching a flow; `none_left` says that no other flow is watched (the kernel
-    /// then stops looking TCP segments up).
-    pub fn forget_answer(&mut self, flow: &FlowKey, none_left: bool) -> Result<(), DatapathError> {
-        remove_entry(&mut self.answered, flow, "ANSWERED_FLOWS")?;
-        if none_left && self.hold_config.watching_answers != 0 {
+    /// Lets a held flow go: the kernel may hold its next opening packet. `watching_left`
+    /// says whether some other flow still waits for its answer (if none, the kernel stops
+    /// looking TCP segments up).
+    pub fn release_flow(
+        &mut self,
+        flow: &FlowKey,
+        watching_left: bool,
+    ) -> Result<(), DatapathError> {
+        remove_entry(&mut self.held_flows, flow, "HELD_FLOWS")?;
+        if !watching_left && self.hold_config.watching_answers != 0 {
             self.hold_config.watching_answers = 0;
             self.write_hold_config()?;
         }
         Ok(())
+    }
+
+    /// Writes what the agent holds into the kernel's counts: `vips`, each with its packets
+    /// held now (a VIP with none is removed), and `total`. The kernel counts up as it copies;
+    /// the agent writes them down as packets leave.
+    pub fn set_held(&mut self, vips: &[(VipKey, u32)], total: u32) -> Result<(), DatapathError> {
+        for (vip, held) in vips {
+            if *held == 0 {
+                remove_entry(&mut self.held_per_vip, vip, "HELD_PER_VIP")?;
+            } else {
+                self.held_per_vip
+                    .insert(vip, u64::from(*held), 0)
+                    .map_err(|source| DatapathError::Map {
+                        map: "HELD_PER_VIP",
+                        source,
+                    })?;
+            }
+        }
+        self.held_total
+            .set(0, u64::from(total), 0)
+            .map_err(|source| DatapathError::Map {
+                map: "HELD_TOTAL",
+                source,
+            })
     }
 
     /// Hands `frame` to the network stack of interface `ifindex` as if it had just been

@@ -6,7 +6,7 @@
 //! a replayed frame enters the stack as fresh bytes, checked like any received frame: its
 //! checksum must be complete, so it is computed again before every replay.
 
-use unidler_common::{FlowKey, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP};
+use unidler_common::{FAMILY_IPV4, FAMILY_IPV6, FlowKey, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP};
 
 const ETH_HEADER: usize = 14;
 const VLAN_TAG: usize = 4;
@@ -18,7 +18,7 @@ const ETHERTYPE_8021AD: u16 = 0x88a8;
 /// Where a held frame's headers are.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Parsed {
-    /// The flow, as the kernel keys `ANSWERED_FLOWS`.
+    /// The flow, as the kernel keys `HELD_FLOWS`.
     pub flow: FlowKey,
     /// Offset of the IP header.
     l3: usize,
@@ -48,12 +48,14 @@ pub fn parse(frame: &[u8]) -> Option<Parsed> {
             let ihl = usize::from(*frame.get(l3)? & 0x0f) * 4;
             let total = usize::from(be16(l3 + 2)?);
             let proto = *frame.get(l3 + 9)?;
+            flow.family = FAMILY_IPV4;
             flow.src_addr = mapped(frame.get(l3 + 12..l3 + 16)?);
             flow.dst_addr = mapped(frame.get(l3 + 16..l3 + 20)?);
             (proto, l3 + ihl, total.checked_sub(ihl)?, false)
         }
         ETHERTYPE_IPV6 => {
             let payload = usize::from(be16(l3 + 4)?);
+            flow.family = FAMILY_IPV6;
             flow.src_addr = frame.get(l3 + 8..l3 + 24)?.try_into().ok()?;
             flow.dst_addr = frame.get(l3 + 24..l3 + 40)?.try_into().ok()?;
             let mut next = *frame.get(l3 + 6)?;

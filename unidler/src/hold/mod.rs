@@ -54,7 +54,8 @@ impl Default for HoldLimits {
     }
 }
 
-/// What replays a held packet: the datapath, or a test's fake.
+/// What replays a held packet, and counts what is held with the hold: the datapath, or a
+/// test's fake.
 pub trait Replayer {
     /// Hands `frame` to interface `ifindex`'s stack as if just received.
     fn replay(&mut self, frame: &[u8], ifindex: u32) -> Result<(), DatapathError>;
@@ -62,8 +63,11 @@ pub trait Replayer {
     fn watch(&mut self, flow: &FlowKey, ifindex: u32) -> Result<(), DatapathError>;
     /// Whether `flow` was answered.
     fn answered(&self, flow: &FlowKey) -> bool;
-    /// Stops watching `flow`; `none_left`: no flow is watched any more.
-    fn forget(&mut self, flow: &FlowKey, none_left: bool) -> Result<(), DatapathError>;
+    /// Lets `flow` go: the kernel may hold its next opening packet. `watching_left`: some
+    /// other flow still waits for its answer.
+    fn release(&mut self, flow: &FlowKey, watching_left: bool) -> Result<(), DatapathError>;
+    /// What is held now: per VIP (among them, those with none), and in all.
+    fn set_held(&mut self, vips: &[(VipKey, u32)], total: u32) -> Result<(), DatapathError>;
 }
 
 impl Replayer for Datapath {
@@ -76,8 +80,11 @@ impl Replayer for Datapath {
     fn answered(&self, flow: &FlowKey) -> bool {
         self.is_answered(flow)
     }
-    fn forget(&mut self, flow: &FlowKey, none_left: bool) -> Result<(), DatapathError> {
-        self.forget_answer(flow, none_left)
+    fn release(&mut self, flow: &FlowKey, watching_left: bool) -> Result<(), DatapathError> {
+        self.release_flow(flow, watching_left)
+    }
+    fn set_held(&mut self, vips: &[(VipKey, u32)], total: u32) -> Result<(), DatapathError> {
+        Datapath::set_held(self, vips, total)
     }
 }
 
@@ -164,7 +171,18 @@ pub struct HeldPackets {
     /// Flows whose answer the kernel watches.
     watched: HashSet<FlowKey>,
     total: usize,
+    /// What the kernel counts differently from the hold until the next
+    /// [`HeldPackets::sync_kernel`]: the VIPs whose count fell, and flows it copied that the
+    /// hold did not keep.
+    unsynced: Unsynced,
     metrics: HoldMetrics,
+}
+
+/// See [`HeldPackets::sync_kernel`].
+#[derive(Debug, Default)]
+struct Unsynced {
+    vips: HashSet<VipKey>,
+    refused_flows: Vec<FlowKey>,
 }
 
 /// Most replays of one unanswered SYN: a client that is there answers the first; a spoofed
@@ -189,6 +207,7 @@ impl HeldPackets {
             flows: HashSet::new(),
             watched: HashSet::new(),
             total: 0,
+            unsynced: Unsynced::default(),
             metrics,
         }
     }
@@ -231,30 +250,39 @@ impl HeldPackets {
     }
 
     /// A dropped opening packet from the kernel, waiting on `scope` (0: node-wide): kept
-    /// unless it repeats a held flow or a limit is reached.
+    /// unless it repeats a held flow or a limit is reached. The kernel copies only what fits
+    /// its own count of the same limits, so a refusal here is rare (the counts are written
+    /// back at the next [`HeldPackets::sync_kernel`]).
     pub fn hold_in(&mut self, held: HeldBytes, scope: u32, now_ns: u64) {
-        let Some(parsed) = frame::parse(&held.frame) else {
+        let refused = if !self.enabled() {
+            Some("disabled")
+        } else if self.flows.contains(&held.flow) {
+            // The kernel lost the flow (an adopted ring): it still counted the copy.
+            self.metrics.count("retransmission", 1);
+            self.unsynced.vips.insert(held.vip);
+            return;
+        } else if self.held_for(&held.vip) >= self.limits.per_vip {
+            Some("over_limit_vip")
+        } else if self.total >= self.limits.total {
+            Some("over_limit_total")
+        } else if frame::parse(&held.frame).is_none() {
             debug!(
                 len = held.frame.len(),
                 "held frame not understood: not kept"
             );
-            return;
+            Some("not_understood")
+        } else {
+            None
         };
-        if !self.enabled() {
+        if let Some(outcome) = refused {
+            if outcome != "disabled" {
+                self.metrics.count(outcome, 1);
+            }
+            self.unsynced.vips.insert(held.vip);
+            self.unsynced.refused_flows.push(held.flow);
             return;
         }
-        if self.flows.contains(&parsed.flow) {
-            self.metrics.count("retransmission", 1);
-            return;
-        }
-        if self.held_for(&held.vip) >= self.limits.per_vip {
-            self.metrics.count("over_limit_vip", 1);
-            return;
-        }
-        if self.total >= self.limits.total {
-            self.metrics.count("over_limit_total", 1);
-            return;
-        }
+        let flow = held.flow;
         let replay_after = self.limits.replay_after.as_nanos() as u64;
         *self.per_vip.entry(held.vip).or_default() += 1;
         let vip = self
@@ -270,14 +298,14 @@ impl HeldPackets {
             .waking_since_ns
             .map_or(now_ns, |since| since + replay_after);
         vip.packets.push_back(HeldPacket {
-            flow: parsed.flow,
+            flow,
             frame: held.frame,
             ifindex: held.ifindex,
             seen_ns: held.timestamp_ns,
             replays: 0,
             next_replay_ns,
         });
-        self.flows.insert(parsed.flow);
+        self.flows.insert(flow);
         self.total += 1;
         self.metrics.count("held", 1);
         self.metrics.held_now.set(self.total as i64);
@@ -328,6 +356,7 @@ impl HeldPackets {
                 info!(vip = ?crate::vip::Vip::from_key(vip), discarded = n, "VIP deleted: its held packets are discarded");
             }
         }
+        self.sync_kernel(replayer);
     }
 
     /// Replays what is due at `now_ns` and discards what is too old.
@@ -417,9 +446,36 @@ impl HeldPackets {
         }
         self.vips.retain(|_, hold| !hold.packets.is_empty());
         self.metrics.held_now.set(self.total as i64);
+        self.sync_kernel(replayer);
     }
 
-    /// Forgets a packet of `vip` that left the hold.
+    /// Writes the kernel's counts down to what the hold keeps, for the VIPs whose count fell
+    /// (packets let go, or refused here after the kernel counted them), and lets go of the
+    /// flows the kernel copied that the hold refused. The kernel counts up as it copies; it
+    /// never counts more than the hold keeps plus what waits in the ring.
+    pub fn sync_kernel(&mut self, replayer: &mut impl Replayer) {
+        if self.unsynced.vips.is_empty() && self.unsynced.refused_flows.is_empty() {
+            return;
+        }
+        let watching_left = !self.watched.is_empty();
+        for flow in std::mem::take(&mut self.unsynced.refused_flows) {
+            if !self.flows.contains(&flow)
+                && let Err(e) = replayer.release(&flow, watching_left)
+            {
+                warn!("cannot let a refused flow go in the kernel: {e}");
+            }
+        }
+        let vips: Vec<(VipKey, u32)> = std::mem::take(&mut self.unsynced.vips)
+            .into_iter()
+            .map(|vip| (vip, self.held_for(&vip) as u32))
+            .collect();
+        if let Err(e) = replayer.set_held(&vips, self.total as u32) {
+            warn!("cannot write the held counts to the kernel: {e}");
+        }
+    }
+
+    /// Forgets a packet of `vip` that left the hold; the kernel lets its flow go now, and
+    /// its counts follow at the next [`HeldPackets::sync_kernel`].
     fn release(&mut self, vip: &VipKey, packet: &HeldPacket, replayer: &mut impl Replayer) {
         self.total -= 1;
         if let Some(n) = self.per_vip.get_mut(vip) {
@@ -428,11 +484,11 @@ impl HeldPackets {
                 self.per_vip.remove(vip);
             }
         }
+        self.unsynced.vips.insert(*vip);
         self.flows.remove(&packet.flow);
-        if self.watched.remove(&packet.flow)
-            && let Err(e) = replayer.forget(&packet.flow, self.watched.is_empty())
-        {
-            warn!("cannot stop watching a replayed flow: {e}");
+        self.watched.remove(&packet.flow);
+        if let Err(e) = replayer.release(&packet.flow, !self.watched.is_empty()) {
+            warn!("cannot let a held flow go in the kernel: {e}");
         }
     }
 
@@ -472,6 +528,10 @@ mod tests {
         replays: Vec<(Vec<u8>, u32)>,
         watched: HashSet<FlowKey>,
         answered: HashSet<FlowKey>,
+        released: Vec<FlowKey>,
+        /// The kernel's counts as last written: per VIP, and in all.
+        held: HashMap<VipKey, u32>,
+        total: u32,
     }
 
     impl Replayer for FakeReplayer {
@@ -486,8 +546,19 @@ mod tests {
         fn answered(&self, flow: &FlowKey) -> bool {
             self.answered.contains(flow)
         }
-        fn forget(&mut self, flow: &FlowKey, _none_left: bool) -> Result<(), DatapathError> {
+        fn release(&mut self, flow: &FlowKey, _watching_left: bool) -> Result<(), DatapathError> {
             self.watched.remove(flow);
+            self.released.push(*flow);
+            Ok(())
+        }
+        fn set_held(&mut self, vips: &[(VipKey, u32)], total: u32) -> Result<(), DatapathError> {
+            for (vip, n) in vips {
+                match n {
+                    0 => self.held.remove(vip),
+                    n => self.held.insert(*vip, *n),
+                };
+            }
+            self.total = total;
             Ok(())
         }
     }
@@ -496,6 +567,7 @@ mod tests {
         let mut key = VipKey {
             port_be: 80u16.to_be(),
             proto: 6,
+            family: unidler_common::FAMILY_IPV4,
             ..VipKey::default()
         };
         key.addr[10..].copy_from_slice(&[0xff, 0xff, 10, 0, 0, 2]);
@@ -504,6 +576,12 @@ mod tests {
 
     /// A TCP SYN (or UDP datagram, `proto` 17) from 10.0.0.1:`sport` to 10.0.0.2:80.
     fn packet(sport: u16, proto: u8, seen_ns: u64) -> HeldBytes {
+        packet_to(sport, 80, proto, seen_ns)
+    }
+
+    /// A TCP SYN (or UDP datagram, `proto` 17) from 10.0.0.1:`sport` to 10.0.0.2:`dport`,
+    /// as the kernel hands it over.
+    fn packet_to(sport: u16, dport: u16, proto: u8, seen_ns: u64) -> HeldBytes {
         let l4_len: usize = if proto == 6 { 20 } else { 8 };
         let mut f = vec![0u8; 14];
         f[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
@@ -514,7 +592,7 @@ mod tests {
         f[16..18].copy_from_slice(&total.to_be_bytes());
         let mut l4 = vec![0u8; l4_len];
         l4[0..2].copy_from_slice(&sport.to_be_bytes());
-        l4[2..4].copy_from_slice(&80u16.to_be_bytes());
+        l4[2..4].copy_from_slice(&dport.to_be_bytes());
         if proto == 6 {
             l4[12] = 0x50;
             l4[13] = 0x02;
@@ -522,9 +600,11 @@ mod tests {
             l4[4..6].copy_from_slice(&8u16.to_be_bytes());
         }
         f.extend_from_slice(&l4);
+        let flow = frame::parse(&f).expect("a frame the parser reads").flow;
         HeldBytes {
             timestamp_ns: seen_ns,
-            vip: vip(),
+            vip: flow.vip(),
+            flow,
             ifindex: 7,
             frame: f,
         }
@@ -556,13 +636,41 @@ mod tests {
             hold.hold(packet(sport, 6, 2 * MS), 2 * MS);
         }
         assert_eq!((hold.len(), count(&hold, "over_limit_vip")), (3, 2));
-        let mut other = packet(2000, 6, 0);
         for (i, port) in [81u16, 82, 83].iter().enumerate() {
-            other.vip.port_be = port.to_be();
-            other.frame[36..38].copy_from_slice(&(2000 + i as u16).to_be_bytes());
-            hold.hold(other.clone(), 0);
+            hold.hold(packet_to(2000 + i as u16, *port, 6, 0), 0);
         }
         assert_eq!((hold.len(), count(&hold, "over_limit_total")), (5, 1));
+    }
+
+    #[test]
+    fn the_kernels_counts_follow_what_is_held() {
+        let mut hold = HeldPackets::new(limits(), HoldMetrics::default());
+        let mut kernel = FakeReplayer::default();
+        // The kernel copied four of one VIP (it counted four); the hold keeps three.
+        for sport in 1000..1004 {
+            hold.hold(packet(sport, 6, 0), 0);
+        }
+        hold.replay_due(MS, &mut kernel);
+        assert_eq!(
+            kernel.held.get(&vip()),
+            Some(&3),
+            "written down to what is kept"
+        );
+        assert_eq!(kernel.total, 3);
+        let refused = packet(1003, 6, 0).flow;
+        assert_eq!(kernel.released, vec![refused], "the refused flow let go");
+        // Nothing changed: nothing written.
+        kernel.total = 99;
+        hold.replay_due(2 * MS, &mut kernel);
+        assert_eq!(kernel.total, 99);
+        // Replayed and answered: every flow let go, the counts at zero.
+        hold.backends_appeared(&HoldKey::node_wide(vip()), 10 * MS);
+        hold.replay_due(10 * MS, &mut kernel);
+        kernel.answered.extend(kernel.watched.iter().copied());
+        hold.replay_due(20 * MS, &mut kernel);
+        assert!(hold.is_empty());
+        assert_eq!((kernel.held.get(&vip()), kernel.total), (None, 0));
+        assert_eq!(kernel.released.len(), 4);
     }
 
     #[test]
@@ -574,6 +682,8 @@ mod tests {
         hold.replay_due(10 * MS, &mut kernel);
         assert!(kernel.replays.is_empty(), "nothing replayed while idle");
         hold.backends_appeared(&HoldKey::node_wide(vip()), 100 * MS);
+        let udp_vip = packet(1001, 17, 0).vip;
+        hold.backends_appeared(&HoldKey::node_wide(udp_vip), 100 * MS);
         assert_eq!(hold.next_due_ns(), Some(100 * MS));
         hold.replay_due(100 * MS, &mut kernel);
         assert_eq!(

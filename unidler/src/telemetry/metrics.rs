@@ -87,10 +87,11 @@ pub fn registry(
     );
     registry.register(
         "unidler_hold_packets",
-        "Opening packets to idle VIPs, by what became of them: held, retransmission (of a held \
-         flow, not held twice), over_limit_vip, over_limit_total, replayed (each replay), \
-         answered (a replayed SYN the client acknowledged), expired, discarded (VIP deleted), \
-         replay_failed (its interface gone)",
+        "Opening packets the kernel handed to the agent, by what became of them: held, \
+         replayed (each replay), answered (a replayed SYN the client acknowledged), abandoned \
+         (never answered), expired, discarded (VIP deleted), replay_failed (its interface \
+         gone); rarely, refused by the agent after the kernel's own limits let them through: \
+         retransmission, over_limit_vip, over_limit_total, not_understood",
         agent.hold.packets.clone(),
     );
     registry.register(
@@ -182,6 +183,21 @@ fn exported(counter: KernelCounter) -> Option<Exported> {
             "unidler_kernel_not_held",
             "Dropped opening packets the kernel could not hand to the agent, by reason",
             ("reason", "ring_full"),
+        ),
+        C::HoldRetransmission => labeled(
+            "unidler_kernel_not_held",
+            "Dropped opening packets the kernel could not hand to the agent, by reason",
+            ("reason", "retransmission"),
+        ),
+        C::HoldOverLimitVip => labeled(
+            "unidler_kernel_not_held",
+            "Dropped opening packets the kernel could not hand to the agent, by reason",
+            ("reason", "over_limit_vip"),
+        ),
+        C::HoldOverLimitTotal => labeled(
+            "unidler_kernel_not_held",
+            "Dropped opening packets the kernel could not hand to the agent, by reason",
+            ("reason", "over_limit_total"),
         ),
         C::ReplayedToIdle => plain(
             "unidler_kernel_replayed_to_idle",

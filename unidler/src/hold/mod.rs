@@ -171,6 +171,16 @@ pub struct HeldPackets {
     /// Flows whose answer the kernel watches.
     watched: HashSet<FlowKey>,
     total: usize,
+    /// The scopes each VIP has packets held on: the keys of `vips`, by VIP.
+    scopes_of: HashMap<VipKey, Vec<u32>>,
+    /// The keys whose VIP has a backend: their packets are being replayed.
+    waking: HashSet<HoldKey>,
+    /// When the oldest held packet was seen (`u64::MAX`: none), so that neither the next
+    /// due time nor a pass over what is due costs a look at every packet while nothing is
+    /// waking or expiring (a flood holds thousands).
+    oldest_seen_ns: u64,
+    /// Whether a packet left since `oldest_seen_ns` was computed.
+    oldest_stale: bool,
     /// What the kernel counts differently from the hold until the next
     /// [`HeldPackets::sync_kernel`]: the VIPs whose count fell, and flows it copied that the
     /// hold did not keep.
@@ -207,6 +217,10 @@ impl HeldPackets {
             flows: HashSet::new(),
             watched: HashSet::new(),
             total: 0,
+            scopes_of: HashMap::new(),
+            waking: HashSet::new(),
+            oldest_seen_ns: u64::MAX,
+            oldest_stale: false,
             unsynced: Unsynced::default(),
             metrics,
         }
@@ -234,14 +248,7 @@ impl HeldPackets {
 
     /// The scopes `vip` has packets held on (0: node-wide).
     pub fn scopes_held(&self, vip: &VipKey) -> Vec<u32> {
-        if self.held_for(vip) == 0 {
-            return Vec::new();
-        }
-        self.vips
-            .keys()
-            .filter(|k| k.vip == *vip)
-            .map(|k| k.scope)
-            .collect()
+        self.scopes_of.get(vip).cloned().unwrap_or_default()
     }
 
     /// A dropped opening packet from the kernel, waiting node-wide (see [`HeldPackets::hold_in`]).
@@ -285,13 +292,14 @@ impl HeldPackets {
         let flow = held.flow;
         let replay_after = self.limits.replay_after.as_nanos() as u64;
         *self.per_vip.entry(held.vip).or_default() += 1;
-        let vip = self
-            .vips
-            .entry(HoldKey {
-                vip: held.vip,
-                scope,
-            })
-            .or_default();
+        let key = HoldKey {
+            vip: held.vip,
+            scope,
+        };
+        let vip = self.vips.entry(key).or_insert_with(|| {
+            self.scopes_of.entry(key.vip).or_default().push(scope);
+            VipHold::default()
+        });
         // A packet that the kernel held just before the agent learnt of the backend is due
         // with the others (or at once, if they are).
         let next_replay_ns = vip
@@ -305,6 +313,7 @@ impl HeldPackets {
             replays: 0,
             next_replay_ns,
         });
+        self.oldest_seen_ns = self.oldest_seen_ns.min(held.timestamp_ns);
         self.flows.insert(flow);
         self.total += 1;
         self.metrics.count("held", 1);
@@ -321,6 +330,7 @@ impl HeldPackets {
         }
         hold.waking_since_ns = Some(now_ns);
         hold.wait_observed = false;
+        self.waking.insert(*key);
         let first = now_ns + self.limits.replay_after.as_nanos() as u64;
         for packet in &mut hold.packets {
             packet.next_replay_ns = first;
@@ -338,12 +348,15 @@ impl HeldPackets {
         if let Some(hold) = self.vips.get_mut(key) {
             hold.waking_since_ns = None;
         }
+        self.waking.remove(key);
     }
 
     /// `vip` was deleted: its packets (on every scope) are discarded.
     pub fn vip_removed(&mut self, vip: &VipKey, replayer: &mut impl Replayer) {
-        for scope in self.scopes_held(vip) {
-            let Some(hold) = self.vips.remove(&HoldKey { vip: *vip, scope }) else {
+        for scope in self.scopes_of.remove(vip).unwrap_or_default() {
+            let key = HoldKey { vip: *vip, scope };
+            self.waking.remove(&key);
+            let Some(hold) = self.vips.remove(&key) else {
                 continue;
             };
             let n = hold.packets.len();
@@ -363,17 +376,26 @@ impl HeldPackets {
     pub fn replay_due(&mut self, now_ns: u64, replayer: &mut impl Replayer) {
         let max_age = self.limits.max_age.as_nanos() as u64;
         let mut done: Vec<(HoldKey, usize, &'static str)> = Vec::new();
-        for (key, hold) in &mut self.vips {
+        // Every key only when some packet is old enough to expire; else only those waking.
+        let expiring = now_ns.saturating_sub(self.oldest_seen_ns) > max_age;
+        let keys: Vec<HoldKey> = match expiring {
+            true => self.vips.keys().copied().collect(),
+            false => self.waking.iter().copied().collect(),
+        };
+        for key in keys {
+            let Some(hold) = self.vips.get_mut(&key) else {
+                continue;
+            };
             let first_seen = hold.packets_first_seen();
             for (at, packet) in hold.packets.iter_mut().enumerate() {
                 let answered =
                     self.watched.contains(&packet.flow) && replayer.answered(&packet.flow);
                 if answered {
-                    done.push((*key, at, "answered"));
+                    done.push((key, at, "answered"));
                     continue;
                 }
                 if now_ns.saturating_sub(packet.seen_ns) > max_age {
-                    done.push((*key, at, "expired"));
+                    done.push((key, at, "expired"));
                     continue;
                 }
                 let Some(waking_since) = hold.waking_since_ns else {
@@ -383,7 +405,7 @@ impl HeldPackets {
                     || now_ns.saturating_sub(waking_since) > REPLAY_WINDOW.as_nanos() as u64
                 {
                     // Unanswered: given up (amplification of spoofed SYNs is capped).
-                    done.push((*key, at, "abandoned"));
+                    done.push((key, at, "abandoned"));
                     continue;
                 }
                 if packet.next_replay_ns > now_ns {
@@ -418,7 +440,7 @@ impl HeldPackets {
                         ifindex = packet.ifindex,
                         "replay failed, packet discarded: {e}"
                     );
-                    done.push((*key, at, "replay_failed"));
+                    done.push((key, at, "replay_failed"));
                     continue;
                 }
                 packet.replays += 1;
@@ -426,7 +448,7 @@ impl HeldPackets {
                 if tcp {
                     packet.next_replay_ns = now_ns + backoff(packet.replays).as_nanos() as u64;
                 } else {
-                    done.push((*key, at, "delivered"));
+                    done.push((key, at, "delivered"));
                 }
             }
         }
@@ -444,7 +466,29 @@ impl HeldPackets {
             }
             self.release(&key.vip, &packet, replayer);
         }
-        self.vips.retain(|_, hold| !hold.packets.is_empty());
+        let (scopes_of, waking) = (&mut self.scopes_of, &mut self.waking);
+        self.vips.retain(|key, hold| {
+            let keep = !hold.packets.is_empty();
+            if !keep {
+                waking.remove(key);
+                if let Some(scopes) = scopes_of.get_mut(&key.vip) {
+                    scopes.retain(|s| *s != key.scope);
+                    if scopes.is_empty() {
+                        scopes_of.remove(&key.vip);
+                    }
+                }
+            }
+            keep
+        });
+        if self.oldest_stale {
+            self.oldest_stale = false;
+            self.oldest_seen_ns = self
+                .vips
+                .values()
+                .flat_map(|hold| hold.packets.iter().map(|p| p.seen_ns))
+                .min()
+                .unwrap_or(u64::MAX);
+        }
         self.metrics.held_now.set(self.total as i64);
         self.sync_kernel(replayer);
     }
@@ -485,6 +529,7 @@ impl HeldPackets {
             }
         }
         self.unsynced.vips.insert(*vip);
+        self.oldest_stale |= packet.seen_ns <= self.oldest_seen_ns;
         self.flows.remove(&packet.flow);
         self.watched.remove(&packet.flow);
         if let Err(e) = replayer.release(&packet.flow, !self.watched.is_empty()) {
@@ -495,19 +540,18 @@ impl HeldPackets {
     /// When [`HeldPackets::replay_due`] has something to do next (a replay, or a packet to
     /// discard), in `CLOCK_MONOTONIC` ns; None while nothing is held.
     pub fn next_due_ns(&self) -> Option<u64> {
+        if self.vips.is_empty() {
+            return None;
+        }
         let max_age = self.limits.max_age.as_nanos() as u64;
-        self.vips
-            .values()
-            .flat_map(|hold| {
-                hold.packets.iter().map(move |p| {
-                    let expiry = p.seen_ns + max_age + 1;
-                    match hold.waking_since_ns {
-                        Some(_) => p.next_replay_ns.min(expiry),
-                        None => expiry,
-                    }
-                })
-            })
-            .min()
+        let expiry = self.oldest_seen_ns.saturating_add(max_age + 1);
+        let replay = self
+            .waking
+            .iter()
+            .filter_map(|key| self.vips.get(key))
+            .flat_map(|hold| hold.packets.iter().map(|p| p.next_replay_ns))
+            .min();
+        Some(replay.map_or(expiry, |replay| replay.min(expiry)))
     }
 }
 

@@ -727,14 +727,17 @@ fn take_hold_room(
     Some(total)
 }
 
-/// Gives back what [`take_hold_room`] took, for a packet that was not copied after all.
+/// Gives back what [`take_hold_room`] took, for a packet that was not copied after all. A
+/// VIP's count that falls to zero is removed: the agent never saw the packet, so it would not.
 #[inline(always)]
 fn give_back_hold_room(flow: &FlowKey, vip: &VipKey, total: *mut u64) {
     // SAFETY: map value pointers, 8-byte aligned, valid for the whole run.
     unsafe {
         give_back_one(total);
-        if let Some(held) = HELD_PER_VIP.get_ptr_mut(vip) {
-            give_back_one(held);
+        if let Some(held) = HELD_PER_VIP.get_ptr_mut(vip)
+            && give_back_one(held) == 0
+        {
+            let _ = HELD_PER_VIP.remove(vip);
         }
     }
     let _ = HELD_FLOWS.remove(flow);
@@ -769,17 +772,17 @@ unsafe fn take_one(counter: *mut u64, limit: u32) -> bool {
 }
 
 /// Takes one from `counter`, never below zero (the agent may have written a lower count
-/// meanwhile).
+/// meanwhile); returns what is left (1 if other CPUs kept winning: not zero, so kept).
 ///
 /// # Safety
 /// As [`take_one`].
 #[inline(always)]
-unsafe fn give_back_one(counter: *mut u64) {
+unsafe fn give_back_one(counter: *mut u64) -> u64 {
     for _ in 0..CAS_ATTEMPTS {
         // SAFETY: as the caller promises.
         let current = unsafe { core::ptr::read_volatile(counter) };
         if current == 0 {
-            return;
+            return 0;
         }
         // SAFETY: as above.
         let (_, swapped) = unsafe {
@@ -790,9 +793,10 @@ unsafe fn give_back_one(counter: *mut u64) {
             )
         };
         if swapped {
-            return;
+            return current - 1;
         }
     }
+    1
 }
 
 /// A mask that keeps every length below [`HELD_FRAME_SMALL`] (a power of two).

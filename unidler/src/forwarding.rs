@@ -5,12 +5,21 @@
 //! punted to ovn-controller, which would write a Controller_Event row for a service that is
 //! already waking.
 //!
-//! The integration bridge's flows for the VIP are read with `ovs-ofctl dump-flows` (filtered
-//! by the VIP's protocol, address and port). Ready means: some flow load-balances the VIP
-//! (`group:`, OVN's `ct_lb_mark` with backends), and none sends it to the controller (the
-//! `trigger_event` flow of a VIP without backends) or drops it.
+//! One reader serves every waking VIP, on a thread of its own: each round it reads the
+//! integration bridge's flows with one `ovs-ofctl dump-flows` per VIP address (filtered by
+//! protocol and address; the VIPs on that address judged from the same dump), one process at a
+//! time, then waits 5 ms, doubling to 100 ms while nothing new waits. Ready means: among the
+//! flows of the VIP's port on the logical datapath the held packets came in on (OpenFlow
+//! `metadata`, the datapath's tunnel key; every datapath for a VIP that is the same on all),
+//! some flow load-balances the VIP (`group:`, OVN's `ct_lb_mark` with backends), and none sends
+//! it to the controller (the `trigger_event` flow of a VIP without backends) or drops it.
 
-use std::{process::Command, time::Duration};
+use std::{
+    collections::BTreeMap,
+    process::Command,
+    sync::mpsc as std_mpsc,
+    time::{Duration, Instant},
+};
 
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
@@ -18,8 +27,14 @@ use unidler_common::{IPPROTO_SCTP, IPPROTO_TCP, VipKey};
 
 use crate::vip::Vip;
 
-/// How often the flows are read while a VIP waits.
-const POLL: Duration = Duration::from_millis(5);
+/// The first wait between two reads of the flows.
+const POLL_FIRST: Duration = Duration::from_millis(5);
+/// The longest wait between two reads, while the same VIPs wait.
+const POLL_MOST: Duration = Duration::from_millis(100);
+
+/// Longest one `ovs-ofctl` may take (a stalled `ovs-vswitchd`): then the VIPs of its
+/// address are `Unknown`, and replayed.
+const DUMP_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// What a forwarding check found.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -33,7 +48,17 @@ pub enum ForwardingCheck {
     Unknown,
 }
 
-/// Reads an OVS bridge's OpenFlow flows for VIPs.
+/// A VIP waiting for the node's forwarding to carry its backend, on one logical datapath.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Waiting {
+    /// The VIP.
+    pub vip: VipKey,
+    /// The tunnel key of the logical datapath its held packets came in on; 0: every datapath
+    /// (a VIP that is the same on all).
+    pub datapath: u32,
+}
+
+/// Where and how long the node's forwarding is read.
 #[derive(Clone, Debug)]
 pub struct FlowReader {
     /// `ovs-ofctl` target of the bridge, e.g. `unix:/var/run/openvswitch/br-int.mgmt`.
@@ -42,50 +67,155 @@ pub struct FlowReader {
     pub max_wait: Duration,
 }
 
+/// The running reader: where waiting VIPs are sent.
+#[derive(Clone, Debug)]
+pub struct ForwardingReader {
+    requests: std_mpsc::Sender<Waiting>,
+    /// `ovs-ofctl` target of the bridge.
+    pub target: String,
+}
+
+impl ForwardingReader {
+    /// Waits (on the reader's thread) until the bridge's flows carry `waiting`'s backend; the
+    /// outcome comes on the channel the reader was started with.
+    pub fn wait_for(&self, waiting: Waiting) {
+        let _ = self.requests.send(waiting);
+    }
+}
+
 impl FlowReader {
-    /// Waits (off the agent's loop) until the bridge's flows carry `vip`'s backend, then sends
-    /// the VIP and what was found on `ready`.
-    pub fn wait_for(&self, vip: VipKey, ready: mpsc::UnboundedSender<(VipKey, ForwardingCheck)>) {
-        let reader = self.clone();
-        tokio::task::spawn_blocking(move || {
-            let started = std::time::Instant::now();
-            let outcome = loop {
-                match reader.carries(&vip) {
-                    Ok(true) => break ForwardingCheck::Ready,
-                    Ok(false) if started.elapsed() >= reader.max_wait => {
-                        break ForwardingCheck::TimedOut;
-                    }
-                    Ok(false) => std::thread::sleep(POLL),
-                    Err(e) => {
-                        debug!("cannot read the bridge's flows: {e}");
-                        break ForwardingCheck::Unknown;
-                    }
-                }
-            };
-            debug!(vip = ?Vip::from_key(&vip).map(|v| v.to_string()), ?outcome, waited = ?started.elapsed(), "forwarding checked");
-            let _ = ready.send((vip, outcome));
-        });
+    /// Starts the reader's thread; outcomes go to `done`. The thread ends with the last
+    /// [`ForwardingReader`], or once `done` is closed.
+    pub fn start(
+        self,
+        done: mpsc::UnboundedSender<(Waiting, ForwardingCheck)>,
+    ) -> std::io::Result<ForwardingReader> {
+        let (requests, waiting) = std_mpsc::channel();
+        let target = self.target.clone();
+        std::thread::Builder::new()
+            .name("forwarding".into())
+            .spawn(move || self.run(&waiting, &done))?;
+        Ok(ForwardingReader { requests, target })
     }
 
-    /// Whether the bridge's flows load-balance `vip` and none punts or drops it.
-    fn carries(&self, vip: &VipKey) -> std::io::Result<bool> {
-        let Some(filter) = flow_filter(vip) else {
-            return Ok(true);
-        };
+    fn run(
+        &self,
+        requests: &std_mpsc::Receiver<Waiting>,
+        done: &mpsc::UnboundedSender<(Waiting, ForwardingCheck)>,
+    ) {
+        let mut waiting: Vec<(Waiting, Instant)> = Vec::new();
+        let mut pause = POLL_FIRST;
+        loop {
+            // Blocks while nothing waits; else waits at most `pause` for more.
+            let arrived = if waiting.is_empty() {
+                match requests.recv() {
+                    Ok(w) => Some(w),
+                    Err(_) => return,
+                }
+            } else {
+                match requests.recv_timeout(pause) {
+                    Ok(w) => Some(w),
+                    Err(std_mpsc::RecvTimeoutError::Timeout) => None,
+                    Err(std_mpsc::RecvTimeoutError::Disconnected) => return,
+                }
+            };
+            match arrived {
+                Some(first) => {
+                    pause = POLL_FIRST;
+                    for w in std::iter::once(first).chain(requests.try_iter()) {
+                        if !waiting.iter().any(|(x, _)| *x == w) {
+                            waiting.push((w, Instant::now()));
+                        }
+                    }
+                }
+                None => pause = (pause * 2).min(POLL_MOST),
+            }
+            if self.read_round(&mut waiting, done).is_err() {
+                return;
+            }
+        }
+    }
+
+    /// One round: one dump per address among `waiting`, and what it decides sent at once
+    /// (and removed); also those whose wait is over, whatever the dumps. Err once `done` is
+    /// closed.
+    fn read_round(
+        &self,
+        waiting: &mut Vec<(Waiting, Instant)>,
+        done: &mpsc::UnboundedSender<(Waiting, ForwardingCheck)>,
+    ) -> Result<(), ()> {
+        let mut by_filter: BTreeMap<String, Vec<Waiting>> = BTreeMap::new();
+        let mut decided: Vec<(Waiting, ForwardingCheck)> = Vec::new();
+        for (w, _) in waiting.iter() {
+            match address_filter(&w.vip) {
+                Some(filter) => by_filter.entry(filter).or_default().push(*w),
+                None => decided.push((*w, ForwardingCheck::Ready)),
+            }
+        }
+        fn send(
+            decided: &mut Vec<(Waiting, ForwardingCheck)>,
+            waiting: &mut Vec<(Waiting, Instant)>,
+            done: &mpsc::UnboundedSender<(Waiting, ForwardingCheck)>,
+        ) -> Result<(), ()> {
+            for (w, outcome) in decided.drain(..) {
+                waiting.retain(|(x, _)| *x != w);
+                debug!(vip = ?Vip::from_key(&w.vip).map(|v| v.to_string()), datapath = w.datapath, ?outcome, "forwarding checked");
+                done.send((w, outcome)).map_err(|_| ())?;
+            }
+            Ok(())
+        }
+        send(&mut decided, waiting, done)?;
+        for (filter, members) in by_filter {
+            match self.dump(&filter) {
+                Ok(dump) => {
+                    let flows = parse_flows(&dump);
+                    for w in members {
+                        if flows_carry(&flows, u16::from_be(w.vip.port_be), w.datapath) {
+                            decided.push((w, ForwardingCheck::Ready));
+                        }
+                    }
+                }
+                Err(e) => {
+                    debug!("cannot read the bridge's flows: {e}");
+                    decided.extend(members.into_iter().map(|w| (w, ForwardingCheck::Unknown)));
+                }
+            }
+            send(&mut decided, waiting, done)?;
+        }
+        decided.extend(
+            waiting
+                .iter()
+                .filter(|(_, since)| since.elapsed() >= self.max_wait)
+                .map(|(w, _)| (*w, ForwardingCheck::TimedOut)),
+        );
+        send(&mut decided, waiting, done)
+    }
+
+    /// The bridge's flows that match `filter`, as `ovs-ofctl` prints them.
+    fn dump(&self, filter: &str) -> std::io::Result<String> {
         let out = Command::new("ovs-ofctl")
-            .args(["-O", "OpenFlow15", "dump-flows", &self.target, &filter])
+            .args([
+                &format!("--timeout={}", DUMP_TIMEOUT.as_secs()),
+                "-O",
+                "OpenFlow15",
+                "dump-flows",
+                &self.target,
+                filter,
+            ])
             .output()?;
         if !out.status.success() {
             return Err(std::io::Error::other(
                 String::from_utf8_lossy(&out.stderr).trim().to_owned(),
             ));
         }
-        Ok(flows_carry(&String::from_utf8_lossy(&out.stdout)))
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 }
 
-/// The `ovs-ofctl` match for a VIP's packets: protocol, destination address and port.
-fn flow_filter(vip: &VipKey) -> Option<String> {
+/// The `ovs-ofctl` match for the packets to a VIP's address: protocol and destination
+/// address (the port is matched in [`flows_carry`], so that the VIPs of one address share a
+/// dump).
+fn address_filter(vip: &VipKey) -> Option<String> {
     let vip = Vip::from_key(vip)?;
     let addr = vip.addr();
     let v6 = addr.is_ipv6();
@@ -98,22 +228,52 @@ fn flow_filter(vip: &VipKey) -> Option<String> {
         (_, true) => "udp6",
     };
     let dst = if v6 { "ipv6_dst" } else { "nw_dst" };
-    Some(format!(
-        "{proto},{dst}={},tp_dst={}",
-        addr.ip(),
-        addr.port()
-    ))
+    Some(format!("{proto},{dst}={}", addr.ip()))
 }
 
-/// Whether dumped flows load-balance (a `group:` action) and none punts to the controller or
-/// drops.
-fn flows_carry(dump: &str) -> bool {
-    let actions: Vec<&str> = dump
-        .lines()
-        .filter_map(|l| l.split_once(" actions=").map(|(_, a)| a))
+/// One dumped flow: the port and logical datapath it matches, and its actions.
+#[derive(Debug, PartialEq, Eq)]
+struct Flow<'a> {
+    /// `tp_dst`, if the flow matches one.
+    port: Option<u16>,
+    /// `metadata` (the logical datapath's tunnel key), if the flow matches one.
+    datapath: Option<u32>,
+    actions: &'a str,
+}
+
+fn parse_flows(dump: &str) -> Vec<Flow<'_>> {
+    dump.lines()
+        .filter_map(|line| {
+            let (matches, actions) = line.split_once(" actions=")?;
+            let field = |name: &str| {
+                matches
+                    .split([',', ' '])
+                    .find_map(|f| f.strip_prefix(name))
+                    .map(|v| v.split('/').next().unwrap_or(v))
+            };
+            let number = |v: &str| match v.strip_prefix("0x") {
+                Some(hex) => u64::from_str_radix(hex, 16).ok(),
+                None => v.parse().ok(),
+            };
+            Some(Flow {
+                port: field("tp_dst=").and_then(number).map(|p| p as u16),
+                datapath: field("metadata=").and_then(number).map(|d| d as u32),
+                actions,
+            })
+        })
+        .collect()
+}
+
+/// Whether the flows of `port` on logical datapath `datapath` (0: on any) load-balance (a
+/// `group:` action) and none punts to the controller or drops.
+fn flows_carry(flows: &[Flow<'_>], port: u16, datapath: u32) -> bool {
+    let mine: Vec<&str> = flows
+        .iter()
+        .filter(|f| f.port == Some(port) && (datapath == 0 || f.datapath == Some(datapath)))
+        .map(|f| f.actions)
         .collect();
-    actions.iter().any(|a| a.contains("group:"))
-        && !actions
+    mine.iter().any(|a| a.contains("group:"))
+        && !mine
             .iter()
             .any(|a| a.starts_with("controller(") || *a == "drop")
 }
@@ -137,16 +297,35 @@ mod tests {
 
     #[test]
     fn only_load_balancing_flows_without_punt_or_drop_carry_the_vip() {
-        let event = " cookie=0x1, table=13, priority=130,tcp,nw_dst=10.96.9.9,tp_dst=8080 actions=controller(userdata=00.00)";
-        let pre = " cookie=0x2, table=14, priority=120,tcp,nw_dst=10.96.9.9,tp_dst=8080 actions=set_field:0x1->xxreg0,ct(table=15,zone=NXM_NX_REG13[0..15],nat)";
-        let drop = " cookie=0x3, table=20, priority=120,ct_state=+new+trk,tcp,nw_dst=10.96.9.9,tp_dst=8080 actions=drop";
-        let lb = " cookie=0x4, table=20, priority=120,ct_state=+new+trk,tcp,nw_dst=10.96.9.9,tp_dst=8080 actions=set_field:0/0x2->xxreg0,group:1";
-        assert!(!flows_carry(&[event, pre, drop].join("\n")));
+        let event = " cookie=0x1, table=13, priority=130,tcp,metadata=0x1,nw_dst=10.96.9.9,tp_dst=8080 actions=controller(userdata=00.00)";
+        let pre = " cookie=0x2, table=14, priority=120,tcp,metadata=0x1,nw_dst=10.96.9.9,tp_dst=8080 actions=set_field:0x1->xxreg0,ct(table=15,zone=NXM_NX_REG13[0..15],nat)";
+        let drop = " cookie=0x3, table=20, priority=120,ct_state=+new+trk,tcp,metadata=0x1,nw_dst=10.96.9.9,tp_dst=8080 actions=drop";
+        let lb = " cookie=0x4, table=20, priority=120,ct_state=+new+trk,tcp,metadata=0x1,nw_dst=10.96.9.9,tp_dst=8080 actions=set_field:0/0x2->xxreg0,group:1";
+        let carry = |lines: &[&str]| flows_carry(&parse_flows(&lines.join("\n")), 8080, 0);
+        assert!(!carry(&[event, pre, drop]));
+        assert!(!carry(&[event, pre, lb]), "the event flow is still there");
+        assert!(!carry(&[pre]));
+        assert!(carry(&[pre, lb]));
         assert!(
-            !flows_carry(&[event, pre, lb].join("\n")),
-            "the event flow is still there"
+            !flows_carry(&parse_flows(&[pre, lb].join("\n")), 8081, 0),
+            "another port's flows"
         );
-        assert!(!flows_carry(pre));
-        assert!(flows_carry(&[pre, lb].join("\n")));
+    }
+
+    /// A VIP on several logical datapaths (a scoped VIP) is ready on the datapath its held
+    /// packets came in on when that datapath's flows carry it, whatever another's do.
+    #[test]
+    fn a_vip_is_judged_on_the_datapath_its_packets_came_in_on() {
+        let dump = [
+            " table=13, priority=130,tcp,metadata=0x1,nw_dst=10.96.9.9,tp_dst=8080 actions=controller(userdata=00.00)",
+            " table=20, priority=120,ct_state=+new+trk,tcp,metadata=0x2,nw_dst=10.96.9.9,tp_dst=8080 actions=group:7",
+        ]
+        .join("\n");
+        let flows = parse_flows(&dump);
+        assert_eq!(flows[0].datapath, Some(1));
+        assert_eq!(flows[1].port, Some(8080));
+        assert!(flows_carry(&flows, 8080, 2), "datapath 2 carries it");
+        assert!(!flows_carry(&flows, 8080, 1), "datapath 1 still punts");
+        assert!(!flows_carry(&flows, 8080, 0), "not yet on every datapath");
     }
 }

@@ -129,17 +129,16 @@ impl PinDir {
         if pinned.is_empty() {
             return Ok(None);
         }
-        let found = self.layout_version()?;
-        if found == Some(version) {
-            return Ok(None);
-        }
+        let why = match self.layout_version() {
+            Ok(Some(found)) if found == version => return Ok(None),
+            Ok(Some(found)) => format!("layout version {found}, this agent's is {version}"),
+            Ok(None) => format!("no layout version (an older agent), this agent's is {version}"),
+            Err(e) => format!("layout version unreadable ({e}), this agent's is {version}"),
+        };
         for path in pinned {
             std::fs::remove_file(path)?;
         }
-        Ok(Some(match found {
-            Some(found) => format!("layout version {found}, this agent's is {version}"),
-            None => format!("no layout version (an older agent), this agent's is {version}"),
-        }))
+        Ok(Some(why))
     }
 
     /// The layout version the pinned `LAYOUT` map holds, if it is pinned.

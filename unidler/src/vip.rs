@@ -136,13 +136,17 @@ impl Vip {
         }
     }
 
-    /// The VIP a kernel key stands for, if its protocol is one of ours.
+    /// The VIP a kernel key stands for, if its protocol and family are ones of ours.
     pub fn from_key(key: &VipKey) -> Option<Self> {
         Some(Self {
             ip: key.addr,
             port: u16::from_be(key.port_be),
             protocol: Protocol::from_number(key.proto)?,
-            ipv6: key.family == FAMILY_IPV6,
+            ipv6: match key.family {
+                FAMILY_IPV4 => false,
+                FAMILY_IPV6 => true,
+                _ => return None,
+            },
         })
     }
 

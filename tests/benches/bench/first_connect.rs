@@ -147,3 +147,94 @@ fn commit_to_connect(node: &OvnNode, vip: SocketAddr, ready_after: f64) -> f64 {
     let (connected, _stream) = client.join().expect("client");
     connected.saturating_duration_since(committed).as_secs_f64()
 }
+
+/// 1,000 idle VIPs on the OVN node, a client connecting to each (exponential SYN backoff), all
+/// given a backend in one Northbound commit 2 s later: the time from the commit to the last
+/// connection, and the agent's CPU meanwhile, the `ovs-ofctl` runs of its forwarding reader
+/// included (they are its children).
+pub(crate) fn many_waking_on_ovn() -> Vec<Figure> {
+    const VIPS: u16 = 1000;
+    let mut node = OvnNode::start("fcm");
+    node.add_backend_pod();
+    let vips: Vec<SocketAddr> = (0..VIPS)
+        .map(|i| {
+            let ip = Ipv4Addr::new(10, 97, (i / 250) as u8, (i % 250) as u8 + 1);
+            SocketAddr::new(ip.into(), 8080)
+        })
+        .collect();
+    let texts: Vec<String> = vips.iter().map(ToString::to_string).collect();
+    node.add_idle_load_balancer("many", &texts);
+    let listener = node.in_backend(|| TcpListener::bind((BACKEND_V4, 8080)).unwrap());
+    std::thread::spawn(move || for _ in listener.incoming() {});
+    let state = TempDir::new("fcmstate");
+    let sb = node.central.sb.unix_remote();
+    let openflow = node.openflow_target();
+    syn_backoff(&node.client_ns, 0);
+    let mut agent = Agent::start(
+        &node.node_ns,
+        &[
+            southbound_args(&node.node_if, &sb, state.path_str()),
+            vec!["--hook", "xdp", "--openflow-bridge", &openflow],
+            vec!["--summary-interval", "0"],
+        ]
+        .concat(),
+    );
+    agent.wait_for_log("VIP map synced", Duration::from_secs(60));
+    let clients: Vec<_> = vips
+        .iter()
+        .map(|vip| connect_in_background(&node.client_ns, *vip, Duration::from_secs(60)))
+        .collect();
+    std::thread::sleep(Duration::from_secs(2));
+    let cpu_before = cpu_with_children(agent.pid());
+    let backends: Vec<String> = texts
+        .iter()
+        .map(|vip| format!("\"{vip}\"=\"{BACKEND_V4}:8080\""))
+        .collect();
+    node.central.nbctl(&[
+        "set",
+        "Load_Balancer",
+        "many",
+        &format!("vips={{{}}}", backends.join(",")),
+    ]);
+    let committed = Instant::now();
+    let last = clients
+        .into_iter()
+        .map(|c| c.join().expect("client").0)
+        .max()
+        .unwrap();
+    let cpu = cpu_with_children(agent.pid()) - cpu_before;
+    agent.signal(libc::SIGTERM);
+    agent.wait(Duration::from_secs(10));
+    vec![
+        figure(
+            "9 first connect",
+            "OVN node: 1,000 VIPs given a backend in one commit: commit to the last connection",
+            last.saturating_duration_since(committed).as_secs_f64() * 1000.0,
+            "ms",
+        )
+        .target("before the clients' next SYN (1 s after the commit)"),
+        figure(
+            "9 first connect",
+            "OVN node: 1,000 VIPs waking: agent CPU, its ovs-ofctl runs included",
+            cpu * 1000.0,
+            "ms",
+        ),
+    ]
+}
+
+/// CPU seconds of process `pid` and of its children it has waited for (`/proc/PID/stat`
+/// utime, stime, cutime, cstime).
+fn cpu_with_children(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map_or("", |(_, rest)| rest)
+        .split_whitespace()
+        .collect();
+    let ticks: f64 = [11, 12, 13, 14]
+        .iter()
+        .filter_map(|i| fields.get(*i)?.parse::<f64>().ok())
+        .sum();
+    // SAFETY: sysconf has no preconditions.
+    ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+}

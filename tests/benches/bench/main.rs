@@ -38,7 +38,7 @@ use std::collections::HashSet;
 
 use crate::{
     figure::{print_table, write_json},
-    first_connect::{first_connect, first_connect_on_ovn},
+    first_connect::{first_connect, first_connect_on_ovn, many_waking_on_ovn},
     fleet_bench::fleet_bench,
     flood::flood,
     hooks::hooks,
@@ -105,6 +105,7 @@ fn main() {
         figures.extend(first_connect());
         if with_ovn {
             figures.extend(first_connect_on_ovn());
+            figures.extend(many_waking_on_ovn());
         }
     }
     figures.extend(side_by_side);

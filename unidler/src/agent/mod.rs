@@ -33,7 +33,7 @@ use self::sources::{Input, ReplayTimer, Signals, Sources};
 use crate::{
     datapath::{self, Counters, Datapath, Feature, Hook, LoadOptions},
     event::{IdleHit, iface_name},
-    forwarding::{FlowReader, ForwardingCheck},
+    forwarding::{ForwardingReader, Waiting},
     hold::HeldPackets,
     lb_names::{LoadBalancerNames, NamesRead},
     links::LinkChanges,
@@ -68,9 +68,9 @@ pub struct Agent {
     /// Opening packets to idle VIPs, held until their VIP has a backend.
     held: HeldPackets,
     /// Reads the node's forwarding before a replay (VIPs from OVN), and where it says so.
-    forwarding: Option<(FlowReader, mpsc::UnboundedSender<(VipKey, ForwardingCheck)>)>,
-    /// VIPs whose forwarding is being checked.
-    forwarding_pending: HashSet<VipKey>,
+    forwarding: Option<ForwardingReader>,
+    /// What waits for the node's forwarding now.
+    forwarding_pending: HashSet<Waiting>,
     /// Whether unreadable forwarding was logged.
     forwarding_warned: bool,
     /// `VIP_FLAG_*` bits every VIP gets.
@@ -274,11 +274,14 @@ impl Agent {
             datapath,
             registry: VipRegistry::new(),
             held: HeldPackets::new(hold, metrics.hold.clone()),
-            forwarding: config
-                .forwarding
-                .clone()
-                .filter(|_| config.vips == VipSourceConfig::Ovn)
-                .map(|reader| (reader, forwarding_tx)),
+            forwarding: match config.forwarding.clone() {
+                Some(reader) if config.vips == VipSourceConfig::Ovn => Some(
+                    reader
+                        .start(forwarding_tx)
+                        .context("starting the forwarding reader's thread")?,
+                ),
+                _ => None,
+            },
             forwarding_pending: HashSet::new(),
             forwarding_warned: false,
             vip_flags: config.idle_action.vip_flags(),
@@ -406,8 +409,8 @@ impl Agent {
                 Input::IdleHits(events) => self.on_idle_hits(&events)?,
                 Input::HeldPackets(frames) => self.on_held_packets(frames),
                 Input::ReplayDue => self.on_replay_due(),
-                Input::ForwardingChecked(vip, readiness) => {
-                    self.on_forwarding_checked(vip, readiness)
+                Input::ForwardingChecked(waiting, readiness) => {
+                    self.on_forwarding_checked(waiting, readiness)
                 }
                 Input::Vips(update) => self.on_vips(update)?,
                 Input::NamesRead(names) => self.on_names_read(names)?,
@@ -704,6 +707,8 @@ impl Agent {
     /// has synced and, for OVN, is still connected. Otherwise idle VIPs fail open once the
     /// heartbeat is `fail_open_after` old.
     fn on_heartbeat_due(&mut self) -> Result<()> {
+        // Now and then, the kernel's counts of held packets are checked against the hold's.
+        self.held.reconcile_kernel(&mut self.datapath);
         let synced = self.readiness.vips_synced.load(Ordering::Relaxed);
         let connected = self
             .ovn_vips

@@ -9,7 +9,7 @@ use unidler_common::VipKey;
 use super::Agent;
 use crate::{
     datapath::{self, HeldBytes},
-    forwarding::{self, ForwardingCheck},
+    forwarding::{self, ForwardingCheck, Waiting},
     hold::HoldKey,
     registry::MapChange,
     vip::Vip,
@@ -73,39 +73,47 @@ impl Agent {
     }
 
     /// `key` has a backend: its held packets are due once the node's forwarding carries the
-    /// VIP (checked off the loop, with VIPs from OVN), else at once.
+    /// VIP on their logical datapath (read off the loop, with VIPs from OVN), else at once.
     pub(super) fn backends_appeared(&mut self, key: HoldKey) {
         match &self.forwarding {
-            Some((reader, done)) => {
-                if self.forwarding_pending.insert(key.vip) {
-                    reader.wait_for(key.vip, done.clone());
+            Some(reader) => {
+                let waiting = Waiting {
+                    vip: key.vip,
+                    datapath: key.scope,
+                };
+                if self.forwarding_pending.insert(waiting) {
+                    reader.wait_for(waiting);
                 }
             }
             None => self.held.backends_appeared(&key, datapath::monotonic_ns()),
         }
     }
 
-    /// The node's forwarding was checked for `vip`: its held packets are due (if it still has
-    /// a backend).
-    pub(super) fn on_forwarding_checked(&mut self, vip: VipKey, readiness: ForwardingCheck) {
-        self.forwarding_pending.remove(&vip);
+    /// The node's forwarding was read for a VIP on a datapath: its held packets there are
+    /// due (if it still has a backend).
+    pub(super) fn on_forwarding_checked(&mut self, waiting: Waiting, readiness: ForwardingCheck) {
+        self.forwarding_pending.remove(&waiting);
+        let vip = waiting.vip;
         match readiness {
             ForwardingCheck::Ready => {}
             ForwardingCheck::TimedOut => warn!(
                 vip = ?Vip::from_key(&vip).map(|v| v.to_string()),
+                datapath = waiting.datapath,
                 "the integration bridge's flows do not carry the backend yet: replaying anyway"
             ),
             ForwardingCheck::Unknown => {
-                if let Some((reader, _)) = &self.forwarding {
+                if let Some(reader) = &self.forwarding {
                     forwarding::warn_unknown_once(&mut self.forwarding_warned, &reader.target);
                 }
             }
         }
         let now = datapath::monotonic_ns();
-        for scope in self.held.scopes_held(&vip) {
-            if self.has_backends(&vip, scope) {
-                self.held.backends_appeared(&HoldKey { vip, scope }, now);
-            }
+        let key = HoldKey {
+            vip,
+            scope: waiting.datapath,
+        };
+        if self.has_backends(&vip, key.scope) {
+            self.held.backends_appeared(&key, now);
         }
         self.held.replay_due(now, &mut self.datapath);
     }

@@ -11,11 +11,11 @@ use tokio::{
     sync::{mpsc, watch},
     time::{Instant, Interval, Sleep, interval_at},
 };
-use unidler_common::{IdleHitEvent, VipKey};
+use unidler_common::IdleHitEvent;
 
 use crate::{
     datapath::{EventRing, HeldBytes, HeldRing},
-    forwarding::ForwardingCheck,
+    forwarding::{ForwardingCheck, Waiting},
     lb_names::NamesRead,
     links::LinkChanges,
     ovs_interfaces::OvnInterfaces,
@@ -33,7 +33,7 @@ pub enum Input {
     /// Time to replay held packets (or discard old ones).
     ReplayDue,
     /// The node's forwarding was checked for a VIP that got a backend.
-    ForwardingChecked(VipKey, ForwardingCheck),
+    ForwardingChecked(Waiting, ForwardingCheck),
     /// A VIP source's update.
     Vips(VipUpdate),
     /// Load balancers' names read from the database, for hits that wait for them.
@@ -66,7 +66,7 @@ pub struct Sources {
     /// When held packets are next due (armed by the agent after each input).
     pub replay: ReplayTimer,
     /// Results of forwarding checks.
-    pub forwarding: mpsc::UnboundedReceiver<(VipKey, ForwardingCheck)>,
+    pub forwarding: mpsc::UnboundedReceiver<(Waiting, ForwardingCheck)>,
     /// VIP sources' updates.
     pub vip_updates: mpsc::UnboundedReceiver<VipUpdate>,
     /// The HTTP endpoint's questions.
@@ -180,7 +180,7 @@ impl Sources {
                 replay.armed = false;
                 Ok(Input::ReplayDue)
             }
-            Some((vip, readiness)) = forwarding.recv() => Ok(Input::ForwardingChecked(vip, readiness)),
+            Some((waiting, readiness)) = forwarding.recv() => Ok(Input::ForwardingChecked(waiting, readiness)),
             Some(update) = vip_updates.recv() => Ok(Input::Vips(update)),
             Some(names) = names_read.recv() => Ok(Input::NamesRead(names)),
             Some(query) = queries.recv() => Ok(Input::Query(query)),

@@ -30,12 +30,16 @@ impl Datapath {
     /// Starts watching for the answer to a replayed flow (the client's next segment of it,
     /// on interface `ifindex`, where its opening packet came in).
     pub fn watch_answer(&mut self, flow: &FlowKey, ifindex: u32) -> Result<(), DatapathError> {
-        self.held_flows
-            .insert(flow, ifindex, 0)
-            .map_err(|source| DatapathError::Map {
-                map: "HELD_FLOWS",
-                source,
-            })?;
+        // A flow the kernel held is there already, with that interface; rewriting it would
+        // replace its element while the kernel may still write to the old one.
+        if self.held_flows.get(flow, 0).is_err() {
+            self.held_flows
+                .insert(flow, ifindex, 0)
+                .map_err(|source| DatapathError::Map {
+                    map: "HELD_FLOWS",
+                    source,
+                })?;
+        }
         if self.hold_config.watching_answers == 0 {
             self.hold_config.watching_answers = 1;
             self.write_hold_config()?;

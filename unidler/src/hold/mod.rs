@@ -68,6 +68,8 @@ pub trait Replayer {
     fn release(&mut self, flow: &FlowKey, watching_left: bool) -> Result<(), DatapathError>;
     /// What is held now: per VIP (among them, those with none), and in all.
     fn set_held(&mut self, vips: &[(VipKey, u32)], total: u32) -> Result<(), DatapathError>;
+    /// The kernel's counts: per VIP, and in all.
+    fn held_in_kernel(&self) -> (Vec<(VipKey, u32)>, u32);
 }
 
 impl Replayer for Datapath {
@@ -85,6 +87,9 @@ impl Replayer for Datapath {
     }
     fn set_held(&mut self, vips: &[(VipKey, u32)], total: u32) -> Result<(), DatapathError> {
         Datapath::set_held(self, vips, total)
+    }
+    fn held_in_kernel(&self) -> (Vec<(VipKey, u32)>, u32) {
+        self.held_counts()
     }
 }
 
@@ -175,6 +180,9 @@ pub struct HeldPackets {
     scopes_of: HashMap<VipKey, Vec<u32>>,
     /// The keys whose VIP has a backend: their packets are being replayed.
     waking: HashSet<HoldKey>,
+    /// The keys with a replayed flow whose answer is watched (answered, it leaves the hold
+    /// even if its VIP went idle again meanwhile).
+    watching: HashSet<HoldKey>,
     /// When the oldest held packet was seen (`u64::MAX`: none), so that neither the next
     /// due time nor a pass over what is due costs a look at every packet while nothing is
     /// waking or expiring (a flood holds thousands).
@@ -193,6 +201,8 @@ pub struct HeldPackets {
 struct Unsynced {
     vips: HashSet<VipKey>,
     refused_flows: Vec<FlowKey>,
+    /// The total, though no VIP's count changed.
+    total: bool,
 }
 
 /// Most replays of one unanswered SYN: a client that is there answers the first; a spoofed
@@ -219,6 +229,7 @@ impl HeldPackets {
             total: 0,
             scopes_of: HashMap::new(),
             waking: HashSet::new(),
+            watching: HashSet::new(),
             oldest_seen_ns: u64::MAX,
             oldest_stale: false,
             unsynced: Unsynced::default(),
@@ -356,6 +367,7 @@ impl HeldPackets {
         for scope in self.scopes_of.remove(vip).unwrap_or_default() {
             let key = HoldKey { vip: *vip, scope };
             self.waking.remove(&key);
+            self.watching.remove(&key);
             let Some(hold) = self.vips.remove(&key) else {
                 continue;
             };
@@ -380,7 +392,7 @@ impl HeldPackets {
         let expiring = now_ns.saturating_sub(self.oldest_seen_ns) > max_age;
         let keys: Vec<HoldKey> = match expiring {
             true => self.vips.keys().copied().collect(),
-            false => self.waking.iter().copied().collect(),
+            false => self.waking.union(&self.watching).copied().collect(),
         };
         for key in keys {
             let Some(hold) = self.vips.get_mut(&key) else {
@@ -422,12 +434,11 @@ impl HeldPackets {
                     );
                 }
                 let tcp = packet.flow.proto == IPPROTO_TCP;
-                if tcp
-                    && packet.replays == 0
-                    && self.watched.insert(packet.flow)
-                    && let Err(e) = replayer.watch(&packet.flow, packet.ifindex)
-                {
-                    warn!("cannot watch a replayed flow's answer: {e}");
+                if tcp && packet.replays == 0 && self.watched.insert(packet.flow) {
+                    self.watching.insert(key);
+                    if let Err(e) = replayer.watch(&packet.flow, packet.ifindex) {
+                        warn!("cannot watch a replayed flow's answer: {e}");
+                    }
                 }
                 let mut frame = packet.frame.clone();
                 if let Some(parsed) = frame::parse(&frame) {
@@ -454,6 +465,7 @@ impl HeldPackets {
         }
         // Removed back to front, so that the indexes of a VIP's earlier packets hold.
         done.sort_by_key(|d| std::cmp::Reverse(d.1));
+        let touched: HashSet<HoldKey> = done.iter().map(|(key, _, _)| *key).collect();
         for (key, at, outcome) in done {
             let Some(hold) = self.vips.get_mut(&key) else {
                 continue;
@@ -466,20 +478,16 @@ impl HeldPackets {
             }
             self.release(&key.vip, &packet, replayer);
         }
-        let (scopes_of, waking) = (&mut self.scopes_of, &mut self.waking);
-        self.vips.retain(|key, hold| {
-            let keep = !hold.packets.is_empty();
-            if !keep {
-                waking.remove(key);
-                if let Some(scopes) = scopes_of.get_mut(&key.vip) {
-                    scopes.retain(|s| *s != key.scope);
-                    if scopes.is_empty() {
-                        scopes_of.remove(&key.vip);
-                    }
-                }
+        // Only the keys that lost packets can be empty now.
+        for key in touched {
+            if self
+                .vips
+                .get(&key)
+                .is_some_and(|hold| hold.packets.is_empty())
+            {
+                self.forget_key(&key);
             }
-            keep
-        });
+        }
         if self.oldest_stale {
             self.oldest_stale = false;
             self.oldest_seen_ns = self
@@ -493,12 +501,28 @@ impl HeldPackets {
         self.sync_kernel(replayer);
     }
 
+    /// Removes an empty key and its place in the indexes.
+    fn forget_key(&mut self, key: &HoldKey) {
+        self.vips.remove(key);
+        self.waking.remove(key);
+        self.watching.remove(key);
+        if let Some(scopes) = self.scopes_of.get_mut(&key.vip) {
+            scopes.retain(|s| *s != key.scope);
+            if scopes.is_empty() {
+                self.scopes_of.remove(&key.vip);
+            }
+        }
+    }
+
     /// Writes the kernel's counts down to what the hold keeps, for the VIPs whose count fell
     /// (packets let go, or refused here after the kernel counted them), and lets go of the
     /// flows the kernel copied that the hold refused. The kernel counts up as it copies; it
     /// never counts more than the hold keeps plus what waits in the ring.
     pub fn sync_kernel(&mut self, replayer: &mut impl Replayer) {
-        if self.unsynced.vips.is_empty() && self.unsynced.refused_flows.is_empty() {
+        if self.unsynced.vips.is_empty()
+            && self.unsynced.refused_flows.is_empty()
+            && !std::mem::take(&mut self.unsynced.total)
+        {
             return;
         }
         let watching_left = !self.watched.is_empty();
@@ -515,6 +539,30 @@ impl HeldPackets {
             .collect();
         if let Err(e) = replayer.set_held(&vips, self.total as u32) {
             warn!("cannot write the held counts to the kernel: {e}");
+        }
+    }
+
+    /// Writes down every kernel count above what the hold keeps, and removes the kernel's
+    /// counts of VIPs it holds nothing for: what a race or a lost write left (the kernel's
+    /// count of a copy it then could not make, a write that failed). Run now and then: the
+    /// kernel may count what waits in the ring too, which this writes down, and which the
+    /// hold then refuses and writes back.
+    pub fn reconcile_kernel(&mut self, replayer: &mut impl Replayer) {
+        if !self.enabled() {
+            return;
+        }
+        let (kernel, total) = replayer.held_in_kernel();
+        let mut stale = total as usize > self.total;
+        for (vip, held) in kernel {
+            if held as usize > self.held_for(&vip) {
+                self.unsynced.vips.insert(vip);
+                stale = true;
+            }
+        }
+        if stale {
+            debug!("held counts in the kernel above the hold's: written down");
+            self.unsynced.total = true;
+            self.sync_kernel(replayer);
         }
     }
 
@@ -604,6 +652,12 @@ mod tests {
             }
             self.total = total;
             Ok(())
+        }
+        fn held_in_kernel(&self) -> (Vec<(VipKey, u32)>, u32) {
+            (
+                self.held.iter().map(|(v, n)| (*v, *n)).collect(),
+                self.total,
+            )
         }
     }
 
@@ -715,6 +769,28 @@ mod tests {
         assert!(hold.is_empty());
         assert_eq!((kernel.held.get(&vip()), kernel.total), (None, 0));
         assert_eq!(kernel.released.len(), 4);
+    }
+
+    /// A count the kernel kept for a copy it could not make (or a VIP the hold never saw) is
+    /// written down at the next reconciliation; counts at or below the hold's stay.
+    #[test]
+    fn stale_kernel_counts_are_written_down() {
+        let mut hold = HeldPackets::new(limits(), HoldMetrics::default());
+        let mut kernel = FakeReplayer::default();
+        hold.hold(packet(1000, 6, 0), 0);
+        hold.replay_due(MS, &mut kernel);
+        let other = packet_to(1000, 81, 6, 0).vip;
+        kernel.held.insert(vip(), 1);
+        kernel.held.insert(other, 1);
+        kernel.total = 2;
+        hold.reconcile_kernel(&mut kernel);
+        assert_eq!(kernel.held.get(&vip()), Some(&1));
+        assert_eq!(kernel.held.get(&other), None, "a VIP the hold never saw");
+        assert_eq!(kernel.total, 1);
+        // Nothing above the hold's: nothing written.
+        kernel.total = 0;
+        hold.reconcile_kernel(&mut kernel);
+        assert_eq!(kernel.total, 0);
     }
 
     #[test]

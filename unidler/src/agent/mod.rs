@@ -708,7 +708,8 @@ impl Agent {
     /// heartbeat is `fail_open_after` old.
     fn on_heartbeat_due(&mut self) -> Result<()> {
         // Now and then, the kernel's counts of held packets are checked against the hold's.
-        self.held.reconcile_kernel(&mut self.datapath);
+        self.held
+            .reconcile_kernel(datapath::monotonic_ns(), &mut self.datapath);
         let synced = self.readiness.vips_synced.load(Ordering::Relaxed);
         let connected = self
             .ovn_vips

@@ -193,7 +193,18 @@ pub struct HeldPackets {
     /// [`HeldPackets::sync_kernel`]: the VIPs whose count fell, and flows it copied that the
     /// hold did not keep.
     unsynced: Unsynced,
+    /// See [`HeldPackets::reconcile_kernel`].
+    kernel_suspects: KernelSuspects,
+    /// When the kernel's counts were last reconciled.
+    reconciled_ns: u64,
     metrics: HoldMetrics,
+}
+
+/// Kernel counts seen above the hold's at the last [`HeldPackets::reconcile_kernel`].
+#[derive(Debug, Default)]
+struct KernelSuspects {
+    vips: HashMap<VipKey, u32>,
+    total: Option<u32>,
 }
 
 /// See [`HeldPackets::sync_kernel`].
@@ -211,6 +222,10 @@ pub const MAX_REPLAYS_PER_FLOW: u32 = 6;
 /// How long after its VIP's backend appeared a SYN is replayed at the most (the client's own
 /// retransmission takes over after it).
 pub const REPLAY_WINDOW: Duration = Duration::from_secs(3);
+
+/// How often the kernel's counts of held packets are checked against the hold's (see
+/// [`HeldPackets::reconcile_kernel`]).
+pub const RECONCILE_EVERY: Duration = Duration::from_secs(5);
 
 /// Backoff between replays of an unanswered SYN: 50 ms, doubling, at most one second.
 fn backoff(replays: u32) -> Duration {
@@ -233,6 +248,8 @@ impl HeldPackets {
             oldest_seen_ns: u64::MAX,
             oldest_stale: false,
             unsynced: Unsynced::default(),
+            kernel_suspects: KernelSuspects::default(),
+            reconciled_ns: 0,
             metrics,
         }
     }
@@ -519,10 +536,8 @@ impl HeldPackets {
     /// flows the kernel copied that the hold refused. The kernel counts up as it copies; it
     /// never counts more than the hold keeps plus what waits in the ring.
     pub fn sync_kernel(&mut self, replayer: &mut impl Replayer) {
-        if self.unsynced.vips.is_empty()
-            && self.unsynced.refused_flows.is_empty()
-            && !std::mem::take(&mut self.unsynced.total)
-        {
+        let total = std::mem::take(&mut self.unsynced.total);
+        if self.unsynced.vips.is_empty() && self.unsynced.refused_flows.is_empty() && !total {
             return;
         }
         let watching_left = !self.watched.is_empty();
@@ -542,25 +557,40 @@ impl HeldPackets {
         }
     }
 
-    /// Writes down every kernel count above what the hold keeps, and removes the kernel's
-    /// counts of VIPs it holds nothing for: what a race or a lost write left (the kernel's
-    /// count of a copy it then could not make, a write that failed). Run now and then: the
-    /// kernel may count what waits in the ring too, which this writes down, and which the
-    /// hold then refuses and writes back.
-    pub fn reconcile_kernel(&mut self, replayer: &mut impl Replayer) {
-        if !self.enabled() {
+    /// Writes down every kernel count that stayed above what the hold keeps since the last
+    /// call, and removes the kernel's counts of VIPs it holds nothing for: what a race or a
+    /// lost write left (the kernel's count of a copy it then could not make, a write that
+    /// failed). Run now and then. A count above the hold's that changed since the last call
+    /// is left alone: the kernel also counts what waits in the ring, which the hold has not
+    /// read yet.
+    pub fn reconcile_kernel(&mut self, now_ns: u64, replayer: &mut impl Replayer) {
+        if !self.enabled()
+            || now_ns.saturating_sub(self.reconciled_ns) < RECONCILE_EVERY.as_nanos() as u64
+        {
             return;
         }
+        self.reconciled_ns = now_ns;
         let (kernel, total) = replayer.held_in_kernel();
-        let mut stale = total as usize > self.total;
+        let mut suspects = HashMap::new();
         for (vip, held) in kernel {
             if held as usize > self.held_for(&vip) {
-                self.unsynced.vips.insert(vip);
-                stale = true;
+                if self.kernel_suspects.vips.get(&vip) == Some(&held) {
+                    self.unsynced.vips.insert(vip);
+                } else {
+                    suspects.insert(vip, held);
+                }
             }
         }
-        if stale {
-            debug!("held counts in the kernel above the hold's: written down");
+        let total_suspect = (total as usize > self.total).then_some(total);
+        if total_suspect.is_some() && self.kernel_suspects.total == total_suspect {
+            self.unsynced.total = true;
+        }
+        self.kernel_suspects = KernelSuspects {
+            vips: suspects,
+            total: total_suspect.filter(|_| !self.unsynced.total),
+        };
+        if self.unsynced.total || !self.unsynced.vips.is_empty() {
+            debug!("held counts in the kernel above the hold's since the last look: written down");
             self.unsynced.total = true;
             self.sync_kernel(replayer);
         }
@@ -772,7 +802,8 @@ mod tests {
     }
 
     /// A count the kernel kept for a copy it could not make (or a VIP the hold never saw) is
-    /// written down at the next reconciliation; counts at or below the hold's stay.
+    /// written down once it stayed so between two reconciliations; counts at or below the
+    /// hold's stay.
     #[test]
     fn stale_kernel_counts_are_written_down() {
         let mut hold = HeldPackets::new(limits(), HoldMetrics::default());
@@ -783,13 +814,21 @@ mod tests {
         kernel.held.insert(vip(), 1);
         kernel.held.insert(other, 1);
         kernel.total = 2;
-        hold.reconcile_kernel(&mut kernel);
+        let every = RECONCILE_EVERY.as_nanos() as u64;
+        hold.reconcile_kernel(every, &mut kernel);
+        assert_eq!(
+            kernel.total, 2,
+            "left alone at first: it may be what waits in the ring"
+        );
+        hold.reconcile_kernel(every + MS, &mut kernel);
+        assert_eq!(kernel.total, 2, "not again so soon");
+        hold.reconcile_kernel(2 * every, &mut kernel);
         assert_eq!(kernel.held.get(&vip()), Some(&1));
         assert_eq!(kernel.held.get(&other), None, "a VIP the hold never saw");
         assert_eq!(kernel.total, 1);
         // Nothing above the hold's: nothing written.
         kernel.total = 0;
-        hold.reconcile_kernel(&mut kernel);
+        hold.reconcile_kernel(4 * every, &mut kernel);
         assert_eq!(kernel.total, 0);
     }
 

@@ -25,7 +25,7 @@ pub struct Fleet {
     pub cluster: Cluster,
     pub agents: Vec<Southbound>,
     cms: Client,
-    /// The load balancers each agent follows (the idle ones).
+    /// The load balancers each agent follows (all of them).
     followed: u32,
     _load_balancers: LoadBalancers,
 }
@@ -61,14 +61,15 @@ const WAIT: Duration = Duration::from_secs(600);
 impl Fleet {
     /// Starts the cluster, inserts `lbs` load balancers (one VIP each) and `n` Chassis rows,
     /// then connects the `n` agents (to the leader only, or with `any_member` to any member);
-    /// returns once every agent has every (idle) load balancer and its Chassis row, with what that
+    /// returns once every agent has every load balancer and its Chassis row, with what that
     /// cost.
     pub fn start(n: usize, lbs: u32, any_member: bool) -> (Self, Cost) {
         Self::start_some_idle(n, lbs, lbs, any_member)
     }
 
     /// As [`Fleet::start`], with only `idle` of the load balancers idle services' (see
-    /// [`LoadBalancers::insert_some_idle`]): the agents follow only those.
+    /// [`LoadBalancers::insert_some_idle`]). The agents follow every load balancer (a VIP with
+    /// backends in one that does not report is never dropped), so all `lbs` must arrive.
     pub fn start_some_idle(n: usize, lbs: u32, idle: u32, any_member: bool) -> (Self, Cost) {
         let cluster = southbound_cluster(3);
         cluster.wait_for_leader(Duration::from_secs(30));
@@ -127,7 +128,7 @@ impl Fleet {
             cluster,
             agents,
             cms,
-            followed: idle,
+            followed: lbs,
             _load_balancers: load_balancers,
         };
         fleet.wait_all_synced(&vec![0; n]);

@@ -21,7 +21,8 @@ static DIR: OnceLock<String> = OnceLock::new();
 /// Installs the stand-in `ovs-ofctl`: it logs `start` and `end` with a nanosecond clock around
 /// 20 ms of work, in a log named after the bridge it is asked about (one per test), and prints
 /// flows for 10.96.9.9 where datapath 1 punts every port and datapath 2 load-balances them; no
-/// flows for other addresses. Returns where the logs go.
+/// flows for other addresses; asked for all of TCP, flows that load-balance 10.96.10.1-20:8080
+/// on datapath 2. Returns where the logs go.
 fn stand_in() -> String {
     DIR.get_or_init(|| {
         let dir = TempDir::new("fakeofctl");
@@ -29,12 +30,16 @@ fn stand_in() -> String {
         let logs = dir.path_str().to_owned();
         let script = format!(
             r#"#!/bin/sh
-for a in "$@"; do case "$a" in unix:*) target="$a";; esac; done
+for a in "$@"; do case "$a" in unix:*) target="$a";; esac; last="$a"; done
 log="{logs}/$(basename "$target").log"
 echo "start $(date +%s%N)" >> "$log"
 sleep 0.02
-case "$*" in
-  *nw_dst=10.96.9.9*)
+case "$last" in
+  tcp)
+    for n in $(seq 1 20); do
+      echo " table=20, priority=120,ct_state=+new+trk,tcp,metadata=0x2,nw_dst=10.96.10.$n,tp_dst=8080 actions=group:$n"
+    done;;
+  *nw_dst=10.96.9.9)
     for port in $(seq 8000 8300); do
       echo " table=13, priority=130,tcp,metadata=0x1,nw_dst=10.96.9.9,tp_dst=$port actions=controller(userdata=00.00)"
       echo " table=20, priority=120,ct_state=+new+trk,tcp,metadata=0x2,nw_dst=10.96.9.9,tp_dst=$port actions=group:7"
@@ -149,4 +154,27 @@ fn a_vip_is_ready_on_its_own_datapath_whatever_another_does() {
     reader.wait_for(waiting("10.96.9.9:8080", 0));
     std::thread::sleep(Duration::from_millis(300));
     assert!(outcomes.try_recv().is_err(), "ready while datapath 1 punts");
+}
+
+/// Many addresses waking at once (1,000 VIPs of 1,000 services): one dump of the whole
+/// protocol serves them all, instead of one process per address and round.
+#[test]
+fn many_addresses_share_one_dump() {
+    let log = format!("{}/three.mgmt.log", stand_in());
+    let (done, mut outcomes) = mpsc::unbounded_channel();
+    let reader = FlowReader {
+        target: "unix:/nonexistent/three.mgmt".into(),
+        max_wait: Duration::from_secs(5),
+    }
+    .start(done)
+    .unwrap();
+    for n in 1..=20 {
+        reader.wait_for(waiting(&format!("10.96.10.{n}:8080"), 2));
+    }
+    for _ in 1..=20 {
+        let (_, outcome) = outcomes.blocking_recv().unwrap();
+        assert_eq!(outcome, ForwardingCheck::Ready);
+    }
+    let runs = runs(&log);
+    assert!(runs.len() <= 3, "{} runs for 20 addresses", runs.len());
 }

@@ -7,7 +7,8 @@
 //!
 //! One reader serves every waking VIP, on a thread of its own: each round it reads the
 //! integration bridge's flows with one `ovs-ofctl dump-flows` per VIP address (filtered by
-//! protocol and address; the VIPs on that address judged from the same dump), one process at a
+//! protocol and address; the VIPs on that address judged from the same dump), or, when many
+//! addresses of a protocol wait, one dump of the whole protocol for them all, one process at a
 //! time, then waits 5 ms, doubling to 100 ms while nothing new waits. Ready means: among the
 //! flows of the VIP's port on the logical datapath the held packets came in on (OpenFlow
 //! `metadata`, the datapath's tunnel key; every datapath for a VIP that is the same on all),
@@ -31,6 +32,10 @@ use crate::vip::Vip;
 const POLL_FIRST: Duration = Duration::from_millis(5);
 /// The longest wait between two reads, while the same VIPs wait.
 const POLL_MOST: Duration = Duration::from_millis(100);
+
+/// Most addresses of one protocol read one dump each in a round; beyond, one dump of the
+/// whole protocol serves them all (one process, however many VIPs wake at once).
+const ADDRESSES_PER_DUMP: usize = 8;
 
 /// Longest one `ovs-ofctl` may take (a stalled `ovs-vswitchd`): then the VIPs of its
 /// address are `Unknown`, and replayed.
@@ -144,12 +149,31 @@ impl FlowReader {
         waiting: &mut Vec<(Waiting, Instant)>,
         done: &mpsc::UnboundedSender<(Waiting, ForwardingCheck)>,
     ) -> Result<(), ()> {
-        let mut by_filter: BTreeMap<String, Vec<Waiting>> = BTreeMap::new();
+        // By protocol, then by address.
+        let mut by_protocol: BTreeMap<&'static str, BTreeMap<String, Vec<Waiting>>> =
+            BTreeMap::new();
         let mut decided: Vec<(Waiting, ForwardingCheck)> = Vec::new();
         for (w, _) in waiting.iter() {
-            match address_filter(&w.vip) {
-                Some(filter) => by_filter.entry(filter).or_default().push(*w),
+            match match_fields(&w.vip) {
+                Some((protocol, address)) => by_protocol
+                    .entry(protocol)
+                    .or_default()
+                    .entry(address)
+                    .or_default()
+                    .push(*w),
                 None => decided.push((*w, ForwardingCheck::Ready)),
+            }
+        }
+        // A dump per address while few wait; one of the whole protocol for many addresses.
+        let mut dumps: Vec<(String, bool, Vec<Waiting>)> = Vec::new();
+        for (protocol, addresses) in by_protocol {
+            if addresses.len() > ADDRESSES_PER_DUMP {
+                let members = addresses.into_values().flatten().collect();
+                dumps.push((protocol.to_owned(), true, members));
+            } else {
+                for (address, members) in addresses {
+                    dumps.push((format!("{protocol},{address}"), false, members));
+                }
             }
         }
         fn send(
@@ -165,12 +189,16 @@ impl FlowReader {
             Ok(())
         }
         send(&mut decided, waiting, done)?;
-        for (filter, members) in by_filter {
+        for (filter, whole_protocol, members) in dumps {
             match self.dump(&filter) {
                 Ok(dump) => {
                     let flows = parse_flows(&dump);
                     for w in members {
-                        if flows_carry(&flows, u16::from_be(w.vip.port_be), w.datapath) {
+                        let address = whole_protocol
+                            .then(|| match_fields(&w.vip).map(|(_, address)| address))
+                            .flatten();
+                        let port = u16::from_be(w.vip.port_be);
+                        if flows_carry(&flows, address.as_deref(), port, w.datapath) {
                             decided.push((w, ForwardingCheck::Ready));
                         }
                     }
@@ -212,10 +240,11 @@ impl FlowReader {
     }
 }
 
-/// The `ovs-ofctl` match for the packets to a VIP's address: protocol and destination
-/// address (the port is matched in [`flows_carry`], so that the VIPs of one address share a
-/// dump).
-fn address_filter(vip: &VipKey) -> Option<String> {
+/// The `ovs-ofctl` match for the packets to a VIP's address: its protocol (`tcp`, `udp6`...)
+/// and its destination address field (`nw_dst=10.96.0.10`, `ipv6_dst=fd00::10`), as
+/// `ovs-ofctl` prints them too. The port is matched in [`flows_carry`], so that the VIPs of
+/// one address share a dump.
+fn match_fields(vip: &VipKey) -> Option<(&'static str, String)> {
     let vip = Vip::from_key(vip)?;
     let addr = vip.addr();
     let v6 = addr.is_ipv6();
@@ -228,7 +257,7 @@ fn address_filter(vip: &VipKey) -> Option<String> {
         (_, true) => "udp6",
     };
     let dst = if v6 { "ipv6_dst" } else { "nw_dst" };
-    Some(format!("{proto},{dst}={}", addr.ip()))
+    Some((proto, format!("{dst}={}", addr.ip())))
 }
 
 /// One dumped flow: the port and logical datapath it matches, and its actions.
@@ -236,6 +265,8 @@ fn address_filter(vip: &VipKey) -> Option<String> {
 struct Flow<'a> {
     /// `tp_dst`, if the flow matches one.
     port: Option<u16>,
+    /// `nw_dst=...` or `ipv6_dst=...`, if the flow matches one.
+    address: Option<&'a str>,
     /// `metadata` (the logical datapath's tunnel key), if the flow matches one.
     datapath: Option<u32>,
     actions: &'a str,
@@ -255,7 +286,11 @@ fn parse_flows(dump: &str) -> Vec<Flow<'_>> {
                 Some(hex) => u64::from_str_radix(hex, 16).ok(),
                 None => v.parse().ok(),
             };
+            let address = matches
+                .split([',', ' '])
+                .find(|f| f.starts_with("nw_dst=") || f.starts_with("ipv6_dst="));
             Some(Flow {
+                address,
                 port: field("tp_dst=").and_then(number).map(|p| p as u16),
                 datapath: field("metadata=").and_then(number).map(|d| d as u32),
                 actions,
@@ -264,12 +299,14 @@ fn parse_flows(dump: &str) -> Vec<Flow<'_>> {
         .collect()
 }
 
-/// Whether the flows of `port` on logical datapath `datapath` (0: on any) load-balance (a
-/// `group:` action) and none punts to the controller or drops.
-fn flows_carry(flows: &[Flow<'_>], port: u16, datapath: u32) -> bool {
+/// Whether the flows of `port` (at `address`, a [`match_fields`] field, if the dump was not
+/// of that address alone) on logical datapath `datapath` (0: on any) load-balance (a `group:`
+/// action) and none punts to the controller or drops.
+fn flows_carry(flows: &[Flow<'_>], address: Option<&str>, port: u16, datapath: u32) -> bool {
     let mine: Vec<&str> = flows
         .iter()
         .filter(|f| f.port == Some(port) && (datapath == 0 || f.datapath == Some(datapath)))
+        .filter(|f| address.is_none_or(|a| f.address == Some(a)))
         .map(|f| f.actions)
         .collect();
     mine.iter().any(|a| a.contains("group:"))
@@ -301,14 +338,21 @@ mod tests {
         let pre = " cookie=0x2, table=14, priority=120,tcp,metadata=0x1,nw_dst=10.96.9.9,tp_dst=8080 actions=set_field:0x1->xxreg0,ct(table=15,zone=NXM_NX_REG13[0..15],nat)";
         let drop = " cookie=0x3, table=20, priority=120,ct_state=+new+trk,tcp,metadata=0x1,nw_dst=10.96.9.9,tp_dst=8080 actions=drop";
         let lb = " cookie=0x4, table=20, priority=120,ct_state=+new+trk,tcp,metadata=0x1,nw_dst=10.96.9.9,tp_dst=8080 actions=set_field:0/0x2->xxreg0,group:1";
-        let carry = |lines: &[&str]| flows_carry(&parse_flows(&lines.join("\n")), 8080, 0);
+        let carry = |lines: &[&str]| flows_carry(&parse_flows(&lines.join("\n")), None, 8080, 0);
         assert!(!carry(&[event, pre, drop]));
         assert!(!carry(&[event, pre, lb]), "the event flow is still there");
         assert!(!carry(&[pre]));
         assert!(carry(&[pre, lb]));
         assert!(
-            !flows_carry(&parse_flows(&[pre, lb].join("\n")), 8081, 0),
+            !flows_carry(&parse_flows(&[pre, lb].join("\n")), None, 8081, 0),
             "another port's flows"
+        );
+        let dump = [pre, lb].join("\n");
+        let flows = parse_flows(&dump);
+        assert!(flows_carry(&flows, Some("nw_dst=10.96.9.9"), 8080, 0));
+        assert!(
+            !flows_carry(&flows, Some("nw_dst=10.96.9.99"), 8080, 0),
+            "another address's flows, in a dump of the whole protocol"
         );
     }
 
@@ -324,8 +368,14 @@ mod tests {
         let flows = parse_flows(&dump);
         assert_eq!(flows[0].datapath, Some(1));
         assert_eq!(flows[1].port, Some(8080));
-        assert!(flows_carry(&flows, 8080, 2), "datapath 2 carries it");
-        assert!(!flows_carry(&flows, 8080, 1), "datapath 1 still punts");
-        assert!(!flows_carry(&flows, 8080, 0), "not yet on every datapath");
+        assert!(flows_carry(&flows, None, 8080, 2), "datapath 2 carries it");
+        assert!(
+            !flows_carry(&flows, None, 8080, 1),
+            "datapath 1 still punts"
+        );
+        assert!(
+            !flows_carry(&flows, None, 8080, 0),
+            "not yet on every datapath"
+        );
     }
 }

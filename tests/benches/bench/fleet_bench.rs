@@ -99,7 +99,7 @@ pub(crate) fn fleet_bench() -> Vec<Figure> {
     }
     drop(fleet);
     // The same cold start where, as in ovn-kubernetes, only idle services' load balancers
-    // have options:event=true: the agents are sent only those.
+    // have options:event=true (the agents follow them all, with their options).
     let (few, few_sync) = fleet::Fleet::start_some_idle(n, LOAD_BALANCERS, FEW_IDLE, false);
     drop(few);
     out.extend([

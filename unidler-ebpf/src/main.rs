@@ -695,7 +695,7 @@ fn take_hold_room(
         return None;
     }
     if HELD_FLOWS
-        .insert(flow, &ifindex, u64::from(BPF_NOEXIST))
+        .insert(flow, ifindex, u64::from(BPF_NOEXIST))
         .is_err()
     {
         // Another CPU held the flow in between.
@@ -712,7 +712,7 @@ fn take_hold_room(
         Some(held) => unsafe { take_one(held, config.per_vip) },
         // The VIP's first: counted as one, unless another CPU counted it first.
         None => {
-            HELD_PER_VIP.insert(vip, &1, u64::from(BPF_NOEXIST)).is_ok()
+            HELD_PER_VIP.insert(vip, 1, u64::from(BPF_NOEXIST)).is_ok()
                 || HELD_PER_VIP
                     .get_ptr_mut(vip)
                     .is_some_and(|held| unsafe { take_one(held, config.per_vip) })

@@ -239,7 +239,7 @@ pub(crate) fn per_packet() -> Vec<Figure> {
                         (false, true) => dp.tc_baseline_test_run(&idle_syn, 1).unwrap().1,
                         (true, true) => dp.tc_test_run_repeat(&idle_syn, 1).unwrap().1,
                         (true, false) => dp.test_run_repeat(&idle_syn, LO, 1).unwrap().1,
-                    } as u64;
+                    };
                     if program {
                         ring.drain(|_| {});
                         held.drain(|_| {});

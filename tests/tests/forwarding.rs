@@ -10,7 +10,7 @@ use std::{
 
 use tokio::sync::mpsc;
 use unidler::{
-    forwarding::{FlowReader, ForwardingCheck, Waiting},
+    forwarding::{FlowReader, ForwardingCheck, ForwardingReader, Waiting},
     vip::VipSpec,
 };
 use unidler_tests::ovsdb_server::TempDir;
@@ -63,6 +63,24 @@ echo "end $(date +%s%N)" >> "$log"
     .clone()
 }
 
+/// A reader of the stand-in's bridge `name` (its runs logged in `name.mgmt.log`).
+fn start_reader(
+    name: &str,
+    max_wait: Duration,
+) -> (
+    ForwardingReader,
+    mpsc::UnboundedReceiver<(Waiting, ForwardingCheck)>,
+) {
+    let (done, outcomes) = mpsc::unbounded_channel();
+    let reader = FlowReader {
+        target: format!("unix:/nonexistent/{name}.mgmt"),
+        max_wait,
+    }
+    .start(done)
+    .unwrap();
+    (reader, outcomes)
+}
+
 fn waiting(vip: &str, datapath: u32) -> Waiting {
     let spec: VipSpec = format!("{vip}/tcp").parse().unwrap();
     Waiting {
@@ -92,13 +110,7 @@ fn runs(log: &str) -> Vec<(u64, u64)> {
 #[test]
 fn one_reader_serves_every_waking_vip() {
     let log = format!("{}/one.mgmt.log", stand_in());
-    let (done, mut outcomes) = mpsc::unbounded_channel();
-    let reader = FlowReader {
-        target: "unix:/nonexistent/one.mgmt".into(),
-        max_wait: Duration::from_millis(600),
-    }
-    .start(done)
-    .unwrap();
+    let (reader, mut outcomes) = start_reader("one", Duration::from_millis(600));
     let started = Instant::now();
     for port in 8000..8200 {
         reader.wait_for(waiting(&format!("10.96.9.9:{port}"), 1));
@@ -137,13 +149,7 @@ fn one_reader_serves_every_waking_vip() {
 #[test]
 fn a_vip_is_ready_on_its_own_datapath_whatever_another_does() {
     stand_in();
-    let (done, mut outcomes) = mpsc::unbounded_channel();
-    let reader = FlowReader {
-        target: "unix:/nonexistent/two.mgmt".into(),
-        max_wait: Duration::from_secs(5),
-    }
-    .start(done)
-    .unwrap();
+    let (reader, mut outcomes) = start_reader("two", Duration::from_secs(5));
     let started = Instant::now();
     let on_two = waiting("10.96.9.9:8080", 2);
     reader.wait_for(on_two);
@@ -161,13 +167,7 @@ fn a_vip_is_ready_on_its_own_datapath_whatever_another_does() {
 #[test]
 fn many_addresses_share_one_dump() {
     let log = format!("{}/three.mgmt.log", stand_in());
-    let (done, mut outcomes) = mpsc::unbounded_channel();
-    let reader = FlowReader {
-        target: "unix:/nonexistent/three.mgmt".into(),
-        max_wait: Duration::from_secs(5),
-    }
-    .start(done)
-    .unwrap();
+    let (reader, mut outcomes) = start_reader("three", Duration::from_secs(5));
     for n in 1..=20 {
         reader.wait_for(waiting(&format!("10.96.10.{n}:8080"), 2));
     }

@@ -53,6 +53,14 @@ impl Drop for BpfFs {
 }
 
 /// A VIPs file with idle VIPs on the server's address at `ports`, and `active` with a backend.
+/// Load options for a datapath pinned in `bpffs`.
+fn pinned(bpffs: &BpfFs) -> unidler::datapath::LoadOptions {
+    unidler::datapath::LoadOptions {
+        pin_dir: Some(bpffs.pin_dir().into()),
+        ..Default::default()
+    }
+}
+
 fn vips_file(ports: std::ops::Range<u16>, active: Option<u16>) -> VipsFile {
     let file = VipsFile::new("10.77.0.2:1", "tcp");
     let mut text = String::new();
@@ -411,10 +419,7 @@ fn an_attachment_the_next_agent_does_not_want_is_removed() {
 fn held_flows_and_counts_do_not_outlive_the_agent_that_held_them() {
     require_root();
     let bpffs = BpfFs::mount();
-    let options = unidler::datapath::LoadOptions {
-        pin_dir: Some(bpffs.pin_dir().into()),
-        ..Default::default()
-    };
+    let options = pinned(&bpffs);
     let flow = unidler_common::FlowKey {
         proto: 6,
         src_port_be: 40000u16.to_be(),
@@ -443,10 +448,7 @@ fn held_flows_and_counts_do_not_outlive_the_agent_that_held_them() {
 fn pinned_maps_of_another_layout_version_are_recreated() {
     require_root();
     let bpffs = BpfFs::mount();
-    let options = unidler::datapath::LoadOptions {
-        pin_dir: Some(bpffs.pin_dir().into()),
-        ..Default::default()
-    };
+    let options = pinned(&bpffs);
     let spec: unidler::vip::VipSpec = "10.96.0.10:80/tcp".parse().unwrap();
     let key = spec.vip.key();
     {
@@ -543,10 +545,7 @@ fn a_second_agent_on_the_same_pin_dir_is_refused() {
 fn holding_does_not_outlive_the_agent_that_turned_it_on() {
     require_root();
     let bpffs = BpfFs::mount();
-    let options = unidler::datapath::LoadOptions {
-        pin_dir: Some(bpffs.pin_dir().into()),
-        ..Default::default()
-    };
+    let options = pinned(&bpffs);
     {
         let mut first = unidler::datapath::Datapath::load(&options).expect("load");
         first.start_holding(64, 8_192).unwrap();

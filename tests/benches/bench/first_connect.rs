@@ -94,17 +94,7 @@ pub(crate) fn first_connect_on_ovn() -> Vec<Figure> {
         syn_backoff(&node.client_ns, schedule);
         for ready_after in READY_AFTER {
             let ovn = commit_to_connect(&node, vip, ready_after);
-            let mut agent = Agent::start(
-                &node.node_ns,
-                &[
-                    southbound_args(&node.node_if, &sb, state.path_str()),
-                    // The userspace datapath reads the veth before TC: XDP here.
-                    vec!["--hook", "xdp", "--openflow-bridge", &openflow],
-                    vec!["--summary-interval", "0"],
-                ]
-                .concat(),
-            );
-            agent.wait_for_log("VIP map synced", Duration::from_secs(30));
+            let agent = agent_on(&node, &sb, &state, &openflow);
             let held = commit_to_connect(&node, vip, ready_after);
             agent.signal(libc::SIGTERM);
             agent.wait(Duration::from_secs(10));
@@ -170,16 +160,7 @@ pub(crate) fn many_waking_on_ovn() -> Vec<Figure> {
     let sb = node.central.sb.unix_remote();
     let openflow = node.openflow_target();
     syn_backoff(&node.client_ns, 0);
-    let mut agent = Agent::start(
-        &node.node_ns,
-        &[
-            southbound_args(&node.node_if, &sb, state.path_str()),
-            vec!["--hook", "xdp", "--openflow-bridge", &openflow],
-            vec!["--summary-interval", "0"],
-        ]
-        .concat(),
-    );
-    agent.wait_for_log("VIP map synced", Duration::from_secs(60));
+    let agent = agent_on(&node, &sb, &state, &openflow);
     let clients: Vec<_> = vips
         .iter()
         .map(|vip| connect_in_background(&node.client_ns, *vip, Duration::from_secs(60)))
@@ -237,4 +218,21 @@ fn cpu_with_children(pid: u32) -> f64 {
         .sum();
     // SAFETY: sysconf has no preconditions.
     ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+}
+
+/// The agent on the OVN node's veth, its VIPs from the Southbound database `sb`, reading the
+/// bridge's flows at `openflow`; returns once its VIP map is synced.
+fn agent_on(node: &OvnNode, sb: &str, state: &TempDir, openflow: &str) -> Agent {
+    let mut agent = Agent::start(
+        &node.node_ns,
+        &[
+            southbound_args(&node.node_if, sb, state.path_str()),
+            // The userspace datapath reads the veth before TC: XDP here.
+            vec!["--hook", "xdp", "--openflow-bridge", openflow],
+            vec!["--summary-interval", "0"],
+        ]
+        .concat(),
+    );
+    agent.wait_for_log("VIP map synced", Duration::from_secs(60));
+    agent
 }

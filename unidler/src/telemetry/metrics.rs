@@ -142,6 +142,13 @@ fn exported(counter: KernelCounter) -> Option<Exported> {
         label: Some(label),
     };
     let rate_limited = "Events the kernel suppressed, by rate limit";
+    let not_held = |reason| {
+        labeled(
+            "unidler_kernel_not_held",
+            "Dropped opening packets the kernel did not hand to the agent, by reason",
+            ("reason", reason),
+        )
+    };
     Some(match counter {
         C::Packets | C::IdleDropped | C::IdlePassed => return None,
         C::IdleFailedOpen => plain(
@@ -174,31 +181,11 @@ fn exported(counter: KernelCounter) -> Option<Exported> {
             "unidler_kernel_held",
             "Dropped opening packets the kernel handed to the agent to hold",
         ),
-        C::HoldTooLarge => labeled(
-            "unidler_kernel_not_held",
-            "Dropped opening packets the kernel could not hand to the agent, by reason",
-            ("reason", "too_large"),
-        ),
-        C::HoldRingFull => labeled(
-            "unidler_kernel_not_held",
-            "Dropped opening packets the kernel could not hand to the agent, by reason",
-            ("reason", "ring_full"),
-        ),
-        C::HoldRetransmission => labeled(
-            "unidler_kernel_not_held",
-            "Dropped opening packets the kernel could not hand to the agent, by reason",
-            ("reason", "retransmission"),
-        ),
-        C::HoldOverLimitVip => labeled(
-            "unidler_kernel_not_held",
-            "Dropped opening packets the kernel could not hand to the agent, by reason",
-            ("reason", "over_limit_vip"),
-        ),
-        C::HoldOverLimitTotal => labeled(
-            "unidler_kernel_not_held",
-            "Dropped opening packets the kernel could not hand to the agent, by reason",
-            ("reason", "over_limit_total"),
-        ),
+        C::HoldTooLarge => not_held("too_large"),
+        C::HoldRingFull => not_held("ring_full"),
+        C::HoldRetransmission => not_held("retransmission"),
+        C::HoldOverLimitVip => not_held("over_limit_vip"),
+        C::HoldOverLimitTotal => not_held("over_limit_total"),
         C::ReplayedToIdle => plain(
             "unidler_kernel_replayed_to_idle",
             "Replayed packets that found their VIP idle again (let through, not held again)",

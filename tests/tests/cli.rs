@@ -136,3 +136,46 @@ fn deployment_files_use_only_flags_the_binary_has() {
         "only {checked} flags found: is the parsing right?"
     );
 }
+
+/// A log level people write (`warning`) works; an unknown one is refused in one clear line,
+/// the cause said once; an error is printed even under a filter that hides errors.
+#[test]
+fn log_levels_are_read_or_refused_clearly() {
+    let exit = Agent::run_to_exit(
+        "",
+        &[
+            "--log-level",
+            "warning",
+            "vips",
+            "--api-addr",
+            "127.0.0.1:1",
+        ],
+    );
+    assert_eq!(exit.code, Some(1), "{}", exit.stderr);
+    assert!(
+        exit.stderr.contains("cannot reach the agent"),
+        "--log-level warning hid the error: {:?}",
+        exit.stderr
+    );
+    let stderr = assert_clean_failure(&["--log-level", "loud", "vips"], 2, "log level");
+    assert!(stderr.contains("\"loud\""), "{stderr}");
+    let stderr = assert_clean_failure(&["--log-level", "foo=bar=baz", "vips"], 2, "log level");
+    assert_eq!(
+        stderr.matches("expected one of").count(),
+        1,
+        "the cause said twice: {stderr}"
+    );
+}
+
+/// The inspection commands name the flag that points them at the agent, and say the cause
+/// once.
+#[test]
+fn an_unreachable_agent_names_the_api_address_flag() {
+    let stderr = assert_clean_failure(&["vips", "--api-addr", "127.0.0.1:1"], 1, "--api-addr");
+    assert!(!stderr.contains("--metrics-addr"), "{stderr}");
+    assert_eq!(
+        stderr.matches("Connection refused").count(),
+        1,
+        "the cause said twice: {stderr}"
+    );
+}

@@ -362,17 +362,50 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            tracing::error!("{err:#}");
+            // Said whatever the filter: the reason the agent stops is never hidden.
+            if tracing::enabled!(tracing::Level::ERROR) {
+                tracing::error!("{err:#}");
+            } else {
+                eprintln!("error: {err:#}");
+            }
             ExitCode::FAILURE
         }
     }
 }
 
+/// The log levels `--log-level` takes by name (`warning` as `warn`).
+const LOG_LEVELS: [&str; 7] = ["off", "error", "warn", "warning", "info", "debug", "trace"];
+
 fn init_logging(args: &LoggingArgs) -> Result<()> {
+    let text = args.log_level.trim();
+    let bad = |why: String| {
+        anyhow::anyhow!(
+            "bad log level {text:?} (--log-level, UNIDLER_LOG_LEVEL): {why}; expected one of \
+             off, error, warn, info, debug, trace, or tracing directives (TARGET=LEVEL,...)"
+        )
+    };
+    // A bare word is a level: tracing would take an unknown one for a target, and log
+    // nothing else, errors included.
+    let text = if text.contains(['=', ',']) {
+        text.to_owned()
+    } else {
+        match text.to_ascii_lowercase().as_str() {
+            "warning" => "warn".to_owned(),
+            level if LOG_LEVELS.contains(&level) => level.to_owned(),
+            _ => return Err(bad("not a level".into())),
+        }
+    };
     let filter = EnvFilter::builder()
         .with_default_directive(LevelFilter::INFO.into())
-        .parse(&args.log_level)
-        .with_context(|| format!("bad --log-level {:?}", args.log_level))?;
+        .parse(&text)
+        .map_err(|e| {
+            bad(e
+                .to_string()
+                .split(": ")
+                .next()
+                .unwrap_or_default()
+                .to_owned())
+        })?;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(io::stderr)

@@ -326,12 +326,12 @@ async fn scrape(State(state): State<HealthState>) -> impl IntoResponse {
 #[derive(Debug, thiserror::Error)]
 pub enum AgentQueryError {
     /// Nothing answered at the address.
-    #[error("cannot reach the agent at {addr} ({source}); is it running with this --metrics-addr?")]
+    #[error("cannot reach the agent at {addr} ({reason}); is it running with this --api-addr?")]
     Unreachable {
         /// The address tried.
         addr: SocketAddr,
-        /// Why.
-        source: std::io::Error,
+        /// Why (said in the message, not as a source: said once).
+        reason: std::io::Error,
     },
     /// The connection broke.
     #[error("talking to the agent: {0}")]
@@ -355,7 +355,7 @@ pub enum AgentQueryError {
 pub fn http_get(addr: SocketAddr, path: &str) -> Result<String, AgentQueryError> {
     use std::io::{Read as _, Write as _};
     let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(3))
-        .map_err(|source| AgentQueryError::Unreachable { addr, source })?;
+        .map_err(|reason| AgentQueryError::Unreachable { addr, reason })?;
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
     write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
     let mut response = String::new();

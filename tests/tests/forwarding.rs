@@ -116,14 +116,15 @@ fn one_reader_serves_every_waking_vip() {
         reader.wait_for(waiting(&format!("10.96.9.9:{port}"), 1));
     }
     reader.wait_for(waiting("10.96.9.10:80", 1));
-    let mut timed_out = 0;
     for _ in 0..201 {
         let (_, outcome) = outcomes.blocking_recv().expect("an outcome for each");
         assert_eq!(outcome, ForwardingCheck::TimedOut);
-        timed_out += 1;
     }
     let elapsed = started.elapsed();
-    assert_eq!(timed_out, 201);
+    assert!(
+        elapsed >= Duration::from_millis(600),
+        "timed out after {elapsed:?}, before the wait was over"
+    );
     assert!(elapsed < Duration::from_secs(3), "{elapsed:?}");
     let runs = runs(&log);
     // Two addresses: at most two runs a round, a round at least every 5 ms plus its runs.

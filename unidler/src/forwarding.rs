@@ -165,14 +165,22 @@ impl FlowReader {
             }
         }
         // A dump per address while few wait; one of the whole protocol for many addresses.
-        let mut dumps: Vec<(String, bool, Vec<Waiting>)> = Vec::new();
+        // Each dump with its VIPs, and the address each is judged at where the dump has more
+        // than one.
+        let mut dumps: Vec<(String, Vec<Judged>)> = Vec::new();
         for (protocol, addresses) in by_protocol {
             if addresses.len() > ADDRESSES_PER_DUMP {
-                let members = addresses.into_values().flatten().collect();
-                dumps.push((protocol.to_owned(), true, members));
+                let members = addresses
+                    .into_iter()
+                    .flat_map(|(address, ws)| {
+                        ws.into_iter().map(move |w| (w, Some(address.clone())))
+                    })
+                    .collect();
+                dumps.push((protocol.to_owned(), members));
             } else {
                 for (address, members) in addresses {
-                    dumps.push((format!("{protocol},{address}"), false, members));
+                    let members = members.into_iter().map(|w| (w, None)).collect();
+                    dumps.push((format!("{protocol},{address}"), members));
                 }
             }
         }
@@ -189,14 +197,11 @@ impl FlowReader {
             Ok(())
         }
         send(&mut decided, waiting, done)?;
-        for (filter, whole_protocol, members) in dumps {
+        for (filter, members) in dumps {
             match self.dump(&filter) {
                 Ok(dump) => {
                     let flows = parse_flows(&dump);
-                    for w in members {
-                        let address = whole_protocol
-                            .then(|| match_fields(&w.vip).map(|(_, address)| address))
-                            .flatten();
+                    for (w, address) in members {
                         let port = u16::from_be(w.vip.port_be);
                         if flows_carry(&flows, address.as_deref(), port, w.datapath) {
                             decided.push((w, ForwardingCheck::Ready));
@@ -205,7 +210,11 @@ impl FlowReader {
                 }
                 Err(e) => {
                     debug!("cannot read the bridge's flows: {e}");
-                    decided.extend(members.into_iter().map(|w| (w, ForwardingCheck::Unknown)));
+                    decided.extend(
+                        members
+                            .into_iter()
+                            .map(|(w, _)| (w, ForwardingCheck::Unknown)),
+                    );
                 }
             }
             send(&mut decided, waiting, done)?;
@@ -259,6 +268,10 @@ fn match_fields(vip: &VipKey) -> Option<(&'static str, String)> {
     let dst = if v6 { "ipv6_dst" } else { "nw_dst" };
     Some((proto, format!("{dst}={}", addr.ip())))
 }
+
+/// A waiting VIP in a dump, with the address field it is judged at when the dump is of its
+/// whole protocol (None: the dump is of its address alone).
+type Judged = (Waiting, Option<String>);
 
 /// One dumped flow: the port and logical datapath it matches, and its actions.
 #[derive(Debug, PartialEq, Eq)]

@@ -20,9 +20,9 @@ impl Agent {
     /// VIP's on the scope of the interface each arrived on.
     pub(super) fn on_held_packets(&mut self, frames: Vec<HeldBytes>) {
         let now = datapath::monotonic_ns();
-        let vips: HashSet<VipKey> = frames.iter().map(|f| f.vip).collect();
+        let vips: HashSet<VipKey> = frames.iter().map(HeldBytes::vip).collect();
         for frame in frames {
-            let scope = self.hold_scope(&frame.vip, frame.ifindex);
+            let scope = self.hold_scope(&frame.vip(), frame.ifindex);
             self.held.hold_in(frame, scope, now);
         }
         // Frames the kernel held just before their VIP got a backend.

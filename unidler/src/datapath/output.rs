@@ -126,9 +126,8 @@ pub struct HeldRing {
 pub struct HeldBytes {
     /// When the kernel saw it, `CLOCK_MONOTONIC` nanoseconds.
     pub timestamp_ns: u64,
-    /// The VIP it was sent to.
-    pub vip: VipKey,
-    /// Its flow, as the kernel keyed it: the held packet's identity on both sides.
+    /// Its flow, as the kernel keyed it: the held packet's identity on both sides (its
+    /// destination is the VIP, [`HeldBytes::vip`]).
     pub flow: FlowKey,
     /// The interface it arrived on.
     pub ifindex: u32,
@@ -140,6 +139,13 @@ pub struct HeldBytes {
 const MAC_ADDRESSES_LEN: usize = 12;
 /// An 802.1Q or 802.1ad tag: TPID and TCI.
 const VLAN_TAG_LEN: usize = 4;
+
+impl HeldBytes {
+    /// The VIP it was sent to.
+    pub fn vip(&self) -> VipKey {
+        self.flow.vip()
+    }
+}
 
 impl HeldRing {
     /// Takes every held frame now in the ring, oldest first, with any VLAN tag the kernel
@@ -169,7 +175,6 @@ impl HeldRing {
             }
             each(HeldBytes {
                 timestamp_ns: header.timestamp_ns,
-                vip: header.flow.vip(),
                 flow: header.flow,
                 ifindex: header.ifindex,
                 frame,

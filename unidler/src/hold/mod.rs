@@ -289,14 +289,15 @@ impl HeldPackets {
     /// its own count of the same limits, so a refusal here is rare (the counts are written
     /// back at the next [`HeldPackets::sync_kernel`]).
     pub fn hold_in(&mut self, held: HeldBytes, scope: u32, now_ns: u64) {
+        let held_vip = held.vip();
         let refused = if !self.enabled() {
             Some("disabled")
         } else if self.flows.contains(&held.flow) {
             // The kernel lost the flow (an adopted ring): it still counted the copy.
             self.metrics.count("retransmission", 1);
-            self.unsynced.vips.insert(held.vip);
+            self.unsynced.vips.insert(held_vip);
             return;
-        } else if self.held_for(&held.vip) >= self.limits.per_vip {
+        } else if self.held_for(&held_vip) >= self.limits.per_vip {
             Some("over_limit_vip")
         } else if self.total >= self.limits.total {
             Some("over_limit_total")
@@ -313,15 +314,15 @@ impl HeldPackets {
             if outcome != "disabled" {
                 self.metrics.count(outcome, 1);
             }
-            self.unsynced.vips.insert(held.vip);
+            self.unsynced.vips.insert(held_vip);
             self.unsynced.refused_flows.push(held.flow);
             return;
         }
         let flow = held.flow;
         let replay_after = self.limits.replay_after.as_nanos() as u64;
-        *self.per_vip.entry(held.vip).or_default() += 1;
+        *self.per_vip.entry(held_vip).or_default() += 1;
         let key = HoldKey {
-            vip: held.vip,
+            vip: held_vip,
             scope,
         };
         let vip = self.vips.entry(key).or_insert_with(|| {
@@ -731,7 +732,6 @@ mod tests {
         let flow = frame::parse(&f).expect("a frame the parser reads").flow;
         HeldBytes {
             timestamp_ns: seen_ns,
-            vip: flow.vip(),
             flow,
             ifindex: 7,
             frame: f,
@@ -810,7 +810,7 @@ mod tests {
         let mut kernel = FakeReplayer::default();
         hold.hold(packet(1000, 6, 0), 0);
         hold.replay_due(MS, &mut kernel);
-        let other = packet_to(1000, 81, 6, 0).vip;
+        let other = packet_to(1000, 81, 6, 0).vip();
         kernel.held.insert(vip(), 1);
         kernel.held.insert(other, 1);
         kernel.total = 2;
@@ -841,7 +841,7 @@ mod tests {
         hold.replay_due(10 * MS, &mut kernel);
         assert!(kernel.replays.is_empty(), "nothing replayed while idle");
         hold.backends_appeared(&HoldKey::node_wide(vip()), 100 * MS);
-        let udp_vip = packet(1001, 17, 0).vip;
+        let udp_vip = packet(1001, 17, 0).vip();
         hold.backends_appeared(&HoldKey::node_wide(udp_vip), 100 * MS);
         assert_eq!(hold.next_due_ns(), Some(100 * MS));
         hold.replay_due(100 * MS, &mut kernel);

@@ -190,6 +190,7 @@ impl Fleet {
                             queue_capacity: 16,
                             state_dir: None,
                             dedup,
+                            news: None,
                         },
                     )
                 })
@@ -204,7 +205,7 @@ impl Fleet {
             load_balancer: Some("lb0".into()),
             load_balancer_row: None,
             action: "dropped",
-            timestamp_ns: unidler::datapath::monotonic_ns(),
+            timestamp_ns: unidler::clock::monotonic_ns(),
         };
         // Let every sink see the (empty) table first, as running agents would have.
         std::thread::sleep(Duration::from_secs(1));

@@ -3,7 +3,8 @@
 //! unidler, the CMS reads and deletes the Controller_Event row and, a moment later, adds the
 //! backend in the Northbound database; the held SYN is replayed through OVN's own forwarding
 //! (load balancer, router, ACLs as configured) and the connection succeeds within 200 ms of
-//! that commit. OVN writes no row of its own for the replayed packet.
+//! that commit. OVN writes no row of its own for the replayed packet. The agent reports the
+//! wake-up phase by phase, in order and with the times the test as the CMS saw.
 
 use std::{
     net::{Ipv4Addr, SocketAddr},
@@ -11,9 +12,10 @@ use std::{
     time::{Duration, Instant},
 };
 
+use unidler::telemetry::{WakeupRow, http_get};
 use unidler_tests::{
     agent::{Agent, southbound_args},
-    netns::{connect_in_background, echoes, syn_backoff, tcp_echo_server},
+    netns::{connect_in_background, echoes, in_netns, syn_backoff, tcp_echo_server},
     ovn_chassis::{BACKEND_V4, OvnNode},
     ovsdb_server::{Southbound, TempDir},
     require_root,
@@ -58,7 +60,7 @@ fn the_first_connection_succeeds_through_ovn_once_the_cms_adds_the_backend() {
 
     // The CMS: reads the row, deletes it (as ovn-kubernetes does), scales the workload up.
     let deadline = started + Duration::from_secs(1);
-    let row = loop {
+    let event_row = loop {
         if let Some(row) = node.central.sb.event_rows().into_iter().next() {
             break row;
         }
@@ -68,12 +70,13 @@ fn the_first_connection_succeeds_through_ovn_once_the_cms_adds_the_backend() {
         );
         std::thread::sleep(Duration::from_millis(20));
     };
-    assert_eq!(row.event_info["vip"], format!("{VIP}:{PORT}"));
+    assert_eq!(event_row.event_info["vip"], format!("{VIP}:{PORT}"));
     std::thread::sleep(BACKEND_AFTER.saturating_sub(started.elapsed()));
     // Rows of the client's retransmission at 1 s, deleted as the CMS does.
     node.central
         .sb
         .sbctl(&["--all", "destroy", "Controller_Event"]);
+    let consumed = started.elapsed();
     assert_eq!(
         node.packets_punted_for(VIP.into()),
         0,
@@ -86,6 +89,7 @@ fn the_first_connection_succeeds_through_ovn_once_the_cms_adds_the_backend() {
         &format!("vips:\"{VIP}:{PORT}\"=\"{BACKEND_V4}:{PORT}\""),
     ]);
     let committed = Instant::now();
+    let backend = started.elapsed();
 
     let (connected, mut stream) = client.join().expect("client");
     assert!(echoes(&mut stream), "the backend answers");
@@ -98,10 +102,116 @@ fn the_first_connection_succeeds_through_ovn_once_the_cms_adds_the_backend() {
     assert_eq!(accepted.load(Ordering::SeqCst), 1, "one connection");
     std::thread::sleep(Duration::from_secs(1));
     eprintln!("connected {after:?} after the Northbound commit");
+    let lb = &event_row.event_info["load_balancer"];
+    the_wakeup_is_reported_phase_by_phase(&node.node_ns, lb, consumed, backend, &mut agent);
     assert_eq!(
         node.central.sb.event_rows(),
         Vec::new(),
         "no row for a service that is waking; the VIP's flows:\n{}",
         node.flows_matching(&format!("nw_dst={VIP},")).join("\n")
+    );
+}
+
+/// The agent's account of the wake-up: one, connected, its phases in order, each at about
+/// the time the test (as the CMS) saw it; its log line, and its metrics.
+fn the_wakeup_is_reported_phase_by_phase(
+    node_ns: &str,
+    lb: &str,
+    consumed: Duration,
+    backend: Duration,
+    agent: &mut Agent,
+) {
+    let get = |port: u16, path: &str| {
+        in_netns(node_ns, || http_get(([127, 0, 0, 1], port).into(), path)).expect(path)
+    };
+    let api = |path: &str| get(9478, path);
+    let rows: Vec<WakeupRow> = serde_json::from_str(&api("/api/wakeups")).unwrap();
+    let [row] = rows.as_slice() else {
+        panic!("one wake-up: {rows:#?}")
+    };
+    assert_eq!(row.vip, format!("{VIP}:{PORT}"));
+    assert_eq!(row.protocol, "tcp");
+    assert_eq!(
+        row.load_balancer.as_deref(),
+        Some(lb),
+        "as its row names it"
+    );
+    assert_eq!(row.outcome.as_deref(), Some("connected"), "{row:#?}");
+    assert_eq!(
+        row.held, 1,
+        "the first SYN; its retransmission repeats its flow"
+    );
+    assert!(row.replayed >= 1, "{row:#?}");
+    let names: Vec<&str> = row.phases.iter().map(|(p, _)| p.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "committed",
+            "consumed",
+            "backend",
+            "forwarding",
+            "replayed",
+            "finished"
+        ],
+        "{row:#?}"
+    );
+    let at = |phase: &str| {
+        Duration::from_secs_f64(row.phases.iter().find(|(p, _)| p == phase).unwrap().1)
+    };
+    let times: Vec<Duration> = row
+        .phases
+        .iter()
+        .map(|(_, s)| Duration::from_secs_f64(*s))
+        .collect();
+    assert!(times.is_sorted(), "phases in time order: {row:#?}");
+    assert!(at("committed") < Duration::from_millis(500), "{row:#?}");
+    // The test's clock starts a little after the client's first SYN.
+    let near = |agent_saw: Duration, test_saw: Duration| {
+        agent_saw + Duration::from_millis(100) >= test_saw
+            && agent_saw <= test_saw + Duration::from_millis(700)
+    };
+    assert!(
+        near(at("consumed"), consumed),
+        "consumed at {consumed:?}: {row:#?}"
+    );
+    assert!(
+        near(at("backend"), backend),
+        "backend at {backend:?}: {row:#?}"
+    );
+    assert!(
+        at("finished") < at("backend") + WITHIN + Duration::from_millis(300),
+        "{row:#?}"
+    );
+    assert!(
+        row.started.ends_with('Z') && row.started.len() == 24,
+        "{}",
+        row.started
+    );
+    agent.wait_for_log(
+        &format!("wake-up of {VIP}:{PORT}/tcp ({lb}) connected: committed "),
+        Duration::from_secs(1),
+    );
+    let metrics = get(9477, "/metrics");
+    let sample = |series: &str| unidler_tests::prometheus::sample(&metrics, series);
+    assert_eq!(
+        sample(r#"unidler_wakeups_total{outcome="connected"}"#),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(r#"unidler_wakeups_total{outcome="expired"}"#),
+        Some(0.0)
+    );
+    assert_eq!(
+        sample(r#"unidler_wakeup_phase_seconds_count{phase="consumed"}"#),
+        Some(1.0)
+    );
+    let events = api("/api/events");
+    let events: Vec<unidler::telemetry::EventRow> = serde_json::from_str(&events).unwrap();
+    assert!(
+        !events.is_empty()
+            && events
+                .iter()
+                .all(|e| e.wakeup.as_deref() == Some("connected")),
+        "every hit of the wake-up shows what became of it: {events:#?}"
     );
 }

@@ -11,7 +11,7 @@ use std::{
 };
 
 use unidler::{
-    datapath::monotonic_ns,
+    clock::monotonic_ns,
     event::IdleHit,
     sink::{ControllerEventSink, SinkOptions},
     southbound::{Southbound, SouthboundConfig},
@@ -75,6 +75,7 @@ fn dropped_connections_never_freeze_the_runtime_and_lose_nothing() {
                         queue_capacity: 100_000,
                         state_dir: Some(state_dir),
                         dedup: Default::default(),
+                        news: None,
                     },
                 );
                 let mut n = 0;

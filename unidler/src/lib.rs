@@ -5,6 +5,7 @@
 
 pub mod agent;
 pub mod caps;
+pub mod clock;
 pub mod datapath;
 pub mod event;
 pub mod fast_hash;
@@ -21,3 +22,4 @@ pub mod southbound;
 pub mod telemetry;
 pub mod vip;
 pub mod vipsource;
+pub mod wakeup;

@@ -9,7 +9,7 @@ use unidler::{
     agent::{self, Agent, Config, InterfaceSelector, VipSourceConfig},
     datapath::Hook,
     southbound::SouthboundConfig,
-    telemetry::{self, InterfaceRow, VipRow},
+    telemetry::{self, EventRow, InterfaceRow, VipRow, WakeupRow},
     vip::VipSpec,
 };
 use unidler_common::RateLimitConfig;
@@ -38,8 +38,12 @@ enum Command {
     Run(Box<RunArgs>),
     /// Show the VIP table of a running agent: backends, state, hits, load balancer.
     Vips(ClientArgs),
-    /// Show the most recent idle hits a running agent saw.
+    /// Show the most recent idle hits a running agent saw, and what became of each.
     Events(ClientArgs),
+    /// Show a running agent's last wake-ups: each phase's time from the first packet (our
+    /// row committed, consumed by the CMS, a backend, the forwarding ready, the first replay,
+    /// the end) and the outcome.
+    Wakeups(ClientArgs),
     /// Show the interfaces a running agent's datapath is on, and with which hook.
     Interfaces(ClientArgs),
     /// Remove a datapath left pinned by `run --pin-dir`: its attachments (detached once no agent
@@ -356,6 +360,7 @@ fn main() -> ExitCode {
         }
         Command::Vips(args) => show_vips(&args),
         Command::Events(args) => show_events(&args),
+        Command::Wakeups(args) => show_wakeups(&args),
         Command::Interfaces(args) => show_interfaces(&args),
         Command::Detach(args) => detach(&args),
     };
@@ -600,33 +605,79 @@ fn show_events(args: &ClientArgs) -> Result<()> {
         println!("{body}");
         return Ok(());
     }
-    let rows: Vec<serde_json::Value> = serde_json::from_str(&body).context("agent's events")?;
-    let field = |v: &serde_json::Value, k: &str| match &v[k] {
-        serde_json::Value::String(s) => s.clone(),
-        serde_json::Value::Null => "-".into(),
-        other => other.to_string(),
-    };
-    let table: Vec<[String; 6]> = rows
-        .iter()
+    let rows: Vec<EventRow> = serde_json::from_str(&body).context("agent's events")?;
+    let table: Vec<[String; 7]> = rows
+        .into_iter()
         .map(|e| {
             [
-                field(e, "timestamp_ns"),
-                field(e, "vip"),
-                field(e, "protocol"),
-                field(e, "src"),
-                field(e, "iface"),
-                field(e, "action"),
+                e.time,
+                e.vip,
+                e.protocol,
+                e.src,
+                e.iface,
+                e.action,
+                e.wakeup.unwrap_or_else(|| "-".into()),
             ]
         })
         .collect();
     print_table(
         [
-            "TIME (MONOTONIC NS)",
+            "TIME", "VIP", "PROTO", "SOURCE", "IFACE", "ACTION", "WAKE-UP",
+        ],
+        &table,
+    );
+    Ok(())
+}
+
+fn show_wakeups(args: &ClientArgs) -> Result<()> {
+    let body = telemetry::http_get(args.api_addr, "/api/wakeups")?;
+    if args.json {
+        println!("{body}");
+        return Ok(());
+    }
+    let rows: Vec<WakeupRow> = serde_json::from_str(&body).context("agent's wake-ups")?;
+    let phase = |row: &WakeupRow, name: &str| {
+        row.phases
+            .iter()
+            .find(|(p, _)| p == name)
+            .map_or_else(|| "-".into(), |(_, s)| format!("{s:.3}"))
+    };
+    let table: Vec<[String; 13]> = rows
+        .iter()
+        .map(|r| {
+            [
+                r.started.clone(),
+                r.vip.clone(),
+                r.protocol.clone(),
+                r.load_balancer.clone().unwrap_or_else(|| "-".into()),
+                r.outcome.clone().unwrap_or_else(|| "waking".into()),
+                r.held.to_string(),
+                r.replayed.to_string(),
+                phase(r, "committed"),
+                phase(r, "consumed"),
+                phase(r, "backend"),
+                phase(r, "forwarding"),
+                phase(r, "replayed"),
+                phase(r, "finished"),
+            ]
+        })
+        .collect();
+    println!("Seconds from the first packet to each phase:");
+    print_table(
+        [
+            "STARTED",
             "VIP",
             "PROTO",
-            "SOURCE",
-            "IFACE",
-            "ACTION",
+            "LOAD BALANCER",
+            "OUTCOME",
+            "HELD",
+            "REPLAYED",
+            "COMMITTED",
+            "CONSUMED",
+            "BACKEND",
+            "FORWARDING",
+            "REPLAYED AT",
+            "FINISHED",
         ],
         &table,
     );

@@ -9,12 +9,15 @@
 //! - replay timer → [`Input::ReplayDue`] → replays through the datapath, expiry;
 //! - forwarding check of a VIP that got a backend (OVN) → [`Input::ForwardingChecked`] → its
 //!   held packets due;
+//! - our Controller_Event rows committed or consumed (the sink) → [`Input::Row`] → the
+//!   wake-ups' phases ([`crate::wakeup`], which also follow the hold and the VIP map);
 //! - HTTP endpoint → [`Input::Query`] → answers;
 //! - summary timer and signals.
 
 mod config;
 mod replay;
 mod sources;
+mod wakeups;
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet, VecDeque},
@@ -31,6 +34,7 @@ use unidler_common::{Counter, IdleHitEvent, VipKey};
 pub use self::config::{Config, IdleAction, InterfaceSelector, VipSourceConfig};
 use self::sources::{Input, ReplayTimer, Signals, Sources};
 use crate::{
+    clock,
     datapath::{self, Counters, Datapath, Feature, Hook, LoadOptions},
     event::{IdleHit, iface_name},
     forwarding::{ForwardingReader, Waiting},
@@ -42,11 +46,12 @@ use crate::{
     sink::{ControllerEventSink, SinkOptions},
     southbound::Southbound,
     telemetry::{
-        self, InterfaceRow, Query, Readiness, ScopeRow, VipRow,
+        self, EventRow, InterfaceRow, Query, Readiness, ScopeRow, VipRow,
         metrics::{self, AgentMetrics},
     },
     vip::{DesiredVip, Vip, VipUpdate},
     vipsource,
+    wakeup::Wakeups,
 };
 
 /// Idle hits kept for `unidler events`.
@@ -67,6 +72,8 @@ pub struct Agent {
     registry: VipRegistry,
     /// Opening packets to idle VIPs, held until their VIP has a backend.
     held: HeldPackets,
+    /// The wake-ups going on, and the last ones finished.
+    wakeups: Wakeups,
     /// Reads the node's forwarding before a replay (VIPs from OVN), and where it says so.
     forwarding: Option<ForwardingReader>,
     /// What waits for the node's forwarding now.
@@ -192,6 +199,7 @@ impl Agent {
             spawn_kernel_log_pump(logger)?;
         }
 
+        let (rows_tx, rows) = mpsc::unbounded_channel();
         let sink = southbound.clone().map(|southbound| {
             ControllerEventSink::start(
                 southbound,
@@ -199,6 +207,7 @@ impl Agent {
                     queue_capacity: config.event_queue_size,
                     state_dir: Some(config.state_dir.clone()),
                     dedup: config.dedup,
+                    news: Some(rows_tx),
                 },
             )
         });
@@ -274,6 +283,7 @@ impl Agent {
             datapath,
             registry: VipRegistry::new(),
             held: HeldPackets::new(hold, metrics.hold.clone()),
+            wakeups: Wakeups::new(wakeups::timeout(&hold), metrics.wakeups.clone()),
             forwarding: match config.forwarding.clone() {
                 Some(reader) if config.vips == VipSourceConfig::Ovn => Some(
                     reader
@@ -396,6 +406,7 @@ impl Agent {
             vifs,
             port_scopes: agent.port_scopes.clone(),
             names_read,
+            rows,
             signals,
         });
         Ok(agent)
@@ -414,6 +425,7 @@ impl Agent {
                 }
                 Input::Vips(update) => self.on_vips(update)?,
                 Input::NamesRead(names) => self.on_names_read(names)?,
+                Input::Row(row) => self.on_row(row),
                 Input::Query(query) => self.on_query(query),
                 Input::SummaryDue => self.on_summary_due()?,
                 Input::HeartbeatDue => self.on_heartbeat_due()?,
@@ -426,9 +438,10 @@ impl Agent {
                     break;
                 }
             }
+            self.wakeups_follow_hold();
             sources.replay.arm(self.held.next_due_ns().map(|due| {
                 tokio::time::Instant::now()
-                    + Duration::from_nanos(due.saturating_sub(datapath::monotonic_ns()))
+                    + Duration::from_nanos(due.saturating_sub(clock::monotonic_ns()))
             }));
         }
         self.shut_down(sources).await
@@ -468,6 +481,7 @@ impl Agent {
             };
             debug!(vip = %hit.vip, protocol = %hit.protocol, src = %hit.src, iface = %hit.iface, "idle hit");
             self.metrics.events_received.inc();
+            self.wakeups.first_packet(event.vip, event.timestamp_ns);
             if let Some(hit) = self.lb_names.name(hit) {
                 self.report(hit)?;
             }
@@ -485,6 +499,8 @@ impl Agent {
 
     /// Sends a named hit on (to the sink, or standard output) and remembers it.
     fn report(&mut self, hit: IdleHit) -> Result<()> {
+        self.wakeups
+            .named(&hit.vip, hit.protocol, hit.load_balancer.as_deref());
         match &mut self.output {
             HitOutput::Sink(sink) => sink.submit(&hit),
             HitOutput::Stdout(stdout) => {
@@ -517,6 +533,7 @@ impl Agent {
         let changes = self.registry.apply(update, self.vip_flags);
         let freed = self.apply_map_changes(&changes)?;
         self.hold_follows(&changes);
+        self.wakeups_follow_vips(&changes);
         // VIPs that did not fit are tried again once others have left.
         if freed && !self.unfit.is_empty() {
             let retry = VipUpdate::Changes {
@@ -633,7 +650,10 @@ impl Agent {
                 let _ = reply.send(self.vip_rows());
             }
             Query::Events(reply) => {
-                let _ = reply.send(self.recent.iter().cloned().collect());
+                let _ = reply.send(self.event_rows());
+            }
+            Query::Wakeups(reply) => {
+                let _ = reply.send(self.wakeups.rows());
             }
             Query::Interfaces(reply) => {
                 let mut rows: Vec<InterfaceRow> = self
@@ -651,6 +671,34 @@ impl Agent {
                 let _ = reply.send(rows);
             }
         }
+    }
+
+    /// The recent idle hits for `unidler events`, each with the wall-clock time and what
+    /// became of its wake-up.
+    fn event_rows(&self) -> Vec<EventRow> {
+        self.recent
+            .iter()
+            .map(|hit| {
+                let key = hit
+                    .vip
+                    .parse::<std::net::SocketAddr>()
+                    .ok()
+                    .map(|addr| Vip::new(addr, hit.protocol).key());
+                EventRow {
+                    time: clock::rfc3339(clock::wall_clock_of(hit.timestamp_ns)),
+                    vip: hit.vip.clone(),
+                    protocol: hit.protocol.to_string(),
+                    src: hit.src.clone(),
+                    iface: hit.iface.clone(),
+                    load_balancer: hit.load_balancer.clone(),
+                    action: hit.action.to_owned(),
+                    wakeup: key
+                        .and_then(|k| self.wakeups.fate_of(&k, hit.timestamp_ns))
+                        .map(str::to_owned),
+                    timestamp_ns: hit.timestamp_ns,
+                }
+            })
+            .collect()
     }
 
     /// The VIP table for `unidler vips`, sorted by VIP, from the registry alone: the HTTP
@@ -708,8 +756,9 @@ impl Agent {
     /// heartbeat is `fail_open_after` old.
     fn on_heartbeat_due(&mut self) -> Result<()> {
         // Now and then, the kernel's counts of held packets are checked against the hold's.
-        self.held
-            .reconcile_kernel(datapath::monotonic_ns(), &mut self.datapath);
+        let now = clock::monotonic_ns();
+        self.held.reconcile_kernel(now, &mut self.datapath);
+        self.wakeups.finish_due(now, crate::wakeup::Phase::Backend);
         let synced = self.readiness.vips_synced.load(Ordering::Relaxed);
         let connected = self
             .ovn_vips

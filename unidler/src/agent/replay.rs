@@ -8,18 +8,20 @@ use unidler_common::VipKey;
 
 use super::Agent;
 use crate::{
-    datapath::{self, HeldBytes},
+    clock,
+    datapath::HeldBytes,
     forwarding::{self, ForwardingCheck, Waiting},
     hold::HoldKey,
     registry::MapChange,
     vip::Vip,
+    wakeup::Phase,
 };
 
 impl Agent {
     /// Opening packets the kernel dropped for idle VIPs: held (within the limits), a scoped
     /// VIP's on the scope of the interface each arrived on.
     pub(super) fn on_held_packets(&mut self, frames: Vec<HeldBytes>) {
-        let now = datapath::monotonic_ns();
+        let now = clock::monotonic_ns();
         let vips: HashSet<VipKey> = frames.iter().map(HeldBytes::vip).collect();
         for frame in frames {
             let scope = self.hold_scope(&frame.vip(), frame.ifindex);
@@ -85,7 +87,7 @@ impl Agent {
                     reader.wait_for(waiting);
                 }
             }
-            None => self.held.backends_appeared(&key, datapath::monotonic_ns()),
+            None => self.held.backends_appeared(&key, clock::monotonic_ns()),
         }
     }
 
@@ -95,7 +97,10 @@ impl Agent {
         self.forwarding_pending.remove(&waiting);
         let vip = waiting.vip;
         match readiness {
-            ForwardingCheck::Ready => {}
+            ForwardingCheck::Ready => {
+                self.wakeups
+                    .reached(&vip, Phase::Forwarding, clock::monotonic_ns())
+            }
             ForwardingCheck::TimedOut => warn!(
                 vip = ?Vip::from_key(&vip).map(|v| v.to_string()),
                 datapath = waiting.datapath,
@@ -107,7 +112,7 @@ impl Agent {
                 }
             }
         }
-        let now = datapath::monotonic_ns();
+        let now = clock::monotonic_ns();
         let key = HoldKey {
             vip,
             scope: waiting.datapath,
@@ -121,7 +126,7 @@ impl Agent {
     /// Held packets due: replayed, or discarded when too old.
     pub(super) fn on_replay_due(&mut self) {
         self.held
-            .replay_due(datapath::monotonic_ns(), &mut self.datapath);
+            .replay_due(clock::monotonic_ns(), &mut self.datapath);
     }
 
     /// Tells the held packets what the map changes mean for them: a VIP with a backend now
@@ -130,7 +135,7 @@ impl Agent {
         if self.held.is_empty() {
             return;
         }
-        let now = datapath::monotonic_ns();
+        let now = clock::monotonic_ns();
         for change in changes {
             match change {
                 MapChange::Upsert(key, _) | MapChange::Scopes { key, .. } => {

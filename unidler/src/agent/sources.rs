@@ -19,6 +19,7 @@ use crate::{
     lb_names::NamesRead,
     links::LinkChanges,
     ovs_interfaces::OvnInterfaces,
+    sink::RowNews,
     telemetry::Query,
     vip::VipUpdate,
     vipsource::ovn::PortScopes,
@@ -38,6 +39,8 @@ pub enum Input {
     Vips(VipUpdate),
     /// Load balancers' names read from the database, for hits that wait for them.
     NamesRead(NamesRead),
+    /// One of our Controller_Event rows was committed, or consumed.
+    Row(RowNews),
     /// A question from the HTTP endpoint.
     Query(Query),
     /// Time for the periodic summary.
@@ -85,6 +88,8 @@ pub struct Sources {
     pub port_scopes: Option<watch::Receiver<Arc<PortScopes>>>,
     /// Load balancers' names as they are read ([`crate::lb_names`]).
     pub names_read: mpsc::UnboundedReceiver<NamesRead>,
+    /// What became of our Controller_Event rows (never ready without the sink).
+    pub rows: mpsc::UnboundedReceiver<RowNews>,
     /// Signals.
     pub signals: Signals,
 }
@@ -159,6 +164,7 @@ impl Sources {
             vifs,
             port_scopes,
             names_read,
+            rows,
             signals,
         } = self;
         tokio::select! {
@@ -183,6 +189,7 @@ impl Sources {
             Some((waiting, readiness)) = forwarding.recv() => Ok(Input::ForwardingChecked(waiting, readiness)),
             Some(update) = vip_updates.recv() => Ok(Input::Vips(update)),
             Some(names) = names_read.recv() => Ok(Input::NamesRead(names)),
+            Some(row) = rows.recv() => Ok(Input::Row(row)),
             Some(query) = queries.recv() => Ok(Input::Query(query)),
             _ = async { summary.as_mut().expect("guarded by if").tick().await }, if summary.is_some() => {
                 Ok(Input::SummaryDue)

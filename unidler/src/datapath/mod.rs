@@ -146,18 +146,6 @@ fn pinned_maps(max_vips: u32) -> [(&'static str, MapShape); 15] {
     ]
 }
 
-/// `CLOCK_MONOTONIC` now, in nanoseconds: the clock of the kernel's timestamps
-/// (`bpf_ktime_get_ns`).
-pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes the timespec it is given.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
 /// What can go wrong with the datapath, each said so that an operator knows what to do.
 #[derive(Debug, Error)]
 pub enum DatapathError {
@@ -544,7 +532,7 @@ fn write_heartbeat(
     fail_open_after_ns: u64,
 ) -> Result<(), DatapathError> {
     let heartbeat = Heartbeat {
-        renewed_ns: monotonic_ns(),
+        renewed_ns: crate::clock::monotonic_ns(),
         fail_open_after_ns,
     };
     map.set(0, heartbeat, 0)

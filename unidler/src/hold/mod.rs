@@ -197,7 +197,21 @@ pub struct HeldPackets {
     kernel_suspects: KernelSuspects,
     /// When the kernel's counts were last reconciled.
     reconciled_ns: u64,
+    /// What befell held packets since the last [`HeldPackets::take_news`].
+    news: Vec<(VipKey, PacketNews)>,
     metrics: HoldMetrics,
+}
+
+/// What befell one held packet of a VIP (for the wake-ups, [`crate::wakeup`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PacketNews {
+    /// Kept.
+    Held,
+    /// Replayed (once more).
+    Replayed,
+    /// Gone from the hold: `answered`, `delivered`, `abandoned`, `expired`, `discarded` or
+    /// `replay_failed`.
+    Left(&'static str),
 }
 
 /// Kernel counts seen above the hold's at the last [`HeldPackets::reconcile_kernel`].
@@ -250,8 +264,14 @@ impl HeldPackets {
             unsynced: Unsynced::default(),
             kernel_suspects: KernelSuspects::default(),
             reconciled_ns: 0,
+            news: Vec::new(),
             metrics,
         }
+    }
+
+    /// What befell held packets since the last call, in order.
+    pub fn take_news(&mut self) -> Vec<(VipKey, PacketNews)> {
+        std::mem::take(&mut self.news)
     }
 
     /// Whether packets are held at all (`--hold-max-age` not zero).
@@ -345,6 +365,7 @@ impl HeldPackets {
         self.oldest_seen_ns = self.oldest_seen_ns.min(held.timestamp_ns);
         self.flows.insert(flow);
         self.total += 1;
+        self.news.push((held_vip, PacketNews::Held));
         self.metrics.count("held", 1);
         self.metrics.held_now.set(self.total as i64);
     }
@@ -392,6 +413,7 @@ impl HeldPackets {
             let n = hold.packets.len();
             for packet in hold.packets {
                 self.release(vip, &packet, replayer);
+                self.news.push((*vip, PacketNews::Left("discarded")));
             }
             self.metrics.count("discarded", n as u64);
             self.metrics.held_now.set(self.total as i64);
@@ -473,6 +495,7 @@ impl HeldPackets {
                     continue;
                 }
                 packet.replays += 1;
+                self.news.push((key.vip, PacketNews::Replayed));
                 self.metrics.count("replayed", 1);
                 if tcp {
                     packet.next_replay_ns = now_ns + backoff(packet.replays).as_nanos() as u64;
@@ -494,6 +517,7 @@ impl HeldPackets {
             if outcome != "delivered" {
                 self.metrics.count(outcome, 1);
             }
+            self.news.push((key.vip, PacketNews::Left(outcome)));
             self.release(&key.vip, &packet, replayer);
         }
         // Only the keys that lost packets can be empty now.

@@ -39,7 +39,7 @@ use std::{
 
 use ovsdb::{ChangeSet, Error as DbError, OpResult, Operation, Row, Uuid, Value};
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
-use tokio::sync::{Notify, broadcast};
+use tokio::sync::{Notify, broadcast, mpsc};
 use tracing::{debug, warn};
 
 use self::{
@@ -47,7 +47,7 @@ use self::{
     seq_num::{SeqCheckpoint, SeqNumbers},
 };
 use crate::{
-    datapath::monotonic_ns,
+    clock::monotonic_ns,
     event::IdleHit,
     southbound::{CONTROLLER_EVENT, Southbound},
 };
@@ -67,6 +67,28 @@ pub struct SinkOptions {
     pub state_dir: Option<PathBuf>,
     /// Whose rows keep a hit from being written again.
     pub dedup: Dedup,
+    /// Where to say when our rows are committed and consumed, if anywhere.
+    pub news: Option<mpsc::UnboundedSender<RowNews>>,
+}
+
+/// What became of one of our rows: for the wake-ups ([`crate::wakeup`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RowNews {
+    /// The row's `vip`, as written.
+    pub vip: String,
+    /// Its `protocol`.
+    pub protocol: String,
+    /// What became of it.
+    pub fate: RowFate,
+}
+
+/// See [`RowNews`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RowFate {
+    /// Committed.
+    Committed,
+    /// Deleted by someone else (the CMS consumed it), as the replica shows.
+    Consumed,
 }
 
 /// Which existing rows make a new hit for the same (vip, protocol, load_balancer) a
@@ -221,6 +243,7 @@ impl ControllerEventSink {
             ours: OurRows::default(),
             every_chassis: (options.dedup == Dedup::Cluster).then(OurRows::every_chassis),
             warned_no_chassis: false,
+            news: options.news,
         };
         tokio::spawn(writer.run());
         sink
@@ -312,6 +335,8 @@ struct Writer {
     /// With cluster-wide deduplication, every chassis' rows.
     every_chassis: Option<OurRows>,
     warned_no_chassis: bool,
+    /// Where to say what became of our rows.
+    news: Option<mpsc::UnboundedSender<RowNews>>,
 }
 
 impl Writer {
@@ -401,8 +426,10 @@ impl Writer {
                 for (table, uuid, change) in &set.changes {
                     if table == CONTROLLER_EVENT {
                         self.committed_unseen.remove(uuid);
-                        if self.ours.chassis.is_some() {
-                            self.ours.apply(uuid, change);
+                        if self.ours.chassis.is_some()
+                            && let Some(gone) = self.ours.apply(uuid, change)
+                        {
+                            self.tell(&gone, RowFate::Consumed);
                         }
                         if let Some(all) = &mut self.every_chassis
                             && all.chassis.is_some()
@@ -420,6 +447,17 @@ impl Writer {
                     *all = OurRows::every_chassis();
                 }
             }
+        }
+    }
+
+    /// Says what became of the row for `key`, if anyone listens.
+    fn tell(&self, key: &EventKey, fate: RowFate) {
+        if let Some(news) = &self.news {
+            let _ = news.send(RowNews {
+                vip: key.vip.clone(),
+                protocol: key.protocol.clone(),
+                fate,
+            });
         }
     }
 
@@ -457,6 +495,7 @@ impl Writer {
                 continue;
             }
             let counter = if self.ours.has_seq(&key, seq) {
+                self.tell(&key, RowFate::Committed);
                 &self.stats.written
             } else {
                 &self.stats.deduplicated
@@ -592,6 +631,7 @@ impl Writer {
             if let Some(uuid) = result.uuid() {
                 self.committed_unseen.insert(uuid.clone(), key.clone());
             }
+            self.tell(key, RowFate::Committed);
             if let Some(first_hit) = self.queue.release(key) {
                 let latency = monotonic_ns().saturating_sub(first_hit);
                 self.stats

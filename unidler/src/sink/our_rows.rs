@@ -43,13 +43,15 @@ impl OurRows {
         }
     }
 
-    /// Applies one change of a Controller_Event row.
-    pub fn apply(&mut self, uuid: &Uuid, change: &RowChange) {
+    /// Applies one change of a Controller_Event row; returns the key of an indexed row
+    /// that was deleted.
+    pub fn apply(&mut self, uuid: &Uuid, change: &RowChange) -> Option<EventKey> {
         match change {
             RowChange::Insert(row) => self.insert(uuid, row),
             RowChange::Modify { new, .. } => self.insert(uuid, new),
-            RowChange::Delete(_) => self.remove(uuid),
+            RowChange::Delete(_) => return self.remove(uuid),
         }
+        None
     }
 
     /// Indexes `row` if it is ours (or any, for an index of every chassis; idempotent: a
@@ -85,16 +87,16 @@ impl OurRows {
         self.by_uuid.insert(uuid.clone(), (key, seq));
     }
 
-    fn remove(&mut self, uuid: &Uuid) {
-        let Some((key, _)) = self.by_uuid.remove(uuid) else {
-            return;
-        };
+    /// Removes the row `uuid` from the index; returns its key if it was there.
+    fn remove(&mut self, uuid: &Uuid) -> Option<EventKey> {
+        let (key, _) = self.by_uuid.remove(uuid)?;
         if let Some(rows) = self.by_key.get_mut(&key) {
             rows.retain(|(u, _)| u != uuid);
             if rows.is_empty() {
                 self.by_key.remove(&key);
             }
         }
+        Some(key)
     }
 
     /// Whether a row for `key` exists.

@@ -38,6 +38,8 @@ pub struct AgentMetrics {
     pub attach_failures: Counter,
     /// Held packets: how many now, what became of them, how long they waited.
     pub hold: crate::hold::HoldMetrics,
+    /// Wake-ups: their phases and outcomes.
+    pub wakeups: crate::wakeup::WakeupMetrics,
 }
 
 impl AgentMetrics {
@@ -98,6 +100,21 @@ pub fn registry(
         "unidler_hold_wait_seconds",
         "Time from the first packet held for a VIP to its first replay",
         agent.hold.wait_seconds.clone(),
+    );
+    registry.register(
+        "unidler_wakeup_phase_seconds",
+        "Time from a wake-up's first packet to each of its phases: committed (our \
+         Controller_Event row), consumed (the row deleted by the CMS), backend (in the VIP's \
+         source), forwarding (the node's flows carry it), replayed (the first held packet), \
+         finished",
+        agent.wakeups.phase_seconds.clone(),
+    );
+    registry.register(
+        "unidler_wakeups",
+        "Wake-ups finished, by outcome: connected (a replayed SYN answered), delivered (a \
+         held datagram or INIT replayed), abandoned (replays unanswered, or the VIP deleted), \
+         expired (no backend in time), not_held (nothing held; the VIP got its backend)",
+        agent.wakeups.finished.clone(),
     );
     registry.register(
         "unidler_vips",

@@ -1,7 +1,8 @@
 //! What an operator sees: Prometheus metrics at `/metrics` ([`metrics`]), `/healthz` and
 //! `/readyz` on one endpoint (`--metrics-addr`), and on another, loopback by default
-//! (`--api-addr`), JSON for the `unidler vips` and `unidler events` commands at `/api/vips`
-//! and `/api/events`. Both cap their connections and time out slow clients.
+//! (`--api-addr`), JSON for the `unidler vips`, `events`, `wakeups` and `interfaces`
+//! commands at `/api/vips`, `/api/events`, `/api/wakeups` and `/api/interfaces`. Both cap
+//! their connections and time out slow clients.
 //!
 //! The VIP registry and the recent events belong to the agent's loop; the HTTP handlers ask
 //! it over a channel ([`Query`]), so nothing is shared behind locks.
@@ -24,7 +25,31 @@ use tokio::sync::{mpsc, oneshot};
 
 use unidler_common::VipKey;
 
-use crate::{datapath::VipHitsReader, event::IdleHit, sink::ControllerEventSink};
+pub use crate::wakeup::WakeupRow;
+use crate::{datapath::VipHitsReader, sink::ControllerEventSink};
+
+/// One row of `unidler events`: an idle hit, and what became of it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct EventRow {
+    /// When the kernel saw the packet, wall-clock (RFC 3339).
+    pub time: String,
+    /// The VIP in OVN's spelling.
+    pub vip: String,
+    /// tcp, udp or sctp.
+    pub protocol: String,
+    /// The client: `IP:PORT` (`[IP]:PORT` for IPv6).
+    pub src: String,
+    /// The interface it arrived on.
+    pub iface: String,
+    /// The load balancer its row names, if known.
+    pub load_balancer: Option<String>,
+    /// What the datapath did with it: `dropped` or `passed`.
+    pub action: String,
+    /// The outcome of the wake-up it was part of (`waking` while that goes on).
+    pub wakeup: Option<String>,
+    /// When the kernel saw it, `CLOCK_MONOTONIC` nanoseconds.
+    pub timestamp_ns: u64,
+}
 
 /// One row of `unidler interfaces`.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -85,7 +110,9 @@ pub enum Query {
     /// The interfaces the datapath is on.
     Interfaces(oneshot::Sender<Vec<InterfaceRow>>),
     /// The most recent idle hits, oldest first.
-    Events(oneshot::Sender<Vec<IdleHit>>),
+    Events(oneshot::Sender<Vec<EventRow>>),
+    /// The last wake-ups finished, then those going on.
+    Wakeups(oneshot::Sender<Vec<WakeupRow>>),
 }
 
 /// Readiness, set by the agent's loop.
@@ -151,8 +178,8 @@ pub async fn serve_health(
     serve(addr, app).await
 }
 
-/// Serves the inspection API, `/api/vips` and `/api/events` (client addresses, the node's
-/// VIP table), on `addr`: loopback unless the operator says otherwise. Returns the bound
+/// Serves the inspection API, `/api/vips`, `/api/events`, `/api/wakeups` and
+/// `/api/interfaces` (client addresses, the node's VIP table), on `addr`: loopback unless the operator says otherwise. Returns the bound
 /// address.
 pub async fn serve_api(
     addr: SocketAddr,
@@ -162,6 +189,7 @@ pub async fn serve_api(
     let app = Router::new()
         .route("/api/vips", get(vips))
         .route("/api/events", get(events))
+        .route("/api/wakeups", get(wakeups))
         .route("/api/interfaces", get(interfaces))
         .with_state(ApiState { queries, hits });
     serve(addr, app).await
@@ -258,6 +286,13 @@ async fn interfaces(State(state): State<ApiState>) -> impl IntoResponse {
 
 async fn events(State(state): State<ApiState>) -> impl IntoResponse {
     match ask(&state.queries, Query::Events).await {
+        Some(rows) => Json(rows).into_response(),
+        None => StatusCode::SERVICE_UNAVAILABLE.into_response(),
+    }
+}
+
+async fn wakeups(State(state): State<ApiState>) -> impl IntoResponse {
+    match ask(&state.queries, Query::Wakeups).await {
         Some(rows) => Json(rows).into_response(),
         None => StatusCode::SERVICE_UNAVAILABLE.into_response(),
     }

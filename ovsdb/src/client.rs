@@ -3,6 +3,7 @@
 //! changes, and reconnects with exponential backoff and jitter.
 
 use std::{
+    collections::HashMap,
     sync::{
         Arc, Mutex, PoisonError, RwLock, RwLockReadGuard,
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -210,7 +211,13 @@ pub struct Stats {
     /// Times a session ended because the server stopped being the cluster leader, or a
     /// server refused us because it was not the leader.
     pub leader_changes: AtomicU64,
+    /// Attempts to connect that failed before a session was established (refused,
+    /// unreachable, TLS, not the leader).
+    pub connect_failures: AtomicU64,
 }
+
+/// How often the same failure to connect is logged as a warning (in between, at debug).
+const REPEAT_WARNING_AFTER: Duration = Duration::from_secs(60);
 
 struct Shared {
     options: ClientOptions,
@@ -464,6 +471,8 @@ async fn session_loop(shared: Arc<Shared>, tls: Option<Tls>, mut stop: mpsc::Rec
     let mut backoff = shared.options.backoff_min;
     let mut next = 0usize;
     let mut failures_this_round = 0usize;
+    // When each failure to connect was last logged as a warning.
+    let mut warned: HashMap<String, tokio::time::Instant> = HashMap::new();
     // monitor_cond_since lets a reconnect fetch only what changed since these transactions.
     let mut resume = Resume::default();
     // Seeded per client: the clock and this client's address.
@@ -532,7 +541,21 @@ async fn session_loop(shared: Arc<Shared>, tls: Option<Tls>, mut stop: mpsc::Rec
             }
             continue;
         }
-        tracing::debug!("OVSDB connection attempt failed: {reason}");
+        shared
+            .stats
+            .connect_failures
+            .fetch_add(1, Ordering::Relaxed);
+        let now = tokio::time::Instant::now();
+        match warned.get(&reason) {
+            Some(at) if now.duration_since(*at) < REPEAT_WARNING_AFTER => {
+                tracing::debug!("OVSDB connection attempt failed: {reason}")
+            }
+            _ => {
+                tracing::warn!("cannot connect to the database: {reason} (retrying)");
+                warned.retain(|_, at| now.duration_since(*at) < REPEAT_WARNING_AFTER);
+                warned.insert(reason, now);
+            }
+        }
         failures_this_round += 1;
         if failures_this_round >= remotes.len() {
             failures_this_round = 0;
@@ -565,7 +588,7 @@ const NO_TXN: &str = "00000000-0000-0000-0000-000000000000";
 #[derive(Default)]
 struct Resume {
     data: Option<String>,
-    named: std::collections::HashMap<String, String>,
+    named: HashMap<String, String>,
 }
 
 /// One session: connect, check leadership, set up monitors, then follow updates until the

@@ -1,7 +1,7 @@
 //! The agent, and every subcommand an operator runs, with exactly the capabilities the shipped
 //! manifests grant (the DaemonSet's `capabilities.add`, the systemd unit's bounding set), as
 //! root with every other capability dropped: it loads, attaches with both hooks, reports an
-//! idle hit, answers `vips`, `events` and `interfaces`, pins with `--pin-dir`, and `detach`
+//! idle hit, answers `vips`, `events`, `wakeups` and `interfaces`, pins with `--pin-dir`, and `detach`
 //! removes what it pinned.
 
 use std::{os::unix::fs::PermissionsExt as _, path::PathBuf, process::Command, time::Duration};
@@ -13,21 +13,31 @@ use unidler_tests::{
     require_root,
 };
 
-/// The capabilities the DaemonSet adds, which the systemd unit must grant alike: lower-case
-/// names without `CAP_`, as `setpriv` takes them.
+/// The capabilities the DaemonSets add (the agent's, the uninstall's), which the systemd unit
+/// must grant alike: lower-case names without `CAP_`, as `setpriv` takes them.
 fn granted_capabilities() -> Vec<String> {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-    let daemonset = std::fs::read_to_string(root.join("deploy/daemonset.yaml")).unwrap();
-    let add = daemonset
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("add:"))
-        .expect("the DaemonSet adds capabilities");
-    let mut from_daemonset: Vec<String> = add
-        .trim()
-        .trim_matches(|c| c == '[' || c == ']')
-        .split(',')
-        .map(|c| c.trim().trim_matches('"').to_lowercase())
-        .collect();
+    let added = |file: &str| -> Vec<String> {
+        let daemonset = std::fs::read_to_string(root.join(file)).unwrap();
+        let add = daemonset
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("add:"))
+            .expect("the DaemonSet adds capabilities");
+        let mut caps: Vec<String> = add
+            .trim()
+            .trim_matches(|c| c == '[' || c == ']')
+            .split(',')
+            .map(|c| c.trim().trim_matches('"').to_lowercase())
+            .collect();
+        caps.sort();
+        caps
+    };
+    let mut from_daemonset = added("deploy/kubernetes/base/daemonset.yaml");
+    assert_eq!(
+        added("deploy/kubernetes/uninstall/daemonset.yaml"),
+        from_daemonset,
+        "the uninstall runs `unidler detach` with the agent's capabilities"
+    );
     let unit = std::fs::read_to_string(root.join("deploy/unidler.service")).unwrap();
     let bounding = unit
         .lines()
@@ -176,6 +186,8 @@ fn the_agent_and_its_subcommands_run_with_the_manifests_capabilities() {
         assert!(events.contains(&format!("{SERVER_V4}:8080")), "{events}");
         let interfaces = restricted.run(&topo.server_ns, &["interfaces", "--api-addr", api]);
         assert!(interfaces.contains(&topo.server_if), "{interfaces}");
+        let wakeups = restricted.run(&topo.server_ns, &["wakeups", "--api-addr", api]);
+        assert!(wakeups.contains(&format!("{SERVER_V4}:8080")), "{wakeups}");
         agent.signal(libc::SIGTERM);
         let exit = agent.wait(Duration::from_secs(10));
         assert_eq!(exit.code, Some(0), "{}", exit.stderr);

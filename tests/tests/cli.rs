@@ -49,7 +49,7 @@ fn help_lists_every_run_flag() {
     let help = String::from_utf8(out.stdout).unwrap();
     for flag in [
         "--iface",
-        "--xdp-mode",
+        "--hook",
         "--vip",
         "--idle-action",
         "--vip-event-rate",
@@ -62,6 +62,93 @@ fn help_lists_every_run_flag() {
     ] {
         assert!(help.contains(flag), "--help lacks {flag}:\n{help}");
     }
+    // The nits an operator reading it found.
+    assert!(
+        !help.contains("--xdp-mode"),
+        "the older spelling is not listed"
+    );
+    let hook = help.split("--hook").nth(1).unwrap();
+    let hook = &hook[..hook.find("\n      --").unwrap()];
+    assert!(hook.contains("[default: auto]"), "{hook}");
+    assert!(
+        help.contains("[@LOAD_BALANCER]"),
+        "--vip's help names @LOAD_BALANCER"
+    );
+    for flag in ["--replay-after", "--idle-action"] {
+        let text = help.split(flag).nth(1).unwrap();
+        let text = &text[..text.find("\n      --").unwrap()];
+        assert!(text.len() > 300, "{flag} says what it is for:{text}");
+    }
+}
+
+/// `unidler help` and `unidler help --help` answer, as every subcommand's --help does.
+#[test]
+fn help_answers_everywhere() {
+    for args in [
+        &["help"][..],
+        &["help", "--help"],
+        &["help", "run"],
+        &["wakeups", "--help"],
+        &["--help"],
+    ] {
+        let out = std::process::Command::new(unidler_tests::agent::agent_binary())
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(!out.stdout.is_empty(), "{args:?}");
+    }
+}
+
+/// Values written as operators write them are read: `1h`, `1h30m`, `64MiB`, `:9477`; the run
+/// then fails on the interface, past the parsing.
+#[test]
+fn durations_sizes_and_addresses_are_read_as_written() {
+    require_root();
+    for (flag, value) in [
+        ("--hold-max-age", "1h"),
+        ("--fail-open-after", "1h30m"),
+        ("--ovsdb-max-message-size", "64MiB"),
+        ("--metrics-addr", ":9477"),
+        ("--metrics-addr", "[::1]:9477"),
+    ] {
+        assert_clean_failure(
+            &[
+                "run",
+                "--iface",
+                "nosuchif0",
+                "--vip",
+                "10.0.0.1:80/tcp",
+                flag,
+                value,
+            ],
+            1,
+            "no network interface named \"nosuchif0\"",
+        );
+    }
+    for (flag, value, needle) in [
+        ("--hold-max-age", "1y", "bad duration"),
+        ("--ovsdb-max-message-size", "64XB", "bad size"),
+        ("--metrics-addr", "fd00::1:9477", "bad address"),
+    ] {
+        assert_clean_failure(&["run", "--iface", "lo", flag, value], 2, needle);
+    }
+}
+
+/// An `ssl:` Southbound remote without the TLS files is refused at once, saying which flags
+/// it needs (it used to retry silently forever).
+#[test]
+fn an_ssl_remote_without_its_files_is_refused() {
+    let stderr = assert_clean_failure(
+        &["run", "--iface", "lo", "--ovnsb-db", "ssl:127.0.0.1:6642"],
+        2,
+        "--ovnsb-private-key",
+    );
+    assert!(stderr.contains("ssl:127.0.0.1:6642"), "{stderr}");
 }
 
 #[test]
@@ -110,13 +197,27 @@ fn deployment_files_use_only_flags_the_binary_has() {
     )
     .unwrap();
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy");
+    let mut files = vec![root.join("unidler.service")];
+    let mut dirs = vec![root.join("kubernetes")];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            match path.is_dir() {
+                true => dirs.push(path),
+                false => files.push(path),
+            }
+        }
+    }
     let mut checked = 0;
-    for file in ["daemonset.yaml", "unidler.service"] {
-        let text = std::fs::read_to_string(root.join(file)).unwrap();
+    for path in &files {
+        let file = path.display();
+        let text = std::fs::read_to_string(path).unwrap();
         for line in text.lines().filter(|l| !l.trim_start().starts_with('#')) {
             for word in line.split(|c: char| c.is_whitespace() || c == '"' || c == '=') {
                 let flag = word.trim_start_matches("- ");
-                let is_flag = flag.starts_with("--") && flag.len() > 2;
+                let is_flag = flag
+                    .strip_prefix("--")
+                    .is_some_and(|f| f.starts_with(|c: char| c.is_ascii_lowercase()));
                 let is_env = flag.starts_with("UNIDLER_");
                 if is_flag || is_env {
                     checked += 1;

@@ -58,6 +58,9 @@ fn vifs_of_a_real_ovs_are_covered_as_pods_come_and_go() {
         &node.node_ns,
         &[
             "run",
+            // Attachments to followed interfaces are logged at debug.
+            "--log-level",
+            "info,unidler=debug",
             "--ovn-vifs",
             "--ovn-uplinks",
             "--ovs-db",

@@ -1,5 +1,8 @@
 //! Metrics, health, readiness and the inspection commands, scraped during real traffic.
 
+#[path = "../monitoring/mod.rs"]
+mod monitoring;
+
 use std::{
     net::{SocketAddr, TcpListener, TcpStream},
     process::Command,
@@ -53,7 +56,7 @@ fn metrics_health_and_inspection_during_real_traffic() {
     let idle = format!("10.77.0.2:80/tcp@{LB}");
     let mut args = southbound_args(&topo.server_if, &db, state.path_str());
     args.extend(["--vip", &idle, "--vip", "10.77.0.2:81/tcp=2"]);
-    let agent = Agent::start(&topo.server_ns, &args);
+    let mut agent = Agent::start(&topo.server_ns, &args);
     assert_eq!(get(&topo, "/healthz").unwrap(), "ok\n");
     let deadline = Instant::now() + Duration::from_secs(10);
     while get(&topo, "/readyz").is_err() {
@@ -114,6 +117,72 @@ fn metrics_health_and_inspection_during_real_traffic() {
         ),
         0.0
     );
+    // What the process is and how it does; the states an alert watches; every labelled
+    // series there from the start, at 0.
+    assert_eq!(
+        sample(
+            &m,
+            &format!(
+                "unidler_build_info{{version=\"{}\"}}",
+                env!("CARGO_PKG_VERSION")
+            )
+        ),
+        1.0
+    );
+    assert!(sample(&m, "process_resident_memory_bytes") > 1e6);
+    assert!(sample(&m, "process_open_fds") > 5.0);
+    assert!(sample(&m, "process_cpu_seconds_total") > 0.0);
+    assert!(sample(&m, "process_start_time_seconds") > 1.7e9);
+    assert_eq!(sample(&m, "unidler_fail_open"), 0.0);
+    assert_eq!(sample(&m, "unidler_vip_source_synced"), 1.0);
+    assert_eq!(sample(&m, "unidler_ovsdb_connect_failures_total"), 0.0);
+    assert_eq!(sample(&m, "unidler_attachments{state=\"failed\"}"), 0.0);
+    assert_eq!(sample(&m, "unidler_vips{state=\"not_watched\"}"), 0.0);
+    for outcome in ["expired", "abandoned", "replay_failed", "over_limit_total"] {
+        sample(
+            &m,
+            &format!("unidler_hold_packets_total{{outcome=\"{outcome}\"}}"),
+        );
+    }
+    for outcome in ["connected", "delivered", "abandoned", "expired", "not_held"] {
+        assert_eq!(
+            sample(
+                &m,
+                &format!("unidler_wakeups_total{{outcome=\"{outcome}\"}}")
+            ),
+            0.0
+        );
+    }
+    assert_eq!(
+        sample(
+            &m,
+            "unidler_wakeup_phase_seconds_count{phase=\"committed\"}"
+        ),
+        1.0,
+        "the idle hit's wake-up goes on, its row committed"
+    );
+    // The OpenMetrics body says so.
+    let head = topo.in_server(|| {
+        use std::io::{Read as _, Write as _};
+        let mut stream = TcpStream::connect(ADDR).unwrap();
+        write!(stream, "GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).unwrap();
+        response.split("\r\n\r\n").next().unwrap().to_lowercase()
+    });
+    assert!(
+        head.contains("content-type: application/openmetrics-text; version=1.0.0"),
+        "{head}"
+    );
+    assert!(m.trim_end().ends_with("# EOF"));
+    // Every metric the shipped alerts and dashboard use is in this scrape.
+    for (used_in, name) in monitoring::metric_names_used() {
+        let present = m.lines().any(|l| {
+            l.strip_prefix(name.as_str())
+                .is_some_and(|rest| rest.starts_with(['{', ' ']))
+        });
+        assert!(present, "{used_in} uses {name}, which /metrics lacks");
+    }
 
     // The inspection commands, as an operator runs them on the node.
     let table = in_ns(&topo, &["vips"]);
@@ -170,7 +239,21 @@ fn metrics_health_and_inspection_during_real_traffic() {
         "{interfaces}"
     );
 
-    // Database gone: not ready, and says why.
+    // The wake-up as `unidler wakeups` shows it: going on, its row committed.
+    let wakeups = in_ns(&topo, &["wakeups"]);
+    let line = wakeups
+        .lines()
+        .find(|l| l.contains("10.77.0.2:80 "))
+        .unwrap_or_else(|| panic!("{wakeups}"));
+    assert!(line.contains("waking") && line.contains(LB), "{wakeups}");
+    assert!(
+        events.lines().nth(1).is_some_and(|l| l.contains("waking")
+            && l.starts_with(&unidler::clock::rfc3339(std::time::SystemTime::now())[..11])),
+        "wall-clock time and the wake-up's state: {events}"
+    );
+
+    // Database gone: not ready, and says why; the failures to reconnect are warned about and
+    // counted.
     sb.kill();
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
@@ -180,7 +263,43 @@ fn metrics_health_and_inspection_during_real_traffic() {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+    agent.wait_for_log("cannot connect to the database", Duration::from_secs(10));
+    let m = get(&topo, "/metrics").unwrap();
+    assert_eq!(sample(&m, "unidler_ovsdb_reconnects_total"), 1.0);
+    assert!(sample(&m, "unidler_ovsdb_connect_failures_total") >= 1.0);
+    assert_eq!(sample(&m, "unidler_ovsdb_connected"), 0.0);
     drop(agent);
+}
+
+/// An agent whose program is on no interface (a pattern that matches none) is alive but not
+/// ready, and says why (it used to report ready).
+#[test]
+fn readiness_needs_an_interface_with_the_program() {
+    require_root();
+    let topo = Topology::new("tz");
+    let mut agent = Agent::start(
+        &topo.server_ns,
+        &["run", "--iface", "nosuch*", "--vip", "10.77.0.2:80/tcp"],
+    );
+    assert_eq!(get(&topo, "/healthz").unwrap(), "ok\n");
+    let readyz = get(&topo, "/readyz").unwrap_err();
+    assert!(
+        readyz.contains("503") && readyz.contains("on no interface"),
+        "{readyz}"
+    );
+    // An interface that matches arrives: ready.
+    // In the test's own namespace: gone with it.
+    unidler_tests::netns::veth_in(&topo.server_ns, "nosuch0", "other0");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while get(&topo, "/readyz").is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "{:?}; {:?}",
+            get(&topo, "/readyz"),
+            agent.log_lines().collect::<Vec<_>>()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// More VIPs than the VIP map holds: the agent keeps running with what fits (it used to exit,

@@ -396,6 +396,9 @@ fn interfaces_matching_a_pattern_are_followed_as_they_come_and_go() {
         &topo.server_ns,
         &[
             "run",
+            // Attachments to followed interfaces are logged at debug.
+            "--log-level",
+            "info,unidler=debug",
             "--iface",
             &pattern,
             "--xdp-mode",

@@ -31,6 +31,9 @@ fn ovn_vifs_are_followed_through_the_open_vswitch_database() {
         &topo.server_ns,
         &[
             "run",
+            // Attachments to followed interfaces are logged at debug.
+            "--log-level",
+            "info,unidler=debug",
             "--ovn-vifs",
             "--ovn-uplinks",
             "--ovs-db",

@@ -191,7 +191,7 @@ impl FlowReader {
         ) -> Result<(), ()> {
             for (w, outcome) in decided.drain(..) {
                 waiting.retain(|(x, _)| *x != w);
-                debug!(vip = ?Vip::from_key(&w.vip).map(|v| v.to_string()), datapath = w.datapath, ?outcome, "forwarding checked");
+                debug!(vip = %crate::vip::Spelt(&w.vip), datapath = w.datapath, ?outcome, "forwarding checked");
                 done.send((w, outcome)).map_err(|_| ())?;
             }
             Ok(())

@@ -20,7 +20,8 @@ use unidler_common::RateLimitConfig;
     version,
     about = "Wakes idled services: an XDP datapath notices the first packet sent to a \
              load-balancer VIP with no backends and reports it.",
-    long_about = None
+    long_about = None,
+    disable_help_subcommand = true
 )]
 struct Cli {
     #[command(flatten)]
@@ -49,6 +50,11 @@ enum Command {
     /// Remove a datapath left pinned by `run --pin-dir`: its attachments (detached once no agent
     /// holds them: stop the agent first) and its maps, and the directory.
     Detach(DetachArgs),
+    /// Print this message or the help of the given subcommand.
+    Help {
+        /// The subcommand.
+        command: Option<String>,
+    },
 }
 
 #[derive(Args)]
@@ -116,14 +122,16 @@ struct RunArgs {
     /// Where the datapath goes on each interface: auto (TC ingress on virtual interfaces such
     /// as pods' veths, where native XDP would slow every pod by turning segmentation offloads
     /// off; native XDP on physical ones), xdp (native), xdp-generic, or tc.
-    #[arg(long, value_enum, env = "UNIDLER_HOOK")]
-    hook: Option<HookArg>,
-    /// Older spelling: native is --hook xdp, generic --hook xdp-generic, auto XDP native
-    /// where the driver supports it. --hook wins.
-    #[arg(long, value_enum, env = "UNIDLER_XDP_MODE")]
+    #[arg(long, value_enum, env = "UNIDLER_HOOK", default_value_t = HookArg::Auto)]
+    hook: HookArg,
+    /// The older spelling of --hook, kept working but not listed: native is --hook xdp,
+    /// generic --hook xdp-generic, auto XDP native where the driver supports it. Applies only
+    /// while --hook is auto.
+    #[arg(long, value_enum, env = "UNIDLER_XDP_MODE", hide = true)]
     xdp_mode: Option<XdpMode>,
-    /// A VIP, `IP:PORT/PROTO[=BACKENDS]` (IPv6 as `[IP]:PORT/PROTO`); no `=BACKENDS` means
-    /// zero backends, an idle service. Repeat for several.
+    /// A VIP, `IP:PORT/PROTO[=BACKENDS][@LOAD_BALANCER]` (IPv6 as `[IP]:PORT/PROTO`): no
+    /// `=BACKENDS` means zero backends, an idle service; `@LOAD_BALANCER` is the Northbound
+    /// Load_Balancer (UUID) its Controller_Event rows name. Repeat for several.
     #[arg(long = "vip", env = "UNIDLER_VIP", value_delimiter = ',')]
     vips: Vec<VipSpec>,
     /// A file listing VIPs (TOML, see the README), reloaded when it changes or on SIGHUP;
@@ -141,7 +149,9 @@ struct RunArgs {
     /// meanwhile. Without it, the datapath goes with the agent.
     #[arg(long, env = "UNIDLER_PIN_DIR")]
     pin_dir: Option<PathBuf>,
-    /// What to do with the opening packet to an idle VIP: drop it (as OVN does) or pass it on.
+    /// What to do with the opening packet to an idle VIP: drop it (as OVN does, and hold it
+    /// for replay), or pass it on to OVN's own path, which handles it as without unidler
+    /// (for trying unidler out beside OVN: hits are reported, traffic is unchanged).
     #[arg(long, value_enum, env = "UNIDLER_IDLE_ACTION", default_value_t = IdleAction::Drop)]
     idle_action: IdleAction,
     /// Events per second per VIP, once the burst is spent (enforced in the kernel).
@@ -173,7 +183,9 @@ struct RunArgs {
     hold_total: u32,
     /// How long after a VIP's backend appears its held packets are first replayed: the time
     /// the node's forwarding needs to carry the backend (a TCP SYN is replayed again until
-    /// answered; a UDP datagram only once).
+    /// answered; a UDP datagram only once). With VIPs from OVN and --openflow-bridge the
+    /// agent reads the forwarding itself and 0 is right; raise it where nothing reads it
+    /// (VIPs from a file, or another forwarding plane that lags its VIP source).
     #[arg(long, env = "UNIDLER_REPLAY_AFTER", default_value = "0s", value_parser = humantime_duration)]
     replay_after: Duration,
     /// The OVN integration bridge's OpenFlow management socket (`ovs-ofctl` target). With VIPs
@@ -226,7 +238,7 @@ struct RunArgs {
     /// reply carries every load balancer (about 200 bytes each); a larger
     /// one is refused,
     /// logged, and asked for again after the longest backoff.
-    #[arg(long, env = "UNIDLER_OVSDB_MAX_MESSAGE_SIZE", default_value_t = 64 << 20)]
+    #[arg(long, env = "UNIDLER_OVSDB_MAX_MESSAGE_SIZE", default_value = "64MiB", value_parser = byte_size)]
     ovsdb_max_message_size: usize,
     /// With a clustered Southbound database, connect to any member instead of the leader only:
     /// the members (or OVSDB relays) share the load of every node's monitors; writes are
@@ -245,12 +257,15 @@ struct RunArgs {
     #[arg(long, env = "UNIDLER_STATE_DIR", default_value = "/var/lib/unidler")]
     state_dir: PathBuf,
     /// Address of the metrics and health endpoint: /metrics (Prometheus), /healthz, /readyz.
-    #[arg(long, env = "UNIDLER_METRICS_ADDR", default_value = DEFAULT_METRICS_ADDR)]
+    /// `IP:PORT` (`[IP]:PORT` for IPv6), or `:PORT` for every address of the node, IPv4 and
+    /// IPv6.
+    #[arg(long, env = "UNIDLER_METRICS_ADDR", default_value = DEFAULT_METRICS_ADDR, value_parser = listen_addr)]
     metrics_addr: SocketAddr,
-    /// Address of the inspection API (/api/vips, /api/events: the VIP table and client
-    /// addresses), which `unidler vips` and `unidler events` ask. Keep it on loopback unless
-    /// every client that can reach it may see that.
-    #[arg(long, env = "UNIDLER_API_ADDR", default_value = DEFAULT_API_ADDR)]
+    /// Address of the inspection API (/api/vips, /api/events, /api/wakeups,
+    /// /api/interfaces: the VIP table and client addresses), which `unidler vips`, `events`,
+    /// `wakeups` and `interfaces` ask. Keep it on loopback unless every client that can reach
+    /// it may see that.
+    #[arg(long, env = "UNIDLER_API_ADDR", default_value = DEFAULT_API_ADDR, value_parser = listen_addr)]
     api_addr: SocketAddr,
     /// How often to log a summary of the kernel counters (0 turns it off).
     #[arg(long, env = "UNIDLER_SUMMARY_INTERVAL", default_value = "60s", value_parser = humantime_duration)]
@@ -304,30 +319,88 @@ enum XdpMode {
     Generic,
 }
 
-/// The hook from `--hook`, else the older `--xdp-mode`, else auto.
-fn hook(hook: Option<HookArg>, xdp_mode: Option<XdpMode>) -> Hook {
+/// The hook from `--hook`, or, while that is auto, the older `--xdp-mode`.
+fn hook(hook: HookArg, xdp_mode: Option<XdpMode>) -> Hook {
     match (hook, xdp_mode) {
-        (Some(HookArg::Auto), _) | (None, None) => Hook::Auto,
-        (Some(HookArg::Xdp), _) | (None, Some(XdpMode::Native)) => Hook::Xdp,
-        (Some(HookArg::XdpGeneric), _) | (None, Some(XdpMode::Generic)) => Hook::XdpGeneric,
-        (Some(HookArg::Tc), _) => Hook::Tc,
-        (None, Some(XdpMode::Auto)) => Hook::XdpAny,
+        (HookArg::Auto, None) => Hook::Auto,
+        (HookArg::Xdp, _) | (HookArg::Auto, Some(XdpMode::Native)) => Hook::Xdp,
+        (HookArg::XdpGeneric, _) | (HookArg::Auto, Some(XdpMode::Generic)) => Hook::XdpGeneric,
+        (HookArg::Tc, _) => Hook::Tc,
+        (HookArg::Auto, Some(XdpMode::Auto)) => Hook::XdpAny,
     }
 }
 
+/// A duration: a number and a unit (ms, s, m, h, d), or several (`1h30m`); a bare number is
+/// seconds.
 fn humantime_duration(s: &str) -> Result<Duration, String> {
-    let (num, unit) = s
-        .find(|c: char| !c.is_ascii_digit())
-        .map_or((s, "s"), |i| s.split_at(i));
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("bad duration {s:?} (e.g. 30s, 5m, 500ms)"))?;
-    match unit {
-        "ms" => Ok(Duration::from_millis(n)),
-        "s" => Ok(Duration::from_secs(n)),
-        "m" => Ok(Duration::from_secs(n * 60)),
-        _ => Err(format!("bad duration unit in {s:?} (ms, s or m)")),
+    let bad = || format!("bad duration {s:?} (e.g. 500ms, 30s, 5m, 1h, 1h30m)");
+    if s.is_empty() {
+        return Err(bad());
     }
+    if s.bytes().all(|b| b.is_ascii_digit()) {
+        return s.parse().map(Duration::from_secs).map_err(|_| bad());
+    }
+    let mut total = Duration::ZERO;
+    let mut rest = s;
+    while !rest.is_empty() {
+        let digits = rest.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?;
+        let n: u64 = rest[..digits].parse().map_err(|_| bad())?;
+        let unit_len = rest[digits..]
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(rest.len() - digits);
+        let unit = &rest[digits..digits + unit_len];
+        let one = match unit {
+            "ms" => Duration::from_millis(1),
+            "s" => Duration::from_secs(1),
+            "m" => Duration::from_secs(60),
+            "h" => Duration::from_secs(3_600),
+            "d" => Duration::from_secs(86_400),
+            _ => return Err(bad()),
+        };
+        total = u32::try_from(n)
+            .ok()
+            .and_then(|n| one.checked_mul(n))
+            .and_then(|d| total.checked_add(d))
+            .ok_or_else(bad)?;
+        rest = &rest[digits + unit_len..];
+    }
+    Ok(total)
+}
+
+/// A size in bytes: a number, with an optional unit: KiB, MiB, GiB (or Ki, Mi, Gi, K, M, G:
+/// powers of 1024) or kB, MB, GB (powers of 1000).
+fn byte_size(s: &str) -> Result<usize, String> {
+    let bad = || format!("bad size {s:?} (e.g. 67108864, 64MiB, 64Mi, 100MB)");
+    let at = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let n: usize = s[..at].parse().map_err(|_| bad())?;
+    let unit: usize = match s[at..].trim() {
+        "" | "B" => 1,
+        "K" | "Ki" | "KiB" => 1 << 10,
+        "M" | "Mi" | "MiB" => 1 << 20,
+        "G" | "Gi" | "GiB" => 1 << 30,
+        "kB" | "KB" => 1_000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        _ => return Err(bad()),
+    };
+    n.checked_mul(unit).ok_or_else(bad)
+}
+
+/// An address to listen on: `IP:PORT`, `[IP]:PORT`, or `:PORT` for every address (`[::]`,
+/// which takes IPv4 too; the endpoint falls back to 0.0.0.0 on a node without IPv6).
+fn listen_addr(s: &str) -> Result<SocketAddr, String> {
+    if let Some(port) = s.strip_prefix(':') {
+        let port: u16 = port
+            .parse()
+            .map_err(|_| format!("bad port in {s:?} (e.g. :9477)"))?;
+        return Ok(SocketAddr::new(
+            std::net::Ipv6Addr::UNSPECIFIED.into(),
+            port,
+        ));
+    }
+    s.parse().map_err(|_| {
+        format!("bad address {s:?} (IP:PORT, [IPv6]:PORT, or :PORT for every address)")
+    })
 }
 
 /// Keeps glibc's malloc from raising its mmap threshold as it does by default once a large
@@ -351,6 +424,10 @@ fn main() -> ExitCode {
     }
     let result = match cli.command {
         Command::Run(args) => {
+            if let Some(usage) = usage_error(&args) {
+                eprintln!("error: {usage}");
+                return ExitCode::from(2);
+            }
             fixed_mmap_threshold();
             tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -363,6 +440,7 @@ fn main() -> ExitCode {
         Command::Wakeups(args) => show_wakeups(&args),
         Command::Interfaces(args) => show_interfaces(&args),
         Command::Detach(args) => detach(&args),
+        Command::Help { command } => print_help(command.as_deref()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -376,6 +454,39 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `unidler help [COMMAND]`: the same text as `--help`.
+fn print_help(command: Option<&str>) -> Result<()> {
+    use clap::CommandFactory as _;
+    let mut cli = Cli::command();
+    // Built, so that a subcommand's usage names the binary (`unidler run`).
+    cli.build();
+    let help = match command {
+        None => cli.render_long_help(),
+        Some(name) => cli
+            .find_subcommand_mut(name)
+            .with_context(|| format!("no subcommand {name:?} (see `unidler --help`)"))?
+            .render_long_help(),
+    };
+    print!("{help}");
+    Ok(())
+}
+
+/// What clap cannot see is wrong with `run`'s options, said as a usage error.
+fn usage_error(args: &RunArgs) -> Option<String> {
+    let ssl = args
+        .ovnsb_db
+        .as_deref()?
+        .split(',')
+        .map(str::trim)
+        .find(|r| r.starts_with("ssl:"))?;
+    args.ovnsb_private_key.is_none().then(|| {
+        format!(
+            "--ovnsb-db {ssl}: an ssl: remote needs --ovnsb-private-key, --ovnsb-certificate \
+             and --ovnsb-ca-cert (the files ovn-controller takes as -p, -c and -C)"
+        )
+    })
 }
 
 /// The log levels `--log-level` takes by name (`warning` as `warn`).
@@ -703,5 +814,65 @@ fn print_table<const N: usize>(header: [&str; N], rows: &[[String; N]]) {
     line(header.to_vec());
     for row in rows {
         line(row.iter().map(String::as_str).collect());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_take_every_unit_and_combinations() {
+        let d = |s| humantime_duration(s);
+        assert_eq!(d("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(d("15s"), Ok(Duration::from_secs(15)));
+        assert_eq!(d("15"), Ok(Duration::from_secs(15)));
+        assert_eq!(d("5m"), Ok(Duration::from_secs(300)));
+        assert_eq!(d("1h"), Ok(Duration::from_secs(3_600)));
+        assert_eq!(d("1h30m"), Ok(Duration::from_secs(5_400)));
+        assert_eq!(d("1d"), Ok(Duration::from_secs(86_400)));
+        for bad in ["", "s", "1x", "1h30", "-1s", "99999999999999999999s"] {
+            assert!(d(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn sizes_take_units() {
+        assert_eq!(byte_size("67108864"), Ok(64 << 20));
+        assert_eq!(byte_size("64MiB"), Ok(64 << 20));
+        assert_eq!(byte_size("64Mi"), Ok(64 << 20));
+        assert_eq!(byte_size("100MB"), Ok(100_000_000));
+        assert_eq!(byte_size("1GiB"), Ok(1 << 30));
+        for bad in ["", "MiB", "64 XB", "1.5MiB"] {
+            assert!(byte_size(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn listen_addresses_take_a_bare_port_for_every_address() {
+        assert_eq!(listen_addr(":9477"), Ok("[::]:9477".parse().unwrap()));
+        assert_eq!(
+            listen_addr("127.0.0.1:9477"),
+            Ok("127.0.0.1:9477".parse().unwrap())
+        );
+        assert_eq!(
+            listen_addr("[fd00::1]:9477"),
+            Ok("[fd00::1]:9477".parse().unwrap())
+        );
+        assert!(listen_addr("fd00::1:9477").is_err());
+        assert!(listen_addr(":http").is_err());
+    }
+
+    #[test]
+    fn the_older_xdp_mode_applies_only_while_the_hook_is_auto() {
+        assert_eq!(hook(HookArg::Auto, None), Hook::Auto);
+        assert_eq!(hook(HookArg::Auto, Some(XdpMode::Native)), Hook::Xdp);
+        assert_eq!(hook(HookArg::Tc, Some(XdpMode::Native)), Hook::Tc);
+    }
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        use clap::CommandFactory as _;
+        Cli::command().debug_assert();
     }
 }

@@ -162,6 +162,19 @@ impl fmt::Display for Vip {
     }
 }
 
+/// A kernel VIP key spelt as OVN spells its VIP, with the protocol: `10.96.0.10:80/tcp`,
+/// `[fd00::10]:80/tcp` (for logs).
+pub struct Spelt<'a>(pub &'a VipKey);
+
+impl fmt::Display for Spelt<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match Vip::from_key(self.0) {
+            Some(vip) => vip.fmt(f),
+            None => f.write_str("(not a VIP key)"),
+        }
+    }
+}
+
 /// A VIP given on the command line: `IP:PORT/PROTO[=BACKENDS][@LOAD_BALANCER]`, IPv6 as
 /// `[IP]:PORT/PROTO`. `=BACKENDS` omitted means zero backends, an idle service;
 /// `@LOAD_BALANCER` is the Northbound Load_Balancer UUID its events name.

@@ -131,6 +131,8 @@ pub struct WakeupMetrics {
     pub phase_seconds: Family<[(&'static str, &'static str); 1], Histogram>,
     /// Finished wake-ups by outcome.
     pub finished: Family<[(&'static str, &'static str); 1], Counter>,
+    /// Seconds from the backend to the answer, of connected wake-ups.
+    pub connect_after_backend_seconds: Histogram,
 }
 
 impl Default for WakeupMetrics {
@@ -143,6 +145,9 @@ impl Default for WakeupMetrics {
                 ])
             }),
             finished: Family::default(),
+            connect_after_backend_seconds: Histogram::new([
+                0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+            ]),
         };
         // Every series from the start, at zero.
         for phase in Phase::ALL {
@@ -292,14 +297,15 @@ impl Wakeups {
     }
 
     /// A packet to idle `vip` seen by the kernel at `at_ns`: starts its wake-up, unless one
-    /// goes on (an earlier timestamp moves its start).
-    pub fn first_packet(&mut self, vip: VipKey, at_ns: u64) -> &mut Self {
+    /// goes on (an earlier timestamp moves its start). Returns whether it started one.
+    pub fn first_packet(&mut self, vip: VipKey, at_ns: u64) -> bool {
         match self.open.entry(vip) {
             std::collections::hash_map::Entry::Occupied(mut open) => {
                 let wakeup = open.get_mut();
                 if at_ns < wakeup.first_packet_ns && wakeup.phases.is_empty() {
                     wakeup.first_packet_ns = at_ns;
                 }
+                false
             }
             std::collections::hash_map::Entry::Vacant(new) => {
                 new.insert(Wakeup {
@@ -315,9 +321,9 @@ impl Wakeups {
                 if let Some(v) = Vip::from_key(&vip) {
                     self.by_row.insert((v.endpoint(), v.protocol), vip);
                 }
+                true
             }
         }
-        self
     }
 
     /// The load balancer named by the row of the wake-up of `vip` (in OVN's spelling), once
@@ -380,8 +386,8 @@ impl Wakeups {
                 PacketNews::Held => {
                     // A packet held for a VIP without a wake-up starts one (its idle hit was
                     // rate-limited, or is still in its ring).
-                    let wakeup = self.first_packet(*vip, now_ns).open.get_mut(vip);
-                    if let Some(wakeup) = wakeup {
+                    self.first_packet(*vip, now_ns);
+                    if let Some(wakeup) = self.open.get_mut(vip) {
                         wakeup.held += 1;
                         wakeup.in_hold += 1;
                     }
@@ -457,6 +463,13 @@ impl Wakeups {
             .finished
             .get_or_create(&[("outcome", outcome.name())])
             .inc();
+        if outcome == Outcome::Connected
+            && let Some((_, backend)) = wakeup.phases.iter().find(|(p, _)| *p == Phase::Backend)
+        {
+            self.metrics
+                .connect_after_backend_seconds
+                .observe(seconds(at.saturating_sub(*backend)));
+        }
         let row = wakeup.row(Some(outcome), wall_clock);
         info!("{}", Finished(&row));
         if self.recent.len() == RECENT_WAKEUPS {

@@ -3,7 +3,9 @@
 //! 1. the nightly toolchain's `rust-src` component (the eBPF crate builds `core` itself);
 //! 2. a `bpf-linker` built from crates.io against the nightly's own libLLVM, cached in
 //!    `.tools/<libLLVM name>/` and linked as `.tools/bin/bpf-linker`;
-//! 3. the Debian packages the tests use;
+//! 3. the Debian packages the tests use, and `kubernetes-validate` from PyPI in
+//!    `.tools/kubernetes-validate/` (the manifests' test validates against Kubernetes' schemas
+//!    with it, offline);
 //! 4. for the kernel matrix only ([`ensure_vm_tools`]): qemu, `depmod` and busybox from
 //!    Debian, and virtme-ng (`vng`), from PATH or installed from PyPI into `.tools/virtme-ng/`.
 //!
@@ -41,13 +43,52 @@ const DEBIAN_PACKAGES: &[&str] = &[
 const VM_DEBIAN_PACKAGES: &[&str] = &["busybox-static", "kmod", "qemu-system-x86"];
 /// The virtme-ng release installed from PyPI when no `vng` is on PATH.
 const VIRTME_NG_VERSION: &str = "1.42";
+/// The kubernetes-validate release the manifests are validated with (its schemas are of
+/// Kubernetes 1.37).
+const KUBERNETES_VALIDATE_VERSION: &str = "1.37.0";
 
 /// Runs every bootstrap step; returns the folder to put first on PATH (holds bpf-linker).
 pub fn ensure_all() -> Result<PathBuf> {
     ensure_rust_src()?;
     let bin = ensure_bpf_linker()?;
     ensure_debian_packages(DEBIAN_PACKAGES)?;
+    ensure_kubernetes_validate()?;
     Ok(bin)
+}
+
+/// `kubernetes-validate` in `.tools/kubernetes-validate/`, from PyPI, for the manifests' test.
+fn ensure_kubernetes_validate() -> Result<()> {
+    let venv = workspace_root().join(".tools").join("kubernetes-validate");
+    let tool = venv.join("bin").join("kubernetes-validate");
+    let installed = Command::new(&tool)
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| {
+            o.status.success()
+                && String::from_utf8_lossy(&o.stdout).contains(KUBERNETES_VALIDATE_VERSION)
+        });
+    if installed {
+        step(&format!(
+            "kubernetes-validate {KUBERNETES_VALIDATE_VERSION} is installed in {}",
+            venv.display()
+        ));
+        return Ok(());
+    }
+    step(&format!(
+        "installing kubernetes-validate {KUBERNETES_VALIDATE_VERSION} from PyPI into {}",
+        venv.display()
+    ));
+    ensure_debian_packages(&["python3-venv"])?;
+    run(Command::new("/usr/bin/python3")
+        .args(["-m", "venv"])
+        .arg(&venv))
+    .context("could not make a Python virtual environment for kubernetes-validate")?;
+    run(Command::new(venv.join("bin").join("pip")).args([
+        "install",
+        "--quiet",
+        &format!("kubernetes-validate=={KUBERNETES_VALIDATE_VERSION}"),
+    ]))
+    .context("`pip install kubernetes-validate` failed; it needs PyPI")
 }
 
 /// Only what building needs (no Debian packages).

@@ -84,6 +84,9 @@ pub(crate) fn vifs() -> Vec<Figure> {
         &topo.server_ns,
         &[
             "run",
+            // Attachments to followed interfaces are logged at debug.
+            "--log-level",
+            "info,unidler=debug",
             "--ovn-vifs",
             "--ovs-db",
             &ovs_db,

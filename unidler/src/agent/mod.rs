@@ -131,6 +131,8 @@ pub struct Agent {
     refused: HashMap<String, u32>,
     /// Since when the agent has not vouched for the map, once it had (to log changes once).
     out_of_sync_since: Option<Instant>,
+    /// When the kernel's heartbeat was last renewed (at load, then by the loop).
+    heartbeat_renewed: Instant,
     sources: Option<Sources>,
 }
 
@@ -322,6 +324,7 @@ impl Agent {
             iface_scopes: HashMap::new(),
             refused: HashMap::new(),
             out_of_sync_since: None,
+            heartbeat_renewed: Instant::now(),
             sources: None,
         };
 
@@ -481,7 +484,12 @@ impl Agent {
             };
             debug!(vip = %hit.vip, protocol = %hit.protocol, src = %hit.src, iface = %hit.iface, "idle hit");
             self.metrics.events_received.inc();
-            self.wakeups.first_packet(event.vip, event.timestamp_ns);
+            if self.wakeups.first_packet(event.vip, event.timestamp_ns) {
+                info!(
+                    "wake-up of {}/{} started: first packet from {} on {} ({})",
+                    hit.vip, hit.protocol, hit.src, hit.iface, hit.action
+                );
+            }
             if let Some(hit) = self.lb_names.name(hit) {
                 self.report(hit)?;
             }
@@ -741,10 +749,16 @@ impl Agent {
         rows
     }
 
+    /// Logs what the kernel counted since the last summary, if anything (an idle node says
+    /// nothing).
     fn on_summary_due(&mut self) -> Result<()> {
         let now = self.datapath.counters()?;
-        log_kernel_counters("last interval", &now.since(&self.last_summary));
+        let interval = now.since(&self.last_summary);
         self.last_summary = now;
+        if interval.get(Counter::VipHits) == 0 && interval.parse_failures() == 0 {
+            return Ok(());
+        }
+        log_kernel_counters("last interval", &interval);
         if let HitOutput::Sink(sink) = &self.output {
             log_sink_totals(sink);
         }
@@ -764,8 +778,24 @@ impl Agent {
             .ovn_vips
             .as_ref()
             .is_none_or(|sb| sb.client().is_connected());
+        self.metrics
+            .vip_source_synced
+            .set(i64::from(synced && connected));
+        let failing_open = !self.fail_open_after.is_zero()
+            && self.heartbeat_renewed.elapsed() > self.fail_open_after;
+        if failing_open != (self.metrics.fail_open.get() == 1) {
+            self.metrics.fail_open.set(i64::from(failing_open));
+            match failing_open {
+                true => warn!(
+                    fail_open_after = ?self.fail_open_after,
+                    "failing open: idle VIPs pass to OVN's own path until the VIP source is back"
+                ),
+                false => info!("no longer failing open"),
+            }
+        }
         if synced && connected {
             self.datapath.renew_heartbeat()?;
+            self.heartbeat_renewed = Instant::now();
             if let Some(since) = self.out_of_sync_since.take() {
                 info!(
                     after = ?since.elapsed(),
@@ -793,7 +823,7 @@ impl Agent {
             self.datapath.forget_attachment(&iface);
             if self.is_followed(&iface) {
                 // A followed interface that left: nothing is missing (pods come and go).
-                info!(%iface, ifindex = old, "interface gone: detached");
+                debug!(%iface, ifindex = old, "interface gone: detached");
                 continue;
             }
             warn!(%iface, ifindex = old, "interface gone or re-created: its XDP program went with it");
@@ -857,7 +887,7 @@ impl Agent {
             if let Some(ifindex) = attached {
                 self.iface_names.remove(&ifindex);
                 self.datapath.forget_attachment(&iface);
-                info!(%iface, "no longer one of OVN's interfaces: detached");
+                debug!(%iface, "no longer one of OVN's interfaces: detached");
             }
             self.refused.remove(&iface);
         }
@@ -940,6 +970,7 @@ impl Agent {
     /// again only if it is re-created; the agent goes on.
     fn follow_interfaces(&mut self) {
         if self.patterns.is_empty() && self.vifs.is_empty() {
+            self.publish_attachments();
             return;
         }
         let attached: std::collections::HashSet<String> = self
@@ -959,7 +990,8 @@ impl Agent {
             }
             match self.datapath.attach(&iface, self.hook) {
                 Ok((ifindex, hook)) => {
-                    info!(%iface, ifindex, hook = hook.name(), "datapath attached to a followed interface (--iface pattern or OVN VIF)");
+                    // Pods come and go: one line each at debug; the count is a metric.
+                    debug!(%iface, ifindex, hook = hook.name(), "datapath attached to a followed interface (--iface pattern or OVN VIF)");
                     self.iface_names.insert(ifindex, iface);
                 }
                 Err(e) => {
@@ -974,10 +1006,10 @@ impl Agent {
 
     /// The attachment gauges.
     fn publish_attachments(&self) {
-        self.metrics.set_attachments(
-            self.datapath.attached().count(),
-            self.detached.len() + self.refused.len(),
-        );
+        let attached = self.datapath.attached().count();
+        self.metrics
+            .set_attachments(attached, self.detached.len() + self.refused.len());
+        self.readiness.interfaces.store(attached, Ordering::Relaxed);
     }
 
     fn on_reload(&self) {

@@ -13,7 +13,7 @@ use crate::{
     forwarding::{self, ForwardingCheck, Waiting},
     hold::HoldKey,
     registry::MapChange,
-    vip::Vip,
+    vip::{Spelt, Vip},
     wakeup::Phase,
 };
 
@@ -102,7 +102,7 @@ impl Agent {
                     .reached(&vip, Phase::Forwarding, clock::monotonic_ns())
             }
             ForwardingCheck::TimedOut => warn!(
-                vip = ?Vip::from_key(&vip).map(|v| v.to_string()),
+                vip = %Spelt(&vip),
                 datapath = waiting.datapath,
                 "the integration bridge's flows do not carry the backend yet: replaying anyway"
             ),

@@ -108,11 +108,28 @@ pub struct HoldMetrics {
 
 impl Default for HoldMetrics {
     fn default() -> Self {
-        Self {
+        let metrics = Self {
             held_now: Gauge::default(),
             packets: Family::default(),
             wait_seconds: Histogram::new([0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]),
+        };
+        // Every series from the start, at zero.
+        for outcome in [
+            "held",
+            "replayed",
+            "answered",
+            "abandoned",
+            "expired",
+            "discarded",
+            "replay_failed",
+            "retransmission",
+            "over_limit_vip",
+            "over_limit_total",
+            "not_understood",
+        ] {
+            metrics.count(outcome, 0);
         }
+        metrics
     }
 }
 
@@ -386,7 +403,7 @@ impl HeldPackets {
             packet.next_replay_ns = first;
         }
         info!(
-            vip = ?crate::vip::Vip::from_key(&key.vip),
+            vip = %crate::vip::Spelt(&key.vip),
             scope = key.scope,
             held = hold.packets.len(),
             "VIP has a backend: replaying its held packets"
@@ -418,7 +435,7 @@ impl HeldPackets {
             self.metrics.count("discarded", n as u64);
             self.metrics.held_now.set(self.total as i64);
             if n > 0 {
-                info!(vip = ?crate::vip::Vip::from_key(vip), discarded = n, "VIP deleted: its held packets are discarded");
+                info!(vip = %crate::vip::Spelt(vip), discarded = n, "VIP deleted: its held packets are discarded");
             }
         }
         self.sync_kernel(replayer);

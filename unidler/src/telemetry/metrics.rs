@@ -40,6 +40,10 @@ pub struct AgentMetrics {
     pub hold: crate::hold::HoldMetrics,
     /// Wake-ups: their phases and outcomes.
     pub wakeups: crate::wakeup::WakeupMetrics,
+    /// 1 while idle VIPs fail open: the heartbeat is older than `--fail-open-after`.
+    pub fail_open: Gauge,
+    /// 1 while the VIP source is synced (and, for OVN, connected).
+    pub vip_source_synced: Gauge,
 }
 
 impl AgentMetrics {
@@ -71,6 +75,26 @@ pub fn registry(
     sink: Option<ControllerEventSink>,
 ) -> Registry {
     let mut registry = Registry::default();
+    // Every labelled series from the start, at zero.
+    agent.set_attachments(0, 0);
+    agent.set_vips(0, 0, 0);
+    registry.register(
+        "unidler_build_info",
+        "The agent's version, as a label; always 1",
+        build_info(),
+    );
+    registry.register_collector(Box::new(ProcessCollector));
+    registry.register(
+        "unidler_fail_open",
+        "1 while idle VIPs fail open (pass to OVN's own path): the agent has not vouched for \
+         its VIP map for longer than --fail-open-after",
+        agent.fail_open.clone(),
+    );
+    registry.register(
+        "unidler_vip_source_synced",
+        "1 while the VIP source is synced (and, for OVN, connected)",
+        agent.vip_source_synced.clone(),
+    );
     registry.register_collector(Box::new(KernelCollector(kernel)));
     registry.register(
         "unidler_attachments",
@@ -115,6 +139,11 @@ pub fn registry(
          held datagram or INIT replayed), abandoned (replays unanswered, or the VIP deleted), \
          expired (no backend in time), not_held (nothing held; the VIP got its backend)",
         agent.wakeups.finished.clone(),
+    );
+    registry.register(
+        "unidler_wakeup_connect_after_backend_seconds",
+        "Time from a VIP's backend appearing to its replayed SYN answered (connected wake-ups)",
+        agent.wakeups.connect_after_backend_seconds.clone(),
     );
     registry.register(
         "unidler_vips",
@@ -321,14 +350,12 @@ impl Collector for EventCollector {
             "Idle hits in the agent, by stage",
             &stages,
         )?;
-        if let Some(n) = sink.southbound().load_balancers() {
-            encode_gauge(
-                &mut encoder,
-                "unidler_ovn_load_balancers",
-                "Southbound load balancers the agent follows (every one)",
-                n as i64,
-            )?;
-        }
+        encode_gauge(
+            &mut encoder,
+            "unidler_ovn_load_balancers",
+            "Southbound load balancers the agent follows (every one; 0 with VIPs not from OVN)",
+            sink.southbound().load_balancers().unwrap_or(0) as i64,
+        )?;
         let db = sink.southbound().client();
         encode_gauge(
             &mut encoder,
@@ -350,10 +377,124 @@ impl Collector for EventCollector {
         )?;
         encode_counters(
             &mut encoder,
+            "unidler_ovsdb_connect_failures",
+            "Attempts to connect to the Southbound database that failed (refused, unreachable, \
+             TLS, not the leader)",
+            &[(None, load(&db.stats().connect_failures))],
+        )?;
+        encode_counters(
+            &mut encoder,
             "unidler_ovsdb_leader_changes",
             "Times the Southbound cluster leader was lost or a follower refused",
             &[(None, load(&db.stats().leader_changes))],
         )
+    }
+}
+
+/// `unidler_build_info{version}`, 1.
+fn build_info() -> Family<[(&'static str, &'static str); 1], Gauge> {
+    let info = Family::<[(&'static str, &'static str); 1], Gauge>::default();
+    info.get_or_create(&[("version", env!("CARGO_PKG_VERSION"))])
+        .set(1);
+    info
+}
+
+/// The process's CPU time, memory, file descriptors and start time, read from `/proc` at each
+/// scrape (the names every Prometheus client library uses).
+#[derive(Debug)]
+struct ProcessCollector;
+
+/// What [`ProcessCollector`] reads.
+#[derive(Debug, Default, PartialEq)]
+struct ProcessStats {
+    cpu_seconds: f64,
+    resident_bytes: u64,
+    virtual_bytes: u64,
+    start_time_seconds: u64,
+}
+
+impl ProcessStats {
+    /// Parses `/proc/self/stat`; `ticks` per second, `page` bytes, `boot_time` the system's
+    /// boot in seconds since the epoch.
+    fn parse(stat: &str, ticks: u64, page: u64, boot_time: u64) -> Option<Self> {
+        // Fields after the command, which is in parentheses and may hold anything.
+        let fields: Vec<&str> = stat.get(stat.rfind(')')? + 2..)?.split(' ').collect();
+        let field = |n: usize| fields.get(n - 3)?.parse::<u64>().ok();
+        Some(Self {
+            cpu_seconds: (field(14)? + field(15)?) as f64 / ticks as f64,
+            virtual_bytes: field(23)?,
+            resident_bytes: field(24)? * page,
+            start_time_seconds: boot_time + field(22)? / ticks,
+        })
+    }
+
+    fn read() -> Option<Self> {
+        let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+        // SAFETY: sysconf only reads configuration values.
+        let (ticks, page) = unsafe {
+            (
+                libc::sysconf(libc::_SC_CLK_TCK),
+                libc::sysconf(libc::_SC_PAGESIZE),
+            )
+        };
+        let boot_time = std::fs::read_to_string("/proc/stat")
+            .ok()?
+            .lines()
+            .find_map(|l| l.strip_prefix("btime ")?.trim().parse().ok())?;
+        Self::parse(&stat, ticks as u64, page as u64, boot_time)
+    }
+}
+
+impl Collector for ProcessCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
+        if let Some(stats) = ProcessStats::read() {
+            ConstCounter::new(stats.cpu_seconds).encode(encoder.encode_descriptor(
+                "process_cpu_seconds",
+                "User and system CPU time spent, in seconds",
+                None,
+                MetricType::Counter,
+            )?)?;
+            encode_gauge(
+                &mut encoder,
+                "process_resident_memory_bytes",
+                "Resident memory size in bytes",
+                stats.resident_bytes as i64,
+            )?;
+            encode_gauge(
+                &mut encoder,
+                "process_virtual_memory_bytes",
+                "Virtual memory size in bytes",
+                stats.virtual_bytes as i64,
+            )?;
+            encode_gauge(
+                &mut encoder,
+                "process_start_time_seconds",
+                "Start time of the process since the Unix epoch, in seconds",
+                stats.start_time_seconds as i64,
+            )?;
+        }
+        if let Ok(fds) = std::fs::read_dir("/proc/self/fd") {
+            encode_gauge(
+                &mut encoder,
+                "process_open_fds",
+                "Open file descriptors",
+                fds.count() as i64,
+            )?;
+        }
+        let mut limit = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit writes the struct it is given.
+        if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == 0 {
+            encode_gauge(
+                &mut encoder,
+                "process_max_fds",
+                "Most open file descriptors allowed",
+                limit.rlim_cur as i64,
+            )?;
+        }
+        Ok(())
     }
 }
 
@@ -389,6 +530,22 @@ fn encode_gauge(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn process_stats_are_read_past_any_command_name() {
+        let stat = "4242 (un) idler) S 1 4242 4242 0 -1 4194560 1 0 0 0 250 50 0 0 20 0 3 0 \
+                    1000 52428800 3000 18446744073709551615 1 1 0 0 0 0 0 0 0 0 0 0 17 1 0";
+        assert_eq!(
+            ProcessStats::parse(stat, 100, 4096, 1_700_000_000),
+            Some(ProcessStats {
+                cpu_seconds: 3.0,
+                resident_bytes: 3000 * 4096,
+                virtual_bytes: 52_428_800,
+                start_time_seconds: 1_700_000_010,
+            })
+        );
+        assert!(ProcessStats::read().is_some_and(|s| s.resident_bytes > 0));
+    }
 
     #[test]
     fn passed_packets_never_go_below_zero() {

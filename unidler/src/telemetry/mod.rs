@@ -120,6 +120,8 @@ pub enum Query {
 pub struct Readiness {
     /// The program is attached to every interface.
     pub attached: AtomicBool,
+    /// How many interfaces have the program.
+    pub interfaces: std::sync::atomic::AtomicUsize,
     /// The VIP source has delivered its first full set.
     pub vips_synced: AtomicBool,
     /// VIPs that do not fit the kernel's VIP map (`--max-vips`).
@@ -205,7 +207,13 @@ async fn serve(addr: SocketAddr, app: Router) -> std::io::Result<SocketAddr> {
         rt::{TokioIo, TokioTimer},
         service::TowerToHyperService,
     };
-    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let listener = match tokio::net::TcpListener::bind(addr).await {
+        // `[::]` (`:PORT`) on a node without IPv6: every IPv4 address instead.
+        Err(e) if addr.ip() == std::net::Ipv6Addr::UNSPECIFIED && is_no_ipv6(&e) => {
+            tokio::net::TcpListener::bind((std::net::Ipv4Addr::UNSPECIFIED, addr.port())).await?
+        }
+        other => other?,
+    };
     let bound = listener.local_addr()?;
     let usual = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     let overflow = Arc::new(tokio::sync::Semaphore::new(OVERFLOW_CONNECTIONS));
@@ -241,6 +249,14 @@ async fn serve(addr: SocketAddr, app: Router) -> std::io::Result<SocketAddr> {
         }
     });
     Ok(bound)
+}
+
+/// Whether binding failed because the node has no IPv6.
+fn is_no_ipv6(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EAFNOSUPPORT | libc::EADDRNOTAVAIL)
+    )
 }
 
 async fn ask<T>(
@@ -302,6 +318,12 @@ async fn readyz(State(state): State<HealthState>) -> impl IntoResponse {
     let mut missing = Vec::new();
     if !state.ready.attached.load(Ordering::Relaxed) {
         missing.push("XDP program not attached".to_owned());
+    } else if state.ready.interfaces.load(Ordering::Relaxed) == 0 {
+        missing.push(
+            "the program is on no interface: no --iface matches one, or OVN's interfaces are \
+             not known (is the Open_vSwitch database at --ovs-db reachable?)"
+                .to_owned(),
+        );
     }
     if !state.ready.vips_synced.load(Ordering::Relaxed) {
         missing.push("VIP source not synced".to_owned());
@@ -350,7 +372,7 @@ async fn scrape(State(state): State<HealthState>) -> impl IntoResponse {
     (
         [(
             axum::http::header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
         body,
     )

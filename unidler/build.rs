@@ -17,6 +17,11 @@ fn main() {
         // SAFETY: build scripts are single-threaded; nothing else reads the environment now.
         unsafe { env::set_var("PATH", joined) };
     }
+    // aya-build relays everything the eBPF build's cargo prints on stderr as `cargo:warning=`
+    // lines: quiet, cargo prints no progress there (its compiler diagnostics, real warnings
+    // included, still come through).
+    // SAFETY: as above.
+    unsafe { env::set_var("CARGO_TERM_QUIET", "true") };
     let ebpf_dir = manifest_dir.join("../unidler-ebpf");
     let package = aya_build::Package {
         name: "unidler-ebpf",

@@ -92,12 +92,12 @@ pub enum VipSourceConfig {
 }
 
 /// What the datapath does with the opening packet to an idle VIP.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum IdleAction {
-    /// Drop it (`XDP_DROP`), as OVN does.
+    /// Drop it, as OVN does (and hold it for replay).
     #[default]
     Drop,
-    /// Pass it on (`XDP_PASS`).
+    /// Pass it on to OVN's own path.
     Pass,
 }
 

@@ -21,7 +21,7 @@ use crate::{
 
 /// Where the datapath goes on an interface. Both hooks run the same parser with the same
 /// maps.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum Hook {
     /// TC ingress on virtual interfaces (veths, every pod's interface: native XDP there would
     /// turn segmentation offloads off on the peer and slow every pod), native XDP on physical
@@ -33,6 +33,7 @@ pub enum Hook {
     /// XDP in the generic network stack (works on every interface, slower).
     XdpGeneric,
     /// XDP, native where the driver supports it, else generic (the kernel chooses).
+    #[value(skip)]
     XdpAny,
     /// TC ingress (TCX links on kernels 6.6 and later, the clsact qdisc before).
     Tc,

@@ -93,7 +93,7 @@ pub enum RowFate {
 
 /// Which existing rows make a new hit for the same (vip, protocol, load_balancer) a
 /// duplicate.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum Dedup {
     /// Our chassis' rows, as ovn-controller does: each node reports once.
     #[default]

@@ -13,6 +13,41 @@ pub const IPPROTO_UDP: u8 = 17;
 /// IANA protocol number of SCTP.
 pub const IPPROTO_SCTP: u8 = 132;
 
+/// The names of the maps the programs and the agent share: the names of the programs'
+/// statics (`unidler-ebpf/src/maps.rs`), which the agent opens them by.
+pub mod map_names {
+    /// VIP → backend count, id and flags.
+    pub const VIPS: &str = "VIPS";
+    /// The prefilter over VIP destination addresses.
+    pub const VIP_ADDRESS_FILTER: &str = "VIP_ADDRESS_FILTER";
+    /// The scope of each interface that has one.
+    pub const IFACE_SCOPES: &str = "IFACE_SCOPES";
+    /// A scoped VIP's backends on each scope.
+    pub const VIP_SCOPES: &str = "VIP_SCOPES";
+    /// The ring of idle hits.
+    pub const EVENTS: &str = "EVENTS";
+    /// The per-CPU counters.
+    pub const COUNTERS: &str = "COUNTERS";
+    /// The rate limits.
+    pub const CONFIG: &str = "CONFIG";
+    /// The agent's heartbeat.
+    pub const HEARTBEAT: &str = "HEARTBEAT";
+    /// Holding's settings.
+    pub const HOLD: &str = "HOLD";
+    /// The ring of held frames.
+    pub const HELD: &str = "HELD";
+    /// The flows held, and the answers to replayed ones.
+    pub const HELD_FLOWS: &str = "HELD_FLOWS";
+    /// Packets held per VIP.
+    pub const HELD_PER_VIP: &str = "HELD_PER_VIP";
+    /// Packets held in all.
+    pub const HELD_TOTAL: &str = "HELD_TOTAL";
+    /// The layout version of the pinned maps.
+    pub const LAYOUT: &str = "LAYOUT";
+    /// The global event rate limiter's state.
+    pub const GLOBAL_LIMITER: &str = "GLOBAL_LIMITER";
+}
+
 /// The version of the records kept in pinned maps and rings: the types of this crate that
 /// cross in them, their sizes and the meaning of their fields. Any change to one of them
 /// bumps it. An agent adopts a pinned datapath only of its own version; one of another (or

@@ -25,9 +25,6 @@ use std::{
 
 use aya::maps::{MapInfo, MapType};
 
-/// The map that holds the layout version of the others.
-pub const LAYOUT_MAP: &str = "LAYOUT";
-
 /// `statfs` magic of a BPF file system.
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
@@ -156,7 +153,7 @@ impl PinDir {
     }
 
     fn layout_map(&self) -> io::Result<Option<aya::maps::Array<aya::maps::MapData, u32>>> {
-        let path = self.map_path(LAYOUT_MAP);
+        let path = self.map_path(unidler_common::map_names::LAYOUT);
         if !path.exists() {
             return Ok(None);
         }

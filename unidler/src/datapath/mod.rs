@@ -20,7 +20,7 @@ use thiserror::Error;
 use unidler_common::{
     ADDRESS_FILTER_WORDS, Counter, FlowKey, Heartbeat, HoldConfig, PROGRAM_NAME,
     REPLAY_PROGRAM_NAME, RateLimitConfig, ScopedVip, TC_PROGRAM_NAME, VipKey, VipState,
-    address_bucket,
+    address_bucket, map_names,
 };
 
 mod attach;
@@ -92,7 +92,7 @@ fn pinned_maps(max_vips: u32) -> [(&'static str, MapShape); 15] {
     };
     [
         (
-            "VIPS",
+            map_names::VIPS,
             shape(
                 MapType::Hash,
                 size_of::<VipKey>(),
@@ -101,41 +101,50 @@ fn pinned_maps(max_vips: u32) -> [(&'static str, MapShape); 15] {
             ),
         ),
         (
-            "VIP_ADDRESS_FILTER",
+            map_names::VIP_ADDRESS_FILTER,
             shape(MapType::Array, 4, 8, ADDRESS_FILTER_WORDS),
         ),
-        ("EVENTS", shape(MapType::RingBuf, 0, 0, EVENT_RING_BYTES)),
-        ("HELD", shape(MapType::RingBuf, 0, 0, HELD_RING_BYTES)),
         (
-            "COUNTERS",
+            map_names::EVENTS,
+            shape(MapType::RingBuf, 0, 0, EVENT_RING_BYTES),
+        ),
+        (
+            map_names::HELD,
+            shape(MapType::RingBuf, 0, 0, HELD_RING_BYTES),
+        ),
+        (
+            map_names::COUNTERS,
             shape(MapType::PerCpuArray, 4, 8, Counter::COUNT),
         ),
         (
-            "CONFIG",
+            map_names::CONFIG,
             shape(MapType::Array, 4, size_of::<RateLimitConfig>(), 1),
         ),
         (
-            "HEARTBEAT",
+            map_names::HEARTBEAT,
             shape(MapType::Array, 4, size_of::<Heartbeat>(), 1),
         ),
-        ("GLOBAL_LIMITER", shape(MapType::Array, 4, 8, 1)),
-        ("HOLD", shape(MapType::Array, 4, size_of::<HoldConfig>(), 1)),
+        (map_names::GLOBAL_LIMITER, shape(MapType::Array, 4, 8, 1)),
         (
-            "HELD_FLOWS",
+            map_names::HOLD,
+            shape(MapType::Array, 4, size_of::<HoldConfig>(), 1),
+        ),
+        (
+            map_names::HELD_FLOWS,
             shape(MapType::Hash, size_of::<FlowKey>(), 4, HELD_FLOWS_CAPACITY),
         ),
         (
-            "HELD_PER_VIP",
+            map_names::HELD_PER_VIP,
             shape(MapType::Hash, size_of::<VipKey>(), 8, HELD_FLOWS_CAPACITY),
         ),
-        ("HELD_TOTAL", shape(MapType::Array, 4, 8, 1)),
-        (crate::pinning::LAYOUT_MAP, shape(MapType::Array, 4, 4, 1)),
+        (map_names::HELD_TOTAL, shape(MapType::Array, 4, 8, 1)),
+        (map_names::LAYOUT, shape(MapType::Array, 4, 4, 1)),
         (
-            "IFACE_SCOPES",
+            map_names::IFACE_SCOPES,
             shape(MapType::Hash, 4, 4, IFACE_SCOPES_CAPACITY),
         ),
         (
-            "VIP_SCOPES",
+            map_names::VIP_SCOPES,
             shape(
                 MapType::Hash,
                 size_of::<ScopedVip>(),
@@ -275,7 +284,7 @@ impl Datapath {
         loader
             .override_global("AYA_LOG_LEVEL", &options.kernel_log_level, false)
             .override_global("HOLDING_AVAILABLE", &holding_available, true)
-            .map_max_entries("VIPS", max_vips);
+            .map_max_entries(map_names::VIPS, max_vips);
         let mut adopted_vips = false;
         let mut adopted_heartbeat = false;
         if let Some(pins) = &pins {
@@ -288,7 +297,7 @@ impl Datapath {
                 );
             }
             for (name, shape) in pinned_maps(max_vips) {
-                if name == "VIP_ADDRESS_FILTER" && !adopted_vips {
+                if name == map_names::VIP_ADDRESS_FILTER && !adopted_vips {
                     // The prefilter describes the VIP map: a new VIP map gets a new one.
                     let _ = std::fs::remove_file(pins.map_path(name));
                 }
@@ -303,8 +312,8 @@ impl Datapath {
                         "pinned map has another shape: re-created empty ({why})"
                     ),
                 }
-                adopted_vips |= name == "VIPS" && fate == MapFate::Adopted;
-                adopted_heartbeat |= name == "HEARTBEAT" && fate == MapFate::Adopted;
+                adopted_vips |= name == map_names::VIPS && fate == MapFate::Adopted;
+                adopted_heartbeat |= name == map_names::HEARTBEAT && fate == MapFate::Adopted;
                 loader.map_pin_path(name, pins.map_path(name));
             }
         }
@@ -344,14 +353,14 @@ impl Datapath {
             );
         }
 
-        let mut config: Array<_, RateLimitConfig> = take_map(&mut ebpf, "CONFIG")?;
+        let mut config: Array<_, RateLimitConfig> = take_map(&mut ebpf, map_names::CONFIG)?;
         config
             .set(0, options.rate_limits, 0)
             .map_err(|source| DatapathError::Map {
-                map: "CONFIG",
+                map: map_names::CONFIG,
                 source,
             })?;
-        let mut heartbeat: Array<_, Heartbeat> = take_map(&mut ebpf, "HEARTBEAT")?;
+        let mut heartbeat: Array<_, Heartbeat> = take_map(&mut ebpf, map_names::HEARTBEAT)?;
         let fail_open_after_ns = options.fail_open_after.as_nanos() as u64;
         if adopted_heartbeat {
             // The map is adopted: the last agent's heartbeat stands (idle VIPs keep failing
@@ -367,13 +376,13 @@ impl Datapath {
                     0,
                 )
                 .map_err(|source| DatapathError::Map {
-                    map: "HEARTBEAT",
+                    map: map_names::HEARTBEAT,
                     source,
                 })?;
         } else {
             write_heartbeat(&mut heartbeat, fail_open_after_ns)?;
         }
-        let vips: HashMap<MapData, VipKey, VipState> = take_map(&mut ebpf, "VIPS")?;
+        let vips: HashMap<MapData, VipKey, VipState> = take_map(&mut ebpf, map_names::VIPS)?;
         let mut keys = FastSet::default();
         let mut bucket_counts = FastMap::default();
         if adopted_vips {
@@ -389,44 +398,47 @@ impl Datapath {
         for bucket in bucket_counts.keys() {
             filter_words[(bucket / 64) as usize] |= 1 << (bucket % 64);
         }
-        let address_filter = take_map(&mut ebpf, "VIP_ADDRESS_FILTER")?;
-        let counters = CounterReader(Arc::new(take_map(&mut ebpf, "COUNTERS")?));
-        let events = Some(take_map(&mut ebpf, "EVENTS")?);
-        let held = Some(take_map(&mut ebpf, "HELD")?);
-        let mut hold: Array<MapData, HoldConfig> = take_map(&mut ebpf, "HOLD")?;
+        let address_filter = take_map(&mut ebpf, map_names::VIP_ADDRESS_FILTER)?;
+        let counters = CounterReader(Arc::new(take_map(&mut ebpf, map_names::COUNTERS)?));
+        let events = Some(take_map(&mut ebpf, map_names::EVENTS)?);
+        let held = Some(take_map(&mut ebpf, map_names::HELD)?);
+        let mut hold: Array<MapData, HoldConfig> = take_map(&mut ebpf, map_names::HOLD)?;
         // Off until this agent turns it on: an adopted map keeps what the last agent wrote.
         hold.set(0, HoldConfig::default(), 0)
             .map_err(|source| DatapathError::Map {
-                map: "HOLD",
+                map: map_names::HOLD,
                 source,
             })?;
-        let mut held_flows: HashMap<MapData, FlowKey, u32> = take_map(&mut ebpf, "HELD_FLOWS")?;
-        let mut held_per_vip: HashMap<MapData, VipKey, u64> = take_map(&mut ebpf, "HELD_PER_VIP")?;
-        let mut held_total: Array<MapData, u64> = take_map(&mut ebpf, "HELD_TOTAL")?;
+        let mut held_flows: HashMap<MapData, FlowKey, u32> =
+            take_map(&mut ebpf, map_names::HELD_FLOWS)?;
+        let mut held_per_vip: HashMap<MapData, VipKey, u64> =
+            take_map(&mut ebpf, map_names::HELD_PER_VIP)?;
+        let mut held_total: Array<MapData, u64> = take_map(&mut ebpf, map_names::HELD_TOTAL)?;
         if pins.is_some() {
             // What an earlier agent held went with it: its flows and counts are void.
             for flow in held_flows.keys().flatten().collect::<Vec<_>>() {
-                remove_entry(&mut held_flows, &flow, "HELD_FLOWS")?;
+                remove_entry(&mut held_flows, &flow, map_names::HELD_FLOWS)?;
             }
             for vip in held_per_vip.keys().flatten().collect::<Vec<_>>() {
-                remove_entry(&mut held_per_vip, &vip, "HELD_PER_VIP")?;
+                remove_entry(&mut held_per_vip, &vip, map_names::HELD_PER_VIP)?;
             }
             held_total
                 .set(0, 0, 0)
                 .map_err(|source| DatapathError::Map {
-                    map: "HELD_TOTAL",
+                    map: map_names::HELD_TOTAL,
                     source,
                 })?;
         }
-        let mut layout: Array<MapData, u32> = take_map(&mut ebpf, crate::pinning::LAYOUT_MAP)?;
+        let mut layout: Array<MapData, u32> = take_map(&mut ebpf, map_names::LAYOUT)?;
         layout
             .set(0, unidler_common::LAYOUT_VERSION, 0)
             .map_err(|source| DatapathError::Map {
-                map: crate::pinning::LAYOUT_MAP,
+                map: map_names::LAYOUT,
                 source,
             })?;
-        let iface_scopes = take_map(&mut ebpf, "IFACE_SCOPES")?;
-        let vip_scopes: HashMap<MapData, ScopedVip, u32> = take_map(&mut ebpf, "VIP_SCOPES")?;
+        let iface_scopes = take_map(&mut ebpf, map_names::IFACE_SCOPES)?;
+        let vip_scopes: HashMap<MapData, ScopedVip, u32> =
+            take_map(&mut ebpf, map_names::VIP_SCOPES)?;
         // What an earlier agent left: the scopes written for each VIP id.
         let mut scopes_of: FastMap<u32, Vec<u32>> = FastMap::default();
         for key in vip_scopes.keys().flatten() {
@@ -537,7 +549,7 @@ fn write_heartbeat(
     };
     map.set(0, heartbeat, 0)
         .map_err(|source| DatapathError::Map {
-            map: "HEARTBEAT",
+            map: map_names::HEARTBEAT,
             source,
         })
 }

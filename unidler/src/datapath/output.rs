@@ -3,7 +3,7 @@
 use std::{os::fd::AsRawFd, sync::Arc};
 
 use aya::maps::{MapData, PerCpuArray, RingBuf};
-use unidler_common::{Counter, FlowKey, HeldHeader, IdleHitEvent, VipKey};
+use unidler_common::{Counter, FlowKey, HeldHeader, IdleHitEvent, VipKey, map_names};
 
 use super::{Datapath, DatapathError};
 
@@ -42,7 +42,7 @@ impl CounterReader {
                 .0
                 .get(&(i as u32), 0)
                 .map_err(|source| DatapathError::Map {
-                    map: "COUNTERS",
+                    map: map_names::COUNTERS,
                     source,
                 })?;
             *value = per_cpu.iter().sum();

@@ -2,7 +2,9 @@
 //! through `BPF_PROG_TEST_RUN` (replays, and the same runs for tests and benchmarks).
 
 use aya::programs::{SchedClassifier, TestRun, TestRunAttrs, TestRunOptions, Xdp};
-use unidler_common::{FLOW_ANSWERED, FlowKey, REPLAY_PROGRAM_NAME, TC_PROGRAM_NAME, VipKey};
+use unidler_common::{
+    FLOW_ANSWERED, FlowKey, REPLAY_PROGRAM_NAME, TC_PROGRAM_NAME, VipKey, map_names,
+};
 
 use super::{Datapath, DatapathError, remove_entry};
 
@@ -22,7 +24,7 @@ impl Datapath {
         self.hold
             .set(0, self.hold_config, 0)
             .map_err(|source| DatapathError::Map {
-                map: "HOLD",
+                map: map_names::HOLD,
                 source,
             })
     }
@@ -36,7 +38,7 @@ impl Datapath {
             self.held_flows
                 .insert(flow, ifindex, 0)
                 .map_err(|source| DatapathError::Map {
-                    map: "HELD_FLOWS",
+                    map: map_names::HELD_FLOWS,
                     source,
                 })?;
         }
@@ -83,7 +85,7 @@ impl Datapath {
         flow: &FlowKey,
         watching_left: bool,
     ) -> Result<(), DatapathError> {
-        remove_entry(&mut self.held_flows, flow, "HELD_FLOWS")?;
+        remove_entry(&mut self.held_flows, flow, map_names::HELD_FLOWS)?;
         if !watching_left && self.hold_config.watching_answers != 0 {
             self.hold_config.watching_answers = 0;
             self.write_hold_config()?;
@@ -97,12 +99,12 @@ impl Datapath {
     pub fn set_held(&mut self, vips: &[(VipKey, u32)], total: u32) -> Result<(), DatapathError> {
         for (vip, held) in vips {
             if *held == 0 {
-                remove_entry(&mut self.held_per_vip, vip, "HELD_PER_VIP")?;
+                remove_entry(&mut self.held_per_vip, vip, map_names::HELD_PER_VIP)?;
             } else {
                 self.held_per_vip
                     .insert(vip, u64::from(*held), 0)
                     .map_err(|source| DatapathError::Map {
-                        map: "HELD_PER_VIP",
+                        map: map_names::HELD_PER_VIP,
                         source,
                     })?;
             }
@@ -110,7 +112,7 @@ impl Datapath {
         self.held_total
             .set(0, u64::from(total), 0)
             .map_err(|source| DatapathError::Map {
-                map: "HELD_TOTAL",
+                map: map_names::HELD_TOTAL,
                 source,
             })
     }

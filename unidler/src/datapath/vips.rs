@@ -4,7 +4,7 @@
 use std::{os::fd::AsFd as _, sync::Arc};
 
 use aya::maps::{HashMap, IterableMap, MapData};
-use unidler_common::{ScopedVip, VipKey, VipState, address_bucket};
+use unidler_common::{ScopedVip, VipKey, VipState, address_bucket, map_names};
 
 use super::{Datapath, DatapathError, remove_entry};
 use crate::map_batch;
@@ -25,7 +25,7 @@ impl Datapath {
         scope: Option<u32>,
     ) -> Result<(), DatapathError> {
         let map_error = |source| DatapathError::Map {
-            map: "IFACE_SCOPES",
+            map: map_names::IFACE_SCOPES,
             source,
         };
         match scope {
@@ -33,7 +33,7 @@ impl Datapath {
                 .iface_scopes
                 .insert(ifindex, scope, 0)
                 .map_err(map_error),
-            None => remove_entry(&mut self.iface_scopes, &ifindex, "IFACE_SCOPES"),
+            None => remove_entry(&mut self.iface_scopes, &ifindex, map_names::IFACE_SCOPES),
         }
     }
 
@@ -51,7 +51,7 @@ impl Datapath {
         scopes: &[(u32, u32)],
     ) -> Result<(), DatapathError> {
         let map_error = |source| DatapathError::Map {
-            map: "VIP_SCOPES",
+            map: map_names::VIP_SCOPES,
             source,
         };
         for &(scope, backends) in scopes {
@@ -73,7 +73,7 @@ impl Datapath {
             remove_entry(
                 &mut self.vip_scopes,
                 &ScopedVip { vip_id, scope },
-                "VIP_SCOPES",
+                map_names::VIP_SCOPES,
             )?;
         }
         Ok(())
@@ -107,7 +107,7 @@ impl Datapath {
     ) -> Result<Vec<VipKey>, DatapathError> {
         let mut dirty = std::collections::BTreeSet::new();
         for key in removes {
-            remove_entry(&mut self.vips, key, "VIPS")?;
+            remove_entry(&mut self.vips, key, map_names::VIPS)?;
             if self.keys.remove(key) {
                 self.count_in_bucket(key, -1, &mut dirty);
             }
@@ -204,7 +204,7 @@ impl Datapath {
             Err(source) => {
                 self.write_filter_words(dirty)?;
                 Err(DatapathError::Map {
-                    map: "VIPS",
+                    map: map_names::VIPS,
                     source,
                 })
             }
@@ -254,7 +254,7 @@ impl Datapath {
             self.address_filter
                 .set(word_index, self.filter_words[word_index as usize], 0)
                 .map_err(|source| DatapathError::Map {
-                    map: "VIP_ADDRESS_FILTER",
+                    map: map_names::VIP_ADDRESS_FILTER,
                     source,
                 })?;
         }
@@ -264,7 +264,7 @@ impl Datapath {
     /// A second, read-only handle on the VIP map, for reading hit counts off the agent's loop.
     pub fn vip_hits_reader(&self) -> Result<VipHitsReader, DatapathError> {
         let map_error = |source| DatapathError::Map {
-            map: "VIPS",
+            map: map_names::VIPS,
             source,
         };
         // A duplicate of the handle this process owns: opening the map by its id instead

@@ -212,7 +212,7 @@ pub struct Stats {
     /// server refused us because it was not the leader.
     pub leader_changes: AtomicU64,
     /// Attempts to connect that failed before a session was established (refused,
-    /// unreachable, TLS, not the leader).
+    /// unreachable, TLS; a follower refusing is a leader change).
     pub connect_failures: AtomicU64,
 }
 
@@ -541,12 +541,17 @@ async fn session_loop(shared: Arc<Shared>, tls: Option<Tls>, mut stop: mpsc::Rec
             }
             continue;
         }
-        shared
-            .stats
-            .connect_failures
-            .fetch_add(1, Ordering::Relaxed);
         let now = tokio::time::Instant::now();
+        let searching_leader = matches!(end, SessionEnd::NotLeader);
+        if !searching_leader {
+            shared
+                .stats
+                .connect_failures
+                .fetch_add(1, Ordering::Relaxed);
+        }
         match warned.get(&reason) {
+            // A follower refusing is the search for the leader (counted as a leader change).
+            _ if searching_leader => tracing::debug!("OVSDB connection attempt: {reason}"),
             Some(at) if now.duration_since(*at) < REPEAT_WARNING_AFTER => {
                 tracing::debug!("OVSDB connection attempt failed: {reason}")
             }

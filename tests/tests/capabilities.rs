@@ -34,7 +34,7 @@ fn granted_capabilities() -> Vec<String> {
     };
     let mut from_daemonset = added("deploy/kubernetes/base/daemonset.yaml");
     assert_eq!(
-        added("deploy/kubernetes/uninstall/daemonset.yaml"),
+        added("deploy/kubernetes/uninstall/base/daemonset.yaml"),
         from_daemonset,
         "the uninstall runs `unidler detach` with the agent's capabilities"
     );

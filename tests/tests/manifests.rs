@@ -122,16 +122,27 @@ fn the_agent(docs: &[Value]) -> &Value {
         .expect("the agent's DaemonSet")
 }
 
-fn host_path(daemonset: &Value, volume: &str) -> String {
-    daemonset["spec"]["template"]["spec"]["volumes"]
-        .as_array()
-        .unwrap()
+/// The host path behind `path` in the agent's container: the hostPath volume mounted at the
+/// longest mount path that holds it, and the rest of `path` below that.
+fn host_path_of(daemonset: &Value, path: &str) -> Option<String> {
+    let spec = &daemonset["spec"]["template"]["spec"];
+    let (mount, volume) = spec["containers"][0]["volumeMounts"]
+        .as_array()?
         .iter()
-        .find(|v| v["name"] == volume)
-        .unwrap_or_else(|| panic!("no volume {volume}"))["hostPath"]["path"]
-        .as_str()
-        .unwrap()
-        .to_owned()
+        .filter_map(|m| {
+            let at = m["mountPath"].as_str()?.trim_end_matches('/');
+            path.strip_prefix(at)
+                .filter(|rest| rest.starts_with('/'))
+                .map(|_| (at.to_owned(), m["name"].as_str().unwrap().to_owned()))
+        })
+        .max_by_key(|(at, _)| at.len())?;
+    let host = spec["volumes"]
+        .as_array()?
+        .iter()
+        .find(|v| v["name"] == volume.as_str())?["hostPath"]["path"]
+        .as_str()?
+        .to_owned();
+    Some(format!("{host}{}", &path[mount.len()..]))
 }
 
 /// What every rendering of the agent must be: least privilege, probes, the PodMonitor
@@ -150,6 +161,17 @@ fn check_agent(overlay: &str, docs: &[Value]) {
         "{overlay}: exactly the three capabilities the agent needs"
     );
     assert_eq!(pod["spec"]["hostNetwork"], true);
+    assert_eq!(
+        pod["spec"]["nodeSelector"]["kubernetes.io/os"], "linux",
+        "{overlay}: no pods on Windows nodes"
+    );
+    let [namespace] = of_kind(docs, "Namespace")[..] else {
+        panic!("{overlay}: one Namespace")
+    };
+    assert_eq!(
+        namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"], "privileged",
+        "{overlay}: host network and directories need the privileged Pod Security level"
+    );
     assert_eq!(pod["spec"]["automountServiceAccountToken"], false);
     assert!(
         daemonset["spec"]["updateStrategy"]["rollingUpdate"]["maxUnavailable"].is_string(),
@@ -197,21 +219,22 @@ fn check_agent(overlay: &str, docs: &[Value]) {
 
 #[test]
 fn every_overlay_renders_validates_and_fits_its_mode() {
-    for (overlay, southbound, run_ovn) in [
+    // Each mode's Southbound database, and where its socket is on the host.
+    for (overlay, southbound, socket_on_host) in [
         (
             "interconnect",
-            "unix:/var/run/ovn/ovnsb_db.sock",
-            "/var/run/ovn",
+            "unix:/var/run/openvswitch/ovnsb_db.sock",
+            Some("/var/run/openvswitch/ovnsb_db.sock"),
         ),
         (
             "central",
-            "ssl:ovnkube-db.ovn-kubernetes.svc.cluster.local:9642",
-            "/var/run/ovn",
+            "ssl:ovnkube-db.ovn-kubernetes.svc.cluster.local:6642",
+            None,
         ),
         (
             "openshift",
             "unix:/var/run/ovn/ovnsb_db.sock",
-            "/var/run/ovn-ic",
+            Some("/var/run/ovn-ic/ovnsb_db.sock"),
         ),
     ] {
         let yaml = render(&kubernetes_dir().join("overlays").join(overlay));
@@ -219,45 +242,109 @@ fn every_overlay_renders_validates_and_fits_its_mode() {
         let docs = documents(&yaml);
         check_agent(overlay, &docs);
         assert_eq!(settings(&docs)["UNIDLER_OVNSB_DB"], southbound, "{overlay}");
-        assert_eq!(host_path(the_agent(&docs), "run-ovn"), run_ovn, "{overlay}");
+        if let Some(on_host) = socket_on_host {
+            let socket = southbound.strip_prefix("unix:").unwrap();
+            assert_eq!(
+                host_path_of(the_agent(&docs), socket).as_deref(),
+                Some(on_host),
+                "{overlay}: the Southbound socket is the host's"
+            );
+        }
+        assert_eq!(
+            host_path_of(the_agent(&docs), "/var/run/openvswitch/db.sock").as_deref(),
+            Some("/var/run/openvswitch/db.sock"),
+            "{overlay}: the Open_vSwitch database"
+        );
         match overlay {
             "central" => {
                 let settings = settings(&docs);
-                for file in [
-                    "UNIDLER_OVNSB_PRIVATE_KEY",
-                    "UNIDLER_OVNSB_CERTIFICATE",
-                    "UNIDLER_OVNSB_CA_CERT",
+                // ovn-kubernetes' node certificate, where ovnkube keeps it on the host.
+                for (file, on_host) in [
+                    (
+                        "UNIDLER_OVNSB_PRIVATE_KEY",
+                        "/etc/ovn/ovncontroller-privkey.pem",
+                    ),
+                    (
+                        "UNIDLER_OVNSB_CERTIFICATE",
+                        "/etc/ovn/ovncontroller-cert.pem",
+                    ),
+                    ("UNIDLER_OVNSB_CA_CERT", "/etc/ovn/ca-cert.pem"),
                 ] {
                     let path = settings[file].as_str().unwrap();
-                    let mounted = the_agent(&docs)["spec"]["template"]["spec"]["containers"][0]
-                        ["volumeMounts"]
-                        .as_array()
-                        .unwrap()
-                        .iter()
-                        .any(|m| path.starts_with(m["mountPath"].as_str().unwrap()));
-                    assert!(mounted, "central: {file}={path} is in a mounted volume");
+                    assert_eq!(
+                        host_path_of(the_agent(&docs), path).as_deref(),
+                        Some(on_host),
+                        "central: {file}"
+                    );
                 }
+                assert_eq!(settings["UNIDLER_OVNSB_ANY_MEMBER"], "true");
             }
-            "openshift" => {
-                let [scc] = of_kind(&docs, "SecurityContextConstraints")[..] else {
-                    panic!("openshift: one SecurityContextConstraints")
-                };
-                assert_eq!(
-                    scc["allowedCapabilities"],
-                    serde_json::json!(["BPF", "PERFMON", "NET_ADMIN"])
-                );
-                assert_eq!(scc["allowPrivilegedContainer"], false);
-                let [binding] = of_kind(&docs, "RoleBinding")[..] else {
-                    panic!("openshift: one RoleBinding")
-                };
-                assert_eq!(
-                    binding["subjects"][0],
-                    serde_json::json!({"kind": "ServiceAccount", "name": "unidler", "namespace": "unidler"}),
-                    "the SCC is for the agent's service account only"
-                );
-            }
+            "openshift" => check_openshift("openshift", &docs),
             _ => {}
         }
+    }
+}
+
+/// What OpenShift needs, which Kubernetes' schemas cannot check: an SCC with every field its
+/// CRD requires, that admits the pods (host network and ports, spc_t), used only by the
+/// unidler service account.
+fn check_openshift(what: &str, docs: &[Value]) {
+    let [scc] = of_kind(docs, "SecurityContextConstraints")[..] else {
+        panic!("{what}: one SecurityContextConstraints")
+    };
+    // Required by openshift/api's CRD (security.openshift.io_securitycontextconstraints).
+    for field in [
+        "allowHostDirVolumePlugin",
+        "allowHostIPC",
+        "allowHostNetwork",
+        "allowHostPID",
+        "allowHostPorts",
+        "allowPrivilegedContainer",
+        "allowedCapabilities",
+        "defaultAddCapabilities",
+        "priority",
+        "readOnlyRootFilesystem",
+        "requiredDropCapabilities",
+        "volumes",
+    ] {
+        assert!(
+            scc.as_object().unwrap().contains_key(field),
+            "{what}: the SCC lacks {field}"
+        );
+    }
+    assert_eq!(
+        scc["allowedCapabilities"],
+        serde_json::json!(["BPF", "PERFMON", "NET_ADMIN"])
+    );
+    assert_eq!(scc["allowPrivilegedContainer"], false);
+    assert_eq!(
+        scc["allowHostPorts"], true,
+        "{what}: a host-network pod's containerPort is a host port"
+    );
+    let [role] = of_kind(docs, "ClusterRole")[..] else {
+        panic!("{what}: one ClusterRole")
+    };
+    assert_eq!(
+        role["rules"][0]["resourceNames"],
+        serde_json::json!([scc["metadata"]["name"]]),
+        "{what}: the role grants the SCC by its name"
+    );
+    let [binding] = of_kind(docs, "RoleBinding")[..] else {
+        panic!("{what}: one RoleBinding")
+    };
+    assert_eq!(binding["roleRef"]["name"], role["metadata"]["name"]);
+    assert_eq!(
+        binding["subjects"][0],
+        serde_json::json!({"kind": "ServiceAccount", "name": "unidler", "namespace": "unidler"}),
+        "{what}: the SCC is for the unidler service account only"
+    );
+    for daemonset in of_kind(docs, "DaemonSet") {
+        let spec = &daemonset["spec"]["template"]["spec"];
+        assert_eq!(
+            spec["securityContext"]["seLinuxOptions"]["type"], "spc_t",
+            "{what}"
+        );
+        assert_eq!(spec["serviceAccountName"], "unidler", "{what}");
     }
 }
 
@@ -268,6 +355,9 @@ fn the_base_names_no_namespace_and_the_uninstall_cleans_every_node() {
         base.iter().all(|d| d["metadata"]["namespace"].is_null()),
         "the overlays choose the namespace"
     );
+    let openshift = render(&kubernetes_dir().join("uninstall/openshift"));
+    validate("uninstall-openshift", &openshift);
+    check_openshift("uninstall/openshift", &documents(&openshift));
     let yaml = render(&kubernetes_dir().join("uninstall"));
     validate("uninstall", &yaml);
     let docs = documents(&yaml);
@@ -276,6 +366,7 @@ fn the_base_names_no_namespace_and_the_uninstall_cleans_every_node() {
     };
     let spec = &daemonset["spec"]["template"]["spec"];
     assert_eq!(spec["tolerations"][0]["operator"], "Exists", "every node");
+    assert_eq!(spec["nodeSelector"]["kubernetes.io/os"], "linux");
     let container = &spec["containers"][0];
     let script = container["args"][0].as_str().unwrap();
     assert!(
@@ -296,10 +387,17 @@ fn the_base_names_no_namespace_and_the_uninstall_cleans_every_node() {
 
 #[test]
 fn every_alert_and_dashboard_query_parses() {
-    let used = monitoring::metric_names_used();
+    let used = monitoring::series_used();
     assert!(used.len() >= 30, "{used:?}");
+    // A label value is read: a typo in one would be caught against the scrape.
+    assert!(
+        used.iter()
+            .any(|(_, (name, labels))| name == "unidler_wakeups_total"
+                && labels.contains(&("outcome".into(), "expired".into()))),
+        "{used:?}"
+    );
     // A broken expression is caught, not skipped.
-    assert!(monitoring::metric_names("rate(unidler_x_total[5m]").is_err());
+    assert!(monitoring::selected("rate(unidler_x_total[5m]").is_err());
     let alerts = monitoring::alert_expressions();
     assert!(alerts.len() >= 6, "{alerts:?}");
 }

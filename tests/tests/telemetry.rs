@@ -175,13 +175,22 @@ fn metrics_health_and_inspection_during_real_traffic() {
         "{head}"
     );
     assert!(m.trim_end().ends_with("# EOF"));
-    // Every metric the shipped alerts and dashboard use is in this scrape.
-    for (used_in, name) in monitoring::metric_names_used() {
+    // Every series the shipped alerts and dashboard select is in this scrape, with the label
+    // values they ask for.
+    for (used_in, (name, labels)) in monitoring::series_used() {
         let present = m.lines().any(|l| {
-            l.strip_prefix(name.as_str())
-                .is_some_and(|rest| rest.starts_with(['{', ' ']))
+            l.strip_prefix(name.as_str()).is_some_and(|rest| {
+                (rest.starts_with(' ') && labels.is_empty())
+                    || (rest.starts_with('{')
+                        && labels
+                            .iter()
+                            .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\""))))
+            })
         });
-        assert!(present, "{used_in} uses {name}, which /metrics lacks");
+        assert!(
+            present,
+            "{used_in} selects {name}{labels:?}, which /metrics lacks"
+        );
     }
 
     // The inspection commands, as an operator runs them on the node.

@@ -85,6 +85,13 @@ fn main() -> ExitCode {
         eprintln!("error: {err:#}");
         return ExitCode::from(2);
     }
+    if !matches!(cli.command, Command::Run(_)) {
+        // A command that prints (into `| head`, say) ends quietly when its reader goes, as
+        // command-line tools do. (The agent keeps Rust's default: a write to a closed socket
+        // is an error to handle, not the end of the process.)
+        // SAFETY: setting a signal's disposition, before any thread is started.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     let result = match cli.command {
         Command::Run(args) => {
             if let Some(usage) = run::usage_error(&args) {
@@ -103,7 +110,13 @@ fn main() -> ExitCode {
         Command::Wakeups(args) => inspect::show_wakeups(&args),
         Command::Interfaces(args) => inspect::show_interfaces(&args),
         Command::Detach(args) => inspect::detach(&args),
-        Command::Help { command } => print_help(command.as_deref()),
+        Command::Help { command } => match print_help(command.as_deref()) {
+            Ok(()) => Ok(()),
+            Err(usage) => {
+                eprintln!("error: {usage}");
+                return ExitCode::from(2);
+            }
+        },
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -119,8 +132,8 @@ fn main() -> ExitCode {
     }
 }
 
-/// `unidler help [COMMAND]`: the same text as `--help`.
-fn print_help(command: Option<&str>) -> Result<()> {
+/// `unidler help [COMMAND]`: the same text as `--help`; an unknown command is a usage error.
+fn print_help(command: Option<&str>) -> Result<(), String> {
     use clap::CommandFactory as _;
     let mut cli = Cli::command();
     // Built, so that a subcommand's usage names the binary (`unidler run`).
@@ -129,7 +142,7 @@ fn print_help(command: Option<&str>) -> Result<()> {
         None => cli.render_long_help(),
         Some(name) => cli
             .find_subcommand_mut(name)
-            .with_context(|| format!("no subcommand {name:?} (see `unidler --help`)"))?
+            .ok_or_else(|| format!("no subcommand {name:?} (see `unidler --help`)"))?
             .render_long_help(),
     };
     print!("{help}");

@@ -26,7 +26,7 @@ use tracing::info;
 use unidler_common::VipKey;
 
 use crate::{
-    hold::PacketNews,
+    hold::{HoldKey, PacketNews},
     vip::{Protocol, Vip},
 };
 
@@ -189,6 +189,9 @@ pub struct WakeupRow {
 #[derive(Clone, Debug)]
 struct Wakeup {
     vip: VipKey,
+    /// Where its first packet came in (for a scoped VIP, the interface's scope; else 0): the
+    /// backend that counts is the VIP's there.
+    scope: u32,
     load_balancer: Option<String>,
     first_packet_ns: u64,
     phases: Vec<(Phase, u64)>,
@@ -296,9 +299,10 @@ impl Wakeups {
         self.open.len()
     }
 
-    /// A packet to idle `vip` seen by the kernel at `at_ns`: starts its wake-up, unless one
-    /// goes on (an earlier timestamp moves its start). Returns whether it started one.
-    pub fn first_packet(&mut self, vip: VipKey, at_ns: u64) -> bool {
+    /// A packet to idle `vip` seen by the kernel at `at_ns` on `scope` (0: node-wide): starts
+    /// its wake-up, unless one goes on (an earlier timestamp moves its start). Returns whether
+    /// it started one.
+    pub fn first_packet(&mut self, vip: VipKey, scope: u32, at_ns: u64) -> bool {
         match self.open.entry(vip) {
             std::collections::hash_map::Entry::Occupied(mut open) => {
                 let wakeup = open.get_mut();
@@ -310,6 +314,7 @@ impl Wakeups {
             std::collections::hash_map::Entry::Vacant(new) => {
                 new.insert(Wakeup {
                     vip,
+                    scope,
                     load_balancer: None,
                     first_packet_ns: at_ns,
                     phases: Vec::new(),
@@ -353,6 +358,16 @@ impl Wakeups {
             .phase_seconds
             .get_or_create(&[("phase", phase.name())])
             .observe(seconds(at_ns - wakeup.first_packet_ns));
+        // Its held packets expired before the backend came: it ends now, with all its phases.
+        if phase == Phase::Backend && wakeup.held > 0 && wakeup.in_hold == 0 {
+            let outcome = wakeup.best.unwrap_or(Outcome::Expired);
+            self.finish(vip, outcome, at_ns);
+        }
+    }
+
+    /// The scope of `vip`'s wake-up, if one goes on.
+    pub fn scope_of(&self, vip: &VipKey) -> Option<u32> {
+        self.open.get(vip).map(|w| w.scope)
     }
 
     /// The wake-up whose row reads `vip` and `protocol` reached `phase`.
@@ -380,13 +395,14 @@ impl Wakeups {
     }
 
     /// What befell held packets (from the hold, in order), at `now_ns`.
-    pub fn follow_hold(&mut self, news: &[(VipKey, PacketNews)], now_ns: u64) {
-        for (vip, what) in news {
+    pub fn follow_hold(&mut self, news: &[(HoldKey, PacketNews)], now_ns: u64) {
+        for (key, what) in news {
+            let vip = &key.vip;
             match what {
                 PacketNews::Held => {
                     // A packet held for a VIP without a wake-up starts one (its idle hit was
                     // rate-limited, or is still in its ring).
-                    self.first_packet(*vip, now_ns);
+                    self.first_packet(*vip, key.scope, now_ns);
                     if let Some(wakeup) = self.open.get_mut(vip) {
                         wakeup.held += 1;
                         wakeup.in_hold += 1;
@@ -405,7 +421,10 @@ impl Wakeups {
                     wakeup.in_hold = wakeup.in_hold.saturating_sub(1);
                     let outcome = Outcome::of_packet(outcome);
                     wakeup.best = Some(wakeup.best.map_or(outcome, |b| b.min(outcome)));
-                    if wakeup.in_hold == 0 {
+                    // Expired packets leave the wake-up waiting for its backend (or its
+                    // timeout): the phases of a slow scale-up are still recorded.
+                    let waiting = outcome == Outcome::Expired && !wakeup.reached(Phase::Backend);
+                    if wakeup.in_hold == 0 && !waiting {
                         self.finish(vip, outcome, now_ns);
                     }
                 }
@@ -414,8 +433,7 @@ impl Wakeups {
     }
 
     /// Ends, at `now_ns`, the wake-ups that are done without held packets: those that held
-    /// none and reached `ready` (the backend, or the forwarding where it is read), and those
-    /// older than the timeout.
+    /// none and reached `ready`, and those older than the timeout.
     pub fn finish_due(&mut self, now_ns: u64, ready: Phase) {
         let timeout = self.timeout.as_nanos() as u64;
         let due: Vec<(VipKey, Outcome, u64)> = self
@@ -533,17 +551,26 @@ mod tests {
     fn a_wakeup_follows_its_phases_to_the_answer() {
         let mut wakeups = Wakeups::new(Duration::from_secs(60), WakeupMetrics::default());
         let web = vip("10.96.0.10:80/tcp");
-        wakeups.first_packet(web, 1_000 * MS);
+        wakeups.first_packet(web, 0, 1_000 * MS);
         wakeups.named("10.96.0.10:80", Protocol::Tcp, Some("web"));
-        wakeups.follow_hold(&[(web, PacketNews::Held)], 1_001 * MS);
+        wakeups.follow_hold(&[(HoldKey::node_wide(web), PacketNews::Held)], 1_001 * MS);
         wakeups.row_reached("10.96.0.10:80", "tcp", Phase::Committed, 1_003 * MS);
         wakeups.row_reached("10.96.0.10:80", "tcp", Phase::Consumed, 1_200 * MS);
         wakeups.reached(&web, Phase::Backend, 9_000 * MS);
         wakeups.reached(&web, Phase::Forwarding, 9_050 * MS);
-        wakeups.follow_hold(&[(web, PacketNews::Replayed)], 9_051 * MS);
-        wakeups.follow_hold(&[(web, PacketNews::Replayed)], 9_101 * MS);
+        wakeups.follow_hold(
+            &[(HoldKey::node_wide(web), PacketNews::Replayed)],
+            9_051 * MS,
+        );
+        wakeups.follow_hold(
+            &[(HoldKey::node_wide(web), PacketNews::Replayed)],
+            9_101 * MS,
+        );
         assert_eq!(wakeups.open_count(), 1);
-        wakeups.follow_hold(&[(web, PacketNews::Left("answered"))], 9_102 * MS);
+        wakeups.follow_hold(
+            &[(HoldKey::node_wide(web), PacketNews::Left("answered"))],
+            9_102 * MS,
+        );
         assert_eq!(wakeups.open_count(), 0);
         let rows = wakeups.rows();
         let [row] = rows.as_slice() else {
@@ -579,11 +606,23 @@ mod tests {
     fn the_best_packet_decides_and_the_last_one_ends_it() {
         let mut wakeups = Wakeups::new(Duration::from_secs(60), WakeupMetrics::default());
         let web = vip("[fd00::10]:80/tcp");
-        wakeups.first_packet(web, 0);
-        wakeups.follow_hold(&[(web, PacketNews::Held), (web, PacketNews::Held)], MS);
-        wakeups.follow_hold(&[(web, PacketNews::Left("answered"))], 2 * MS);
+        wakeups.first_packet(web, 0, 0);
+        wakeups.follow_hold(
+            &[
+                (HoldKey::node_wide(web), PacketNews::Held),
+                (HoldKey::node_wide(web), PacketNews::Held),
+            ],
+            MS,
+        );
+        wakeups.follow_hold(
+            &[(HoldKey::node_wide(web), PacketNews::Left("answered"))],
+            2 * MS,
+        );
         assert_eq!(wakeups.open_count(), 1, "one packet still held");
-        wakeups.follow_hold(&[(web, PacketNews::Left("abandoned"))], 3 * MS);
+        wakeups.follow_hold(
+            &[(HoldKey::node_wide(web), PacketNews::Left("abandoned"))],
+            3 * MS,
+        );
         let rows = wakeups.rows();
         assert_eq!(rows[0].outcome.as_deref(), Some("connected"));
         assert_eq!(rows[0].vip, "[fd00::10]:80");
@@ -593,8 +632,8 @@ mod tests {
     fn without_held_packets_it_ends_when_ready_or_expires() {
         let mut wakeups = Wakeups::new(Duration::from_secs(60), WakeupMetrics::default());
         let (a, b) = (vip("10.96.0.1:53/udp"), vip("10.96.0.2:80/tcp"));
-        wakeups.first_packet(a, 0);
-        wakeups.first_packet(b, 0);
+        wakeups.first_packet(a, 0, 0);
+        wakeups.first_packet(b, 0, 0);
         wakeups.reached(&a, Phase::Backend, 5_000 * MS);
         wakeups.finish_due(5_000 * MS, Phase::Backend);
         assert_eq!(wakeups.rows()[0].outcome.as_deref(), Some("not_held"));
@@ -611,10 +650,34 @@ mod tests {
     }
 
     #[test]
+    fn expired_packets_wait_for_the_backend_to_end_the_wakeup() {
+        let mut wakeups = Wakeups::new(Duration::from_secs(120), WakeupMetrics::default());
+        let web = vip("10.96.0.10:80/tcp");
+        let key = HoldKey::node_wide(web);
+        wakeups.first_packet(web, 0, 0);
+        wakeups.follow_hold(&[(key, PacketNews::Held)], MS);
+        wakeups.row_reached("10.96.0.10:80", "tcp", Phase::Committed, 2 * MS);
+        wakeups.follow_hold(&[(key, PacketNews::Left("expired"))], 60_000 * MS);
+        assert!(
+            wakeups.is_open(&web),
+            "a slow scale-up's later phases still count"
+        );
+        wakeups.row_reached("10.96.0.10:80", "tcp", Phase::Consumed, 61_000 * MS);
+        wakeups.reached(&web, Phase::Backend, 90_000 * MS);
+        let rows = wakeups.rows();
+        assert_eq!(rows[0].outcome.as_deref(), Some("expired"));
+        assert_eq!(
+            phases(&rows[0]),
+            ["committed", "consumed", "backend", "finished"]
+        );
+        assert_eq!(rows[0].phases[3].1, 90.0);
+    }
+
+    #[test]
     fn a_phase_counts_once_and_a_deleted_vip_abandons() {
         let mut wakeups = Wakeups::new(Duration::from_secs(60), WakeupMetrics::default());
         let web = vip("10.96.0.10:80/sctp");
-        wakeups.first_packet(web, 0);
+        wakeups.first_packet(web, 0, 0);
         wakeups.reached(&web, Phase::Backend, MS);
         wakeups.reached(&web, Phase::Backend, 2 * MS);
         wakeups.vip_removed(&web, 3 * MS);

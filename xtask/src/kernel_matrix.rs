@@ -591,7 +591,7 @@ fn print_summary(outcomes: &[KernelOutcome]) {
 
 /// What each kernel's start said (`tests/tests/kernel.rs` prints it): the features probed,
 /// each program's verification (time under emulation, instructions), or the refusal. The
-/// README's kernel table is read from here.
+/// kernel table in docs/kernels.md is read from here.
 fn print_kernel_figures(outcomes: &[KernelOutcome]) {
     println!();
     println!("what each kernel's start said (tests/tests/kernel.rs):");

@@ -15,7 +15,7 @@
 //! - summary timer and signals.
 
 mod config;
-mod replay;
+mod held;
 mod sources;
 mod wakeups;
 
@@ -484,8 +484,12 @@ impl Agent {
             };
             debug!(vip = %hit.vip, protocol = %hit.protocol, src = %hit.src, iface = %hit.iface, "idle hit");
             self.metrics.events_received.inc();
-            if self.wakeups.first_packet(event.vip, event.timestamp_ns) {
-                info!(
+            let scope = self.hold_scope(&event.vip, event.ifindex);
+            if self
+                .wakeups
+                .first_packet(event.vip, scope, event.timestamp_ns)
+            {
+                debug!(
                     "wake-up of {}/{} started: first packet from {} on {} ({})",
                     hit.vip, hit.protocol, hit.src, hit.iface, hit.action
                 );
@@ -755,7 +759,13 @@ impl Agent {
         let now = self.datapath.counters()?;
         let interval = now.since(&self.last_summary);
         self.last_summary = now;
-        if interval.get(Counter::VipHits) == 0 && interval.parse_failures() == 0 {
+        // Worth a line: hits on idle VIPs, events lost, failing open, frames not understood
+        // (traffic to active VIPs alone is not).
+        let notable = interval.idle_hits()
+            + interval.get(Counter::RingFull)
+            + interval.get(Counter::IdleFailedOpen)
+            + interval.parse_failures();
+        if notable == 0 {
             return Ok(());
         }
         log_kernel_counters("last interval", &interval);

@@ -14,8 +14,9 @@ use tokio::{
 use unidler_common::IdleHitEvent;
 
 use crate::{
-    datapath::{EventRing, HeldBytes, HeldRing},
+    datapath::{EventRing, HeldRing},
     forwarding::{ForwardingCheck, Waiting},
+    hold::HeldBytes,
     lb_names::NamesRead,
     links::LinkChanges,
     ovs_interfaces::OvnInterfaces,

@@ -8,7 +8,6 @@ use crate::{
     hold::HoldLimits,
     registry::MapChange,
     sink::{RowFate, RowNews},
-    vip::Vip,
     wakeup::Phase,
 };
 
@@ -29,8 +28,8 @@ impl Agent {
             .row_reached(&row.vip, &row.protocol, phase, clock::monotonic_ns());
     }
 
-    /// A VIP of a wake-up that got a backend (node-wide, or on any scope) reached that
-    /// phase; one deleted ends its wake-up.
+    /// A VIP of a wake-up that got a backend where the wake-up's first packet came in (its
+    /// scope, for a scoped VIP) reached that phase; one deleted ends its wake-up.
     pub(super) fn wakeups_follow_vips(&mut self, changes: &[MapChange]) {
         if self.wakeups.open_count() == 0 {
             return;
@@ -39,18 +38,10 @@ impl Agent {
         for change in changes {
             match change {
                 MapChange::Upsert(key, _) | MapChange::Scopes { key, .. } => {
-                    if !self.wakeups.is_open(key) {
-                        continue;
-                    }
-                    let Some(vip) = Vip::from_key(key) else {
+                    let Some(scope) = self.wakeups.scope_of(key) else {
                         continue;
                     };
-                    let backed = self.registry.get(&vip).is_some_and(|e| e.backends > 0)
-                        || self
-                            .registry
-                            .scopes(&vip)
-                            .is_some_and(|scopes| scopes.iter().any(|s| s.backends > 0));
-                    if backed {
+                    if self.has_backends(key, scope) {
                         self.wakeups.reached(key, Phase::Backend, now);
                     }
                 }

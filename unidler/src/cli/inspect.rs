@@ -7,7 +7,17 @@ use anyhow::{Context as _, Result};
 use clap::Args;
 use unidler::telemetry::{self, EventRow, InterfaceRow, VipRow, WakeupRow};
 
-use super::run::DEFAULT_API_ADDR;
+use super::{run::DEFAULT_API_ADDR, values::listen_addr};
+
+/// Where to reach the agent: as its `--api-addr` is written, with every address (`:PORT`,
+/// `[::]`, `0.0.0.0`) reached on loopback.
+fn agent_addr(s: &str) -> Result<SocketAddr, String> {
+    let mut addr = listen_addr(s)?;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    Ok(addr)
+}
 
 /// `unidler detach`'s options.
 #[derive(Args)]
@@ -20,8 +30,8 @@ pub(crate) struct DetachArgs {
 /// The options of the commands that ask a running agent.
 #[derive(Args)]
 pub(crate) struct ClientArgs {
-    /// The agent's --api-addr.
-    #[arg(long, env = "UNIDLER_API_ADDR", default_value = DEFAULT_API_ADDR)]
+    /// The agent's --api-addr (`:PORT`: this host's loopback).
+    #[arg(long, env = "UNIDLER_API_ADDR", default_value = DEFAULT_API_ADDR, value_parser = agent_addr)]
     api_addr: SocketAddr,
     /// Print JSON instead of a table.
     #[arg(long, env = "UNIDLER_JSON")]

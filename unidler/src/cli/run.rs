@@ -59,7 +59,7 @@ pub(crate) struct RunArgs {
     /// Load_Balancer (UUID) its Controller_Event rows name. Repeat for several.
     #[arg(long = "vip", env = "UNIDLER_VIP", value_delimiter = ',')]
     vips: Vec<VipSpec>,
-    /// A file listing VIPs (TOML, see the README), reloaded when it changes or on SIGHUP;
+    /// A file listing VIPs (TOML, see docs/agent.md), reloaded when it changes or on SIGHUP;
     /// for nodes without OVN. A malformed file is rejected and the last good VIPs stay.
     #[arg(long, env = "UNIDLER_VIPS_FILE", conflicts_with = "vips")]
     vips_file: Option<PathBuf>,
@@ -233,6 +233,14 @@ pub(crate) fn fixed_mmap_threshold() {
 
 /// What clap cannot see is wrong with `run`'s options, said as a usage error.
 pub(crate) fn usage_error(args: &RunArgs) -> Option<String> {
+    if args.ifaces.is_empty() && !args.ovn_vifs && !args.ovn_uplinks {
+        // Clap counts UNIDLER_OVN_VIFS=false as given.
+        return Some(
+            "no interfaces: give --iface, --ovn-vifs or --ovn-uplinks (UNIDLER_IFACE, \
+             UNIDLER_OVN_VIFS=true, UNIDLER_OVN_UPLINKS=true)"
+                .to_owned(),
+        );
+    }
     let ssl = args
         .ovnsb_db
         .as_deref()?

@@ -169,12 +169,34 @@ where
     FdLink::try_from(taken.map_err(|e| pin_error(&e))?).map_err(|e| pin_error(&e))
 }
 
+/// The hook to try when `chosen` (what `requested` chose for the interface) failed: with
+/// [`Hook::Auto`], native XDP refused by a NIC's driver (no XDP support, or not at its MTU)
+/// falls back to TC ingress, which every interface takes.
+fn fallback(requested: Hook, chosen: Hook) -> Option<Hook> {
+    (requested == Hook::Auto && chosen == Hook::Xdp).then_some(Hook::Tc)
+}
+
 impl Datapath {
     /// Attaches the datapath to `iface` with `hook` ([`Hook::Auto`] chooses by the kind of
-    /// interface). Returns the interface index and the hook used.
+    /// interface, and falls back to TC where a NIC refuses native XDP). Returns the interface
+    /// index and the hook used.
     pub fn attach(&mut self, iface: &str, hook: Hook) -> Result<(u32, Hook), DatapathError> {
+        let chosen = hook.for_interface(iface);
+        match self.attach_with(iface, chosen) {
+            Err(refused @ DatapathError::Attach { .. }) => {
+                let Some(other) = fallback(hook, chosen) else {
+                    return Err(refused);
+                };
+                tracing::info!(iface, "native XDP refused ({refused}): TC ingress instead");
+                self.attach_with(iface, other).map_err(|_| refused)
+            }
+            other => other,
+        }
+    }
+
+    /// Attaches the datapath to `iface` with `hook`, resolved (not [`Hook::Auto`]).
+    fn attach_with(&mut self, iface: &str, hook: Hook) -> Result<(u32, Hook), DatapathError> {
         let ifindex = ifindex_of(iface)?;
-        let hook = hook.for_interface(iface);
         let failed = |err: ProgramError| DatapathError::Attach {
             iface: iface.to_owned(),
             hook,
@@ -461,5 +483,21 @@ fn attach_hint(err: &ProgramError, hook: Hook) -> String {
             caps::explain_missing().unwrap_or_else(|| err.to_string())
         }
         _ => err.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auto_falls_back_to_tc_where_a_nic_refuses_native_xdp() {
+        assert_eq!(fallback(Hook::Auto, Hook::Xdp), Some(Hook::Tc));
+        assert_eq!(fallback(Hook::Auto, Hook::Tc), None);
+        assert_eq!(
+            fallback(Hook::Xdp, Hook::Xdp),
+            None,
+            "a forced hook is not changed"
+        );
     }
 }

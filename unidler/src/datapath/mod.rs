@@ -32,7 +32,7 @@ mod vips;
 use attach::Attachment;
 pub use attach::{Hook, ifindex_of, interfaces};
 pub use features::{Feature, KernelFeatures, Unsupported, kernel_release};
-pub use output::{CounterReader, Counters, EventRing, HeldBytes, HeldRing};
+pub use output::{CounterReader, Counters, EventRing, HeldRing};
 pub use vips::VipHitsReader;
 
 use crate::{

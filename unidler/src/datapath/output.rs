@@ -3,9 +3,10 @@
 use std::{os::fd::AsRawFd, sync::Arc};
 
 use aya::maps::{MapData, PerCpuArray, RingBuf};
-use unidler_common::{Counter, FlowKey, HeldHeader, IdleHitEvent, VipKey, map_names};
+use unidler_common::{Counter, HeldHeader, IdleHitEvent, map_names};
 
 use super::{Datapath, DatapathError};
+use crate::hold::HeldBytes;
 
 impl Datapath {
     /// Sums the per-CPU counters.
@@ -121,31 +122,10 @@ pub struct HeldRing {
     ring: RingBuf<MapData>,
 }
 
-/// A held frame as the agent keeps it: where it arrived, when, for which VIP, and its bytes.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct HeldBytes {
-    /// When the kernel saw it, `CLOCK_MONOTONIC` nanoseconds.
-    pub timestamp_ns: u64,
-    /// Its flow, as the kernel keyed it: the held packet's identity on both sides (its
-    /// destination is the VIP, [`HeldBytes::vip`]).
-    pub flow: FlowKey,
-    /// The interface it arrived on.
-    pub ifindex: u32,
-    /// The frame, from its Ethernet header.
-    pub frame: Vec<u8>,
-}
-
 /// The destination and source MAC addresses that lead a frame, before any VLAN tag.
 const MAC_ADDRESSES_LEN: usize = 12;
 /// An 802.1Q or 802.1ad tag: TPID and TCI.
 const VLAN_TAG_LEN: usize = 4;
-
-impl HeldBytes {
-    /// The VIP it was sent to.
-    pub fn vip(&self) -> VipKey {
-        self.flow.vip()
-    }
-}
 
 impl HeldRing {
     /// Takes every held frame now in the ring, oldest first, with any VLAN tag the kernel

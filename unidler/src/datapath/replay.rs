@@ -7,6 +7,7 @@ use unidler_common::{
 };
 
 use super::{Datapath, DatapathError, remove_entry};
+use crate::hold::HoldKernel;
 
 impl Datapath {
     /// Turns holding on: the kernel copies the first dropped opening packet of each flow to
@@ -244,4 +245,27 @@ fn tc_run_repeat(
         result.return_value as i32,
         result.duration.as_nanos() as u64,
     ))
+}
+
+/// The datapath serves the hold: replays, watches answers, keeps the held counts.
+impl HoldKernel for Datapath {
+    type Error = DatapathError;
+    fn replay(&mut self, frame: &[u8], ifindex: u32) -> Result<(), DatapathError> {
+        Datapath::replay(self, frame, ifindex)
+    }
+    fn watch(&mut self, flow: &FlowKey, ifindex: u32) -> Result<(), DatapathError> {
+        self.watch_answer(flow, ifindex)
+    }
+    fn answered(&self, flow: &FlowKey) -> bool {
+        self.is_answered(flow)
+    }
+    fn release(&mut self, flow: &FlowKey, watching_left: bool) -> Result<(), DatapathError> {
+        self.release_flow(flow, watching_left)
+    }
+    fn set_held(&mut self, vips: &[(VipKey, u32)], total: u32) -> Result<(), DatapathError> {
+        Datapath::set_held(self, vips, total)
+    }
+    fn held_in_kernel(&self) -> (Vec<(VipKey, u32)>, u32) {
+        self.held_counts()
+    }
 }

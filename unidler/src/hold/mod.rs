@@ -6,8 +6,8 @@
 //! - [`HeldPackets::hold`] keeps it, unless it repeats a held flow (a SYN retransmission) or a
 //!   limit is reached (per VIP, in total): each outcome counted.
 //! - When the VIP gets a backend ([`HeldPackets::backends_appeared`]), its packets are due
-//!   after `replay_after`; [`HeldPackets::replay_due`] replays them through a [`Replayer`] (the
-//!   datapath). A TCP SYN is replayed until its flow is answered (the client's ACK, seen by
+//!   after `replay_after`; [`HeldPackets::replay_due`] replays them through the kernel ([`HoldKernel`],
+//!   which the datapath serves). A TCP SYN is replayed until its flow is answered (the client's ACK, seen by
 //!   the kernel), with backoff, within the age limit: a replay that reached forwarding not yet
 //!   carrying the backend is not lost. A UDP datagram or an SCTP INIT is replayed once: it
 //!   shows no answer, and must not be delivered twice.
@@ -25,8 +25,6 @@ use prometheus_client::metrics::{
 };
 use tracing::{debug, info, warn};
 use unidler_common::{FlowKey, IPPROTO_TCP, VipKey};
-
-use crate::datapath::{Datapath, DatapathError, HeldBytes};
 
 /// How much may be held, and for how long.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -54,42 +52,45 @@ impl Default for HoldLimits {
     }
 }
 
-/// What replays a held packet, and counts what is held with the hold: the datapath, or a
-/// test's fake.
-pub trait Replayer {
+/// What the hold needs of the kernel: to replay a held packet, to watch for its answer, and
+/// to keep the kernel's counts of what is held. The datapath serves it
+/// (`datapath/replay.rs`); tests use a fake.
+pub trait HoldKernel {
+    /// Why the kernel could not do what was asked.
+    type Error: std::fmt::Display;
     /// Hands `frame` to interface `ifindex`'s stack as if just received.
-    fn replay(&mut self, frame: &[u8], ifindex: u32) -> Result<(), DatapathError>;
+    fn replay(&mut self, frame: &[u8], ifindex: u32) -> Result<(), Self::Error>;
     /// Starts watching for the answer to `flow`, which must come in on `ifindex`.
-    fn watch(&mut self, flow: &FlowKey, ifindex: u32) -> Result<(), DatapathError>;
+    fn watch(&mut self, flow: &FlowKey, ifindex: u32) -> Result<(), Self::Error>;
     /// Whether `flow` was answered.
     fn answered(&self, flow: &FlowKey) -> bool;
     /// Lets `flow` go: the kernel may hold its next opening packet. `watching_left`: some
     /// other flow still waits for its answer.
-    fn release(&mut self, flow: &FlowKey, watching_left: bool) -> Result<(), DatapathError>;
+    fn release(&mut self, flow: &FlowKey, watching_left: bool) -> Result<(), Self::Error>;
     /// What is held now: per VIP (among them, those with none), and in all.
-    fn set_held(&mut self, vips: &[(VipKey, u32)], total: u32) -> Result<(), DatapathError>;
+    fn set_held(&mut self, vips: &[(VipKey, u32)], total: u32) -> Result<(), Self::Error>;
     /// The kernel's counts: per VIP, and in all.
     fn held_in_kernel(&self) -> (Vec<(VipKey, u32)>, u32);
 }
 
-impl Replayer for Datapath {
-    fn replay(&mut self, frame: &[u8], ifindex: u32) -> Result<(), DatapathError> {
-        Datapath::replay(self, frame, ifindex)
-    }
-    fn watch(&mut self, flow: &FlowKey, ifindex: u32) -> Result<(), DatapathError> {
-        self.watch_answer(flow, ifindex)
-    }
-    fn answered(&self, flow: &FlowKey) -> bool {
-        self.is_answered(flow)
-    }
-    fn release(&mut self, flow: &FlowKey, watching_left: bool) -> Result<(), DatapathError> {
-        self.release_flow(flow, watching_left)
-    }
-    fn set_held(&mut self, vips: &[(VipKey, u32)], total: u32) -> Result<(), DatapathError> {
-        Datapath::set_held(self, vips, total)
-    }
-    fn held_in_kernel(&self) -> (Vec<(VipKey, u32)>, u32) {
-        self.held_counts()
+/// A held frame as the agent keeps it: where it arrived, when, for which VIP, and its bytes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HeldBytes {
+    /// When the kernel saw it, `CLOCK_MONOTONIC` nanoseconds.
+    pub timestamp_ns: u64,
+    /// Its flow, as the kernel keyed it: the held packet's identity on both sides (its
+    /// destination is the VIP, [`HeldBytes::vip`]).
+    pub flow: FlowKey,
+    /// The interface it arrived on.
+    pub ifindex: u32,
+    /// The frame, from its Ethernet header.
+    pub frame: Vec<u8>,
+}
+
+impl HeldBytes {
+    /// The VIP it was sent to.
+    pub fn vip(&self) -> VipKey {
+        self.flow.vip()
     }
 }
 
@@ -214,8 +215,10 @@ pub struct HeldPackets {
     kernel_suspects: KernelSuspects,
     /// When the kernel's counts were last reconciled.
     reconciled_ns: u64,
+    /// When replayed flows' answers were last looked at (see [`answer_poll`]).
+    answers_checked_ns: u64,
     /// What befell held packets since the last [`HeldPackets::take_news`].
-    news: Vec<(VipKey, PacketNews)>,
+    news: Vec<(HoldKey, PacketNews)>,
     metrics: HoldMetrics,
 }
 
@@ -258,6 +261,14 @@ pub const REPLAY_WINDOW: Duration = Duration::from_secs(3);
 /// [`HeldPackets::reconcile_kernel`]).
 pub const RECONCILE_EVERY: Duration = Duration::from_secs(5);
 
+/// How often replayed flows' answers are looked at while some wait for one: every 5 ms, so
+/// that a connection is seen within milliseconds of its answer (not at the next replay), and
+/// 5 µs longer per flow watched, so that a wake-up of thousands of flows costs no more than a
+/// lookup per flow every few tens of milliseconds.
+fn answer_poll(watched: usize) -> Duration {
+    Duration::from_millis(5) + Duration::from_micros(5 * watched as u64)
+}
+
 /// Backoff between replays of an unanswered SYN: 50 ms, doubling, at most one second.
 fn backoff(replays: u32) -> Duration {
     Duration::from_millis(50u64 << replays.min(5).saturating_sub(1)).min(Duration::from_secs(1))
@@ -281,13 +292,14 @@ impl HeldPackets {
             unsynced: Unsynced::default(),
             kernel_suspects: KernelSuspects::default(),
             reconciled_ns: 0,
+            answers_checked_ns: 0,
             news: Vec::new(),
             metrics,
         }
     }
 
     /// What befell held packets since the last call, in order.
-    pub fn take_news(&mut self) -> Vec<(VipKey, PacketNews)> {
+    pub fn take_news(&mut self) -> Vec<(HoldKey, PacketNews)> {
         std::mem::take(&mut self.news)
     }
 
@@ -382,7 +394,7 @@ impl HeldPackets {
         self.oldest_seen_ns = self.oldest_seen_ns.min(held.timestamp_ns);
         self.flows.insert(flow);
         self.total += 1;
-        self.news.push((held_vip, PacketNews::Held));
+        self.news.push((key, PacketNews::Held));
         self.metrics.count("held", 1);
         self.metrics.held_now.set(self.total as i64);
     }
@@ -402,7 +414,7 @@ impl HeldPackets {
         for packet in &mut hold.packets {
             packet.next_replay_ns = first;
         }
-        info!(
+        debug!(
             vip = %crate::vip::Spelt(&key.vip),
             scope = key.scope,
             held = hold.packets.len(),
@@ -419,7 +431,7 @@ impl HeldPackets {
     }
 
     /// `vip` was deleted: its packets (on every scope) are discarded.
-    pub fn vip_removed(&mut self, vip: &VipKey, replayer: &mut impl Replayer) {
+    pub fn vip_removed(&mut self, vip: &VipKey, kernel: &mut impl HoldKernel) {
         for scope in self.scopes_of.remove(vip).unwrap_or_default() {
             let key = HoldKey { vip: *vip, scope };
             self.waking.remove(&key);
@@ -429,8 +441,8 @@ impl HeldPackets {
             };
             let n = hold.packets.len();
             for packet in hold.packets {
-                self.release(vip, &packet, replayer);
-                self.news.push((*vip, PacketNews::Left("discarded")));
+                self.release(vip, &packet, kernel);
+                self.news.push((key, PacketNews::Left("discarded")));
             }
             self.metrics.count("discarded", n as u64);
             self.metrics.held_now.set(self.total as i64);
@@ -438,11 +450,12 @@ impl HeldPackets {
                 info!(vip = %crate::vip::Spelt(vip), discarded = n, "VIP deleted: its held packets are discarded");
             }
         }
-        self.sync_kernel(replayer);
+        self.sync_kernel(kernel);
     }
 
     /// Replays what is due at `now_ns` and discards what is too old.
-    pub fn replay_due(&mut self, now_ns: u64, replayer: &mut impl Replayer) {
+    pub fn replay_due(&mut self, now_ns: u64, kernel: &mut impl HoldKernel) {
+        self.answers_checked_ns = now_ns;
         let max_age = self.limits.max_age.as_nanos() as u64;
         let mut done: Vec<(HoldKey, usize, &'static str)> = Vec::new();
         // Every key only when some packet is old enough to expire; else only those waking.
@@ -457,8 +470,7 @@ impl HeldPackets {
             };
             let first_seen = hold.packets_first_seen();
             for (at, packet) in hold.packets.iter_mut().enumerate() {
-                let answered =
-                    self.watched.contains(&packet.flow) && replayer.answered(&packet.flow);
+                let answered = self.watched.contains(&packet.flow) && kernel.answered(&packet.flow);
                 if answered {
                     done.push((key, at, "answered"));
                     continue;
@@ -493,7 +505,7 @@ impl HeldPackets {
                 let tcp = packet.flow.proto == IPPROTO_TCP;
                 if tcp && packet.replays == 0 && self.watched.insert(packet.flow) {
                     self.watching.insert(key);
-                    if let Err(e) = replayer.watch(&packet.flow, packet.ifindex) {
+                    if let Err(e) = kernel.watch(&packet.flow, packet.ifindex) {
                         warn!("cannot watch a replayed flow's answer: {e}");
                     }
                 }
@@ -501,7 +513,7 @@ impl HeldPackets {
                 if let Some(parsed) = frame::parse(&frame) {
                     frame::complete_checksum(&mut frame, &parsed);
                 }
-                if let Err(e) = replayer.replay(&frame, packet.ifindex) {
+                if let Err(e) = kernel.replay(&frame, packet.ifindex) {
                     // Its interface is gone (a pod deleted meanwhile), or the kernel refused:
                     // another try would fare no better.
                     warn!(
@@ -512,7 +524,7 @@ impl HeldPackets {
                     continue;
                 }
                 packet.replays += 1;
-                self.news.push((key.vip, PacketNews::Replayed));
+                self.news.push((key, PacketNews::Replayed));
                 self.metrics.count("replayed", 1);
                 if tcp {
                     packet.next_replay_ns = now_ns + backoff(packet.replays).as_nanos() as u64;
@@ -534,8 +546,8 @@ impl HeldPackets {
             if outcome != "delivered" {
                 self.metrics.count(outcome, 1);
             }
-            self.news.push((key.vip, PacketNews::Left(outcome)));
-            self.release(&key.vip, &packet, replayer);
+            self.news.push((key, PacketNews::Left(outcome)));
+            self.release(&key.vip, &packet, kernel);
         }
         // Only the keys that lost packets can be empty now.
         for key in touched {
@@ -557,7 +569,7 @@ impl HeldPackets {
                 .unwrap_or(u64::MAX);
         }
         self.metrics.held_now.set(self.total as i64);
-        self.sync_kernel(replayer);
+        self.sync_kernel(kernel);
     }
 
     /// Removes an empty key and its place in the indexes.
@@ -577,7 +589,7 @@ impl HeldPackets {
     /// (packets let go, or refused here after the kernel counted them), and lets go of the
     /// flows the kernel copied that the hold refused. The kernel counts up as it copies; it
     /// never counts more than the hold keeps plus what waits in the ring.
-    pub fn sync_kernel(&mut self, replayer: &mut impl Replayer) {
+    pub fn sync_kernel(&mut self, kernel: &mut impl HoldKernel) {
         let total = std::mem::take(&mut self.unsynced.total);
         if self.unsynced.vips.is_empty() && self.unsynced.refused_flows.is_empty() && !total {
             return;
@@ -585,7 +597,7 @@ impl HeldPackets {
         let watching_left = !self.watched.is_empty();
         for flow in std::mem::take(&mut self.unsynced.refused_flows) {
             if !self.flows.contains(&flow)
-                && let Err(e) = replayer.release(&flow, watching_left)
+                && let Err(e) = kernel.release(&flow, watching_left)
             {
                 warn!("cannot let a refused flow go in the kernel: {e}");
             }
@@ -594,7 +606,7 @@ impl HeldPackets {
             .into_iter()
             .map(|vip| (vip, self.held_for(&vip) as u32))
             .collect();
-        if let Err(e) = replayer.set_held(&vips, self.total as u32) {
+        if let Err(e) = kernel.set_held(&vips, self.total as u32) {
             warn!("cannot write the held counts to the kernel: {e}");
         }
     }
@@ -605,16 +617,16 @@ impl HeldPackets {
     /// failed). Run now and then. A count above the hold's that changed since the last call
     /// is left alone: the kernel also counts what waits in the ring, which the hold has not
     /// read yet.
-    pub fn reconcile_kernel(&mut self, now_ns: u64, replayer: &mut impl Replayer) {
+    pub fn reconcile_kernel(&mut self, now_ns: u64, kernel: &mut impl HoldKernel) {
         if !self.enabled()
             || now_ns.saturating_sub(self.reconciled_ns) < RECONCILE_EVERY.as_nanos() as u64
         {
             return;
         }
         self.reconciled_ns = now_ns;
-        let (kernel, total) = replayer.held_in_kernel();
+        let (per_vip, total) = kernel.held_in_kernel();
         let mut suspects = HashMap::new();
-        for (vip, held) in kernel {
+        for (vip, held) in per_vip {
             if held as usize > self.held_for(&vip) {
                 if self.kernel_suspects.vips.get(&vip) == Some(&held) {
                     self.unsynced.vips.insert(vip);
@@ -634,13 +646,13 @@ impl HeldPackets {
         if self.unsynced.total || !self.unsynced.vips.is_empty() {
             debug!("held counts in the kernel above the hold's since the last look: written down");
             self.unsynced.total = true;
-            self.sync_kernel(replayer);
+            self.sync_kernel(kernel);
         }
     }
 
     /// Forgets a packet of `vip` that left the hold; the kernel lets its flow go now, and
     /// its counts follow at the next [`HeldPackets::sync_kernel`].
-    fn release(&mut self, vip: &VipKey, packet: &HeldPacket, replayer: &mut impl Replayer) {
+    fn release(&mut self, vip: &VipKey, packet: &HeldPacket, kernel: &mut impl HoldKernel) {
         self.total -= 1;
         if let Some(n) = self.per_vip.get_mut(vip) {
             *n -= 1;
@@ -652,7 +664,7 @@ impl HeldPackets {
         self.oldest_stale |= packet.seen_ns <= self.oldest_seen_ns;
         self.flows.remove(&packet.flow);
         self.watched.remove(&packet.flow);
-        if let Err(e) = replayer.release(&packet.flow, !self.watched.is_empty()) {
+        if let Err(e) = kernel.release(&packet.flow, !self.watched.is_empty()) {
             warn!("cannot let a held flow go in the kernel: {e}");
         }
     }
@@ -671,7 +683,12 @@ impl HeldPackets {
             .filter_map(|key| self.vips.get(key))
             .flat_map(|hold| hold.packets.iter().map(|p| p.next_replay_ns))
             .min();
-        Some(replay.map_or(expiry, |replay| replay.min(expiry)))
+        let due = replay.map_or(expiry, |replay| replay.min(expiry));
+        if self.watching.is_empty() {
+            return Some(due);
+        }
+        let poll = self.answers_checked_ns + answer_poll(self.watched.len()).as_nanos() as u64;
+        Some(due.min(poll))
     }
 }
 
@@ -688,7 +705,7 @@ mod tests {
     const MS: u64 = 1_000_000;
 
     #[derive(Default)]
-    struct FakeReplayer {
+    struct FakeKernel {
         replays: Vec<(Vec<u8>, u32)>,
         watched: HashSet<FlowKey>,
         answered: HashSet<FlowKey>,
@@ -698,24 +715,25 @@ mod tests {
         total: u32,
     }
 
-    impl Replayer for FakeReplayer {
-        fn replay(&mut self, frame: &[u8], ifindex: u32) -> Result<(), DatapathError> {
+    impl HoldKernel for FakeKernel {
+        type Error = std::convert::Infallible;
+        fn replay(&mut self, frame: &[u8], ifindex: u32) -> Result<(), Self::Error> {
             self.replays.push((frame.to_vec(), ifindex));
             Ok(())
         }
-        fn watch(&mut self, flow: &FlowKey, _ifindex: u32) -> Result<(), DatapathError> {
+        fn watch(&mut self, flow: &FlowKey, _ifindex: u32) -> Result<(), Self::Error> {
             self.watched.insert(*flow);
             Ok(())
         }
         fn answered(&self, flow: &FlowKey) -> bool {
             self.answered.contains(flow)
         }
-        fn release(&mut self, flow: &FlowKey, _watching_left: bool) -> Result<(), DatapathError> {
+        fn release(&mut self, flow: &FlowKey, _watching_left: bool) -> Result<(), Self::Error> {
             self.watched.remove(flow);
             self.released.push(*flow);
             Ok(())
         }
-        fn set_held(&mut self, vips: &[(VipKey, u32)], total: u32) -> Result<(), DatapathError> {
+        fn set_held(&mut self, vips: &[(VipKey, u32)], total: u32) -> Result<(), Self::Error> {
             for (vip, n) in vips {
                 match n {
                     0 => self.held.remove(vip),
@@ -814,7 +832,7 @@ mod tests {
     #[test]
     fn the_kernels_counts_follow_what_is_held() {
         let mut hold = HeldPackets::new(limits(), HoldMetrics::default());
-        let mut kernel = FakeReplayer::default();
+        let mut kernel = FakeKernel::default();
         // The kernel copied four of one VIP (it counted four); the hold keeps three.
         for sport in 1000..1004 {
             hold.hold(packet(sport, 6, 0), 0);
@@ -848,7 +866,7 @@ mod tests {
     #[test]
     fn stale_kernel_counts_are_written_down() {
         let mut hold = HeldPackets::new(limits(), HoldMetrics::default());
-        let mut kernel = FakeReplayer::default();
+        let mut kernel = FakeKernel::default();
         hold.hold(packet(1000, 6, 0), 0);
         hold.replay_due(MS, &mut kernel);
         let other = packet_to(1000, 81, 6, 0).vip();
@@ -876,7 +894,7 @@ mod tests {
     #[test]
     fn tcp_is_replayed_with_backoff_until_answered_udp_once() {
         let mut hold = HeldPackets::new(limits(), HoldMetrics::default());
-        let mut kernel = FakeReplayer::default();
+        let mut kernel = FakeKernel::default();
         hold.hold(packet(1000, 6, 0), 0);
         hold.hold(packet(1001, 17, 0), 0);
         hold.replay_due(10 * MS, &mut kernel);
@@ -895,6 +913,11 @@ mod tests {
             hold.len(),
             1,
             "the datagram is delivered once, the SYN waits for its answer"
+        );
+        assert_eq!(
+            hold.next_due_ns(),
+            Some(100 * MS + answer_poll(1).as_nanos() as u64),
+            "the answer is looked for within milliseconds, well before the next replay"
         );
         hold.replay_due(120 * MS, &mut kernel);
         assert_eq!(
@@ -924,7 +947,7 @@ mod tests {
     #[test]
     fn an_unanswered_syn_is_replayed_a_bounded_number_of_times_within_a_bounded_time() {
         let mut hold = HeldPackets::new(limits(), HoldMetrics::default());
-        let mut kernel = FakeReplayer::default();
+        let mut kernel = FakeKernel::default();
         hold.hold(packet(1000, 6, 0), 0);
         hold.backends_appeared(&HoldKey::node_wide(vip()), 100 * MS);
         // Never answered (a spoofed source): replayed every time it is due, up to the cap.
@@ -944,7 +967,7 @@ mod tests {
 
         // A backend that appears late in the packet's life: replays stop at the window.
         let mut hold = HeldPackets::new(limits(), HoldMetrics::default());
-        let mut kernel = FakeReplayer::default();
+        let mut kernel = FakeKernel::default();
         hold.hold(packet(1001, 6, 0), 0);
         hold.backends_appeared(&HoldKey::node_wide(vip()), 100 * MS);
         hold.replay_due(100 * MS, &mut kernel);
@@ -957,7 +980,7 @@ mod tests {
     #[test]
     fn old_packets_expire_and_a_deleted_vips_are_discarded() {
         let mut hold = HeldPackets::new(limits(), HoldMetrics::default());
-        let mut kernel = FakeReplayer::default();
+        let mut kernel = FakeKernel::default();
         hold.hold(packet(1000, 6, 0), 0);
         hold.hold(packet(1001, 6, 30_000 * MS), 30_000 * MS);
         hold.replay_due(60_000 * MS + 1, &mut kernel);

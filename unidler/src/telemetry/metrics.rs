@@ -379,7 +379,7 @@ impl Collector for EventCollector {
             &mut encoder,
             "unidler_ovsdb_connect_failures",
             "Attempts to connect to the Southbound database that failed (refused, unreachable, \
-             TLS, not the leader)",
+             TLS)",
             &[(None, load(&db.stats().connect_failures))],
         )?;
         encode_counters(

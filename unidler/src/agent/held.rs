@@ -9,9 +9,8 @@ use unidler_common::VipKey;
 use super::Agent;
 use crate::{
     clock,
-    datapath::HeldBytes,
     forwarding::{self, ForwardingCheck, Waiting},
-    hold::HoldKey,
+    hold::{HeldBytes, HoldKey},
     registry::MapChange,
     vip::{Spelt, Vip},
     wakeup::Phase,
@@ -36,7 +35,7 @@ impl Agent {
 
     /// What a held packet of `vip` from interface `ifindex` waits on: for a scoped VIP the
     /// interface's scope, else the VIP node-wide (0).
-    fn hold_scope(&self, vip: &VipKey, ifindex: u32) -> u32 {
+    pub(super) fn hold_scope(&self, vip: &VipKey, ifindex: u32) -> u32 {
         let scoped = Vip::from_key(vip).is_some_and(|v| self.registry.scopes(&v).is_some());
         match scoped {
             true => self.iface_scopes.get(&ifindex).copied().unwrap_or(0),

@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 use ovsdb::{Client, ClientOptions, MonitorRequest, Remote};
 use unidler::{
     event::IdleHit,
-    sink::{ControllerEventSink, Dedup, SinkOptions},
-    southbound::{Southbound, SouthboundConfig},
+    ovn::controller_event::{ControllerEventSink, Dedup, SinkOptions},
+    ovn::southbound::{Southbound, SouthboundConfig},
     vip::Protocol,
 };
 use unidler_tests::{

@@ -10,7 +10,7 @@
 #[path = "../scenarios/fleet.rs"]
 mod fleet;
 
-use unidler::sink::Dedup;
+use unidler::ovn::controller_event::Dedup;
 
 #[test]
 fn agents_sync_deduplicate_cluster_wide_and_resync_after_cluster_restarts() {

@@ -10,7 +10,7 @@ use std::{
 
 use tokio::sync::mpsc;
 use unidler::{
-    forwarding::{FlowReader, ForwardingCheck, ForwardingReader, Waiting},
+    ovn::forwarding::{FlowReader, ForwardingCheck, ForwardingReader, Waiting},
     vip::VipSpec,
 };
 use unidler_tests::ovsdb_server::TempDir;

@@ -13,8 +13,8 @@ use std::{
 use unidler::{
     clock::monotonic_ns,
     event::IdleHit,
-    sink::{ControllerEventSink, SinkOptions},
-    southbound::{Southbound, SouthboundConfig},
+    ovn::controller_event::{ControllerEventSink, SinkOptions},
+    ovn::southbound::{Southbound, SouthboundConfig},
     vip::Protocol,
 };
 use unidler_tests::ovsdb_server::{self, CHASSIS, Southbound as _, TempDir};

@@ -28,7 +28,7 @@ pub struct IdleHit {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub load_balancer: Option<String>,
     /// While the name is not read yet: the Southbound Load_Balancer row to read it from
-    /// ([`crate::lb_names`]).
+    /// ([`crate::ovn::lb_names`]).
     #[serde(skip)]
     pub load_balancer_row: Option<[u64; 2]>,
     /// `dropped` or `passed`: what the datapath did with the packet.

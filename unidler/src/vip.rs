@@ -275,7 +275,7 @@ pub enum LoadBalancerName {
     Text(Arc<str>),
     /// Not known yet: the name is in the Southbound Load_Balancer row of this UUID
     /// (`external_ids:lb_id`, else the row's own UUID), read when an event first needs it
-    /// ([`crate::lb_names`]). Never written as a name: its text is `sb-row:UUID`.
+    /// ([`crate::ovn::lb_names`]). Never written as a name: its text is `sb-row:UUID`.
     SouthboundRow([u64; 2]),
 }
 

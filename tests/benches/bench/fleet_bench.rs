@@ -8,7 +8,7 @@
 #[path = "../../scenarios/fleet.rs"]
 mod fleet;
 
-use unidler::sink::Dedup;
+use unidler::ovn::controller_event::Dedup;
 
 use crate::figure::{Figure, figure};
 

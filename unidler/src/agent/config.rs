@@ -5,7 +5,7 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use unidler_common::{RateLimitConfig, VIP_FLAG_PASS_WHEN_IDLE};
 
-use crate::{datapath::Hook, southbound::SouthboundConfig, vip::DesiredVip};
+use crate::{datapath::Hook, ovn::southbound::SouthboundConfig, vip::DesiredVip};
 
 /// The agent's whole configuration.
 #[derive(Clone, Debug)]
@@ -18,7 +18,7 @@ pub struct Config {
     pub hook: Hook,
     /// The local Open_vSwitch database, and which of OVN's interfaces the datapath follows
     /// there (VIFs, uplinks), if any.
-    pub ovn_interfaces: Option<(Vec<ovsdb::Remote>, crate::ovs_interfaces::Follow)>,
+    pub ovn_interfaces: Option<(Vec<ovsdb::Remote>, crate::ovn::ovs_interfaces::Follow)>,
     /// Where the VIPs come from.
     pub vips: VipSourceConfig,
     /// Capacity of the kernel's VIP map; VIPs beyond it are not watched (and reported).
@@ -38,14 +38,14 @@ pub struct Config {
     /// Where the node's forwarding is read before a replay, with VIPs from OVN: held packets
     /// of a VIP are replayed once the integration bridge's flows carry its backend. None:
     /// replayed as soon as the VIP source says so.
-    pub forwarding: Option<crate::forwarding::FlowReader>,
+    pub forwarding: Option<crate::ovn::forwarding::FlowReader>,
     /// The Southbound database: with it, idle hits become Controller_Event rows there;
     /// without it, they are printed on standard output as JSON lines.
     pub southbound: Option<SouthboundConfig>,
     /// Most idle hits waiting for the database.
     pub event_queue_size: usize,
     /// Whose rows make a hit a duplicate: ours (as ovn-controller), or any chassis'.
-    pub dedup: crate::sink::Dedup,
+    pub dedup: crate::ovn::controller_event::Dedup,
     /// Where state that outlives the process is kept (the last Controller_Event seq_num).
     pub state_dir: PathBuf,
     /// Address of the metrics and health endpoint (`/metrics`, `/healthz`, `/readyz`).

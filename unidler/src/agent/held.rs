@@ -9,8 +9,8 @@ use unidler_common::VipKey;
 use super::Agent;
 use crate::{
     clock,
-    forwarding::{self, ForwardingCheck, Waiting},
     hold::{HeldBytes, HoldKey},
+    ovn::forwarding::{self, ForwardingCheck, Waiting},
     registry::MapChange,
     vip::{Spelt, Vip},
     wakeup::Phase,

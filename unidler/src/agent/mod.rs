@@ -37,14 +37,14 @@ use crate::{
     clock,
     datapath::{self, Counters, Datapath, Feature, Hook, LoadOptions},
     event::{IdleHit, iface_name},
-    forwarding::{ForwardingReader, Waiting},
     hold::HeldPackets,
-    lb_names::{LoadBalancerNames, NamesRead},
     links::LinkChanges,
-    ovs_interfaces::{self, InterfaceNames, OvnInterfaces},
+    ovn::controller_event::{ControllerEventSink, SinkOptions},
+    ovn::forwarding::{ForwardingReader, Waiting},
+    ovn::lb_names::{LoadBalancerNames, NamesRead},
+    ovn::ovs_interfaces::{self, InterfaceNames, OvnInterfaces},
+    ovn::southbound::Southbound,
     registry::{MapChange, VipRegistry},
-    sink::{ControllerEventSink, SinkOptions},
-    southbound::Southbound,
     telemetry::{
         self, EventRow, InterfaceRow, Query, Readiness, ScopeRow, VipRow,
         metrics::{self, AgentMetrics},
@@ -123,7 +123,7 @@ pub struct Agent {
     /// The VIFs' logical ports (`iface-id`), by interface name.
     iface_ids: std::collections::BTreeMap<String, String>,
     /// The local logical ports' scopes, from the OVN VIP source.
-    port_scopes: Option<tokio::sync::watch::Receiver<Arc<crate::vipsource::ovn::PortScopes>>>,
+    port_scopes: Option<tokio::sync::watch::Receiver<Arc<crate::ovn::vips::PortScopes>>>,
     /// The scope written to the kernel for each attached interface that has one.
     iface_scopes: HashMap<u32, u32>,
     /// Followed interfaces that refused the program, by name, with the ifindex

@@ -15,15 +15,15 @@ use unidler_common::IdleHitEvent;
 
 use crate::{
     datapath::{EventRing, HeldRing},
-    forwarding::{ForwardingCheck, Waiting},
     hold::HeldBytes,
-    lb_names::NamesRead,
     links::LinkChanges,
-    ovs_interfaces::OvnInterfaces,
-    sink::RowNews,
+    ovn::controller_event::RowNews,
+    ovn::forwarding::{ForwardingCheck, Waiting},
+    ovn::lb_names::NamesRead,
+    ovn::ovs_interfaces::OvnInterfaces,
+    ovn::vips::PortScopes,
     telemetry::Query,
     vip::VipUpdate,
-    vipsource::ovn::PortScopes,
 };
 
 /// Something for the agent to handle.
@@ -87,7 +87,7 @@ pub struct Sources {
     pub vifs: mpsc::UnboundedReceiver<OvnInterfaces>,
     /// The local logical ports' scopes (with VIPs from OVN).
     pub port_scopes: Option<watch::Receiver<Arc<PortScopes>>>,
-    /// Load balancers' names as they are read ([`crate::lb_names`]).
+    /// Load balancers' names as they are read ([`crate::ovn::lb_names`]).
     pub names_read: mpsc::UnboundedReceiver<NamesRead>,
     /// What became of our Controller_Event rows (never ready without the sink).
     pub rows: mpsc::UnboundedReceiver<RowNews>,

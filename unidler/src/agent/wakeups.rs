@@ -6,8 +6,8 @@ use super::Agent;
 use crate::{
     clock,
     hold::HoldLimits,
+    ovn::controller_event::{RowFate, RowNews},
     registry::MapChange,
-    sink::{RowFate, RowNews},
     wakeup::Phase,
 };
 

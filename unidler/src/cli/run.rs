@@ -8,8 +8,8 @@ use tracing_subscriber::filter::LevelFilter;
 use unidler::{
     agent::{Agent, Config, IdleAction, InterfaceSelector, VipSourceConfig},
     datapath::Hook,
-    sink::Dedup,
-    southbound::SouthboundConfig,
+    ovn::controller_event::Dedup,
+    ovn::southbound::SouthboundConfig,
     vip::VipSpec,
 };
 use unidler_common::RateLimitConfig;
@@ -299,7 +299,7 @@ fn config(args: RunArgs) -> Result<Config> {
         hook: hook(args.hook, args.xdp_mode),
         ovn_interfaces: if args.ovn_vifs || args.ovn_uplinks {
             let remotes = ovsdb::Remote::parse_list(&args.ovs_db).context("--ovs-db")?;
-            let follow = unidler::ovs_interfaces::Follow {
+            let follow = unidler::ovn::ovs_interfaces::Follow {
                 vifs: args.ovn_vifs,
                 uplinks: args.ovn_uplinks,
             };
@@ -324,9 +324,11 @@ fn config(args: RunArgs) -> Result<Config> {
             max_age: args.hold_max_age,
             replay_after: args.replay_after,
         },
-        forwarding: (!args.openflow_bridge.is_empty()).then(|| unidler::forwarding::FlowReader {
-            target: args.openflow_bridge.clone(),
-            max_wait: Duration::from_secs(10),
+        forwarding: (!args.openflow_bridge.is_empty()).then(|| {
+            unidler::ovn::forwarding::FlowReader {
+                target: args.openflow_bridge.clone(),
+                max_wait: Duration::from_secs(10),
+            }
         }),
         southbound,
         event_queue_size: args.event_queue_size,

@@ -22,7 +22,7 @@ use unidler_common::Counter as KernelCounter;
 
 use crate::{
     datapath::{CounterReader, Counters},
-    sink::ControllerEventSink,
+    ovn::controller_event::ControllerEventSink,
 };
 
 /// What the agent's loop counts and sets; cheap to clone (the values are shared).

@@ -26,7 +26,7 @@ use tokio::sync::{mpsc, oneshot};
 use unidler_common::VipKey;
 
 pub use crate::wakeup::WakeupRow;
-use crate::{datapath::VipHitsReader, sink::ControllerEventSink};
+use crate::{datapath::VipHitsReader, ovn::controller_event::ControllerEventSink};
 
 /// One row of `unidler events`: an idle hit, and what became of it.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]

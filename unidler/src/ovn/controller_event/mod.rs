@@ -21,7 +21,7 @@
 //!   time, so it is written once per block and never on the way of a row) and our rows in the
 //!   database ([`seq_num`]).
 //!
-//! The Southbound connection itself (monitors, our Chassis) is [`crate::southbound`]'s.
+//! The Southbound connection itself (monitors, our Chassis) is [`crate::ovn::southbound`]'s.
 
 mod our_rows;
 pub mod seq_num;
@@ -49,7 +49,7 @@ use self::{
 use crate::{
     clock::monotonic_ns,
     event::IdleHit,
-    southbound::{CONTROLLER_EVENT, Southbound},
+    ovn::southbound::{CONTROLLER_EVENT, Southbound},
 };
 
 const EVENT_TYPE: &str = "empty_lb_backends";

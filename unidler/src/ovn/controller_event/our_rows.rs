@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use ovsdb::{Atom, Client, Row, RowChange, Uuid, Value};
 
 use super::{EVENT_TYPE, EventKey};
-use crate::southbound::CONTROLLER_EVENT;
+use crate::ovn::southbound::CONTROLLER_EVENT;
 
 /// Our chassis' `empty_lb_backends` rows as the replica shows them, kept up to date from its
 /// change sets: looking one up costs O(1), where a scan per transaction would cost O(rows),

@@ -205,7 +205,7 @@ async fn read_names(
         let ops: Vec<Operation> = batch
             .iter()
             .map(|row| Operation::Select {
-                table: crate::vipsource::ovn::TABLE.into(),
+                table: crate::ovn::vips::TABLE.into(),
                 conditions: vec![Condition::eq("_uuid", Value::from(row_uuid(*row)))],
                 columns: Some(vec!["external_ids".into()]),
             })

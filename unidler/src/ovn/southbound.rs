@@ -15,7 +15,7 @@ use ovsdb::{
 };
 use tokio::sync::{mpsc, watch};
 
-use crate::{vip::VipUpdate, vipsource::ovn::PortScopes};
+use crate::{ovn::vips::PortScopes, vip::VipUpdate};
 use tracing::{info, warn};
 
 /// The Southbound database's name.
@@ -71,7 +71,7 @@ impl Southbound {
         options.rpc.max_message_bytes = config.max_message_bytes;
         let (source, load_balancers, port_scopes) = match vips {
             Some(updates) => {
-                let handles = crate::vipsource::ovn::LoadBalancerSource::start(updates);
+                let handles = crate::ovn::vips::LoadBalancerSource::start(updates);
                 (
                     Some(handles.consumer),
                     Some(handles.load_balancers),
@@ -175,14 +175,14 @@ fn hostname() -> String {
 /// on it could not follow; a name per node is little) and the Controller_Event table for the
 /// sink; with a VIP source, the Load_Balancer columns it reads (given to it, not replicated)
 /// of the load balancers that report (see [`load_balancer_conditions`]), `SB_Global` for
-/// those conditions, and what [`crate::vipsource::ovn::REPLICATED`] lists.
+/// those conditions, and what [`crate::ovn::vips::REPLICATED`] lists.
 pub fn monitors(vip_source: Option<ConsumerHandle>) -> Vec<MonitorRequest> {
     let mut monitors = vec![
         MonitorRequest::table("Chassis").columns(&["name"]),
         MonitorRequest::table(CONTROLLER_EVENT),
     ];
     if let Some(source) = vip_source {
-        use crate::vipsource::ovn::{COLUMNS, OPTIONAL_COLUMNS, REPLICATED, TABLE};
+        use crate::ovn::vips::{COLUMNS, OPTIONAL_COLUMNS, REPLICATED, TABLE};
         // Every load balancer: one without `options:event` that has backends for a VIP
         // keeps that VIP active where it applies.
         monitors.push(

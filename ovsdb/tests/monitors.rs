@@ -1,0 +1,406 @@
+//! The client's monitors against a real `ovsdb-server`: the replica, conditions changed at
+//! run time, optional columns, named monitors, schema conversions, table consumers.
+
+mod common;
+
+use common::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn monitor_keeps_a_replica_of_changes_made_by_others() {
+    let mut server = southbound(Listen::default());
+    server.sbctl(&["chassis-add", "ch-a", "geneve", "127.0.0.1"]);
+    let mut opts = options(&server.unix_remote());
+    opts.monitors = vec![
+        MonitorRequest::table("Chassis").columns(&["name", "external_ids"]),
+        MonitorRequest::table("Controller_Event"),
+    ];
+    // A subscriber hears of the change sets applied after it subscribed: the server is down
+    // until the subscription is in place, so the first session's load is among them.
+    server.kill();
+    let client = Client::start(opts).unwrap();
+    let mut changes = client.subscribe();
+    server.start();
+    client.wait_connected(WAIT).await.unwrap();
+    assert_eq!(client.replica().len("Chassis"), 1);
+    let first = next_change(&mut changes, "the first load", |_| true).await;
+    assert!(first.resync, "{first:?}");
+    // One who subscribes now hears of no load, and is told there was one.
+    let _late = client.subscribe();
+    assert_eq!(client.loads(), 1);
+
+    server.sbctl(&["chassis-add", "ch-b", "geneve", "127.0.0.2"]);
+    server.sbctl(&["set", "Chassis", "ch-a", "external_ids:zone=1"]);
+    eventually("the replica to follow", || {
+        let r = client.replica();
+        r.len("Chassis") == 2
+            && r.rows("Chassis").any(|(_, row)| {
+                // Columns at their default value (an empty map here) are left out.
+                row.get("external_ids").is_some_and(|ids| {
+                    ids.as_string_map().get("zone").map(String::as_str) == Some("1")
+                })
+            })
+    })
+    .await;
+    server.sbctl(&["chassis-del", "ch-b"]);
+    eventually("the delete", || client.replica().len("Chassis") == 1).await;
+    // Columns not asked for are not replicated.
+    let r = client.replica();
+    let (_, row) = r.rows("Chassis").next().unwrap();
+    assert!(row.get("hostname").is_none(), "{row:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conditions_changed_at_run_time_narrow_the_replica_and_survive_a_reconnect() {
+    let mut server = southbound_with_three_chassis();
+    let mut opts = options(&server.unix_remote());
+    opts.monitors = vec![MonitorRequest::table("Chassis").columns(&["name"])];
+    let client = Client::start(opts).unwrap();
+    client.wait_connected(WAIT).await.unwrap();
+    assert_eq!(client.replica().len("Chassis"), 3);
+    let names = |client: &Client| names_in(client, "Chassis");
+
+    client
+        .set_conditions("Chassis", vec![Condition::eq("name", "ch-b")])
+        .await
+        .unwrap();
+    eventually("rows that no longer match to leave", || {
+        names(&client) == ["ch-b"]
+    })
+    .await;
+    // Rows that start matching later enter; others do not.
+    server.sbctl(&["set", "Chassis", "ch-c", "hostname=x"]);
+    server.sbctl(&["chassis-add", "ch-d", "geneve", "127.0.0.4"]);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(names(&client), ["ch-b"]);
+
+    // A new session asks with the conditions as they are now.
+    server.kill();
+    eventually("the client to notice", || !client.is_connected()).await;
+    server.start();
+    client.wait_connected(WAIT).await.unwrap();
+    assert_eq!(names(&client), ["ch-b"]);
+    // Back to every row, loaded afresh.
+    assert!(client.set_conditions("Chassis", Vec::new()).await.unwrap());
+    eventually("every row again", || names(&client).len() == 4).await;
+    assert!(
+        !client.set_conditions("Chassis", Vec::new()).await.unwrap(),
+        "the same conditions again: unchanged"
+    );
+    assert!(client.set_conditions("Nope", Vec::new()).await.is_err());
+
+    // Conditions the server refuses are not taken as in place: asking again asks the server
+    // again (and is refused again), and the monitor keeps following what it followed.
+    let bad = vec![Condition::eq("no_such_column", "x")];
+    for attempt in 0..2 {
+        let refused = client.set_conditions("Chassis", bad.clone()).await;
+        assert!(refused.is_err(), "attempt {attempt}: {refused:?}");
+    }
+    assert!(client.is_connected());
+    server.sbctl(&["chassis-add", "ch-e", "geneve", "127.0.0.5"]);
+    eventually("a new row still followed", || names(&client).len() == 5).await;
+}
+
+/// Optional columns are asked for where the server's schema has them, left out where not (a
+/// column the schema lacks would fail the monitor).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn optional_columns_the_schema_lacks_are_left_out() {
+    let server = southbound(Listen::default());
+    server.sbctl(&["chassis-add", "ch-a", "geneve", "127.0.0.1"]);
+    server.sbctl(&["set", "Chassis", "ch-a", "hostname=h"]);
+    let mut opts = options(&server.unix_remote());
+    opts.monitors = vec![
+        MonitorRequest::table("Chassis")
+            .columns(&["name"])
+            .optional_columns(&["hostname", "no_such_column"]),
+    ];
+    let client = Client::start(opts).unwrap();
+    client.wait_connected(WAIT).await.unwrap();
+    let row = client
+        .replica()
+        .rows("Chassis")
+        .map(|(_, r)| r.clone())
+        .next()
+        .unwrap();
+    assert_eq!(row.keys().collect::<Vec<_>>(), ["hostname", "name"]);
+}
+
+/// An optional column a schema conversion adds is monitored from the next session on (the
+/// conversion ends the session; the next one asks for the column again), by a leader-only
+/// client, which monitors `_Server` (whose copy of the schema the conversion leaves as it
+/// was: it must not be trusted to say that a column is missing)...
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_optional_column_a_schema_conversion_adds_is_monitored_after_it() {
+    optional_column_added_by_a_conversion(true).await;
+}
+
+/// ... and by a client of any member, which does not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_optional_column_the_server_refuses_is_asked_for_again_after_a_conversion() {
+    optional_column_added_by_a_conversion(false).await;
+}
+
+async fn optional_column_added_by_a_conversion(leader_only: bool) {
+    let server = southbound(Listen::default());
+    server.sbctl(&["chassis-add", "ch-a", "geneve", "127.0.0.1"]);
+    let mut opts = options(&server.unix_remote());
+    opts.leader_only = leader_only;
+    opts.monitors = vec![
+        MonitorRequest::table("Chassis")
+            .columns(&["name"])
+            .optional_columns(&["added"]),
+    ];
+    let client = Client::start(opts).unwrap();
+    client.wait_connected(WAIT).await.unwrap();
+    let columns = |client: &Client| {
+        client
+            .replica()
+            .rows("Chassis")
+            .map(|(_, r)| r.keys().cloned().collect::<Vec<_>>())
+            .next()
+            .unwrap_or_default()
+    };
+    assert_eq!(columns(&client), ["name"]);
+
+    let dir = TempDir::new("newer-schema");
+    let mut schema: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(SB_SCHEMA).unwrap()).unwrap();
+    schema["tables"]["Chassis"]["columns"]["added"] = serde_json::json!({"type": "string"});
+    let newer = dir.join("newer.ovsschema");
+    std::fs::write(&newer, schema.to_string()).unwrap();
+    ovsdb_harness::run(
+        std::process::Command::new("ovsdb-client")
+            .arg("convert")
+            .arg(server.unix_remote())
+            .arg(&newer),
+    );
+    ovsdb_harness::run(std::process::Command::new("ovsdb-client").args([
+        "transact",
+        &server.unix_remote(),
+        r#"["OVN_Southbound", {"op": "update", "table": "Chassis",
+            "where": [["name", "==", "ch-a"]], "row": {"added": "yes"}}]"#,
+    ]));
+    eventually("the added column in the replica", || {
+        columns(&client) == ["added", "name"]
+    })
+    .await;
+}
+
+/// A table monitored twice, the second time by a named monitor with other conditions (any of
+/// them): each keeps its rows under its own key, the named one loaded by select and followed
+/// from there, and both reload after a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_named_monitor_follows_the_same_table_under_its_own_conditions() {
+    let mut server = southbound_with_three_chassis();
+    server.sbctl(&["set", "Chassis", "ch-a", "hostname=x"]);
+    server.sbctl(&["set", "Chassis", "ch-b", "hostname=x"]);
+    let mut opts = options(&server.unix_remote());
+    opts.monitors = vec![
+        MonitorRequest::table("Chassis").columns(&["name"]),
+        // Other columns than the first monitor's (see MonitorRequest::named).
+        MonitorRequest::table("Chassis")
+            .columns(&["name", "hostname"])
+            .matching(Condition::eq("hostname", "x"))
+            .matching(Condition::eq("name", "ch-b"))
+            .named("on_x"),
+    ];
+    let client = Client::start(opts).unwrap();
+    let mut changes = client.subscribe();
+    client.wait_connected(WAIT).await.unwrap();
+    assert_eq!(names_in(&client, "Chassis"), ["ch-a", "ch-b", "ch-c"]);
+    assert_eq!(
+        names_in(&client, "on_x"),
+        ["ch-a", "ch-b"],
+        "ch-b matches both"
+    );
+    let row = client
+        .replica()
+        .rows("on_x")
+        .map(|(_, r)| r.clone())
+        .next()
+        .unwrap();
+    assert_eq!(
+        row.keys().collect::<Vec<_>>(),
+        ["hostname", "name"],
+        "its columns only"
+    );
+
+    // A row that starts matching enters the named monitor only, as a change under its name.
+    while changes.try_recv().is_ok() {}
+    server.sbctl(&["set", "Chassis", "ch-c", "hostname=x"]);
+    eventually("ch-c on x", || {
+        names_in(&client, "on_x") == ["ch-a", "ch-b", "ch-c"]
+    })
+    .await;
+    let set = next_change(&mut changes, "ch-c's change", |set| !set.changes.is_empty()).await;
+    let keys: Vec<_> = set.changes.iter().map(|(key, _, _)| key.as_str()).collect();
+    assert_eq!(keys, ["on_x"], "{set:?}");
+    assert_eq!(names_in(&client, "Chassis"), ["ch-a", "ch-b", "ch-c"]);
+    // One that stops matching leaves it.
+    server.sbctl(&["set", "Chassis", "ch-a", "hostname=y"]);
+    eventually("ch-a off x", || {
+        names_in(&client, "on_x") == ["ch-b", "ch-c"]
+    })
+    .await;
+    assert!(
+        client.set_conditions("on_x", Vec::new()).await.is_err(),
+        "a named monitor's conditions are fixed"
+    );
+
+    // A new session reloads both.
+    server.kill();
+    eventually("the client to notice", || !client.is_connected()).await;
+    server.start();
+    client.wait_connected(WAIT).await.unwrap();
+    assert_eq!(names_in(&client, "on_x"), ["ch-b", "ch-c"]);
+    server.sbctl(&["chassis-del", "ch-b"]);
+    eventually("ch-b gone from both", || {
+        names_in(&client, "on_x") == ["ch-c"] && names_in(&client, "Chassis") == ["ch-a", "ch-c"]
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn monitors_canceled_by_a_schema_conversion_are_set_up_again() {
+    let server = southbound(Listen::default());
+    let mut opts = options(&server.unix_remote());
+    opts.monitors = vec![MonitorRequest::table("Chassis").columns(&["name"])];
+    let client = Client::start(opts).unwrap();
+    client.wait_connected(WAIT).await.unwrap();
+    // Converting the database (to the same schema) cancels every monitor on it.
+    ovsdb_harness::run(
+        std::process::Command::new("ovsdb-client")
+            .arg("convert")
+            .arg(server.unix_remote())
+            .arg(SB_SCHEMA),
+    );
+    server.sbctl(&["chassis-add", "ch-after", "geneve", "127.0.0.3"]);
+    eventually(
+        "the row inserted after the conversion in the replica",
+        || {
+            client
+                .replica()
+                .rows("Chassis")
+                .any(|(_, r)| r.get("name") == Some(&Value::from("ch-after")))
+        },
+    )
+    .await;
+}
+
+/// What a test consumer saw, one line per call.
+#[derive(Default)]
+struct Recorder(std::sync::Arc<std::sync::Mutex<Vec<String>>>);
+
+impl ovsdb::TableConsumer for Recorder {
+    fn reset(&mut self) {
+        self.0.lock().unwrap().push("reset".into());
+    }
+    fn row(&mut self, _uuid: &ovsdb::Uuid, update: ovsdb::RowUpdate) -> Result<(), Error> {
+        let name = |row: &Row| {
+            row.get("name")
+                .and_then(Value::atom)
+                .and_then(Atom::as_str)
+                .unwrap_or("?")
+                .to_owned()
+        };
+        let line = match update {
+            ovsdb::RowUpdate::Initial(row) => format!("initial {}", name(&row)),
+            ovsdb::RowUpdate::Insert(row) => format!("insert {}", name(&row)),
+            ovsdb::RowUpdate::Modify(diff) => format!("modify {:?}", diff.get("vips")),
+            ovsdb::RowUpdate::Delete => "delete".into(),
+        };
+        self.0.lock().unwrap().push(line);
+        Ok(())
+    }
+    fn batch_done(&mut self, replica: &ovsdb::Replica, _changed: &ovsdb::Changed) {
+        self.0
+            .lock()
+            .unwrap()
+            .push(format!("done chassis={}", replica.len("Chassis")));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_follows_a_table_without_a_replica_and_resumes_after_a_leader_change() {
+    let mut cluster = Cluster::start(3, SB_SCHEMA, SB_DB);
+    cluster.sbctl(&[
+        "create",
+        "Load_Balancer",
+        "name=a",
+        r#"vips={"10.0.0.1:80"=""}"#,
+    ]);
+    cluster.sbctl(&["chassis-add", "ch-a", "geneve", "127.0.0.1"]);
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let consumer = ovsdb::ConsumerHandle::new(Recorder(seen.clone()));
+    let mut opts = options(&cluster.remotes());
+    opts.monitors = vec![
+        MonitorRequest::table("Load_Balancer")
+            .columns(&["name", "vips"])
+            .consumed_by(consumer),
+        MonitorRequest::table("Chassis").columns(&["name"]),
+        // Resumed as the data monitor is.
+        MonitorRequest::table("Load_Balancer")
+            .columns(&["name", "protocol"])
+            .matching(Condition::eq("name", "b"))
+            .matching(Condition::eq("name", "c"))
+            .named("b_or_c"),
+    ];
+    let client = Client::start(opts).unwrap();
+    client.wait_connected(WAIT).await.unwrap();
+    let lines = || seen.lock().unwrap().clone();
+    let named = |client: &Client| names_in(client, "b_or_c");
+    // The full load: reset, the row, then the batch, with the replicated table already in.
+    // (Every batch is done for every consumer: the named monitor's load is one too.)
+    assert_eq!(
+        lines(),
+        ["reset", "initial a", "done chassis=1", "done chassis=1"]
+    );
+    assert_eq!(client.replica().len("Load_Balancer"), 0, "not replicated");
+
+    // A modify carries the diff: a changed map value is the key with its new value.
+    cluster.sbctl(&[
+        "set",
+        "Load_Balancer",
+        "a",
+        r#"vips:"10.0.0.1:80"="10.1.1.1:8080""#,
+    ]);
+    let expected = format!(
+        "modify {:?}",
+        Some(Value::string_map([("10.0.0.1:80", "10.1.1.1:8080")]))
+    );
+    eventually("the modify", || lines().contains(&expected)).await;
+    cluster.sbctl(&["create", "Load_Balancer", "name=b"]);
+    cluster.sbctl(&["destroy", "Load_Balancer", "a"]);
+    eventually("the insert and the delete", || {
+        let l = lines();
+        l.contains(&"insert b".to_owned()) && l.contains(&"delete".to_owned())
+    })
+    .await;
+
+    eventually("b in the named monitor", || named(&client) == ["b"]).await;
+
+    // The leader goes: the client resumes on the new one from its last transaction, so the
+    // consumer is not reset, and what changed meanwhile comes as changes.
+    let mut changes = client.subscribe();
+    let sessions = client.session_count();
+    let leader = cluster.leader().unwrap();
+    cluster.servers[leader].kill();
+    cluster.wait_for_leader(WAIT);
+    cluster.sbctl(&["create", "Load_Balancer", "name=c"]);
+    client.wait_new_session(sessions).await;
+    eventually("the row made meanwhile", || {
+        lines().contains(&"insert c".to_owned())
+    })
+    .await;
+    let l = lines();
+    assert_eq!(
+        l.iter().filter(|x| *x == "reset").count(),
+        1,
+        "resumed, not loaded afresh: {l:?}"
+    );
+    assert!(!l.iter().any(|x| x.starts_with("initial c")), "{l:?}");
+    // The named monitor too: c as a change, nothing loaded afresh.
+    eventually("c in the named monitor", || named(&client) == ["b", "c"]).await;
+    while let Ok(set) = changes.try_recv() {
+        assert!(!set.resync, "a monitor was loaded afresh: {set:?}");
+    }
+}

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use ovsdb::{Client, ClientOptions, MonitorRequest, Remote};
 use unidler::{
     event::IdleHit,
-    ovn::controller_event::{ControllerEventSink, Dedup, SinkOptions},
+    ovn::controller_event::{ControllerEventWriter, Dedup, WriterOptions},
     ovn::southbound::{Southbound, SouthboundConfig},
     vip::Protocol,
 };
@@ -180,13 +180,13 @@ impl Fleet {
     /// Every agent reports a hit on the same idle VIP at once, deduplicating per chassis or
     /// cluster-wide; the rows are deleted again afterwards.
     pub fn wake_up(&self, dedup: Dedup) -> WakeUp {
-        let sinks: Vec<ControllerEventSink> = self.rt.block_on(async {
+        let sinks: Vec<ControllerEventWriter> = self.rt.block_on(async {
             self.agents
                 .iter()
                 .map(|sb| {
-                    ControllerEventSink::start(
+                    ControllerEventWriter::start(
                         sb.clone(),
-                        SinkOptions {
+                        WriterOptions {
                             queue_capacity: 16,
                             state_dir: None,
                             dedup,

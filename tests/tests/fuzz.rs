@@ -1,6 +1,6 @@
 //! Fuzzing everything the agent parses from outside: OVSDB messages (framing, JSON-RPC
 //! replies, typed values, update2/update3 notifications applied to a replica) and the VIPs
-//! file. (The XDP parser is fuzzed against its reference model in `packet.rs`.)
+//! file. (The XDP parser is fuzzed against its reference model in `packet_fuzz.rs`.)
 //!
 //! Each target starts from a fixed corpus of real inputs and applies seeded mutations (bit
 //! flips, byte insertions and deletions, splices of JSON tokens, truncations). Properties:

@@ -18,7 +18,7 @@ use unidler_common::{
 #[map]
 pub(crate) static VIPS: HashMap<VipKey, VipState> = HashMap::with_max_entries(VIP_MAP_CAPACITY, 0);
 
-/// Prefilter over VIP destination addresses: bit [`address_bucket`] is set while some VIP
+/// Prefilter over VIP destination addresses: bit [`unidler_common::address_bucket`] is set while some VIP
 /// has an address in that bucket. Checked (an inlined array access) before the hash lookup, so
 /// a connection attempt to a non-VIP address costs no hash lookup. Maintained by the agent.
 #[map]
@@ -30,13 +30,13 @@ pub(crate) static VIP_ADDRESS_FILTER: Array<u64> = Array::with_max_entries(ADDRE
 pub(crate) static IFACE_SCOPES: HashMap<u32, u32> =
     HashMap::with_max_entries(IFACE_SCOPES_CAPACITY, 0);
 
-/// The backends of a scoped VIP ([`VIP_FLAG_SCOPED`]) on each scope where it is; written by
+/// The backends of a scoped VIP ([`unidler_common::VIP_FLAG_SCOPED`]) on each scope where it is; written by
 /// the agent.
 #[map]
 pub(crate) static VIP_SCOPES: HashMap<ScopedVip, u32> =
     HashMap::with_max_entries(VIP_SCOPES_CAPACITY, 0);
 
-/// Events for the agent: one [`IdleHitEvent`] per reported idle hit.
+/// Events for the agent: one [`unidler_common::IdleHitEvent`] per reported idle hit.
 #[map]
 pub(crate) static EVENTS: RingBuf = RingBuf::with_byte_size(EVENT_RING_BYTES, 0);
 
@@ -58,7 +58,7 @@ pub(crate) static HEARTBEAT: Array<Heartbeat> = Array::with_max_entries(1, 0);
 pub(crate) static HOLD: Array<HoldConfig> = Array::with_max_entries(1, 0);
 
 /// Opening packets dropped for an idle VIP, whole, for the agent to hold and replay: one
-/// [`HeldFrame`] each, small or large. Its size is the kernel's bound on holding.
+/// [`unidler_common::HeldFrame`] each, small or large. Its size is the kernel's bound on holding.
 #[map]
 pub(crate) static HELD: RingBuf = RingBuf::with_byte_size(HELD_RING_BYTES, 0);
 
@@ -66,7 +66,7 @@ pub(crate) static HELD: RingBuf = RingBuf::with_byte_size(HELD_RING_BYTES, 0);
 /// when it copies its packet to `HELD`, with the interface index the packet came in on, and
 /// copies no other packet of it (a retransmission) while it is there; the agent removes it
 /// when it lets the packet go. While replayed flows wait for their answer, the kernel sets
-/// [`FLOW_ANSWERED`] when the client sends a segment of one on that interface that answers
+/// [`unidler_common::FLOW_ANSWERED`] when the client sends a segment of one on that interface that answers
 /// the server's SYN-ACK (its ACK, or its RST if it gave up).
 #[map]
 pub(crate) static HELD_FLOWS: HashMap<FlowKey, u32> =

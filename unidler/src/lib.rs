@@ -1,6 +1,6 @@
 //! unidler's agent as a library: the [`agent`] itself (its configuration and loop), the
 //! datapath (loading, attaching, maps), the VIP model, registry and sources, the Southbound
-//! connection and the Controller_Event sink, and telemetry. The `unidler` binary is a thin CLI
+//! connection and the Controller_Event writer, and telemetry. The `unidler` binary is a thin CLI
 //! over it; the integration tests and benchmarks use it directly.
 
 pub mod agent;

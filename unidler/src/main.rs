@@ -36,10 +36,12 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Load the XDP program, attach it to interfaces, and report idle hits.
+    /// Run the agent: load the datapath, attach it to interfaces (TC on virtual ones, XDP on
+    /// NICs), report idle hits, hold opening packets and replay them.
     ///
-    /// Each event is written to standard output as one JSON object per line; logs go to
-    /// standard error. SIGINT or SIGTERM detaches the program and exits.
+    /// With --ovnsb-db, idle hits become Controller_Event rows; without, JSON lines on standard
+    /// output. Logs go to standard error. SIGINT or SIGTERM stops it: the datapath is detached,
+    /// or, with --pin-dir, left attached and pinned for the next agent.
     Run(Box<RunArgs>),
     /// Show the VIP table of a running agent: backends, state, hits, load balancer.
     Vips(ClientArgs),

@@ -433,7 +433,7 @@ impl Wakeups {
     }
 
     /// Ends, at `now_ns`, the wake-ups that are done without held packets: those that held
-    /// none and reached `ready`, and those older than the timeout.
+    /// none and reached `ready`, and those older than the timeout that hold none now.
     pub fn finish_due(&mut self, now_ns: u64, ready: Phase) {
         let timeout = self.timeout.as_nanos() as u64;
         let due: Vec<(VipKey, Outcome, u64)> = self
@@ -443,7 +443,8 @@ impl Wakeups {
                 let ready_at = w.phases.iter().find(|(p, _)| *p == ready).map(|p| p.1);
                 if let Some(at) = ready_at.filter(|_| w.held == 0) {
                     Some((w.vip, Outcome::NotHeld, at))
-                } else if now_ns.saturating_sub(w.first_packet_ns) > timeout {
+                } else if w.in_hold == 0 && now_ns.saturating_sub(w.first_packet_ns) > timeout {
+                    // (While packets are held it goes on: each leaves by its own age.)
                     Some((w.vip, w.best.unwrap_or(Outcome::Expired), now_ns))
                 } else {
                     None
@@ -671,6 +672,22 @@ mod tests {
             ["committed", "consumed", "backend", "finished"]
         );
         assert_eq!(rows[0].phases[3].1, 90.0);
+    }
+
+    #[test]
+    fn a_wakeup_with_packets_still_held_does_not_time_out() {
+        let mut wakeups = Wakeups::new(Duration::from_secs(90), WakeupMetrics::default());
+        let web = vip("10.96.0.10:80/tcp");
+        let key = HoldKey::node_wide(web);
+        wakeups.first_packet(web, 0, 0);
+        // A second client's packet, held 50 s after the first.
+        wakeups.follow_hold(&[(key, PacketNews::Held)], 50_000 * MS);
+        wakeups.finish_due(91_000 * MS, Phase::Backend);
+        assert!(wakeups.is_open(&web), "a packet is still held");
+        wakeups.reached(&web, Phase::Backend, 95_000 * MS);
+        wakeups.follow_hold(&[(key, PacketNews::Replayed)], 95_001 * MS);
+        wakeups.follow_hold(&[(key, PacketNews::Left("answered"))], 95_010 * MS);
+        assert_eq!(wakeups.rows()[0].outcome.as_deref(), Some("connected"));
     }
 
     #[test]

@@ -61,15 +61,15 @@ const DATAPATH_SUITES: &[Suite] = &[
         filters: &[],
         time_limit: Duration::from_secs(3 * 60),
     },
-    // Every packet-level test but the rate limiters under contention from every CPU: under
-    // emulation (2 vCPUs as host threads) the per-VIP limiter refused 1 of 2,000 tokens in
-    // most runs, even with an hour of tolerance (a compare-and-swap that kept losing); on the
-    // host it holds, and `cargo xtask test` runs it.
     Suite {
         target: "packet",
         filters: &[],
-        time_limit: Duration::from_secs(4 * 60),
+        time_limit: Duration::from_secs(3 * 60),
     },
+    // Every limit test but the rate limiters under contention from every CPU: under emulation
+    // (2 vCPUs as host threads) the per-VIP limiter refused 1 of 2,000 tokens in most runs,
+    // even with an hour of tolerance (a compare-and-swap that kept losing); on the host it
+    // holds, and `cargo xtask test` runs it.
     Suite {
         target: "packet_limits",
         filters: &[
@@ -78,17 +78,17 @@ const DATAPATH_SUITES: &[Suite] = &[
             "idle_vips_fail_open_once_the_heartbeat_expires_and_drop_again_when_renewed",
             "per_vip_rate_limit_turns_a_burst_into_a_trickle",
         ],
-        time_limit: Duration::from_secs(3 * 60),
+        time_limit: Duration::from_secs(2 * 60),
     },
     Suite {
         target: "packet_fuzz",
         filters: &[],
-        time_limit: Duration::from_secs(4 * 60),
+        time_limit: Duration::from_secs(3 * 60),
     },
     Suite {
         target: "packet_scopes",
         filters: &[],
-        time_limit: Duration::from_secs(3 * 60),
+        time_limit: Duration::from_secs(2 * 60),
     },
     Suite {
         target: "veth",

@@ -176,7 +176,7 @@ fn fuzz(seconds: u64) -> Result<()> {
             "--test",
             "fuzz",
             "--test",
-            "packet",
+            "packet_fuzz",
             "--",
             "--nocapture",
             "--test-threads",

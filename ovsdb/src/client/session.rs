@@ -22,6 +22,8 @@ pub(super) async fn session_loop(
     let mut backoff = shared.options.backoff_min;
     let mut next = 0usize;
     let mut failures_this_round = 0usize;
+    // Members of this round that refused as followers.
+    let mut followers_this_round = 0usize;
     // When each failure to connect was last logged as a warning.
     let mut warned: HashMap<String, tokio::time::Instant> = HashMap::new();
     // monitor_cond_since lets a reconnect fetch only what changed since these transactions.
@@ -86,6 +88,7 @@ pub(super) async fn session_loop(
             // shortest backoff spreads the reconnect storm.
             backoff = shared.options.backoff_min;
             failures_this_round = 0;
+            followers_this_round = 0;
             tokio::select! {
                 _ = tokio::time::sleep(jitter(shared.options.backoff_min, &mut rng)) => {}
                 _ = stop.recv() => return,
@@ -113,8 +116,23 @@ pub(super) async fn session_loop(
             }
         }
         failures_this_round += 1;
+        followers_this_round += usize::from(searching_leader);
         if failures_this_round >= remotes.len() {
+            if followers_this_round == remotes.len() {
+                // Every member refused as a follower: the cluster has no leader now.
+                let key = "no leader".to_owned();
+                if warned
+                    .get(&key)
+                    .is_none_or(|at| now.duration_since(*at) >= REPEAT_WARNING_AFTER)
+                {
+                    tracing::warn!(
+                        "no member of the cluster is its leader (a quorum lost?); retrying"
+                    );
+                    warned.insert(key, now);
+                }
+            }
             failures_this_round = 0;
+            followers_this_round = 0;
             // Half the backoff, plus a random share of the other half: clients that failed
             // together do not retry together.
             let wait = backoff / 2 + jitter(backoff / 2, &mut rng);

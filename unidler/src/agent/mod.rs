@@ -1,15 +1,15 @@
 //! The agent: owns the datapath, the VIP registry, the recent events and where idle hits go
-//! (the Controller_Event sink, or standard output), and runs one loop over its [`Sources`].
+//! (the Controller_Event writer, or standard output), and runs one loop over its [`Sources`].
 //!
 //! The flows, each with one handler:
-//! - ring readable → [`Input::IdleHits`] → resolved against the registry → sink or stdout;
+//! - ring readable → [`Input::IdleHits`] → resolved against the registry → writer or stdout;
 //! - VIP source → [`Input::Vips`] → registry → kernel map changes, and held packets of VIPs
 //!   that got a backend due for replay;
 //! - held-frame ring readable → [`Input::HeldPackets`] → [`HeldPackets`] (bounded);
 //! - replay timer → [`Input::ReplayDue`] → replays through the datapath, expiry;
 //! - forwarding check of a VIP that got a backend (OVN) → [`Input::ForwardingChecked`] → its
 //!   held packets due;
-//! - our Controller_Event rows committed or consumed (the sink) → [`Input::Row`] → the
+//! - our Controller_Event rows committed or consumed (the writer) → [`Input::Row`] → the
 //!   wake-ups' phases ([`crate::wakeup`], which also follow the hold and the VIP map);
 //! - HTTP endpoint → [`Input::Query`] → answers;
 //! - summary timer and signals.
@@ -39,7 +39,7 @@ use crate::{
     event::{IdleHit, iface_name},
     hold::HeldPackets,
     links::LinkChanges,
-    ovn::controller_event::{ControllerEventSink, SinkOptions},
+    ovn::controller_event::{ControllerEventWriter, WriterOptions},
     ovn::forwarding::{ForwardingReader, Waiting},
     ovn::lb_names::{LoadBalancerNames, NamesRead},
     ovn::ovs_interfaces::{self, InterfaceNames, OvnInterfaces},
@@ -138,7 +138,7 @@ pub struct Agent {
 
 /// Where idle hits go: Controller_Event rows, or JSON lines on standard output.
 enum HitOutput {
-    Sink(ControllerEventSink),
+    Rows(ControllerEventWriter),
     Stdout(io::Stdout),
 }
 
@@ -162,7 +162,7 @@ impl Agent {
                 InterfaceSelector::Pattern(pattern) => patterns.push(pattern.clone()),
             }
         }
-        // The Southbound connection, shared by the event sink and the OVN VIP source, first:
+        // The Southbound connection, shared by the event writer and the OVN VIP source, first:
         // the database composing its first monitor reply (seconds, with 100,000s of load
         // balancers) overlaps with loading the datapath; VIP updates wait in the channel.
         let (vip_tx, vip_updates) = mpsc::unbounded_channel();
@@ -202,10 +202,10 @@ impl Agent {
         }
 
         let (rows_tx, rows) = mpsc::unbounded_channel();
-        let sink = southbound.clone().map(|southbound| {
-            ControllerEventSink::start(
+        let writer = southbound.clone().map(|southbound| {
+            ControllerEventWriter::start(
                 southbound,
-                SinkOptions {
+                WriterOptions {
                     queue_capacity: config.event_queue_size,
                     state_dir: Some(config.state_dir.clone()),
                     dedup: config.dedup,
@@ -221,8 +221,8 @@ impl Agent {
         let bound = telemetry::serve_health(
             config.metrics_addr,
             readiness.clone(),
-            sink.clone(),
-            metrics::registry(datapath.counter_reader(), metrics.clone(), sink.clone()),
+            writer.clone(),
+            metrics::registry(datapath.counter_reader(), metrics.clone(), writer.clone()),
         )
         .await
         .with_context(|| format!("serving --metrics-addr {}", config.metrics_addr))?;
@@ -276,8 +276,8 @@ impl Agent {
             );
         }
         let last_summary = datapath.counters()?;
-        let (lb_names, names_read) = match &sink {
-            Some(sink) => LoadBalancerNames::start(sink.southbound().client().clone()),
+        let (lb_names, names_read) = match &writer {
+            Some(writer) => LoadBalancerNames::start(writer.southbound().client().clone()),
             None => LoadBalancerNames::without_database(),
         };
         let (forwarding_tx, forwarding_rx) = mpsc::unbounded_channel();
@@ -297,8 +297,8 @@ impl Agent {
             forwarding_pending: HashSet::new(),
             forwarding_warned: false,
             vip_flags: config.idle_action.vip_flags(),
-            output: match sink {
-                Some(sink) => HitOutput::Sink(sink),
+            output: match writer {
+                Some(writer) => HitOutput::Rows(writer),
                 None => HitOutput::Stdout(io::stdout()),
             },
             recent: VecDeque::with_capacity(RECENT_EVENTS),
@@ -509,12 +509,12 @@ impl Agent {
         Ok(())
     }
 
-    /// Sends a named hit on (to the sink, or standard output) and remembers it.
+    /// Sends a named hit on (to the writer, or standard output) and remembers it.
     fn report(&mut self, hit: IdleHit) -> Result<()> {
         self.wakeups
             .named(&hit.vip, hit.protocol, hit.load_balancer.as_deref());
         match &mut self.output {
-            HitOutput::Sink(sink) => sink.submit(&hit),
+            HitOutput::Rows(writer) => writer.submit(&hit),
             HitOutput::Stdout(stdout) => {
                 write_json_line(stdout, &hit).context("writing events to standard output")?;
                 stdout
@@ -769,8 +769,8 @@ impl Agent {
             return Ok(());
         }
         log_kernel_counters("last interval", &interval);
-        if let HitOutput::Sink(sink) = &self.output {
-            log_sink_totals(sink);
+        if let HitOutput::Rows(writer) = &self.output {
+            log_writer_totals(writer);
         }
         Ok(())
     }
@@ -1032,7 +1032,7 @@ impl Agent {
         }
     }
 
-    /// Detaches, reads what the ring still holds, logs the totals, and gives the sink a
+    /// Detaches, reads what the ring still holds, logs the totals, and gives the writer a
     /// moment to write what is queued.
     async fn shut_down(mut self, mut sources: Sources) -> Result<()> {
         if self.datapath.is_pinned() {
@@ -1060,14 +1060,14 @@ impl Agent {
         }
         let totals = self.datapath.counters()?;
         log_kernel_counters("totals", &totals);
-        if let HitOutput::Sink(sink) = &self.output {
-            if !sink.flush(Duration::from_secs(2)).await {
+        if let HitOutput::Rows(writer) = &self.output {
+            if !writer.flush(Duration::from_secs(2)).await {
                 warn!(
-                    waiting = sink.queue_depth(),
+                    waiting = writer.queue_depth(),
                     "exiting with idle hits not yet written"
                 );
             }
-            log_sink_totals(sink);
+            log_writer_totals(writer);
         }
         Ok(())
     }
@@ -1132,16 +1132,16 @@ fn readable<T: std::os::fd::AsRawFd>(ring: T) -> Result<AsyncFd<T>> {
         .map_err(|e| anyhow!("{e}"))
 }
 
-fn log_sink_totals(sink: &ControllerEventSink) {
-    let s = sink.stats();
+fn log_writer_totals(writer: &ControllerEventWriter) {
+    let s = writer.stats();
     info!(
         received = s.received.load(Ordering::Relaxed),
         written = s.written.load(Ordering::Relaxed),
         deduplicated = s.deduplicated.load(Ordering::Relaxed),
         dropped_overflow = s.dropped_overflow.load(Ordering::Relaxed),
         failed = s.failed.load(Ordering::Relaxed),
-        queued = sink.queue_depth(),
-        connected = sink.southbound().client().is_connected(),
+        queued = writer.queue_depth(),
+        connected = writer.southbound().client().is_connected(),
         "Controller_Event totals"
     );
 }

@@ -89,7 +89,7 @@ pub struct Sources {
     pub port_scopes: Option<watch::Receiver<Arc<PortScopes>>>,
     /// Load balancers' names as they are read ([`crate::ovn::lb_names`]).
     pub names_read: mpsc::UnboundedReceiver<NamesRead>,
-    /// What became of our Controller_Event rows (never ready without the sink).
+    /// What became of our Controller_Event rows (never ready without the writer).
     pub rows: mpsc::UnboundedReceiver<RowNews>,
     /// Signals.
     pub signals: Signals,

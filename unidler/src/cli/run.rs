@@ -46,7 +46,8 @@ pub(crate) struct RunArgs {
     ovn_uplinks: bool,
     /// Where the datapath goes on each interface: auto (TC ingress on virtual interfaces such
     /// as pods' veths, where native XDP would slow every pod by turning segmentation offloads
-    /// off; native XDP on physical ones), xdp (native), xdp-generic, or tc.
+    /// off; native XDP on physical ones, or TC where their driver refuses it), xdp (native),
+    /// xdp-generic, or tc.
     #[arg(long, value_enum, env = "UNIDLER_HOOK", default_value_t = Hook::Auto)]
     hook: Hook,
     /// The older spelling of --hook, kept working but not listed: native is --hook xdp,

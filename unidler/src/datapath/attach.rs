@@ -25,7 +25,7 @@ use crate::{
 pub enum Hook {
     /// TC ingress on virtual interfaces (veths, every pod's interface: native XDP there would
     /// turn segmentation offloads off on the peer and slow every pod), native XDP on physical
-    /// ones.
+    /// ones (TC where the driver refuses native XDP).
     #[default]
     Auto,
     /// XDP in the driver (fastest); fails if the driver has no XDP support.
@@ -169,11 +169,16 @@ where
     FdLink::try_from(taken.map_err(|e| pin_error(&e))?).map_err(|e| pin_error(&e))
 }
 
-/// The hook to try when `chosen` (what `requested` chose for the interface) failed: with
-/// [`Hook::Auto`], native XDP refused by a NIC's driver (no XDP support, or not at its MTU)
-/// falls back to TC ingress, which every interface takes.
-fn fallback(requested: Hook, chosen: Hook) -> Option<Hook> {
-    (requested == Hook::Auto && chosen == Hook::Xdp).then_some(Hook::Tc)
+/// What a driver's refusal of native XDP says (in [`attach_hint`]'s reason).
+const NO_NATIVE_XDP: &str = "the driver does not support native XDP";
+
+/// The hook to try when `chosen` (what `requested` chose for the interface) failed for
+/// `reason`: with [`Hook::Auto`], native XDP refused by a NIC's driver (no XDP support, or not
+/// at its MTU) falls back to TC ingress, which every interface takes. Any other refusal
+/// (another program there, another agent) stands.
+fn fallback(requested: Hook, chosen: Hook, reason: &str) -> Option<Hook> {
+    (requested == Hook::Auto && chosen == Hook::Xdp && reason.contains(NO_NATIVE_XDP))
+        .then_some(Hook::Tc)
 }
 
 impl Datapath {
@@ -183,12 +188,18 @@ impl Datapath {
     pub fn attach(&mut self, iface: &str, hook: Hook) -> Result<(u32, Hook), DatapathError> {
         let chosen = hook.for_interface(iface);
         match self.attach_with(iface, chosen) {
-            Err(refused @ DatapathError::Attach { .. }) => {
-                let Some(other) = fallback(hook, chosen) else {
-                    return Err(refused);
-                };
-                tracing::info!(iface, "native XDP refused ({refused}): TC ingress instead");
-                self.attach_with(iface, other).map_err(|_| refused)
+            Err(DatapathError::Attach {
+                iface: name,
+                hook: tried,
+                reason,
+            }) if fallback(hook, chosen, &reason).is_some() => {
+                tracing::info!(iface, "native XDP refused ({reason}): TC ingress instead");
+                self.attach_with(iface, Hook::Tc)
+                    .map_err(|tc| DatapathError::Attach {
+                        iface: name,
+                        hook: tried,
+                        reason: format!("{reason}; and TC ingress: {tc}"),
+                    })
             }
             other => other,
         }
@@ -476,9 +487,9 @@ fn attach_hint(err: &ProgramError, hook: Hook) -> String {
         Some(libc::EBUSY) | Some(libc::EEXIST) if hook != Hook::Tc => format!(
             "{err}: the interface already has an XDP program (another unidler, or something else: `ip link show` says which)"
         ),
-        Some(libc::EOPNOTSUPP) | Some(libc::EINVAL) if hook == Hook::Xdp => format!(
-            "{err}: the driver does not support native XDP; use --hook tc, xdp-generic or auto"
-        ),
+        Some(libc::EOPNOTSUPP) | Some(libc::EINVAL) if hook == Hook::Xdp => {
+            format!("{err}: {NO_NATIVE_XDP}; use --hook tc, xdp-generic or auto")
+        }
         Some(libc::EPERM) | Some(libc::EACCES) => {
             caps::explain_missing().unwrap_or_else(|| err.to_string())
         }
@@ -492,12 +503,22 @@ mod tests {
 
     #[test]
     fn auto_falls_back_to_tc_where_a_nic_refuses_native_xdp() {
-        assert_eq!(fallback(Hook::Auto, Hook::Xdp), Some(Hook::Tc));
-        assert_eq!(fallback(Hook::Auto, Hook::Tc), None);
+        let refused = format!("Operation not supported: {NO_NATIVE_XDP}; use --hook tc");
+        assert_eq!(fallback(Hook::Auto, Hook::Xdp, &refused), Some(Hook::Tc));
+        assert_eq!(fallback(Hook::Auto, Hook::Tc, &refused), None);
         assert_eq!(
-            fallback(Hook::Xdp, Hook::Xdp),
+            fallback(Hook::Xdp, Hook::Xdp, &refused),
             None,
             "a forced hook is not changed"
+        );
+        assert_eq!(
+            fallback(
+                Hook::Auto,
+                Hook::Xdp,
+                "the interface already has an XDP program"
+            ),
+            None,
+            "someone else's program there is not the driver refusing"
         );
     }
 }

@@ -684,7 +684,7 @@ impl HeldPackets {
             .flat_map(|hold| hold.packets.iter().map(|p| p.next_replay_ns))
             .min();
         let due = replay.map_or(expiry, |replay| replay.min(expiry));
-        if self.watching.is_empty() {
+        if self.watched.is_empty() {
             return Some(due);
         }
         let poll = self.answers_checked_ns + answer_poll(self.watched.len()).as_nanos() as u64;

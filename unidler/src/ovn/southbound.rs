@@ -1,7 +1,7 @@
 //! The agent's connection to the OVN Southbound database: what it monitors there, and which
 //! Chassis row is this node's (named by `--chassis`, else by `external_ids:system-id` of the
 //! local Open_vSwitch database, as ovn-controller names it). One connection serves both the
-//! event sink and the OVN VIP source.
+//! event writer and the OVN VIP source.
 
 use std::sync::{
     Arc,
@@ -20,7 +20,7 @@ use tracing::{info, warn};
 
 /// The Southbound database's name.
 pub const DATABASE: &str = "OVN_Southbound";
-/// The table the sink writes and the CMS consumes.
+/// The table the writer writes and the CMS consumes.
 pub const CONTROLLER_EVENT: &str = "Controller_Event";
 
 /// How to reach the Southbound database and who we are there.
@@ -57,7 +57,7 @@ pub struct Southbound {
 
 impl Southbound {
     /// Resolves our chassis name and starts the client (connecting in the background),
-    /// monitoring what the sink needs and, with `vips`, the Load_Balancer table for the OVN
+    /// monitoring what the writer needs and, with `vips`, the Load_Balancer table for the OVN
     /// VIP source, which sends its updates there.
     /// Without `--chassis`, the name is `system-id` from the local Open_vSwitch database; if
     /// that does not answer within a second or two, the hostname stands in while a
@@ -173,9 +173,10 @@ fn hostname() -> String {
 
 /// What the agent monitors: the Chassis names (ours may be learned late, and a condition
 /// on it could not follow; a name per node is little) and the Controller_Event table for the
-/// sink; with a VIP source, the Load_Balancer columns it reads (given to it, not replicated)
-/// of the load balancers that report (see [`load_balancer_conditions`]), `SB_Global` for
-/// those conditions, and what [`crate::ovn::vips::REPLICATED`] lists.
+/// rows we write; with a VIP source, the Load_Balancer columns it reads of every load
+/// balancer (given to it, not replicated: one that does not report may keep a VIP active),
+/// `SB_Global`'s options (the global `controller_event`), and what
+/// [`crate::ovn::vips::REPLICATED`] lists.
 pub fn monitors(vip_source: Option<ConsumerHandle>) -> Vec<MonitorRequest> {
     let mut monitors = vec![
         MonitorRequest::table("Chassis").columns(&["name"]),

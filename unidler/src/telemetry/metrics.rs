@@ -1,5 +1,5 @@
 //! The Prometheus metrics, registered once at start. What the agent's loop counts lives in
-//! [`AgentMetrics`]; the kernel's counters, the sink's and the database connection's are read
+//! [`AgentMetrics`]; the kernel's counters, the writer's and the database connection's are read
 //! at each scrape by collectors, so nothing is copied between scrapes.
 
 use std::{
@@ -22,7 +22,7 @@ use unidler_common::Counter as KernelCounter;
 
 use crate::{
     datapath::{CounterReader, Counters},
-    ovn::controller_event::ControllerEventSink,
+    ovn::controller_event::ControllerEventWriter,
 };
 
 /// What the agent's loop counts and sets; cheap to clone (the values are shared).
@@ -72,7 +72,7 @@ impl AgentMetrics {
 pub fn registry(
     kernel: CounterReader,
     agent: AgentMetrics,
-    sink: Option<ControllerEventSink>,
+    writer: Option<ControllerEventWriter>,
 ) -> Registry {
     let mut registry = Registry::default();
     // Every labelled series from the start, at zero.
@@ -150,19 +150,19 @@ pub fn registry(
         "VIPs in the kernel map, by state",
         agent.vips.clone(),
     );
-    if let Some(sink) = &sink {
+    if let Some(writer) = &writer {
         registry.register(
             "unidler_ovsdb_transaction_duration_seconds",
             "Time for Controller_Event transactions to commit",
-            sink.stats().transaction_seconds.clone(),
+            writer.stats().transaction_seconds.clone(),
         );
         registry.register(
             "unidler_event_latency_seconds",
             "Time from the kernel seeing the packet to its Controller_Event row committed",
-            sink.stats().event_latency_seconds.clone(),
+            writer.stats().event_latency_seconds.clone(),
         );
     }
-    registry.register_collector(Box::new(EventCollector { agent, sink }));
+    registry.register_collector(Box::new(EventCollector { agent, writer }));
     registry
 }
 
@@ -312,11 +312,11 @@ fn packets_by_verdict(kernel: &Counters) -> [u64; 2] {
     ]
 }
 
-/// Idle hits through the agent and the sink, and the database connection.
+/// Idle hits through the agent and the writer, and the database connection.
 #[derive(Debug)]
 struct EventCollector {
     agent: AgentMetrics,
-    sink: Option<ControllerEventSink>,
+    writer: Option<ControllerEventWriter>,
 }
 
 impl Collector for EventCollector {
@@ -326,7 +326,7 @@ impl Collector for EventCollector {
             Some(("stage", "received")),
             self.agent.events_received.get(),
         )];
-        let Some(sink) = &self.sink else {
+        let Some(writer) = &self.writer else {
             return encode_counters(
                 &mut encoder,
                 "unidler_events",
@@ -334,7 +334,7 @@ impl Collector for EventCollector {
                 &stages,
             );
         };
-        let s = sink.stats();
+        let s = writer.stats();
         stages.extend([
             (Some(("stage", "deduplicated")), load(&s.deduplicated)),
             (Some(("stage", "written")), load(&s.written)),
@@ -354,14 +354,14 @@ impl Collector for EventCollector {
             &mut encoder,
             "unidler_ovn_load_balancers",
             "Southbound load balancers the agent follows (every one; 0 with VIPs not from OVN)",
-            sink.southbound().load_balancers().unwrap_or(0) as i64,
+            writer.southbound().load_balancers().unwrap_or(0) as i64,
         )?;
-        let db = sink.southbound().client();
+        let db = writer.southbound().client();
         encode_gauge(
             &mut encoder,
             "unidler_event_queue_depth",
             "Idle hits waiting for the database",
-            sink.queue_depth() as i64,
+            writer.queue_depth() as i64,
         )?;
         encode_gauge(
             &mut encoder,

@@ -26,7 +26,7 @@ use tokio::sync::{mpsc, oneshot};
 use unidler_common::VipKey;
 
 pub use crate::wakeup::WakeupRow;
-use crate::{datapath::VipHitsReader, ovn::controller_event::ControllerEventSink};
+use crate::{datapath::VipHitsReader, ovn::controller_event::ControllerEventWriter};
 
 /// One row of `unidler events`: an idle hit, and what became of it.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -134,7 +134,7 @@ pub struct Readiness {
 #[derive(Clone)]
 struct HealthState {
     ready: Arc<Readiness>,
-    sink: Option<ControllerEventSink>,
+    writer: Option<ControllerEventWriter>,
     metrics: Arc<Registry>,
 }
 
@@ -165,7 +165,7 @@ const CONNECTION_TIMEOUT: Duration = Duration::from_secs(30);
 pub async fn serve_health(
     addr: SocketAddr,
     ready: Arc<Readiness>,
-    sink: Option<ControllerEventSink>,
+    writer: Option<ControllerEventWriter>,
     metrics: Registry,
 ) -> std::io::Result<SocketAddr> {
     let app = Router::new()
@@ -174,7 +174,7 @@ pub async fn serve_health(
         .route("/readyz", get(readyz))
         .with_state(HealthState {
             ready,
-            sink,
+            writer,
             metrics: Arc::new(metrics),
         });
     serve(addr, app).await
@@ -343,8 +343,8 @@ async fn readyz(State(state): State<HealthState>) -> impl IntoResponse {
             "{unfit} VIPs do not fit the VIP map and are not watched (raise --max-vips)"
         ));
     }
-    if let Some(sink) = &state.sink {
-        let southbound = sink.southbound();
+    if let Some(writer) = &state.writer {
+        let southbound = writer.southbound();
         if !southbound.client().is_connected() {
             missing.push("Southbound database not connected".to_owned());
         } else if southbound.chassis_uuid().is_none() {

@@ -58,9 +58,9 @@ const BATCH_MAX: usize = 256;
 /// Longest wait for a new session before rows in doubt are looked at again.
 const SETTLE_WAIT: Duration = Duration::from_secs(5);
 
-/// Settings of the sink.
+/// Settings of the writer.
 #[derive(Clone, Debug)]
-pub struct SinkOptions {
+pub struct WriterOptions {
     /// Most hits waiting to be written.
     pub queue_capacity: usize,
     /// Where `seq_num` is kept across restarts (`<dir>/seq_num`), if anywhere.
@@ -103,10 +103,10 @@ pub enum Dedup {
     Cluster,
 }
 
-/// What the sink has done, for logs and metrics.
+/// What the writer has done, for logs and metrics.
 #[derive(Debug)]
-pub struct SinkStats {
-    /// Hits handed to the sink.
+pub struct WriterStats {
+    /// Hits handed to the writer.
     pub received: AtomicU64,
     /// Hits not written because a row (or a waiting hit) for the same VIP already existed.
     pub deduplicated: AtomicU64,
@@ -124,7 +124,7 @@ pub struct SinkStats {
     pub event_latency_seconds: Histogram,
 }
 
-impl Default for SinkStats {
+impl Default for WriterStats {
     fn default() -> Self {
         // 50 µs .. ~3 s.
         let buckets = || exponential_buckets(50e-6, 2.0, 17);
@@ -141,7 +141,7 @@ impl Default for SinkStats {
     }
 }
 
-impl SinkStats {
+impl WriterStats {
     fn add(counter: &AtomicU64, n: usize) {
         counter.fetch_add(n as u64, Ordering::Relaxed);
     }
@@ -191,7 +191,7 @@ struct Queue {
     pending: HashMap<EventKey, u64>,
 }
 
-/// The queue, shared by the sink handle and the writer.
+/// The queue, shared by the handle and the writer task.
 #[derive(Clone, Default)]
 struct SharedQueue(Arc<Mutex<Queue>>);
 
@@ -210,20 +210,20 @@ impl SharedQueue {
 
 /// Hands idle hits to the writer task. Cheap to clone.
 #[derive(Clone)]
-pub struct ControllerEventSink {
+pub struct ControllerEventWriter {
     queue: SharedQueue,
     wake: Arc<Notify>,
     capacity: usize,
-    stats: Arc<SinkStats>,
+    stats: Arc<WriterStats>,
     southbound: Southbound,
     seq_checkpoint: SeqCheckpoint,
 }
 
-impl ControllerEventSink {
-    /// Starts the writer on `southbound`, which monitors what the sink needs.
-    pub fn start(southbound: Southbound, options: SinkOptions) -> Self {
+impl ControllerEventWriter {
+    /// Starts the writer on `southbound`, which monitors what the writer needs.
+    pub fn start(southbound: Southbound, options: WriterOptions) -> Self {
         let seq = SeqNumbers::new(options.state_dir.as_deref());
-        let sink = Self {
+        let handle = Self {
             queue: SharedQueue::default(),
             wake: Arc::default(),
             capacity: options.queue_capacity.max(1),
@@ -234,9 +234,9 @@ impl ControllerEventSink {
         let writer = Writer {
             changes: southbound.client().subscribe(),
             southbound,
-            queue: sink.queue.clone(),
-            wake: sink.wake.clone(),
-            stats: sink.stats.clone(),
+            queue: handle.queue.clone(),
+            wake: handle.wake.clone(),
+            stats: handle.stats.clone(),
             seq,
             in_doubt: HashMap::new(),
             committed_unseen: HashMap::new(),
@@ -246,7 +246,7 @@ impl ControllerEventSink {
             news: options.news,
         };
         tokio::spawn(writer.run());
-        sink
+        handle
     }
 
     /// Queues a hit; never blocks. Duplicates of a waiting hit are dropped here.
@@ -282,7 +282,7 @@ impl ControllerEventSink {
     }
 
     /// Counters.
-    pub fn stats(&self) -> &SinkStats {
+    pub fn stats(&self) -> &WriterStats {
         &self.stats
     }
 
@@ -306,9 +306,9 @@ impl ControllerEventSink {
     }
 }
 
-impl fmt::Debug for ControllerEventSink {
+impl fmt::Debug for ControllerEventWriter {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ControllerEventSink")
+        f.debug_struct("ControllerEventWriter")
             .field("queue_depth", &self.queue_depth())
             .finish_non_exhaustive()
     }
@@ -324,7 +324,7 @@ struct Writer {
     changes: broadcast::Receiver<Arc<ChangeSet>>,
     queue: SharedQueue,
     wake: Arc<Notify>,
-    stats: Arc<SinkStats>,
+    stats: Arc<WriterStats>,
     seq: SeqNumbers,
     /// Rows sent in a transaction whose outcome is unknown: key → seq_num.
     in_doubt: HashMap<EventKey, i64>,
@@ -500,7 +500,7 @@ impl Writer {
             } else {
                 &self.stats.deduplicated
             };
-            SinkStats::add(counter, 1);
+            WriterStats::add(counter, 1);
             self.queue.release(&key);
         }
         again
@@ -524,7 +524,7 @@ impl Writer {
                 .as_ref()
                 .is_some_and(|all| all.contains(&key));
             if self.ours.contains(&key) || elsewhere || just_committed.contains(&key) {
-                SinkStats::add(&self.stats.deduplicated, 1);
+                WriterStats::add(&self.stats.deduplicated, 1);
                 self.queue.release(&key);
             } else {
                 batch.push((key, self.seq.take_next()));
@@ -580,7 +580,7 @@ impl Writer {
                 // Another chassis' row for this VIP: nothing was written; the rest again.
                 let (key, _) = batch.remove(at / 2);
                 debug!(vip = %key.vip, "a row for this VIP exists (another chassis): deduplicated");
-                SinkStats::add(&self.stats.deduplicated, 1);
+                WriterStats::add(&self.stats.deduplicated, 1);
                 self.queue.release(&key);
                 if !batch.is_empty() {
                     Box::pin(self.commit(chassis, batch)).await;
@@ -609,7 +609,7 @@ impl Writer {
                     rows = batch.len(),
                     "database rejected Controller_Event rows: {err}"
                 );
-                SinkStats::add(&self.stats.failed, batch.len());
+                WriterStats::add(&self.stats.failed, batch.len());
                 for (key, _) in &batch {
                     self.queue.release(key);
                 }
@@ -624,8 +624,8 @@ impl Writer {
         results: &[OpResult],
         started: std::time::Instant,
     ) {
-        SinkStats::add(&self.stats.transactions, 1);
-        SinkStats::add(&self.stats.written, batch.len());
+        WriterStats::add(&self.stats.transactions, 1);
+        WriterStats::add(&self.stats.written, batch.len());
         for ((key, seq), result) in batch.iter().zip(results) {
             debug!(vip = %key.vip, protocol = %key.protocol, seq, "Controller_Event row written");
             if let Some(uuid) = result.uuid() {

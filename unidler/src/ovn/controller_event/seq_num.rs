@@ -109,7 +109,7 @@ impl SeqNumbers {
 
 impl SeqCheckpoint {
     /// Writes the last number used into the state file, so that the next run goes on without
-    /// a gap. Only when nothing is being written (the sink is drained).
+    /// a gap. Only when nothing is being written (the writer is drained).
     pub fn save(&self) {
         let last = self.last_used.load(Ordering::Relaxed);
         if let Some(path) = &self.file

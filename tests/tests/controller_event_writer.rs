@@ -13,7 +13,7 @@ use std::{
 use unidler::{
     clock::monotonic_ns,
     event::IdleHit,
-    ovn::controller_event::{ControllerEventSink, SinkOptions},
+    ovn::controller_event::{ControllerEventWriter, WriterOptions},
     ovn::southbound::{Southbound, SouthboundConfig},
     vip::Protocol,
 };
@@ -69,9 +69,9 @@ fn dropped_connections_never_freeze_the_runtime_and_lose_nothing() {
                     leader_only: true,
                 };
                 let southbound = Southbound::connect(&config, None).await.unwrap();
-                let sink = ControllerEventSink::start(
+                let sink = ControllerEventWriter::start(
                     southbound,
-                    SinkOptions {
+                    WriterOptions {
                         queue_capacity: 100_000,
                         state_dir: Some(state_dir),
                         dedup: Default::default(),

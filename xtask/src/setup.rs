@@ -78,17 +78,23 @@ fn ensure_kubernetes_validate() -> Result<()> {
         "installing kubernetes-validate {KUBERNETES_VALIDATE_VERSION} from PyPI into {}",
         venv.display()
     ));
+    pip_install(&venv, "kubernetes-validate", KUBERNETES_VALIDATE_VERSION).context("it needs PyPI")
+}
+
+/// Installs `package`, pinned to `version`, from PyPI into a new virtual environment at
+/// `venv`, made with Debian's own Python (whose venv module comes with python3-venv).
+fn pip_install(venv: &Path, package: &str, version: &str) -> Result<()> {
     ensure_debian_packages(&["python3-venv"])?;
     run(Command::new("/usr/bin/python3")
         .args(["-m", "venv"])
-        .arg(&venv))
-    .context("could not make a Python virtual environment for kubernetes-validate")?;
+        .arg(venv))
+    .with_context(|| format!("could not make a Python virtual environment for {package}"))?;
     run(Command::new(venv.join("bin").join("pip")).args([
         "install",
         "--quiet",
-        &format!("kubernetes-validate=={KUBERNETES_VALIDATE_VERSION}"),
+        &format!("{package}=={version}"),
     ]))
-    .context("`pip install kubernetes-validate` failed; it needs PyPI")
+    .with_context(|| format!("`pip install {package}` failed"))
 }
 
 /// Only what building needs (no Debian packages).
@@ -259,20 +265,8 @@ pub fn ensure_vm_tools() -> Result<PathBuf> {
         "installing virtme-ng {VIRTME_NG_VERSION} from PyPI into {}",
         venv.display()
     ));
-    // Debian's own Python, whose venv module comes with python3-venv.
-    ensure_debian_packages(&["python3-venv"])?;
-    run(Command::new("/usr/bin/python3")
-        .args(["-m", "venv"])
-        .arg(&venv))
-    .context("could not make a Python virtual environment for virtme-ng")?;
-    run(Command::new(venv.join("bin").join("pip")).args([
-        "install",
-        "--quiet",
-        &format!("virtme-ng=={VIRTME_NG_VERSION}"),
-    ]))
-    .context(
-        "`pip install virtme-ng` failed; it needs PyPI (or install it yourself: `vng` on PATH)",
-    )?;
+    pip_install(&venv, "virtme-ng", VIRTME_NG_VERSION)
+        .context("it needs PyPI (or install it yourself: `vng` on PATH)")?;
     working_vng(&vng)
         .map(|_| vng.clone())
         .with_context(|| format!("{} was installed but does not run", vng.display()))

@@ -197,6 +197,7 @@ impl Fleet {
                 .collect()
         });
         let hit = IdleHit {
+            key: Default::default(),
             vip: "10.100.0.0:80".into(),
             protocol: Protocol::Tcp,
             src: "10.128.0.5:40000".into(),

@@ -22,6 +22,7 @@ use unidler_tests::ovsdb_server::{self, CHASSIS, Southbound as _, TempDir};
 /// An idle hit for VIP `10.96.<n / 250>.<n % 250 + 1>:80/tcp`.
 fn hit(n: u32) -> IdleHit {
     IdleHit {
+        key: Default::default(),
         vip: format!("10.96.{}.{}:80", n / 250, n % 250 + 1),
         protocol: Protocol::Tcp,
         src: "10.1.1.1:40000".into(),

@@ -4,7 +4,7 @@
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 
 use serde::Serialize;
-use unidler_common::{EventAction, FAMILY_IPV6, IdleHitEvent};
+use unidler_common::{EventAction, FAMILY_IPV6, IdleHitEvent, VipKey};
 
 use crate::{
     registry::VipRegistry,
@@ -14,6 +14,9 @@ use crate::{
 /// One idle hit, ready to print or to turn into a `Controller_Event` row.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct IdleHit {
+    /// The VIP's kernel key (what the hit was for, unspelt).
+    #[serde(skip)]
+    pub key: VipKey,
     /// The VIP in OVN's spelling: `IP:PORT`, or `[IP]:PORT` for IPv6.
     pub vip: String,
     /// `tcp`, `udp` or `sctp`.
@@ -65,6 +68,7 @@ impl IdleHit {
         };
         let src = SocketAddr::new(src_ip, u16::from_be(event.src_port_be));
         Some(Self {
+            key: event.vip,
             vip: vip.endpoint(),
             protocol: vip.protocol,
             src: src.to_string(),

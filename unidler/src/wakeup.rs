@@ -231,14 +231,25 @@ fn seconds(ns: u64) -> f64 {
     ns as f64 / 1e9
 }
 
+/// A finished wake-up, as shown, and what [`Wakeups::fate_of`] looks up.
+#[derive(Debug)]
+struct Ended {
+    row: WakeupRow,
+    vip: VipKey,
+    outcome: Outcome,
+    /// When its first packet was seen and when it ended (monotonic ns).
+    started_ns: u64,
+    ended_ns: u64,
+}
+
 /// Every wake-up going on, and the last ones finished.
 #[derive(Debug)]
 pub struct Wakeups {
     open: HashMap<VipKey, Wakeup>,
     /// Open wake-ups by the spelling of their rows (`vip`, `protocol`).
     by_row: HashMap<(String, Protocol), VipKey>,
-    /// Finished wake-ups: each with its VIP and when it started and ended (monotonic ns).
-    recent: VecDeque<(WakeupRow, VipKey, u64, u64)>,
+    /// Finished wake-ups, oldest first.
+    recent: VecDeque<Ended>,
     /// How long a wake-up may go on.
     timeout: Duration,
     metrics: WakeupMetrics,
@@ -331,13 +342,9 @@ impl Wakeups {
         }
     }
 
-    /// The load balancer named by the row of the wake-up of `vip` (in OVN's spelling), once
-    /// known.
-    pub fn named(&mut self, vip: &str, protocol: Protocol, load_balancer: Option<&str>) {
-        let Some(key) = self.by_row.get(&(vip.to_owned(), protocol)) else {
-            return;
-        };
-        if let Some(wakeup) = self.open.get_mut(key)
+    /// The load balancer named by the row of `vip`'s wake-up, once known.
+    pub fn named(&mut self, vip: &VipKey, load_balancer: Option<&str>) {
+        if let Some(wakeup) = self.open.get_mut(vip)
             && wakeup.load_balancer.is_none()
         {
             wakeup.load_balancer = load_balancer.map(str::to_owned);
@@ -494,8 +501,13 @@ impl Wakeups {
         if self.recent.len() == RECENT_WAKEUPS {
             self.recent.pop_front();
         }
-        self.recent
-            .push_back((row, *vip, wakeup.first_packet_ns, at));
+        self.recent.push_back(Ended {
+            row,
+            vip: *vip,
+            outcome,
+            started_ns: wakeup.first_packet_ns,
+            ended_ns: at,
+        });
     }
 
     /// What became of a packet to `vip` seen at `at_ns`: the outcome of the wake-up it was
@@ -509,13 +521,8 @@ impl Wakeups {
         self.recent
             .iter()
             .rev()
-            .find(|(_, v, start, end)| v == vip && (*start..=*end).contains(&at_ns))
-            .and_then(|(row, ..)| {
-                Outcome::ALL
-                    .into_iter()
-                    .find(|o| row.outcome.as_deref() == Some(o.name()))
-                    .map(Outcome::name)
-            })
+            .find(|e| e.vip == *vip && (e.started_ns..=e.ended_ns).contains(&at_ns))
+            .map(|e| e.outcome.name())
     }
 
     /// The last finished wake-ups, then those going on, oldest first.
@@ -524,7 +531,7 @@ impl Wakeups {
         open.sort_by_key(|w| w.first_packet_ns);
         self.recent
             .iter()
-            .map(|(row, ..)| row.clone())
+            .map(|e| e.row.clone())
             .chain(open.into_iter().map(|w| w.row(None, wall_clock)))
             .collect()
     }
@@ -553,7 +560,7 @@ mod tests {
         let mut wakeups = Wakeups::new(Duration::from_secs(60), WakeupMetrics::default());
         let web = vip("10.96.0.10:80/tcp");
         wakeups.first_packet(web, 0, 1_000 * MS);
-        wakeups.named("10.96.0.10:80", Protocol::Tcp, Some("web"));
+        wakeups.named(&web, Some("web"));
         wakeups.follow_hold(&[(HoldKey::node_wide(web), PacketNews::Held)], 1_001 * MS);
         wakeups.row_reached("10.96.0.10:80", "tcp", Phase::Committed, 1_003 * MS);
         wakeups.row_reached("10.96.0.10:80", "tcp", Phase::Consumed, 1_200 * MS);

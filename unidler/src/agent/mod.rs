@@ -511,8 +511,7 @@ impl Agent {
 
     /// Sends a named hit on (to the writer, or standard output) and remembers it.
     fn report(&mut self, hit: IdleHit) -> Result<()> {
-        self.wakeups
-            .named(&hit.vip, hit.protocol, hit.load_balancer.as_deref());
+        self.wakeups.named(&hit.key, hit.load_balancer.as_deref());
         match &mut self.output {
             HitOutput::Rows(writer) => writer.submit(&hit),
             HitOutput::Stdout(stdout) => {
@@ -690,25 +689,19 @@ impl Agent {
     fn event_rows(&self) -> Vec<EventRow> {
         self.recent
             .iter()
-            .map(|hit| {
-                let key = hit
-                    .vip
-                    .parse::<std::net::SocketAddr>()
-                    .ok()
-                    .map(|addr| Vip::new(addr, hit.protocol).key());
-                EventRow {
-                    time: clock::rfc3339(clock::wall_clock_of(hit.timestamp_ns)),
-                    vip: hit.vip.clone(),
-                    protocol: hit.protocol.to_string(),
-                    src: hit.src.clone(),
-                    iface: hit.iface.clone(),
-                    load_balancer: hit.load_balancer.clone(),
-                    action: hit.action.to_owned(),
-                    wakeup: key
-                        .and_then(|k| self.wakeups.fate_of(&k, hit.timestamp_ns))
-                        .map(str::to_owned),
-                    timestamp_ns: hit.timestamp_ns,
-                }
+            .map(|hit| EventRow {
+                time: clock::rfc3339(clock::wall_clock_of(hit.timestamp_ns)),
+                vip: hit.vip.clone(),
+                protocol: hit.protocol.to_string(),
+                src: hit.src.clone(),
+                iface: hit.iface.clone(),
+                load_balancer: hit.load_balancer.clone(),
+                action: hit.action.to_owned(),
+                wakeup: self
+                    .wakeups
+                    .fate_of(&hit.key, hit.timestamp_ns)
+                    .map(str::to_owned),
+                timestamp_ns: hit.timestamp_ns,
             })
             .collect()
     }

@@ -38,6 +38,19 @@ pub(crate) struct ClientArgs {
     json: bool,
 }
 
+/// Asks the agent for the rows at `path`: printed as the agent's JSON with `--json` (None),
+/// else read for a table.
+fn ask<T: serde::de::DeserializeOwned>(args: &ClientArgs, path: &str) -> Result<Option<Vec<T>>> {
+    let body = telemetry::http_get(args.api_addr, path)?;
+    if args.json {
+        println!("{body}");
+        return Ok(None);
+    }
+    serde_json::from_str(&body)
+        .map(Some)
+        .with_context(|| format!("the agent's answer at {path}"))
+}
+
 /// `unidler detach`.
 pub(crate) fn detach(args: &DetachArgs) -> Result<()> {
     let detached = unidler::pinning::remove(&args.pin_dir)
@@ -55,12 +68,9 @@ pub(crate) fn detach(args: &DetachArgs) -> Result<()> {
 
 /// `unidler vips`.
 pub(crate) fn show_vips(args: &ClientArgs) -> Result<()> {
-    let body = telemetry::http_get(args.api_addr, "/api/vips")?;
-    if args.json {
-        println!("{body}");
+    let Some(rows) = ask::<VipRow>(args, "/api/vips")? else {
         return Ok(());
-    }
-    let rows: Vec<VipRow> = serde_json::from_str(&body).context("agent's VIP table")?;
+    };
     let table: Vec<[String; 8]> = rows
         .into_iter()
         .map(|r| {
@@ -104,12 +114,9 @@ pub(crate) fn show_vips(args: &ClientArgs) -> Result<()> {
 
 /// `unidler interfaces`.
 pub(crate) fn show_interfaces(args: &ClientArgs) -> Result<()> {
-    let body = telemetry::http_get(args.api_addr, "/api/interfaces")?;
-    if args.json {
-        println!("{body}");
+    let Some(rows) = ask::<InterfaceRow>(args, "/api/interfaces")? else {
         return Ok(());
-    }
-    let rows: Vec<InterfaceRow> = serde_json::from_str(&body).context("agent's interfaces")?;
+    };
     let table: Vec<[String; 5]> = rows
         .into_iter()
         .map(|r| {
@@ -126,12 +133,9 @@ pub(crate) fn show_interfaces(args: &ClientArgs) -> Result<()> {
 
 /// `unidler events`.
 pub(crate) fn show_events(args: &ClientArgs) -> Result<()> {
-    let body = telemetry::http_get(args.api_addr, "/api/events")?;
-    if args.json {
-        println!("{body}");
+    let Some(rows) = ask::<EventRow>(args, "/api/events")? else {
         return Ok(());
-    }
-    let rows: Vec<EventRow> = serde_json::from_str(&body).context("agent's events")?;
+    };
     let table: Vec<[String; 7]> = rows
         .into_iter()
         .map(|e| {
@@ -157,12 +161,9 @@ pub(crate) fn show_events(args: &ClientArgs) -> Result<()> {
 
 /// `unidler wakeups`.
 pub(crate) fn show_wakeups(args: &ClientArgs) -> Result<()> {
-    let body = telemetry::http_get(args.api_addr, "/api/wakeups")?;
-    if args.json {
-        println!("{body}");
+    let Some(rows) = ask::<WakeupRow>(args, "/api/wakeups")? else {
         return Ok(());
-    }
-    let rows: Vec<WakeupRow> = serde_json::from_str(&body).context("agent's wake-ups")?;
+    };
     let phase = |row: &WakeupRow, name: &str| {
         row.phases
             .iter()

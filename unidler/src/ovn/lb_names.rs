@@ -245,6 +245,7 @@ mod tests {
 
     fn hit(row: Option<u8>) -> IdleHit {
         IdleHit {
+            key: Default::default(),
             vip: "10.0.0.1:80".into(),
             protocol: Protocol::Tcp,
             src: "10.1.0.1:4000".into(),

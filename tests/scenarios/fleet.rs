@@ -4,7 +4,13 @@
 //! `lbs` load balancers. Shared by `tests/tests/fleet.rs` (small, asserting) and the benchmark's
 //! section 10 (large, reporting); included in both with `#[path]`.
 
-use std::time::{Duration, Instant};
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
 
 use ovsdb::{Client, ClientOptions, MonitorRequest, Remote};
 use unidler::{
@@ -24,6 +30,8 @@ pub struct Fleet {
     pub rt: tokio::runtime::Runtime,
     pub cluster: Cluster,
     pub agents: Vec<Southbound>,
+    /// How many load balancers each agent's VIP source follows.
+    followed_by: Vec<Arc<AtomicUsize>>,
     cms: Client,
     /// The load balancers each agent follows (all of them).
     followed: u32,
@@ -119,14 +127,19 @@ impl Fleet {
                 // Each agent's VIP source, its updates drained.
                 let (vips, mut updates) = tokio::sync::mpsc::unbounded_channel();
                 tokio::spawn(async move { while updates.recv().await.is_some() {} });
-                agents.push(Southbound::connect(&config, Some(vips)).await.unwrap());
+                agents.push(unidler::ovn::vips::connect(&config, vips).await.unwrap());
             }
             agents
         });
+        let (agents, followed_by): (Vec<Southbound>, Vec<Arc<AtomicUsize>>) = agents
+            .into_iter()
+            .map(|(sb, handles)| (sb, handles.load_balancers))
+            .unzip();
         let mut fleet = Self {
             rt,
             cluster,
             agents,
+            followed_by,
             cms,
             followed: lbs,
             _load_balancers: load_balancers,
@@ -143,7 +156,7 @@ impl Fleet {
         let client = sb.client();
         client.is_connected()
             && client.session_count() > after
-            && sb.load_balancers() == Some(self.followed as usize)
+            && self.followed_by[i].load(Ordering::Relaxed) == self.followed as usize
             && sb.chassis_uuid().is_some()
     }
 

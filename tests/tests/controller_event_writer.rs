@@ -69,7 +69,7 @@ fn dropped_connections_never_freeze_the_runtime_and_lose_nothing() {
                     max_message_bytes: 64 << 20,
                     leader_only: true,
                 };
-                let southbound = Southbound::connect(&config, None).await.unwrap();
+                let southbound = Southbound::connect(&config, Vec::new()).await.unwrap();
                 let sink = ControllerEventWriter::start(
                     southbound,
                     WriterOptions {

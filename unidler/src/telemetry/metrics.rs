@@ -4,7 +4,10 @@
 
 use std::{
     fmt,
-    sync::atomic::{AtomicU64, Ordering},
+    sync::{
+        Arc,
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+    },
 };
 
 use prometheus_client::{
@@ -73,6 +76,7 @@ pub fn registry(
     kernel: CounterReader,
     agent: AgentMetrics,
     writer: Option<ControllerEventWriter>,
+    ovn_load_balancers: Option<Arc<AtomicUsize>>,
 ) -> Registry {
     let mut registry = Registry::default();
     // Every labelled series from the start, at zero.
@@ -162,7 +166,11 @@ pub fn registry(
             writer.stats().event_latency_seconds.clone(),
         );
     }
-    registry.register_collector(Box::new(EventCollector { agent, writer }));
+    registry.register_collector(Box::new(EventCollector {
+        agent,
+        writer,
+        ovn_load_balancers,
+    }));
     registry
 }
 
@@ -317,6 +325,8 @@ fn packets_by_verdict(kernel: &Counters) -> [u64; 2] {
 struct EventCollector {
     agent: AgentMetrics,
     writer: Option<ControllerEventWriter>,
+    /// How many load balancers the OVN VIP source follows, if it runs.
+    ovn_load_balancers: Option<Arc<AtomicUsize>>,
 }
 
 impl Collector for EventCollector {
@@ -354,7 +364,9 @@ impl Collector for EventCollector {
             &mut encoder,
             "unidler_ovn_load_balancers",
             "Southbound load balancers the agent follows (every one; 0 with VIPs not from OVN)",
-            writer.southbound().load_balancers().unwrap_or(0) as i64,
+            self.ovn_load_balancers
+                .as_ref()
+                .map_or(0, |n| n.load(Ordering::Relaxed)) as i64,
         )?;
         let db = writer.southbound().client();
         encode_gauge(

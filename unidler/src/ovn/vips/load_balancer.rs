@@ -1,34 +1,19 @@
 //! What the source keeps of one load balancer ([`LbRecord`]): its VIPs, options and
 //! datapaths, updated in place from the server's diffs.
 
-use std::{hash::Hash, net::SocketAddr};
+use std::net::SocketAddr;
 
-use ovsdb::{Atom, Row, Uuid, Value};
+use ovsdb::{Atom, Row, Value};
 
 use super::{
-    GROUP_COLUMNS,
-    local_datapaths::{DatapathIds, LocalDatapaths},
+    ids::{DatapathIds, RowKey},
+    local_datapaths::LocalDatapaths,
+    monitors::GROUP_COLUMNS,
 };
 use crate::{
     fast_hash::FastMap,
     vip::{LoadBalancerName, Protocol, Vip},
 };
-
-/// A Southbound row's UUID (a load balancer's, a logical datapath's or a datapath group's), as
-/// two words (8-byte aligned: smaller tables than `u128`). Ordered as the UUID's text is.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub(super) struct RowKey(pub(super) [u64; 2]);
-
-impl RowKey {
-    pub(super) fn new(uuid: &Uuid) -> Self {
-        let n = uuid.as_u128();
-        Self([(n >> 64) as u64, n as u64])
-    }
-
-    pub(super) fn uuid(self) -> Uuid {
-        Uuid::from_u128((u128::from(self.0[0]) << 64) | u128::from(self.0[1]))
-    }
-}
 
 /// One VIP of a load balancer: the `vips` map's key and value, exactly as the server sent
 /// them (a map diff is applied by comparing them: a pair whose value equals the current one

@@ -1,46 +1,13 @@
-//! This node's logical datapaths, and the small ids load balancers' records use for
-//! datapaths and groups.
+//! This node's logical datapaths and their scopes, from the replicated Port_Binding,
+//! Datapath_Binding and Logical_DP_Group tables.
 
-use ovsdb::{Atom, Replica, Row, Uuid, Value};
+use ovsdb::{Atom, Replica, Row, Value};
 
-use super::{PortScopes, load_balancer::RowKey};
+use super::{
+    PortScopes,
+    ids::{DatapathIds, RowKey},
+};
 use crate::fast_hash::FastMap;
-
-/// Row references to logical datapaths and datapath groups, as small ids (from 1; 0 is none),
-/// so that a load balancer's record keeps 4 bytes per reference instead of 16. Ids are never
-/// given back while the source runs: there are as many as datapaths and groups ever seen.
-#[derive(Default)]
-pub(super) struct DatapathIds {
-    pub(super) ids: FastMap<RowKey, u32>,
-    pub(super) uuids: Vec<Uuid>,
-}
-
-impl DatapathIds {
-    pub(super) fn id(&mut self, uuid: &Uuid) -> u32 {
-        let key = RowKey::new(uuid);
-        if let Some(id) = self.ids.get(&key) {
-            return *id;
-        }
-        self.uuids.push(uuid.clone());
-        let id = self.uuids.len() as u32;
-        self.ids.insert(key, id);
-        id
-    }
-
-    /// The id of `uuid` if it has one.
-    pub(super) fn get(&self, uuid: &Uuid) -> Option<u32> {
-        self.ids.get(&RowKey::new(uuid)).copied()
-    }
-
-    /// The UUIDs of `ids` (0 skipped), as atoms.
-    pub(super) fn uuids(&self, ids: &[u32]) -> Vec<Atom> {
-        ids.iter()
-            .filter(|id| **id != 0)
-            .filter_map(|id| self.uuids.get(*id as usize - 1))
-            .map(|u| Atom::Uuid(u.clone()))
-            .collect()
-    }
-}
 
 /// This node's logical datapaths: those of the Port_Bindings bound to our chassis (VIFs,
 /// gateway routers' ports), from the replicated `Port_Binding`, `Datapath_Binding` and

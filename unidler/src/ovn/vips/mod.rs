@@ -9,6 +9,11 @@
 //! source keeps a compact record of the few facts it needs ([`LbRecord`]), updated in place
 //! from the server's diffs, and the rows of the first monitor reply are taken one by one as
 //! the client parses them. 100,000 load balancers cost a few hundred bytes each.
+//!
+//! Its rooms: [`connect`] and the source here; what it monitors ([`monitors`]); one load
+//! balancer's record ([`load_balancer`]); this node's logical datapaths
+//! ([`local_datapaths`]); the VIPs combined over every load balancer ([`vip_index`]); row
+//! references as keys and small ids ([`ids`]).
 
 use std::sync::{
     Arc,
@@ -16,53 +21,25 @@ use std::sync::{
 };
 
 use ovsdb::{Changed, ConsumerHandle, Error as DbError, Replica, RowUpdate, TableConsumer, Uuid};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
+pub use self::monitors::{COLUMNS, OPTIONAL_COLUMNS, TABLE};
 use self::{
-    load_balancer::{LbRecord, RowKey},
-    local_datapaths::LocalDatapaths,
-    vip_index::OvnVips,
+    ids::RowKey, load_balancer::LbRecord, local_datapaths::LocalDatapaths, vip_index::OvnVips,
 };
 use crate::{
     fast_hash::FastSet,
+    ovn::southbound::{Southbound, SouthboundConfig},
     vip::{Vip, VipUpdate},
 };
 
-/// The Southbound table the source follows.
-pub const TABLE: &str = "Load_Balancer";
-/// Its columns the source reads (of `options`, only `event` and `reject` are kept). Not
-/// `external_ids`: its
-/// `lb_id`, the name events give, is read for the few load balancers that are hit, when they
-/// are ([`crate::ovn::lb_names`]); with 100,000s of load balancers the column is a fifth of what
-/// the server composes at every agent's start.
-pub const COLUMNS: [&str; 5] = ["vips", "protocol", "datapaths", "datapath_group", "options"];
-
-/// Its columns the source reads where the schema has them: from OVN 23.09, northd puts a
-/// load balancer's logical switches and routers in these two groups (and leaves
-/// `datapath_group` empty) once every chassis can read them.
-pub const OPTIONAL_COLUMNS: [&str; 2] = ["ls_datapath_group", "lr_datapath_group"];
-
-/// The columns naming a load balancer's datapath group, in [`LbRecord::dp_groups`]' order.
-pub(crate) const GROUP_COLUMNS: [&str; 3] =
-    ["datapath_group", "ls_datapath_group", "lr_datapath_group"];
-
+mod ids;
 mod load_balancer;
 mod local_datapaths;
+mod monitors;
 #[cfg(test)]
 mod tests;
 mod vip_index;
-
-/// The Southbound tables the source reads besides `Load_Balancer` (replicated by the same
-/// client), for this node's logical datapaths: `Port_Binding` (only ours: see
-/// [`crate::ovn::southbound`]), `Datapath_Binding` and `Logical_DP_Group`; and `SB_Global`.
-pub const REPLICATED: [(&str, &[&str]); 3] = [
-    (
-        "Port_Binding",
-        &["logical_port", "datapath", "chassis", "type"],
-    ),
-    ("Datapath_Binding", &["tunnel_key"]),
-    ("Logical_DP_Group", &["datapaths"]),
-];
 
 /// The scopes of this node's interfaces as OVN sees them.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -77,19 +54,30 @@ pub struct PortScopes {
 
 /// What the agent gets of a running source.
 pub struct SourceHandles {
-    /// To register with the client's Load_Balancer monitor
-    /// ([`ovsdb::MonitorRequest::consumed_by`]).
-    pub consumer: ConsumerHandle,
     /// How many load balancers the source knows.
     pub load_balancers: Arc<AtomicUsize>,
     /// The local logical ports' scopes, as they change.
-    pub port_scopes: tokio::sync::watch::Receiver<Arc<PortScopes>>,
+    pub port_scopes: watch::Receiver<Arc<PortScopes>>,
+}
+
+/// Connects to the Southbound database with the source's monitors beside the connection's
+/// own, and starts the source, which sends the VIP map's updates to `updates`.
+pub async fn connect(
+    config: &SouthboundConfig,
+    updates: mpsc::UnboundedSender<VipUpdate>,
+) -> Result<(Southbound, SourceHandles), DbError> {
+    let (source, handles) = LoadBalancerSource::new(updates);
+    let southbound =
+        Southbound::connect(config, monitors::requests(ConsumerHandle::new(source))).await?;
+    tokio::spawn(monitors::follow_local_ports(southbound.clone()));
+    Ok((southbound, handles))
 }
 
 /// Follows the Southbound Load_Balancer table (as the client's consumer of it) and sends the
 /// VIP map's updates: the whole set after each full load (and when this node's logical
-/// datapaths change), the VIPs a batch changed otherwise. The [`REPLICATED`] tables must be monitored by the same client.
-pub struct LoadBalancerSource {
+/// datapaths change), the VIPs a batch changed otherwise. The tables of this node's
+/// datapaths are replicated by the same client ([`monitors`]).
+struct LoadBalancerSource {
     vips: OvnVips,
     updates: mpsc::UnboundedSender<VipUpdate>,
     /// A full load is under way: rows are recorded, and indexed once it is complete.
@@ -97,14 +85,14 @@ pub struct LoadBalancerSource {
     /// VIPs this batch may have changed.
     touched: FastSet<Vip>,
     load_balancers: Arc<AtomicUsize>,
-    port_scopes: tokio::sync::watch::Sender<Arc<PortScopes>>,
+    port_scopes: watch::Sender<Arc<PortScopes>>,
 }
 
 impl LoadBalancerSource {
-    /// A source sending to `updates`.
-    pub fn start(updates: mpsc::UnboundedSender<VipUpdate>) -> SourceHandles {
+    /// A source sending to `updates`, and what the agent reads of it.
+    fn new(updates: mpsc::UnboundedSender<VipUpdate>) -> (Self, SourceHandles) {
         let load_balancers = Arc::new(AtomicUsize::new(0));
-        let (port_scopes, port_scopes_rx) = tokio::sync::watch::channel(Arc::default());
+        let (port_scopes, port_scopes_rx) = watch::channel(Arc::default());
         let source = Self {
             vips: OvnVips::default(),
             updates,
@@ -113,11 +101,11 @@ impl LoadBalancerSource {
             load_balancers: load_balancers.clone(),
             port_scopes,
         };
-        SourceHandles {
-            consumer: ConsumerHandle::new(source),
+        let handles = SourceHandles {
             load_balancers,
             port_scopes: port_scopes_rx,
-        }
+        };
+        (source, handles)
     }
 }
 
@@ -152,9 +140,9 @@ impl TableConsumer for LoadBalancerSource {
     fn batch_done(&mut self, replica: &Replica, changed: &Changed) {
         self.load_balancers
             .store(self.vips.by_lb.len(), Ordering::Relaxed);
-        let datapaths_changed = ["Port_Binding", "Datapath_Binding", "Logical_DP_Group"]
+        let datapaths_changed = monitors::REPLICATED
             .iter()
-            .any(|t| changed.contains(*t));
+            .any(|(table, _)| changed.contains(*table));
         let mut reindex_all = false;
         if datapaths_changed {
             let local = LocalDatapaths::from_replica(replica, &mut self.vips.ids);
@@ -168,8 +156,8 @@ impl TableConsumer for LoadBalancerSource {
                 || local.groups != self.vips.local.groups;
             self.vips.local = local;
         }
-        if self.loading || changed.contains("SB_Global") {
-            let global_event = crate::ovn::southbound::global_event(replica);
+        if self.loading || changed.contains(monitors::SB_GLOBAL) {
+            let global_event = monitors::global_event(replica);
             // Rare: every load balancer reports, or no longer does.
             reindex_all |= global_event != self.vips.global_event;
             self.vips.global_event = global_event;

@@ -7,8 +7,9 @@ use ovsdb::{Error as DbError, RowUpdate};
 use tracing::warn;
 
 use super::{
-    load_balancer::{LbRecord, RowKey},
-    local_datapaths::{DatapathIds, LocalDatapaths},
+    ids::{DatapathIds, RowKey},
+    load_balancer::LbRecord,
+    local_datapaths::LocalDatapaths,
 };
 use crate::{
     fast_hash::{FastMap, FastSet},

@@ -16,8 +16,9 @@ use crate::{error::Error, replica::Replica, update::RowUpdate, value::Uuid};
 pub trait TableConsumer: Send {
     /// A full load begins: forget every row; they all follow as [`RowUpdate::Initial`].
     fn reset(&mut self);
-    /// One row's update. An error (say, a modify of a row never seen) ends the session; the
-    /// next one loads the table afresh.
+    /// One row's update. A modify's columns apply by their kind in the schema (the consumer
+    /// knows the columns it reads: see [`crate::ColumnKind`]). An error (say, a modify of a
+    /// row never seen) ends the session; the next one loads the table afresh.
     fn row(&mut self, uuid: &Uuid, update: RowUpdate) -> Result<(), Error>;
     /// A batch has been applied, to the consumer and to `replica` (the replicated tables);
     /// `changed` names the replicated tables it changed (all of them after a full load).

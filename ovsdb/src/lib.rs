@@ -19,6 +19,7 @@ pub mod op;
 pub mod remote;
 pub mod replica;
 pub mod rpc;
+pub mod schema;
 pub mod update;
 pub mod value;
 
@@ -28,5 +29,6 @@ pub use error::{Error, ErrorKind};
 pub use op::{Condition, Mutation, OpResult, Operation};
 pub use remote::{Endpoint, Remote, TlsFiles};
 pub use replica::{ChangeSet, Replica, RowChange};
+pub use schema::{ColumnKind, ColumnKinds};
 pub use update::RowUpdate;
 pub use value::{Atom, Row, Uuid, Value};

@@ -1,11 +1,12 @@
 //! A local copy of the monitored rows, kept current from `update2`/`update3` notifications.
 
-use std::collections::HashMap;
+use std::{collections::HashMap, sync::Arc};
 
 use serde_json::Value as Json;
 
 use crate::{
     error::Error,
+    schema::{ColumnKind, ColumnKinds},
     update::{RowSink, RowUpdate},
     value::{Row, Uuid},
 };
@@ -44,9 +45,21 @@ pub struct ChangeSet {
 #[derive(Clone, Debug, Default)]
 pub struct Replica {
     tables: HashMap<String, HashMap<Uuid, Row>>,
+    /// How each column's diffs apply (from the database's schema).
+    kinds: Arc<ColumnKinds>,
 }
 
 impl Replica {
+    /// Applies diffs by the column kinds of `kinds` from now on.
+    pub fn set_column_kinds(&mut self, kinds: Arc<ColumnKinds>) {
+        self.kinds = kinds;
+    }
+
+    /// Whether the column kinds are known (a schema was read).
+    pub fn knows_column_kinds(&self) -> bool {
+        !self.kinds.is_empty()
+    }
+
     /// The rows of `table` (none if it is not monitored).
     pub fn rows(&self, table: &str) -> impl Iterator<Item = (&Uuid, &Row)> {
         self.tables.get(table).into_iter().flat_map(|t| t.iter())
@@ -135,10 +148,19 @@ impl Replica {
                 })?;
                 let old = record.then(|| row.clone());
                 for (column, d) in diff {
+                    let kind = self
+                        .kinds
+                        .get(table, &column)
+                        .unwrap_or_else(|| guessed_kind(&d));
                     match row.get_mut(&column) {
-                        Some(value) => value.apply_diff(&d),
+                        Some(value) => value.apply_diff(&d, kind),
                         None => {
-                            row.insert(column, d);
+                            let mut value = match kind {
+                                ColumnKind::Map => crate::value::Value::Map(Vec::new()),
+                                _ => crate::value::Value::Set(Vec::new()),
+                            };
+                            value.apply_diff(&d, kind);
+                            row.insert(column, value);
                         }
                     }
                 }
@@ -174,6 +196,16 @@ impl RowSink for RecordingSink<'_> {
             self.changes.push((table.to_owned(), uuid, change));
         }
         Ok(())
+    }
+}
+
+/// The kind of a column the schema does not name (none is monitored; a replica applied
+/// before a schema was read): a map's diff patches it, anything else is taken as the new
+/// value.
+fn guessed_kind(diff: &crate::value::Value) -> ColumnKind {
+    match diff {
+        crate::value::Value::Map(_) => ColumnKind::Map,
+        _ => ColumnKind::Scalar,
     }
 }
 

@@ -20,8 +20,8 @@ pub enum RowUpdate {
     /// A row inserted since.
     Insert(Row),
     /// A row changed: only the changed columns, each as an `update2` diff to apply to the
-    /// old value (see [`crate::Value::apply_diff`]; for maps, a pair whose key is present
-    /// with the same value removes it, with another value replaces it, an absent key adds it).
+    /// old value as its [`crate::ColumnKind`] says ([`crate::Value::apply_diff`]): a scalar
+    /// or optional column's new value, a set's elements that changed, a map's pairs that did.
     Modify(Row),
     /// A row deleted.
     Delete,

@@ -4,7 +4,7 @@ use std::{collections::BTreeMap, fmt};
 
 use serde_json::{Value as Json, json};
 
-use crate::error::Error;
+use crate::{error::Error, schema::ColumnKind};
 
 /// A row UUID, kept in its canonical text form (`8-4-4-4-12` lowercase hex).
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -285,13 +285,36 @@ impl Value {
         Atom::from_json(j).map(Value::Atom)
     }
 
-    /// Applies an `update2` "modify" diff (ovsdb-server(7)): for maps, a key with the same
-    /// value is removed, with another value replaced, and an absent key added; for sets
-    /// (optional scalars included), the elements in the diff are toggled; a scalar is replaced.
-    /// Without the schema, an atom whose diff is the same atom is an optional value removed.
-    pub fn apply_diff(&mut self, diff: &Value) {
-        match (&mut *self, diff) {
-            (Value::Map(old), Value::Map(d)) => {
+    /// Applies an `update2` "modify" diff (ovsdb-server(7)) to a column of `kind`: a
+    /// scalar or optional value takes the diff as its new value; a set toggles the diff's
+    /// elements; a map removes a key whose pair has its current value, replaces one with
+    /// another value and adds an absent one.
+    pub fn apply_diff(&mut self, diff: &Value, kind: ColumnKind) {
+        match kind {
+            ColumnKind::Scalar => *self = diff.clone(),
+            ColumnKind::Set => {
+                let mut atoms = self.atoms().to_vec();
+                for a in diff.atoms() {
+                    match atoms.iter().position(|o| o == a) {
+                        Some(i) => {
+                            atoms.remove(i);
+                        }
+                        None => atoms.push(a.clone()),
+                    }
+                }
+                *self = Value::Set(atoms);
+            }
+            ColumnKind::Map => {
+                let Value::Map(d) = diff else {
+                    *self = diff.clone();
+                    return;
+                };
+                if !matches!(self, Value::Map(_)) {
+                    *self = Value::Map(Vec::new());
+                }
+                let Value::Map(old) = self else {
+                    unreachable!("made a map above")
+                };
                 for (k, v) in d {
                     match old.iter().position(|(ok, _)| ok == k) {
                         Some(i) if &old[i].1 == v => {
@@ -302,20 +325,6 @@ impl Value {
                     }
                 }
             }
-            (Value::Atom(old), Value::Atom(d)) if old != d => *self = diff.clone(),
-            (old @ (Value::Atom(_) | Value::Set(_)), Value::Atom(_) | Value::Set(_)) => {
-                let mut atoms = old.atoms().to_vec();
-                for a in diff.atoms() {
-                    match atoms.iter().position(|o| o == a) {
-                        Some(i) => {
-                            atoms.remove(i);
-                        }
-                        None => atoms.push(a.clone()),
-                    }
-                }
-                *old = Value::Set(atoms);
-            }
-            _ => *self = diff.clone(),
         }
     }
 }
@@ -531,17 +540,27 @@ mod tests {
     #[test]
     fn diffs_toggle_set_elements_and_patch_maps() {
         let mut set = Value::set([Atom::from("a"), Atom::from("b")]);
-        set.apply_diff(&Value::set([Atom::from("b"), Atom::from("c")]));
+        set.apply_diff(
+            &Value::set([Atom::from("b"), Atom::from("c")]),
+            ColumnKind::Set,
+        );
         assert_eq!(set, Value::set([Atom::from("a"), Atom::from("c")]));
+        // A set of one comes as its atom; a diff of one element is an atom too.
+        let mut set = Value::from("a");
+        set.apply_diff(&Value::from("b"), ColumnKind::Set);
+        assert_eq!(set, Value::set([Atom::from("a"), Atom::from("b")]));
         let mut map = Value::string_map([("k1", "v1"), ("k2", "v2")]);
-        map.apply_diff(&Value::string_map([
-            ("k1", "v1"),
-            ("k2", "new"),
-            ("k3", "v3"),
-        ]));
+        map.apply_diff(
+            &Value::string_map([("k1", "v1"), ("k2", "new"), ("k3", "v3")]),
+            ColumnKind::Map,
+        );
         assert_eq!(map, Value::string_map([("k2", "new"), ("k3", "v3")]));
         let mut scalar = Value::from(1);
-        scalar.apply_diff(&Value::from(2));
+        scalar.apply_diff(&Value::from(2), ColumnKind::Scalar);
         assert_eq!(scalar, Value::from(2));
+        // An optional value emptied comes as the empty set, its new value.
+        let mut optional = Value::from("sctp");
+        optional.apply_diff(&Value::set([]), ColumnKind::Scalar);
+        assert_eq!(optional, Value::set([]));
     }
 }

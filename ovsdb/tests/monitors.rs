@@ -404,3 +404,176 @@ async fn a_consumer_follows_a_table_without_a_replica_and_resumes_after_a_leader
         assert!(!set.resync, "a monitor was loaded afresh: {set:?}");
     }
 }
+
+/// A column's value as a set of atoms (a map as its pairs), however it is spelt: an atom, a
+/// set of one, a set.
+fn normalized(value: Option<&Value>) -> Vec<String> {
+    let mut out: Vec<String> = match value {
+        None => Vec::new(),
+        Some(Value::Map(pairs)) => pairs.iter().map(|(k, v)| format!("{k:?}={v:?}")).collect(),
+        Some(v) => v.atoms().iter().map(|a| format!("{a:?}")).collect(),
+    };
+    out.sort();
+    out
+}
+
+/// The replica applies each `update2` diff as ovsdb-server means it: an optional column
+/// (at most one element) and a scalar come as their new value, a set of more as the elements
+/// that changed. After every kind of change, the replica's row is the server's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_kind_of_column_change_leaves_the_replica_as_the_server_has_it() {
+    let server = southbound(Listen::default());
+    let columns = ["protocol", "datapaths", "datapath_group", "vips", "name"];
+    let mut opts = options(&server.unix_remote());
+    opts.monitors = vec![
+        MonitorRequest::table("Load_Balancer").columns(&columns),
+        MonitorRequest::table("Logical_DP_Group").columns(&["datapaths"]),
+    ];
+    let client = Client::start(opts).unwrap();
+    client.wait_connected(WAIT).await.unwrap();
+    let inserted = client
+        .transact(&[
+            Operation::Insert {
+                table: "Datapath_Binding".into(),
+                row: row(&[("tunnel_key", Value::from(1))]),
+                uuid_name: None,
+            },
+            Operation::Insert {
+                table: "Datapath_Binding".into(),
+                row: row(&[("tunnel_key", Value::from(2))]),
+                uuid_name: None,
+            },
+        ])
+        .await
+        .unwrap();
+    let dp: Vec<Uuid> = inserted.iter().map(|r| r.uuid().unwrap().clone()).collect();
+    let uuids = |ids: &[usize]| Value::set(ids.iter().map(|i| Atom::Uuid(dp[*i].clone())));
+    let group = |ids: &[usize]| Operation::Insert {
+        table: "Logical_DP_Group".into(),
+        row: row(&[("datapaths", uuids(ids))]),
+        uuid_name: Some("group".into()),
+    };
+    let named_group = Value::Atom(Atom::NamedUuid("group".into()));
+    let lb = client
+        .transact(&[
+            group(&[0]),
+            Operation::Insert {
+                table: "Load_Balancer".into(),
+                row: row(&[
+                    ("name", Value::from("lb")),
+                    ("protocol", Value::from("sctp")),
+                    ("datapaths", uuids(&[0])),
+                    ("datapath_group", named_group.clone()),
+                    ("vips", Value::string_map([("10.0.0.1:80", "")])),
+                ]),
+                uuid_name: None,
+            },
+        ])
+        .await
+        .unwrap()[1]
+        .uuid()
+        .unwrap()
+        .clone();
+    let by_uuid = |uuid: &Uuid| vec![Condition::eq("_uuid", Value::from(uuid.clone()))];
+    // Each change, then the replica against the server's own rows.
+    let changes: Vec<(&str, Vec<Operation>)> = vec![
+        (
+            "an optional column emptied, a set of one grown",
+            vec![Operation::Update {
+                table: "Load_Balancer".into(),
+                conditions: by_uuid(&lb),
+                row: row(&[("protocol", Value::set([])), ("datapaths", uuids(&[0, 1]))]),
+            }],
+        ),
+        (
+            "an optional column set again",
+            vec![Operation::Update {
+                table: "Load_Balancer".into(),
+                conditions: by_uuid(&lb),
+                row: row(&[("protocol", Value::from("udp"))]),
+            }],
+        ),
+        (
+            "an optional column changed, a set shrunk to one other",
+            vec![Operation::Update {
+                table: "Load_Balancer".into(),
+                conditions: by_uuid(&lb),
+                row: row(&[("protocol", Value::from("tcp")), ("datapaths", uuids(&[1]))]),
+            }],
+        ),
+        (
+            "an optional reference moved to another row",
+            vec![
+                group(&[1]),
+                Operation::Update {
+                    table: "Load_Balancer".into(),
+                    conditions: by_uuid(&lb),
+                    row: row(&[("datapath_group", named_group.clone())]),
+                },
+            ],
+        ),
+        (
+            "an optional reference emptied, a set of one replaced by another one",
+            vec![Operation::Update {
+                table: "Load_Balancer".into(),
+                conditions: by_uuid(&lb),
+                row: row(&[
+                    ("datapath_group", Value::set([])),
+                    ("datapaths", uuids(&[0])),
+                ]),
+            }],
+        ),
+    ];
+    for (what, ops) in changes {
+        client.transact(&ops).await.unwrap();
+        let select = |table: &str, columns: &[&str]| Operation::Select {
+            table: table.into(),
+            conditions: Vec::new(),
+            columns: Some(
+                std::iter::once("_uuid")
+                    .chain(columns.iter().copied())
+                    .map(str::to_owned)
+                    .collect(),
+            ),
+        };
+        let truth = client
+            .transact(&[
+                select("Load_Balancer", &columns),
+                select("Logical_DP_Group", &["datapaths"]),
+            ])
+            .await
+            .unwrap();
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let mismatch = {
+                let replica = client.replica();
+                let mut mismatch = None;
+                for (table, result) in ["Load_Balancer", "Logical_DP_Group"].iter().zip(&truth) {
+                    assert_eq!(replica.len(table), result.rows().len(), "{what}: {table}");
+                    for want in result.rows() {
+                        let uuid = want["_uuid"].atom().and_then(Atom::as_uuid).unwrap();
+                        let Some(got) = replica.row(table, uuid) else {
+                            mismatch = Some(format!("{table} {uuid} missing"));
+                            continue;
+                        };
+                        for (column, value) in want.iter().filter(|(c, _)| *c != "_uuid") {
+                            if normalized(got.get(column)) != normalized(Some(value)) {
+                                mismatch = Some(format!(
+                                    "{table}.{column}: replica {:?}, server {:?}",
+                                    got.get(column),
+                                    value
+                                ));
+                            }
+                        }
+                    }
+                }
+                mismatch
+            };
+            match mismatch {
+                None => break,
+                Some(m) if Instant::now() > deadline => panic!("{what}: {m}"),
+                Some(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        }
+    }
+}

@@ -3,6 +3,7 @@
 //! the real agent binary.
 
 pub mod agent;
+pub mod bpffs;
 pub mod frames;
 pub mod load_balancers;
 pub mod netns;

@@ -12,47 +12,13 @@ use std::{
 
 use unidler_tests::{
     agent::{Agent, agent_binary, southbound_args},
+    bpffs::BpfFs,
     netns::{SERVER_V4, Topology, send_frames, syn_to_server},
     ovsdb_server::{self, Southbound, TempDir},
     require_root,
     vips_file::VipsFile,
 };
 
-/// A BPF file system of the test's own, mounted on a temp dir (outside /sys, which
-/// `ip netns exec` remounts), unmounted on drop: whatever is pinned there goes with it.
-struct BpfFs {
-    dir: TempDir,
-}
-
-impl BpfFs {
-    #[track_caller]
-    fn mount() -> Self {
-        let dir = TempDir::new("bpffs");
-        let out = Command::new("mount")
-            .args(["-t", "bpf", "bpf", dir.path_str()])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "mount -t bpf: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Self { dir }
-    }
-
-    /// The pin directory inside it.
-    fn pin_dir(&self) -> String {
-        format!("{}/unidler", self.dir.path_str())
-    }
-}
-
-impl Drop for BpfFs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(self.dir.path_str()).output();
-    }
-}
-
-/// A VIPs file with idle VIPs on the server's address at `ports`, and `active` with a backend.
 /// Load options for a datapath pinned in `bpffs`.
 fn pinned(bpffs: &BpfFs) -> unidler::datapath::LoadOptions {
     unidler::datapath::LoadOptions {
@@ -61,6 +27,7 @@ fn pinned(bpffs: &BpfFs) -> unidler::datapath::LoadOptions {
     }
 }
 
+/// A VIPs file with idle VIPs on the server's address at `ports`, and `active` with a backend.
 fn vips_file(ports: std::ops::Range<u16>, active: Option<u16>) -> VipsFile {
     let file = VipsFile::new("10.77.0.2:1", "tcp");
     let mut text = String::new();

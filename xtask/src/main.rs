@@ -67,11 +67,19 @@ enum Task {
         args: Vec<OsString>,
     },
     /// Fuzz the parsers (OVSDB messages, VIPs file, the XDP parser against its model) for
-    /// longer than the test suite does, from a random seed it prints (needs root).
+    /// longer than the test suite does, from a random seed it prints (needs root); with
+    /// `--differential`, the OVN VIP source against its model instead.
     Fuzz {
         /// Seconds per target.
         #[arg(long, default_value_t = 60)]
         seconds: u64,
+        /// Run the differential test of the OVN VIP source (random Southbound changes, the
+        /// agent's VIP table and kernel maps against a model) for `--minutes`.
+        #[arg(long)]
+        differential: bool,
+        /// Minutes of the differential run.
+        #[arg(long, default_value_t = 10, requires = "differential")]
+        minutes: u64,
     },
     /// Check formatting and run clippy with warnings denied, the eBPF crate included.
     Lint,
@@ -122,7 +130,12 @@ fn dispatch(task: Task) -> Result<()> {
             kernel_matrix::test(&matrix, &narrowing)
         }
         Task::Lint => lint(),
-        Task::Fuzz { seconds } => fuzz(seconds),
+        Task::Fuzz {
+            differential: true,
+            minutes,
+            ..
+        } => fuzz_differential(minutes),
+        Task::Fuzz { seconds, .. } => fuzz(seconds),
         Task::Bench { vs_ovn, args } => bench(vs_ovn, args),
         Task::Demo => {
             let agent = build(&setup::ensure_all()?, false)?;
@@ -184,6 +197,27 @@ fn fuzz(seconds: u64) -> Result<()> {
             "fuzz_",
         ])
         .env("UNIDLER_FUZZ_SECONDS", seconds.to_string())
+        .env("UNIDLER_BIN", &agent))
+}
+
+/// The differential test of the OVN VIP source, as many sequences as fit in `minutes`.
+fn fuzz_differential(minutes: u64) -> Result<()> {
+    let tools = setup::ensure_all()?;
+    if !is_root() {
+        bail!("the differential test runs the agent in a network namespace: run as root");
+    }
+    let agent = build(&tools, false)?;
+    run(cargo(&tools)
+        .args([
+            "test",
+            "--package",
+            "unidler-tests",
+            "--test",
+            "ovn_differential",
+            "--",
+            "--nocapture",
+        ])
+        .env("UNIDLER_DIFFERENTIAL_SECONDS", (minutes * 60).to_string())
         .env("UNIDLER_BIN", &agent))
 }
 

@@ -28,6 +28,7 @@ use crate::{
     remote::{self, Remote, Tls, TlsFiles},
     replica::{ChangeSet, Replica, RowChange},
     rpc::{Connection, Notification, RpcOptions},
+    schema::ColumnKinds,
     update::{
         RowSink, RowUpdate, UpdateParams, parse_monitor_since_reply, parse_table_updates,
         parse_update_params,

@@ -196,6 +196,24 @@ pub(super) async fn session(
         }
     }
 
+    // How each column's diffs apply, from the schema, once per client: an optional column
+    // and a set of one look alike in a diff.
+    let knows_kinds = shared
+        .replica
+        .read()
+        .unwrap_or_else(PoisonError::into_inner)
+        .knows_column_kinds();
+    if !knows_kinds {
+        match conn.call("get_schema", json!([opts.database])).await {
+            Ok(schema) => shared
+                .replica
+                .write()
+                .unwrap_or_else(PoisonError::into_inner)
+                .set_column_kinds(Arc::new(ColumnKinds::from_schema(&schema))),
+            Err(e) => return fail(e).await,
+        }
+    }
+
     let mut monitors = shared.monitors().clone();
     // Until this reply is applied whole, a reconnect must not resume from an older
     // transaction: what was cleared or half applied would stay missing.

@@ -10,7 +10,7 @@ pub use tokio::sync::broadcast;
 
 pub use ovsdb::{
     Atom, ChangeSet, Client, ClientOptions, Condition, Error, ErrorKind, MonitorRequest, Mutation,
-    OpResult, Operation, Remote, Row, TlsFiles, Value,
+    OpResult, Operation, Remote, Row, TlsFiles, Uuid, Value,
 };
 pub use ovsdb_harness::{Cluster, Listen, OvsdbServer, Pki, TempDir, free_port};
 

@@ -3,7 +3,7 @@
 
 use std::net::SocketAddr;
 
-use ovsdb::{Atom, Row, Value};
+use ovsdb::{Atom, ColumnKind, Row, Value};
 
 use super::{
     ids::{DatapathIds, RowKey},
@@ -209,15 +209,14 @@ impl LbRecord {
         record
     }
 
-    /// Applies an `update2` modify (only the changed columns, maps as diffs); from an empty
-    /// record, a whole row applies the same way.
+    /// Applies an `update2` modify (only the changed columns, each as its kind in OVN's
+    /// schema has it: `protocol` and the groups, optional, as their new value; `datapaths`, a
+    /// set, as the elements that changed; `vips` and `options`, maps, as the pairs that did);
+    /// from an empty record, a whole row applies the same way.
     pub(super) fn apply_diff(&mut self, diff: &Row, ids: &mut DatapathIds) {
-        // Sets of row references: the diff's elements are toggled.
         for (column, slot) in GROUP_COLUMNS.iter().zip(&mut self.dp_groups) {
             if let Some(group) = diff.get(*column) {
-                let mut current = Value::Set(ids.uuids(&[*slot]));
-                current.apply_diff(group);
-                *slot = current
+                *slot = group
                     .atoms()
                     .first()
                     .and_then(Atom::as_uuid)
@@ -226,7 +225,7 @@ impl LbRecord {
         }
         if let Some(datapaths) = diff.get("datapaths") {
             let mut current = Value::Set(ids.uuids(&self.dp_list));
-            current.apply_diff(datapaths);
+            current.apply_diff(datapaths, ColumnKind::Set);
             self.dp_list = current
                 .atoms()
                 .iter()
@@ -235,15 +234,9 @@ impl LbRecord {
                 .collect();
         }
         if let Some(protocol) = diff.get("protocol") {
-            let mut current = Value::Set(
-                self.protocol
-                    .map(|p| Atom::from(p.as_str()))
-                    .into_iter()
-                    .collect(),
-            );
-            current.apply_diff(protocol);
-            let protocol = current
-                .atom()
+            let protocol = protocol
+                .atoms()
+                .first()
                 .and_then(Atom::as_str)
                 .and_then(|p| p.parse().ok());
             if protocol != self.protocol {

@@ -276,20 +276,50 @@ fn diffs_of_every_column_apply_as_the_server_sends_them() {
     let mut d = Driven::new();
     let row = lb_row(&[("10.0.0.1:80", "")], "tcp");
     d.load(&[(1, row)]);
-    // The protocol changed (a set diff: both elements toggled).
-    let (up, rm) = d.batch(
-        1,
-        RowUpdate::Modify(Row::from([(
-            "protocol".to_owned(),
-            Value::set([Atom::from("tcp"), Atom::from("udp")]),
-        )])),
-    );
+    let modify =
+        |column: &str, value: Value| RowUpdate::Modify(Row::from([(column.to_owned(), value)]));
+    // The protocol changed: an optional column comes as its new value (ovsdb-server sends
+    // only columns that can hold more than one element as the elements that changed).
+    let (up, rm) = d.batch(1, modify("protocol", Value::from("udp")));
     assert_eq!(
         rm.iter().map(ToString::to_string).collect::<Vec<_>>(),
         ["10.0.0.1:80/tcp"]
     );
     assert_eq!(endpoints(&up), [("10.0.0.1:80/udp".to_owned(), 0)]);
     assert_eq!(name(&up[0]), row_name(1));
+    // Emptied: the empty set, and TCP again.
+    let (up, rm) = d.batch(1, modify("protocol", Value::set([])));
+    assert_eq!(
+        rm.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        ["10.0.0.1:80/udp"]
+    );
+    assert_eq!(endpoints(&up), [("10.0.0.1:80/tcp".to_owned(), 0)]);
+    // The datapath group, optional too, moved to another group, then emptied.
+    let group = |n: u8| Value::from(uuid(0x40 + n));
+    d.source
+        .row(&uuid(1), modify("datapath_group", group(1)))
+        .unwrap();
+    let record = |d: &Driven| d.source.vips.by_lb[&ids::RowKey::new(&uuid(1))].clone();
+    let first = record(&d).dp_groups[0];
+    assert_ne!(first, 0);
+    d.source
+        .row(&uuid(1), modify("datapath_group", group(2)))
+        .unwrap();
+    let second = record(&d).dp_groups[0];
+    assert!(second != 0 && second != first, "moved, not toggled");
+    d.source
+        .row(&uuid(1), modify("datapath_group", Value::set([])))
+        .unwrap();
+    assert_eq!(record(&d).dp_groups[0], 0);
+    // A set of one grows by a diff of one element.
+    d.source
+        .row(&uuid(1), modify("datapaths", Value::from(uuid(0x51))))
+        .unwrap();
+    d.source
+        .row(&uuid(1), modify("datapaths", Value::from(uuid(0x52))))
+        .unwrap();
+    assert_eq!(record(&d).dp_list.len(), 2);
+    d.done();
     // A modify of a row never seen fails the batch (the client loads afresh).
     assert!(
         d.source

@@ -138,12 +138,15 @@ impl Atom {
         match j {
             Json::Bool(b) => Ok(Atom::Boolean(*b)),
             Json::String(s) => Ok(Atom::String(s.clone())),
-            Json::Number(n) => match n.as_i64() {
-                Some(i) => Ok(Atom::Integer(i)),
-                None => n
+            // An integer beyond i64 is refused, as the streaming parser refuses it; a number
+            // with a fraction or an exponent is a real.
+            Json::Number(n) => match (n.as_i64(), n.is_f64()) {
+                (Some(i), _) => Ok(Atom::Integer(i)),
+                (None, true) => n
                     .as_f64()
                     .map(Atom::Real)
                     .ok_or_else(|| Error::Protocol(format!("bad number {n}"))),
+                (None, false) => Err(Error::Protocol(format!("integer {n} out of range"))),
             },
             Json::Array(a) => match (a.first().and_then(Json::as_str), a.get(1), a.len()) {
                 (Some("uuid"), Some(Json::String(u)), 2) => Ok(Atom::Uuid(Uuid::parse(u)?)),
@@ -532,8 +535,13 @@ mod tests {
             r#"["map",[],1]"#,
             r#"["bag",[]]"#,
             "18446744073709551615",
+            // Beyond i64, not a real either (found by the ovsdb_values fuzz target: the
+            // tree parser took it as a real).
+            "10222210222222222222",
         ] {
             assert!(serde_json::from_str::<Value>(bad).is_err(), "{bad}");
+            let tree: Json = serde_json::from_str(bad).unwrap();
+            assert!(Value::from_json(&tree).is_err(), "{bad}, from a tree");
         }
     }
 

@@ -169,16 +169,35 @@ fn test(args: Vec<OsString>) -> Result<()> {
     let mut cmd = cargo(&tools);
     // The eBPF crate builds only for the BPF target; its behaviour is tested through the agent.
     cmd.args(["test", "--workspace", "--exclude", "unidler-ebpf"])
-        .args(args)
+        .args(&args)
         .env("UNIDLER_BIN", &agent);
-    run(&mut cmd)
+    run(&mut cmd)?;
+    // The whole suite (no filter): a short pass of every coverage-guided target too.
+    if args.is_empty() {
+        libfuzzer(&tools, LIBFUZZER_SECONDS_IN_SUITE)?;
+    }
+    Ok(())
 }
+
+/// How long the test suite runs each libFuzzer target.
+const LIBFUZZER_SECONDS_IN_SUITE: u64 = 15;
+
+/// The coverage-guided fuzz targets (`fuzz/fuzz_targets/`), each driven by libFuzzer over
+/// its corpus in `fuzz/corpus/<target>/`.
+const FUZZ_TARGETS: [&str; 5] = [
+    "ovsdb_framing",
+    "ovsdb_values",
+    "ovsdb_updates",
+    "vips_file",
+    "held_frame",
+];
 
 fn fuzz(seconds: u64) -> Result<()> {
     let tools = setup::ensure_all()?;
     if !is_root() {
         bail!("the XDP parser is fuzzed through BPF_PROG_TEST_RUN: run as root");
     }
+    libfuzzer(&tools, seconds)?;
     let agent = build(&tools, true)?;
     run(cargo(&tools)
         .args([
@@ -198,6 +217,61 @@ fn fuzz(seconds: u64) -> Result<()> {
         ])
         .env("UNIDLER_FUZZ_SECONDS", seconds.to_string())
         .env("UNIDLER_BIN", &agent))
+}
+
+/// Runs every libFuzzer target for `seconds` over its corpus (which grows with what it finds)
+/// and says, per target, how many inputs ran and the coverage reached. A crash fails it; its
+/// input is left in `fuzz/artifacts/<target>/`.
+fn libfuzzer(tools: &Path, seconds: u64) -> Result<()> {
+    let mut figures = Vec::new();
+    for target in FUZZ_TARGETS {
+        let corpus = workspace_root().join("fuzz/corpus").join(target);
+        eprintln!("[fuzz] {target}: {seconds} s over {}", corpus.display());
+        let out = cargo(tools)
+            .args(["+nightly", "fuzz", "run", target])
+            .arg(&corpus)
+            .args([
+                "--",
+                &format!("-max_total_time={seconds}"),
+                "-print_final_stats=1",
+            ])
+            // The library's parsers only: no eBPF object (see unidler/build.rs).
+            .env("UNIDLER_NO_EBPF", "1")
+            .output()
+            .with_context(|| format!("running cargo fuzz for {target}"))?;
+        let log = String::from_utf8_lossy(&out.stderr);
+        if !out.status.success() {
+            let tail: Vec<&str> = log.lines().rev().take(60).collect();
+            for line in tail.into_iter().rev() {
+                eprintln!("{line}");
+            }
+            bail!("fuzz target {target} failed (its input is in fuzz/artifacts/{target}/)");
+        }
+        let stat = |name: &str| {
+            log.lines()
+                .find_map(|l| l.strip_prefix(&format!("stat::{name}:")))
+                .map(|v| v.trim().to_owned())
+                .unwrap_or_else(|| "?".into())
+        };
+        let coverage = log
+            .lines()
+            .rev()
+            .find_map(|l| l.split(" cov: ").nth(1))
+            .and_then(|rest| rest.split_whitespace().next())
+            .unwrap_or("?")
+            .to_owned();
+        figures.push((
+            target,
+            stat("number_of_executed_units"),
+            stat("average_exec_per_sec"),
+            coverage,
+        ));
+    }
+    eprintln!("[fuzz] target, inputs run, per second, coverage (edges)");
+    for (target, runs, rate, coverage) in figures {
+        eprintln!("[fuzz] {target:14} {runs:>12} {rate:>8} {coverage:>6}");
+    }
+    Ok(())
 }
 
 /// The differential test of the OVN VIP source, as many sequences as fit in `minutes`.
@@ -270,7 +344,18 @@ fn lint() -> Result<()> {
             "-D",
             "warnings",
         ])
-        .env("CARGO_TARGET_DIR", target_dir().join("ebpf-clippy")))
+        .env("CARGO_TARGET_DIR", target_dir().join("ebpf-clippy")))?;
+    // The fuzz targets, a workspace of their own (the library without its eBPF object).
+    let fuzz = workspace_root().join("fuzz/Cargo.toml");
+    run(cargo(&tools)
+        .args(["fmt", "--check", "--manifest-path"])
+        .arg(&fuzz))?;
+    run(cargo(&tools)
+        .args(["clippy", "--manifest-path"])
+        .arg(&fuzz)
+        .args(["--", "-D", "warnings"])
+        .env("UNIDLER_NO_EBPF", "1")
+        .env("CARGO_TARGET_DIR", target_dir().join("fuzz-clippy")))
 }
 
 /// A `cargo` command with the bootstrapped tools first on PATH.

@@ -6,7 +6,9 @@
 //! 3. the Debian packages the tests use, and `kubernetes-validate` from PyPI in
 //!    `.tools/kubernetes-validate/` (the manifests' test validates against Kubernetes' schemas
 //!    with it, offline);
-//! 4. for the kernel matrix only ([`ensure_vm_tools`]): qemu, `depmod` and busybox from
+//! 4. `cargo-fuzz` from crates.io, built into `.tools/cargo-fuzz-<version>/` and linked as
+//!    `.tools/bin/cargo-fuzz`, for the coverage-guided fuzz targets in `fuzz/`;
+//! 5. for the kernel matrix only ([`ensure_vm_tools`]): qemu, `depmod` and busybox from
 //!    Debian, and virtme-ng (`vng`), from PATH or installed from PyPI into `.tools/virtme-ng/`.
 //!
 //! Each step says what it checks and what it does, and a failure says what to do about it.
@@ -43,6 +45,8 @@ const DEBIAN_PACKAGES: &[&str] = &[
 const VM_DEBIAN_PACKAGES: &[&str] = &["busybox-static", "kmod", "qemu-system-x86"];
 /// The virtme-ng release installed from PyPI when no `vng` is on PATH.
 const VIRTME_NG_VERSION: &str = "1.42";
+/// The cargo-fuzz release the fuzz targets are driven with.
+const CARGO_FUZZ_VERSION: &str = "0.13.2";
 /// The kubernetes-validate release the manifests are validated with (its schemas are of
 /// Kubernetes 1.37).
 const KUBERNETES_VALIDATE_VERSION: &str = "1.37.0";
@@ -53,7 +57,54 @@ pub fn ensure_all() -> Result<PathBuf> {
     let bin = ensure_bpf_linker()?;
     ensure_debian_packages(DEBIAN_PACKAGES)?;
     ensure_kubernetes_validate()?;
+    ensure_cargo_fuzz()?;
     Ok(bin)
+}
+
+/// `cargo-fuzz` in `.tools/bin`, built from crates.io once.
+fn ensure_cargo_fuzz() -> Result<()> {
+    let tools = workspace_root().join(".tools");
+    let root = tools.join(format!("cargo-fuzz-{CARGO_FUZZ_VERSION}"));
+    let binary = root.join("bin").join("cargo-fuzz");
+    let works = |b: &Path| {
+        Command::new(b)
+            .args(["fuzz", "--version"])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    if works(&binary) {
+        step(&format!("cargo-fuzz {CARGO_FUZZ_VERSION} is built"));
+    } else {
+        step(&format!(
+            "building cargo-fuzz {CARGO_FUZZ_VERSION} from crates.io; about two minutes"
+        ));
+        run(Command::new("cargo")
+            .args([
+                "install",
+                &format!("cargo-fuzz@{CARGO_FUZZ_VERSION}"),
+                "--locked",
+                "--root",
+            ])
+            .arg(&root)
+            .env_remove("CARGO_TARGET_DIR")
+            .env_remove("RUSTC_WRAPPER"))
+        .context("building cargo-fuzz failed; see cargo's output above. It needs crates.io")?;
+        if !works(&binary) {
+            bail!("{} was built but does not run", binary.display());
+        }
+    }
+    let bin_dir = tools.join("bin");
+    fs::create_dir_all(&bin_dir)?;
+    let link = bin_dir.join("cargo-fuzz");
+    let target = Path::new("..")
+        .join(format!("cargo-fuzz-{CARGO_FUZZ_VERSION}"))
+        .join("bin/cargo-fuzz");
+    if fs::read_link(&link).ok().as_deref() != Some(target.as_path()) {
+        let _ = fs::remove_file(&link);
+        std::os::unix::fs::symlink(&target, &link)
+            .with_context(|| format!("linking {}", link.display()))?;
+    }
+    Ok(())
 }
 
 /// `kubernetes-validate` in `.tools/kubernetes-validate/`, from PyPI, for the manifests' test.

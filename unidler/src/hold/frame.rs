@@ -74,7 +74,15 @@ pub fn parse(frame: &[u8]) -> Option<Parsed> {
         }
         _ => return None,
     };
-    if !matches!(proto, IPPROTO_TCP | IPPROTO_UDP | IPPROTO_SCTP) || l4 + l4_len > frame.len() {
+    // The L4 header must fit what the IP header says is L4, and the frame: the checksum is
+    // completed within it.
+    let header = match proto {
+        IPPROTO_TCP => 20,
+        IPPROTO_UDP => 8,
+        IPPROTO_SCTP => 12,
+        _ => return None,
+    };
+    if l4_len < header || l4 + l4_len > frame.len() {
         return None;
     }
     flow.proto = proto;
@@ -221,5 +229,32 @@ mod tests {
         let mut short = syn_v4();
         short.truncate(40);
         assert_eq!(parse(&short), None);
+    }
+
+    /// An IP header that claims less L4 than its protocol's header (a long IHL, a short total
+    /// length) leaves no room for the checksum field: refused, never completed out of bounds.
+    /// (Found by the `held_frame` fuzz target: an SCTP frame with IHL 11 and 8 bytes of L4.)
+    #[test]
+    fn an_l4_shorter_than_its_header_does_not_parse() {
+        for (proto, header) in [(IPPROTO_TCP, 20u8), (IPPROTO_UDP, 8), (IPPROTO_SCTP, 12)] {
+            // Room in the frame for any header; the IP header says less is L4.
+            let mut frame = syn_v4();
+            frame.resize(14 + 20 + 64, 0);
+            frame[14 + 9] = proto;
+            frame[14 + 2..14 + 4].copy_from_slice(&u16::from(20 + header - 1).to_be_bytes());
+            assert_eq!(parse(&frame), None, "protocol {proto}: one byte short");
+            frame[14 + 2..14 + 4].copy_from_slice(&u16::from(20 + header).to_be_bytes());
+            let parsed = parse(&frame).unwrap_or_else(|| panic!("protocol {proto}: just enough"));
+            complete_checksum(&mut frame, &parsed);
+        }
+        // The fuzzer's frame.
+        let mut found = vec![
+            2, 0, 0, 0, 0, 2, 2, 0, 0, 0, 0, 1, 8, 0, 59, 0, 0, 52, 0, 1, 0, 0, 64, 132, 101, 228,
+            10, 0, 0, 1, 10, 96, 0, 1, 156, 64, 0, 80, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 20, 0, 0,
+            0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+        ];
+        if let Some(parsed) = parse(&found) {
+            complete_checksum(&mut found, &parsed);
+        }
     }
 }

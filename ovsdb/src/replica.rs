@@ -55,11 +55,6 @@ impl Replica {
         self.kinds = kinds;
     }
 
-    /// Whether the column kinds are known (a schema was read).
-    pub fn knows_column_kinds(&self) -> bool {
-        !self.kinds.is_empty()
-    }
-
     /// The rows of `table` (none if it is not monitored).
     pub fn rows(&self, table: &str) -> impl Iterator<Item = (&Uuid, &Row)> {
         self.tables.get(table).into_iter().flat_map(|t| t.iter())
@@ -129,9 +124,22 @@ impl Replica {
         update: RowUpdate,
         record: bool,
     ) -> Result<Option<RowChange>, Error> {
-        let replica = match self.tables.get_mut(table) {
+        self.apply_row_kept_as(table, table, uuid, update, record)
+    }
+
+    /// Applies one row's update of `table`, kept under `key` (a named monitor's rows are kept
+    /// under its name); its diffs apply by `table`'s column kinds.
+    pub fn apply_row_kept_as(
+        &mut self,
+        key: &str,
+        table: &str,
+        uuid: Uuid,
+        update: RowUpdate,
+        record: bool,
+    ) -> Result<Option<RowChange>, Error> {
+        let replica = match self.tables.get_mut(key) {
             Some(t) => t,
-            None => self.tables.entry(table.to_owned()).or_default(),
+            None => self.tables.entry(key.to_owned()).or_default(),
         };
         Ok(match update {
             RowUpdate::Initial(row) | RowUpdate::Insert(row) => {

@@ -71,11 +71,6 @@ impl ColumnKinds {
     pub fn get(&self, table: &str, column: &str) -> Option<ColumnKind> {
         self.tables.get(table)?.get(column).copied()
     }
-
-    /// Whether no schema was read.
-    pub fn is_empty(&self) -> bool {
-        self.tables.is_empty()
-    }
 }
 
 #[cfg(test)]

@@ -577,3 +577,109 @@ async fn every_kind_of_column_change_leaves_the_replica_as_the_server_has_it() {
         }
     }
 }
+
+/// The sorted strings of `column` in the rows the client keeps under `key` whose `name` is
+/// `name` (a set column, however it is spelt).
+fn strings_of(client: &Client, key: &str, name: &str, column: &str) -> Vec<String> {
+    let replica = client.replica();
+    let mut out: Vec<String> = replica
+        .rows(key)
+        .find(|(_, r)| r.get("name").and_then(Value::atom).and_then(Atom::as_str) == Some(name))
+        .and_then(|(_, r)| r.get(column).cloned())
+        .map(|v| {
+            v.atoms()
+                .iter()
+                .filter_map(|a| a.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default();
+    out.sort();
+    out
+}
+
+/// A named monitor applies a set's diff by the kind of its table's column, as the data
+/// monitor does (its rows are kept under its own name, not the table's).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_named_monitor_applies_set_diffs_as_the_data_monitor_does() {
+    let server = southbound_with_three_chassis();
+    server.sbctl(&["set", "Chassis", "ch-a", "transport_zones=tz1"]);
+    let mut opts = options(&server.unix_remote());
+    opts.monitors = vec![
+        MonitorRequest::table("Chassis").columns(&["name", "transport_zones"]),
+        MonitorRequest::table("Chassis")
+            .columns(&["name", "transport_zones", "hostname"])
+            .matching(Condition::eq("name", "ch-a"))
+            .named("mine"),
+    ];
+    let client = Client::start(opts).unwrap();
+    client.wait_connected(WAIT).await.unwrap();
+    let zones = |key: &str| strings_of(&client, key, "ch-a", "transport_zones");
+    eventually("the load", || {
+        zones("mine") == ["tz1"] && zones("Chassis") == ["tz1"]
+    })
+    .await;
+    server.sbctl(&["add", "Chassis", "ch-a", "transport_zones", "tz2"]);
+    eventually("the data monitor", || zones("Chassis") == ["tz1", "tz2"]).await;
+    eventually("the named monitor", || zones("mine") == ["tz1", "tz2"]).await;
+}
+
+/// After the server converts its database, diffs apply by the new schema's column kinds: a
+/// column that became a set, and a set column the conversion added.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn diffs_after_a_schema_conversion_apply_by_the_new_schema() {
+    let dir = TempDir::new("kinds-schema");
+    let table = |columns: serde_json::Value| {
+        serde_json::json!({"name": "R", "version": "1.0.0",
+            "tables": {"T": {"columns": columns, "isRoot": true}}})
+    };
+    let older = dir.join("older.ovsschema");
+    let newer = dir.join("newer.ovsschema");
+    std::fs::write(
+        &older,
+        table(serde_json::json!({
+            "name": {"type": "string"},
+            "tags": {"type": {"key": "string", "min": 0, "max": 1}}}))
+        .to_string(),
+    )
+    .unwrap();
+    let mut converted = table(serde_json::json!({
+        "name": {"type": "string"},
+        "tags": {"type": {"key": "string", "min": 0, "max": "unlimited"}},
+        "zones": {"type": {"key": "string", "min": 0, "max": "unlimited"}}}));
+    converted["version"] = "1.1.0".into();
+    std::fs::write(&newer, converted.to_string()).unwrap();
+    let server = OvsdbServer::standalone("kinds", older.to_str().unwrap(), Listen::default());
+    let remote = server.unix_remote();
+    let transact = |ops: &str| {
+        ovsdb_harness::run(
+            std::process::Command::new("ovsdb-client").args(["transact", &remote, ops]),
+        )
+    };
+    transact(r#"["R",{"op":"insert","table":"T","row":{"name":"a","tags":"x"}}]"#);
+    let mut opts = options(&remote);
+    opts.database = "R".into();
+    opts.leader_only = false;
+    opts.monitors = vec![MonitorRequest::table("T")];
+    let client = Client::start(opts).unwrap();
+    client.wait_connected(WAIT).await.unwrap();
+    let column = |c: &str| strings_of(&client, "T", "a", c);
+    eventually("the load", || column("tags") == ["x"]).await;
+    let sessions = client.session_count();
+    ovsdb_harness::run(
+        std::process::Command::new("ovsdb-client")
+            .args(["convert", &remote])
+            .arg(&newer),
+    );
+    client.wait_new_session(sessions).await;
+    eventually("the load after the conversion", || column("tags") == ["x"]).await;
+    transact(
+        r#"["R",{"op":"mutate","table":"T","where":[],"mutations":[["tags","insert",["set",["y"]]],["zones","insert",["set",["z1"]]]]}]"#,
+    );
+    transact(
+        r#"["R",{"op":"mutate","table":"T","where":[],"mutations":[["zones","insert",["set",["z2"]]]]}]"#,
+    );
+    eventually("both sets as the server has them", || {
+        column("tags") == ["x", "y"] && column("zones") == ["z1", "z2"]
+    })
+    .await;
+}

@@ -8,8 +8,13 @@
 //! balancer that reports has it, dropped only where no load balancer that applies there has a
 //! backend for it, and passed where none that applies there reports or forwards it.
 //!
+//! Every step's transaction also flips a canary load balancer's backends: the agent showing
+//! the canary's new state has applied the step, so a step is never judged on the state before
+//! it. (OVN 23.03's schema has no `ls_datapath_group` and `lr_datapath_group`: those columns
+//! are covered by the VIP source's unit tests.)
+//!
 //! A failing sequence is shrunk to a minimal one and printed as Rust, to be kept in
-//! [`KEPT`]. `UNIDLER_DIFFERENTIAL_SECONDS` runs seeds for that long
+//! `kept()`. `UNIDLER_DIFFERENTIAL_SECONDS` runs seeds for that long
 //! (`cargo xtask fuzz --differential --minutes N`); `UNIDLER_DIFFERENTIAL_SEED` starts from a
 //! given seed.
 
@@ -530,7 +535,16 @@ struct Database {
     global: Uuid,
     lbs: BTreeMap<usize, Uuid>,
     groups: BTreeMap<usize, Uuid>,
+    /// The canary load balancer: every step's transaction flips its VIP's backends, so that
+    /// the agent showing the new state says it applied the step (one transaction, one
+    /// update, one batch), even where the step changes nothing the model sees.
+    canary: Uuid,
+    /// Whether the canary's VIP has a backend now.
+    canary_backed: bool,
 }
+
+/// The canary's VIP: on no address the generator uses, on every datapath, reporting.
+const CANARY_VIP: &str = "10.99.0.1:1";
 
 fn uuid_set(uuids: impl IntoIterator<Item = Uuid>) -> Value {
     Value::set(uuids.into_iter().map(Atom::Uuid))
@@ -568,6 +582,8 @@ impl Database {
             global: Uuid::from_u128(0),
             lbs: BTreeMap::new(),
             groups: BTreeMap::new(),
+            canary: Uuid::from_u128(0),
+            canary_backed: false,
         };
         let ops: Vec<Operation> = TUNNEL_KEYS
             .iter()
@@ -601,7 +617,34 @@ impl Database {
             })
             .collect();
         db.ports = db.transact(ops);
+        let canary = Operation::Insert {
+            table: "Load_Balancer".into(),
+            row: Row::from([
+                ("name".to_owned(), Value::from("canary")),
+                ("vips".to_owned(), string_map(&[(CANARY_VIP, "")])),
+                (
+                    "datapaths".to_owned(),
+                    uuid_set(db.datapaths.iter().cloned()),
+                ),
+                ("options".to_owned(), string_map(&[("event", "true")])),
+            ]),
+            uuid_name: None,
+        };
+        db.canary = db.transact(vec![canary])[0].clone();
         db
+    }
+
+    /// The model of `world`, with the canary as it is now.
+    fn expected(&self, world: &World) -> Expected {
+        let mut expected = model(world);
+        let key = key_of(CANARY_VIP.parse().unwrap(), protocol_number(None));
+        let backends = u32::from(self.canary_backed);
+        expected.backends.insert(key, backends);
+        expected.idle.insert((key, None), backends == 0);
+        for scope in local_scopes(world) {
+            expected.idle.insert((key, Some(scope)), backends == 0);
+        }
+        expected
     }
 
     /// Runs `ops` in one transaction; returns the inserted rows' UUIDs.
@@ -745,6 +788,13 @@ impl Database {
                 )]),
             }),
         }
+        self.canary_backed = !self.canary_backed;
+        let backends = if self.canary_backed { "10.0.0.9:1" } else { "" };
+        ops.push(Operation::Update {
+            table: "Load_Balancer".into(),
+            conditions: Self::by_uuid(&self.canary),
+            row: Row::from([("vips".to_owned(), string_map(&[(CANARY_VIP, backends)]))]),
+        });
         let group_inserted = ops
             .iter()
             .any(|op| matches!(op, Operation::Insert { table, .. } if table == "Logical_DP_Group"));
@@ -820,7 +870,7 @@ impl Rig {
     /// Waits until the agent's table and the kernel maps agree with the model of `world`;
     /// the differences at the end if they never do.
     fn converges(&mut self, world: &World, timeout: Duration) -> Result<(), Vec<String>> {
-        let want = model(world);
+        let want = self.db.expected(world);
         let scopes = local_scopes(world);
         let deadline = Instant::now() + timeout;
         loop {

@@ -174,13 +174,16 @@ fn test(args: Vec<OsString>) -> Result<()> {
     run(&mut cmd)?;
     // The whole suite (no filter): a short pass of every coverage-guided target too.
     if args.is_empty() {
-        libfuzzer(&tools, LIBFUZZER_SECONDS_IN_SUITE)?;
+        libfuzzer(&tools, FuzzBudget::Runs(LIBFUZZER_RUNS_IN_SUITE))?;
+    } else {
+        eprintln!("[fuzz] the libFuzzer targets run with the whole suite only (not filtered)");
     }
     Ok(())
 }
 
-/// How long the test suite runs each libFuzzer target.
-const LIBFUZZER_SECONDS_IN_SUITE: u64 = 15;
+/// How many inputs the test suite runs through each libFuzzer target (seconds each at these
+/// targets' rates).
+const LIBFUZZER_RUNS_IN_SUITE: u64 = 100_000;
 
 /// The coverage-guided fuzz targets (`fuzz/fuzz_targets/`), each driven by libFuzzer over
 /// its corpus in `fuzz/corpus/<target>/`.
@@ -197,7 +200,7 @@ fn fuzz(seconds: u64) -> Result<()> {
     if !is_root() {
         bail!("the XDP parser is fuzzed through BPF_PROG_TEST_RUN: run as root");
     }
-    libfuzzer(&tools, seconds)?;
+    libfuzzer(&tools, FuzzBudget::Seconds(seconds))?;
     let agent = build(&tools, true)?;
     run(cargo(&tools)
         .args([
@@ -219,23 +222,51 @@ fn fuzz(seconds: u64) -> Result<()> {
         .env("UNIDLER_BIN", &agent))
 }
 
-/// Runs every libFuzzer target for `seconds` over its corpus (which grows with what it finds)
-/// and says, per target, how many inputs ran and the coverage reached. A crash fails it; its
-/// input is left in `fuzz/artifacts/<target>/`.
-fn libfuzzer(tools: &Path, seconds: u64) -> Result<()> {
+/// How long each libFuzzer target runs.
+#[derive(Clone, Copy)]
+enum FuzzBudget {
+    /// For this many seconds, from a random seed, adding what it finds to the corpus in the
+    /// repository (`cargo fuzz cmin` before committing it).
+    Seconds(u64),
+    /// This many inputs from seed 1, the repository's corpus read only: the same inputs every
+    /// run (the test suite's pass).
+    Runs(u64),
+}
+
+/// Builds the libFuzzer targets (ASan, nightly) and runs each as `budget` says; says, per
+/// target, how many inputs ran and the coverage reached. A crash fails it; its input is left
+/// in `fuzz/artifacts/<target>/`.
+fn libfuzzer(tools: &Path, budget: FuzzBudget) -> Result<()> {
+    eprintln!("[fuzz] building the targets (cargo fuzz, ASan; minutes the first time)");
+    run(cargo(tools)
+        .args(["+nightly", "fuzz", "build"])
+        // The library's parsers only: no eBPF object (see unidler/build.rs).
+        .env("UNIDLER_NO_EBPF", "1"))?;
+    let scratch = target_dir().join("fuzz-scratch");
     let mut figures = Vec::new();
     for target in FUZZ_TARGETS {
         let corpus = workspace_root().join("fuzz/corpus").join(target);
-        eprintln!("[fuzz] {target}: {seconds} s over {}", corpus.display());
-        let out = cargo(tools)
-            .args(["+nightly", "fuzz", "run", target])
-            .arg(&corpus)
-            .args([
-                "--",
-                &format!("-max_total_time={seconds}"),
-                "-print_final_stats=1",
-            ])
-            // The library's parsers only: no eBPF object (see unidler/build.rs).
+        let mut cmd = cargo(tools);
+        cmd.args(["+nightly", "fuzz", "run", target]);
+        match budget {
+            FuzzBudget::Seconds(seconds) => {
+                eprintln!("[fuzz] {target}: {seconds} s over {}", corpus.display());
+                cmd.arg(&corpus)
+                    .args(["--", &format!("-max_total_time={seconds}")]);
+            }
+            FuzzBudget::Runs(runs) => {
+                // New inputs go to a scratch folder, the first one libFuzzer is given.
+                let found = scratch.join(target);
+                let _ = std::fs::remove_dir_all(&found);
+                std::fs::create_dir_all(&found)?;
+                eprintln!("[fuzz] {target}: {runs} inputs from seed 1 over its corpus");
+                cmd.arg(&found)
+                    .arg(&corpus)
+                    .args(["--", &format!("-runs={runs}"), "-seed=1"]);
+            }
+        }
+        let out = cmd
+            .arg("-print_final_stats=1")
             .env("UNIDLER_NO_EBPF", "1")
             .output()
             .with_context(|| format!("running cargo fuzz for {target}"))?;

@@ -30,9 +30,11 @@ const NIGHTLY: &str = "nightly";
 /// Debian packages the tests need: `ip` for namespaces and veths; OVN and OVS for the
 /// database tests (`ovsdb-server`, `ovsdb-tool`, `ovn-sbctl`, the OVN schemas); OVS's switch
 /// (`ovs-vswitchd`) and `ovn-controller` for the benchmarks' side by side with OVN; `ethtool`
-/// for the pods' checksum offloads in the tests with a real OVN node.
+/// for the pods' checksum offloads in the tests with a real OVN node; `g++` for libFuzzer,
+/// which the fuzz targets compile.
 const DEBIAN_PACKAGES: &[&str] = &[
     "ethtool",
+    "g++",
     "iproute2",
     "ovn-central",
     "ovn-host",

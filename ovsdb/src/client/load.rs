@@ -204,18 +204,20 @@ impl RowSink for Applier<'_> {
     }
 
     fn row(&mut self, table: &str, uuid: Uuid, update: RowUpdate) -> Result<(), Error> {
-        let table = self.scope.unwrap_or(table);
-        if let Some((_, consumer)) = self.consumers.iter_mut().find(|(t, _)| *t == table) {
+        // The rows of a named monitor are kept under its name; their diffs apply by their
+        // table's column kinds.
+        let key = self.scope.unwrap_or(table);
+        if let Some((_, consumer)) = self.consumers.iter_mut().find(|(t, _)| *t == key) {
             return consumer.row(&uuid, update);
         }
-        if !self.changed.contains(table) {
-            self.changed.insert(table.to_owned());
+        if !self.changed.contains(key) {
+            self.changed.insert(key.to_owned());
         }
-        if let Some(change) = self
-            .replica
-            .apply_row(table, uuid.clone(), update, self.found)?
+        if let Some(change) =
+            self.replica
+                .apply_row_kept_as(key, table, uuid.clone(), update, self.found)?
         {
-            self.changes.push((table.to_owned(), uuid, change));
+            self.changes.push((key.to_owned(), uuid, change));
         }
         Ok(())
     }

@@ -196,24 +196,6 @@ pub(super) async fn session(
         }
     }
 
-    // How each column's diffs apply, from the schema, once per client: an optional column
-    // and a set of one look alike in a diff.
-    let knows_kinds = shared
-        .replica
-        .read()
-        .unwrap_or_else(PoisonError::into_inner)
-        .knows_column_kinds();
-    if !knows_kinds {
-        match conn.call("get_schema", json!([opts.database])).await {
-            Ok(schema) => shared
-                .replica
-                .write()
-                .unwrap_or_else(PoisonError::into_inner)
-                .set_column_kinds(Arc::new(ColumnKinds::from_schema(&schema))),
-            Err(e) => return fail(e).await,
-        }
-    }
-
     let mut monitors = shared.monitors().clone();
     // Until this reply is applied whole, a reconnect must not resume from an older
     // transaction: what was cleared or half applied would stay missing.
@@ -234,10 +216,22 @@ pub(super) async fn session(
         }
         Ok::<_, Error>(fetched)
     };
-    let (data, named_fetched) = tokio::join!(
+    // How each column's diffs apply, from the schema, at every session (a conversion may
+    // have changed it; the server then ends the session): asked alongside the monitors, and
+    // needed only for the changes that follow their replies.
+    let (data, named_fetched, schema) = tokio::join!(
         load_data(shared, &conn, &mut monitors, since),
-        fetch_named_all
+        fetch_named_all,
+        conn.call("get_schema", json!([opts.database]))
     );
+    match schema {
+        Ok(schema) => shared
+            .replica
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .set_column_kinds(Arc::new(ColumnKinds::from_schema(&schema))),
+        Err(e) => return fail(e).await,
+    }
     let found = match data {
         Ok(Loaded {
             found,

@@ -194,7 +194,11 @@ impl Agent {
             }
             VipSourceConfig::Static(vips) => agent.on_vips(VipUpdate::Replace(vips.clone()))?,
             // The source runs in the Southbound client (connect_southbound).
-            VipSourceConfig::Ovn => {}
+            VipSourceConfig::Ovn => {
+                ovn_vips
+                    .as_ref()
+                    .context("VIPs from OVN need the Southbound database")?;
+            }
             VipSourceConfig::None => {
                 warn!(
                     "no VIPs (--vip, --vips-file or --ovnsb-db): every packet passes, nothing \

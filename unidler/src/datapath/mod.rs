@@ -221,6 +221,12 @@ pub enum DatapathError {
     /// The pin directory could not be used.
     #[error("--pin-dir: {0}")]
     Pin(String),
+    /// This build carries no eBPF program (built with `UNIDLER_NO_EBPF=1`, for the fuzz
+    /// targets).
+    #[error(
+        "this agent was built without its eBPF program (UNIDLER_NO_EBPF=1): rebuild it without"
+    )]
+    NoProgram,
 }
 
 /// Forwards the program's aya-log records to `log` (and so to the agent's log).
@@ -265,6 +271,9 @@ pub struct Datapath {
 impl Datapath {
     /// Loads the program into the kernel (without attaching it) and writes its configuration.
     pub fn load(options: &LoadOptions) -> Result<Self, DatapathError> {
+        if PROGRAM_OBJECT.is_empty() {
+            return Err(DatapathError::NoProgram);
+        }
         let max_vips = options.max_vips.max(1);
         let pins = match &options.pin_dir {
             Some(dir) => Some(PinDir::open(dir).map_err(|e| DatapathError::Pin(e.to_string()))?),

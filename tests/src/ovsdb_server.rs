@@ -21,6 +21,19 @@ pub trait Southbound {
     /// Runs `ovn-sbctl` against it; returns stdout.
     fn sbctl(&self, args: &[&str]) -> String;
 
+    /// The UUID of the Chassis row named `name`.
+    #[track_caller]
+    fn chassis_uuid(&self, name: &str) -> String {
+        let out = self.sbctl(&[
+            "--bare",
+            "--columns=_uuid",
+            "find",
+            "Chassis",
+            &format!("name={name}"),
+        ]);
+        out.trim().to_owned()
+    }
+
     /// The Controller_Event rows.
     #[track_caller]
     fn event_rows(&self) -> Vec<EventRow> {

@@ -10,7 +10,7 @@ use std::{
 use unidler_tests::{
     agent::{Agent, southbound_args},
     netns::{CLIENT_V4, SERVER_V4, Topology},
-    ovsdb_server::{self, EventRow, Southbound, TempDir},
+    ovsdb_server::{self, CHASSIS, EventRow, Southbound, TempDir},
     require_root,
 };
 
@@ -74,13 +74,7 @@ fn a_connection_attempt_writes_the_row_ovn_controller_would() {
     require_root();
     let topo = Topology::new("ce");
     let sb = ovsdb_server::southbound_with_chassis();
-    let chassis = sb.sbctl(&[
-        "--bare",
-        "--columns=_uuid",
-        "find",
-        "Chassis",
-        "name=chassis-1",
-    ]);
+    let chassis = sb.chassis_uuid(CHASSIS);
     let state = TempDir::new("state");
     let db = sb.unix_remote();
     let vips = [format!("10.77.0.2:80/tcp@{LB}")];
@@ -100,7 +94,7 @@ fn a_connection_attempt_writes_the_row_ovn_controller_would() {
             ("vip".to_owned(), "10.77.0.2:80".to_owned()),
         ])
     );
-    assert_eq!(row.chassis.as_deref(), Some(chassis.trim()));
+    assert_eq!(row.chassis.as_deref(), Some(chassis.as_str()));
     assert_eq!(row.seq_num, 1);
 
     // While the row exists, more hits insert nothing.
@@ -369,14 +363,8 @@ fn the_chassis_name_is_learned_when_the_open_vswitch_database_comes_up_late() {
         || sb.event_rows(),
         |r| r.len() == 1,
     );
-    let chassis = sb.sbctl(&[
-        "--bare",
-        "--columns=_uuid",
-        "find",
-        "Chassis",
-        "name=chassis-1",
-    ]);
-    assert_eq!(rows[0].chassis.as_deref(), Some(chassis.trim()));
+    let chassis = sb.chassis_uuid(CHASSIS);
+    assert_eq!(rows[0].chassis.as_deref(), Some(chassis.as_str()));
     assert_eq!(readyz().unwrap(), "ready\n");
 }
 

@@ -45,13 +45,7 @@ fn two_tenants_reusing_a_vip_are_each_judged_by_their_own_load_balancer() {
     // to this chassis, and a load balancer of the same VIP on each: A's idle, B's with a
     // backend.
     let sb = ovsdb_server::southbound_with_chassis();
-    let chassis = created(sb.sbctl(&[
-        "--bare",
-        "--columns=_uuid",
-        "find",
-        "Chassis",
-        &format!("name={CHASSIS}"),
-    ]));
+    let chassis = sb.chassis_uuid(CHASSIS);
     let switch = |key: &str| {
         created(sb.sbctl(&["create", "Datapath_Binding", &format!("tunnel_key={key}")]))
     };

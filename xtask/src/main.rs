@@ -81,6 +81,13 @@ enum Task {
         #[arg(long, default_value_t = 10, requires = "differential")]
         minutes: u64,
     },
+    /// The chaos test for `--minutes` (needs root): member kills, connection cuts, agent
+    /// restarts, a SYN flood and replays; every hit must land once.
+    Chaos {
+        /// Minutes to run.
+        #[arg(long, default_value_t = 30)]
+        minutes: u64,
+    },
     /// Check formatting and run clippy with warnings denied, the eBPF crate included.
     Lint,
     /// Show the datapath catching the first packet to an idle service, in namespaces of its own.
@@ -137,6 +144,7 @@ fn dispatch(task: Task) -> Result<()> {
         } => fuzz_differential(minutes),
         Task::Fuzz { seconds, .. } => fuzz(seconds),
         Task::Bench { vs_ovn, args } => bench(vs_ovn, args),
+        Task::Chaos { minutes } => chaos(minutes),
         Task::Demo => {
             let agent = build(&setup::ensure_all()?, false)?;
             demo::run(&agent)
@@ -323,6 +331,27 @@ fn fuzz_differential(minutes: u64) -> Result<()> {
             "--nocapture",
         ])
         .env("UNIDLER_DIFFERENTIAL_SECONDS", (minutes * 60).to_string())
+        .env("UNIDLER_BIN", &agent))
+}
+
+/// The chaos test (`tests/tests/chaos.rs`) for `minutes`.
+fn chaos(minutes: u64) -> Result<()> {
+    let tools = setup::ensure_all()?;
+    if !is_root() {
+        bail!("the chaos test runs the agent in network namespaces: run it as root");
+    }
+    let agent = build(&tools, false)?;
+    run(cargo(&tools)
+        .args([
+            "test",
+            "--package",
+            "unidler-tests",
+            "--test",
+            "chaos",
+            "--",
+            "--nocapture",
+        ])
+        .env("UNIDLER_CHAOS_SECONDS", (minutes * 60).to_string())
         .env("UNIDLER_BIN", &agent))
 }
 

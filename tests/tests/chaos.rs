@@ -48,11 +48,11 @@ const SERVER: &str = "10.77.0.2";
 /// a member killed for `KILL_FOR`, every `KILL_EVERY`; the agent restarted every
 /// `RESTART_EVERY` (more often in a short run, at least twice); the last hit VIPs given a
 /// backend every `WAKE_EVERY`.
-const CUT_EVERY: Duration = Duration::from_millis(1_600);
+const CUT_EVERY: Duration = Duration::from_millis(1_400);
 const CUT_FOR: Duration = Duration::from_millis(400);
-const KILL_EVERY: Duration = Duration::from_secs(15);
+const KILL_EVERY: Duration = Duration::from_secs(14);
 const KILL_FOR: Duration = Duration::from_secs(3);
-const RESTART_EVERY: Duration = Duration::from_secs(85);
+const RESTART_EVERY: Duration = Duration::from_secs(75);
 const WAKE_EVERY: Duration = Duration::from_secs(10);
 /// How many of the last hit VIPs each wake-up gives a backend.
 const WAKE_BATCH: u16 = 20;

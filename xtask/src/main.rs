@@ -377,6 +377,7 @@ fn bench(vs_ovn: bool, args: Vec<OsString>) -> Result<()> {
 
 fn lint() -> Result<()> {
     let tools = setup::ensure_build_tools()?;
+    setup::ensure_fuzz_build_tools()?;
     run(cargo(&tools).args(["fmt", "--all", "--check"]))?;
     run(cargo(&tools).args([
         "clippy",

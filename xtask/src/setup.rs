@@ -63,6 +63,12 @@ pub fn ensure_all() -> Result<PathBuf> {
     Ok(bin)
 }
 
+/// What building the fuzz targets needs besides the toolchains (lint checks them too): a C++
+/// compiler for libFuzzer.
+pub fn ensure_fuzz_build_tools() -> Result<()> {
+    ensure_debian_packages(&["g++"])
+}
+
 /// `cargo-fuzz` in `.tools/bin`, built from crates.io once.
 fn ensure_cargo_fuzz() -> Result<()> {
     let tools = workspace_root().join(".tools");

@@ -315,43 +315,25 @@ fn libfuzzer(tools: &Path, budget: FuzzBudget) -> Result<()> {
 
 /// The differential test of the OVN VIP source, as many sequences as fit in `minutes`.
 fn fuzz_differential(minutes: u64) -> Result<()> {
-    let tools = setup::ensure_all()?;
-    if !is_root() {
-        bail!("the differential test runs the agent in a network namespace: run as root");
-    }
-    let agent = build(&tools, false)?;
-    run(cargo(&tools)
-        .args([
-            "test",
-            "--package",
-            "unidler-tests",
-            "--test",
-            "ovn_differential",
-            "--",
-            "--nocapture",
-        ])
-        .env("UNIDLER_DIFFERENTIAL_SECONDS", (minutes * 60).to_string())
-        .env("UNIDLER_BIN", &agent))
+    long_run("ovn_differential", "UNIDLER_DIFFERENTIAL_SECONDS", minutes)
 }
 
 /// The chaos test (`tests/tests/chaos.rs`) for `minutes`.
 fn chaos(minutes: u64) -> Result<()> {
+    long_run("chaos", "UNIDLER_CHAOS_SECONDS", minutes)
+}
+
+/// Runs the test target `test` (root, namespaces) for `minutes`, told by `seconds_var`.
+fn long_run(test: &str, seconds_var: &str, minutes: u64) -> Result<()> {
     let tools = setup::ensure_all()?;
     if !is_root() {
-        bail!("the chaos test runs the agent in network namespaces: run it as root");
+        bail!("{test} runs the agent in network namespaces: run it as root");
     }
     let agent = build(&tools, false)?;
     run(cargo(&tools)
-        .args([
-            "test",
-            "--package",
-            "unidler-tests",
-            "--test",
-            "chaos",
-            "--",
-            "--nocapture",
-        ])
-        .env("UNIDLER_CHAOS_SECONDS", (minutes * 60).to_string())
+        .args(["test", "--package", "unidler-tests", "--test", test])
+        .args(["--", "--nocapture"])
+        .env(seconds_var, (minutes * 60).to_string())
         .env("UNIDLER_BIN", &agent))
 }
 

@@ -101,18 +101,21 @@ fn ensure_cargo_fuzz() -> Result<()> {
             bail!("{} was built but does not run", binary.display());
         }
     }
-    let bin_dir = tools.join("bin");
+    link_tool(&format!("cargo-fuzz-{CARGO_FUZZ_VERSION}"), "cargo-fuzz").map(drop)
+}
+
+/// Links `.tools/bin/<name>` to `.tools/<root>/bin/<name>` (once); returns `.tools/bin`.
+fn link_tool(root: &str, name: &str) -> Result<PathBuf> {
+    let bin_dir = workspace_root().join(".tools").join("bin");
     fs::create_dir_all(&bin_dir)?;
-    let link = bin_dir.join("cargo-fuzz");
-    let target = Path::new("..")
-        .join(format!("cargo-fuzz-{CARGO_FUZZ_VERSION}"))
-        .join("bin/cargo-fuzz");
+    let link = bin_dir.join(name);
+    let target = Path::new("..").join(root).join("bin").join(name);
     if fs::read_link(&link).ok().as_deref() != Some(target.as_path()) {
         let _ = fs::remove_file(&link);
         std::os::unix::fs::symlink(&target, &link)
             .with_context(|| format!("linking {}", link.display()))?;
     }
-    Ok(())
+    Ok(bin_dir)
 }
 
 /// `kubernetes-validate` in `.tools/kubernetes-validate/`, from PyPI, for the manifests' test.
@@ -234,7 +237,6 @@ fn nightly_llvm() -> Result<NightlyLlvm> {
 
 fn ensure_bpf_linker() -> Result<PathBuf> {
     let tools = workspace_root().join(".tools");
-    let bin_dir = tools.join("bin");
     let llvm = nightly_llvm()?;
     let root = tools.join(&llvm.lib_name);
     let linker = root.join("bin").join("bpf-linker");
@@ -275,15 +277,7 @@ fn ensure_bpf_linker() -> Result<PathBuf> {
     } else {
         step(&format!("bpf-linker for {} is built", llvm.lib_name));
     }
-    fs::create_dir_all(&bin_dir)?;
-    let link = bin_dir.join("bpf-linker");
-    let target = Path::new("..").join(&llvm.lib_name).join("bin/bpf-linker");
-    if fs::read_link(&link).ok().as_deref() != Some(target.as_path()) {
-        let _ = fs::remove_file(&link);
-        std::os::unix::fs::symlink(&target, &link)
-            .with_context(|| format!("linking {}", link.display()))?;
-    }
-    Ok(bin_dir)
+    link_tool(&llvm.lib_name, "bpf-linker")
 }
 
 fn linker_works(linker: &Path) -> bool {

@@ -129,3 +129,79 @@ fn dropped_connections_never_freeze_the_runtime_and_lose_nothing() {
         &missing[..missing.len().min(10)]
     );
 }
+
+/// Writes `hits` hits `apart` from each other through a writer on its own runtime; returns
+/// the rows written and the transactions that wrote them.
+fn write_spaced_hits(sb: &ovsdb_server::OvsdbServer, hits: u32, apart: Duration) -> (u64, u64) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let config = SouthboundConfig {
+            remotes: ovsdb::Remote::parse_list(&sb.unix_remote()).unwrap(),
+            tls: None,
+            chassis: Some(CHASSIS.into()),
+            ovs_db: "unix:/nonexistent".into(),
+            max_message_bytes: 64 << 20,
+            leader_only: true,
+        };
+        let southbound = Southbound::connect(&config, Vec::new()).await.unwrap();
+        let writer = ControllerEventWriter::start(
+            southbound,
+            WriterOptions {
+                queue_capacity: 100_000,
+                state_dir: None,
+                dedup: Default::default(),
+                news: None,
+            },
+        );
+        // Connected, with our Chassis known, before the first hit.
+        writer.submit(&hit(100_000));
+        assert!(writer.flush(Duration::from_secs(20)).await, "not drained");
+        let stats = writer.stats();
+        let before = stats.transactions.load(Ordering::Relaxed);
+        for n in 0..hits {
+            writer.submit(&hit(n));
+            tokio::time::sleep(apart).await;
+        }
+        assert!(writer.flush(Duration::from_secs(20)).await, "not drained");
+        (
+            stats.written.load(Ordering::Relaxed) - 1,
+            stats.transactions.load(Ordering::Relaxed) - before,
+        )
+    })
+}
+
+/// Hits that arrive one by one, as a flood over many idle VIPs lets them through, go out many
+/// per transaction rather than one transaction each: what costs the agent and the database is
+/// the transaction. Each is still written exactly once.
+#[test]
+fn hits_arriving_one_by_one_go_out_together() {
+    const HITS: u32 = 300;
+    let sb = ovsdb_server::southbound_with_chassis();
+    let (written, transactions) = write_spaced_hits(&sb, HITS, Duration::from_millis(1));
+    assert_eq!(written, u64::from(HITS));
+    assert_eq!(sb.event_rows().len(), HITS as usize + 1);
+    // Over at least 300 ms at no more than one small transaction per 20 ms; one each would
+    // be 300.
+    assert!(
+        transactions <= 50,
+        "{transactions} transactions for {HITS} hits arriving 1 ms apart"
+    );
+}
+
+/// A hit that comes on its own (hits far slower than a flood's) is written at once, in a
+/// transaction of its own: batching costs a lone hit no waiting.
+#[test]
+fn hits_that_come_slowly_are_each_written_at_once() {
+    const HITS: u32 = 20;
+    let sb = ovsdb_server::southbound_with_chassis();
+    let (written, transactions) = write_spaced_hits(&sb, HITS, Duration::from_millis(10));
+    assert_eq!(written, u64::from(HITS));
+    // Paced after each, they would go out in twos (about 10 transactions).
+    assert!(
+        transactions >= 16,
+        "{transactions} transactions for {HITS} hits arriving 10 ms apart"
+    );
+}

@@ -166,3 +166,37 @@ fn a_full_ring_is_counted_not_fatal() {
     // And it recovers once drained.
     assert_eq!(h.run(&frame).events.len(), 1);
 }
+
+/// The hold's counts read back from the kernel, as many as a flood leaves (more than one batch
+/// of the batched read): every one, each with its count, and none that was removed.
+#[test]
+fn every_held_count_is_read_back_from_the_kernel() {
+    let mut h = Harness::new();
+    let vip = |i: u32| unidler_common::VipKey {
+        addr: ip_to_bytes(IpAddr::V4(Ipv4Addr::from(0x0a60_0000 + i))),
+        port_be: 80u16.to_be(),
+        proto: 6,
+        family: unidler_common::FAMILY_IPV4,
+    };
+    let written: Vec<_> = (0..10_000u32).map(|i| (vip(i), 1 + i % 7)).collect();
+    h.datapath.set_held(&written, 12_345).unwrap();
+    // Some let go again.
+    let gone: Vec<_> = (0..10_000u32).step_by(10).map(|i| (vip(i), 0)).collect();
+    h.datapath.set_held(&gone, 12_000).unwrap();
+
+    let (mut read, total) = h.datapath.held_counts();
+    read.sort_by_key(|(vip, _)| (vip.addr, vip.port_be));
+    let mut want: Vec<_> = written
+        .into_iter()
+        .enumerate()
+        .filter(|(i, _)| i % 10 != 0)
+        .map(|(_, entry)| entry)
+        .collect();
+    want.sort_by_key(|(vip, _)| (vip.addr, vip.port_be));
+    assert_eq!(total, 12_000);
+    assert_eq!(read.len(), want.len());
+    assert!(
+        read == want,
+        "the counts read back differ from those written"
+    );
+}

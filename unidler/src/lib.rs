@@ -13,6 +13,7 @@ pub mod hold;
 pub mod links;
 pub mod map_batch;
 pub mod ovn;
+pub mod pace;
 pub mod pinning;
 pub mod registry;
 pub mod telemetry;

@@ -1,11 +1,14 @@
-//! Many entries into a BPF hash map with one system call (`BPF_MAP_UPDATE_BATCH`, Linux
-//! 5.6+), which aya does not offer: a full VIP sync writes 100,000s of entries.
+//! Many entries of a BPF hash map with one system call (`BPF_MAP_UPDATE_BATCH` and
+//! `BPF_MAP_LOOKUP_BATCH`, Linux 5.6+), which aya does not offer: a full VIP sync writes
+//! 100,000s of entries, and the hold reads thousands of counts now and then.
 
 use std::{
     io,
     os::fd::{AsRawFd, BorrowedFd},
 };
 
+/// `enum bpf_cmd`'s `BPF_MAP_LOOKUP_BATCH`.
+const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
 /// `enum bpf_cmd`'s `BPF_MAP_UPDATE_BATCH`.
 const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
 
@@ -83,4 +86,64 @@ pub fn update<K: aya::Pod, V: aya::Pod>(
         done = end;
     }
     Ok(())
+}
+
+/// Every entry of the hash map `map`, read `CHUNK` at a time. `K` and `V` must be the map's
+/// key and value types. An error of `EINVAL` on the first call means the kernel has no batch
+/// lookups (before 5.6): read the map one entry at a time instead.
+pub fn lookup_all<K: aya::Pod, V: aya::Pod>(map: BorrowedFd<'_>) -> io::Result<Vec<(K, V)>> {
+    let mut keys: Vec<K> = Vec::with_capacity(CHUNK);
+    let mut values: Vec<V> = Vec::with_capacity(CHUNK);
+    let mut entries = Vec::new();
+    // The hash map's position between calls: a bucket index (a u32), opaque to us.
+    let (mut position_in, mut position_out) = (0u64, 0u64);
+    let mut first = true;
+    loop {
+        let mut attr = BatchAttr {
+            in_batch: if first {
+                0
+            } else {
+                &position_in as *const u64 as u64
+            },
+            out_batch: &mut position_out as *mut u64 as u64,
+            keys: keys.as_mut_ptr() as u64,
+            values: values.as_mut_ptr() as u64,
+            count: CHUNK as u32,
+            map_fd: map.as_raw_fd() as u32,
+            ..BatchAttr::default()
+        };
+        // SAFETY: `attr` is a valid batch attribute of the size passed; the kernel writes at
+        // most `count` keys and values into the buffers it points to (each with room for
+        // `CHUNK` of the map's key and value sizes), the position (at most 8 bytes) into
+        // `position_out`, and the number written back into `attr.count`.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_LOOKUP_BATCH,
+                &mut attr as *mut BatchAttr,
+                size_of::<BatchAttr>() as u32,
+            )
+        };
+        let error = (rc < 0).then(io::Error::last_os_error);
+        let read = match &error {
+            // ENOENT: the end of the map, with the last entries (if any) in the buffers.
+            None => attr.count as usize,
+            Some(e) if e.raw_os_error() == Some(libc::ENOENT) => attr.count as usize,
+            Some(_) => 0,
+        }
+        .min(CHUNK);
+        // SAFETY: the kernel wrote `read` whole keys and values (plain data of these types).
+        unsafe {
+            keys.set_len(read);
+            values.set_len(read);
+        }
+        entries.extend(keys.drain(..).zip(values.drain(..)));
+        match error {
+            None => {}
+            Some(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(entries),
+            Some(e) => return Err(e),
+        }
+        position_in = position_out;
+        first = false;
+    }
 }

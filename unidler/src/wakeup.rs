@@ -14,11 +14,7 @@
 //!
 //! The agent feeds it from its handlers; it keeps no clock of its own.
 
-use std::{
-    collections::{HashMap, VecDeque},
-    fmt,
-    time::Duration,
-};
+use std::{collections::VecDeque, fmt, time::Duration};
 
 use prometheus_client::metrics::{counter::Counter, family::Family, histogram::Histogram};
 use serde::{Deserialize, Serialize};
@@ -26,6 +22,7 @@ use tracing::info;
 use unidler_common::VipKey;
 
 use crate::{
+    fast_hash::FastMap,
     hold::{HoldKey, PacketNews},
     vip::{Protocol, Vip},
 };
@@ -245,9 +242,9 @@ struct Ended {
 /// Every wake-up going on, and the last ones finished.
 #[derive(Debug)]
 pub struct Wakeups {
-    open: HashMap<VipKey, Wakeup>,
+    open: FastMap<VipKey, Wakeup>,
     /// Open wake-ups by the spelling of their rows (`vip`, `protocol`).
-    by_row: HashMap<(String, Protocol), VipKey>,
+    by_row: FastMap<(String, Protocol), VipKey>,
     /// Finished wake-ups, oldest first.
     recent: VecDeque<Ended>,
     /// How long a wake-up may go on.
@@ -297,8 +294,8 @@ impl Wakeups {
     /// No wake-ups; one that goes on longer than `timeout` ends as expired.
     pub fn new(timeout: Duration, metrics: WakeupMetrics) -> Self {
         Self {
-            open: HashMap::new(),
-            by_row: HashMap::new(),
+            open: FastMap::default(),
+            by_row: FastMap::default(),
             recent: VecDeque::with_capacity(RECENT_WAKEUPS),
             timeout,
             metrics,

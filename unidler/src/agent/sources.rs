@@ -2,7 +2,7 @@
 //! for whichever is ready first and says what happened as an [`Input`], which the agent
 //! handles. A new input is a new field here, a new variant, and a new handler.
 
-use std::{pin::Pin, sync::Arc, time::Duration};
+use std::{io, os::fd::AsRawFd, pin::Pin, sync::Arc, time::Duration};
 
 use anyhow::{Context as _, Result};
 use tokio::{
@@ -22,6 +22,7 @@ use crate::{
     ovn::lb_names::NamesRead,
     ovn::ovs_interfaces::OvnInterfaces,
     ovn::vips::PortScopes,
+    pace::Pacer,
     telemetry::Query,
     vip::VipUpdate,
 };
@@ -63,10 +64,10 @@ pub enum Input {
 
 /// Where the inputs come from.
 pub struct Sources {
-    /// The kernel's event ring, readable when it holds events.
-    pub ring: AsyncFd<EventRing>,
-    /// The kernel's held-frame ring, readable when it holds frames.
-    pub held: AsyncFd<HeldRing>,
+    /// The kernel's event ring, read when it holds events.
+    pub ring: PacedRing<EventRing>,
+    /// The kernel's held-frame ring, read when it holds frames.
+    pub held: PacedRing<HeldRing>,
     /// When held packets are next due (armed by the agent after each input).
     pub replay: ReplayTimer,
     /// Results of forwarding checks.
@@ -93,6 +94,46 @@ pub struct Sources {
     pub rows: mpsc::UnboundedReceiver<RowNews>,
     /// Signals.
     pub signals: Signals,
+}
+
+/// How the kernel rings are read under load: at once while records come slowly or in bulk;
+/// at most every 10 ms while they come faster than 250 a second in batches under 64 (a flood
+/// within the kernel's limits), so that each wake-up reads many. Records meanwhile wait in
+/// the ring (1 MiB each, which such a flood takes far longer than this to fill).
+pub fn ring_pacer() -> Pacer {
+    Pacer::new(Duration::from_millis(10), 250, 64)
+}
+
+/// A kernel ring buffer, read as its [`Pacer`] says.
+pub struct PacedRing<T: AsRawFd> {
+    ring: AsyncFd<T>,
+    pacer: Pacer,
+}
+
+impl<T: AsRawFd> PacedRing<T> {
+    /// `ring`, registered with the runtime's epoll, read as `pacer` says.
+    pub fn new(ring: AsyncFd<T>, pacer: Pacer) -> Self {
+        Self { ring, pacer }
+    }
+
+    /// The ring itself (to drain it without waiting, at exit).
+    pub fn get_mut(&mut self) -> &mut T {
+        self.ring.get_mut()
+    }
+
+    /// Waits until the pacer allows a read and the ring has records, then reads them all
+    /// with `drain`. Cancel-safe: records are taken only once the ring is readable, without
+    /// an await in between.
+    async fn read<R>(&mut self, drain: impl FnOnce(&mut T) -> Vec<R>) -> io::Result<Vec<R>> {
+        if let Some(at) = self.pacer.not_before() {
+            tokio::time::sleep_until(at).await;
+        }
+        let mut guard = self.ring.readable_mut().await?;
+        let records = drain(guard.get_inner_mut());
+        guard.clear_ready();
+        self.pacer.taken(records.len(), Instant::now());
+        Ok(records)
+    }
 }
 
 /// A timer set to when held packets are next due, or unarmed.
@@ -169,20 +210,16 @@ impl Sources {
             signals,
         } = self;
         tokio::select! {
-            guard = ring.readable_mut() => {
-                let mut guard = guard.context("waiting on the event ring")?;
+            events = ring.read(|ring| {
                 let mut events = Vec::new();
-                guard.get_inner_mut().drain(|event| events.push(event));
-                guard.clear_ready();
-                Ok(Input::IdleHits(events))
-            }
-            guard = held.readable_mut() => {
-                let mut guard = guard.context("waiting on the held-frame ring")?;
+                ring.drain(|event| events.push(event));
+                events
+            }) => Ok(Input::IdleHits(events.context("waiting on the event ring")?)),
+            frames = held.read(|ring| {
                 let mut frames = Vec::new();
-                guard.get_inner_mut().drain(|frame| frames.push(frame));
-                guard.clear_ready();
-                Ok(Input::HeldPackets(frames))
-            }
+                ring.drain(|frame| frames.push(frame));
+                frames
+            }) => Ok(Input::HeldPackets(frames.context("waiting on the held-frame ring")?)),
             _ = replay.sleep.as_mut(), if replay.armed => {
                 replay.armed = false;
                 Ok(Input::ReplayDue)
@@ -211,5 +248,57 @@ impl Sources {
             _ = signals.interrupt.recv() => Ok(Input::Stop("SIGINT")),
             _ = signals.terminate.recv() => Ok(Input::Stop("SIGTERM")),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{io::Read as _, io::Write as _, os::unix::net::UnixStream};
+
+    use super::*;
+
+    /// A record every millisecond for 200 ms: read in batches, at most one read per pace
+    /// (and one more at each end), every record read; after a quiet spell, the next record
+    /// is read without waiting for the pace.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_ring_that_keeps_bringing_records_is_read_in_batches() {
+        let (mut writer, reader) = UnixStream::pair().unwrap();
+        reader.set_nonblocking(true).unwrap();
+        let mut ring = PacedRing::new(
+            super::super::start::readable(reader).unwrap(),
+            Pacer::new(Duration::from_millis(20), 250, 64),
+        );
+        let drain = |r: &mut UnixStream| {
+            let mut buf = [0u8; 4096];
+            let mut got = Vec::new();
+            while let Ok(n @ 1..) = r.read(&mut buf) {
+                got.extend_from_slice(&buf[..n]);
+            }
+            got
+        };
+        let feeder = std::thread::spawn(move || {
+            for i in 0..200u32 {
+                writer.write_all(&[i as u8]).unwrap();
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            writer
+        });
+        let (mut reads, mut records) = (0, 0);
+        while records < 200 {
+            records += ring.read(drain).await.unwrap().len();
+            reads += 1;
+        }
+        let mut writer = feeder.join().unwrap();
+        // At least 200 ms of records at one read per 20 ms; unpaced, one read per record.
+        assert!(reads <= 20, "{reads} reads for 200 records");
+
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        writer.write_all(&[1]).unwrap();
+        let started = Instant::now();
+        assert_eq!(ring.read(drain).await.unwrap().len(), 1);
+        assert!(
+            started.elapsed() < Duration::from_millis(20),
+            "the first record after a quiet spell waited for the pace"
+        );
     }
 }

@@ -18,7 +18,7 @@ use super::{
     held::Holding,
     hits::{HitOutput, Hits},
     interfaces::Interfaces,
-    sources::{ReplayTimer, Signals, Sources},
+    sources::{PacedRing, ReplayTimer, Signals, Sources, ring_pacer},
     vip_map::VipMap,
     wakeups,
 };
@@ -234,8 +234,14 @@ impl Agent {
             );
         }
         agent.sources = Some(Sources {
-            ring: readable(events).context("registering the event ring with epoll")?,
-            held: readable(held_ring).context("registering the held-frame ring with epoll")?,
+            ring: PacedRing::new(
+                readable(events).context("registering the event ring with epoll")?,
+                ring_pacer(),
+            ),
+            held: PacedRing::new(
+                readable(held_ring).context("registering the held-frame ring with epoll")?,
+                ring_pacer(),
+            ),
             replay: ReplayTimer::new(),
             forwarding,
             vip_updates,

@@ -1,13 +1,18 @@
 //! Held packets: holding on and off, the answers watched for replayed flows, and frames run
 //! through `BPF_PROG_TEST_RUN` (replays, and the same runs for tests and benchmarks).
 
-use aya::programs::{SchedClassifier, TestRun, TestRunAttrs, TestRunOptions, Xdp};
+use std::os::fd::AsFd as _;
+
+use aya::{
+    maps::IterableMap,
+    programs::{SchedClassifier, TestRun, TestRunAttrs, TestRunOptions, Xdp},
+};
 use unidler_common::{
     FLOW_ANSWERED, FlowKey, REPLAY_PROGRAM_NAME, TC_PROGRAM_NAME, VipKey, map_names,
 };
 
 use super::{Datapath, DatapathError, remove_entry};
-use crate::hold::HoldKernel;
+use crate::{hold::HoldKernel, map_batch};
 
 impl Datapath {
     /// Turns holding on: the kernel copies the first dropped opening packet of each flow to
@@ -62,12 +67,20 @@ impl Datapath {
 
     /// The kernel's counts of held packets: per VIP, and in all.
     pub fn held_counts(&self) -> (Vec<(VipKey, u32)>, u32) {
-        let per_vip = self
-            .held_per_vip
-            .iter()
-            .flatten()
-            .map(|(vip, held)| (vip, held as u32))
-            .collect();
+        // Thousands of counts in a flood: one system call, not two per entry.
+        let fd = IterableMap::map(&self.held_per_vip).fd().as_fd();
+        let per_vip = match map_batch::lookup_all::<VipKey, u64>(fd) {
+            Ok(entries) => entries
+                .into_iter()
+                .map(|(vip, held)| (vip, held as u32))
+                .collect(),
+            Err(_) => self
+                .held_per_vip
+                .iter()
+                .flatten()
+                .map(|(vip, held)| (vip, held as u32))
+                .collect(),
+        };
         (per_vip, self.held_total.get(&0, 0).unwrap_or(0) as u32)
     }
 

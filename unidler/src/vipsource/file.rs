@@ -98,13 +98,62 @@ pub fn parse_vips_file(text: &str) -> Result<Vec<DesiredVip>, VipsFileError> {
 }
 
 /// A VIPs file followed for changes: reloaded whenever its content changes (compared, not
-/// inferred from the modification time, which two quick writes can share) or on demand.
+/// inferred from the modification time, which two quick writes can share) or on demand. A
+/// file whose metadata has not changed since a read that can be trusted is not read again.
 pub struct VipsFileSource {
     path: PathBuf,
     /// The content last loaded or rejected: neither is done twice.
     last_seen: Option<String>,
+    /// The metadata of `last_seen`'s file, once it is old enough to be trusted.
+    last_stamp: Option<FileStamp>,
     /// Whether the last content loaded had VIPs (an empty file after it is said so).
     had_vips: bool,
+    /// Reads of the file's content (for tests).
+    reads: u64,
+}
+
+/// What a file's metadata says of its content: any write changes the change time (`ctime`,
+/// which, unlike the modification time, cannot be set back), and a replaced file has a new
+/// inode. A stamp taken less than [`RACY`] after the last change is not trusted: a write in
+/// the same tick of the file system's clock would leave it as it was.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct FileStamp {
+    dev: u64,
+    ino: u64,
+    len: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+/// How long after its last change a file's metadata is not trusted to show the next one.
+const RACY: Duration = Duration::from_secs(2);
+
+impl FileStamp {
+    /// The stamp of `meta`, if its last change is at least [`RACY`] old.
+    fn trusted(meta: &std::fs::Metadata) -> Option<Self> {
+        use std::os::unix::fs::MetadataExt as _;
+        let changed = std::time::UNIX_EPOCH
+            + Duration::new(
+                meta.ctime().max(0) as u64,
+                meta.ctime_nsec().clamp(0, 999_999_999) as u32,
+            );
+        let age = std::time::SystemTime::now().duration_since(changed).ok()?;
+        (age >= RACY).then(|| Self {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            len: meta.len(),
+            mtime: (meta.mtime(), meta.mtime_nsec()),
+            ctime: (meta.ctime(), meta.ctime_nsec()),
+        })
+    }
+}
+
+/// One look at the file.
+enum Look {
+    /// Its metadata is the trusted stamp's: not read.
+    Unchanged,
+    /// Its content, and its stamp if trusted.
+    Read(String, Option<FileStamp>),
 }
 
 /// The largest VIPs file read (far more than any node's VIPs: about 60 bytes each).
@@ -146,7 +195,9 @@ impl VipsFileSource {
         Self {
             path,
             last_seen: None,
+            last_stamp: None,
             had_vips: false,
+            reads: 0,
         }
     }
 
@@ -160,11 +211,31 @@ impl VipsFileSource {
     }
 
     /// Reads the file off the runtime's threads.
-    async fn read(&self) -> std::io::Result<String> {
+    async fn read(&mut self) -> std::io::Result<String> {
+        match self.look(None).await? {
+            Look::Read(text, _) => Ok(text),
+            Look::Unchanged => unreachable!("no stamp to compare with"),
+        }
+    }
+
+    /// Looks at the file off the runtime's threads: reads it unless its metadata is `known`.
+    async fn look(&mut self, known: Option<FileStamp>) -> std::io::Result<Look> {
         let path = self.path.clone();
-        tokio::task::spawn_blocking(move || read_vips_file(&path))
-            .await
-            .map_err(std::io::Error::other)?
+        let look = tokio::task::spawn_blocking(move || {
+            let stamp = std::fs::metadata(&path)
+                .ok()
+                .and_then(|meta| FileStamp::trusted(&meta));
+            if known.is_some() && stamp == known {
+                return Ok(Look::Unchanged);
+            }
+            read_vips_file(&path).map(|text| Look::Read(text, stamp))
+        })
+        .await
+        .map_err(std::io::Error::other)??;
+        if matches!(look, Look::Read(..)) {
+            self.reads += 1;
+        }
+        Ok(look)
     }
 
     /// Follows the file: checks it every `poll` and whenever `reload` fires (SIGHUP), and
@@ -198,19 +269,25 @@ impl VipsFileSource {
     /// The file's VIPs if its content changed since last seen (or `forced`) and has settled.
     async fn changed(&mut self, forced: bool) -> Option<Vec<DesiredVip>> {
         let path = self.path.display().to_string();
-        let text = match self.read().await {
-            Ok(text) => text,
+        let known = if forced { None } else { self.last_stamp };
+        let (text, stamp) = match self.look(known).await {
+            Ok(Look::Unchanged) => return None,
+            Ok(Look::Read(text, stamp)) => (text, stamp),
             Err(e) => {
                 if forced || self.last_seen.is_some() {
                     warn!(%path, "VIPs file unreadable, keeping the last good VIPs: {e}");
                     self.last_seen = None;
                 }
+                self.last_stamp = None;
                 return None;
             }
         };
         if !forced && self.last_seen.as_ref() == Some(&text) {
+            self.last_stamp = stamp;
             return None;
         }
+        // Trusted only once this content is the one last seen (below).
+        self.last_stamp = None;
         // A change found by polling may be half written: looked at again after a moment. A
         // reload asked for (SIGHUP) is read as it is: the asker has finished writing.
         if !forced {
@@ -222,6 +299,7 @@ impl VipsFileSource {
         }
         let parsed = parse_vips_file(&text);
         self.last_seen = Some(text);
+        self.last_stamp = stamp;
         match parsed {
             Ok(vips) => {
                 if vips.is_empty() && self.had_vips {
@@ -323,6 +401,35 @@ load_balancer = "lb-1"
             .expect("the new content is loaded")
             .unwrap();
         assert!(matches!(update, VipUpdate::Replace(v) if v.len() == 2));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A file whose metadata has not changed since a trusted look is not read again; a
+    /// write is seen at the next look.
+    #[tokio::test]
+    async fn an_unchanged_file_is_not_read_again() {
+        let dir = std::env::temp_dir().join(format!("unidler-vipsstamp-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("vips.toml");
+        std::fs::write(&path, "[[vip]]\nvip = \"10.0.0.1:80\"\n").unwrap();
+        let mut source = VipsFileSource::new(path.clone());
+        assert_eq!(source.load().unwrap().len(), 1);
+        // Just written: its metadata is not trusted yet, the file is read.
+        assert!(source.changed(false).await.is_none());
+        assert_eq!(source.reads, 1);
+        tokio::time::sleep(RACY + Duration::from_millis(100)).await;
+        assert!(source.changed(false).await.is_none());
+        assert_eq!(source.reads, 2, "read once more, its stamp now trusted");
+        for _ in 0..3 {
+            assert!(source.changed(false).await.is_none());
+        }
+        assert_eq!(source.reads, 2, "not read while unchanged");
+        std::fs::write(
+            &path,
+            "[[vip]]\nvip = \"10.0.0.1:80\"\n[[vip]]\nvip = \"10.0.0.2:80\"\n",
+        )
+        .unwrap();
+        assert_eq!(source.changed(false).await.map(|v| v.len()), Some(2));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

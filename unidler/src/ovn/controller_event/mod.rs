@@ -27,7 +27,7 @@ mod our_rows;
 pub mod seq_num;
 
 use std::{
-    collections::{HashMap, HashSet, VecDeque},
+    collections::VecDeque,
     fmt,
     path::PathBuf,
     sync::{
@@ -49,12 +49,21 @@ use self::{
 use crate::{
     clock::monotonic_ns,
     event::IdleHit,
+    fast_hash::{FastMap, FastSet},
     ovn::southbound::{CONTROLLER_EVENT, Southbound},
+    pace::Pacer,
 };
 
 const EVENT_TYPE: &str = "empty_lb_backends";
 /// Most rows written in one transaction.
 const BATCH_MAX: usize = 256;
+/// How soon after a small transaction the next one is sent while hits come faster than
+/// [`WRITE_BUSY_PER_SECOND`] ([`Pacer`]): hits that arrive one by one in a flood (hundreds a
+/// second) go out together, many per transaction, instead of one transaction each, while a
+/// hit that comes alone, or a backlog of full batches, is written at once.
+const WRITE_PACE: Duration = Duration::from_millis(20);
+/// See [`WRITE_PACE`].
+const WRITE_BUSY_PER_SECOND: u32 = 250;
 /// Longest wait for a new session before rows in doubt are looked at again.
 const SETTLE_WAIT: Duration = Duration::from_secs(5);
 
@@ -188,7 +197,7 @@ struct Queue {
     waiting: VecDeque<EventKey>,
     /// Keys waiting or being written, with the kernel timestamp of their first hit: a
     /// second hit for one of them is a duplicate.
-    pending: HashMap<EventKey, u64>,
+    pending: FastMap<EventKey, u64>,
 }
 
 /// The queue, shared by the handle and the writer task.
@@ -238,12 +247,13 @@ impl ControllerEventWriter {
             wake: handle.wake.clone(),
             stats: handle.stats.clone(),
             seq,
-            in_doubt: HashMap::new(),
-            committed_unseen: HashMap::new(),
+            in_doubt: FastMap::default(),
+            committed_unseen: FastMap::default(),
             ours: OurRows::default(),
             every_chassis: (options.dedup == Dedup::Cluster).then(OurRows::every_chassis),
             warned_no_chassis: false,
             news: options.news,
+            pacer: Pacer::new(WRITE_PACE, WRITE_BUSY_PER_SECOND, BATCH_MAX),
         };
         tokio::spawn(writer.run());
         handle
@@ -327,9 +337,9 @@ struct Writer {
     stats: Arc<WriterStats>,
     seq: SeqNumbers,
     /// Rows sent in a transaction whose outcome is unknown: key → seq_num.
-    in_doubt: HashMap<EventKey, i64>,
+    in_doubt: FastMap<EventKey, i64>,
     /// Rows we committed that the replica has not shown yet: uuid → key.
-    committed_unseen: HashMap<Uuid, EventKey>,
+    committed_unseen: FastMap<Uuid, EventKey>,
     /// Our rows as the replica shows them.
     ours: OurRows,
     /// With cluster-wide deduplication, every chassis' rows.
@@ -337,6 +347,8 @@ struct Writer {
     warned_no_chassis: bool,
     /// Where to say what became of our rows.
     news: Option<mpsc::UnboundedSender<RowNews>>,
+    /// When the next transaction may be sent.
+    pacer: Pacer,
 }
 
 impl Writer {
@@ -365,6 +377,11 @@ impl Writer {
                 continue;
             };
             self.warned_no_chassis = false;
+            if let Some(at) = self.pacer.not_before() {
+                // More hits gather meanwhile; the batch takes them all.
+                tokio::time::sleep_until(at).await;
+                continue;
+            }
             self.write_batch(&chassis).await;
         }
     }
@@ -480,7 +497,9 @@ impl Writer {
         let mut batch = self.settle_in_doubt();
         self.take_fresh(&mut batch);
         if !batch.is_empty() {
+            let rows = batch.len();
             self.commit(chassis, batch).await;
+            self.pacer.taken(rows, tokio::time::Instant::now());
         }
     }
 
@@ -517,7 +536,7 @@ impl Writer {
                 .min(queue.waiting.len());
             queue.waiting.drain(..room).collect()
         };
-        let just_committed: HashSet<&EventKey> = self.committed_unseen.values().collect();
+        let just_committed: FastSet<&EventKey> = self.committed_unseen.values().collect();
         for key in taken {
             let elsewhere = self
                 .every_chassis

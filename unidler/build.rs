@@ -6,11 +6,20 @@
 use std::{env, path::PathBuf};
 
 fn main() {
-    // The fuzz targets (`fuzz/`, built by cargo fuzz with sanitizers) use the library's
-    // parsers only: no eBPF object, an empty one in its place.
+    // The fuzz targets (`fuzz/`) are built by cargo fuzz with sanitizer flags, which the BPF
+    // target cannot take: they embed an object built before (UNIDLER_EBPF_OBJECT, a path; the
+    // packet parser's target runs it), or none (UNIDLER_NO_EBPF=1: the parsers only).
     println!("cargo:rerun-if-env-changed=UNIDLER_NO_EBPF");
+    println!("cargo:rerun-if-env-changed=UNIDLER_EBPF_OBJECT");
+    let out = PathBuf::from(env::var_os("OUT_DIR").expect("cargo sets it"));
+    if let Some(object) = env::var_os("UNIDLER_EBPF_OBJECT") {
+        let object = PathBuf::from(object);
+        println!("cargo:rerun-if-changed={}", object.display());
+        std::fs::copy(&object, out.join("unidler"))
+            .unwrap_or_else(|e| panic!("copying {}: {e}", object.display()));
+        return;
+    }
     if env::var("UNIDLER_NO_EBPF").as_deref() == Ok("1") {
-        let out = PathBuf::from(env::var_os("OUT_DIR").expect("cargo sets it"));
         std::fs::write(out.join("unidler"), []).expect("writing the empty object");
         return;
     }

@@ -165,6 +165,33 @@ fn build(tools: &Path, release: bool) -> Result<PathBuf> {
         .join("unidler"))
 }
 
+/// Builds the agent (debug) and returns the path of the eBPF object its build embedded, as
+/// cargo reports the build script's output folder.
+fn ebpf_object(tools: &Path) -> Result<PathBuf> {
+    let out = output_of(cargo(tools).args([
+        "build",
+        "--package",
+        "unidler",
+        "--lib",
+        "--message-format=json",
+    ]))?;
+    out.lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|msg| msg["reason"] == "build-script-executed")
+        .filter(|msg| {
+            msg["package_id"]
+                .as_str()
+                .is_some_and(|id| id.contains("/unidler#") || id.starts_with("unidler "))
+        })
+        .find_map(|msg| {
+            msg["out_dir"]
+                .as_str()
+                .map(|dir| Path::new(dir).join("unidler"))
+        })
+        .filter(|object| object.metadata().is_ok_and(|m| m.len() > 0))
+        .context("cargo did not say where the agent's build left its eBPF object")
+}
+
 fn test(args: Vec<OsString>) -> Result<()> {
     let tools = setup::ensure_all()?;
     if !is_root() {
@@ -195,12 +222,13 @@ const LIBFUZZER_RUNS_IN_SUITE: u64 = 100_000;
 
 /// The coverage-guided fuzz targets (`fuzz/fuzz_targets/`), each driven by libFuzzer over
 /// its corpus in `fuzz/corpus/<target>/`.
-const FUZZ_TARGETS: [&str; 5] = [
+const FUZZ_TARGETS: [&str; 6] = [
     "ovsdb_framing",
     "ovsdb_values",
     "ovsdb_updates",
     "vips_file",
     "held_frame",
+    "xdp_parser",
 ];
 
 fn fuzz(seconds: u64) -> Result<()> {
@@ -245,11 +273,14 @@ enum FuzzBudget {
 /// target, how many inputs ran and the coverage reached. A crash fails it; its input is left
 /// in `fuzz/artifacts/<target>/`.
 fn libfuzzer(tools: &Path, budget: FuzzBudget) -> Result<()> {
+    // The BPF target cannot take the sanitizers' flags: the targets embed the object of the
+    // agent's own build (see unidler/build.rs), which the packet parser's target runs.
+    let object = ebpf_object(tools)?;
+    eprintln!("[fuzz] UNIDLER_EBPF_OBJECT={}", object.display());
     eprintln!("[fuzz] building the targets (cargo fuzz, ASan; minutes the first time)");
     run(cargo(tools)
         .args(["+nightly", "fuzz", "build"])
-        // The library's parsers only: no eBPF object (see unidler/build.rs).
-        .env("UNIDLER_NO_EBPF", "1"))?;
+        .env("UNIDLER_EBPF_OBJECT", &object))?;
     let scratch = target_dir().join("fuzz-scratch");
     let mut figures = Vec::new();
     for target in FUZZ_TARGETS {
@@ -275,7 +306,7 @@ fn libfuzzer(tools: &Path, budget: FuzzBudget) -> Result<()> {
         }
         let out = cmd
             .arg("-print_final_stats=1")
-            .env("UNIDLER_NO_EBPF", "1")
+            .env("UNIDLER_EBPF_OBJECT", &object)
             .output()
             .with_context(|| format!("running cargo fuzz for {target}"))?;
         let log = String::from_utf8_lossy(&out.stderr);

@@ -192,16 +192,18 @@ fn hits_arriving_one_by_one_go_out_together() {
 }
 
 /// A hit that comes on its own (hits far slower than a flood's) is written at once, in a
-/// transaction of its own: batching costs a lone hit no waiting.
+/// transaction of its own: batching costs a lone hit no waiting. (A few hits close together
+/// are not paced either: `pace.rs`'s tests.)
 #[test]
 fn hits_that_come_slowly_are_each_written_at_once() {
     const HITS: u32 = 20;
     let sb = ovsdb_server::southbound_with_chassis();
     let (written, transactions) = write_spaced_hits(&sb, HITS, Duration::from_millis(10));
     assert_eq!(written, u64::from(HITS));
-    // Paced after each, they would go out in twos (about 10 transactions).
+    // Paced after each, they would go out in twos (about 10 transactions); a commit late
+    // by over 10 ms on a loaded machine merges two.
     assert!(
-        transactions >= 16,
+        transactions >= 14,
         "{transactions} transactions for {HITS} hits arriving 10 ms apart"
     );
 }

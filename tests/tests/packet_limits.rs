@@ -168,10 +168,18 @@ fn a_full_ring_is_counted_not_fatal() {
 }
 
 /// The hold's counts read back from the kernel, as many as a flood leaves (more than one batch
-/// of the batched read): every one, each with its count, and none that was removed.
+/// of the batched read): every one, each with its count, and none that was removed; both
+/// through the datapath and through the batched read itself, on the pinned map.
 #[test]
 fn every_held_count_is_read_back_from_the_kernel() {
-    let mut h = Harness::new();
+    use aya::maps::{HashMap as BpfHashMap, Map, MapData};
+    require_root();
+    let bpffs = unidler_tests::bpffs::BpfFs::mount();
+    let mut datapath = Datapath::load(&LoadOptions {
+        pin_dir: Some(bpffs.pin_dir().into()),
+        ..LoadOptions::default()
+    })
+    .expect("load");
     let vip = |i: u32| unidler_common::VipKey {
         addr: ip_to_bytes(IpAddr::V4(Ipv4Addr::from(0x0a60_0000 + i))),
         port_be: 80u16.to_be(),
@@ -179,24 +187,40 @@ fn every_held_count_is_read_back_from_the_kernel() {
         family: unidler_common::FAMILY_IPV4,
     };
     let written: Vec<_> = (0..10_000u32).map(|i| (vip(i), 1 + i % 7)).collect();
-    h.datapath.set_held(&written, 12_345).unwrap();
+    datapath.set_held(&written, 12_345).unwrap();
     // Some let go again.
     let gone: Vec<_> = (0..10_000u32).step_by(10).map(|i| (vip(i), 0)).collect();
-    h.datapath.set_held(&gone, 12_000).unwrap();
+    datapath.set_held(&gone, 12_000).unwrap();
+    let sorted = |mut entries: Vec<(unidler_common::VipKey, u32)>| {
+        entries.sort_by_key(|(vip, _)| (vip.addr, vip.port_be));
+        entries
+    };
+    let want = sorted(
+        written
+            .into_iter()
+            .enumerate()
+            .filter(|(i, _)| i % 10 != 0)
+            .map(|(_, entry)| entry)
+            .collect(),
+    );
 
-    let (mut read, total) = h.datapath.held_counts();
-    read.sort_by_key(|(vip, _)| (vip.addr, vip.port_be));
-    let mut want: Vec<_> = written
-        .into_iter()
-        .enumerate()
-        .filter(|(i, _)| i % 10 != 0)
-        .map(|(_, entry)| entry)
-        .collect();
-    want.sort_by_key(|(vip, _)| (vip.addr, vip.port_be));
+    let (read, total) = datapath.held_counts();
     assert_eq!(total, 12_000);
     assert_eq!(read.len(), want.len());
     assert!(
-        read == want,
+        sorted(read) == want,
         "the counts read back differ from those written"
+    );
+
+    let pinned = MapData::from_pin(bpffs.map_path(unidler_common::map_names::HELD_PER_VIP))
+        .expect("pinned map");
+    let map: BpfHashMap<MapData, unidler_common::VipKey, u64> =
+        BpfHashMap::try_from(Map::HashMap(pinned)).expect("a hash map of these types");
+    let batched = unidler::map_batch::lookup_all(&map).expect("one batched read");
+    let batched = sorted(batched.into_iter().map(|(v, n)| (v, n as u32)).collect());
+    assert_eq!(batched.len(), want.len());
+    assert!(
+        batched == want,
+        "the batched read differs from what was written"
     );
 }

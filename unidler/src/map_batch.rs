@@ -4,7 +4,7 @@
 
 use std::{
     io,
-    os::fd::{AsRawFd, BorrowedFd},
+    os::fd::{AsFd as _, AsRawFd, BorrowedFd},
 };
 
 /// `enum bpf_cmd`'s `BPF_MAP_LOOKUP_BATCH`.
@@ -88,10 +88,14 @@ pub fn update<K: aya::Pod, V: aya::Pod>(
     Ok(())
 }
 
-/// Every entry of the hash map `map`, read `CHUNK` at a time. `K` and `V` must be the map's
-/// key and value types. An error of `EINVAL` on the first call means the kernel has no batch
-/// lookups (before 5.6): read the map one entry at a time instead.
-pub fn lookup_all<K: aya::Pod, V: aya::Pod>(map: BorrowedFd<'_>) -> io::Result<Vec<(K, V)>> {
+/// Every entry of the hash map `map`, read `CHUNK` at a time (aya's typed map: its key and
+/// value sizes are `K`'s and `V`'s). An entry added or changed meanwhile may be missed; none
+/// is read twice. `EINVAL` on the first call means the kernel has no batch lookups (before
+/// 5.6): read the map one entry at a time instead.
+pub fn lookup_all<K: aya::Pod, V: aya::Pod>(
+    map: &aya::maps::HashMap<aya::maps::MapData, K, V>,
+) -> io::Result<Vec<(K, V)>> {
+    let map = aya::maps::IterableMap::map(map).fd().as_fd();
     let mut keys: Vec<K> = Vec::with_capacity(CHUNK);
     let mut values: Vec<V> = Vec::with_capacity(CHUNK);
     let mut entries = Vec::new();

@@ -168,13 +168,19 @@ fn build(tools: &Path, release: bool) -> Result<PathBuf> {
 /// Builds the agent (debug) and returns the path of the eBPF object its build embedded, as
 /// cargo reports the build script's output folder.
 fn ebpf_object(tools: &Path) -> Result<PathBuf> {
-    let out = output_of(cargo(tools).args([
-        "build",
-        "--package",
-        "unidler",
-        "--lib",
-        "--message-format=json",
-    ]))?;
+    let out = output_of(
+        cargo(tools)
+            .args([
+                "build",
+                "--package",
+                "unidler",
+                "--lib",
+                "--message-format=json",
+            ])
+            // The object built here, not one a caller's environment names.
+            .env_remove("UNIDLER_EBPF_OBJECT")
+            .env_remove("UNIDLER_NO_EBPF"),
+    )?;
     out.lines()
         .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
         .filter(|msg| msg["reason"] == "build-script-executed")

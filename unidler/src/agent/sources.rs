@@ -96,9 +96,9 @@ pub struct Sources {
     pub signals: Signals,
 }
 
-/// How the kernel rings are read under load: at once while records come slowly or in bulk;
-/// at most every 10 ms while they come faster than 250 a second in batches under 64 (a flood
-/// within the kernel's limits), so that each wake-up reads many. Records meanwhile wait in
+/// How the kernel rings are read under load: at once while records come slowly, few at a
+/// time or in bulk; at most every 10 ms while they keep coming at 250 a second or more in
+/// batches under 64 (a flood within the kernel's limits), so that each wake-up reads many. Records meanwhile wait in
 /// the ring (1 MiB each, which such a flood takes far longer than this to fill).
 pub fn ring_pacer() -> Pacer {
     Pacer::new(Duration::from_millis(10), 250, 64)
@@ -257,16 +257,16 @@ mod tests {
 
     use super::*;
 
-    /// A record every millisecond for 200 ms: read in batches, at most one read per pace
-    /// (and one more at each end), every record read; after a quiet spell, the next record
-    /// is read without waiting for the pace.
+    /// A record every millisecond for 200 ms: after the first few, read in batches, at most one
+    /// read per pace; every record read. After a quiet spell, the next record is read without
+    /// waiting for the pace.
     #[tokio::test(flavor = "current_thread")]
     async fn a_ring_that_keeps_bringing_records_is_read_in_batches() {
         let (mut writer, reader) = UnixStream::pair().unwrap();
         reader.set_nonblocking(true).unwrap();
         let mut ring = PacedRing::new(
             super::super::start::readable(reader).unwrap(),
-            Pacer::new(Duration::from_millis(20), 250, 64),
+            Pacer::new(Duration::from_millis(100), 250, 64),
         );
         let drain = |r: &mut UnixStream| {
             let mut buf = [0u8; 4096];
@@ -289,15 +289,16 @@ mod tests {
             reads += 1;
         }
         let mut writer = feeder.join().unwrap();
-        // At least 200 ms of records at one read per 20 ms; unpaced, one read per record.
-        assert!(reads <= 20, "{reads} reads for 200 records");
+        // The first 13 (250 a second over 50 ms) read as they come, then one read per 100 ms;
+        // unpaced, about one read per record.
+        assert!(reads <= 40, "{reads} reads for 200 records");
 
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
         writer.write_all(&[1]).unwrap();
         let started = Instant::now();
         assert_eq!(ring.read(drain).await.unwrap().len(), 1);
         assert!(
-            started.elapsed() < Duration::from_millis(20),
+            started.elapsed() < Duration::from_millis(60),
             "the first record after a quiet spell waited for the pace"
         );
     }

@@ -1,12 +1,7 @@
 //! Held packets: holding on and off, the answers watched for replayed flows, and frames run
 //! through `BPF_PROG_TEST_RUN` (replays, and the same runs for tests and benchmarks).
 
-use std::os::fd::AsFd as _;
-
-use aya::{
-    maps::IterableMap,
-    programs::{SchedClassifier, TestRun, TestRunAttrs, TestRunOptions, Xdp},
-};
+use aya::programs::{SchedClassifier, TestRun, TestRunAttrs, TestRunOptions, Xdp};
 use unidler_common::{
     FLOW_ANSWERED, FlowKey, REPLAY_PROGRAM_NAME, TC_PROGRAM_NAME, VipKey, map_names,
 };
@@ -68,19 +63,17 @@ impl Datapath {
     /// The kernel's counts of held packets: per VIP, and in all.
     pub fn held_counts(&self) -> (Vec<(VipKey, u32)>, u32) {
         // Thousands of counts in a flood: one system call, not two per entry.
-        let fd = IterableMap::map(&self.held_per_vip).fd().as_fd();
-        let per_vip = match map_batch::lookup_all::<VipKey, u64>(fd) {
-            Ok(entries) => entries
-                .into_iter()
-                .map(|(vip, held)| (vip, held as u32))
-                .collect(),
-            Err(_) => self
-                .held_per_vip
-                .iter()
-                .flatten()
-                .map(|(vip, held)| (vip, held as u32))
-                .collect(),
-        };
+        let entries = map_batch::lookup_all(&self.held_per_vip).or_else(|e| {
+            if e.raw_os_error() != Some(libc::EINVAL) {
+                tracing::warn!("reading the held counts in one batch failed ({e}); one by one");
+            }
+            Ok::<_, std::io::Error>(self.held_per_vip.iter().flatten().collect())
+        });
+        let per_vip = entries
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(vip, held)| (vip, held as u32))
+            .collect();
         (per_vip, self.held_total.get(&0, 0).unwrap_or(0) as u32)
     }
 

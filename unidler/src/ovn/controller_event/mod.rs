@@ -57,10 +57,11 @@ use crate::{
 const EVENT_TYPE: &str = "empty_lb_backends";
 /// Most rows written in one transaction.
 const BATCH_MAX: usize = 256;
-/// How soon after a small transaction the next one is sent while hits come faster than
-/// [`WRITE_BUSY_PER_SECOND`] ([`Pacer`]): hits that arrive one by one in a flood (hundreds a
-/// second) go out together, many per transaction, instead of one transaction each, while a
-/// hit that comes alone, or a backlog of full batches, is written at once.
+/// How soon after a small transaction the next one is sent while hits keep coming at
+/// [`WRITE_BUSY_PER_SECOND`] or more ([`Pacer`]): hits that arrive one by one in a flood
+/// (hundreds a second) go out together, many per transaction, instead of one transaction
+/// each, while a hit that comes alone, a few together, or a backlog of full batches are
+/// written at once.
 const WRITE_PACE: Duration = Duration::from_millis(20);
 /// See [`WRITE_PACE`].
 const WRITE_BUSY_PER_SECOND: u32 = 250;

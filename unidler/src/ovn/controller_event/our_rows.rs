@@ -1,9 +1,11 @@
 //! Our chassis' rows in the Controller_Event table, indexed from the replica.
 
+use std::collections::HashMap;
+
 use ovsdb::{Atom, Client, Row, RowChange, Uuid, Value};
 
 use super::{EVENT_TYPE, EventKey};
-use crate::{fast_hash::FastMap, ovn::southbound::CONTROLLER_EVENT};
+use crate::ovn::southbound::CONTROLLER_EVENT;
 
 /// Our chassis' `empty_lb_backends` rows as the replica shows them, kept up to date from its
 /// change sets: looking one up costs O(1), where a scan per transaction would cost O(rows),
@@ -14,9 +16,11 @@ pub struct OurRows {
     pub chassis: Option<Uuid>,
     /// Index every chassis' rows, not only ours (for cluster-wide deduplication).
     every_chassis: bool,
-    by_uuid: FastMap<Uuid, (EventKey, i64)>,
+    /// uuid → key, seq_num. (The default, keyed hash: with cluster-wide deduplication the
+    /// keys are any chassis' rows, whose `vip` and `load_balancer` others chose.)
+    by_uuid: HashMap<Uuid, (EventKey, i64)>,
     /// key → its rows (normally one): uuid, seq_num.
-    by_key: FastMap<EventKey, Vec<(Uuid, i64)>>,
+    by_key: HashMap<EventKey, Vec<(Uuid, i64)>>,
 }
 
 impl OurRows {

@@ -20,21 +20,11 @@ use libfuzzer_sys::fuzz_target;
 const TC_ACT_OK: i32 = 0;
 const TC_ACT_SHOT: i32 = 2;
 
-/// The program, loaded once, with the VIPs every input runs against: idle and with
-/// backends, IPv4 and IPv6, every protocol (the same set as `packet_fuzz.rs`).
+/// The program, loaded once, with the VIPs every input runs against (the same set as
+/// `packet_fuzz.rs`'s).
 fn harness() -> &'static Mutex<Harness> {
     static HARNESS: OnceLock<Mutex<Harness>> = OnceLock::new();
-    HARNESS.get_or_init(|| {
-        let mut h = Harness::new();
-        h.vip("10.96.0.10:80/tcp");
-        h.vip("10.96.0.10:53/udp");
-        h.vip("10.96.0.10:3868/sctp");
-        h.vip("10.96.0.10:443/tcp=2");
-        h.vip("[fd00:96::10]:443/tcp");
-        h.vip("[fd00:96::10]:53/udp");
-        h.vip_with_flags("10.96.0.10:8080/tcp", VIP_FLAG_PASS_WHEN_IDLE);
-        Mutex::new(h)
-    })
+    HARNESS.get_or_init(|| Mutex::new(Harness::with_fuzzed_vips()))
 }
 
 /// Whether the kernel's skb test run may refuse `frame` (EINVAL): since a 2026 fix (in

@@ -79,6 +79,21 @@ impl Harness {
         }
     }
 
+    /// The VIPs the frame fuzzers run against (`packet_fuzz.rs`, `fuzz/` `xdp_parser`): idle
+    /// and with backends, IPv4 and IPv6, every protocol, and one that passes when idle.
+    #[track_caller]
+    pub fn with_fuzzed_vips() -> Self {
+        let mut h = Self::new();
+        h.vip("10.96.0.10:80/tcp");
+        h.vip("10.96.0.10:53/udp");
+        h.vip("10.96.0.10:3868/sctp");
+        h.vip("10.96.0.10:443/tcp=2");
+        h.vip("[fd00:96::10]:443/tcp");
+        h.vip("[fd00:96::10]:53/udp");
+        h.vip_with_flags("10.96.0.10:8080/tcp", VIP_FLAG_PASS_WHEN_IDLE);
+        h
+    }
+
     /// Adds a VIP from `IP:PORT/PROTO[=BACKENDS]`; returns its id.
     #[track_caller]
     pub fn vip(&mut self, spec: &str) -> u32 {

@@ -35,6 +35,31 @@ fn hit(n: u32) -> IdleHit {
     }
 }
 
+/// A writer for our Chassis on the Southbound server at `remote`, as the agent starts it.
+async fn start_writer(
+    remote: &str,
+    state_dir: Option<std::path::PathBuf>,
+) -> ControllerEventWriter {
+    let config = SouthboundConfig {
+        remotes: ovsdb::Remote::parse_list(remote).unwrap(),
+        tls: None,
+        chassis: Some(CHASSIS.into()),
+        ovs_db: "unix:/nonexistent".into(),
+        max_message_bytes: 64 << 20,
+        leader_only: true,
+    };
+    let southbound = Southbound::connect(&config, Vec::new()).await.unwrap();
+    ControllerEventWriter::start(
+        southbound,
+        WriterOptions {
+            queue_capacity: 100_000,
+            state_dir,
+            dedup: Default::default(),
+            news: None,
+        },
+    )
+}
+
 /// While the server drops every client connection again and again, hits keep coming: the
 /// writer must never keep the runtime from running its other tasks (a heartbeat task is the
 /// watchdog), and every hit lands exactly once in the end.
@@ -61,24 +86,7 @@ fn dropped_connections_never_freeze_the_runtime_and_lose_nothing() {
                         tokio::time::sleep(Duration::from_millis(1)).await;
                     }
                 });
-                let config = SouthboundConfig {
-                    remotes: ovsdb::Remote::parse_list(&remote).unwrap(),
-                    tls: None,
-                    chassis: Some(CHASSIS.into()),
-                    ovs_db: "unix:/nonexistent".into(),
-                    max_message_bytes: 64 << 20,
-                    leader_only: true,
-                };
-                let southbound = Southbound::connect(&config, Vec::new()).await.unwrap();
-                let sink = ControllerEventWriter::start(
-                    southbound,
-                    WriterOptions {
-                        queue_capacity: 100_000,
-                        state_dir: Some(state_dir),
-                        dedup: Default::default(),
-                        news: None,
-                    },
-                );
+                let sink = start_writer(&remote, Some(state_dir)).await;
                 let mut n = 0;
                 while !stop.load(Ordering::Relaxed) {
                     sink.submit(&hit(n));
@@ -138,24 +146,7 @@ fn write_spaced_hits(sb: &ovsdb_server::OvsdbServer, hits: u32, apart: Duration)
         .build()
         .unwrap();
     rt.block_on(async {
-        let config = SouthboundConfig {
-            remotes: ovsdb::Remote::parse_list(&sb.unix_remote()).unwrap(),
-            tls: None,
-            chassis: Some(CHASSIS.into()),
-            ovs_db: "unix:/nonexistent".into(),
-            max_message_bytes: 64 << 20,
-            leader_only: true,
-        };
-        let southbound = Southbound::connect(&config, Vec::new()).await.unwrap();
-        let writer = ControllerEventWriter::start(
-            southbound,
-            WriterOptions {
-                queue_capacity: 100_000,
-                state_dir: None,
-                dedup: Default::default(),
-                news: None,
-            },
-        );
+        let writer = start_writer(&sb.unix_remote(), None).await;
         // Connected, with our Chassis known, before the first hit.
         writer.submit(&hit(100_000));
         assert!(writer.flush(Duration::from_secs(20)).await, "not drained");

@@ -8,13 +8,7 @@ use common::*;
 
 #[test]
 fn fuzz_randomized_frames_are_never_misclassified() {
-    let mut h = Harness::new();
-    h.vip("10.96.0.10:80/tcp");
-    h.vip("10.96.0.10:53/udp");
-    h.vip("10.96.0.10:3868/sctp");
-    h.vip("10.96.0.10:443/tcp=2");
-    h.vip("[fd00:96::10]:443/tcp");
-    h.vip("[fd00:96::10]:53/udp");
+    let mut h = Harness::with_fuzzed_vips();
     let mut v6_ext = syn(CLIENT6, VIP6, 443);
     v6_ext.ipv6_ext = vec![
         Ipv6Ext::HopByHop { len8: 0 },

@@ -128,24 +128,21 @@ pub fn lookup_all<K: aya::Pod, V: aya::Pod>(
                 size_of::<BatchAttr>() as u32,
             )
         };
-        let error = (rc < 0).then(io::Error::last_os_error);
-        let read = match &error {
-            // ENOENT: the end of the map, with the last entries (if any) in the buffers.
-            None => attr.count as usize,
-            Some(e) if e.raw_os_error() == Some(libc::ENOENT) => attr.count as usize,
-            Some(_) => 0,
-        }
-        .min(CHUNK);
+        // ENOENT: the end of the map, with the last entries (if any) in the buffers.
+        let end = match (rc < 0).then(io::Error::last_os_error) {
+            None => false,
+            Some(e) if e.raw_os_error() == Some(libc::ENOENT) => true,
+            Some(e) => return Err(e),
+        };
+        let read = (attr.count as usize).min(CHUNK);
         // SAFETY: the kernel wrote `read` whole keys and values (plain data of these types).
         unsafe {
             keys.set_len(read);
             values.set_len(read);
         }
         entries.extend(keys.drain(..).zip(values.drain(..)));
-        match error {
-            None => {}
-            Some(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(entries),
-            Some(e) => return Err(e),
+        if end {
+            return Ok(entries);
         }
         position_in = position_out;
         first = false;

@@ -63,14 +63,13 @@ impl Datapath {
     /// The kernel's counts of held packets: per VIP, and in all.
     pub fn held_counts(&self) -> (Vec<(VipKey, u32)>, u32) {
         // Thousands of counts in a flood: one system call, not two per entry.
-        let entries = map_batch::lookup_all(&self.held_per_vip).or_else(|e| {
+        let entries = map_batch::lookup_all(&self.held_per_vip).unwrap_or_else(|e| {
             if e.raw_os_error() != Some(libc::EINVAL) {
                 tracing::warn!("reading the held counts in one batch failed ({e}); one by one");
             }
-            Ok::<_, std::io::Error>(self.held_per_vip.iter().flatten().collect())
+            self.held_per_vip.iter().flatten().collect()
         });
         let per_vip = entries
-            .unwrap_or_default()
             .into_iter()
             .map(|(vip, held)| (vip, held as u32))
             .collect();

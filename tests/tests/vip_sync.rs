@@ -8,9 +8,11 @@ use std::{
 use unidler_tests::{
     agent::{Agent, southbound_args},
     eventually,
-    load_balancers::FollowingAgent,
-    netns::Topology,
+    frames::Frame,
+    load_balancers::{FollowingAgent, LoadBalancers},
+    netns::{CLIENT_MAC, CLIENT_V4, SERVER_MAC, Topology, send_frames},
     ovsdb_server::{self, EventRow, OvnCentral, OvsdbServer, Southbound, TempDir},
+    prometheus::sample,
     require_root,
 };
 
@@ -548,6 +550,89 @@ fn the_name_of_a_load_balancer_is_read_when_it_is_first_hit() {
         name_of(&rows, 7003),
         [NB_C],
         "once, named after C: {rows:#?}"
+    );
+}
+
+/// A storm of hits to more VIPs of one load balancer than may wait for its name (8,192)
+/// while the database is away: once it is back, every VIP has its row (those beyond the
+/// limit named by the load balancer's row UUID). None is taken for a duplicate because
+/// another VIP of its load balancer waits.
+#[test]
+fn a_storm_beyond_the_hits_waiting_for_a_name_loses_no_vip() {
+    require_root();
+    const VIPS: u32 = 9_000;
+    let topo = Topology::new("vw");
+    let mut sb = ovsdb_server::southbound_with_chassis();
+    let _lbs = LoadBalancers::insert(&sb, VIPS, VIPS);
+    let state = TempDir::new("wstate");
+    let db = sb.unix_remote();
+    let mut args = southbound_args(&topo.server_if, &db, state.path_str());
+    // Kernel limits above the storm: every hit reaches the agent.
+    args.extend(["--event-burst", "20000", "--event-rate", "100000"]);
+    let mut agent = Agent::start(&topo.server_ns, &args);
+    agent.wait_for_log(&format!("VIP map synced vips={VIPS} "), WAIT);
+    let vip_of = |n: u32| {
+        std::net::Ipv4Addr::new(10, (100 + n / 65536) as u8, (n / 256 % 256) as u8, n as u8)
+    };
+    let frames: Vec<Vec<u8>> = (0..VIPS)
+        .map(|n| {
+            let mut frame = Frame::tcp_syn(
+                CLIENT_V4.into(),
+                1024 + (n % 60_000) as u16,
+                vip_of(n).into(),
+                80,
+            );
+            frame.src_mac = CLIENT_MAC;
+            frame.dst_mac = SERVER_MAC;
+            frame.build()
+        })
+        .collect();
+
+    sb.kill();
+    let sent = topo.in_client(|| send_frames(&topo.client_if, frames));
+    assert_eq!(sent, VIPS as usize);
+    let received = || {
+        let metrics = topo
+            .in_server(|| {
+                unidler::telemetry::http_get("127.0.0.1:9477".parse().unwrap(), "/metrics")
+            })
+            .unwrap_or_default();
+        sample(&metrics, "unidler_events_total{stage=\"received\"}").unwrap_or(0.0)
+    };
+    eventually("every hit read by the agent", WAIT, || {
+        received() == f64::from(VIPS)
+    });
+    sb.start();
+    let rows = eventually_rows(&sb, VIPS as usize);
+    let mut vips: Vec<&str> = rows
+        .iter()
+        .filter_map(|r| r.event_info.get("vip").map(String::as_str))
+        .collect();
+    vips.sort_unstable();
+    vips.dedup();
+    assert_eq!(
+        (rows.len(), vips.len()),
+        (VIPS as usize, VIPS as usize),
+        "one row for each VIP"
+    );
+    let lb_row = sb
+        .sbctl(&[
+            "--bare",
+            "--columns=_uuid",
+            "find",
+            "Load_Balancer",
+            "name=lb0",
+        ])
+        .trim()
+        .to_owned();
+    let names: std::collections::BTreeSet<&str> = rows
+        .iter()
+        .filter_map(|r| r.event_info.get("load_balancer").map(String::as_str))
+        .collect();
+    assert_eq!(
+        names,
+        [LoadBalancers::lb_id(0).as_str(), lb_row.as_str()].into(),
+        "named by lb_id, or beyond the limit by the row's UUID"
     );
 }
 

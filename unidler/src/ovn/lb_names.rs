@@ -15,6 +15,8 @@ use ovsdb::{Client, Condition, OpResult, Operation, Uuid, Value};
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
+use unidler_common::VipKey;
+
 use crate::{
     event::IdleHit,
     fast_hash::{FastMap, FastSet},
@@ -37,6 +39,9 @@ pub struct LoadBalancerNames {
     known: FastMap<[u64; 2], LoadBalancerName>,
     /// Hits whose name is being read, oldest first.
     waiting: Vec<IdleHit>,
+    /// What each waiting hit is for: its VIP (protocol included) and load balancer row. A
+    /// row is written per VIP, so only a hit of the same VIP and row is a duplicate.
+    waiting_for: FastSet<(VipKey, [u64; 2])>,
     /// The rows being read.
     asked: FastSet<[u64; 2]>,
     /// Whether hits beyond [`WAITING_MAX`] were logged (until the waiting ones are named).
@@ -56,6 +61,7 @@ impl LoadBalancerNames {
             Self {
                 known: FastMap::default(),
                 waiting: Vec::new(),
+                waiting_for: FastSet::default(),
                 asked: FastSet::default(),
                 overflow_warned: false,
                 reader: Some(ask),
@@ -71,6 +77,7 @@ impl LoadBalancerNames {
             Self {
                 known: FastMap::default(),
                 waiting: Vec::new(),
+                waiting_for: FastSet::default(),
                 asked: FastSet::default(),
                 overflow_warned: false,
                 reader: None,
@@ -93,23 +100,24 @@ impl LoadBalancerNames {
         let Some(reader) = &self.reader else {
             return Some(named_by_row(hit));
         };
+        let waiting_for = (hit.key, row);
         if self.waiting.len() >= WAITING_MAX {
             if !self.overflow_warned {
                 warn!(
                     waiting = self.waiting.len(),
                     "idle hits keep waiting for load balancer names (database unreachable?): \
-                     further hits of those load balancers are dropped as duplicates, others \
-                     name their Southbound row"
+                     further hits name their Southbound row, but for VIPs already waiting"
                 );
                 self.overflow_warned = true;
             }
-            // A hit of a load balancer already waiting adds no row.
-            return (!self.asked.contains(&row)).then(|| named_by_row(hit));
+            // The same VIP of the same load balancer waiting already: it adds no row.
+            return (!self.waiting_for.contains(&waiting_for)).then(|| named_by_row(hit));
         }
         if self.asked.insert(row) {
             // The reader is gone only when the runtime stops.
             let _ = reader.send(row);
         }
+        self.waiting_for.insert(waiting_for);
         self.waiting.push(hit);
         None
     }
@@ -130,6 +138,11 @@ impl LoadBalancerNames {
                     .is_some_and(|r| self.known.contains_key(&r))
             });
         self.waiting = waiting;
+        for hit in &named {
+            if let Some(row) = hit.load_balancer_row {
+                self.waiting_for.remove(&(hit.key, row));
+            }
+        }
         self.overflow_warned &= !self.waiting.is_empty();
         named
             .into_iter()
@@ -145,6 +158,7 @@ impl LoadBalancerNames {
     /// The hits still waiting, each named by its row's UUID (when the agent stops).
     pub fn give_up(&mut self) -> Vec<IdleHit> {
         self.asked.clear();
+        self.waiting_for.clear();
         self.waiting.drain(..).map(named_by_row).collect()
     }
 
@@ -308,23 +322,43 @@ mod tests {
         assert!(!names.has_waiting());
     }
 
+    /// A hit of row `row` for VIP `10.0.0.1:port`.
+    fn hit_of_vip(row: u8, port: u16) -> IdleHit {
+        let mut hit = hit(Some(row));
+        hit.key.port_be = port.to_be();
+        hit.vip = format!("10.0.0.1:{port}");
+        hit
+    }
+
     #[test]
-    fn beyond_the_waiting_limit_duplicates_drop_and_new_rows_name_themselves() {
+    fn beyond_the_waiting_limit_only_duplicates_drop_and_other_hits_name_their_row() {
         let (mut names, _answers) = LoadBalancerNames::without_database();
         let (ask, _asks) = mpsc::unbounded_channel();
         names.reader = Some(ask);
-        for _ in 0..WAITING_MAX {
-            assert!(names.name(hit(Some(1))).is_none());
+        // One load balancer of many VIPs, each hit once (a storm): the limit is reached.
+        for port in 0..WAITING_MAX as u16 {
+            assert!(names.name(hit_of_vip(1, port)).is_none());
         }
         assert!(
-            names.name(hit(Some(1))).is_none(),
-            "row 1 is waiting: a duplicate"
+            names.name(hit_of_vip(1, 7)).is_none(),
+            "this VIP of row 1 is waiting: a duplicate"
         );
-        assert_eq!(names.waiting.len(), WAITING_MAX, "not kept");
+        assert_eq!(
+            names
+                .name(hit_of_vip(1, WAITING_MAX as u16))
+                .and_then(|h| h.load_balancer),
+            Some("00000000-0000-0000-0000-000000000001".into()),
+            "another VIP of the waiting row is its own row: named by the row's UUID, not lost"
+        );
         assert_eq!(
             names.name(hit(Some(2))).and_then(|h| h.load_balancer),
             Some("00000000-0000-0000-0000-000000000002".into()),
             "a row not waiting is named by its UUID"
+        );
+        assert_eq!(
+            names.waiting.len(),
+            WAITING_MAX,
+            "none kept beyond the limit"
         );
         assert_eq!(
             names
@@ -333,6 +367,7 @@ mod tests {
             WAITING_MAX
         );
         assert!(!names.overflow_warned && !names.has_waiting());
+        assert!(names.waiting_for.is_empty(), "named hits wait no longer");
     }
 
     #[test]

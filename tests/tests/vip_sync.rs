@@ -553,87 +553,174 @@ fn the_name_of_a_load_balancer_is_read_when_it_is_first_hit() {
     );
 }
 
-/// A storm of hits to more VIPs of one load balancer than may wait for its name (8,192)
-/// while the database is away: once it is back, every VIP has its row (those beyond the
-/// limit named by the load balancer's row UUID). None is taken for a duplicate because
-/// another VIP of its load balancer waits.
-#[test]
-fn a_storm_beyond_the_hits_waiting_for_a_name_loses_no_vip() {
-    require_root();
-    const VIPS: u32 = 9_000;
-    let topo = Topology::new("vw");
-    let mut sb = ovsdb_server::southbound_with_chassis();
-    let _lbs = LoadBalancers::insert(&sb, VIPS, VIPS);
-    let state = TempDir::new("wstate");
-    let db = sb.unix_remote();
-    let mut args = southbound_args(&topo.server_if, &db, state.path_str());
-    // Kernel limits above the storm: every hit reaches the agent.
-    args.extend(["--event-burst", "20000", "--event-rate", "100000"]);
-    let mut agent = Agent::start(&topo.server_ns, &args);
-    agent.wait_for_log(&format!("VIP map synced vips={VIPS} "), WAIT);
-    let vip_of = |n: u32| {
-        std::net::Ipv4Addr::new(10, (100 + n / 65536) as u8, (n / 256 % 256) as u8, n as u8)
-    };
-    let frames: Vec<Vec<u8>> = (0..VIPS)
-        .map(|n| {
-            let mut frame = Frame::tcp_syn(
-                CLIENT_V4.into(),
-                1024 + (n % 60_000) as u16,
-                vip_of(n).into(),
-                80,
-            );
-            frame.src_mac = CLIENT_MAC;
-            frame.dst_mac = SERVER_MAC;
-            frame.build()
-        })
-        .collect();
+/// One load balancer of `vips` idle VIPs (`lb0`, as [`LoadBalancers`] makes them) and an agent
+/// following it with `extra` arguments, whose kernel limits let every hit through.
+struct NamesBed {
+    agent: Agent,
+    topo: Topology,
+    sb: OvsdbServer,
+    _lbs: LoadBalancers,
+    _state: TempDir,
+}
 
-    sb.kill();
-    let sent = topo.in_client(|| send_frames(&topo.client_if, frames));
-    assert_eq!(sent, VIPS as usize);
-    let received = || {
-        let metrics = topo
+impl NamesBed {
+    fn start(prefix: &str, vips: u32, extra: &[&str]) -> Self {
+        let topo = Topology::new(prefix);
+        let sb = ovsdb_server::southbound_with_chassis();
+        let lbs = LoadBalancers::insert(&sb, vips, vips);
+        let state = TempDir::new(&format!("{prefix}st"));
+        let db = sb.unix_remote();
+        let mut args = southbound_args(&topo.server_if, &db, state.path_str());
+        args.extend(["--event-burst", "20000", "--event-rate", "100000"]);
+        args.extend_from_slice(extra);
+        let mut agent = Agent::start(&topo.server_ns, &args);
+        agent.wait_for_log(&format!("VIP map synced vips={vips} "), WAIT);
+        Self {
+            agent,
+            topo,
+            sb,
+            _lbs: lbs,
+            _state: state,
+        }
+    }
+
+    /// A SYN from the client to each VIP `n` in `vips` (`10.100.x.y:80`, see
+    /// [`LoadBalancers`]), at once.
+    fn hit(&self, vips: std::ops::Range<u32>) {
+        let frames: Vec<Vec<u8>> = vips
+            .clone()
+            .map(|n| {
+                let vip =
+                    std::net::Ipv4Addr::new(10, (100 + n / 65536) as u8, (n / 256) as u8, n as u8);
+                let mut frame =
+                    Frame::tcp_syn(CLIENT_V4.into(), 1024 + (n % 60_000) as u16, vip.into(), 80);
+                frame.src_mac = CLIENT_MAC;
+                frame.dst_mac = SERVER_MAC;
+                frame.build()
+            })
+            .collect();
+        let client_if = &self.topo.client_if;
+        let sent = self.topo.in_client(|| send_frames(client_if, frames));
+        assert_eq!(sent, vips.len());
+    }
+
+    /// The agent's sample of `series` (0 if absent).
+    fn metric(&self, series: &str) -> f64 {
+        let metrics = self
+            .topo
             .in_server(|| {
                 unidler::telemetry::http_get("127.0.0.1:9477".parse().unwrap(), "/metrics")
             })
             .unwrap_or_default();
-        sample(&metrics, "unidler_events_total{stage=\"received\"}").unwrap_or(0.0)
-    };
-    eventually("every hit read by the agent", WAIT, || {
-        received() == f64::from(VIPS)
-    });
-    sb.start();
-    let rows = eventually_rows(&sb, VIPS as usize);
+        sample(&metrics, series).unwrap_or(0.0)
+    }
+
+    /// Waits until the agent has read `n` hits in all.
+    #[track_caller]
+    fn wait_received(&self, n: u32) {
+        eventually(&format!("{n} hits read by the agent"), WAIT, || {
+            self.metric("unidler_events_total{stage=\"received\"}") == f64::from(n)
+        });
+    }
+}
+
+/// The VIPs of `rows`, each once, and the load balancer names they give.
+fn vips_and_names(rows: &[EventRow]) -> (Vec<&str>, std::collections::BTreeSet<&str>) {
     let mut vips: Vec<&str> = rows
         .iter()
         .filter_map(|r| r.event_info.get("vip").map(String::as_str))
         .collect();
     vips.sort_unstable();
     vips.dedup();
+    let names = rows
+        .iter()
+        .filter_map(|r| r.event_info.get("load_balancer").map(String::as_str))
+        .collect();
+    (vips, names)
+}
+
+/// A storm of hits to 9,000 VIPs of one load balancer while the database is away: each hit
+/// waits for the load balancer's name, none is taken for a duplicate of another VIP's, and
+/// once the database is back every VIP has its row, named by `lb_id`. Hits again: no second
+/// row.
+#[test]
+fn a_storm_over_one_load_balancer_while_the_database_is_away_writes_every_vip_once() {
+    require_root();
+    const VIPS: u32 = 9_000;
+    let mut bed = NamesBed::start("vw", VIPS, &[]);
+    bed.sb.kill();
+    bed.hit(0..VIPS);
+    bed.wait_received(VIPS);
+    assert_eq!(
+        bed.metric("unidler_events_waiting_for_names"),
+        f64::from(VIPS)
+    );
+    bed.sb.start();
+    let rows = eventually_rows(&bed.sb, VIPS as usize);
+    let (vips, names) = vips_and_names(&rows);
     assert_eq!(
         (rows.len(), vips.len()),
         (VIPS as usize, VIPS as usize),
         "one row for each VIP"
     );
-    let lb_row = sb
-        .sbctl(&[
-            "--bare",
-            "--columns=_uuid",
-            "find",
-            "Load_Balancer",
-            "name=lb0",
-        ])
-        .trim()
-        .to_owned();
-    let names: std::collections::BTreeSet<&str> = rows
-        .iter()
-        .filter_map(|r| r.event_info.get("load_balancer").map(String::as_str))
-        .collect();
+    assert_eq!(names, [LoadBalancers::lb_id(0).as_str()].into());
+    assert_eq!(bed.metric("unidler_events_waiting_for_names"), 0.0);
     assert_eq!(
-        names,
-        [LoadBalancers::lb_id(0).as_str(), lb_row.as_str()].into(),
-        "named by lb_id, or beyond the limit by the row's UUID"
+        bed.metric("unidler_events_total{stage=\"dropped_overflow\"}"),
+        0.0
     );
+
+    bed.hit(0..VIPS);
+    bed.wait_received(2 * VIPS);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        bed.sb.event_rows().len(),
+        VIPS as usize,
+        "hits of VIPs with rows add none"
+    );
+    drop(bed.agent);
+}
+
+/// At most `--event-queue-size` hits wait for names, one per VIP: beyond it hits are dropped
+/// and counted (as the writer drops hits beyond its queue), never written under another
+/// name, so a VIP's next hit writes its only row.
+#[test]
+fn hits_beyond_the_event_queue_size_waiting_for_names_are_dropped_and_counted() {
+    require_root();
+    let mut bed = NamesBed::start("vq", 150, &["--event-queue-size", "100"]);
+    bed.sb.kill();
+    bed.hit(0..150);
+    bed.hit(0..10);
+    bed.wait_received(160);
+    assert_eq!(bed.metric("unidler_events_waiting_for_names"), 100.0);
+    assert_eq!(
+        (
+            bed.metric("unidler_events_total{stage=\"deduplicated\"}"),
+            bed.metric("unidler_events_total{stage=\"dropped_overflow\"}"),
+        ),
+        (10.0, 50.0),
+        "the second hits of waiting VIPs are duplicates; 50 VIPs found no room"
+    );
+    assert!(
+        bed.agent
+            .log_lines()
+            .any(|l| l.contains("idle hits keep waiting for load balancer names")),
+        "the overflow is logged"
+    );
+    bed.sb.start();
+    let rows = eventually_rows(&bed.sb, 100);
+    assert_eq!(rows.len(), 100);
+    assert_eq!(
+        vips_and_names(&rows).1,
+        [LoadBalancers::lb_id(0).as_str()].into()
+    );
+
+    // The dropped VIPs' next hits are named (the name is known now) and written.
+    bed.hit(100..150);
+    let rows = eventually_rows(&bed.sb, 150);
+    let (vips, names) = vips_and_names(&rows);
+    assert_eq!((rows.len(), vips.len()), (150, 150), "each VIP once");
+    assert_eq!(names, [LoadBalancers::lb_id(0).as_str()].into());
 }
 
 /// Waits until `sb` has at least `n` Controller_Event rows; returns them.

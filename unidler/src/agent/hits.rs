@@ -6,7 +6,7 @@
 use std::{
     collections::VecDeque,
     io::{self, Write as _},
-    sync::atomic::Ordering,
+    sync::atomic::{AtomicU64, Ordering},
     time::Duration,
 };
 
@@ -21,8 +21,8 @@ use crate::{
     datapath::{Counters, Datapath},
     event::IdleHit,
     ovn::{
-        controller_event::ControllerEventWriter,
-        lb_names::{LoadBalancerNames, NamesRead},
+        controller_event::{ControllerEventWriter, WriterStats},
+        lb_names::{LoadBalancerNames, NamesRead, Naming},
     },
     telemetry::{EventRow, metrics::AgentMetrics},
     vip::LoadBalancerName,
@@ -126,11 +126,25 @@ impl Hits {
                     hit.vip, hit.protocol, hit.src, hit.iface, hit.action
                 );
             }
-            if let Some(hit) = self.lb_names.name(hit) {
-                self.report(hit, wakeups)?;
+            match self.lb_names.name(hit) {
+                Naming::Named(hit) => self.report(hit, wakeups)?,
+                Naming::Waits => {}
+                Naming::Duplicate => self.count_unsubmitted(|s| &s.deduplicated),
+                Naming::Dropped => self.count_unsubmitted(|s| &s.dropped_overflow),
             }
         }
+        self.metrics
+            .hits_waiting_for_names
+            .set(self.lb_names.waiting() as i64);
         Ok(())
+    }
+
+    /// Counts a hit that never reached the writer (a duplicate of one waiting for its load
+    /// balancer's name, or one beyond those that may wait) in the writer's `stat`.
+    fn count_unsubmitted(&self, stat: impl Fn(&WriterStats) -> &AtomicU64) {
+        if let Some(writer) = self.writer() {
+            stat(writer.stats()).fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// The VIP source synced: the hits that waited for it.
@@ -143,6 +157,9 @@ impl Hits {
         for hit in self.lb_names.learn(names) {
             self.report(hit, wakeups)?;
         }
+        self.metrics
+            .hits_waiting_for_names
+            .set(self.lb_names.waiting() as i64);
         Ok(())
     }
 
@@ -214,6 +231,7 @@ impl Hits {
         for hit in self.lb_names.give_up() {
             self.report(hit, wakeups)?;
         }
+        self.metrics.hits_waiting_for_names.set(0);
         log_kernel_counters("totals", &datapath.counters()?);
         if let Some(writer) = self.writer() {
             if !writer.flush(Duration::from_secs(2)).await {

@@ -124,7 +124,10 @@ impl Agent {
             .context("held-frame ring already taken")?;
         let hold = start_holding(&mut datapath, config.hold)?;
         let (lb_names, names_read) = match &writer {
-            Some(writer) => LoadBalancerNames::start(writer.southbound().client().clone()),
+            Some(writer) => LoadBalancerNames::start(
+                writer.southbound().client().clone(),
+                config.event_queue_size,
+            ),
             None => LoadBalancerNames::without_database(),
         };
         let (forwarding_tx, forwarding) = mpsc::unbounded_channel();

@@ -176,7 +176,8 @@ pub(crate) struct RunArgs {
     /// cluster writes about one row; ovn-kubernetes consumes it unchanged).
     #[arg(long, value_enum, env = "UNIDLER_DEDUP", default_value_t = Dedup::Chassis)]
     dedup: Dedup,
-    /// Most idle hits waiting for the database; beyond it they are dropped (and counted).
+    /// Most idle hits waiting for the database (to be written; apart, for their load
+    /// balancer's name); beyond it they are dropped (and counted).
     #[arg(long, env = "UNIDLER_EVENT_QUEUE_SIZE", default_value_t = 10_000)]
     event_queue_size: usize,
     /// Where state that outlives the process is kept (the last Controller_Event seq_num).

@@ -30,21 +30,33 @@ pub type NamesRead = Vec<([u64; 2], LoadBalancerName)>;
 const ROWS_PER_READ: usize = 64;
 /// Names kept at most (they are forgotten all at once beyond: read again when needed).
 const KNOWN_MAX: usize = 100_000;
-/// Hits waiting for names at most (the kernel rate-limits hits; beyond this the database has
-/// not answered for a long time).
-const WAITING_MAX: usize = 8192;
+/// What became of a hit handed to [`LoadBalancerNames::name`].
+#[derive(Debug)]
+pub enum Naming {
+    /// Named, or needing no name: to be reported now.
+    Named(IdleHit),
+    /// Waits for its load balancer's name: [`LoadBalancerNames::learn`] returns it.
+    Waits,
+    /// A hit of the same VIP and load balancer waits already: it would add no row.
+    Duplicate,
+    /// As many hits wait as the limit allows (the database has not answered for long):
+    /// dropped, as the writer drops hits beyond its queue.
+    Dropped,
+}
 
 /// The names known so far, and the hits waiting for theirs.
 pub struct LoadBalancerNames {
     known: FastMap<[u64; 2], LoadBalancerName>,
-    /// Hits whose name is being read, oldest first.
+    /// Hits whose name is being read, oldest first: one per VIP and load balancer row.
     waiting: Vec<IdleHit>,
     /// What each waiting hit is for: its VIP (protocol included) and load balancer row. A
     /// row is written per VIP, so only a hit of the same VIP and row is a duplicate.
     waiting_for: FastSet<(VipKey, [u64; 2])>,
+    /// Hits that may wait at most (`--event-queue-size`, as for the writer's queue).
+    capacity: usize,
     /// The rows being read.
     asked: FastSet<[u64; 2]>,
-    /// Whether hits beyond [`WAITING_MAX`] were logged (until the waiting ones are named).
+    /// Whether hits beyond `capacity` were logged (until the waiting ones are named).
     overflow_warned: bool,
     /// Rows to read; None without a database (a row is then named by its UUID at once).
     reader: Option<mpsc::UnboundedSender<[u64; 2]>>,
@@ -52,8 +64,8 @@ pub struct LoadBalancerNames {
 
 impl LoadBalancerNames {
     /// Reads names through `client`; the names read come on the returned receiver, for the
-    /// agent's loop to hand to [`LoadBalancerNames::learn`].
-    pub fn start(client: Client) -> (Self, mpsc::UnboundedReceiver<NamesRead>) {
+    /// agent's loop to hand to [`LoadBalancerNames::learn`]. At most `capacity` hits wait.
+    pub fn start(client: Client, capacity: usize) -> (Self, mpsc::UnboundedReceiver<NamesRead>) {
         let (ask, asks) = mpsc::unbounded_channel();
         let (answer, answers) = mpsc::unbounded_channel();
         tokio::spawn(read_names(client, asks, answer));
@@ -62,6 +74,7 @@ impl LoadBalancerNames {
                 known: FastMap::default(),
                 waiting: Vec::new(),
                 waiting_for: FastSet::default(),
+                capacity: capacity.max(1),
                 asked: FastSet::default(),
                 overflow_warned: false,
                 reader: Some(ask),
@@ -78,6 +91,7 @@ impl LoadBalancerNames {
                 known: FastMap::default(),
                 waiting: Vec::new(),
                 waiting_for: FastSet::default(),
+                capacity: 1,
                 asked: FastSet::default(),
                 overflow_warned: false,
                 reader: None,
@@ -86,32 +100,35 @@ impl LoadBalancerNames {
         )
     }
 
-    /// `hit` with its load balancer's name, if known (or not needed); else None: the hit
-    /// waits, and [`LoadBalancerNames::learn`] returns it once the name is read.
-    pub fn name(&mut self, mut hit: IdleHit) -> Option<IdleHit> {
+    /// `hit` named by its load balancer, if the name is known (or not needed); else the hit
+    /// waits, and [`LoadBalancerNames::learn`] returns it once the name is read (unless it
+    /// is a duplicate of a waiting hit, or too many wait).
+    pub fn name(&mut self, mut hit: IdleHit) -> Naming {
         let Some(row) = hit.load_balancer_row else {
-            return Some(hit);
+            return Naming::Named(hit);
         };
         if let Some(name) = self.known.get(&row) {
             hit.load_balancer = Some(name.to_string());
             hit.load_balancer_row = None;
-            return Some(hit);
+            return Naming::Named(hit);
         }
         let Some(reader) = &self.reader else {
-            return Some(named_by_row(hit));
+            return Naming::Named(named_by_row(hit));
         };
         let waiting_for = (hit.key, row);
-        if self.waiting.len() >= WAITING_MAX {
+        if self.waiting_for.contains(&waiting_for) {
+            return Naming::Duplicate;
+        }
+        if self.waiting.len() >= self.capacity {
             if !self.overflow_warned {
                 warn!(
                     waiting = self.waiting.len(),
                     "idle hits keep waiting for load balancer names (database unreachable?): \
-                     further hits name their Southbound row, but for VIPs already waiting"
+                     further hits are dropped (counted as dropped_overflow) until names are read"
                 );
                 self.overflow_warned = true;
             }
-            // The same VIP of the same load balancer waiting already: it adds no row.
-            return (!self.waiting_for.contains(&waiting_for)).then(|| named_by_row(hit));
+            return Naming::Dropped;
         }
         if self.asked.insert(row) {
             // The reader is gone only when the runtime stops.
@@ -119,7 +136,12 @@ impl LoadBalancerNames {
         }
         self.waiting_for.insert(waiting_for);
         self.waiting.push(hit);
-        None
+        Naming::Waits
+    }
+
+    /// How many hits wait for names.
+    pub fn waiting(&self) -> usize {
+        self.waiting.len()
     }
 
     /// Keeps `names`; returns the hits that waited for them, oldest first.
@@ -146,7 +168,14 @@ impl LoadBalancerNames {
         self.overflow_warned &= !self.waiting.is_empty();
         named
             .into_iter()
-            .map(|hit| self.name(hit).expect("its name is known"))
+            .map(|mut hit| {
+                let row = hit
+                    .load_balancer_row
+                    .take()
+                    .expect("waits for a row's name");
+                hit.load_balancer = Some(self.known[&row].to_string());
+                hit
+            })
             .collect()
     }
 
@@ -272,19 +301,47 @@ mod tests {
         }
     }
 
+    /// The named hit, if `naming` is one.
+    fn named(naming: Naming) -> Option<IdleHit> {
+        match naming {
+            Naming::Named(hit) => Some(hit),
+            _ => None,
+        }
+    }
+
+    /// Names read through a reader the test holds (rows asked come on the receiver).
+    fn with_reader(capacity: usize) -> (LoadBalancerNames, mpsc::UnboundedReceiver<[u64; 2]>) {
+        let (mut names, _answers) = LoadBalancerNames::without_database();
+        let (ask, asks) = mpsc::unbounded_channel();
+        names.reader = Some(ask);
+        names.capacity = capacity;
+        (names, asks)
+    }
+
+    /// A hit of row `row` for VIP `10.0.0.1:port`.
+    fn hit_of_vip(row: u8, port: u16) -> IdleHit {
+        let mut hit = hit(Some(row));
+        hit.key.port_be = port.to_be();
+        hit.vip = format!("10.0.0.1:{port}");
+        hit
+    }
+
     #[test]
     fn a_row_is_named_once_read_and_hits_wait_for_it() {
-        let (mut names, _answers) = LoadBalancerNames::without_database();
-        let (ask, mut asks) = mpsc::unbounded_channel();
-        names.reader = Some(ask);
+        let (mut names, mut asks) = with_reader(100);
         assert_eq!(
-            names.name(hit(None)).and_then(|h| h.load_balancer),
+            named(names.name(hit(None))).and_then(|h| h.load_balancer),
             Some("lb-file".into()),
             "a name from a file needs no reading"
         );
-        assert!(names.name(hit(Some(1))).is_none());
-        assert!(names.name(hit(Some(1))).is_none());
-        assert!(names.name(hit(Some(2))).is_none());
+        assert!(matches!(names.name(hit_of_vip(1, 80)), Naming::Waits));
+        assert!(matches!(names.name(hit_of_vip(1, 81)), Naming::Waits));
+        assert!(
+            matches!(names.name(hit_of_vip(1, 80)), Naming::Duplicate),
+            "the same VIP of the same row waits already"
+        );
+        assert!(matches!(names.name(hit_of_vip(2, 80)), Naming::Waits));
+        assert_eq!(names.waiting(), 3);
         assert_eq!(
             (
                 asks.try_recv().ok(),
@@ -294,17 +351,24 @@ mod tests {
             (Some([0, 1]), Some([0, 2]), None),
             "each row is asked for once"
         );
-        let named = names.learn(vec![([0, 1], LoadBalancerName::new("nb-1"))]);
-        assert_eq!(named.len(), 2, "both hits of row 1");
+        let named_hits = names.learn(vec![([0, 1], LoadBalancerName::new("nb-1"))]);
+        assert_eq!(
+            named_hits
+                .iter()
+                .map(|h| h.vip.as_str())
+                .collect::<Vec<_>>(),
+            ["10.0.0.1:80", "10.0.0.1:81"],
+            "both VIPs of row 1, in order"
+        );
         assert!(
-            named
+            named_hits
                 .iter()
                 .all(|h| h.load_balancer.as_deref() == Some("nb-1"))
         );
-        assert!(named.iter().all(|h| h.load_balancer_row.is_none()));
+        assert!(named_hits.iter().all(|h| h.load_balancer_row.is_none()));
         assert!(names.has_waiting(), "row 2's hit still waits");
         assert_eq!(
-            names.name(hit(Some(1))).and_then(|h| h.load_balancer),
+            named(names.name(hit_of_vip(1, 80))).and_then(|h| h.load_balancer),
             Some("nb-1".into()),
             "known from then on"
         );
@@ -319,62 +383,49 @@ mod tests {
             Some("00000000-0000-0000-0000-000000000002"),
             "given up: named by its row's UUID"
         );
-        assert!(!names.has_waiting());
+        assert!(!names.has_waiting() && names.waiting_for.is_empty());
     }
 
-    /// A hit of row `row` for VIP `10.0.0.1:port`.
-    fn hit_of_vip(row: u8, port: u16) -> IdleHit {
-        let mut hit = hit(Some(row));
-        hit.key.port_be = port.to_be();
-        hit.vip = format!("10.0.0.1:{port}");
-        hit
-    }
-
+    /// A storm over the VIPs of one load balancer whose name is not read yet: each VIP waits
+    /// (a row is written per VIP), once; beyond the limit hits are dropped, never named
+    /// otherwise than the waiting ones (that would write a second row for a VIP later).
     #[test]
-    fn beyond_the_waiting_limit_only_duplicates_drop_and_other_hits_name_their_row() {
-        let (mut names, _answers) = LoadBalancerNames::without_database();
-        let (ask, _asks) = mpsc::unbounded_channel();
-        names.reader = Some(ask);
-        // One load balancer of many VIPs, each hit once (a storm): the limit is reached.
-        for port in 0..WAITING_MAX as u16 {
-            assert!(names.name(hit_of_vip(1, port)).is_none());
+    fn every_vip_of_a_load_balancer_waits_once_up_to_the_limit() {
+        let (mut names, _asks) = with_reader(3);
+        for port in 0..3 {
+            assert!(matches!(names.name(hit_of_vip(1, port)), Naming::Waits));
         }
         assert!(
-            names.name(hit_of_vip(1, 7)).is_none(),
-            "this VIP of row 1 is waiting: a duplicate"
+            matches!(names.name(hit_of_vip(1, 1)), Naming::Duplicate),
+            "a VIP waiting already"
         );
-        assert_eq!(
-            names
-                .name(hit_of_vip(1, WAITING_MAX as u16))
-                .and_then(|h| h.load_balancer),
-            Some("00000000-0000-0000-0000-000000000001".into()),
-            "another VIP of the waiting row is its own row: named by the row's UUID, not lost"
+        assert!(
+            matches!(names.name(hit_of_vip(1, 3)), Naming::Dropped),
+            "a fourth VIP, beyond the limit"
         );
-        assert_eq!(
-            names.name(hit(Some(2))).and_then(|h| h.load_balancer),
-            Some("00000000-0000-0000-0000-000000000002".into()),
-            "a row not waiting is named by its UUID"
-        );
-        assert_eq!(
-            names.waiting.len(),
-            WAITING_MAX,
-            "none kept beyond the limit"
-        );
-        assert_eq!(
-            names
-                .learn(vec![([0, 1], LoadBalancerName::new("nb-1"))])
-                .len(),
-            WAITING_MAX
+        assert!(matches!(names.name(hit_of_vip(2, 3)), Naming::Dropped));
+        assert!(names.overflow_warned);
+        let named_hits = names.learn(vec![([0, 1], LoadBalancerName::new("nb-1"))]);
+        assert_eq!(named_hits.len(), 3);
+        assert!(
+            named_hits
+                .iter()
+                .all(|h| h.load_balancer.as_deref() == Some("nb-1"))
         );
         assert!(!names.overflow_warned && !names.has_waiting());
         assert!(names.waiting_for.is_empty(), "named hits wait no longer");
+        assert_eq!(
+            named(names.name(hit_of_vip(1, 3))).and_then(|h| h.load_balancer),
+            Some("nb-1".into()),
+            "the VIP dropped before is named by lb_id at its next hit"
+        );
     }
 
     #[test]
     fn without_a_database_a_row_names_itself() {
         let (mut names, _answers) = LoadBalancerNames::without_database();
         assert_eq!(
-            names.name(hit(Some(3))).and_then(|h| h.load_balancer),
+            named(names.name(hit(Some(3)))).and_then(|h| h.load_balancer),
             Some("00000000-0000-0000-0000-000000000003".into())
         );
     }

@@ -35,6 +35,8 @@ pub struct AgentMetrics {
     pub vips: Family<[(&'static str, &'static str); 1], Gauge>,
     /// Idle hits the agent received from the ring buffer.
     pub events_received: Counter,
+    /// Idle hits waiting for their load balancer's name from the database.
+    pub hits_waiting_for_names: Gauge,
     /// Interfaces by state: `attached`, or `failed` (should have the program and do not).
     pub attachments: Family<[(&'static str, &'static str); 1], Gauge>,
     /// Attempts to attach the program that failed.
@@ -93,6 +95,12 @@ pub fn registry(
         "1 while idle VIPs fail open (pass to OVN's own path): the agent has not vouched for \
          its VIP map for longer than --fail-open-after",
         agent.fail_open.clone(),
+    );
+    registry.register(
+        "unidler_events_waiting_for_names",
+        "Idle hits waiting for their load balancer's name (read from the Southbound database \
+         at the first hit of each), at most --event-queue-size",
+        agent.hits_waiting_for_names.clone(),
     );
     registry.register(
         "unidler_vip_source_synced",

@@ -134,6 +134,8 @@ fn durations_sizes_and_addresses_are_read_as_written() {
         ("--hold-max-age", "1y", "bad duration"),
         ("--ovsdb-max-message-size", "64XB", "bad size"),
         ("--metrics-addr", "fd00::1:9477", "bad address"),
+        // No queue at all would drop every hit.
+        ("--event-queue-size", "0", "not in 1.."),
     ] {
         assert_clean_failure(&["run", "--iface", "lo", flag, value], 2, needle);
     }

@@ -176,10 +176,11 @@ pub(crate) struct RunArgs {
     /// cluster writes about one row; ovn-kubernetes consumes it unchanged).
     #[arg(long, value_enum, env = "UNIDLER_DEDUP", default_value_t = Dedup::Chassis)]
     dedup: Dedup,
-    /// Most idle hits waiting for the database (to be written; apart, for their load
-    /// balancer's name); beyond it they are dropped (and counted).
-    #[arg(long, env = "UNIDLER_EVENT_QUEUE_SIZE", default_value_t = 10_000)]
-    event_queue_size: usize,
+    /// Most idle hits waiting to be written, and, separately, most waiting for their load
+    /// balancer's name (one per VIP); beyond either, hits are dropped and counted
+    /// (dropped_overflow).
+    #[arg(long, env = "UNIDLER_EVENT_QUEUE_SIZE", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
+    event_queue_size: u64,
     /// Where state that outlives the process is kept (the last Controller_Event seq_num).
     #[arg(long, env = "UNIDLER_STATE_DIR", default_value = "/var/lib/unidler")]
     state_dir: PathBuf,
@@ -333,7 +334,7 @@ fn config(args: RunArgs) -> Result<Config> {
             }
         }),
         southbound,
-        event_queue_size: args.event_queue_size,
+        event_queue_size: usize::try_from(args.event_queue_size).unwrap_or(usize::MAX),
         dedup: args.dedup,
         state_dir: args.state_dir,
         metrics_addr: args.metrics_addr,

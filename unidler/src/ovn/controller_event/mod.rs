@@ -199,6 +199,9 @@ struct Queue {
     /// Keys waiting or being written, with the kernel timestamp of their first hit: a
     /// second hit for one of them is a duplicate.
     pending: FastMap<EventKey, u64>,
+    /// Hits dropped here because the queue was full (the log's cadence; the stats'
+    /// `dropped_overflow` also counts hits dropped before they reached the writer).
+    dropped_full: u64,
 }
 
 /// The queue, shared by the handle and the writer task.
@@ -270,7 +273,9 @@ impl ControllerEventWriter {
             return;
         }
         if queue.waiting.len() >= self.capacity {
-            let dropped = self.stats.dropped_overflow.fetch_add(1, Ordering::Relaxed) + 1;
+            self.stats.dropped_overflow.fetch_add(1, Ordering::Relaxed);
+            queue.dropped_full += 1;
+            let dropped = queue.dropped_full;
             // Log the first and then every 1000th, so an outage cannot flood the log.
             if dropped == 1 || dropped.is_multiple_of(1000) {
                 warn!(

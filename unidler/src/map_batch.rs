@@ -29,6 +29,29 @@ struct BatchAttr {
     flags: u64,
 }
 
+/// Runs the batch command `cmd` with `attr`, into which the kernel writes back (`count`,
+/// and the buffers `attr` points to).
+///
+/// # Safety
+/// `attr`'s pointers must be valid for `cmd`: `keys` and `values` for `count` entries of the
+/// map's key and value sizes (read for an update, written for a lookup), and the batch
+/// positions, when set, for 8 bytes each.
+unsafe fn batch_command(cmd: libc::c_long, attr: &mut BatchAttr) -> io::Result<()> {
+    // SAFETY: a batch attribute of the size passed, valid as the caller promises.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            attr as *mut BatchAttr,
+            size_of::<BatchAttr>() as u32,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Why [`update`] stopped.
 #[derive(Debug)]
 pub struct BatchError {
@@ -58,19 +81,9 @@ pub fn update<K: aya::Pod, V: aya::Pod>(
             map_fd: map.as_raw_fd() as u32,
             ..BatchAttr::default()
         };
-        // SAFETY: `attr` is a valid batch attribute of the size passed; the kernel reads
-        // `count` keys and values from the slices it points to (both that long, of the map's
-        // key and value sizes) and writes back only `attr.count`.
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_MAP_UPDATE_BATCH,
-                &mut attr as *mut BatchAttr,
-                size_of::<BatchAttr>() as u32,
-            )
-        };
-        if rc < 0 {
-            let error = io::Error::last_os_error();
+        // SAFETY: the kernel reads `count` keys and values from the slices `attr` points to
+        // (both that long, of the map's key and value sizes).
+        if let Err(error) = unsafe { batch_command(BPF_MAP_UPDATE_BATCH, &mut attr) } {
             // The kernel writes back how many it wrote, except when it refused the command
             // itself (EINVAL: no batch updates, or bad attributes): then count none.
             let written = if error.raw_os_error() == Some(libc::EINVAL) {
@@ -99,16 +112,14 @@ pub fn lookup_all<K: aya::Pod, V: aya::Pod>(
     let mut keys: Vec<K> = Vec::with_capacity(CHUNK);
     let mut values: Vec<V> = Vec::with_capacity(CHUNK);
     let mut entries = Vec::new();
-    // The hash map's position between calls: a bucket index (a u32), opaque to us.
-    let (mut position_in, mut position_out) = (0u64, 0u64);
-    let mut first = true;
+    // The hash map's position between calls (none: from the start): a bucket index (a u32),
+    // opaque to us.
+    let (mut position_in, mut position_out) = (None::<u64>, 0u64);
     loop {
         let mut attr = BatchAttr {
-            in_batch: if first {
-                0
-            } else {
-                &position_in as *const u64 as u64
-            },
+            in_batch: position_in
+                .as_ref()
+                .map_or(0, |position| position as *const u64 as u64),
             out_batch: &mut position_out as *mut u64 as u64,
             keys: keys.as_mut_ptr() as u64,
             values: values.as_mut_ptr() as u64,
@@ -116,23 +127,14 @@ pub fn lookup_all<K: aya::Pod, V: aya::Pod>(
             map_fd: map.as_raw_fd() as u32,
             ..BatchAttr::default()
         };
-        // SAFETY: `attr` is a valid batch attribute of the size passed; the kernel writes at
-        // most `count` keys and values into the buffers it points to (each with room for
-        // `CHUNK` of the map's key and value sizes), the position (at most 8 bytes) into
-        // `position_out`, and the number written back into `attr.count`.
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_MAP_LOOKUP_BATCH,
-                &mut attr as *mut BatchAttr,
-                size_of::<BatchAttr>() as u32,
-            )
-        };
-        // ENOENT: the end of the map, with the last entries (if any) in the buffers.
-        let end = match (rc < 0).then(io::Error::last_os_error) {
-            None => false,
-            Some(e) if e.raw_os_error() == Some(libc::ENOENT) => true,
-            Some(e) => return Err(e),
+        // SAFETY: the kernel writes at most `count` keys and values into the buffers `attr`
+        // points to (each with room for `CHUNK` of the map's key and value sizes), and the
+        // position into `position_out`.
+        let end = match unsafe { batch_command(BPF_MAP_LOOKUP_BATCH, &mut attr) } {
+            Ok(()) => false,
+            // The end of the map, with the last entries (if any) in the buffers.
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => true,
+            Err(e) => return Err(e),
         };
         let read = (attr.count as usize).min(CHUNK);
         // SAFETY: the kernel wrote `read` whole keys and values (plain data of these types).
@@ -144,7 +146,6 @@ pub fn lookup_all<K: aya::Pod, V: aya::Pod>(
         if end {
             return Ok(entries);
         }
-        position_in = position_out;
-        first = false;
+        position_in = Some(position_out);
     }
 }

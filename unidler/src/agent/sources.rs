@@ -98,8 +98,9 @@ pub struct Sources {
 
 /// How the kernel rings are read under load: at once while records come slowly, few at a
 /// time or in bulk; at most every 10 ms while they keep coming at 250 a second or more in
-/// batches under 64 (a flood within the kernel's limits), so that each wake-up reads many. Records meanwhile wait in
-/// the ring (1 MiB each, which such a flood takes far longer than this to fill).
+/// batches under 64 (a flood within the kernel's limits), so that each wake-up reads many.
+/// Records meanwhile wait in the ring (1 MiB each, which such a flood takes far longer than
+/// this to fill).
 pub fn ring_pacer() -> Pacer {
     Pacer::new(Duration::from_millis(10), 250, 64)
 }
